@@ -1,0 +1,89 @@
+//! Length-delimited frames holding bincode-encoded messages, over any async byte stream.
+
+use futures::{SinkExt, StreamExt};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{self, LengthDelimitedCodec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("channel i/o")]
+    Io(#[source] std::io::Error),
+    #[error("malformed message")]
+    Decode(#[source] bincode::Error),
+    #[error("cannot encode message")]
+    Encode(#[source] bincode::Error),
+    #[error("peer closed the stream")]
+    Closed,
+}
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder().max_frame_length(crate::MAX_FRAME).new_codec()
+}
+
+/// A typed message stream: `send` and `recv` whole messages.
+pub struct Framed<S> {
+    inner: codec::Framed<S, LengthDelimitedCodec>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
+    pub fn new(io: S) -> Self {
+        Self { inner: codec::Framed::new(io, codec()) }
+    }
+
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
+        let bytes = bincode::serialize(msg).map_err(FrameError::Encode)?;
+        SinkExt::<bytes::Bytes>::send(&mut self.inner, bytes.into()).await.map_err(FrameError::Io)
+    }
+
+    /// The next message; `Closed` at a clean end of stream.
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<T, FrameError> {
+        match self.inner.next().await {
+            Some(Ok(buf)) => bincode::deserialize(&buf).map_err(FrameError::Decode),
+            Some(Err(e)) => Err(FrameError::Io(e)),
+            None => Err(FrameError::Closed),
+        }
+    }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        self.inner.get_mut()
+    }
+
+    /// Splits into independent send and receive halves (e.g. stdin pump vs output reader).
+    pub fn split(self) -> (FramedSend<tokio::io::WriteHalf<S>>, FramedRecv<tokio::io::ReadHalf<S>>) {
+        let parts = self.inner.into_parts();
+        let (r, w) = tokio::io::split(parts.io);
+        let mut read = codec::FramedRead::new(r, codec());
+        read.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        (FramedSend { inner: codec::FramedWrite::new(w, codec()) }, FramedRecv { inner: read })
+    }
+}
+
+pub struct FramedSend<W> {
+    inner: codec::FramedWrite<W, LengthDelimitedCodec>,
+}
+
+impl<W: AsyncWrite + Unpin> FramedSend<W> {
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
+        let bytes = bincode::serialize(msg).map_err(FrameError::Encode)?;
+        SinkExt::<bytes::Bytes>::send(&mut self.inner, bytes.into()).await.map_err(FrameError::Io)
+    }
+
+    pub async fn close(&mut self) -> Result<(), FrameError> {
+        SinkExt::<bytes::Bytes>::close(&mut self.inner).await.map_err(FrameError::Io)
+    }
+}
+
+pub struct FramedRecv<R> {
+    inner: codec::FramedRead<R, LengthDelimitedCodec>,
+}
+
+impl<R: AsyncRead + Unpin> FramedRecv<R> {
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<T, FrameError> {
+        match self.inner.next().await {
+            Some(Ok(buf)) => bincode::deserialize(&buf).map_err(FrameError::Decode),
+            Some(Err(e)) => Err(FrameError::Io(e)),
+            None => Err(FrameError::Closed),
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The typed messages: what a stream asks for, and what flows on it afterwards.
+
+use serde::{Deserialize, Serialize};
+
+/// The first frame on every stream the host opens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Per-sandbox identity, sent once after the handshake (also after a snapshot restore).
+    Init(Identity),
+    /// Run a process; then [`ExecInput`] host->guest and [`ExecEvent`] guest->host.
+    Exec(ExecRequest),
+    /// Write a file: then [`FileChunk`]s host->guest, then one [`Reply`].
+    PutFile(PutFile),
+    /// Read a file: guest answers [`FileMeta`] (or an error [`Reply`]) then [`FileChunk`]s.
+    GetFile { path: String },
+    /// Liveness and round-trip measurement.
+    Ping,
+    /// Flush filesystems and power the VM off.
+    PowerOff,
+}
+
+/// Sent by the host at the start of each session: everything that must differ between sandboxes made from the
+/// same snapshot. Nothing here is secret; secrets never enter the VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Identity {
+    pub sandbox_id: String,
+    pub hostname: String,
+    /// Host wall clock when sent: seconds and nanoseconds since the Unix epoch.
+    pub time_secs: i64,
+    pub time_nanos: u32,
+    /// Fresh host randomness, mixed into the guest's pool and forcing a CRNG reseed.
+    #[serde(with = "serde_bytes")]
+    pub entropy: Vec<u8>,
+    /// Environment every exec starts from (before its own `env`).
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// Added to the identity environment; later entries win.
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    /// When false the process gets /dev/null as stdin and no [`ExecInput::Stdin`] is expected.
+    pub stdin: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ExecInput {
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
+    StdinEof,
+    /// Deliver a signal to the process group.
+    Signal(i32),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ExecEvent {
+    Started { pid: u32 },
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
+    Exited(ExitStatus),
+    /// The process could not be started (no such program, bad cwd, ...).
+    SpawnFailed { message: String, not_found: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The shell convention: the code, or 128 + signal number.
+    pub fn as_shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PutFile {
+    pub path: String,
+    pub mode: u32,
+    pub size: u64,
+    /// Create missing parent directories.
+    pub parents: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileMeta {
+    pub size: u64,
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FileChunk {
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    End,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Reply {
+    Ok,
+    Err(String),
+}
+
+impl Reply {
+    pub fn from_result<E: std::fmt::Display>(r: Result<(), E>) -> Self {
+        match r {
+            Ok(()) => Reply::Ok,
+            Err(e) => Reply::Err(e.to_string()),
+        }
+    }
+}
