@@ -1,0 +1,592 @@
+//! The checked policy: host-user input (a TOML file and command-line flags) parsed once into
+//! typed rules, pins, trusted upstream roots and secret bindings. It has no constructor from
+//! anything the sandbox controls, and no way to widen it after it is built.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::name::{HostName, HostPattern};
+use crate::rule::{best_rule, AllowRule, DenyReason, Method, PathPrefix, RuleId, DEFAULT_PORTS};
+use crate::secret::{InjectTemplate, LoadedSecret, SecretName, SecretSource, SecretSpec, SecretValue};
+
+/// What the host user gave: `--policy FILE` and the flags that add to it.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyInput {
+    /// `--policy FILE`.
+    pub policy_file: Option<PathBuf>,
+    /// `--allow HOST[:PORT]`, repeatable.
+    pub allow: Vec<String>,
+    /// `--resolve HOST:PORT:ADDR[,ADDR...]`, repeatable (curl syntax).
+    pub resolve: Vec<String>,
+    /// `--upstream-ca FILE`, repeatable: extra trusted roots for upstream TLS.
+    pub upstream_ca: Vec<PathBuf>,
+    /// `--secret NAME@HOST[,HOST...]`, value from the host environment variable `NAME`.
+    pub secrets: Vec<String>,
+}
+
+/// A policy input that can't be used, naming the field and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read {what} {}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("policy file {}: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    #[error("{field}: {problem}")]
+    Invalid { field: String, problem: String },
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> PolicyError {
+    PolicyError::Invalid { field: field.into(), problem: problem.into() }
+}
+
+/// Operator-pinned addresses for one name and port (`--resolve`). Pinned addresses are dialed
+/// without a DNS lookup and are allowed even when they are loopback or private.
+#[derive(Clone, Debug, Serialize)]
+pub struct Pin {
+    pub name: HostName,
+    pub port: u16,
+    pub addrs: Vec<IpAddr>,
+}
+
+/// Extra trusted roots for upstream TLS, read from a PEM file at policy time.
+#[derive(Clone, Debug, Serialize)]
+pub struct UpstreamCa {
+    pub path: PathBuf,
+    #[serde(skip)]
+    pub pem: String,
+}
+
+/// The policy in checked form. Deny by default: a connection is allowed only by an allow rule.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckedPolicy {
+    rules: Vec<AllowRule>,
+    pins: Vec<Pin>,
+    upstream_ca: Vec<UpstreamCa>,
+    secrets: Vec<SecretSpec>,
+}
+
+impl CheckedPolicy {
+    /// Parses and checks everything the host user gave. Reads the policy file and CA files.
+    pub fn from_input(input: &PolicyInput) -> Result<CheckedPolicy, PolicyError> {
+        let mut b = Builder::default();
+        if let Some(path) = &input.policy_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| PolicyError::Read { what: "policy file", path: path.clone(), source })?;
+            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            b.add_toml(&text, path, &base)?;
+        }
+        for (i, a) in input.allow.iter().enumerate() {
+            let field = format!("--allow {a:?}");
+            let (pattern, port) = parse_host_port(a).map_err(|p| invalid(&field, p))?;
+            let ports = port.map(|p| [p].into_iter().collect());
+            b.add_rule(pattern, ports, None, None, field, i)?;
+        }
+        for r in &input.resolve {
+            b.pins.push(parse_pin(r).map_err(|p| invalid(format!("--resolve {r:?}"), p))?);
+        }
+        for path in &input.upstream_ca {
+            b.upstream_ca.push(read_ca(path, path)?);
+        }
+        for s in &input.secrets {
+            b.secrets.push(parse_secret_flag(s).map_err(|p| invalid(format!("--secret {s:?}"), p))?);
+        }
+        b.finish()
+    }
+
+    /// Parses a policy from TOML text alone (no flags); `path` names it in errors and anchors
+    /// relative file paths.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<CheckedPolicy, PolicyError> {
+        let mut b = Builder::default();
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        b.add_toml(text, path, &base)?;
+        b.finish()
+    }
+
+    /// The most specific rule allowing `name` on `port`, or why the connection is denied.
+    pub fn check_connect(&self, name: &HostName, port: u16) -> Result<&AllowRule, DenyReason> {
+        best_rule(&self.rules, name, port).ok_or(DenyReason::NoRule)
+    }
+
+    /// A rule allowing `name` on any port: the answer for the sandbox's DNS questions.
+    pub fn allows_name(&self, name: &HostName) -> Option<&AllowRule> {
+        self.rules.iter().find(|r| r.pattern().matches(name))
+    }
+
+    pub fn rule(&self, id: RuleId) -> Option<&AllowRule> {
+        self.rules.get(id.0)
+    }
+
+    pub fn rules(&self) -> &[AllowRule] {
+        &self.rules
+    }
+
+    /// Operator-pinned addresses for `name:port`.
+    pub fn pinned(&self, name: &HostName, port: u16) -> Option<&[IpAddr]> {
+        self.pins.iter().find(|p| &p.name == name && p.port == port).map(|p| p.addrs.as_slice())
+    }
+
+    pub fn upstream_ca(&self) -> &[UpstreamCa] {
+        &self.upstream_ca
+    }
+
+    pub fn secrets(&self) -> &[SecretSpec] {
+        &self.secrets
+    }
+
+    /// Loads every secret's value from the host environment and files.
+    pub fn load_secrets(&self) -> Result<Vec<LoadedSecret>, PolicyError> {
+        self.load_secrets_with(|var| std::env::var(var).ok())
+    }
+
+    /// Loads secret values with `env` standing in for the environment (files are still read).
+    pub fn load_secrets_with(&self, env: impl Fn(&str) -> Option<String>) -> Result<Vec<LoadedSecret>, PolicyError> {
+        let mut out = Vec::with_capacity(self.secrets.len());
+        for spec in &self.secrets {
+            let field = format!("secret {}", spec.name);
+            let raw = match &spec.source {
+                SecretSource::Env(var) => env(var).ok_or_else(|| {
+                    invalid(&field, format!("environment variable ${var} is not set on the host"))
+                })?,
+                SecretSource::File(path) => {
+                    let mut s = std::fs::read_to_string(path)
+                        .map_err(|source| PolicyError::Read { what: "secret file", path: path.clone(), source })?;
+                    // Files written by editors and `echo` end in a newline that is not part of the value.
+                    while s.ends_with('\n') || s.ends_with('\r') {
+                        s.pop();
+                    }
+                    s
+                }
+            };
+            let value = SecretValue::new(raw, &format!("the value from {}", spec.source))
+                .map_err(|p| invalid(&field, p))?;
+            out.push(LoadedSecret { spec: spec.clone(), value });
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Default)]
+struct Builder {
+    rules: Vec<AllowRule>,
+    pins: Vec<Pin>,
+    upstream_ca: Vec<UpstreamCa>,
+    secrets: Vec<SecretSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    allow: Vec<toml::Value>,
+    #[serde(default)]
+    resolve: Vec<String>,
+    #[serde(default)]
+    upstream_ca: Vec<PathBuf>,
+    #[serde(default)]
+    secrets: BTreeMap<String, RawSecret>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllow {
+    host: String,
+    ports: Option<Vec<u16>>,
+    methods: Option<Vec<String>>,
+    paths: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    hosts: Vec<String>,
+    from_env: Option<String>,
+    from_file: Option<PathBuf>,
+    inject: Option<RawInject>,
+    #[serde(default)]
+    in_body: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInject {
+    header: String,
+    value: String,
+}
+
+impl Builder {
+    fn add_toml(&mut self, text: &str, path: &Path, base: &Path) -> Result<(), PolicyError> {
+        let raw: RawFile = toml::from_str(text)
+            .map_err(|e| PolicyError::Syntax { path: path.to_path_buf(), message: e.to_string().trim_end().to_string() })?;
+        let file = path.display().to_string();
+        for (i, item) in raw.allow.into_iter().enumerate() {
+            let field = format!("{file}: allow[{i}]");
+            match item {
+                toml::Value::String(s) => {
+                    let (pattern, port) = parse_host_port(&s).map_err(|p| invalid(&field, p))?;
+                    self.add_rule(pattern, port.map(|p| [p].into_iter().collect()), None, None, field, i)?;
+                }
+                toml::Value::Table(t) => {
+                    let r: RawAllow = toml::Value::Table(t)
+                        .try_into()
+                        .map_err(|e: toml::de::Error| invalid(&field, e.message().trim_end().to_string()))?;
+                    let pattern = HostPattern::parse(&r.host).map_err(|e| invalid(format!("{field}.host"), e.to_string()))?;
+                    let ports = match r.ports {
+                        None => None,
+                        Some(p) if p.is_empty() => return Err(invalid(format!("{field}.ports"), "is empty; leave it out for 443 and 80")),
+                        Some(p) => {
+                            if p.contains(&0) {
+                                return Err(invalid(format!("{field}.ports"), "port 0 is not a port"));
+                            }
+                            Some(p.into_iter().collect())
+                        }
+                    };
+                    let methods = match r.methods {
+                        None => None,
+                        Some(m) if m.is_empty() => return Err(invalid(format!("{field}.methods"), "is empty, which would allow no request; leave it out to allow all")),
+                        Some(m) => Some(
+                            m.iter()
+                                .enumerate()
+                                .map(|(j, s)| Method::parse(s).map_err(|p| invalid(format!("{field}.methods[{j}]"), p)))
+                                .collect::<Result<BTreeSet<_>, _>>()?,
+                        ),
+                    };
+                    let paths = match r.paths {
+                        None => None,
+                        Some(p) if p.is_empty() => return Err(invalid(format!("{field}.paths"), "is empty, which would allow no request; leave it out to allow all")),
+                        Some(p) => Some(
+                            p.iter()
+                                .enumerate()
+                                .map(|(j, s)| PathPrefix::parse(s).map_err(|q| invalid(format!("{field}.paths[{j}]"), q)))
+                                .collect::<Result<Vec<_>, _>>()?,
+                        ),
+                    };
+                    self.add_rule(pattern, ports, methods, paths, field, i)?;
+                }
+                other => {
+                    return Err(invalid(
+                        field,
+                        format!("expected a string \"HOST[:PORT]\" or a table {{ host = .., ports = [..], methods = [..], paths = [..] }}, found a {}", other.type_str()),
+                    ))
+                }
+            }
+        }
+        for (i, r) in raw.resolve.iter().enumerate() {
+            self.pins.push(parse_pin(r).map_err(|p| invalid(format!("{file}: resolve[{i}]"), p))?);
+        }
+        for p in &raw.upstream_ca {
+            self.upstream_ca.push(read_ca(&base.join(p), p)?);
+        }
+        for (name, s) in raw.secrets {
+            let field = format!("{file}: secrets.{name}");
+            let sname = SecretName::parse(&name).map_err(|p| invalid(&field, p))?;
+            let source = match (s.from_env, s.from_file) {
+                (Some(_), Some(_)) => return Err(invalid(&field, "give from_env or from_file, not both")),
+                (Some(v), None) => {
+                    SecretName::parse(&v).map_err(|p| invalid(format!("{field}.from_env"), p.replace("secret name", "variable name")))?;
+                    SecretSource::Env(v)
+                }
+                (None, Some(f)) => SecretSource::File(base.join(f)),
+                (None, None) => SecretSource::Env(name.clone()),
+            };
+            if s.hosts.is_empty() {
+                return Err(invalid(format!("{field}.hosts"), "is empty; a secret must be bound to at least one host"));
+            }
+            let hosts = s
+                .hosts
+                .iter()
+                .enumerate()
+                .map(|(j, h)| HostPattern::parse(h).map_err(|e| invalid(format!("{field}.hosts[{j}]"), e.to_string())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let inject = match s.inject {
+                None => None,
+                Some(t) => Some(InjectTemplate::parse(&t.header, &t.value).map_err(|p| invalid(format!("{field}.inject"), p))?),
+            };
+            self.secrets.push(SecretSpec { name: sname, hosts, source, inject, in_body: s.in_body });
+        }
+        Ok(())
+    }
+
+    fn add_rule(
+        &mut self,
+        pattern: HostPattern,
+        ports: Option<BTreeSet<u16>>,
+        methods: Option<BTreeSet<Method>>,
+        paths: Option<Vec<PathPrefix>>,
+        origin: String,
+        _index: usize,
+    ) -> Result<(), PolicyError> {
+        let ports = ports.unwrap_or_else(|| DEFAULT_PORTS.into_iter().collect());
+        if let Some(prev) = self.rules.iter().find(|r| r.pattern == pattern && !r.ports.is_disjoint(&ports)) {
+            return Err(invalid(
+                &origin,
+                format!("{pattern} on the same port is already allowed by {}; merge the two rules", prev.origin),
+            ));
+        }
+        let id = RuleId(self.rules.len());
+        self.rules.push(AllowRule { id, pattern, ports, methods, paths, origin });
+        Ok(())
+    }
+
+    fn finish(self) -> Result<CheckedPolicy, PolicyError> {
+        let policy = CheckedPolicy { rules: self.rules, pins: self.pins, upstream_ca: self.upstream_ca, secrets: self.secrets };
+        let mut seen = BTreeSet::new();
+        for pin in &policy.pins {
+            let field = format!("resolve {}:{}", pin.name, pin.port);
+            if !seen.insert((pin.name.clone(), pin.port)) {
+                return Err(invalid(field, "is pinned twice; list all addresses in one entry"));
+            }
+            if policy.check_connect(&pin.name, pin.port).is_err() {
+                return Err(invalid(field, "no allow rule permits this name and port, so the pin would never be used"));
+            }
+        }
+        let mut names = BTreeSet::new();
+        for s in &policy.secrets {
+            let field = format!("secret {}", s.name);
+            if !names.insert(s.name.clone()) {
+                return Err(invalid(field, "is defined twice"));
+            }
+            for h in &s.hosts {
+                if !policy.rules.iter().any(|r| r.pattern.covers(h)) {
+                    return Err(invalid(&field, format!("is bound to {h}, which no allow rule permits; add --allow {h}")));
+                }
+            }
+        }
+        Ok(policy)
+    }
+}
+
+/// `HOST[:PORT]`: a name or `*.` pattern, optionally one port.
+fn parse_host_port(s: &str) -> Result<(HostPattern, Option<u16>), String> {
+    let (host, port) = if let Some((h, p)) = s.strip_prefix('[').and_then(|_| s.split_once("]:")) {
+        // `[v6]:port`: split so the literal is reported as an address, not as a bad port.
+        (&s[..h.len() + 1], Some(parse_port(p)?))
+    } else if s.matches(':').count() == 1 {
+        let (h, p) = s.split_once(':').unwrap_or((s, ""));
+        (h, Some(parse_port(p)?))
+    } else {
+        (s, None)
+    };
+    let pattern = HostPattern::parse(host).map_err(|e| e.to_string())?;
+    Ok((pattern, port))
+}
+
+fn parse_port(p: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("port {p:?} is not a number from 1 to 65535")),
+        Ok(n) => Ok(n),
+    }
+}
+
+/// `HOST:PORT:ADDR[,ADDR...]` as curl's `--resolve` takes it; IPv6 addresses may be bracketed.
+fn parse_pin(s: &str) -> Result<Pin, String> {
+    let mut it = s.splitn(3, ':');
+    let (host, port, addrs) = match (it.next(), it.next(), it.next()) {
+        (Some(h), Some(p), Some(a)) if !a.is_empty() => (h, p, a),
+        _ => return Err("expected HOST:PORT:ADDR[,ADDR...]".into()),
+    };
+    let name = HostName::parse(host).map_err(|e| e.to_string())?;
+    let port = parse_port(port)?;
+    let addrs = addrs
+        .split(',')
+        .map(|a| {
+            let bare = a.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(a);
+            bare.parse::<IpAddr>().map_err(|_| format!("{a:?} is not an IP address"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Pin { name, port, addrs })
+}
+
+/// `NAME@HOST[,HOST...]`, value from `$NAME`.
+fn parse_secret_flag(s: &str) -> Result<SecretSpec, String> {
+    let (name, hosts) = s.split_once('@').ok_or("expected NAME@HOST[,HOST...]")?;
+    let name = SecretName::parse(name)?;
+    let hosts = hosts
+        .split(',')
+        .map(|h| HostPattern::parse(h).map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let source = SecretSource::Env(name.as_str().to_string());
+    Ok(SecretSpec { name, hosts, source, inject: None, in_body: false })
+}
+
+fn read_ca(path: &Path, shown: &Path) -> Result<UpstreamCa, PolicyError> {
+    let pem = std::fs::read_to_string(path)
+        .map_err(|source| PolicyError::Read { what: "upstream CA file", path: path.to_path_buf(), source })?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(invalid(
+            format!("upstream_ca {}", shown.display()),
+            "contains no PEM certificate (-----BEGIN CERTIFICATE-----)",
+        ));
+    }
+    Ok(UpstreamCa { path: path.to_path_buf(), pem })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toml_err(text: &str) -> String {
+        match CheckedPolicy::from_toml_str(text, Path::new("policy.toml")) {
+            Ok(_) => panic!("should fail:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn toml_ok(text: &str) -> CheckedPolicy {
+        match CheckedPolicy::from_toml_str(text, Path::new("policy.toml")) {
+            Ok(p) => p,
+            Err(e) => panic!("should parse: {e}\n{text}"),
+        }
+    }
+
+    fn name(s: &str) -> HostName {
+        HostName::parse(s).expect("name")
+    }
+
+    #[test]
+    fn default_deny_and_empty_allowlist() {
+        let p = toml_ok("");
+        assert_eq!(p.check_connect(&name("example.com"), 443).err(), Some(DenyReason::NoRule));
+        assert!(p.allows_name(&name("example.com")).is_none());
+        let p = CheckedPolicy::from_input(&PolicyInput::default()).expect("empty input");
+        assert!(p.rules().is_empty());
+    }
+
+    #[test]
+    fn rules_ports_and_specificity() {
+        let p = toml_ok(
+            r#"
+            allow = [
+              "*.github.com:443",
+              "example.com",
+              { host = "api.github.com", ports = [443], methods = ["GET"], paths = ["/repos/"] },
+            ]
+            "#,
+        );
+        let r = p.check_connect(&name("api.github.com"), 443).expect("allowed");
+        assert!(r.restricts_requests(), "exact rule must win over the wildcard: {r}");
+        let r = p.check_connect(&name("raw.github.com"), 443).expect("allowed");
+        assert!(!r.restricts_requests());
+        assert!(p.check_connect(&name("raw.github.com"), 80).is_err());
+        assert!(p.check_connect(&name("github.com"), 443).is_err());
+        assert!(p.check_connect(&name("example.com"), 80).is_ok());
+        assert!(p.check_connect(&name("example.com"), 443).is_ok());
+        assert!(p.check_connect(&name("example.com"), 8080).is_err());
+        assert!(p.allows_name(&name("x.github.com")).is_some());
+    }
+
+    /// TOML errors name the field and say what is wrong.
+    #[test]
+    fn toml_errors_name_the_field() {
+        let cases: &[(&str, &[&str])] = &[
+            ("allow = [\"exa mple.com\"]", &["allow[0]", "whitespace"]),
+            ("allow = [\"127.0.0.1\"]", &["allow[0]", "IP address 127.0.0.1"]),
+            ("allow = [\"0x7f.1:443\"]", &["allow[0]", "IP address 127.0.0.1"]),
+            ("allow = [\"a.com:99999\"]", &["allow[0]", "port \"99999\""]),
+            ("allow = [\"*.com\"]", &["allow[0]", "too broad"]),
+            ("allow = [42]", &["allow[0]", "found a integer"]),
+            ("allow = [{ host = \"a.com\", method = [\"GET\"] }]", &["allow[0]", "unknown field `method`"]),
+            ("allow = [{ host = \"a.com\", methods = [\"CONNECT\"] }]", &["allow[0].methods[0]", "CONNECT"]),
+            ("allow = [{ host = \"a.com\", paths = [\"x\"] }]", &["allow[0].paths[0]", "must start with '/'"]),
+            ("allow = [{ host = \"a.com\", ports = [] }]", &["allow[0].ports", "empty"]),
+            ("allow = [{ host = \"a.com\", methods = [] }]", &["allow[0].methods", "empty"]),
+            ("allow = [\"a.com\", \"A.COM.:443\"]", &["allow[1]", "already allowed by policy.toml: allow[0]"]),
+            ("alow = [\"a.com\"]", &["unknown field `alow`"]),
+            ("allow = \"a.com\"", &["allow", "expected a sequence"]),
+            ("resolve = [\"a.com:443\"]", &["resolve[0]", "HOST:PORT:ADDR"]),
+            ("resolve = [\"a.com:443:localhost\"]", &["resolve[0]", "not an IP address"]),
+            ("resolve = [\"a.com:443:127.0.0.1\"]", &["resolve a.com:443", "no allow rule"]),
+            ("allow=[\"a.com\"]\n[secrets.GH]\nhosts = [\"b.com\"]", &["secret GH", "bound to b.com", "--allow b.com"]),
+            ("allow=[\"a.com\"]\n[secrets.GH]\nhosts = []", &["secrets.GH.hosts", "empty"]),
+            ("allow=[\"a.com\"]\n[secrets.GH]\nhosts = [\"a.com\"]\nfrom_env=\"X\"\nfrom_file=\"f\"", &["secrets.GH", "not both"]),
+            ("allow=[\"a.com\"]\n[secrets.GH]\nhosts = [\"a.com\"]\ninject = { header = \"authorization\", value = \"Bearer\" }", &["secrets.GH.inject", "{value}"]),
+            ("allow=[\"a.com\"]\n[secrets.GH]\nhosts = [\"a.com\"]\nin_body = \"yes\"", &["in_body", "expected a boolean"]),
+            ("allow=[\"a.com\"]\n[secrets.\"G-H\"]\nhosts = [\"a.com\"]", &["secrets.G-H", "secret name"]),
+            ("upstream_ca = [\"/nonexistent/ca.pem\"]", &["cannot read upstream CA file /nonexistent/ca.pem"]),
+        ];
+        for (text, wants) in cases {
+            let err = toml_err(text);
+            for want in *wants {
+                assert!(err.contains(want), "error for {text:?} should mention {want:?}, got: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn flags_merge_with_file_and_pins_parse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, "allow = [\"api.test:8443\"]\nresolve = [\"api.test:8443:127.0.0.1,[::1]\"]\n").expect("write");
+        let input = PolicyInput {
+            policy_file: Some(file),
+            allow: vec!["other.test:9443".into(), "*.svc.test".into()],
+            resolve: vec!["other.test:9443:127.0.0.2".into()],
+            upstream_ca: vec![],
+            secrets: vec!["TOKEN@other.test".into()],
+        };
+        let p = CheckedPolicy::from_input(&input).expect("valid");
+        let api = name("api.test");
+        assert_eq!(p.pinned(&api, 8443).map(<[IpAddr]>::len), Some(2));
+        assert!(p.pinned(&api, 443).is_none());
+        assert!(p.check_connect(&name("other.test"), 9443).is_ok());
+        assert!(p.check_connect(&name("a.svc.test"), 80).is_ok());
+        assert_eq!(p.secrets().len(), 1);
+        assert!(p.secrets()[0].is_bound_to(&name("other.test")));
+        assert!(!p.secrets()[0].is_bound_to(&name("api.test")));
+
+        let bad = PolicyInput { allow: vec!["[::1]:443".into()], ..Default::default() };
+        let err = CheckedPolicy::from_input(&bad).expect_err("ip literal").to_string();
+        assert!(err.contains("--allow") && err.contains("IP address ::1"), "{err}");
+        let bad = PolicyInput { secrets: vec!["TOKEN".into()], ..Default::default() };
+        let err = CheckedPolicy::from_input(&bad).expect_err("no hosts").to_string();
+        assert!(err.contains("NAME@HOST"), "{err}");
+    }
+
+    #[test]
+    fn secrets_load_from_env_and_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("tok.txt"), "file-secret-value-1\n").expect("write");
+        let file = dir.path().join("p.toml");
+        let text = r#"
+            allow = ["api.test", "*.corp.test"]
+            [secrets.A]
+            hosts = ["api.test"]
+            from_env = "HUTCH_TEST_A"
+            inject = { header = "Authorization", value = "Bearer {value}" }
+            [secrets.B]
+            hosts = ["*.corp.test"]
+            from_file = "tok.txt"
+            in_body = true
+        "#;
+        std::fs::write(&file, text).expect("write");
+        let p = CheckedPolicy::from_input(&PolicyInput { policy_file: Some(file), ..Default::default() }).expect("valid");
+        let loaded = p
+            .load_secrets_with(|v| (v == "HUTCH_TEST_A").then(|| "env-secret-value-1".to_string()))
+            .expect("load");
+        assert_eq!(loaded[0].value.expose(), "env-secret-value-1");
+        assert_eq!(loaded[0].spec.inject().map(InjectTemplate::header), Some("authorization"));
+        assert_eq!(loaded[1].value.expose(), "file-secret-value-1");
+        assert!(loaded[1].spec.in_body());
+        let err = p.load_secrets_with(|_| None).expect_err("missing env").to_string();
+        assert!(err.contains("$HUTCH_TEST_A is not set"), "{err}");
+        let err = p.load_secrets_with(|_| Some("bad\nvalue-xyz".into())).expect_err("newline").to_string();
+        assert!(!err.contains("value-xyz") && err.contains("control"), "{err}");
+    }
+
+    /// Threat 15 (agent switching off its guardrails): the serialized policy carries no secret
+    /// values or sources, and there is no way to build a policy back from it.
+    #[test]
+    fn threat15_serialized_form_is_informational() {
+        let p = toml_ok("allow = [\"api.test\"]\n[secrets.A]\nhosts=[\"api.test\"]\nfrom_env=\"HOST_ONLY_VAR\"\n");
+        let json = serde_json::to_string(&p).expect("serialize");
+        assert!(json.contains("api.test"));
+        assert!(!json.contains("HOST_ONLY_VAR"), "{json}");
+    }
+}
