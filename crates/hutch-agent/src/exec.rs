@@ -1,0 +1,133 @@
+//! Running one process for the host: argv, env, cwd, stdin in; stdout and stderr streamed out separately and
+//! live; exit status; signals to the process group; the group killed if the host goes away.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use hutch_proto::mux::Stream;
+use hutch_proto::{ExecEvent, ExecInput, ExecRequest, ExitStatus, Framed, CHUNK};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// How long to keep reading output after the process exits, when a background child still holds the pipes.
+const DRAIN_IDLE: Duration = Duration::from_millis(250);
+
+pub async fn run(framed: Framed<Stream>, req: ExecRequest, base_env: Vec<(String, String)>) {
+    let (mut tx, mut rx) = framed.split();
+    let Some(program) = req.argv.first() else {
+        let _ = tx.send(&ExecEvent::SpawnFailed { message: "empty command".into(), not_found: false }).await;
+        return;
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(&req.argv[1..]).env_clear();
+    for (k, v) in base_env.iter().chain(req.env.iter()) {
+        cmd.env(k, v);
+    }
+    cmd.current_dir(req.cwd.as_deref().unwrap_or("/root"));
+    cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.process_group(0).kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let not_found = e.kind() == std::io::ErrorKind::NotFound;
+            let message = format!("cannot run {program:?}: {e}");
+            let _ = tx.send(&ExecEvent::SpawnFailed { message, not_found }).await;
+            return;
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    if tx.send(&ExecEvent::Started { pid }).await.is_err() {
+        return;
+    }
+    let pgid = Pid::from_raw(pid as i32);
+
+    let (ev_tx, mut ev_rx) = mpsc::channel::<ExecEvent>(8);
+    if let Some(out) = child.stdout.take() {
+        tokio::spawn(pump(out, ev_tx.clone(), ExecEvent::Stdout));
+    }
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(pump(err, ev_tx.clone(), ExecEvent::Stderr));
+    }
+    drop(ev_tx);
+
+    let mut stdin = child.stdin.take();
+    let input = tokio::spawn(async move {
+        loop {
+            match rx.recv::<ExecInput>().await {
+                Ok(ExecInput::Stdin(bytes)) => {
+                    if let Some(w) = stdin.as_mut() {
+                        if w.write_all(&bytes).await.is_err() {
+                            stdin = None;
+                        }
+                    }
+                }
+                Ok(ExecInput::StdinEof) => stdin = None,
+                Ok(ExecInput::Signal(n)) => {
+                    if let Ok(sig) = Signal::try_from(n) {
+                        let _ = killpg(pgid, sig);
+                    }
+                }
+                Err(_) => {
+                    // The host is gone: nobody will read the output, so the process must not outlive it.
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                    return;
+                }
+            }
+        }
+    });
+
+    let mut status = None;
+    let mut outputs_open = true;
+    while status.is_none() || outputs_open {
+        tokio::select! {
+            ev = ev_rx.recv(), if outputs_open => match ev {
+                Some(ev) => {
+                    if tx.send(&ev).await.is_err() {
+                        let _ = killpg(pgid, Signal::SIGKILL);
+                        input.abort();
+                        return;
+                    }
+                }
+                None => outputs_open = false,
+            },
+            st = child.wait(), if status.is_none() => {
+                status = Some(match st {
+                    Ok(st) => to_status(st),
+                    Err(_) => ExitStatus::Code(255),
+                });
+            },
+            _ = tokio::time::sleep(DRAIN_IDLE), if status.is_some() => outputs_open = false,
+        }
+    }
+    input.abort();
+    if let Some(st) = status {
+        let _ = tx.send(&ExecEvent::Exited(st)).await;
+    }
+    let _ = tx.close().await;
+}
+
+fn to_status(st: std::process::ExitStatus) -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => ExitStatus::Code(c),
+        (None, Some(s)) => ExitStatus::Signal(s),
+        (None, None) => ExitStatus::Code(255),
+    }
+}
+
+async fn pump<R: AsyncRead + Unpin>(mut r: R, tx: mpsc::Sender<ExecEvent>, wrap: fn(Vec<u8>) -> ExecEvent) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if tx.send(wrap(buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

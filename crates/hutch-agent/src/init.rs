@@ -1,0 +1,129 @@
+//! PID 1 inside the VM: mounts the API filesystems, brings up loopback, then forks the agent and reaps every
+//! orphan; when the agent ends, the VM powers off.
+
+use std::time::Duration;
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+pub fn run() -> i32 {
+    setup_filesystems();
+    if let Err(e) = loopback_up() {
+        eprintln!("hutch-agent: cannot bring up lo: {e}");
+    }
+    let _ = nix::unistd::sethostname("hutch");
+    // SAFETY: no threads exist yet in this process (no runtime has been built), so fork is sound.
+    match unsafe { fork() } {
+        Ok(ForkResult::Child) => std::process::exit(agent_main()),
+        Ok(ForkResult::Parent { child }) => reap_until(child),
+        Err(e) => {
+            eprintln!("hutch-agent: fork failed: {e}");
+            power_off()
+        }
+    }
+}
+
+fn setup_filesystems() {
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let mounts: [(&str, &str, &str, MsFlags, Option<&str>); 6] = [
+        ("proc", "/proc", "proc", nosuid_nodev_noexec, None),
+        ("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, None),
+        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
+        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=620,ptmxmode=666")),
+        ("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None),
+        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+    ];
+    for (src, target, fstype, flags, data) in mounts {
+        let _ = std::fs::create_dir_all(target);
+        match mount(Some(src), target, Some(fstype), flags, data) {
+            Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+            Err(e) => eprintln!("hutch-agent: mount {target}: {e}"),
+        }
+    }
+    let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
+}
+
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: plain socket(2) call; the fd is closed below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `ifr` is a valid ifreq naming an interface; the kernel fills/reads ifru_flags.
+    let r = unsafe {
+        let mut r = libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut ifr);
+        if r == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            r = libc::ioctl(sock, libc::SIOCSIFFLAGS, &ifr);
+        }
+        r
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: `sock` is our open fd.
+    unsafe { libc::close(sock) };
+    if r != 0 {
+        return Err(err);
+    }
+    Ok(())
+}
+
+fn reap_until(agent: Pid) -> i32 {
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _)) if pid == agent => power_off(),
+            Ok(_) => {}
+            Err(nix::errno::Errno::ECHILD) => power_off(),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    // reboot(2) only returns on failure; PID 1 must not exit normally (the kernel would panic, which with
+    // panic=-1 also ends the VM, just less tidily).
+    std::process::exit(1)
+}
+
+fn agent_main() -> i32 {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hutch-agent: cannot start runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async {
+        let path = match crate::port::find(hutch_proto::AGENT_PORT_NAME, Duration::from_secs(10)) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("hutch-agent: {e}");
+                return 1;
+            }
+        };
+        let port = match crate::port::Port::open(&path) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("hutch-agent: cannot open {}: {e}", path.display());
+                return 1;
+            }
+        };
+        let state = crate::serve::State::default();
+        let mut announce = true;
+        loop {
+            match crate::serve::session(port.clone(), &state, announce).await {
+                Ok(()) => announce = false,
+                // The host side is closed (between a snapshot and its restore, or before a host attaches):
+                // reads return EOF until one connects.
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+    })
+}

@@ -1,0 +1,77 @@
+//! One session with a host: handshake, then each stream the host opens is dispatched to its handler.
+
+use std::sync::{Arc, Mutex};
+
+use hutch_proto::mux::{Role, Stream};
+use hutch_proto::{handshake, Framed, HandshakeError, Reply, Request, Session};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// What the agent keeps between requests of a session (and across sessions: a restored VM keeps it too, and the
+/// host's `Init` replaces it).
+#[derive(Default, Clone)]
+pub struct State {
+    pub env: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl State {
+    pub fn base_env(&self) -> Vec<(String, String)> {
+        match self.env.lock() {
+            Ok(env) => env.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("handshake")]
+    Handshake(#[source] HandshakeError),
+}
+
+/// Serves until the host goes away. `announce` sends `Ready` first (cold boot); a restored guest does not.
+pub async fn session<S>(mut io: S, state: &State, announce: bool) -> Result<(), ServeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if announce {
+        let ready = handshake::Ready { protocol: hutch_proto::PROTOCOL_VERSION, agent_version: crate::AGENT_VERSION.into() };
+        handshake::write_msg(&mut io, &handshake::HandshakeMsg::Ready(ready)).await.map_err(ServeError::Handshake)?;
+    }
+    handshake::guest_accept(&mut io, crate::AGENT_VERSION).await.map_err(ServeError::Handshake)?;
+    let (_session, mut inbound, driver) = Session::start(io, Role::Server);
+    let mut tasks = tokio::task::JoinSet::new();
+    while let Some(stream) = inbound.recv().await {
+        let state = state.clone();
+        tasks.spawn(handle(stream, state));
+    }
+    // The channel is gone: whatever the old host started dies with it (exec handlers kill their process groups).
+    tasks.shutdown().await;
+    let _ = driver.await;
+    Ok(())
+}
+
+async fn handle(stream: Stream, state: State) {
+    let mut framed = Framed::new(stream);
+    let req: Request = match framed.recv().await {
+        Ok(r) => r,
+        Err(_) => return,
+    };
+    match req {
+        Request::Init(id) => {
+            let r = crate::identity::apply(&id, &state);
+            let _ = framed.send(&Reply::from_result(r)).await;
+        }
+        Request::Exec(req) => crate::exec::run(framed, req, state.base_env()).await,
+        Request::PutFile(put) => crate::files::put(framed, put).await,
+        Request::GetFile { path } => crate::files::get(framed, &path).await,
+        Request::Ping => {
+            let _ = framed.send(&Reply::Ok).await;
+        }
+        Request::PowerOff => {
+            nix::unistd::sync();
+            let _ = framed.send(&Reply::Ok).await;
+            // The init process powers the VM off when the agent exits.
+            std::process::exit(0);
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! VMM backends behind one narrow trait: boot, restore from a snapshot, snapshot, connect the agent channel, kill.
+//! QEMU's `microvm` implements it today; Firecracker (`/snapshot/create`, `/snapshot/load`, vsock on a unix
+//! socket) fits the same shape.
+
+pub mod host;
+pub mod qemu;
+mod qmp;
+
+use std::path::{Path, PathBuf};
+
+pub use host::{Accel, HostCaps, KvmKind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{0} not found: install it with `apt-get install qemu-system-x86` (or run `hutch doctor`)")]
+    MissingBinary(String),
+    #[error("cannot start the VMM")]
+    Spawn(#[source] std::io::Error),
+    #[error("{what}")]
+    Io { what: String, #[source] source: std::io::Error },
+    #[error("the VMM exited during start-up: {0}")]
+    EarlyExit(String),
+    #[error("QMP: {0}")]
+    Qmp(String),
+    #[error("accelerator {requested} is not usable here: {reason}")]
+    Accel { requested: Accel, reason: String },
+    #[error("snapshot {what}: {reason}")]
+    Snapshot { what: &'static str, reason: String },
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(std::time::Duration, &'static str),
+}
+
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
+    let what = what.into();
+    move |source| VmmError::Io { what, source }
+}
+
+/// Where guest RAM lives. A file lets a snapshot skip copying RAM (it is the file) and lets a restore map the
+/// snapshot's RAM copy-on-write.
+#[derive(Debug, Clone)]
+pub enum Memory {
+    Anonymous,
+    /// `shared`: writes go to the file (to make a snapshot). Not shared: a private copy-on-write mapping (restore).
+    File { path: PathBuf, shared: bool },
+}
+
+/// Everything needed to start one VM. Built and checked by the caller; backends only translate it.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub cmdline: String,
+    /// The VM's own writable disk (a qcow2 overlay over the shared read-only root filesystem).
+    pub disk: PathBuf,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub accel: Accel,
+    pub memory: Memory,
+    /// Per-VM directory for sockets and logs; owned and removed by the caller.
+    pub dir: PathBuf,
+}
+
+/// The files of a snapshot besides the disk layer: device state (migration stream) and guest RAM.
+#[derive(Debug, Clone)]
+pub struct SnapshotFiles {
+    pub state: PathBuf,
+    pub memory: PathBuf,
+}
+
+/// A VMM implementation.
+pub trait Backend: Send + Sync {
+    type Vm: Vm;
+    /// Boots `cfg` from its kernel.
+    fn boot(&self, cfg: &VmConfig) -> impl std::future::Future<Output = Result<Self::Vm, VmmError>> + Send;
+    /// Starts `cfg` from `snap` (the config's memory must be the snapshot's RAM file, mapped privately).
+    fn restore(&self, cfg: &VmConfig, snap: &SnapshotFiles) -> impl std::future::Future<Output = Result<Self::Vm, VmmError>> + Send;
+}
+
+/// A running VM.
+pub trait Vm: Send {
+    /// Connects to the guest agent's channel (a byte stream). May be called once per session.
+    fn connect_agent(&self) -> impl std::future::Future<Output = Result<tokio::net::UnixStream, VmmError>> + Send;
+    /// Pauses the guest and saves its device state to `snap.state`; RAM is already in `snap.memory` because the
+    /// VM was booted with a shared file. The VM stays paused.
+    fn snapshot(&mut self, snap: &SnapshotFiles) -> impl std::future::Future<Output = Result<(), VmmError>> + Send;
+    /// Waits until the VMM process ends.
+    fn wait(&mut self) -> impl std::future::Future<Output = VmExit> + Send;
+    /// Kills the VMM process and waits for it.
+    fn kill(&mut self) -> impl std::future::Future<Output = ()> + Send;
+    /// The VMM's process id (for leftover reaping).
+    fn pid(&self) -> Option<u32>;
+    /// The guest console log.
+    fn console_log(&self) -> &Path;
+}
+
+#[derive(Debug, Clone)]
+pub struct VmExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}

@@ -1,0 +1,284 @@
+//! The QEMU `microvm` backend: command line, process supervision, QMP snapshot (migration to a file with RAM in
+//! a file-backed memory backend) and restore (`-incoming defer`, RAM mapped privately from the snapshot).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::qmp::Qmp;
+use crate::{io_err, Accel, Backend, Memory, SnapshotFiles, Vm, VmConfig, VmExit, VmmError};
+
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    binary: PathBuf,
+}
+
+impl Qemu {
+    pub fn new(binary: PathBuf) -> Self {
+        Self { binary }
+    }
+
+    /// The full command line for `cfg`. Public so that benchmarks can run the same VM by hand.
+    pub fn args(&self, cfg: &VmConfig, incoming: bool) -> Vec<OsString> {
+        let dir = &cfg.dir;
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |s: String| a.push(s.into());
+        let mem_backend = !matches!(cfg.memory, Memory::Anonymous);
+        let mut machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on".to_string();
+        if mem_backend {
+            machine.push_str(",memory-backend=mem");
+        }
+        push("-M".into());
+        push(machine);
+        match cfg.accel {
+            Accel::Kvm => {
+                push("-accel".into());
+                push("kvm".into());
+                push("-cpu".into());
+                push("host".into());
+            }
+            Accel::Tcg => {
+                push("-accel".into());
+                // A bounded translation cache keeps an idle guest's footprint small.
+                push("tcg,thread=multi,tb-size=64".into());
+                push("-cpu".into());
+                push("max".into());
+            }
+        }
+        push("-m".into());
+        push(format!("{}M", cfg.memory_mib));
+        if let Memory::File { path, shared } = &cfg.memory {
+            push("-object".into());
+            push(format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+                cfg.memory_mib,
+                path.display(),
+                if *shared { "on" } else { "off" }
+            ));
+        }
+        push("-smp".into());
+        push(cfg.cpus.to_string());
+        for s in ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"] {
+            push(s.into());
+        }
+        // seccomp: no spawning, no privilege changes, no obsolete syscalls.
+        push("-sandbox".into());
+        push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into());
+        push("-chardev".into());
+        push(format!("file,id=con,path={}", dir.join("console.log").display()));
+        push("-serial".into());
+        push("chardev:con".into());
+        push("-kernel".into());
+        push(cfg.kernel.display().to_string());
+        push("-initrd".into());
+        push(cfg.initrd.display().to_string());
+        push("-append".into());
+        push(cfg.cmdline.clone());
+        push("-drive".into());
+        push(format!("file={},format=qcow2,if=none,id=root,cache=unsafe,discard=unmap", cfg.disk.display()));
+        push("-device".into());
+        push("virtio-blk-device,drive=root".into());
+        push("-device".into());
+        push("virtio-rng-device".into());
+        // The only channel to the host: one virtio-serial port, host end a unix socket in the VM's private dir.
+        push("-device".into());
+        push("virtio-serial-device,max_ports=1".into());
+        push("-chardev".into());
+        push(format!("socket,id=agent,path={},server=on,wait=off", agent_socket(dir).display()));
+        push("-device".into());
+        push(format!("virtserialport,chardev=agent,name={}", hutch_proto_port_name()));
+        // The monitor is a host-side unix socket; no guest device reaches it.
+        push("-qmp".into());
+        push(format!("unix:{},server=on,wait=off", qmp_socket(dir).display()));
+        if incoming {
+            push("-incoming".into());
+            push("defer".into());
+        }
+        a
+    }
+
+    async fn spawn(&self, cfg: &VmConfig, incoming: bool) -> Result<QemuVm, VmmError> {
+        if !self.binary.is_file() {
+            return Err(VmmError::MissingBinary(self.binary.display().to_string()));
+        }
+        let log_path = cfg.dir.join("qemu.log");
+        let log = std::fs::File::create(&log_path).map_err(io_err(format!("cannot create {}", log_path.display())))?;
+        let log2 = log.try_clone().map_err(io_err("dup log fd"))?;
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(self.args(cfg, incoming))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            // Its own process group: a Ctrl-C at the terminal reaches hutch, which tears the VM down in order.
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal so that QEMU dies
+        // with hutch even when hutch is SIGKILLed.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(VmmError::Spawn)?;
+        let mut vm = QemuVm {
+            child,
+            dir: cfg.dir.clone(),
+            console: cfg.dir.join("console.log"),
+            log: log_path,
+            qmp: None,
+        };
+        match Qmp::connect(&qmp_socket(&cfg.dir), START_TIMEOUT).await {
+            Ok(q) => vm.qmp = Some(q),
+            Err(e) => {
+                let why = vm.early_exit_reason().await;
+                vm.kill().await;
+                return Err(why.unwrap_or(e));
+            }
+        }
+        Ok(vm)
+    }
+}
+
+fn hutch_proto_port_name() -> &'static str {
+    // Kept in sync with hutch_proto::AGENT_PORT_NAME (checked by a test in hutch-sandbox).
+    "hutch.agent"
+}
+
+pub fn agent_socket(dir: &Path) -> PathBuf {
+    dir.join("agent.sock")
+}
+
+fn qmp_socket(dir: &Path) -> PathBuf {
+    dir.join("qmp.sock")
+}
+
+impl Backend for Qemu {
+    type Vm = QemuVm;
+
+    async fn boot(&self, cfg: &VmConfig) -> Result<QemuVm, VmmError> {
+        self.spawn(cfg, false).await
+    }
+
+    async fn restore(&self, cfg: &VmConfig, snap: &SnapshotFiles) -> Result<QemuVm, VmmError> {
+        let mut vm = self.spawn(cfg, true).await?;
+        match vm.load(snap).await {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                let why = vm.early_exit_reason().await;
+                vm.kill().await;
+                Err(why.unwrap_or(e))
+            }
+        }
+    }
+}
+
+pub struct QemuVm {
+    child: tokio::process::Child,
+    dir: PathBuf,
+    console: PathBuf,
+    log: PathBuf,
+    qmp: Option<Qmp>,
+}
+
+impl QemuVm {
+    fn qmp(&mut self) -> Result<&mut Qmp, VmmError> {
+        self.qmp.as_mut().ok_or_else(|| VmmError::Qmp("monitor not connected".into()))
+    }
+
+    async fn load(&mut self, snap: &SnapshotFiles) -> Result<(), VmmError> {
+        let state = tokio::fs::read(&snap.state)
+            .await
+            .map_err(|e| VmmError::Snapshot { what: "state unreadable", reason: format!("{}: {e}", snap.state.display()) })?;
+        let sock = self.dir.join("migrate-in.sock");
+        let qmp = self.qmp()?;
+        qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}))
+            .await?;
+        qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", sock.display())})).await?;
+        let mut conn = UnixStream::connect(&sock).await.map_err(io_err("connect to the incoming migration socket"))?;
+        conn.write_all(&state).await.map_err(io_err("send snapshot state"))?;
+        conn.shutdown().await.map_err(io_err("send snapshot state"))?;
+        drop(conn);
+        qmp.wait_migration(MIGRATION_TIMEOUT).await?;
+        // Without -S the guest resumes by itself once the state is loaded; make sure it runs.
+        let st = qmp.execute("query-status", json!({})).await?;
+        if st.get("running").and_then(|v| v.as_bool()) != Some(true) {
+            qmp.execute("cont", json!({})).await?;
+        }
+        let _ = std::fs::remove_file(&sock);
+        Ok(())
+    }
+
+    /// QEMU's own words if it already exited.
+    async fn early_exit_reason(&mut self) -> Option<VmmError> {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        match self.child.try_wait() {
+            Ok(Some(st)) => {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                Some(VmmError::EarlyExit(format!("{st}: {tail}")))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Vm for QemuVm {
+    async fn connect_agent(&self) -> Result<UnixStream, VmmError> {
+        let path = agent_socket(&self.dir);
+        UnixStream::connect(&path).await.map_err(io_err(format!("connect to the agent channel {}", path.display())))
+    }
+
+    async fn snapshot(&mut self, snap: &SnapshotFiles) -> Result<(), VmmError> {
+        let sock = self.dir.join("migrate-out.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).map_err(io_err("bind the migration socket"))?;
+        let qmp = self.qmp()?;
+        qmp.execute("stop", json!({})).await?;
+        qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}))
+            .await?;
+        qmp.execute("migrate", json!({"uri": format!("unix:{}", sock.display())})).await?;
+        let (mut conn, _) = tokio::time::timeout(MIGRATION_TIMEOUT, listener.accept())
+            .await
+            .map_err(|_| VmmError::Timeout(MIGRATION_TIMEOUT, "QEMU to connect the migration socket"))?
+            .map_err(io_err("accept the migration connection"))?;
+        let mut out = tokio::fs::File::create(&snap.state).await.map_err(io_err(format!("create {}", snap.state.display())))?;
+        tokio::io::copy(&mut conn, &mut out).await.map_err(io_err("save the migration stream"))?;
+        out.sync_all().await.map_err(io_err("sync the snapshot state"))?;
+        self.qmp()?.wait_migration(MIGRATION_TIMEOUT).await?;
+        drop(listener);
+        let _ = std::fs::remove_file(&sock);
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> VmExit {
+        use std::os::unix::process::ExitStatusExt;
+        match self.child.wait().await {
+            Ok(st) => VmExit { code: st.code(), signal: st.signal() },
+            Err(_) => VmExit { code: None, signal: None },
+        }
+    }
+
+    async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    fn console_log(&self) -> &Path {
+        &self.console
+    }
+}
