@@ -90,11 +90,11 @@ impl Qemu {
         push("virtio-rng-device".into());
         // The only channel to the host: one virtio-serial port, host end a unix socket in the VM's private dir.
         push("-device".into());
-        push("virtio-serial-device,max_ports=1".into());
+        push("virtio-serial-device,max_ports=2".into());
         push("-chardev".into());
         push(format!("socket,id=agent,path={},server=on,wait=off", agent_socket(dir).display()));
         push("-device".into());
-        push(format!("virtserialport,chardev=agent,name={}", hutch_proto_port_name()));
+        push(format!("virtserialport,chardev=agent,name={}", hutch_proto::AGENT_PORT_NAME));
         // The monitor is a host-side unix socket; no guest device reaches it.
         push("-qmp".into());
         push(format!("unix:{},server=on,wait=off", qmp_socket(dir).display()));
@@ -148,11 +148,6 @@ impl Qemu {
         }
         Ok(vm)
     }
-}
-
-fn hutch_proto_port_name() -> &'static str {
-    // Kept in sync with hutch_proto::AGENT_PORT_NAME (checked by a test in hutch-sandbox).
-    "hutch.agent"
 }
 
 pub fn agent_socket(dir: &Path) -> PathBuf {

@@ -1,0 +1,207 @@
+//! `hutch bench`: start-up latency percentiles (hutch vs the bare VMM doing the same boot or restore), and the
+//! memory an idle sandbox costs.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hutch_proto::handshake::{self, HandshakeMsg};
+use hutch_sandbox::{Host, Sandbox};
+use hutch_vmm::{Backend, Memory, Vm, VmConfig};
+use tokio::io::AsyncReadExt;
+
+use crate::cli::BenchArgs;
+
+struct Samples {
+    name: String,
+    ms: Vec<f64>,
+}
+
+impl Samples {
+    fn new(name: impl Into<String>) -> Self {
+        Self { name: name.into(), ms: vec![] }
+    }
+    fn push(&mut self, d: Duration) {
+        self.ms.push(d.as_secs_f64() * 1000.0);
+    }
+    fn pct(&self, p: f64) -> f64 {
+        let mut v = self.ms.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let idx = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+        v[idx.min(v.len() - 1)]
+    }
+    fn print(&self) {
+        println!("{:<46} p50 {:>8.1} ms   p95 {:>8.1} ms   (n={})", self.name, self.pct(50.0), self.pct(95.0), self.ms.len());
+    }
+}
+
+/// Runs `hutch run [extra] -- cmd` and returns (wall time, time to first stdout byte).
+async fn time_hutch_run(extra: &[&str], cmd: &[&str]) -> anyhow::Result<(Duration, Option<Duration>)> {
+    let exe = std::env::current_exe()?;
+    let t0 = Instant::now();
+    let mut child = tokio::process::Command::new(exe)
+        .arg("run")
+        .args(extra)
+        .arg("--")
+        .args(cmd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("spawn hutch run")?;
+    let mut out = child.stdout.take().context("no stdout")?;
+    let mut first = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = out.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        if first.is_none() {
+            first = Some(t0.elapsed());
+        }
+    }
+    let st = child.wait().await?;
+    if !st.success() {
+        anyhow::bail!("hutch run {cmd:?} failed: {st}");
+    }
+    Ok((t0.elapsed(), first))
+}
+
+/// The bare VMM: QEMU started by hand on the same kernel, initramfs and disk, timed until the agent says Ready
+/// (cold) or answers Hello (restore). No hutch session, identity, or exec.
+async fn time_bare(host: &Host, cfg: &hutch_sandbox::SandboxConfig, snap: Option<&hutch_sandbox::snapshot::Snapshot>) -> anyhow::Result<Duration> {
+    let accel = host.caps.choose(cfg.accel)?;
+    let id = hutch_sandbox::new_id();
+    let dir = hutch_sandbox::SandboxDir::create(&host.root, &id)?;
+    let disk = dir.path().join("disk.qcow2");
+    let (backing, fmt) = match snap {
+        Some(s) => (s.disk.clone(), "qcow2"),
+        None => (host.image.rootfs.clone(), "raw"),
+    };
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
+        .arg(&backing)
+        .arg(&disk)
+        .status()?;
+    anyhow::ensure!(st.success(), "qemu-img failed");
+    let memory = match snap {
+        Some(s) => Memory::File { path: s.files.memory.clone(), shared: false },
+        None => Memory::Anonymous,
+    };
+    let vmcfg = VmConfig {
+        kernel: host.image.kernel.clone(),
+        initrd: host.image.initrd.clone(),
+        cmdline: hutch_sandbox::kernel_cmdline(accel),
+        disk,
+        cpus: cfg.cpus,
+        memory_mib: cfg.memory_mib,
+        accel,
+        memory,
+        dir: dir.path().to_path_buf(),
+    };
+    let t0 = Instant::now();
+    let mut vm = match snap {
+        Some(s) => host.qemu.restore(&vmcfg, &s.files).await?,
+        None => host.qemu.boot(&vmcfg).await?,
+    };
+    let r = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut s = vm.connect_agent().await?;
+        if snap.is_some() {
+            handshake::host_handshake(&mut s, 7, false).await?;
+        } else {
+            loop {
+                if let HandshakeMsg::Ready(_) = handshake::read_msg(&mut s).await? {
+                    break;
+                }
+            }
+        }
+        anyhow::Ok(t0.elapsed())
+    })
+    .await;
+    vm.kill().await;
+    drop(dir);
+    r.context("bare VM did not come up in 60 s")?
+}
+
+fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines().find(|l| l.starts_with("Pss:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn mem_available_kib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+pub async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
+    let (cache, image) = crate::image::ensure_image().await?;
+    let host = Host::new(image, cache.root().to_path_buf())?;
+    let cfg = crate::image::sandbox_config(&a.vm);
+    let accel = crate::image::warn_if_tcg(&host, &cfg)?;
+    let snap = hutch_sandbox::snapshot::ensure(&host, &cfg).await?;
+    let vm_flags = [format!("--cpus={}", a.vm.cpus), format!("--memory={}", a.vm.memory)];
+    let vm_flags: Vec<&str> = vm_flags.iter().map(String::as_str).collect();
+    println!("hutch bench: accel={accel}, {} vCPU, {} MiB, {} runs each\n", cfg.cpus, cfg.memory_mib, a.runs);
+
+    let mut restore_wall = Samples::new("hutch run -- true (restore), wall");
+    let mut restore_first = Samples::new("hutch run -- echo (restore), first byte");
+    let mut bare_restore = Samples::new("bare QEMU restore -> agent answers");
+    for _ in 0..a.runs {
+        restore_wall.push(time_hutch_run(&vm_flags, &["true"]).await?.0);
+        if let (_, Some(f)) = time_hutch_run(&vm_flags, &["echo", "x"]).await? {
+            restore_first.push(f);
+        }
+        bare_restore.push(time_bare(&host, &cfg, Some(&snap)).await?);
+    }
+    restore_wall.print();
+    restore_first.print();
+    bare_restore.print();
+    println!("{:<46} {:.2}x (p50)\n", "ratio hutch first byte / bare restore", restore_first.pct(50.0) / bare_restore.pct(50.0));
+
+    if a.cold {
+        let mut cold_flags = vm_flags.clone();
+        cold_flags.push("--cold");
+        let mut cold_wall = Samples::new("hutch run --cold -- true, wall");
+        let mut cold_first = Samples::new("hutch run --cold -- echo, first byte");
+        let mut bare_cold = Samples::new("bare QEMU boot -> agent ready");
+        for _ in 0..a.runs {
+            cold_wall.push(time_hutch_run(&cold_flags, &["true"]).await?.0);
+            if let (_, Some(f)) = time_hutch_run(&cold_flags, &["echo", "x"]).await? {
+                cold_first.push(f);
+            }
+            bare_cold.push(time_bare(&host, &cfg, None).await?);
+        }
+        cold_wall.print();
+        cold_first.print();
+        bare_cold.print();
+        println!("{:<46} {:.2}x (p50)", "ratio hutch cold first byte / bare boot", cold_first.pct(50.0) / bare_cold.pct(50.0));
+        println!("{:<46} {:.2}x (p50)\n", "ratio restore / cold (first byte)", restore_first.pct(50.0) / cold_first.pct(50.0));
+    }
+
+    // Memory of idle sandboxes: a few at once, after they settle.
+    let mut boxes = Vec::new();
+    for _ in 0..3 {
+        boxes.push(Sandbox::create(&host, &cfg).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut pss = Samples::new("idle sandbox VMM PSS (MiB)");
+    for b in &boxes {
+        if let Some(k) = b.vmm_pid().and_then(pss_kib) {
+            pss.ms.push(k as f64 / 1024.0);
+        }
+    }
+    for b in boxes {
+        b.destroy().await;
+    }
+    println!("{:<46} p50 {:>8.1} MiB (n={})", pss.name, pss.pct(50.0), pss.ms.len());
+    if let Some(avail) = mem_available_kib() {
+        let per = pss.pct(50.0) * 1024.0;
+        if per > 0.0 {
+            println!("{:<46} ~{:.0} idle sandboxes (MemAvailable {:.1} GiB / PSS)", "host capacity by memory", avail as f64 / per, avail as f64 / 1048576.0);
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,220 @@
+//! Argument definitions and dispatch. Every value is parsed into its typed form here, before anything runs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use hutch_vmm::Accel;
+
+#[derive(Debug, Parser)]
+#[command(name = "hutch", version, about = "Run coding agents in clean, disposable micro-VMs")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command in a fresh micro-VM, stream its output, exit with its code, destroy the VM.
+    Run(RunArgs),
+    /// Build, list and remove guest images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Tell what this host can do and how to fix what is missing.
+    Doctor,
+    /// Measure start-up time and memory (percentiles and ratios).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Build the default image (if missing) and its boot snapshot.
+    Build(ImageBuildArgs),
+    /// List cached images.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a cached image (and its snapshots) by key prefix.
+    Rm { key: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ImageBuildArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Skip making the boot snapshot.
+    #[arg(long)]
+    pub no_snapshot: bool,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct VmArgs {
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(128..=65536))]
+    pub memory: u32,
+    /// Accelerator: kvm (hardware virtualization) or tcg (software emulation). Default: kvm when it can run
+    /// ordinary guests here, else tcg.
+    #[arg(long)]
+    pub accel: Option<Accel>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Kill the VM and exit 124 after this many seconds.
+    #[arg(long, value_parser = parse_secs)]
+    pub timeout: Option<Duration>,
+    /// Environment variable for the command (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Copy a host file into the VM before the command runs (repeatable).
+    #[arg(long = "copy-in", value_name = "HOST:GUEST", value_parser = parse_copy_in)]
+    pub copy_in: Vec<CopyIn>,
+    /// Copy a VM file out to the host after the command ends (repeatable).
+    #[arg(long = "copy-out", value_name = "GUEST:HOST", value_parser = parse_copy_out)]
+    pub copy_out: Vec<CopyOut>,
+    /// Working directory in the VM.
+    #[arg(long, short = 'w', value_parser = parse_guest_path)]
+    pub workdir: Option<String>,
+    /// Boot the kernel instead of restoring the image's snapshot.
+    #[arg(long)]
+    pub cold: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Runs per measurement.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Also measure cold boots (slow under TCG).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub cold: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CopyIn {
+    pub host: PathBuf,
+    pub guest: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct CopyOut {
+    pub guest: String,
+    pub host: PathBuf,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v > 0.0 && v.is_finite() && v <= 30.0 * 86400.0) {
+        return Err(format!("timeout must be between 0 and 30 days, got {s}"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    let valid = !k.is_empty()
+        && !k.starts_with(|c: char| c.is_ascii_digit())
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!("{k:?} is not a valid variable name (letters, digits, _; not starting with a digit)"));
+    }
+    if v.contains('\0') {
+        return Err(format!("the value of {k} contains a NUL byte"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn parse_guest_path(s: &str) -> Result<String, String> {
+    if !s.starts_with('/') {
+        return Err(format!("guest path {s:?} must be absolute"));
+    }
+    if s.contains('\0') {
+        return Err("guest path contains a NUL byte".into());
+    }
+    Ok(s.to_string())
+}
+
+fn parse_copy_in(s: &str) -> Result<CopyIn, String> {
+    let (host, guest) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not HOST:GUEST"))?;
+    let guest = parse_guest_path(guest)?;
+    let host = PathBuf::from(host);
+    if !host.is_file() {
+        return Err(format!("{} is not a readable file on the host", host.display()));
+    }
+    Ok(CopyIn { host, guest })
+}
+
+fn parse_copy_out(s: &str) -> Result<CopyOut, String> {
+    let (guest, host) = s.split_once(':').ok_or_else(|| format!("{s:?} is not GUEST:HOST"))?;
+    let guest = parse_guest_path(guest)?;
+    if host.is_empty() {
+        return Err("empty host path".into());
+    }
+    let host = PathBuf::from(host);
+    if let Some(parent) = host.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            return Err(format!("{} does not exist on the host", parent.display()));
+        }
+    }
+    if host.is_dir() {
+        return Err(format!("{} is a directory; give a file path", host.display()));
+    }
+    Ok(CopyOut { guest, host })
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.cmd {
+        Command::Run(a) => crate::run::run(a).await,
+        Command::Image(c) => crate::image::cmd(c).await,
+        Command::Doctor => crate::doctor::doctor().await,
+        Command::Bench(a) => crate::bench::bench(a).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_values_are_checked() {
+        assert_eq!(parse_env("A_1=x=y").unwrap(), ("A_1".into(), "x=y".into()));
+        assert!(parse_env("1A=x").unwrap_err().contains("not a valid variable name"));
+        assert!(parse_env("NOEQUALS").unwrap_err().contains("KEY=VALUE"));
+        assert!(parse_env("A-B=x").is_err());
+    }
+
+    #[test]
+    fn paths_and_timeouts_are_checked() {
+        assert!(parse_guest_path("relative").unwrap_err().contains("absolute"));
+        assert!(parse_copy_in("/nonexistent-hutch-file:/x").unwrap_err().contains("not a readable file"));
+        assert!(parse_copy_out("/x:/nonexistent-dir/y").unwrap_err().contains("does not exist"));
+        assert!(parse_secs("0").is_err());
+        assert!(parse_secs("abc").is_err());
+        assert_eq!(parse_secs("1.5").unwrap(), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn run_requires_a_command_after_double_dash() {
+        assert!(Cli::try_parse_from(["hutch", "run"]).is_err());
+        let c = Cli::try_parse_from(["hutch", "run", "--cpus", "2", "--", "sh", "-c", "exit 7"]).unwrap();
+        match c.cmd {
+            Command::Run(r) => {
+                assert_eq!(r.command, vec!["sh", "-c", "exit 7"]);
+                assert_eq!(r.vm.cpus, 2);
+            }
+            _ => panic!("not run"),
+        }
+        assert!(Cli::try_parse_from(["hutch", "run", "--accel", "xen", "--", "true"]).is_err());
+    }
+}

@@ -1,0 +1,91 @@
+//! `hutch image`: build (image + boot snapshot), ls, rm; and the shared "image ready?" step of other commands.
+
+use anyhow::Context;
+use hutch_image::{Cache, Image, ImageSpec, SpinnerProgress};
+use hutch_sandbox::{Host, SandboxConfig};
+
+use crate::cli::{ImageCmd, VmArgs};
+
+/// The default image, built first if missing (with progress on stderr).
+pub async fn ensure_image() -> anyhow::Result<(Cache, Image)> {
+    let agent = crate::agent::locate()?;
+    let cache = Cache::from_env().context("cannot choose the image cache directory")?;
+    let spec = ImageSpec::default_for(agent);
+    let c = cache.clone();
+    let image = tokio::task::spawn_blocking(move || -> anyhow::Result<Image> {
+        if let Some(img) = c.lookup(&spec)? {
+            return Ok(img);
+        }
+        eprintln!("hutch: building the guest image in {} (first use; later runs reuse it)", c.root().display());
+        let progress = SpinnerProgress::new();
+        Ok(c.ensure(&spec, &progress)?)
+    })
+    .await
+    .context("image build task")??;
+    Ok((cache, image))
+}
+
+pub fn sandbox_config(vm: &VmArgs) -> SandboxConfig {
+    SandboxConfig { cpus: vm.cpus, memory_mib: vm.memory, accel: vm.accel, ..SandboxConfig::default() }
+}
+
+/// Says, once, when the isolation is weaker than hardware virtualization.
+pub fn warn_if_tcg(host: &Host, cfg: &SandboxConfig) -> anyhow::Result<hutch_vmm::Accel> {
+    let accel = host.caps.choose(cfg.accel)?;
+    if accel == hutch_vmm::Accel::Tcg && cfg.accel.is_none() {
+        eprintln!(
+            "hutch: warning: using QEMU TCG software emulation ({}); for development, not a hardened boundary",
+            host.caps.kvm.explain().split(';').next().unwrap_or("no usable KVM")
+        );
+    }
+    Ok(accel)
+}
+
+pub async fn cmd(c: ImageCmd) -> anyhow::Result<i32> {
+    match c {
+        ImageCmd::Build(a) => {
+            let (cache, image) = ensure_image().await?;
+            println!("image {} ({}), kernel {}", &image.key[..16.min(image.key.len())], image.dir.display(), image.kernel_release);
+            if !a.no_snapshot {
+                let host = Host::new(image, cache.root().to_path_buf())?;
+                let cfg = sandbox_config(&a.vm);
+                warn_if_tcg(&host, &cfg)?;
+                let t0 = std::time::Instant::now();
+                eprintln!("hutch: making the boot snapshot ({} vCPU, {} MiB)...", cfg.cpus, cfg.memory_mib);
+                let snap = hutch_sandbox::snapshot::ensure(&host, &cfg).await?;
+                println!("snapshot {} ready in {:.1}s ({})", snap.meta.key, t0.elapsed().as_secs_f64(), snap.dir.display());
+            }
+            Ok(0)
+        }
+        ImageCmd::Ls { json } => {
+            let cache = Cache::from_env()?;
+            let list = cache.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no images in {} (build one with `hutch image build`)", cache.root().display());
+            } else {
+                println!("{:<18} {:<28} {:>10} {:>10}", "KEY", "KERNEL", "ROOTFS MB", "AGE");
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                for m in list {
+                    let age_h = now.saturating_sub(m.created_unix) as f64 / 3600.0;
+                    println!(
+                        "{:<18} {:<28} {:>10} {:>9.1}h",
+                        &m.key[..16.min(m.key.len())],
+                        m.kernel.release,
+                        m.rootfs.allocated_bytes / 1_000_000,
+                        age_h
+                    );
+                }
+            }
+            Ok(0)
+        }
+        ImageCmd::Rm { key } => {
+            let cache = Cache::from_env()?;
+            for k in cache.remove(&key)? {
+                println!("removed {k}");
+            }
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! `hutch`: the command line. Parses arguments into typed plans, then hands them to the library crates.
+
+mod agent;
+mod bench;
+mod cli;
+mod doctor;
+mod image;
+mod run;
+
+use clap::Parser;
+
+fn main() {
+    let args = cli::Cli::parse();
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hutch: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(async {
+        match cli::dispatch(args).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("hutch: error: {e:#}");
+                1
+            }
+        }
+    });
+    // Exit without waiting for a blocked stdin reader thread.
+    std::process::exit(code);
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HUTCH_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).without_time().init();
+}

@@ -1,0 +1,181 @@
+//! `hutch run`: one command in a fresh sandbox, output streamed live, its exit code returned, the VM destroyed
+//! whatever happens (normal end, error, timeout, Ctrl-C, SIGTERM, VM crash).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use hutch_proto::{ExecEvent, ExecInput, ExecRequest};
+use hutch_sandbox::{Host, Sandbox};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::cli::RunArgs;
+
+/// How the command ended, as hutch's exit code.
+enum Ending {
+    Exited(i32),
+    SpawnFailed { message: String, not_found: bool },
+    Timeout(Duration),
+    Signal(&'static str, i32),
+    VmGone(String),
+}
+
+pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
+    let (cache, image) = crate::image::ensure_image().await?;
+    let host = Host::new(image, cache.root().to_path_buf())?;
+    let mut cfg = crate::image::sandbox_config(&a.vm);
+    cfg.cold = a.cold;
+    cfg.env = a.env.clone();
+    crate::image::warn_if_tcg(&host, &cfg)?;
+
+    // Signals are watched from before the VM exists, so a Ctrl-C during start-up also cleans up.
+    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+
+    let sandbox = tokio::select! {
+        r = Sandbox::create(&host, &cfg) => r?,
+        _ = sigint.recv() => return Ok(130),
+        _ = sigterm.recv() => return Ok(143),
+        _ = sighup.recv() => return Ok(129),
+    };
+    for n in &sandbox.start.notes {
+        eprintln!("hutch: warning: {n}");
+    }
+    tracing::info!(id = %sandbox.id, mode = ?sandbox.start.mode, took_ms = sandbox.start.took.as_millis() as u64, "sandbox started");
+
+    let deadline = a.timeout.map(|t| tokio::time::Instant::now() + t);
+    let ending = {
+        let work = async {
+            for c in &a.copy_in {
+                sandbox
+                    .client()
+                    .put_host_file(&c.host, &c.guest)
+                    .await
+                    .with_context(|| format!("copy-in {} -> {}", c.host.display(), c.guest))?;
+            }
+            let ending = exec(&sandbox, &a).await?;
+            anyhow::Ok(ending)
+        };
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let vm_gone = sandbox.channel_closed();
+        tokio::select! {
+            r = work => r,
+            _ = sleep => Ok(Ending::Timeout(a.timeout.unwrap_or_default())),
+            _ = sigint.recv() => Ok(Ending::Signal("SIGINT", 130)),
+            _ = sigterm.recv() => Ok(Ending::Signal("SIGTERM", 143)),
+            _ = sighup.recv() => Ok(Ending::Signal("SIGHUP", 129)),
+            _ = vm_gone => Ok(Ending::VmGone(hutch_sandbox::console_tail(sandbox.console_log()))),
+        }
+    };
+
+    // Copy-out happens for any ending where the VM is still there to answer.
+    let mut copy_err = None;
+    if matches!(ending, Ok(Ending::Exited(_))) {
+        for c in &a.copy_out {
+            if let Err(e) = copy_out(&sandbox, &c.guest, &c.host).await {
+                copy_err = Some(e.context(format!("copy-out {} -> {}", c.guest, c.host.display())));
+                break;
+            }
+        }
+    }
+    sandbox.destroy().await;
+
+    let code = match ending? {
+        Ending::Exited(c) => c,
+        Ending::SpawnFailed { message, not_found } => {
+            eprintln!("hutch: {message}");
+            if not_found {
+                127
+            } else {
+                126
+            }
+        }
+        Ending::Timeout(t) => {
+            eprintln!("hutch: timed out after {:.1}s; the VM was destroyed", t.as_secs_f64());
+            124
+        }
+        Ending::Signal(name, code) => {
+            eprintln!("hutch: {name} received; the VM was destroyed");
+            code
+        }
+        Ending::VmGone(console) => {
+            eprintln!("hutch: the VM stopped unexpectedly; last console lines:\n{console}");
+            125
+        }
+    };
+    if let Some(e) = copy_err {
+        return Err(e);
+    }
+    Ok(code)
+}
+
+async fn exec(sandbox: &Sandbox, a: &RunArgs) -> anyhow::Result<Ending> {
+    let req = ExecRequest { argv: a.command.clone(), env: a.env.clone(), cwd: a.workdir.clone(), stdin: true };
+    let handle = sandbox.client().exec(req).await?;
+    let mut input = handle.input;
+    let mut events = handle.events;
+    let stdin_task = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; hutch_proto::CHUNK];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = input.send(ExecInput::StdinEof).await;
+                    return;
+                }
+                Ok(n) => {
+                    if input.send(ExecInput::Stdin(buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let result = loop {
+        match events.next().await {
+            Some(ExecEvent::Started { .. }) => {}
+            Some(ExecEvent::Stdout(b)) => {
+                stdout.write_all(&b).await.context("write to stdout")?;
+                stdout.flush().await.context("write to stdout")?;
+            }
+            Some(ExecEvent::Stderr(b)) => {
+                stderr.write_all(&b).await.context("write to stderr")?;
+                stderr.flush().await.context("write to stderr")?;
+            }
+            Some(ExecEvent::Exited(st)) => break Ending::Exited(st.as_shell_code()),
+            Some(ExecEvent::SpawnFailed { message, not_found }) => break Ending::SpawnFailed { message, not_found },
+            None => break Ending::VmGone("(the agent channel closed)".into()),
+        }
+    };
+    stdin_task.abort();
+    Ok(result)
+}
+
+async fn copy_out(sandbox: &Sandbox, guest: &str, host: &std::path::Path) -> anyhow::Result<()> {
+    // Written next to the destination and renamed into place, so a failed copy never leaves a partial file.
+    let dir = host.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(".hutch-copy-{}", hutch_sandbox::new_id()));
+    let mut f = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).await.with_context(|| format!("create {}", tmp.display()))?;
+    let r = sandbox.client().get_file(guest, &mut f).await;
+    drop(f);
+    match r {
+        Ok(meta) => {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(meta.mode & 0o777));
+            std::fs::rename(&tmp, host).with_context(|| format!("move into {}", host.display()))?;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e.into())
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The host end of the agent protocol: typed calls (init, exec, files, ping) over one multiplexed session.
+
+use std::path::Path;
+
+use hutch_proto::frame::{FramedRecv, FramedSend};
+use hutch_proto::mux::Stream;
+use hutch_proto::{ExecEvent, ExecInput, ExecRequest, FileChunk, FileMeta, Framed, Identity, PutFile, Reply, Request, Session, CHUNK};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+
+use crate::SandboxError;
+
+/// A live session with a guest agent.
+#[derive(Clone)]
+pub struct AgentClient {
+    session: Session,
+}
+
+/// A running process in the guest: send input, receive its events.
+pub struct ExecHandle {
+    pub input: ExecInputSender,
+    pub events: ExecEvents,
+}
+
+pub struct ExecInputSender {
+    tx: FramedSend<WriteHalf<Stream>>,
+}
+
+pub struct ExecEvents {
+    rx: FramedRecv<ReadHalf<Stream>>,
+}
+
+impl ExecInputSender {
+    pub async fn send(&mut self, input: ExecInput) -> Result<(), SandboxError> {
+        self.tx.send(&input).await.map_err(SandboxError::Channel)
+    }
+}
+
+impl ExecEvents {
+    /// The next event; `None` when the stream ended without an exit status (the VM went away).
+    pub async fn next(&mut self) -> Option<ExecEvent> {
+        self.rx.recv().await.ok()
+    }
+}
+
+impl AgentClient {
+    pub fn new(session: Session) -> Self {
+        Self { session }
+    }
+
+    async fn request(&self, req: &Request) -> Result<Framed<Stream>, SandboxError> {
+        let stream = self.session.open().await.map_err(SandboxError::Mux)?;
+        let mut framed = Framed::new(stream);
+        framed.send(req).await.map_err(SandboxError::Channel)?;
+        Ok(framed)
+    }
+
+    async fn reply(framed: &mut Framed<Stream>, what: &str) -> Result<(), SandboxError> {
+        match framed.recv::<Reply>().await.map_err(SandboxError::Channel)? {
+            Reply::Ok => Ok(()),
+            Reply::Err(e) => Err(SandboxError::Guest(format!("{what}: {e}"))),
+        }
+    }
+
+    pub async fn init(&self, id: Identity) -> Result<(), SandboxError> {
+        let mut f = self.request(&Request::Init(id)).await?;
+        Self::reply(&mut f, "setting the sandbox identity").await
+    }
+
+    pub async fn ping(&self) -> Result<(), SandboxError> {
+        let mut f = self.request(&Request::Ping).await?;
+        Self::reply(&mut f, "ping").await
+    }
+
+    pub async fn exec(&self, req: ExecRequest) -> Result<ExecHandle, SandboxError> {
+        let framed = self.request(&Request::Exec(req)).await?;
+        let (tx, rx) = framed.split();
+        Ok(ExecHandle { input: ExecInputSender { tx }, events: ExecEvents { rx } })
+    }
+
+    /// Runs a command to completion and collects its output (for small outputs: tests, setup steps).
+    pub async fn run(&self, argv: &[&str]) -> Result<Output, SandboxError> {
+        let req = ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), env: vec![], cwd: None, stdin: false };
+        let mut h = self.exec(req).await?;
+        let mut out = Output::default();
+        while let Some(ev) = h.events.next().await {
+            match ev {
+                ExecEvent::Started { .. } => {}
+                ExecEvent::Stdout(b) => out.stdout.extend_from_slice(&b),
+                ExecEvent::Stderr(b) => out.stderr.extend_from_slice(&b),
+                ExecEvent::Exited(st) => {
+                    out.status = Some(st);
+                    return Ok(out);
+                }
+                ExecEvent::SpawnFailed { message, .. } => return Err(SandboxError::Guest(message)),
+            }
+        }
+        Err(SandboxError::Guest("the process's stream ended without an exit status".into()))
+    }
+
+    pub async fn put_file<R: AsyncRead + Unpin>(&self, guest_path: &str, mode: u32, size: u64, mut data: R) -> Result<(), SandboxError> {
+        let put = PutFile { path: guest_path.to_string(), mode, size, parents: true };
+        let mut f = self.request(&Request::PutFile(put)).await?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut sent = 0u64;
+        loop {
+            let n = data.read(&mut buf).await.map_err(|e| SandboxError::HostIo { what: "read upload source".into(), source: e })?;
+            if n == 0 {
+                break;
+            }
+            sent += n as u64;
+            f.send(&FileChunk::Data(buf[..n].to_vec())).await.map_err(SandboxError::Channel)?;
+        }
+        if sent != size {
+            return Err(SandboxError::Guest(format!("upload source changed size while copying ({sent} of {size} bytes)")));
+        }
+        f.send(&FileChunk::End).await.map_err(SandboxError::Channel)?;
+        Self::reply(&mut f, &format!("writing {guest_path}")).await
+    }
+
+    pub async fn put_host_file(&self, host: &Path, guest_path: &str) -> Result<(), SandboxError> {
+        use std::os::unix::fs::PermissionsExt;
+        let file = tokio::fs::File::open(host)
+            .await
+            .map_err(|e| SandboxError::HostIo { what: format!("cannot open {}", host.display()), source: e })?;
+        let meta = file.metadata().await.map_err(|e| SandboxError::HostIo { what: format!("cannot stat {}", host.display()), source: e })?;
+        if !meta.is_file() {
+            return Err(SandboxError::BadInput(format!("{} is not a regular file (only files can be copied in)", host.display())));
+        }
+        self.put_file(guest_path, meta.permissions().mode(), meta.len(), file).await
+    }
+
+    /// Streams a guest file into `out`; returns its metadata.
+    pub async fn get_file<W: AsyncWrite + Unpin>(&self, guest_path: &str, out: &mut W) -> Result<FileMeta, SandboxError> {
+        let mut f = self.request(&Request::GetFile { path: guest_path.to_string() }).await?;
+        let meta = f.recv::<Result<FileMeta, String>>().await.map_err(SandboxError::Channel)?.map_err(SandboxError::Guest)?;
+        let mut got = 0u64;
+        loop {
+            match f.recv::<FileChunk>().await.map_err(SandboxError::Channel)? {
+                FileChunk::Data(b) => {
+                    got += b.len() as u64;
+                    out.write_all(&b).await.map_err(|e| SandboxError::HostIo { what: "write download".into(), source: e })?;
+                }
+                FileChunk::End => break,
+            }
+        }
+        if got != meta.size {
+            return Err(SandboxError::Guest(format!("{guest_path} changed size while copying ({got} of {} bytes)", meta.size)));
+        }
+        out.flush().await.map_err(|e| SandboxError::HostIo { what: "write download".into(), source: e })?;
+        Ok(meta)
+    }
+
+    pub async fn power_off(&self) -> Result<(), SandboxError> {
+        let mut f = self.request(&Request::PowerOff).await?;
+        Self::reply(&mut f, "power off").await
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: Option<hutch_proto::ExitStatus>,
+}

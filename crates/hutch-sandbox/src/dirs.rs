@@ -1,0 +1,135 @@
+//! Per-sandbox runtime directories and the reaping of leftovers: a directory records who owns it (hutch's pid
+//! and start time) and which VMM runs in it; a later run kills and removes whatever a dead owner left behind.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::SandboxError;
+
+/// A sandbox's directory, removed (with everything in it) when dropped.
+#[derive(Debug)]
+pub struct SandboxDir {
+    path: PathBuf,
+}
+
+impl SandboxDir {
+    pub fn create(root: &Path, id: &str) -> Result<Self, SandboxError> {
+        let sandboxes = root.join("sandboxes");
+        std::fs::create_dir_all(&sandboxes).map_err(|e| SandboxError::HostIo { what: format!("cannot create {}", sandboxes.display()), source: e })?;
+        let path = sandboxes.join(id);
+        std::fs::create_dir(&path).map_err(|e| SandboxError::HostIo { what: format!("cannot create {}", path.display()), source: e })?;
+        let me = std::process::id();
+        let owner = format!("{me} {}", start_time(me).unwrap_or(0));
+        std::fs::write(path.join("owner"), owner).map_err(|e| SandboxError::HostIo { what: "cannot write the owner file".into(), source: e })?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn record_vmm(&self, pid: Option<u32>) {
+        if let Some(pid) = pid {
+            let _ = std::fs::write(self.path.join("vmm.pid"), pid.to_string());
+        }
+    }
+}
+
+impl Drop for SandboxDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The kernel's start time of `pid` (clock ticks since boot), to tell a live owner from a reused pid.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn owner_alive(dir: &Path) -> bool {
+    let Ok(owner) = std::fs::read_to_string(dir.join("owner")) else {
+        // Being created right now, or a creation that died before writing it: judge by age.
+        let age = std::fs::metadata(dir).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+        return age.is_none_or(|a| a < Duration::from_secs(60));
+    };
+    let mut it = owner.split_whitespace();
+    let (Some(pid), Some(start)) = (it.next().and_then(|p| p.parse::<u32>().ok()), it.next().and_then(|s| s.parse::<u64>().ok())) else {
+        return false;
+    };
+    start_time(pid) == Some(start)
+}
+
+/// Kills and removes what dead owners left under `root/sandboxes`. Returns the ids reaped.
+pub fn reap_stale(root: &Path) -> Vec<String> {
+    let mut reaped = Vec::new();
+    let Ok(entries) = std::fs::read_dir(root.join("sandboxes")) else {
+        return reaped;
+    };
+    for e in entries.flatten() {
+        let dir = e.path();
+        if !dir.is_dir() || owner_alive(&dir) {
+            continue;
+        }
+        if let Some(pid) = std::fs::read_to_string(dir.join("vmm.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+            kill_if_ours(pid, &dir);
+        }
+        if std::fs::remove_dir_all(&dir).is_ok() {
+            reaped.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    reaped
+}
+
+/// Kills `pid` only if its command line names `dir` (so a reused pid is never hit).
+fn kill_if_ours(pid: i32, dir: &Path) {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return;
+    };
+    let needle = dir.as_os_str().as_encoded_bytes();
+    if !cmdline.windows(needle.len()).any(|w| w == needle) {
+        return;
+    }
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    for _ in 0..200 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_owner_is_reaped_with_its_process_and_live_one_is_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let live = SandboxDir::create(root.path(), "live").unwrap();
+        // A dead owner: a pid that exited, with a "VMM" (a sleep whose argv names the dir) still running.
+        let stale = root.path().join("sandboxes/stale");
+        std::fs::create_dir_all(&stale).unwrap();
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let dead_pid = dead.id();
+        dead.wait().unwrap();
+        std::fs::write(stale.join("owner"), format!("{dead_pid} 1")).unwrap();
+        let mut vmm = std::process::Command::new("sh")
+            .args(["-c", "sleep 60", stale.to_str().unwrap()])
+            .spawn()
+            .unwrap();
+        std::fs::write(stale.join("vmm.pid"), vmm.id().to_string()).unwrap();
+
+        let reaped = reap_stale(root.path());
+        assert_eq!(reaped, vec!["stale".to_string()]);
+        assert!(!stale.exists());
+        let st = vmm.wait().unwrap();
+        assert!(!st.success(), "the leftover process was killed");
+        assert!(live.path().exists());
+        let p = live.path().to_path_buf();
+        drop(live);
+        assert!(!p.exists());
+    }
+}

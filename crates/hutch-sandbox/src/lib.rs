@@ -1,0 +1,343 @@
+//! One sandbox: a fresh VM restored from the image's snapshot (or booted cold), an agent session with a fresh
+//! identity, exec and files through [`AgentClient`], and destruction that leaves nothing behind.
+
+pub mod client;
+pub mod dirs;
+pub mod snapshot;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hutch_image::Image;
+use hutch_proto::mux::Role;
+use hutch_proto::{handshake, Identity, Session};
+use hutch_vmm::qemu::{Qemu, QemuVm};
+use hutch_vmm::{Accel, Backend, HostCaps, Memory, Vm, VmConfig, VmmError};
+
+pub use client::{AgentClient, ExecHandle, Output};
+pub use dirs::{reap_stale, SandboxDir};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error("{what}")]
+    HostIo { what: String, #[source] source: std::io::Error },
+    #[error("agent channel")]
+    Channel(#[source] hutch_proto::FrameError),
+    #[error("agent channel")]
+    Mux(#[source] hutch_proto::MuxError),
+    #[error("agent handshake")]
+    Handshake(#[source] hutch_proto::HandshakeError),
+    #[error("in the guest: {0}")]
+    Guest(String),
+    #[error("{0}")]
+    BadInput(String),
+    #[error("the guest did not come up within {timeout:?} ({mode}); last console lines:\n{console}")]
+    BootTimeout { timeout: Duration, mode: &'static str, console: String },
+    #[error("the VM exited while starting ({mode}); last console lines:\n{console}")]
+    VmExited { mode: &'static str, console: String },
+    #[error("{tool} failed: {message}")]
+    Tool { tool: &'static str, message: String },
+}
+
+/// Resources and behaviour of one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// `None`: the best accelerator that runs ordinary guests here.
+    pub accel: Option<Accel>,
+    /// Boot from the kernel even when a snapshot exists.
+    pub cold: bool,
+    /// How long a cold boot may take before it counts as hung (it is retried once).
+    pub boot_timeout: Duration,
+    /// Environment every exec in this sandbox starts with.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![] }
+    }
+}
+
+/// What the host offers sandboxes: the VMM, the accelerator, the image, and where runtime state lives.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub caps: HostCaps,
+    pub qemu: Qemu,
+    pub image: Image,
+    /// `<root>/sandboxes/<id>` holds each sandbox's disk layer, sockets and logs.
+    pub root: PathBuf,
+}
+
+impl Host {
+    pub fn new(image: Image, root: PathBuf) -> Result<Self, SandboxError> {
+        let caps = HostCaps::detect();
+        let qemu = Qemu::new(caps.qemu()?.to_path_buf());
+        Ok(Self { caps, qemu, image, root })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    Cold,
+    Restored,
+}
+
+impl StartMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            StartMode::Cold => "cold boot",
+            StartMode::Restored => "snapshot restore",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StartInfo {
+    pub mode: StartMode,
+    pub accel: Accel,
+    /// From `create` called to the agent answering with the identity applied.
+    pub took: Duration,
+    /// Notes for the user: fallbacks and retries that happened.
+    pub notes: Vec<String>,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub start: StartInfo,
+    client: AgentClient,
+    vm: QemuVm,
+    driver: tokio::task::JoinHandle<Result<(), hutch_proto::MuxError>>,
+    // Last: dropped after the VM is killed.
+    dir: SandboxDir,
+}
+
+pub fn new_id() -> String {
+    let mut b = [0u8; 6];
+    let _ = getrandom::getrandom(&mut b);
+    hex::encode(b)
+}
+
+/// The kernel command line every guest gets. `tsc_early_khz` avoids the failed timer calibration that hangs some
+/// TCG boots; `no_timer_check` the IO-APIC check that fails under load.
+pub fn kernel_cmdline(accel: Accel) -> String {
+    let mut c = String::from("console=ttyS0 quiet loglevel=3 panic=-1 reboot=t no_timer_check cryptomgr.notests mitigations=off 8250.nr_uarts=1");
+    if accel == Accel::Tcg {
+        if let Some(khz) = hutch_vmm::host::tsc_khz() {
+            c.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
+    c
+}
+
+pub(crate) fn qemu_img_overlay(backing: &Path, backing_fmt: &str, out: &Path) -> Result<(), SandboxError> {
+    let o = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", backing_fmt, "-b"])
+        .arg(backing)
+        .arg(out)
+        .output()
+        .map_err(|e| SandboxError::Tool { tool: "qemu-img", message: format!("{e} (install it with `apt-get install qemu-utils`)") })?;
+    if !o.status.success() {
+        return Err(SandboxError::Tool { tool: "qemu-img", message: String::from_utf8_lossy(&o.stderr).trim().to_string() });
+    }
+    Ok(())
+}
+
+pub fn console_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(8)..].join("\n");
+    if tail.is_empty() {
+        "(the console is empty)".into()
+    } else {
+        tail
+    }
+}
+
+impl Sandbox {
+    /// Creates a sandbox: restore from the snapshot when there is a good one, else boot cold (retried once if
+    /// the guest hangs). A failed restore falls back to a cold boot; it never fails the run by itself.
+    pub async fn create(host: &Host, cfg: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+        let t0 = Instant::now();
+        reap_stale(&host.root);
+        let accel = host.caps.choose(cfg.accel)?;
+        let mut notes = Vec::new();
+        if !cfg.cold {
+            match snapshot::lookup(host, cfg, accel) {
+                Ok(Some(snap)) => match Self::restore(host, cfg, accel, &snap).await {
+                    Ok(mut sb) => {
+                        sb.start.took = t0.elapsed();
+                        return Ok(sb);
+                    }
+                    Err(e) => {
+                        notes.push(format!("snapshot restore failed ({}); booting cold and discarding the snapshot", error_chain(&e)));
+                        snapshot::discard(&snap);
+                    }
+                },
+                Ok(None) => notes.push("no snapshot for this image and size yet; booting cold (`hutch image build` makes one)".into()),
+                Err(e) => {
+                    notes.push(format!("snapshot unusable ({}); booting cold", error_chain(&e)));
+                }
+            }
+        }
+        let mut sb = match Self::boot_cold(host, cfg, accel).await {
+            Err(e @ SandboxError::BootTimeout { .. }) => {
+                notes.push(format!("{e}; retrying once with a fresh VM"));
+                Self::boot_cold(host, cfg, accel).await?
+            }
+            r => r?,
+        };
+        sb.start.notes = notes;
+        sb.start.took = t0.elapsed();
+        Ok(sb)
+    }
+
+    fn vm_config(host: &Host, cfg: &SandboxConfig, accel: Accel, dir: &Path, disk: PathBuf, memory: Memory) -> VmConfig {
+        VmConfig {
+            kernel: host.image.kernel.clone(),
+            initrd: host.image.initrd.clone(),
+            cmdline: kernel_cmdline(accel),
+            disk,
+            cpus: cfg.cpus,
+            memory_mib: cfg.memory_mib,
+            accel,
+            memory,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    async fn boot_cold(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Sandbox, SandboxError> {
+        let id = new_id();
+        let dir = SandboxDir::create(&host.root, &id)?;
+        let disk = dir.path().join("disk.qcow2");
+        qemu_img_overlay(&host.image.rootfs, "raw", &disk)?;
+        let vmcfg = Self::vm_config(host, cfg, accel, dir.path(), disk, Memory::Anonymous);
+        let vm = host.qemu.boot(&vmcfg).await?;
+        dir.record_vmm(vm.pid());
+        Self::attach(id, dir, vm, cfg, accel, StartMode::Cold, cfg.boot_timeout).await
+    }
+
+    async fn restore(host: &Host, cfg: &SandboxConfig, accel: Accel, snap: &snapshot::Snapshot) -> Result<Sandbox, SandboxError> {
+        let id = new_id();
+        let dir = SandboxDir::create(&host.root, &id)?;
+        let disk = dir.path().join("disk.qcow2");
+        qemu_img_overlay(&snap.disk, "qcow2", &disk)?;
+        let memory = Memory::File { path: snap.files.memory.clone(), shared: false };
+        let vmcfg = Self::vm_config(host, cfg, accel, dir.path(), disk, memory);
+        let vm = host.qemu.restore(&vmcfg, &snap.files).await?;
+        dir.record_vmm(vm.pid());
+        // A restored guest answers in milliseconds; waiting long would only delay the cold-boot fallback.
+        Self::attach(id, dir, vm, cfg, accel, StartMode::Restored, Duration::from_secs(5)).await
+    }
+
+    /// Handshake, session, identity; kills the VM on any failure.
+    async fn attach(
+        id: String,
+        dir: SandboxDir,
+        mut vm: QemuVm,
+        cfg: &SandboxConfig,
+        accel: Accel,
+        mode: StartMode,
+        timeout: Duration,
+    ) -> Result<Sandbox, SandboxError> {
+        let stream = match vm.connect_agent().await {
+            Ok(s) => s,
+            Err(e) => {
+                vm.kill().await;
+                return Err(e.into());
+            }
+        };
+        let session_nonce = u64::from_str_radix(&id, 16).unwrap_or(1);
+        let handshake = async move {
+            let mut stream = stream;
+            handshake::host_handshake(&mut stream, session_nonce, mode == StartMode::Cold).await.map(|_| stream)
+        };
+        let stream = tokio::select! {
+            r = tokio::time::timeout(timeout, handshake) => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    vm.kill().await;
+                    return Err(SandboxError::Handshake(e));
+                }
+                Err(_) => {
+                    vm.kill().await;
+                    return Err(SandboxError::BootTimeout { timeout, mode: mode.as_str(), console: console_tail(vm.console_log()) });
+                }
+            },
+            _ = vm.wait() => {
+                return Err(SandboxError::VmExited { mode: mode.as_str(), console: console_tail(vm.console_log()) });
+            }
+        };
+        let (session, _inbound, driver) = Session::start(stream, Role::Client);
+        let client = AgentClient::new(session);
+        let mut entropy = vec![0u8; 64];
+        if let Err(e) = getrandom::getrandom(&mut entropy) {
+            vm.kill().await;
+            return Err(SandboxError::HostIo { what: "no host randomness".into(), source: std::io::Error::other(e.to_string()) });
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let identity = Identity {
+            sandbox_id: id.clone(),
+            hostname: "hutch".into(),
+            time_secs: now.as_secs() as i64,
+            time_nanos: now.subsec_nanos(),
+            entropy,
+            env: cfg.env.clone(),
+        };
+        if let Err(e) = client.init(identity).await {
+            vm.kill().await;
+            return Err(e);
+        }
+        let start = StartInfo { mode, accel, took: Duration::ZERO, notes: vec![] };
+        Ok(Sandbox { id, start, client, vm, driver, dir })
+    }
+
+    pub fn client(&self) -> &AgentClient {
+        &self.client
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vm.pid()
+    }
+
+    pub fn console_log(&self) -> &Path {
+        self.vm.console_log()
+    }
+
+    /// Resolves when the VM process ends by itself (guest power-off, panic, VMM crash).
+    pub async fn vm_exited(&mut self) -> hutch_vmm::VmExit {
+        self.vm.wait().await
+    }
+
+    /// Resolves when the agent channel is gone (the VM died or powered off).
+    pub async fn channel_closed(&self) {
+        while !self.driver.is_finished() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the VM and removes every file the sandbox had.
+    pub async fn destroy(mut self) {
+        self.driver.abort();
+        self.vm.kill().await;
+        // `dir` is dropped here, after the VM is gone.
+    }
+}
+
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
