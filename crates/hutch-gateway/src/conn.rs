@@ -1,0 +1,229 @@
+//! One allowed connection from the sandbox, after the destination was decided and dialed: look
+//! at the first bytes, then carry it as checked TLS passthrough, intercepted TLS, parsed
+//! plaintext HTTP, or (off ports 80 and 443) plain TCP.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hutch_policy::HostName;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::LazyConfigAcceptor;
+
+use crate::audit::{AuditEvent, AuditRecord, Mode, Verdict, Via};
+use crate::forward::{Forwarder, Upstream};
+use crate::io::{splice, Meter, Prefixed};
+use crate::upstream::Decided;
+use crate::Inner;
+
+/// Largest ClientHello (or HTTP request line prefix) the gateway will wait for.
+const MAX_SNIFF: usize = 64 * 1024;
+
+enum Sniffed {
+    Tls { sni: Option<String>, buf: Vec<u8> },
+    Http { buf: Vec<u8> },
+    Other { buf: Vec<u8> },
+    /// Nothing sent yet on a port where the server may speak first.
+    Silent,
+    Closed,
+    Bad(String),
+}
+
+async fn sniff<S: AsyncRead + Unpin>(io: &mut S, port: u16, handshake: Duration) -> Sniffed {
+    let deadline = Instant::now() + handshake;
+    let web_port = port == 80 || port == 443;
+    let first_wait = if web_port { handshake } else { handshake.min(Duration::from_millis(500)) };
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 16 * 1024];
+    match tokio::time::timeout(first_wait, io.read(&mut chunk)).await {
+        Err(_) if web_port => return Sniffed::Bad(format!("no data within {}s", handshake.as_secs())),
+        Err(_) => return Sniffed::Silent,
+        Ok(Ok(0)) => return Sniffed::Closed,
+        Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        Ok(Err(e)) => return Sniffed::Bad(format!("read failed: {e}")),
+    }
+    if buf[0] == 0x16 {
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut fed = 0;
+        loop {
+            while fed < buf.len() {
+                let mut rd = &buf[fed..];
+                match acceptor.read_tls(&mut rd) {
+                    Ok(0) => break,
+                    Ok(n) => fed += n,
+                    Err(e) => return Sniffed::Bad(format!("malformed TLS ClientHello: {e}")),
+                }
+                match acceptor.accept() {
+                    Ok(Some(accepted)) => {
+                        let sni = accepted.client_hello().server_name().map(str::to_string);
+                        return Sniffed::Tls { sni, buf };
+                    }
+                    Ok(None) => {}
+                    Err((e, _)) => return Sniffed::Bad(format!("malformed TLS ClientHello: {e}")),
+                }
+            }
+            if buf.len() > MAX_SNIFF {
+                return Sniffed::Bad("TLS ClientHello too large".into());
+            }
+            match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
+                Err(_) => return Sniffed::Bad("TLS ClientHello not complete in time".into()),
+                Ok(Ok(0)) => return Sniffed::Closed,
+                Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+                Ok(Err(e)) => return Sniffed::Bad(format!("read failed: {e}")),
+            }
+        }
+    }
+    // An HTTP/1 request starts with an uppercase method token and a space.
+    loop {
+        let token_len = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+        if token_len > 0 && buf.get(token_len) == Some(&b' ') {
+            return Sniffed::Http { buf };
+        }
+        if token_len < buf.len() || token_len > 20 {
+            return Sniffed::Other { buf };
+        }
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
+            Err(_) => return Sniffed::Other { buf },
+            Ok(Ok(0)) => return Sniffed::Other { buf },
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Sniffed::Bad(format!("read failed: {e}")),
+        }
+    }
+}
+
+/// Carries one allowed connection and writes its audit line. `io` is already metered.
+pub(crate) async fn carry<S>(
+    inner: Arc<Inner>,
+    mut io: S,
+    decided: Decided,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    via: Via,
+    meter: Arc<Meter>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut rec = AuditRecord::new(&inner.sandbox_id, AuditEvent::Connection, via, decided.dest(), Verdict::Allow);
+    rec.addr = Some(addr);
+    rec.rule = Some(decided.rule.to_string());
+    let limits = inner.limits.clone();
+    let inspect = inner.must_intercept(&decided);
+    let result: Result<(), String> = match sniff(&mut io, decided.port, limits.handshake_timeout).await {
+        Sniffed::Tls { sni, buf } => match check_sni(sni.as_deref(), &decided.name) {
+            Err(reason) => deny(&mut rec, reason),
+            Ok(()) if inspect => {
+                rec.mode = Some(Mode::TlsIntercept);
+                intercept(inner.clone(), Prefixed::new(buf, io), decided, tcp, addr, via, meter.clone()).await
+            }
+            Ok(()) => {
+                rec.mode = Some(Mode::TlsPassthrough);
+                let mut tcp = tcp;
+                splice(&mut io, &mut tcp, &buf, &meter, limits.idle_timeout).await.map_err(|e| e.to_string())
+            }
+        },
+        Sniffed::Http { buf } => {
+            rec.mode = Some(Mode::Http);
+            let fwd = Arc::new(Forwarder::new(inner.clone(), decided, Upstream::Plain, via, Some((tcp, addr))));
+            serve_http(&inner, Prefixed::new(buf, io), fwd, &meter).await
+        }
+        sniffed @ (Sniffed::Other { .. } | Sniffed::Silent) => {
+            let buf = match sniffed {
+                Sniffed::Other { buf } => buf,
+                _ => Vec::new(),
+            };
+            if decided.port == 443 || decided.port == 80 {
+                deny(&mut rec, format!("traffic on port {} is neither TLS nor HTTP", decided.port))
+            } else if decided.rule.restricts_requests() {
+                deny(&mut rec, "the allow rule limits methods or paths, but the traffic is neither TLS nor HTTP".into())
+            } else {
+                rec.mode = Some(Mode::Tcp);
+                let mut tcp = tcp;
+                splice(&mut io, &mut tcp, &buf, &meter, limits.idle_timeout).await.map_err(|e| e.to_string())
+            }
+        }
+        Sniffed::Closed => Ok(()),
+        Sniffed::Bad(reason) => deny(&mut rec, reason),
+    };
+    if let Err(e) = result {
+        if rec.decision == Verdict::Allow {
+            rec.reason = Some(e);
+        }
+    }
+    if meter.budget_exhausted.load(std::sync::atomic::Ordering::Relaxed) {
+        rec.flags.push("byte_budget_exhausted".into());
+    }
+    rec.bytes_up = meter.up();
+    rec.bytes_down = meter.down();
+    inner.auditor.emit(&rec);
+}
+
+fn deny(rec: &mut AuditRecord, reason: String) -> Result<(), String> {
+    rec.decision = Verdict::Deny;
+    rec.reason = Some(reason);
+    Ok(())
+}
+
+/// The ClientHello must name exactly the destination that was decided on.
+fn check_sni(sni: Option<&str>, name: &HostName) -> Result<(), String> {
+    let Some(sni) = sni else {
+        return Err(format!("TLS ClientHello has no server name; expected {name}"));
+    };
+    match HostName::parse(sni) {
+        Ok(n) if &n == name => Ok(()),
+        _ => Err(format!("TLS server name {} does not match destination {name}", crate::audit::sanitize(sni))),
+    }
+}
+
+async fn intercept<S>(
+    inner: Arc<Inner>,
+    io: Prefixed<S>,
+    decided: Decided,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    via: Via,
+    meter: Arc<Meter>,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = inner.ca.server_config(&decided.name).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + inner.limits.handshake_timeout;
+    let start = tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io))
+        .await
+        .map_err(|_| "TLS handshake with the sandbox timed out".to_string())?
+        .map_err(|e| format!("TLS handshake with the sandbox failed: {e}"))?;
+    let tls = tokio::time::timeout_at(deadline, start.into_stream(cfg))
+        .await
+        .map_err(|_| "TLS handshake with the sandbox timed out".to_string())?
+        .map_err(|e| format!("TLS handshake with the sandbox failed: {e}"))?;
+    let fwd = Arc::new(Forwarder::new(inner.clone(), decided, Upstream::Tls, via, Some((tcp, addr))));
+    serve_http(&inner, tls, fwd, &meter).await
+}
+
+/// Serves HTTP/1.1 from the sandbox on `io`, one forwarded request at a time.
+async fn serve_http<S>(inner: &Inner, io: S, fwd: Arc<Forwarder>, meter: &Meter) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let fwd = fwd.clone();
+        async move { Ok::<_, Infallible>(fwd.handle(req).await) }
+    });
+    let limits = &inner.limits;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.handshake_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(limits.max_header_bytes.max(8192) + 1024);
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::select! {
+        r = conn => r.map_err(|e| e.to_string()),
+        () = meter.idle(limits.idle_timeout) => Err("idle timeout".into()),
+    }
+}
