@@ -1,0 +1,338 @@
+//! File-system plumbing of the cache: advisory locks, build directories that become cache
+//! entries by one atomic rename (and are reaped once their builder is dead), and deletion
+//! that refuses to descend into mounted file systems.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::error::{ImageError, IoContext};
+
+/// A held `flock(2)`; released on drop, or by the kernel if the process dies.
+#[derive(Debug)]
+pub(crate) struct Lock {
+    _flock: Flock<File>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LockKind {
+    Shared,
+    Exclusive,
+}
+
+impl Lock {
+    /// Blocks until the lock on `path` (created if missing) is held.
+    pub fn acquire(path: &Path, kind: LockKind) -> Result<Self, ImageError> {
+        let file = open_lock_file(path)?;
+        let arg = match kind {
+            LockKind::Shared => FlockArg::LockShared,
+            LockKind::Exclusive => FlockArg::LockExclusive,
+        };
+        let flock = Flock::lock(file, arg)
+            .map_err(|(_, errno)| ImageError::io("locking", path, errno.into()))?;
+        Ok(Lock { _flock: flock })
+    }
+
+    /// The exclusive lock on `path` if nobody holds it now; `None` if somebody does.
+    pub fn try_exclusive(path: &Path) -> Result<Option<Self>, ImageError> {
+        let file = open_lock_file(path)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(flock) => Ok(Some(Lock { _flock: flock })),
+            Err((_, Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(ImageError::io("locking", path, errno.into())),
+        }
+    }
+}
+
+fn open_lock_file(path: &Path) -> Result<File, ImageError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .ctx("opening lock file", path)
+}
+
+/// A directory a build writes into, under the cache's `tmp/`. It holds the lock on its
+/// sibling `<name>.lock` for as long as it lives, which is how reapers tell a live build from
+/// the leftovers of a dead one. Dropped without [`BuildDir::persist`], it is deleted.
+#[derive(Debug)]
+pub(crate) struct BuildDir {
+    path: PathBuf,
+    lock_path: PathBuf,
+    lock: Option<Lock>,
+}
+
+impl BuildDir {
+    pub fn create(tmp_root: &Path, label: &str) -> Result<Self, ImageError> {
+        fs::create_dir_all(tmp_root).ctx("creating directory", tmp_root)?;
+        let mut random = [0u8; 8];
+        getrandom::getrandom(&mut random).map_err(|e| {
+            ImageError::io(
+                "choosing a name in",
+                tmp_root,
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        let name = format!("{label}-{}", hex::encode(random));
+        let lock_path = tmp_root.join(format!("{name}.lock"));
+        // Lock first, then create: a reaper never sees the directory unlocked.
+        let lock = Lock::acquire(&lock_path, LockKind::Exclusive)?;
+        let path = tmp_root.join(&name);
+        fs::create_dir(&path).ctx("creating directory", &path)?;
+        Ok(BuildDir {
+            path,
+            lock_path,
+            lock: Some(lock),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Moves the finished build to `dest` (which must not exist) in one rename.
+    pub fn persist(mut self, dest: &Path) -> Result<(), ImageError> {
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).ctx("creating directory", parent)?;
+        }
+        fs::rename(&self.path, dest).ctx("moving build into place at", dest)?;
+        sync_dir(dest.parent().unwrap_or(Path::new("/")));
+        let _ = fs::remove_file(&self.lock_path);
+        self.lock = None;
+        Ok(())
+    }
+}
+
+impl Drop for BuildDir {
+    fn drop(&mut self) {
+        if self.lock.is_some() {
+            // A failed or abandoned build; if this fails the next reap retries.
+            let _ = remove_tree(&self.path);
+            let _ = fs::remove_file(&self.lock_path);
+        }
+    }
+}
+
+/// Deletes what dead builds left in `tmp_root`: directories whose lock nobody holds, and
+/// lock files without a directory. Returns what it removed.
+pub(crate) fn reap(tmp_root: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(tmp_root) else {
+        return Ok(removed);
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for name in names {
+        let (dir, lock_path) = match name.strip_suffix(".lock") {
+            Some(stem) => (tmp_root.join(stem), tmp_root.join(&name)),
+            None => (tmp_root.join(&name), tmp_root.join(format!("{name}.lock"))),
+        };
+        if name.ends_with(".lock") && dir.exists() {
+            continue; // handled with its directory
+        }
+        if !lock_path.exists() {
+            // Only a crash between removing a lock and its directory leaves this.
+            if dir.exists() {
+                remove_tree(&dir)?;
+                removed.push(dir);
+            }
+            continue;
+        }
+        let Some(lock) = Lock::try_exclusive(&lock_path)? else {
+            continue; // a live build
+        };
+        if dir.exists() {
+            remove_tree(&dir)?;
+            removed.push(dir);
+        }
+        let _ = fs::remove_file(&lock_path);
+        drop(lock);
+    }
+    Ok(removed)
+}
+
+/// `rm -rf path`, refused if anything is mounted at or below it (deleting through a mount
+/// would delete another file system's files).
+pub(crate) fn remove_tree(path: &Path) -> Result<(), ImageError> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(ImageError::io("inspecting", path, e)),
+    };
+    if !meta.is_dir() {
+        return fs::remove_file(path).ctx("removing", path);
+    }
+    let canonical = fs::canonicalize(path).ctx("resolving", path)?;
+    if let Some(mount) = mounted_below(&mount_points()?, &canonical) {
+        return Err(ImageError::MountedBelow(mount));
+    }
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(ImageError::io("removing", path, e))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn mounted_below(mounts: &[PathBuf], dir: &Path) -> Option<PathBuf> {
+    mounts.iter().find(|m| m.starts_with(dir)).cloned()
+}
+
+/// Mount points of this mount namespace, from `/proc/self/mountinfo`.
+fn mount_points() -> Result<Vec<PathBuf>, ImageError> {
+    let info = "/proc/self/mountinfo";
+    let text = fs::read_to_string(info).ctx("reading", info)?;
+    Ok(text
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mount_path(field)))
+        .collect())
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo` octal escapes.
+fn unescape_mount_path(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if let Some(v) = field
+                .get(i + 1..i + 4)
+                .and_then(|o| u8::from_str_radix(o, 8).ok())
+            {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).ctx("changing mode of", path)
+}
+
+/// Makes a rename in `dir` durable; best effort (a crash before it only loses the entry,
+/// which the next `ensure` builds again).
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_dirs_persist_or_vanish() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let tmp = root.path().join("tmp");
+        let kept = BuildDir::create(&tmp, "kernel").expect("create");
+        fs::write(kept.path().join("f"), b"x").expect("write");
+        let dest = root.path().join("kernels/abc");
+        kept.persist(&dest).expect("persist");
+        assert_eq!(fs::read(dest.join("f")).expect("read"), b"x");
+
+        let dropped = BuildDir::create(&tmp, "rootfs").expect("create");
+        let path = dropped.path().to_owned();
+        drop(dropped);
+        assert!(!path.exists());
+        assert_eq!(
+            fs::read_dir(&tmp).expect("ls").count(),
+            0,
+            "no lock files left"
+        );
+    }
+
+    #[test]
+    fn reap_spares_live_builds_and_removes_dead_ones() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let tmp = root.path().join("tmp");
+        let live = BuildDir::create(&tmp, "live").expect("create");
+        // A dead build: directory and an unlocked lock file, as a killed process leaves them.
+        fs::create_dir_all(tmp.join("dead-1/sub")).expect("mkdir");
+        fs::write(tmp.join("dead-1.lock"), b"").expect("lock file");
+        fs::create_dir_all(tmp.join("orphan-2")).expect("mkdir");
+        fs::write(tmp.join("stale-3.lock"), b"").expect("lock file");
+        let removed = reap(&tmp).expect("reap");
+        assert_eq!(removed, vec![tmp.join("dead-1"), tmp.join("orphan-2")]);
+        assert!(live.path().exists());
+        let mut left: Vec<String> = fs::read_dir(&tmp)
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let name = live
+            .path()
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        assert_eq!(left, vec![name.clone(), format!("{name}.lock")]);
+    }
+
+    #[test]
+    fn mount_points_below_a_directory_are_found() {
+        let mounts = vec![
+            PathBuf::from("/"),
+            PathBuf::from("/var/lib/hutch/tmp/x/tree/proc"),
+        ];
+        assert_eq!(
+            mounted_below(&mounts, Path::new("/var/lib/hutch/tmp/x")),
+            Some(PathBuf::from("/var/lib/hutch/tmp/x/tree/proc"))
+        );
+        assert_eq!(
+            mounted_below(&mounts, Path::new("/var/lib/hutch/tmp/y")),
+            None
+        );
+        assert_eq!(
+            mounted_below(&mounts, Path::new("/var/lib/hutch/tmp/x/tre")),
+            None
+        );
+        assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
+        assert_eq!(unescape_mount_path("/a\\"), "/a\\");
+    }
+
+    #[test]
+    fn remove_tree_refuses_a_real_mount() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: mounting a tmpfs for this test needs root");
+            return;
+        }
+        let root = tempfile::tempdir().expect("tempdir");
+        let mnt = root.path().join("tree/mnt");
+        fs::create_dir_all(&mnt).expect("mkdir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "hutch-test"])
+            .arg(&mnt)
+            .status()
+            .expect("mount runs");
+        assert!(mounted.success());
+        fs::write(mnt.join("keep"), b"x").expect("write");
+        let result = remove_tree(&root.path().join("tree"));
+        let survived = mnt.join("keep").exists();
+        let unmounted = std::process::Command::new("umount")
+            .arg(&mnt)
+            .status()
+            .expect("umount");
+        assert!(unmounted.success());
+        assert!(
+            matches!(result, Err(ImageError::MountedBelow(_))),
+            "{result:?}"
+        );
+        assert!(survived, "files of the mounted file system were deleted");
+        remove_tree(&root.path().join("tree")).expect("removable once unmounted");
+    }
+}
