@@ -84,6 +84,12 @@ pub struct RunArgs {
     /// Boot the kernel instead of restoring the image's snapshot.
     #[arg(long)]
     pub cold: bool,
+    /// Seconds a cold boot may take before it counts as hung (retried once).
+    #[arg(long, value_parser = parse_secs, default_value = "30")]
+    pub boot_timeout: Duration,
+    /// Extra kernel command-line argument (debugging; implies --cold).
+    #[arg(long = "kernel-arg", hide = true)]
+    pub kernel_args: Vec<String>,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,

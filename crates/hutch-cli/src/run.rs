@@ -24,7 +24,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     let (cache, image) = crate::image::ensure_image().await?;
     let host = Host::new(image, cache.root().to_path_buf())?;
     let mut cfg = crate::image::sandbox_config(&a.vm);
-    cfg.cold = a.cold;
+    cfg.cold = a.cold || !a.kernel_args.is_empty();
+    cfg.boot_timeout = a.boot_timeout;
+    cfg.extra_kernel_args = a.kernel_args.clone();
     cfg.env = a.env.clone();
     crate::image::warn_if_tcg(&host, &cfg)?;
 
@@ -34,14 +36,11 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
 
     let sandbox = tokio::select! {
-        r = Sandbox::create(&host, &cfg) => r?,
+        r = Sandbox::create_with_notes(&host, &cfg, &|n| eprintln!("hutch: warning: {n}")) => r?,
         _ = sigint.recv() => return Ok(130),
         _ = sigterm.recv() => return Ok(143),
         _ = sighup.recv() => return Ok(129),
     };
-    for n in &sandbox.start.notes {
-        eprintln!("hutch: warning: {n}");
-    }
     tracing::info!(id = %sandbox.id, mode = ?sandbox.start.mode, took_ms = sandbox.start.took.as_millis() as u64, "sandbox started");
 
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + t);

@@ -47,6 +47,8 @@ impl Session {
     {
         let mut cfg = yamux::Config::default();
         cfg.set_max_num_streams(1024);
+        // Fewer, larger frames: every write on the virtio port is a costly exit under emulation.
+        cfg.set_split_send_size(128 * 1024);
         let mode = match role {
             Role::Client => yamux::Mode::Client,
             Role::Server => yamux::Mode::Server,

@@ -54,11 +54,13 @@ pub struct SandboxConfig {
     pub boot_timeout: Duration,
     /// Environment every exec in this sandbox starts with.
     pub env: Vec<(String, String)>,
+    /// Appended to the kernel command line of a cold boot (debugging).
+    pub extra_kernel_args: Vec<String>,
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![] }
+        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![], extra_kernel_args: vec![] }
     }
 }
 
@@ -161,6 +163,11 @@ impl Sandbox {
     /// Creates a sandbox: restore from the snapshot when there is a good one, else boot cold (retried once if
     /// the guest hangs). A failed restore falls back to a cold boot; it never fails the run by itself.
     pub async fn create(host: &Host, cfg: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+        Self::create_with_notes(host, cfg, &|n| tracing::warn!("{n}")).await
+    }
+
+    /// As [`Sandbox::create`], telling `notify` about each fallback or retry as it happens.
+    pub async fn create_with_notes(host: &Host, cfg: &SandboxConfig, notify: &(dyn Fn(&str) + Sync)) -> Result<Sandbox, SandboxError> {
         let t0 = Instant::now();
         reap_stale(&host.root);
         let accel = host.caps.choose(cfg.accel)?;
@@ -173,19 +180,29 @@ impl Sandbox {
                         return Ok(sb);
                     }
                     Err(e) => {
-                        notes.push(format!("snapshot restore failed ({}); booting cold and discarding the snapshot", error_chain(&e)));
+                        let n = format!("snapshot restore failed ({}); booting cold and discarding the snapshot", error_chain(&e));
+                        notify(&n);
+                        notes.push(n);
                         snapshot::discard(&snap);
                     }
                 },
-                Ok(None) => notes.push("no snapshot for this image and size yet; booting cold (`hutch image build` makes one)".into()),
+                Ok(None) => {
+                    let n = "no snapshot for this image and size yet; booting cold (`hutch image build` makes one)".to_string();
+                    notify(&n);
+                    notes.push(n);
+                }
                 Err(e) => {
-                    notes.push(format!("snapshot unusable ({}); booting cold", error_chain(&e)));
+                    let n = format!("snapshot unusable ({}); booting cold", error_chain(&e));
+                    notify(&n);
+                    notes.push(n);
                 }
             }
         }
         let mut sb = match Self::boot_cold(host, cfg, accel).await {
-            Err(e @ SandboxError::BootTimeout { .. }) => {
-                notes.push(format!("{e}; retrying once with a fresh VM"));
+            Err(SandboxError::BootTimeout { timeout, .. }) => {
+                let n = format!("the guest did not come up within {timeout:?}; retrying once with a fresh VM");
+                notify(&n);
+                notes.push(n);
                 Self::boot_cold(host, cfg, accel).await?
             }
             r => r?,
@@ -199,7 +216,7 @@ impl Sandbox {
         VmConfig {
             kernel: host.image.kernel.clone(),
             initrd: host.image.initrd.clone(),
-            cmdline: kernel_cmdline(accel),
+            cmdline: [kernel_cmdline(accel)].into_iter().chain(cfg.extra_kernel_args.iter().cloned()).collect::<Vec<_>>().join(" "),
             disk,
             cpus: cfg.cpus,
             memory_mib: cfg.memory_mib,
