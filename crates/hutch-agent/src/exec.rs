@@ -26,10 +26,26 @@ pub async fn run(framed: Framed<Stream>, req: ExecRequest, base_env: Vec<(String
         cmd.env(k, v);
     }
     cmd.current_dir(req.cwd.as_deref().unwrap_or("/root"));
-    cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.process_group(0).kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    cmd.kill_on_drop(true);
+    let pty = match req.tty {
+        Some(size) => match setup_pty(&mut cmd, size, &base_env, &req.env) {
+            Ok(master) => Some(master),
+            Err(e) => {
+                let _ = tx.send(&ExecEvent::SpawnFailed { message: format!("cannot create a terminal: {e}"), not_found: false }).await;
+                return;
+            }
+        },
+        None => {
+            cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            cmd.process_group(0);
+            None
+        }
+    };
+    let spawned = cmd.spawn();
+    // The parent's copies of the terminal's slave end must go, or the master never sees EOF.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let not_found = e.kind() == std::io::ErrorKind::NotFound;
@@ -51,9 +67,17 @@ pub async fn run(framed: Framed<Stream>, req: ExecRequest, base_env: Vec<(String
     if let Some(err) = child.stderr.take() {
         tokio::spawn(pump(err, ev_tx.clone(), ExecEvent::Stderr));
     }
+    if let Some(master) = &pty {
+        tokio::spawn(pump(master.clone(), ev_tx.clone(), ExecEvent::Stdout));
+    }
     drop(ev_tx);
 
-    let mut stdin = child.stdin.take();
+    let mut stdin: Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>> = match (&pty, child.stdin.take()) {
+        (Some(master), _) => Some(Box::new(master.clone())),
+        (None, Some(pipe)) => Some(Box::new(pipe)),
+        (None, None) => None,
+    };
+    let master = pty.clone();
     let input = tokio::spawn(async move {
         loop {
             match rx.recv::<ExecInput>().await {
@@ -64,7 +88,14 @@ pub async fn run(framed: Framed<Stream>, req: ExecRequest, base_env: Vec<(String
                         }
                     }
                 }
-                Ok(ExecInput::StdinEof) => stdin = None,
+                Ok(ExecInput::Resize(size)) => {
+                    if let Some(m) = &master {
+                        m.set_window_size(size);
+                    }
+                }
+                // A terminal has no end-of-input short of the user's ^D, which arrives as bytes.
+                Ok(ExecInput::StdinEof) if master.is_none() => stdin = None,
+                Ok(ExecInput::StdinEof) => {}
                 Ok(ExecInput::Signal(n)) => {
                     if let Ok(sig) = Signal::try_from(n) {
                         let _ = killpg(pgid, sig);
@@ -107,6 +138,39 @@ pub async fn run(framed: Framed<Stream>, req: ExecRequest, base_env: Vec<(String
         let _ = tx.send(&ExecEvent::Exited(st)).await;
     }
     let _ = tx.close().await;
+}
+
+/// Opens a pseudo-terminal of `size`, makes its slave end the command's stdio and controlling terminal (in a new
+/// session), and returns the master end.
+fn setup_pty(
+    cmd: &mut tokio::process::Command,
+    size: hutch_proto::TtySize,
+    base_env: &[(String, String)],
+    env: &[(String, String)],
+) -> std::io::Result<crate::port::Port> {
+    let ws = nix::pty::Winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let pty = nix::pty::openpty(Some(&ws), None).map_err(std::io::Error::from)?;
+    let slave = std::fs::File::from(pty.slave);
+    cmd.stdin(Stdio::from(slave.try_clone()?));
+    cmd.stdout(Stdio::from(slave.try_clone()?));
+    cmd.stderr(Stdio::from(slave));
+    if !base_env.iter().chain(env.iter()).any(|(k, _)| k == "TERM") {
+        cmd.env("TERM", "xterm-256color");
+    }
+    // SAFETY: setsid and ioctl are async-signal-safe; between fork and exec we only make the child a session
+    // leader and take fd 0 (the slave) as its controlling terminal.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    crate::port::Port::from_file(std::fs::File::from(pty.master))
 }
 
 fn to_status(st: std::process::ExitStatus) -> ExitStatus {

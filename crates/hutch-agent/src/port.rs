@@ -45,9 +45,29 @@ pub struct Port {
 impl Port {
     pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
         let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+        Self::from_file(f)
+    }
+
+    /// Wraps an already open file (e.g. a pseudo-terminal master), switching it to non-blocking mode.
+    pub fn from_file(f: File) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let fd = f.as_raw_fd();
+        let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
         // SAFETY: `f` is an owned, open File; AsyncFd owns it until dropped, so the fd stays valid and unchanged.
         let fd = unsafe { AsyncFd::register(f) }.map_err(|e| std::io::Error::other(e.to_string()))?;
         Ok(Self { fd: Arc::new(fd) })
+    }
+}
+
+impl Port {
+    /// Sets a terminal's window size (for a pseudo-terminal master); errors are ignored: a resize is advisory.
+    pub fn set_window_size(&self, size: hutch_proto::TtySize) {
+        use std::os::fd::AsRawFd;
+        let ws = libc::winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCSWINSZ reads a winsize from the pointer, which is valid for the call.
+        unsafe { libc::ioctl(self.fd.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &ws) };
     }
 }
 

@@ -115,7 +115,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
 }
 
 async fn exec(sandbox: &Sandbox, a: &RunArgs) -> anyhow::Result<Ending> {
-    let req = ExecRequest { argv: a.command.clone(), env: a.env.clone(), cwd: a.workdir.clone(), stdin: true };
+    let req = ExecRequest { argv: a.command.clone(), env: a.env.clone(), cwd: a.workdir.clone(), stdin: true, tty: None };
     let handle = sandbox.client().exec(req).await?;
     let mut input = handle.input;
     let mut events = handle.events;

@@ -43,6 +43,15 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// When false the process gets /dev/null as stdin and no [`ExecInput::Stdin`] is expected.
     pub stdin: bool,
+    /// Run on a new pseudo-terminal of this size (stdin, stdout and stderr are the terminal; output arrives as
+    /// [`ExecEvent::Stdout`]).
+    pub tty: Option<TtySize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +60,8 @@ pub enum ExecInput {
     StdinEof,
     /// Deliver a signal to the process group.
     Signal(i32),
+    /// Resize the pseudo-terminal (ignored without one).
+    Resize(TtySize),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,0 +1,132 @@
+//! Sandbox-level tests with real VMs: terminals, identity after restore, snapshot fallback.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hutch_proto::{ExecEvent, ExecInput, ExecRequest, TtySize};
+use hutch_sandbox::{Host, Sandbox, SandboxConfig, StartMode};
+
+fn agent() -> PathBuf {
+    if let Some(p) = std::env::var_os("HUTCH_AGENT") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/x86_64-unknown-linux-gnu/release/hutch-agent");
+    assert!(p.is_file(), "build the guest agent first (scripts/build), or set HUTCH_AGENT");
+    p
+}
+
+fn host() -> Host {
+    let cache = hutch_image::Cache::from_env().unwrap();
+    let spec = hutch_image::ImageSpec::default_for(agent());
+    let image = cache.ensure(&spec, &hutch_image::SilentProgress).expect("image");
+    Host::new(image, cache.root().to_path_buf()).unwrap()
+}
+
+async fn read_until(events: &mut hutch_sandbox::client::ExecEvents, needle: &str, buf: &mut String) {
+    let r = tokio::time::timeout(Duration::from_secs(20), async {
+        while !buf.contains(needle) {
+            match events.next().await {
+                Some(ExecEvent::Stdout(b)) => buf.push_str(&String::from_utf8_lossy(&b)),
+                Some(ExecEvent::Exited(st)) => panic!("exited early ({st:?}); output so far: {buf}"),
+                Some(_) => {}
+                None => panic!("stream ended; output so far: {buf}"),
+            }
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "timed out waiting for {needle:?}; got {buf:?}");
+}
+
+#[tokio::test]
+async fn terminal_session_with_resize_and_ctrl_c() {
+    let host = host();
+    let sb = Sandbox::create(&host, &SandboxConfig::default()).await.unwrap();
+    let req = ExecRequest { argv: vec!["/bin/bash".into(), "--norc".into(), "-i".into()], env: vec![], cwd: None, stdin: true, tty: Some(TtySize { rows: 24, cols: 80 }) };
+    let mut h = sb.client().exec(req).await.unwrap();
+    let mut out = String::new();
+    read_until(&mut h.events, "# ", &mut out).await;
+    h.input.send(ExecInput::Stdin(b"tty; stty size; echo MARK$((1))\n".to_vec())).await.unwrap();
+    read_until(&mut h.events, "MARK1\r\n", &mut out).await;
+    assert!(out.contains("/dev/pts/"), "a real terminal: {out}");
+    assert!(out.contains("24 80"), "initial size: {out}");
+    h.input.send(ExecInput::Resize(TtySize { rows: 50, cols: 132 })).await.unwrap();
+    h.input.send(ExecInput::Stdin(b"stty size; echo MARK$((2))\n".to_vec())).await.unwrap();
+    read_until(&mut h.events, "MARK2\r\n", &mut out).await;
+    assert!(out.contains("50 132"), "resized: {out}");
+    // ^C goes through the terminal's line discipline to the foreground job, not to the shell.
+    h.input.send(ExecInput::Stdin(b"sleep 600\n".to_vec())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.input.send(ExecInput::Stdin(vec![3])).await.unwrap();
+    h.input.send(ExecInput::Stdin(b"echo after-$((0))-$?\n".to_vec())).await.unwrap();
+    read_until(&mut h.events, "after-0-130", &mut out).await;
+    h.input.send(ExecInput::Stdin(b"exit 3\n".to_vec())).await.unwrap();
+    let st = loop {
+        match h.events.next().await {
+            Some(ExecEvent::Exited(st)) => break st,
+            Some(_) => {}
+            None => panic!("no exit status"),
+        }
+    };
+    assert_eq!(st.as_shell_code(), 3);
+    sb.destroy().await;
+}
+
+#[tokio::test]
+async fn restored_siblings_differ_in_randomness_and_identity() {
+    let host = host();
+    let cfg = SandboxConfig::default();
+    hutch_sandbox::snapshot::ensure(&host, &cfg).await.unwrap();
+    let a = Sandbox::create(&host, &cfg).await.unwrap();
+    let b = Sandbox::create(&host, &cfg).await.unwrap();
+    assert_eq!(a.start.mode, StartMode::Restored);
+    assert_eq!(b.start.mode, StartMode::Restored);
+    let cmd = ["sh", "-c", "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; echo $HUTCH_SANDBOX_ID; date +%s.%N"];
+    let (oa, ob) = tokio::join!(a.client().run(&cmd), b.client().run(&cmd));
+    let host_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let (oa, ob) = (String::from_utf8(oa.unwrap().stdout).unwrap(), String::from_utf8(ob.unwrap().stdout).unwrap());
+    let la: Vec<&str> = oa.lines().collect();
+    let lb: Vec<&str> = ob.lines().collect();
+    assert_eq!(la[0].len(), 64);
+    assert_ne!(la[0], lb[0], "two restores of one snapshot produced the same random bytes");
+    assert_eq!(la[1], a.id);
+    assert_eq!(lb[1], b.id);
+    for l in [la[2], lb[2]] {
+        let t: f64 = l.parse().unwrap();
+        assert!((host_now - t).abs() < 1.0, "guest clock {t} vs host {host_now}");
+    }
+    a.destroy().await;
+    b.destroy().await;
+}
+
+#[tokio::test]
+async fn corrupt_snapshot_falls_back_to_a_cold_boot_and_is_rebuilt() {
+    let host = host();
+    // A size no other test uses, so corrupting its snapshot disturbs nobody.
+    let cfg = SandboxConfig { memory_mib: 320, ..SandboxConfig::default() };
+    let snap = hutch_sandbox::snapshot::ensure(&host, &cfg).await.unwrap();
+    let mut state = std::fs::read(&snap.files.state).unwrap();
+    let mid = state.len() / 2;
+    state[mid] ^= 0xff;
+    std::fs::write(&snap.files.state, &state).unwrap();
+
+    let notes = std::sync::Mutex::new(Vec::new());
+    let sb = Sandbox::create_with_notes(&host, &cfg, &|n| notes.lock().unwrap().push(n.to_string())).await.unwrap();
+    assert_eq!(sb.start.mode, StartMode::Cold);
+    let notes = notes.into_inner().unwrap();
+    assert!(notes.iter().any(|n| n.contains("corrupt") || n.contains("restore failed")), "warned: {notes:?}");
+    let out = sb.client().run(&["echo", "ok"]).await.unwrap();
+    assert_eq!(out.stdout, b"ok\n");
+    sb.destroy().await;
+
+    // Damaged RAM that passes the cheap checks: the restore fails or hangs, and the run still succeeds cold.
+    let snap = hutch_sandbox::snapshot::ensure(&host, &cfg).await.unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&snap.files.memory).unwrap();
+    use std::os::unix::fs::FileExt;
+    let garbage = vec![0xccu8; 16 * 1024 * 1024];
+    f.write_all_at(&garbage, 1024 * 1024).unwrap();
+    drop(f);
+    let sb = Sandbox::create(&host, &cfg).await.unwrap();
+    let out = sb.client().run(&["echo", "ok"]).await.unwrap();
+    assert_eq!(out.stdout, b"ok\n");
+    sb.destroy().await;
+}
