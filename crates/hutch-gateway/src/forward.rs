@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -135,11 +135,12 @@ impl Forwarder {
             return self.deny(rec, StatusCode::PAYLOAD_TOO_LARGE, format!("request body over the {} byte cap", limits.max_body_bytes));
         }
         let up_bytes = Arc::new(AtomicU64::new(0));
+        let over_cap = Arc::new(AtomicBool::new(false));
         let body: GwBody = if channel == Channel::Tls && self.inner.secrets.body_swap_for(&d.name) {
             let collected = match Limited::new(body, limits.max_body_bytes).collect().await {
                 Ok(c) => c.to_bytes(),
                 Err(e) => {
-                    let too_large = e.downcast_ref::<http_body_util::LengthLimitError>().is_some();
+                    let too_large = e.is::<LengthLimitError>();
                     let (status, why) = if too_large {
                         (StatusCode::PAYLOAD_TOO_LARGE, format!("request body over the {} byte cap", limits.max_body_bytes))
                     } else {
@@ -156,9 +157,9 @@ impl Forwarder {
             parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             full(bytes)
         } else if capped {
-            Counting::new(Limited::new(body, limits.max_body_bytes), up_bytes.clone()).boxed()
+            Counting::new(Limited::new(body, limits.max_body_bytes), up_bytes.clone(), over_cap.clone()).boxed()
         } else {
-            Counting::new(body.map_err(BoxError::from), up_bytes.clone()).boxed()
+            Counting::new(body.map_err(BoxError::from), up_bytes.clone(), over_cap.clone()).boxed()
         };
         rec.secrets = report.used.iter().cloned().collect();
         rec.flags = report.flags.iter().cloned().collect();
@@ -167,6 +168,11 @@ impl Forwarder {
 
         let resp = match self.send(upstream_req).await {
             Ok(r) => r,
+            Err(_) if over_cap.load(Ordering::Relaxed) => {
+                rec.bytes_up = up_bytes.load(Ordering::Relaxed);
+                let why = format!("request body over the {} byte cap", limits.max_body_bytes);
+                return self.deny(rec, StatusCode::PAYLOAD_TOO_LARGE, why);
+            }
             Err(e) => {
                 rec.status = Some(StatusCode::BAD_GATEWAY.as_u16());
                 rec.reason = Some(e.clone());
@@ -273,15 +279,17 @@ impl Forwarder {
     }
 }
 
-/// Counts the data bytes of a request body as they go upstream.
+/// Counts the data bytes of a request body as they go upstream, and notes when a size cap
+/// cut it off (so the sandbox gets 413, not 502).
 struct Counting<B> {
     inner: B,
     count: Arc<AtomicU64>,
+    over_cap: Arc<AtomicBool>,
 }
 
 impl<B> Counting<B> {
-    fn new(inner: B, count: Arc<AtomicU64>) -> Counting<B> {
-        Counting { inner, count }
+    fn new(inner: B, count: Arc<AtomicU64>, over_cap: Arc<AtomicBool>) -> Counting<B> {
+        Counting { inner, count, over_cap }
     }
 }
 
@@ -301,7 +309,13 @@ where
                 }
                 Poll::Ready(Some(Ok(f)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                let e: BoxError = e.into();
+                if e.is::<LengthLimitError>() {
+                    self.over_cap.store(true, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Err(e)))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

@@ -99,6 +99,9 @@ impl Internet {
             let seen = seen.clone();
             tokio::spawn(async move {
                 while let Ok((tcp, _)) = https_l.accept().await {
+                    // Like production servers; without it the first response on a connection
+                    // can wait for a 40 ms delayed ACK on the gateway's upstream socket.
+                    let _ = tcp.set_nodelay(true);
                     let acceptor = acceptor.clone();
                     let seen = seen.clone();
                     tokio::spawn(async move {
