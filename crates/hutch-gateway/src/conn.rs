@@ -219,8 +219,7 @@ where
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)
-        .max_header_size(limits.max_header_bytes)
-        .max_buf_size(limits.max_header_bytes.max(8192) + 1024);
+        .max_header_size(limits.max_header_bytes);
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::select! {
         r = conn => r.map_err(|e| e.to_string()),

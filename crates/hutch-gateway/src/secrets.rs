@@ -153,11 +153,13 @@ impl SecretTable {
             if memmem::find(current, s.placeholder.as_bytes()).is_none() {
                 continue;
             }
-            if self.swaps(s, host, channel) && s.spec.in_body() {
+            if !self.swaps(s, host, channel) {
+                Self::flag_unswapped(s, host, channel, report);
+            } else if s.spec.in_body() {
                 out = Some(replace_all(current, s.placeholder.as_bytes(), s.value.expose().as_bytes()));
                 report.used.insert(s.name.clone());
-            } else if !(self.swaps(s, host, channel)) {
-                Self::flag_unswapped(s, host, channel, report);
+            } else {
+                report.flags.insert(format!("placeholder_in_body_not_swapped:{}", s.name));
             }
         }
         out
@@ -221,6 +223,7 @@ pub(crate) struct MaskingBody<B> {
     needles: Vec<(memmem::Finder<'static>, Vec<u8>)>,
     keep: usize,
     pending: BytesMut,
+    trailers: Option<Frame<Bytes>>,
     done: bool,
     pub(crate) hits: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -229,7 +232,7 @@ impl<B> MaskingBody<B> {
     pub(crate) fn new(inner: B, needles: Vec<(Vec<u8>, Vec<u8>)>) -> MaskingBody<B> {
         let keep = needles.iter().map(|(v, _)| v.len()).max().unwrap_or(1).saturating_sub(1);
         let needles = needles.into_iter().map(|(v, r)| (memmem::Finder::new(&v).into_owned(), r)).collect();
-        MaskingBody { inner, needles, keep, pending: BytesMut::new(), done: false, hits: Default::default() }
+        MaskingBody { inner, needles, keep, pending: BytesMut::new(), trailers: None, done: false, hits: Default::default() }
     }
 
     /// Emits everything that can no longer be the start of a value (all of it at the end).
@@ -278,7 +281,10 @@ where
         let this = &mut *self;
         loop {
             if this.done {
-                return Poll::Ready(this.drain(true).map(|b| Ok(Frame::data(b))));
+                if let Some(b) = this.drain(true) {
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                return Poll::Ready(this.trailers.take().map(Ok));
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -292,13 +298,9 @@ where
                         }
                     }
                     Err(trailers) => {
-                        // Trailers end the body: flush what is held back first, trailers dropped
-                        // only if data must go out in the same poll (rare; HTTP/1.1 clients ignore).
+                        // Trailers end the body: what is held back goes out first.
+                        this.trailers = Some(trailers);
                         this.done = true;
-                        if let Some(b) = this.drain(true) {
-                            return Poll::Ready(Some(Ok(Frame::data(b))));
-                        }
-                        return Poll::Ready(Some(Ok(trailers)));
                     }
                 },
             }
@@ -306,7 +308,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.pending.is_empty()
+        self.done && self.pending.is_empty() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {

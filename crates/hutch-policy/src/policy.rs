@@ -83,11 +83,11 @@ impl CheckedPolicy {
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
             b.add_toml(&text, path, &base)?;
         }
-        for (i, a) in input.allow.iter().enumerate() {
+        for a in &input.allow {
             let field = format!("--allow {a:?}");
             let (pattern, port) = parse_host_port(a).map_err(|p| invalid(&field, p))?;
             let ports = port.map(|p| [p].into_iter().collect());
-            b.add_rule(pattern, ports, None, None, field, i)?;
+            b.add_rule(pattern, ports, None, None, field)?;
         }
         for r in &input.resolve {
             b.pins.push(parse_pin(r).map_err(|p| invalid(format!("--resolve {r:?}"), p))?);
@@ -231,7 +231,7 @@ impl Builder {
             match item {
                 toml::Value::String(s) => {
                     let (pattern, port) = parse_host_port(&s).map_err(|p| invalid(&field, p))?;
-                    self.add_rule(pattern, port.map(|p| [p].into_iter().collect()), None, None, field, i)?;
+                    self.add_rule(pattern, port.map(|p| [p].into_iter().collect()), None, None, field)?;
                 }
                 toml::Value::Table(t) => {
                     let r: RawAllow = toml::Value::Table(t)
@@ -268,7 +268,7 @@ impl Builder {
                                 .collect::<Result<Vec<_>, _>>()?,
                         ),
                     };
-                    self.add_rule(pattern, ports, methods, paths, field, i)?;
+                    self.add_rule(pattern, ports, methods, paths, field)?;
                 }
                 other => {
                     return Err(invalid(
@@ -321,7 +321,6 @@ impl Builder {
         methods: Option<BTreeSet<Method>>,
         paths: Option<Vec<PathPrefix>>,
         origin: String,
-        _index: usize,
     ) -> Result<(), PolicyError> {
         let ports = ports.unwrap_or_else(|| DEFAULT_PORTS.into_iter().collect());
         if let Some(prev) = self.rules.iter().find(|r| r.pattern == pattern && !r.ports.is_disjoint(&ports)) {

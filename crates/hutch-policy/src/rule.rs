@@ -176,7 +176,8 @@ pub enum DenyReason {
     PathAmbiguous { path: String },
 }
 
-/// The port a pattern-matched name is being reached on, for rule lookup.
+/// The most specific rule covering `name` on `port` (exact beats wildcard, longer suffix beats
+/// shorter, earlier rule beats later).
 pub(crate) fn best_rule<'a>(rules: &'a [AllowRule], name: &HostName, port: u16) -> Option<&'a AllowRule> {
     rules
         .iter()
