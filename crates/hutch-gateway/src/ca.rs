@@ -106,3 +106,59 @@ impl SandboxCa {
         Ok(cfg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn name(s: &str) -> HostName {
+        HostName::parse(s).expect("name")
+    }
+
+    /// A client trusting `trusted` connects to a server presenting `server` for `sni`.
+    async fn handshake(server: Arc<ServerConfig>, trusted: &SandboxCa, sni: &str) -> Result<(), String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(trusted.cert_der()).map_err(|e| e.to_string())?;
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server_side = tokio::spawn(async move { TlsAcceptor::from(server).accept(b).await.map(|_| ()) });
+        let sni = rustls_pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+        let r = TlsConnector::from(Arc::new(client)).connect(sni, a).await.map(|_| ()).map_err(|e| e.to_string());
+        let _ = server_side.await;
+        r
+    }
+
+    /// Threat 13 (TLS interception pitfalls): leaves are cached per sandbox CA, another sandbox's
+    /// CA is not trusted, and the CA cannot vouch for names outside its constraints.
+    #[tokio::test]
+    async fn threat13_ca_is_per_sandbox_and_name_constrained() {
+        let ca = SandboxCa::new("a", &[HostPattern::parse("api.test").expect("p")], provider()).expect("ca");
+        let first = ca.server_config(&name("api.test")).expect("leaf");
+        let again = ca.server_config(&name("api.test")).expect("leaf");
+        assert!(Arc::ptr_eq(&first, &again), "leaf configs are cached per gateway");
+        handshake(first.clone(), &ca, "api.test").await.expect("in-constraint leaf verifies");
+
+        let outside = ca.server_config(&name("evil.test")).expect("leaf");
+        let err = handshake(outside, &ca, "evil.test").await.expect_err("name constraints must refuse");
+        assert!(err.contains("NameConstraint") || err.to_lowercase().contains("name constraint"), "{err}");
+
+        let other = SandboxCa::new("b", &[HostPattern::parse("api.test").expect("p")], provider()).expect("ca");
+        assert_ne!(other.cert_pem(), ca.cert_pem());
+        let foreign = other.server_config(&name("api.test")).expect("leaf");
+        assert!(handshake(foreign, &ca, "api.test").await.is_err(), "another sandbox's leaf is not trusted");
+
+        // With no intercepted hosts the CA vouches for nothing real.
+        let none = SandboxCa::new("c", &[], provider()).expect("ca");
+        let leaf = none.server_config(&name("api.test")).expect("leaf");
+        assert!(handshake(leaf, &none, "api.test").await.is_err());
+    }
+}

@@ -579,6 +579,21 @@ async fn threat16_slow_headers_cut_off() {
     tokio::time::timeout(Duration::from_secs(5), served).await.expect("gateway gave up on the slow client").expect("join");
 }
 
+/// Threat 16: one sandbox using up its connections does not affect another sandbox's gateway.
+#[tokio::test]
+async fn threat16_sandboxes_are_isolated() {
+    let limits = Limits { max_connections: 1, ..Limits::default() };
+    let busy = Fixture::new(POLICY, &env(), limits.clone()).await;
+    let calm = Fixture::new(POLICY, &env(), limits).await;
+    let held = proxy_connect(&busy.gw, &target("echo.test", &busy.net)).await;
+    assert_eq!(held.status, StatusCode::OK);
+    assert_eq!(proxy_connect(&busy.gw, &target("echo.test", &busy.net)).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    let io = open_tls(&calm, "echo.test", &calm.net.ca_pem).await;
+    let (status, _, _) = request(io, req("GET", "/", "echo.test", &[], "")).await.expect("request");
+    assert_eq!(status, StatusCode::OK);
+    drop(held);
+}
+
 // --- audit ---------------------------------------------------------------------------------
 
 /// Threat 12 (secrets in logs): the audit file never contains a secret value.
