@@ -64,8 +64,13 @@ async fn open(f: &Fixture, path: Path) -> Box<dyn Io> {
         }
         Path::Tunnel | Path::Intercept => {
             let c = proxy_connect(&f.gw, &format!("{host}:{}", f.net.https.port())).await;
-            let io = c.io.unwrap_or_else(|| panic!("CONNECT refused: {} {}", c.status, c.body));
-            let ca = if path == Path::Tunnel { f.net.ca_pem.clone() } else { f.gw.ca_cert_pem() };
+            let io =
+                c.io.unwrap_or_else(|| panic!("CONNECT refused: {} {}", c.status, c.body));
+            let ca = if path == Path::Tunnel {
+                f.net.ca_pem.clone()
+            } else {
+                f.gw.ca_cert_pem()
+            };
             Box::new(tls(io, host, &ca).await.expect("tls"))
         }
     }
@@ -74,7 +79,9 @@ async fn open(f: &Fixture, path: Path) -> Box<dyn Io> {
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 async fn client(io: Box<dyn Io>) -> Sender {
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.expect("handshake");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("handshake");
     tokio::spawn(conn);
     sender
 }
@@ -82,7 +89,11 @@ async fn client(io: Box<dyn Io>) -> Sender {
 /// Sends one GET and streams the body, returning its length.
 async fn fetch(sender: &mut Sender, host: &str, path: &str) -> u64 {
     sender.ready().await.expect("ready");
-    let req = Request::builder().uri(path).header("host", host).body(Full::new(Bytes::new())).expect("request");
+    let req = Request::builder()
+        .uri(path)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
     let resp = sender.send_request(req).await.expect("response");
     assert!(resp.status().is_success(), "{}", resp.status());
     let mut body = resp.into_body();
@@ -111,7 +122,11 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 
 async fn latencies(f: &Fixture, path: Path, n: usize, new_conn: bool) -> Vec<Duration> {
     let mut out = Vec::with_capacity(n);
-    let mut kept = if new_conn { None } else { Some(client(open(f, path).await).await) };
+    let mut kept = if new_conn {
+        None
+    } else {
+        Some(client(open(f, path).await).await)
+    };
     for _ in 0..n {
         let start = Instant::now();
         match kept.as_mut() {
@@ -137,7 +152,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mib: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(256);
     let n: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(300);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async move {
         let f = Fixture::new(POLICY, &[("TOKEN", "bench-secret-value-0123456789")], Limits::default()).await;
         let bytes = mib << 20;

@@ -89,7 +89,13 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    pub(crate) fn new(sandbox: &str, event: AuditEvent, via: Via, dest: String, decision: Verdict) -> AuditRecord {
+    pub(crate) fn new(
+        sandbox: &str,
+        event: AuditEvent,
+        via: Via,
+        dest: String,
+        decision: Verdict,
+    ) -> AuditRecord {
         AuditRecord {
             time: now_rfc3339(),
             sandbox: sandbox.to_string(),
@@ -114,12 +120,17 @@ impl AuditRecord {
 
 fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
-    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| now.unix_timestamp().to_string())
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| now.unix_timestamp().to_string())
 }
 
 /// Shortens and cleans a string the sandbox chose before it goes into a record or message.
 pub(crate) fn sanitize(s: &str) -> String {
-    let cleaned: String = s.chars().take(256).map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect();
+    let cleaned: String = s
+        .chars()
+        .take(256)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
     if s.chars().count() > 256 {
         format!("{cleaned}...")
     } else {
@@ -145,13 +156,17 @@ impl FileAuditSink {
             use std::os::unix::fs::OpenOptionsExt;
             opts.mode(0o600);
         }
-        Ok(FileAuditSink { file: Mutex::new(opts.open(path)?) })
+        Ok(FileAuditSink {
+            file: Mutex::new(opts.open(path)?),
+        })
     }
 }
 
 impl AuditSink for FileAuditSink {
     fn record(&self, record: &AuditRecord) {
-        let Ok(mut line) = serde_json::to_vec(record) else { return };
+        let Ok(mut line) = serde_json::to_vec(record) else {
+            return;
+        };
         line.push(b'\n');
         // One write per line, so lines from concurrent connections never interleave.
         if let Err(e) = lock(&self.file).write_all(&line) {
@@ -229,13 +244,19 @@ const MAX_SUMMARY_KEYS: usize = 1000;
 
 impl Auditor {
     pub(crate) fn new(sink: std::sync::Arc<dyn AuditSink>) -> Auditor {
-        Auditor { sink, denials: Mutex::new(BTreeMap::new()) }
+        Auditor {
+            sink,
+            denials: Mutex::new(BTreeMap::new()),
+        }
     }
 
     pub(crate) fn emit(&self, record: &AuditRecord) {
         if record.decision == Verdict::Deny {
             let mut d = lock(&self.denials);
-            let mut key = (record.dest.clone(), record.reason.clone().unwrap_or_default());
+            let mut key = (
+                record.dest.clone(),
+                record.reason.clone().unwrap_or_default(),
+            );
             if d.len() >= MAX_SUMMARY_KEYS && !d.contains_key(&key) {
                 key = ("(other destinations)".into(), "summary full".into());
             }
@@ -246,8 +267,14 @@ impl Auditor {
 
     pub(crate) fn summary(&self) -> DenialSummary {
         let d = lock(&self.denials);
-        let mut entries: Vec<DenialEntry> =
-            d.iter().map(|((dest, reason), count)| DenialEntry { dest: dest.clone(), reason: reason.clone(), count: *count }).collect();
+        let mut entries: Vec<DenialEntry> = d
+            .iter()
+            .map(|((dest, reason), count)| DenialEntry {
+                dest: dest.clone(),
+                reason: reason.clone(),
+                count: *count,
+            })
+            .collect();
         entries.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.dest.cmp(&b.dest)));
         DenialSummary { entries }
     }

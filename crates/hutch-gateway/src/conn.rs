@@ -25,9 +25,16 @@ use crate::Inner;
 const MAX_SNIFF: usize = 64 * 1024;
 
 enum Sniffed {
-    Tls { sni: Option<String>, buf: Vec<u8> },
-    Http { buf: Vec<u8> },
-    Other { buf: Vec<u8> },
+    Tls {
+        sni: Option<String>,
+        buf: Vec<u8>,
+    },
+    Http {
+        buf: Vec<u8>,
+    },
+    Other {
+        buf: Vec<u8>,
+    },
     /// Nothing sent yet on a port where the server may speak first.
     Silent,
     Closed,
@@ -37,11 +44,17 @@ enum Sniffed {
 async fn sniff<S: AsyncRead + Unpin>(io: &mut S, port: u16, handshake: Duration) -> Sniffed {
     let deadline = Instant::now() + handshake;
     let web_port = port == 80 || port == 443;
-    let first_wait = if web_port { handshake } else { handshake.min(Duration::from_millis(500)) };
+    let first_wait = if web_port {
+        handshake
+    } else {
+        handshake.min(Duration::from_millis(500))
+    };
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 16 * 1024];
     match tokio::time::timeout(first_wait, io.read(&mut chunk)).await {
-        Err(_) if web_port => return Sniffed::Bad(format!("no data within {}s", handshake.as_secs())),
+        Err(_) if web_port => {
+            return Sniffed::Bad(format!("no data within {}s", handshake.as_secs()))
+        }
         Err(_) => return Sniffed::Silent,
         Ok(Ok(0)) => return Sniffed::Closed,
         Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
@@ -108,27 +121,52 @@ pub(crate) async fn carry<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut rec = AuditRecord::new(&inner.sandbox_id, AuditEvent::Connection, via, decided.dest(), Verdict::Allow);
+    let mut rec = AuditRecord::new(
+        &inner.sandbox_id,
+        AuditEvent::Connection,
+        via,
+        decided.dest(),
+        Verdict::Allow,
+    );
     rec.addr = Some(addr);
     rec.rule = Some(decided.rule.to_string());
     let limits = inner.limits.clone();
     let inspect = inner.must_intercept(&decided);
-    let result: Result<(), String> = match sniff(&mut io, decided.port, limits.handshake_timeout).await {
+    let result: Result<(), String> = match sniff(&mut io, decided.port, limits.handshake_timeout)
+        .await
+    {
         Sniffed::Tls { sni, buf } => match check_sni(sni.as_deref(), &decided.name) {
             Err(reason) => deny(&mut rec, reason),
             Ok(()) if inspect => {
                 rec.mode = Some(Mode::TlsIntercept);
-                intercept(inner.clone(), Prefixed::new(buf, io), decided, tcp, addr, via, meter.clone()).await
+                intercept(
+                    inner.clone(),
+                    Prefixed::new(buf, io),
+                    decided,
+                    tcp,
+                    addr,
+                    via,
+                    meter.clone(),
+                )
+                .await
             }
             Ok(()) => {
                 rec.mode = Some(Mode::TlsPassthrough);
                 let mut tcp = tcp;
-                splice(&mut io, &mut tcp, &buf, &meter, limits.idle_timeout).await.map_err(|e| e.to_string())
+                splice(&mut io, &mut tcp, &buf, &meter, limits.idle_timeout)
+                    .await
+                    .map_err(|e| e.to_string())
             }
         },
         Sniffed::Http { buf } => {
             rec.mode = Some(Mode::Http);
-            let fwd = Arc::new(Forwarder::new(inner.clone(), decided, Upstream::Plain, via, Some((tcp, addr))));
+            let fwd = Arc::new(Forwarder::new(
+                inner.clone(),
+                decided,
+                Upstream::Plain,
+                via,
+                Some((tcp, addr)),
+            ));
             serve_http(&inner, Prefixed::new(buf, io), fwd, &meter).await
         }
         sniffed @ (Sniffed::Other { .. } | Sniffed::Silent) => {
@@ -137,13 +175,18 @@ pub(crate) async fn carry<S>(
                 _ => Vec::new(),
             };
             if decided.port == 443 || decided.port == 80 {
-                deny(&mut rec, format!("traffic on port {} is neither TLS nor HTTP", decided.port))
+                deny(
+                    &mut rec,
+                    format!("traffic on port {} is neither TLS nor HTTP", decided.port),
+                )
             } else if decided.rule.restricts_requests() {
                 deny(&mut rec, "the allow rule limits methods or paths, but the traffic is neither TLS nor HTTP".into())
             } else {
                 rec.mode = Some(Mode::Tcp);
                 let mut tcp = tcp;
-                splice(&mut io, &mut tcp, &buf, &meter, limits.idle_timeout).await.map_err(|e| e.to_string())
+                splice(&mut io, &mut tcp, &buf, &meter, limits.idle_timeout)
+                    .await
+                    .map_err(|e| e.to_string())
             }
         }
         Sniffed::Closed => Ok(()),
@@ -154,7 +197,10 @@ pub(crate) async fn carry<S>(
             rec.reason = Some(e);
         }
     }
-    if meter.budget_exhausted.load(std::sync::atomic::Ordering::Relaxed) {
+    if meter
+        .budget_exhausted
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
         rec.flags.push("byte_budget_exhausted".into());
     }
     rec.bytes_up = meter.up();
@@ -171,11 +217,16 @@ fn deny(rec: &mut AuditRecord, reason: String) -> Result<(), String> {
 /// The ClientHello must name exactly the destination that was decided on.
 fn check_sni(sni: Option<&str>, name: &HostName) -> Result<(), String> {
     let Some(sni) = sni else {
-        return Err(format!("TLS ClientHello has no server name; expected {name}"));
+        return Err(format!(
+            "TLS ClientHello has no server name; expected {name}"
+        ));
     };
     match HostName::parse(sni) {
         Ok(n) if &n == name => Ok(()),
-        _ => Err(format!("TLS server name {} does not match destination {name}", crate::audit::sanitize(sni))),
+        _ => Err(format!(
+            "TLS server name {} does not match destination {name}",
+            crate::audit::sanitize(sni)
+        )),
     }
 }
 
@@ -191,22 +242,39 @@ async fn intercept<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let cfg = inner.ca.server_config(&decided.name).map_err(|e| e.to_string())?;
+    let cfg = inner
+        .ca
+        .server_config(&decided.name)
+        .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + inner.limits.handshake_timeout;
-    let start = tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io))
-        .await
-        .map_err(|_| "TLS handshake with the sandbox timed out".to_string())?
-        .map_err(|e| format!("TLS handshake with the sandbox failed: {e}"))?;
+    let start = tokio::time::timeout_at(
+        deadline,
+        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io),
+    )
+    .await
+    .map_err(|_| "TLS handshake with the sandbox timed out".to_string())?
+    .map_err(|e| format!("TLS handshake with the sandbox failed: {e}"))?;
     let tls = tokio::time::timeout_at(deadline, start.into_stream(cfg))
         .await
         .map_err(|_| "TLS handshake with the sandbox timed out".to_string())?
         .map_err(|e| format!("TLS handshake with the sandbox failed: {e}"))?;
-    let fwd = Arc::new(Forwarder::new(inner.clone(), decided, Upstream::Tls, via, Some((tcp, addr))));
+    let fwd = Arc::new(Forwarder::new(
+        inner.clone(),
+        decided,
+        Upstream::Tls,
+        via,
+        Some((tcp, addr)),
+    ));
     serve_http(&inner, tls, fwd, &meter).await
 }
 
 /// Serves HTTP/1.1 from the sandbox on `io`, one forwarded request at a time.
-async fn serve_http<S>(inner: &Inner, io: S, fwd: Arc<Forwarder>, meter: &Meter) -> Result<(), String>
+async fn serve_http<S>(
+    inner: &Inner,
+    io: S,
+    fwd: Arc<Forwarder>,
+    meter: &Meter,
+) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

@@ -21,7 +21,8 @@ use tokio::net::TcpStream;
 
 use crate::audit::{AuditEvent, AuditRecord, Verdict, Via};
 use crate::http::{
-    audit_path, check_request_authority, full, is_upgrade, origin_form, strip_hop_by_hop, text, BoxError, GwBody,
+    audit_path, check_request_authority, full, is_upgrade, origin_form, strip_hop_by_hop, text,
+    BoxError, GwBody,
 };
 use crate::secrets::{Channel, MaskingBody, Report};
 use crate::upstream::{dial, Decided, Refusal};
@@ -74,7 +75,11 @@ impl Forwarder {
     fn deny(&self, mut rec: AuditRecord, status: StatusCode, reason: String) -> Response<GwBody> {
         rec.decision = Verdict::Deny;
         rec.status = Some(status.as_u16());
-        let refusal = Refusal { dest: self.decided.dest(), reason: reason.clone(), status };
+        let refusal = Refusal {
+            dest: self.decided.dest(),
+            reason: reason.clone(),
+            status,
+        };
         rec.reason = Some(reason);
         self.inner.auditor.emit(&rec);
         text(status, refusal.message())
@@ -84,7 +89,13 @@ impl Forwarder {
     pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<GwBody> {
         let d = &self.decided;
         let secret_host = self.inner.secrets.any_bound_to(&d.name);
-        let mut rec = AuditRecord::new(&self.inner.sandbox_id, AuditEvent::Request, self.via, d.dest(), Verdict::Allow);
+        let mut rec = AuditRecord::new(
+            &self.inner.sandbox_id,
+            AuditEvent::Request,
+            self.via,
+            d.dest(),
+            Verdict::Allow,
+        );
         rec.method = Some(crate::audit::sanitize(req.method().as_str()));
         rec.path = Some(audit_path(req.uri(), secret_host));
         rec.rule = Some(d.rule.to_string());
@@ -94,16 +105,29 @@ impl Forwarder {
         });
 
         if let Err(e) = check_request_authority(&req, &d.name, d.port) {
-            let status = if self.upstream == Upstream::Tls { StatusCode::MISDIRECTED_REQUEST } else { StatusCode::BAD_REQUEST };
+            let status = if self.upstream == Upstream::Tls {
+                StatusCode::MISDIRECTED_REQUEST
+            } else {
+                StatusCode::BAD_REQUEST
+            };
             return self.deny(rec, status, format!("authority mismatch: {e}"));
         }
         if is_upgrade(&req) {
-            return self.deny(rec, StatusCode::FORBIDDEN, "protocol upgrades (WebSocket, h2c) are not carried on inspected connections".into());
+            return self.deny(
+                rec,
+                StatusCode::FORBIDDEN,
+                "protocol upgrades (WebSocket, h2c) are not carried on inspected connections"
+                    .into(),
+            );
         }
         if req.method() == Method::CONNECT {
             return self.deny(rec, StatusCode::FORBIDDEN, "CONNECT inside a tunnel".into());
         }
-        let target = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        let target = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
         if let Err(reason) = d.rule.check_request(req.method().as_str(), &target) {
             return self.deny(rec, StatusCode::FORBIDDEN, reason.to_string());
         }
@@ -112,14 +136,23 @@ impl Forwarder {
         let mut report = Report::default();
         let channel = self.channel();
         strip_hop_by_hop(&mut parts.headers);
-        self.inner.secrets.scan_target(&target, &d.name, channel, &mut report);
-        self.inner.secrets.rewrite_headers(&mut parts.headers, &d.name, channel, &mut report);
+        self.inner
+            .secrets
+            .scan_target(&target, &d.name, channel, &mut report);
+        self.inner
+            .secrets
+            .rewrite_headers(&mut parts.headers, &d.name, channel, &mut report);
         if channel == Channel::Tls {
-            self.inner.secrets.inject(&mut parts.headers, &d.name, &mut report);
+            self.inner
+                .secrets
+                .inject(&mut parts.headers, &d.name, &mut report);
         }
         if secret_host {
             // Compressed responses would hide an echoed value from the mask.
-            parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+            parts.headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
         }
         parts.uri = origin_form(&parts.uri);
 
@@ -132,7 +165,11 @@ impl Forwarder {
         let capped = channel == Channel::Tls;
         if capped && declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
             rec.secrets = report.used.iter().cloned().collect();
-            return self.deny(rec, StatusCode::PAYLOAD_TOO_LARGE, format!("request body over the {} byte cap", limits.max_body_bytes));
+            return self.deny(
+                rec,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body over the {} byte cap", limits.max_body_bytes),
+            );
         }
         let up_bytes = Arc::new(AtomicU64::new(0));
         let over_cap = Arc::new(AtomicBool::new(false));
@@ -142,24 +179,47 @@ impl Forwarder {
                 Err(e) => {
                     let too_large = e.is::<LengthLimitError>();
                     let (status, why) = if too_large {
-                        (StatusCode::PAYLOAD_TOO_LARGE, format!("request body over the {} byte cap", limits.max_body_bytes))
+                        (
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!("request body over the {} byte cap", limits.max_body_bytes),
+                        )
                     } else {
-                        (StatusCode::BAD_REQUEST, format!("cannot read request body: {e}"))
+                        (
+                            StatusCode::BAD_REQUEST,
+                            format!("cannot read request body: {e}"),
+                        )
                     };
                     return self.deny(rec, status, why);
                 }
             };
-            let bytes = match self.inner.secrets.rewrite_body(&collected, &d.name, channel, &mut report) {
-                Some(b) => Bytes::from(b),
-                None => collected,
-            };
+            let bytes =
+                match self
+                    .inner
+                    .secrets
+                    .rewrite_body(&collected, &d.name, channel, &mut report)
+                {
+                    Some(b) => Bytes::from(b),
+                    None => collected,
+                };
             up_bytes.store(bytes.len() as u64, Ordering::Relaxed);
-            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             full(bytes)
         } else if capped {
-            Counting::new(Limited::new(body, limits.max_body_bytes), up_bytes.clone(), over_cap.clone()).boxed()
+            Counting::new(
+                Limited::new(body, limits.max_body_bytes),
+                up_bytes.clone(),
+                over_cap.clone(),
+            )
+            .boxed()
         } else {
-            Counting::new(body.map_err(BoxError::from), up_bytes.clone(), over_cap.clone()).boxed()
+            Counting::new(
+                body.map_err(BoxError::from),
+                up_bytes.clone(),
+                over_cap.clone(),
+            )
+            .boxed()
         };
         rec.secrets = report.used.iter().cloned().collect();
         rec.flags = report.flags.iter().cloned().collect();
@@ -178,7 +238,10 @@ impl Forwarder {
                 rec.reason = Some(e.clone());
                 rec.bytes_up = up_bytes.load(Ordering::Relaxed);
                 self.inner.auditor.emit(&rec);
-                return text(StatusCode::BAD_GATEWAY, format!("hutch: upstream request to {} failed: {e}\n", d.dest()));
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("hutch: upstream request to {} failed: {e}\n", d.dest()),
+                );
             }
         };
         rec.status = Some(resp.status().as_u16());
@@ -190,7 +253,9 @@ impl Forwarder {
             || rparts.status == StatusCode::NO_CONTENT
             || rparts.status == StatusCode::NOT_MODIFIED;
         let body: GwBody = if channel == Channel::Tls && secret_host {
-            self.inner.secrets.mask_headers(&mut rparts.headers, &mut mask_report);
+            self.inner
+                .secrets
+                .mask_headers(&mut rparts.headers, &mut mask_report);
             let length = rparts
                 .headers
                 .get(header::CONTENT_LENGTH)
@@ -206,13 +271,18 @@ impl Forwarder {
                             Some(m) => Bytes::from(m),
                             None => data,
                         };
-                        rparts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
+                        rparts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
                         full(data)
                     }
                     Err(e) => {
                         rec.reason = Some(format!("upstream response body failed: {e}"));
                         self.inner.auditor.emit(&rec);
-                        return text(StatusCode::BAD_GATEWAY, format!("hutch: upstream response from {} failed: {e}\n", d.dest()));
+                        return text(
+                            StatusCode::BAD_GATEWAY,
+                            format!("hutch: upstream response from {} failed: {e}\n", d.dest()),
+                        );
                     }
                 }
             } else {
@@ -241,7 +311,10 @@ impl Forwarder {
             *guard = Some(self.connect().await?);
         }
         let sender = guard.as_mut().ok_or("no upstream connection")?;
-        sender.ready().await.map_err(|e| format!("upstream connection closed: {e}"))?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("upstream connection closed: {e}"))?;
         let fut = sender.send_request(req);
         drop(guard);
         fut.await.map_err(|e| e.to_string())
@@ -251,7 +324,9 @@ impl Forwarder {
         let taken = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
         let (tcp, _addr) = match taken {
             Some(t) => t,
-            None => dial(&self.decided, self.inner.limits.connect_timeout).await.map_err(|r: Refusal| r.reason)?,
+            None => dial(&self.decided, self.inner.limits.connect_timeout)
+                .await
+                .map_err(|r: Refusal| r.reason)?,
         };
         let builder = hyper::client::conn::http1::Builder::new();
         match self.upstream {
@@ -262,14 +337,20 @@ impl Forwarder {
                     .connect(&self.decided.name, tcp, self.inner.limits.connect_timeout)
                     .await
                     .map_err(|e| format!("upstream TLS to {} failed: {e}", self.decided.dest()))?;
-                let (sender, conn) = builder.handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(tls))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
                 Ok(sender)
             }
             Upstream::Plain => {
-                let (sender, conn) = builder.handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+                let (sender, conn) = builder
+                    .handshake(TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
@@ -289,7 +370,11 @@ struct Counting<B> {
 
 impl<B> Counting<B> {
     fn new(inner: B, count: Arc<AtomicU64>, over_cap: Arc<AtomicBool>) -> Counting<B> {
-        Counting { inner, count, over_cap }
+        Counting {
+            inner,
+            count,
+            over_cap,
+        }
     }
 }
 
@@ -301,7 +386,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
@@ -344,7 +432,10 @@ impl Body for Audited {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {

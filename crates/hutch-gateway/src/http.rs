@@ -12,7 +12,9 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) type GwBody = BoxBody<Bytes, BoxError>;
 
 pub(crate) fn full(data: impl Into<Bytes>) -> GwBody {
-    Full::new(data.into()).map_err(|never| match never {}).boxed()
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 pub(crate) fn empty() -> GwBody {
@@ -23,8 +25,14 @@ pub(crate) fn empty() -> GwBody {
 pub(crate) fn text(status: StatusCode, message: String) -> Response<GwBody> {
     let mut resp = Response::new(full(message));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    resp.headers_mut().insert(HeaderName::from_static("x-hutch"), HeaderValue::from_static("gateway"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut().insert(
+        HeaderName::from_static("x-hutch"),
+        HeaderValue::from_static("gateway"),
+    );
     resp
 }
 
@@ -62,7 +70,10 @@ pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
 }
 
 /// Checks one `host[:port]` string against the decided name and port.
@@ -73,21 +84,33 @@ pub(crate) fn authority_matches(authority: &str, name: &HostName, port: u16) -> 
     };
     let parsed = HostName::parse(host).map_err(|e| e.to_string())?;
     if &parsed != name {
-        return Err(format!("{} does not match {name}", crate::audit::sanitize(authority)));
+        return Err(format!(
+            "{} does not match {name}",
+            crate::audit::sanitize(authority)
+        ));
     }
     if let Some(p) = p {
         if p.parse::<u16>().ok() != Some(port) {
-            return Err(format!("port in {} does not match {port}", crate::audit::sanitize(authority)));
+            return Err(format!(
+                "port in {} does not match {port}",
+                crate::audit::sanitize(authority)
+            ));
         }
     }
     Ok(())
 }
 
 /// Host header (required) and any absolute-form authority must both name the decided destination.
-pub(crate) fn check_request_authority<B>(req: &Request<B>, name: &HostName, port: u16) -> Result<(), String> {
+pub(crate) fn check_request_authority<B>(
+    req: &Request<B>,
+    name: &HostName,
+    port: u16,
+) -> Result<(), String> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = match (hosts.next(), hosts.next()) {
-        (Some(h), None) => h.to_str().map_err(|_| "Host header is not ASCII".to_string())?,
+        (Some(h), None) => h
+            .to_str()
+            .map_err(|_| "Host header is not ASCII".to_string())?,
         (None, _) => return Err("request has no Host header".into()),
         (Some(_), Some(_)) => return Err("request has more than one Host header".into()),
     };
@@ -107,8 +130,18 @@ pub(crate) fn audit_path(uri: &Uri, drop_values: bool) -> String {
     let shown = match uri.query() {
         None => path.to_string(),
         Some(q) if drop_values => {
-            let names: Vec<&str> = q.split('&').map(|kv| kv.split('=').next().unwrap_or("")).collect();
-            format!("{path}?{}", names.iter().map(|n| format!("{n}=")).collect::<Vec<_>>().join("&"))
+            let names: Vec<&str> = q
+                .split('&')
+                .map(|kv| kv.split('=').next().unwrap_or(""))
+                .collect();
+            format!(
+                "{path}?{}",
+                names
+                    .iter()
+                    .map(|n| format!("{n}="))
+                    .collect::<Vec<_>>()
+                    .join("&")
+            )
         }
         Some(q) => format!("{path}?{q}"),
     };
@@ -139,9 +172,18 @@ mod tests {
         assert!(authority_matches("api.test.evil.test", &n("api.test"), 443).is_err());
         assert!(authority_matches("127.0.0.1", &n("api.test"), 443).is_err());
         assert!(authority_matches("[::1]:443", &n("api.test"), 443).is_err());
-        let req = Request::builder().uri("https://evil.test/x").header("host", "api.test").body(()).expect("req");
+        let req = Request::builder()
+            .uri("https://evil.test/x")
+            .header("host", "api.test")
+            .body(())
+            .expect("req");
         assert!(check_request_authority(&req, &n("api.test"), 443).is_err());
-        let req = Request::builder().uri("/x").header("host", "api.test").header("host", "evil.test").body(()).expect("req");
+        let req = Request::builder()
+            .uri("/x")
+            .header("host", "api.test")
+            .header("host", "evil.test")
+            .body(())
+            .expect("req");
         assert!(check_request_authority(&req, &n("api.test"), 443).is_err());
         let req = Request::builder().uri("/x").body(()).expect("req");
         assert!(check_request_authority(&req, &n("api.test"), 443).is_err());

@@ -25,7 +25,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use audit::{
-    AuditEvent, AuditRecord, AuditSink, DenialEntry, DenialSummary, FileAuditSink, MemoryAuditSink, Mode, Verdict, Via,
+    AuditEvent, AuditRecord, AuditSink, DenialEntry, DenialSummary, FileAuditSink, MemoryAuditSink,
+    Mode, Verdict, Via,
 };
 pub use upstream::{BoxFuture, Resolver, SystemResolver};
 
@@ -143,8 +144,12 @@ pub enum GatewayError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DnsAnswer {
     /// Some allow rule covers this name; `name` is its canonical form.
-    Allowed { name: HostName },
-    Denied { reason: String },
+    Allowed {
+        name: HostName,
+    },
+    Denied {
+        reason: String,
+    },
 }
 
 pub(crate) struct Inner {
@@ -171,15 +176,28 @@ impl Inner {
         match self.slots.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
-                let mut rec = AuditRecord::new(&self.sandbox_id, AuditEvent::Connection, via, "-".into(), Verdict::Deny);
-                rec.reason = Some(format!("connection limit of {} reached", self.limits.max_connections));
+                let mut rec = AuditRecord::new(
+                    &self.sandbox_id,
+                    AuditEvent::Connection,
+                    via,
+                    "-".into(),
+                    Verdict::Deny,
+                );
+                rec.reason = Some(format!(
+                    "connection limit of {} reached",
+                    self.limits.max_connections
+                ));
                 self.auditor.emit(&rec);
                 None
             }
         }
     }
 
-    pub(crate) async fn decide_and_dial(&self, host: &str, port: u16) -> Result<(Decided, TcpStream, SocketAddr), Refusal> {
+    pub(crate) async fn decide_and_dial(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<(Decided, TcpStream, SocketAddr), Refusal> {
         let decided = upstream::decide(
             &self.policy,
             self.resolver.as_ref(),
@@ -203,18 +221,32 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Result<Gateway, GatewayError> {
         let id = &config.sandbox_id;
-        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        if id.is_empty()
+            || id.len() > 64
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
             return Err(GatewayError::BadSandboxId(audit::sanitize(id)));
         }
         let l = &config.limits;
         if l.max_connections == 0 {
-            return Err(GatewayError::BadLimits("max_connections must be at least 1"));
+            return Err(GatewayError::BadLimits(
+                "max_connections must be at least 1",
+            ));
         }
         if l.max_header_bytes < 1024 {
-            return Err(GatewayError::BadLimits("max_header_bytes must be at least 1024"));
+            return Err(GatewayError::BadLimits(
+                "max_header_bytes must be at least 1024",
+            ));
         }
         for s in &config.secrets {
-            if !config.policy.secrets().iter().any(|p| p.name() == s.spec.name()) {
+            if !config
+                .policy
+                .secrets()
+                .iter()
+                .any(|p| p.name() == s.spec.name())
+            {
                 return Err(GatewayError::UnknownSecret(s.spec.name().to_string()));
             }
         }
@@ -222,7 +254,14 @@ impl Gateway {
         let secrets = SecretTable::new(config.secrets)?;
         // The CA may vouch only for hosts the gateway intercepts.
         let mut permitted: Vec<HostPattern> = secrets.bound_patterns();
-        permitted.extend(config.policy.rules().iter().filter(|r| r.restricts_requests()).map(|r| r.pattern().clone()));
+        permitted.extend(
+            config
+                .policy
+                .rules()
+                .iter()
+                .filter(|r| r.restricts_requests())
+                .map(|r| r.pattern().clone()),
+        );
         let ca = SandboxCa::new(id, &permitted, provider.clone())?;
         let upstream_tls = UpstreamTls::new(&config.policy, config.system_roots, provider)?;
         let inner = Inner {
@@ -238,7 +277,9 @@ impl Gateway {
             ca,
             upstream_tls,
         };
-        Ok(Gateway { inner: Arc::new(inner) })
+        Ok(Gateway {
+            inner: Arc::new(inner),
+        })
     }
 
     pub fn sandbox_id(&self) -> &str {
@@ -275,7 +316,9 @@ impl Gateway {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let inner = self.inner.clone();
-        let Some(_permit) = inner.try_slot(Via::Tunnel) else { return };
+        let Some(_permit) = inner.try_slot(Via::Tunnel) else {
+            return;
+        };
         match inner.decide_and_dial(name, port).await {
             Ok((decided, tcp, addr)) => {
                 let meter = Meter::new(inner.budget.clone());
@@ -283,7 +326,13 @@ impl Gateway {
                 conn::carry(inner.clone(), io, decided, tcp, addr, Via::Tunnel, meter).await;
             }
             Err(refusal) => {
-                let mut rec = AuditRecord::new(&inner.sandbox_id, AuditEvent::Connection, Via::Tunnel, refusal.dest, Verdict::Deny);
+                let mut rec = AuditRecord::new(
+                    &inner.sandbox_id,
+                    AuditEvent::Connection,
+                    Via::Tunnel,
+                    refusal.dest,
+                    Verdict::Deny,
+                );
                 rec.reason = Some(refusal.reason);
                 inner.auditor.emit(&rec);
             }
@@ -294,13 +343,27 @@ impl Gateway {
     pub fn dns_allowed(&self, name: &str) -> DnsAnswer {
         let inner = &self.inner;
         let (answer, dest) = match HostName::parse(name) {
-            Err(e) => (DnsAnswer::Denied { reason: e.to_string() }, audit::sanitize(name)),
+            Err(e) => (
+                DnsAnswer::Denied {
+                    reason: e.to_string(),
+                },
+                audit::sanitize(name),
+            ),
             Ok(n) => match inner.policy.allows_name(&n) {
                 Some(_) => (DnsAnswer::Allowed { name: n.clone() }, n.to_string()),
-                None => (DnsAnswer::Denied { reason: "no allow rule".into() }, n.to_string()),
+                None => (
+                    DnsAnswer::Denied {
+                        reason: "no allow rule".into(),
+                    },
+                    n.to_string(),
+                ),
             },
         };
-        let verdict = if matches!(answer, DnsAnswer::Allowed { .. }) { Verdict::Allow } else { Verdict::Deny };
+        let verdict = if matches!(answer, DnsAnswer::Allowed { .. }) {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
+        };
         let mut rec = AuditRecord::new(&inner.sandbox_id, AuditEvent::Dns, Via::Dns, dest, verdict);
         if let DnsAnswer::Denied { reason } = &answer {
             rec.reason = Some(reason.clone());

@@ -37,9 +37,14 @@ where
     let Some(_permit) = inner.try_slot(Via::Proxy) else {
         // Answer at once so the client fails fast instead of waiting for a timeout.
         let svc = service_fn(|_req: Request<Incoming>| async {
-            Ok::<_, Infallible>(text(StatusCode::SERVICE_UNAVAILABLE, "hutch: too many connections from this sandbox\n".into()))
+            Ok::<_, Infallible>(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "hutch: too many connections from this sandbox\n".into(),
+            ))
         });
-        let conn = hyper::server::conn::http1::Builder::new().keep_alive(false).serve_connection(TokioIo::new(io), svc);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(io), svc);
         let _ = tokio::time::timeout(inner.limits.handshake_timeout, conn).await;
         return;
     };
@@ -59,7 +64,9 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)
         .max_header_size(limits.max_header_bytes);
-    let conn = builder.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    let conn = builder
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
     tokio::select! {
         _ = conn => {}
         () = meter.idle(limits.idle_timeout) => return,
@@ -68,24 +75,46 @@ where
     if let Some(t) = tunnel {
         match t.upgrade.await {
             Ok(upgraded) => {
-                crate::conn::carry(inner.clone(), TokioIo::new(upgraded), t.decided, t.tcp, t.addr, Via::Proxy, meter).await;
+                crate::conn::carry(
+                    inner.clone(),
+                    TokioIo::new(upgraded),
+                    t.decided,
+                    t.tcp,
+                    t.addr,
+                    Via::Proxy,
+                    meter,
+                )
+                .await;
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
     }
 }
 
-async fn handle(inner: Arc<Inner>, mut req: Request<Incoming>, pending: Arc<Mutex<Option<PendingTunnel>>>) -> Response<GwBody> {
+async fn handle(
+    inner: Arc<Inner>,
+    mut req: Request<Incoming>,
+    pending: Arc<Mutex<Option<PendingTunnel>>>,
+) -> Response<GwBody> {
     if req.method() == Method::CONNECT {
         let Some(authority) = req.uri().authority().cloned() else {
-            return text(StatusCode::BAD_REQUEST, "hutch: CONNECT needs a host:port target\n".into());
+            return text(
+                StatusCode::BAD_REQUEST,
+                "hutch: CONNECT needs a host:port target\n".into(),
+            );
         };
         let port = authority.port_u16().unwrap_or(443);
         let host = authority.host().to_string();
         let (decided, tcp, addr) = match inner.decide_and_dial(&host, port).await {
             Ok(x) => x,
             Err(refusal) => {
-                let mut rec = AuditRecord::new(&inner.sandbox_id, AuditEvent::Connection, Via::Proxy, refusal.dest.clone(), Verdict::Deny);
+                let mut rec = AuditRecord::new(
+                    &inner.sandbox_id,
+                    AuditEvent::Connection,
+                    Via::Proxy,
+                    refusal.dest.clone(),
+                    Verdict::Deny,
+                );
                 rec.method = Some("CONNECT".into());
                 rec.status = Some(refusal.status.as_u16());
                 rec.reason = Some(refusal.reason.clone());
@@ -94,7 +123,12 @@ async fn handle(inner: Arc<Inner>, mut req: Request<Incoming>, pending: Arc<Mute
             }
         };
         let upgrade = hyper::upgrade::on(&mut req);
-        *pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(PendingTunnel { upgrade, decided, tcp, addr });
+        *pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(PendingTunnel {
+            upgrade,
+            decided,
+            tcp,
+            addr,
+        });
         return Response::new(empty());
     }
     let uri = req.uri().clone();
@@ -103,24 +137,37 @@ async fn handle(inner: Arc<Inner>, mut req: Request<Incoming>, pending: Arc<Mute
         Some(_) => {
             return text(
                 StatusCode::BAD_REQUEST,
-                format!("hutch: the proxy does not fetch {} URLs for clients; use CONNECT\n", crate::audit::sanitize(uri.scheme_str().unwrap_or(""))),
+                format!(
+                    "hutch: the proxy does not fetch {} URLs for clients; use CONNECT\n",
+                    crate::audit::sanitize(uri.scheme_str().unwrap_or(""))
+                ),
             )
         }
         None => {
             return text(
                 StatusCode::BAD_REQUEST,
-                "hutch: this is an HTTP proxy: send CONNECT or absolute-form http:// requests\n".into(),
+                "hutch: this is an HTTP proxy: send CONNECT or absolute-form http:// requests\n"
+                    .into(),
             )
         }
     }
     let Some(authority) = uri.authority() else {
-        return text(StatusCode::BAD_REQUEST, "hutch: request target has no host\n".into());
+        return text(
+            StatusCode::BAD_REQUEST,
+            "hutch: request target has no host\n".into(),
+        );
     };
     let port = authority.port_u16().unwrap_or(80);
     let host = authority.host().to_string();
     match inner.decide_and_dial(&host, port).await {
         Ok((decided, tcp, addr)) => {
-            let fwd = Arc::new(Forwarder::new(inner.clone(), decided, Upstream::Plain, Via::Proxy, Some((tcp, addr))));
+            let fwd = Arc::new(Forwarder::new(
+                inner.clone(),
+                decided,
+                Upstream::Plain,
+                Via::Proxy,
+                Some((tcp, addr)),
+            ));
             fwd.handle(req).await
         }
         Err(refusal) => request_refused(&inner, &req, refusal),
@@ -128,7 +175,13 @@ async fn handle(inner: Arc<Inner>, mut req: Request<Incoming>, pending: Arc<Mute
 }
 
 fn request_refused(inner: &Inner, req: &Request<Incoming>, refusal: Refusal) -> Response<GwBody> {
-    let mut rec = AuditRecord::new(&inner.sandbox_id, AuditEvent::Request, Via::Proxy, refusal.dest.clone(), Verdict::Deny);
+    let mut rec = AuditRecord::new(
+        &inner.sandbox_id,
+        AuditEvent::Request,
+        Via::Proxy,
+        refusal.dest.clone(),
+        Verdict::Deny,
+    );
     rec.method = Some(crate::audit::sanitize(req.method().as_str()));
     rec.path = Some(crate::http::audit_path(req.uri(), true));
     rec.status = Some(refusal.status.as_u16());

@@ -54,17 +54,28 @@ impl SecretTable {
                     break p;
                 }
             };
-            secrets.push(Secret { name, value, placeholder, spec });
+            secrets.push(Secret {
+                name,
+                value,
+                placeholder,
+                spec,
+            });
         }
         Ok(SecretTable { secrets })
     }
 
     pub(crate) fn placeholders(&self) -> Vec<(String, String)> {
-        self.secrets.iter().map(|s| (s.name.clone(), s.placeholder.clone())).collect()
+        self.secrets
+            .iter()
+            .map(|s| (s.name.clone(), s.placeholder.clone()))
+            .collect()
     }
 
     pub(crate) fn bound_patterns(&self) -> Vec<hutch_policy::HostPattern> {
-        self.secrets.iter().flat_map(|s| s.spec.hosts().iter().cloned()).collect()
+        self.secrets
+            .iter()
+            .flat_map(|s| s.spec.hosts().iter().cloned())
+            .collect()
     }
 
     pub(crate) fn any_bound_to(&self, host: &HostName) -> bool {
@@ -73,7 +84,9 @@ impl SecretTable {
 
     /// True when request bodies to `host` must be buffered to swap placeholders.
     pub(crate) fn body_swap_for(&self, host: &HostName) -> bool {
-        self.secrets.iter().any(|s| s.spec.in_body() && s.spec.is_bound_to(host))
+        self.secrets
+            .iter()
+            .any(|s| s.spec.in_body() && s.spec.is_bound_to(host))
     }
 
     fn swaps(&self, s: &Secret, host: &HostName, channel: Channel) -> bool {
@@ -90,7 +103,13 @@ impl SecretTable {
     }
 
     /// Swaps placeholders in header values where allowed; flags every other placeholder.
-    pub(crate) fn rewrite_headers(&self, headers: &mut HeaderMap, host: &HostName, channel: Channel, report: &mut Report) {
+    pub(crate) fn rewrite_headers(
+        &self,
+        headers: &mut HeaderMap,
+        host: &HostName,
+        channel: Channel,
+        report: &mut Report,
+    ) {
         for value in headers.values_mut() {
             let mut bytes: Option<Vec<u8>> = None;
             for s in &self.secrets {
@@ -99,7 +118,11 @@ impl SecretTable {
                     continue;
                 }
                 if self.swaps(s, host, channel) {
-                    bytes = Some(replace_all(current, s.placeholder.as_bytes(), s.value.expose().as_bytes()));
+                    bytes = Some(replace_all(
+                        current,
+                        s.placeholder.as_bytes(),
+                        s.value.expose().as_bytes(),
+                    ));
                     report.used.insert(s.name.clone());
                 } else {
                     Self::flag_unswapped(s, host, channel, report);
@@ -115,11 +138,19 @@ impl SecretTable {
     }
 
     /// Placeholders in the request target are never swapped (URLs end up in logs): flagged only.
-    pub(crate) fn scan_target(&self, target: &str, host: &HostName, channel: Channel, report: &mut Report) {
+    pub(crate) fn scan_target(
+        &self,
+        target: &str,
+        host: &HostName,
+        channel: Channel,
+        report: &mut Report,
+    ) {
         for s in &self.secrets {
             if target.contains(&s.placeholder) {
                 if self.swaps(s, host, channel) {
-                    report.flags.insert(format!("placeholder_in_url_not_swapped:{}", s.name));
+                    report
+                        .flags
+                        .insert(format!("placeholder_in_url_not_swapped:{}", s.name));
                 } else {
                     Self::flag_unswapped(s, host, channel, report);
                 }
@@ -130,13 +161,16 @@ impl SecretTable {
     /// Adds templated headers for bound secrets the client sent no header for.
     pub(crate) fn inject(&self, headers: &mut HeaderMap, host: &HostName, report: &mut Report) {
         for s in &self.secrets {
-            let Some(t): Option<&InjectTemplate> = s.spec.inject() else { continue };
+            let Some(t): Option<&InjectTemplate> = s.spec.inject() else {
+                continue;
+            };
             if !s.spec.is_bound_to(host) || headers.contains_key(t.header()) {
                 continue;
             }
-            let (Ok(name), Ok(mut value)) =
-                (http::HeaderName::from_bytes(t.header().as_bytes()), HeaderValue::from_str(&t.render(&s.value)))
-            else {
+            let (Ok(name), Ok(mut value)) = (
+                http::HeaderName::from_bytes(t.header().as_bytes()),
+                HeaderValue::from_str(&t.render(&s.value)),
+            ) else {
                 continue;
             };
             value.set_sensitive(true);
@@ -146,7 +180,13 @@ impl SecretTable {
     }
 
     /// Swaps placeholders of bound `in_body` secrets in a buffered body; flags the rest.
-    pub(crate) fn rewrite_body(&self, body: &[u8], host: &HostName, channel: Channel, report: &mut Report) -> Option<Vec<u8>> {
+    pub(crate) fn rewrite_body(
+        &self,
+        body: &[u8],
+        host: &HostName,
+        channel: Channel,
+        report: &mut Report,
+    ) -> Option<Vec<u8>> {
         let mut out: Option<Vec<u8>> = None;
         for s in &self.secrets {
             let current = out.as_deref().unwrap_or(body);
@@ -156,10 +196,16 @@ impl SecretTable {
             if !self.swaps(s, host, channel) {
                 Self::flag_unswapped(s, host, channel, report);
             } else if s.spec.in_body() {
-                out = Some(replace_all(current, s.placeholder.as_bytes(), s.value.expose().as_bytes()));
+                out = Some(replace_all(
+                    current,
+                    s.placeholder.as_bytes(),
+                    s.value.expose().as_bytes(),
+                ));
                 report.used.insert(s.name.clone());
             } else {
-                report.flags.insert(format!("placeholder_in_body_not_swapped:{}", s.name));
+                report
+                    .flags
+                    .insert(format!("placeholder_in_body_not_swapped:{}", s.name));
             }
         }
         out
@@ -182,8 +228,14 @@ impl SecretTable {
         for s in &self.secrets {
             let current = out.as_deref().unwrap_or(data);
             if memmem::find(current, s.value.expose().as_bytes()).is_some() {
-                out = Some(replace_all(current, s.value.expose().as_bytes(), s.placeholder.as_bytes()));
-                report.flags.insert(format!("masked_in_response:{}", s.name));
+                out = Some(replace_all(
+                    current,
+                    s.value.expose().as_bytes(),
+                    s.placeholder.as_bytes(),
+                ));
+                report
+                    .flags
+                    .insert(format!("masked_in_response:{}", s.name));
             }
         }
         out
@@ -196,7 +248,8 @@ impl SecretTable {
             .iter()
             .map(|s| {
                 let len = s.value.expose().len();
-                let mut stand_in: Vec<u8> = s.placeholder.as_bytes().iter().copied().take(len).collect();
+                let mut stand_in: Vec<u8> =
+                    s.placeholder.as_bytes().iter().copied().take(len).collect();
                 stand_in.resize(len, b'x');
                 (s.value.expose().as_bytes().to_vec(), stand_in)
             })
@@ -230,14 +283,34 @@ pub(crate) struct MaskingBody<B> {
 
 impl<B> MaskingBody<B> {
     pub(crate) fn new(inner: B, needles: Vec<(Vec<u8>, Vec<u8>)>) -> MaskingBody<B> {
-        let keep = needles.iter().map(|(v, _)| v.len()).max().unwrap_or(1).saturating_sub(1);
-        let needles = needles.into_iter().map(|(v, r)| (memmem::Finder::new(&v).into_owned(), r)).collect();
-        MaskingBody { inner, needles, keep, pending: BytesMut::new(), trailers: None, done: false, hits: Default::default() }
+        let keep = needles
+            .iter()
+            .map(|(v, _)| v.len())
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        let needles = needles
+            .into_iter()
+            .map(|(v, r)| (memmem::Finder::new(&v).into_owned(), r))
+            .collect();
+        MaskingBody {
+            inner,
+            needles,
+            keep,
+            pending: BytesMut::new(),
+            trailers: None,
+            done: false,
+            hits: Default::default(),
+        }
     }
 
     /// Emits everything that can no longer be the start of a value (all of it at the end).
     fn drain(&mut self, at_end: bool) -> Option<Bytes> {
-        let safe_end = if at_end { self.pending.len() } else { self.pending.len().saturating_sub(self.keep) };
+        let safe_end = if at_end {
+            self.pending.len()
+        } else {
+            self.pending.len().saturating_sub(self.keep)
+        };
         if safe_end == 0 {
             return None;
         }
@@ -247,7 +320,10 @@ impl<B> MaskingBody<B> {
             let next = self
                 .needles
                 .iter()
-                .filter_map(|(f, r)| f.find(&self.pending[i..]).map(|m| (i + m, f.needle().len(), r)))
+                .filter_map(|(f, r)| {
+                    f.find(&self.pending[i..])
+                        .map(|m| (i + m, f.needle().len(), r))
+                })
                 .filter(|(m, _, _)| *m < safe_end)
                 .min_by_key(|(m, _, _)| *m);
             match next {
@@ -277,7 +353,10 @@ where
     type Data = Bytes;
     type Error = B::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
         loop {
             if this.done {
@@ -335,7 +414,13 @@ mod tests {
         )
         .expect("policy");
         let loaded = policy
-            .load_secrets_with(|v| Some(if v == "A" { "AAAA-real-value".into() } else { "BBBB-real-value".into() }))
+            .load_secrets_with(|v| {
+                Some(if v == "A" {
+                    "AAAA-real-value".into()
+                } else {
+                    "BBBB-real-value".into()
+                })
+            })
             .expect("load");
         SecretTable::new(loaded).expect("table")
     }
@@ -352,14 +437,20 @@ mod tests {
         let a_ph = &ph[0].1;
         assert!(a_ph.starts_with("hutch-ph-A-") && a_ph.len() == "hutch-ph-A-".len() + 32);
         let mut h = HeaderMap::new();
-        h.insert("authorization", HeaderValue::from_str(&format!("Bearer {a_ph}")).expect("hv"));
+        h.insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {a_ph}")).expect("hv"),
+        );
         let mut r = Report::default();
         t.rewrite_headers(&mut h, &host("a.test"), Channel::Tls, &mut r);
         assert_eq!(h["authorization"], "Bearer AAAA-real-value");
         assert!(r.used.contains("A") && r.flags.is_empty());
 
         let mut h = HeaderMap::new();
-        h.insert("authorization", HeaderValue::from_str(&format!("Bearer {a_ph}")).expect("hv"));
+        h.insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {a_ph}")).expect("hv"),
+        );
         let mut r = Report::default();
         t.rewrite_headers(&mut h, &host("b.test"), Channel::Tls, &mut r);
         assert_eq!(h["authorization"], format!("Bearer {a_ph}").as_str());
@@ -387,9 +478,14 @@ mod tests {
         assert_eq!(h2["x-key"], "client-chose");
         let body = format!("{{\"token\":\"{}\",\"other\":\"{}\"}}", ph[0].1, ph[1].1);
         let mut r = Report::default();
-        let out = t.rewrite_body(body.as_bytes(), &host("a.test"), Channel::Tls, &mut r).expect("changed");
+        let out = t
+            .rewrite_body(body.as_bytes(), &host("a.test"), Channel::Tls, &mut r)
+            .expect("changed");
         let out = String::from_utf8(out).expect("utf8");
-        assert!(out.contains("AAAA-real-value") && out.contains(&ph[1].1), "{out}");
+        assert!(
+            out.contains("AAAA-real-value") && out.contains(&ph[1].1),
+            "{out}"
+        );
         assert!(r.flags.contains("possible_exfiltration:B"));
     }
 
@@ -403,7 +499,10 @@ mod tests {
                 .chunks(split)
                 .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
                 .collect();
-            let body = MaskingBody::new(StreamBody::new(futures::stream::iter(frames)), t.stream_needles());
+            let body = MaskingBody::new(
+                StreamBody::new(futures::stream::iter(frames)),
+                t.stream_needles(),
+            );
             let out = body.collect().await.expect("collect").to_bytes();
             assert_eq!(out.len(), text.len(), "length preserved at split {split}");
             let s = String::from_utf8_lossy(&out);

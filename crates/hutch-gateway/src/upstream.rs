@@ -25,7 +25,11 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Name resolution for allowed names. The gateway asks once per connection and dials only
 /// what it was told and checked.
 pub trait Resolver: Send + Sync {
-    fn lookup<'a>(&'a self, name: &'a HostName, port: u16) -> BoxFuture<'a, io::Result<Vec<IpAddr>>>;
+    fn lookup<'a>(
+        &'a self,
+        name: &'a HostName,
+        port: u16,
+    ) -> BoxFuture<'a, io::Result<Vec<IpAddr>>>;
 }
 
 /// The host's resolver (getaddrinfo via tokio).
@@ -33,7 +37,11 @@ pub trait Resolver: Send + Sync {
 pub struct SystemResolver;
 
 impl Resolver for SystemResolver {
-    fn lookup<'a>(&'a self, name: &'a HostName, port: u16) -> BoxFuture<'a, io::Result<Vec<IpAddr>>> {
+    fn lookup<'a>(
+        &'a self,
+        name: &'a HostName,
+        port: u16,
+    ) -> BoxFuture<'a, io::Result<Vec<IpAddr>>> {
         Box::pin(async move {
             let addrs = tokio::net::lookup_host((name.as_str(), port)).await?;
             Ok(addrs.map(|a| a.ip()).collect())
@@ -66,11 +74,18 @@ pub(crate) struct Refusal {
 
 impl Refusal {
     pub(crate) fn policy(dest: String, reason: &DenyReason) -> Refusal {
-        Refusal { dest, reason: reason.to_string(), status: http::StatusCode::FORBIDDEN }
+        Refusal {
+            dest,
+            reason: reason.to_string(),
+            status: http::StatusCode::FORBIDDEN,
+        }
     }
 
     pub(crate) fn message(&self) -> String {
-        format!("hutch: egress to {} denied by policy ({})\n", self.dest, self.reason)
+        format!(
+            "hutch: egress to {} denied by policy ({})\n",
+            self.dest, self.reason
+        )
     }
 }
 
@@ -86,18 +101,38 @@ pub(crate) async fn decide(
     let shown = format!("{}:{}", crate::audit::sanitize(raw_name), port);
     let name = match HostName::parse(raw_name) {
         Ok(n) => n,
-        Err(e) => return Err(Refusal::policy(shown, &DenyReason::BadName { message: e.to_string() })),
+        Err(e) => {
+            return Err(Refusal::policy(
+                shown,
+                &DenyReason::BadName {
+                    message: e.to_string(),
+                },
+            ))
+        }
     };
     let dest = format!("{name}:{port}");
-    let rule = policy.check_connect(&name, port).map_err(|r| Refusal::policy(dest.clone(), &r))?.clone();
+    let rule = policy
+        .check_connect(&name, port)
+        .map_err(|r| Refusal::policy(dest.clone(), &r))?
+        .clone();
     if let Some(pinned) = policy.pinned(&name, port) {
         // The operator chose these addresses; they may be loopback (a local test "internet").
         let addrs = pinned.iter().map(|ip| SocketAddr::new(*ip, port)).collect();
-        return Ok(Decided { name, port, rule, addrs });
+        return Ok(Decided {
+            name,
+            port,
+            rule,
+            addrs,
+        });
     }
     let ips = match tokio::time::timeout(timeout, resolver.lookup(&name, port)).await {
         Ok(Ok(ips)) if !ips.is_empty() => ips,
-        Ok(Ok(_)) => return Err(upstream_refusal(dest, "name resolved to no addresses".into())),
+        Ok(Ok(_)) => {
+            return Err(upstream_refusal(
+                dest,
+                "name resolved to no addresses".into(),
+            ))
+        }
         Ok(Err(e)) => return Err(upstream_refusal(dest, format!("cannot resolve: {e}"))),
         Err(_) => return Err(upstream_refusal(dest, "name resolution timed out".into())),
     };
@@ -116,17 +151,32 @@ pub(crate) async fn decide(
             "resolves only to forbidden addresses: {}; pin it with --resolve {name}:{port}:ADDR if this is intended",
             refused.join(", ")
         );
-        return Err(Refusal::policy(dest, &DenyReason::BadName { message: reason }));
+        return Err(Refusal::policy(
+            dest,
+            &DenyReason::BadName { message: reason },
+        ));
     }
-    Ok(Decided { name, port, rule, addrs: allowed })
+    Ok(Decided {
+        name,
+        port,
+        rule,
+        addrs: allowed,
+    })
 }
 
 fn upstream_refusal(dest: String, reason: String) -> Refusal {
-    Refusal { dest, reason, status: http::StatusCode::BAD_GATEWAY }
+    Refusal {
+        dest,
+        reason,
+        status: http::StatusCode::BAD_GATEWAY,
+    }
 }
 
 /// Connects to the first checked address that answers.
-pub(crate) async fn dial(d: &Decided, timeout: Duration) -> Result<(TcpStream, SocketAddr), Refusal> {
+pub(crate) async fn dial(
+    d: &Decided,
+    timeout: Duration,
+) -> Result<(TcpStream, SocketAddr), Refusal> {
     let mut last = String::from("no address");
     for addr in &d.addrs {
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
@@ -138,7 +188,10 @@ pub(crate) async fn dial(d: &Decided, timeout: Duration) -> Result<(TcpStream, S
             Err(_) => last = format!("{addr}: connect timed out"),
         }
     }
-    Err(upstream_refusal(d.dest(), format!("cannot connect: {last}")))
+    Err(upstream_refusal(
+        d.dest(),
+        format!("cannot connect: {last}"),
+    ))
 }
 
 /// TLS to upstream servers, verified against the system roots plus `--upstream-ca`.
@@ -147,7 +200,11 @@ pub(crate) struct UpstreamTls {
 }
 
 impl UpstreamTls {
-    pub(crate) fn new(policy: &CheckedPolicy, system_roots: bool, provider: Arc<CryptoProvider>) -> Result<UpstreamTls, GatewayError> {
+    pub(crate) fn new(
+        policy: &CheckedPolicy,
+        system_roots: bool,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<UpstreamTls, GatewayError> {
         let mut roots = RootCertStore::empty();
         if system_roots {
             let native = rustls_native_certs::load_native_certs();
@@ -155,10 +212,14 @@ impl UpstreamTls {
         }
         for ca in policy.upstream_ca() {
             let certs: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(ca.pem.as_bytes()).filter_map(Result::ok).collect();
+                CertificateDer::pem_slice_iter(ca.pem.as_bytes())
+                    .filter_map(Result::ok)
+                    .collect();
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(GatewayError::UpstreamCa { path: ca.path.clone() });
+                return Err(GatewayError::UpstreamCa {
+                    path: ca.path.clone(),
+                });
             }
         }
         let mut cfg = ClientConfig::builder_with_provider(provider)
@@ -167,15 +228,25 @@ impl UpstreamTls {
             .with_root_certificates(roots)
             .with_no_client_auth();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(UpstreamTls { connector: TlsConnector::from(Arc::new(cfg)) })
+        Ok(UpstreamTls {
+            connector: TlsConnector::from(Arc::new(cfg)),
+        })
     }
 
-    pub(crate) async fn connect(&self, name: &HostName, tcp: TcpStream, timeout: Duration) -> io::Result<TlsStream<TcpStream>> {
+    pub(crate) async fn connect(
+        &self,
+        name: &HostName,
+        tcp: TcpStream,
+        timeout: Duration,
+    ) -> io::Result<TlsStream<TcpStream>> {
         let server_name = ServerName::try_from(name.as_str().to_string())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         match tokio::time::timeout(timeout, self.connector.connect(server_name, tcp)).await {
             Ok(r) => r,
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "upstream TLS handshake timed out")),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "upstream TLS handshake timed out",
+            )),
         }
     }
 }

@@ -89,7 +89,11 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
     (u32::from(ip) & mask) == (u32::from(Ipv4Addr::from(net)) & mask)
 }
 
@@ -122,7 +126,11 @@ fn classify_v4(ip: Ipv4Addr) -> AddrClass {
 }
 
 fn in_v6(ip: Ipv6Addr, net: [u16; 8], prefix: u32) -> bool {
-    let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u128::MAX << (128 - prefix)
+    };
     (u128::from(ip) & mask) == (u128::from(Ipv6Addr::from(net)) & mask)
 }
 
@@ -168,7 +176,11 @@ fn classify_v6(ip: Ipv6Addr) -> AddrClass {
         ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10, AddrClass::LinkLocal),
         ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10, AddrClass::Private),
         ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7, AddrClass::Private),
-        ([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32, AddrClass::Documentation),
+        (
+            [0x2001, 0xdb8, 0, 0, 0, 0, 0, 0],
+            32,
+            AddrClass::Documentation,
+        ),
         ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20, AddrClass::Documentation),
         ([0x2001, 0x2, 0, 0, 0, 0, 0, 0], 48, AddrClass::Benchmarking),
         ([0x0100, 0, 0, 0, 0, 0, 0, 0], 64, AddrClass::Reserved),
@@ -288,14 +300,22 @@ mod tests {
     /// Threat 8: the host's own addresses, in either family spelling.
     #[test]
     fn threat8_host_own_addresses() {
-        let host: Vec<IpAddr> =
-            vec!["93.184.216.34".parse().expect("addr"), "2606:2800:220:1::1".parse().expect("addr")];
+        let host: Vec<IpAddr> = vec![
+            "93.184.216.34".parse().expect("addr"),
+            "2606:2800:220:1::1".parse().expect("addr"),
+        ];
         let cls = |s: &str| classify(s.parse().expect("addr"), &host);
         assert_eq!(cls("93.184.216.34"), AddrClass::HostOwn);
         assert_eq!(cls("::ffff:93.184.216.34"), AddrClass::HostOwn);
         assert_eq!(cls("2606:2800:220:1::1"), AddrClass::HostOwn);
         assert_eq!(cls("93.184.216.35"), AddrClass::Public);
         // Special ranges keep their own, more telling class.
-        assert_eq!(classify("127.0.0.1".parse().expect("addr"), &["127.0.0.1".parse().expect("addr")]), AddrClass::Loopback);
+        assert_eq!(
+            classify(
+                "127.0.0.1".parse().expect("addr"),
+                &["127.0.0.1".parse().expect("addr")]
+            ),
+            AddrClass::Loopback
+        );
     }
 }

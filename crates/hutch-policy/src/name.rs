@@ -20,7 +20,10 @@ impl HostName {
     /// Canonicalizes `input` (UTS-46 to A-labels, lowercase, one trailing dot stripped) or says
     /// why it is not an acceptable host name. IP literals in any spelling are refused here.
     pub fn parse(input: &str) -> Result<HostName, NameError> {
-        canonicalize(input).map_err(|kind| NameError { input: input.to_string(), kind })
+        canonicalize(input).map_err(|kind| NameError {
+            input: input.to_string(),
+            kind,
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -125,7 +128,12 @@ fn canonicalize(input: &str) -> Result<HostName, NameErrorKind> {
         return Err(NameErrorKind::ForbiddenChar("'%'"));
     }
     let ascii = Uts46::new()
-        .to_ascii(input.as_bytes(), AsciiDenyList::EMPTY, Hyphens::Allow, DnsLength::Ignore)
+        .to_ascii(
+            input.as_bytes(),
+            AsciiDenyList::EMPTY,
+            Hyphens::Allow,
+            DnsLength::Ignore,
+        )
         .map_err(|_| NameErrorKind::Idna)?;
     let mut name: &str = &ascii;
     if let Some(stripped) = name.strip_suffix('.') {
@@ -142,7 +150,10 @@ fn canonicalize(input: &str) -> Result<HostName, NameErrorKind> {
             None => NameErrorKind::NumericName,
         });
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '.')) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '.'))
+    {
         return Err(NameErrorKind::NotLdh(c));
     }
     for label in name.split('.') {
@@ -167,7 +178,10 @@ fn is_numeric_label(label: &str) -> bool {
     if !label.is_empty() && label.bytes().all(|b| b.is_ascii_digit()) {
         return true;
     }
-    match label.strip_prefix("0x").or_else(|| label.strip_prefix("0X")) {
+    match label
+        .strip_prefix("0x")
+        .or_else(|| label.strip_prefix("0X"))
+    {
         Some(rest) => rest.bytes().all(|b| b.is_ascii_hexdigit()),
         None => false,
     }
@@ -399,17 +413,31 @@ mod tests {
             ("[::ffff:7f00:1]", "127.0.0.1"),
             ("fd00:ec2::254", "fd00:ec2::254"),
             // Full-width digits and dots map to an IPv4 literal under UTS-46.
-            ("\u{ff11}\u{ff12}\u{ff17}\u{ff0e}\u{ff10}\u{ff0e}\u{ff10}\u{ff0e}\u{ff11}", "127.0.0.1"),
+            (
+                "\u{ff11}\u{ff12}\u{ff17}\u{ff0e}\u{ff10}\u{ff0e}\u{ff10}\u{ff0e}\u{ff11}",
+                "127.0.0.1",
+            ),
         ];
         for (input, want) in table {
-            assert_eq!(kind(input), NameErrorKind::IpLiteral(ip(want)), "input {input:?}");
+            assert_eq!(
+                kind(input),
+                NameErrorKind::IpLiteral(ip(want)),
+                "input {input:?}"
+            );
         }
     }
 
     /// Threat 3: numeric final labels that are not valid addresses are still not names.
     #[test]
     fn threat3_numeric_names_refused() {
-        for input in ["256.256.256.256", "1.2.3.4.5", "example.123", "0x", "08.1", "4294967296"] {
+        for input in [
+            "256.256.256.256",
+            "1.2.3.4.5",
+            "example.123",
+            "0x",
+            "08.1",
+            "4294967296",
+        ] {
             let k = kind(input);
             assert!(
                 matches!(k, NameErrorKind::NumericName | NameErrorKind::IpLiteral(_)),
@@ -425,10 +453,16 @@ mod tests {
     fn threat4_forbidden_bytes_refused() {
         let table = [
             ("exa\0mple.com", NameErrorKind::ForbiddenChar("a NUL byte")),
-            ("example.com\r\nHost: evil.com", NameErrorKind::ForbiddenChar("CR or LF")),
+            (
+                "example.com\r\nHost: evil.com",
+                NameErrorKind::ForbiddenChar("CR or LF"),
+            ),
             ("example.com\n", NameErrorKind::ForbiddenChar("CR or LF")),
             ("exam%70le.com", NameErrorKind::ForbiddenChar("'%'")),
-            ("exa\u{7}mple.com", NameErrorKind::ForbiddenChar("a control character")),
+            (
+                "exa\u{7}mple.com",
+                NameErrorKind::ForbiddenChar("a control character"),
+            ),
             ("exa mple.com", NameErrorKind::ForbiddenChar("whitespace")),
             ("example.com/path", NameErrorKind::NotLdh('/')),
             ("user@example.com", NameErrorKind::NotLdh('@')),
@@ -465,7 +499,12 @@ mod tests {
         let allowed = HostPattern::parse("github.com").expect("pattern");
         let wildcard = HostPattern::parse("*.github.com").expect("pattern");
         // Cyrillic 'і' (U+0456) and 'о' (U+043E) in place of Latin letters.
-        for input in ["g\u{456}thub.com", "api.g\u{456}thub.com", "github.c\u{43e}m", "gіthub.com"] {
+        for input in [
+            "g\u{456}thub.com",
+            "api.g\u{456}thub.com",
+            "github.c\u{43e}m",
+            "gіthub.com",
+        ] {
             let name = HostName::parse(input).expect("lookalikes are valid IDNs");
             assert!(name.as_str().contains("xn--"), "{input:?} -> {name}");
             assert!(!allowed.matches(&name), "{input:?} matched {allowed}");
@@ -502,11 +541,26 @@ mod tests {
 
     #[test]
     fn patterns_parse_and_cover() {
-        assert!(matches!(HostPattern::parse("*.com"), Err(PatternError::TooBroad(_))));
-        assert!(matches!(HostPattern::parse("*"), Err(PatternError::MisplacedWildcard)));
-        assert!(matches!(HostPattern::parse("a.*.com"), Err(PatternError::MisplacedWildcard)));
-        assert!(matches!(HostPattern::parse("*.*.com"), Err(PatternError::MisplacedWildcard)));
-        assert!(matches!(HostPattern::parse("*.127.0.0.1"), Err(PatternError::Name(_))));
+        assert!(matches!(
+            HostPattern::parse("*.com"),
+            Err(PatternError::TooBroad(_))
+        ));
+        assert!(matches!(
+            HostPattern::parse("*"),
+            Err(PatternError::MisplacedWildcard)
+        ));
+        assert!(matches!(
+            HostPattern::parse("a.*.com"),
+            Err(PatternError::MisplacedWildcard)
+        ));
+        assert!(matches!(
+            HostPattern::parse("*.*.com"),
+            Err(PatternError::MisplacedWildcard)
+        ));
+        assert!(matches!(
+            HostPattern::parse("*.127.0.0.1"),
+            Err(PatternError::Name(_))
+        ));
         let w = HostPattern::parse("*.Bücher.DE").expect("idn wildcard");
         assert_eq!(w.to_string(), "*.xn--bcher-kva.de");
         let sub = HostPattern::parse("*.api.example.com").expect("pattern");
@@ -525,6 +579,9 @@ mod tests {
         assert_eq!(parse_ipv4_loose("1.2.65536"), None);
         assert_eq!(parse_ipv4_loose("256.1"), None);
         assert_eq!(parse_ipv4_loose("09"), None);
-        assert_eq!(parse_ipv4_loose("1.2.65535"), Some(Ipv4Addr::new(1, 2, 255, 255)));
+        assert_eq!(
+            parse_ipv4_loose("1.2.65535"),
+            Some(Ipv4Addr::new(1, 2, 255, 255))
+        );
     }
 }

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::name::{HostName, HostPattern};
 use crate::rule::{best_rule, AllowRule, DenyReason, Method, PathPrefix, RuleId, DEFAULT_PORTS};
-use crate::secret::{InjectTemplate, LoadedSecret, SecretName, SecretSource, SecretSpec, SecretValue};
+use crate::secret::{
+    InjectTemplate, LoadedSecret, SecretName, SecretSource, SecretSpec, SecretValue,
+};
 
 /// What the host user gave: `--policy FILE` and the flags that add to it.
 #[derive(Clone, Debug, Default)]
@@ -44,7 +46,10 @@ pub enum PolicyError {
 }
 
 fn invalid(field: impl Into<String>, problem: impl Into<String>) -> PolicyError {
-    PolicyError::Invalid { field: field.into(), problem: problem.into() }
+    PolicyError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
 }
 
 /// Operator-pinned addresses for one name and port (`--resolve`). Pinned addresses are dialed
@@ -78,8 +83,11 @@ impl CheckedPolicy {
     pub fn from_input(input: &PolicyInput) -> Result<CheckedPolicy, PolicyError> {
         let mut b = Builder::default();
         if let Some(path) = &input.policy_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| PolicyError::Read { what: "policy file", path: path.clone(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+                what: "policy file",
+                path: path.clone(),
+                source,
+            })?;
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
             b.add_toml(&text, path, &base)?;
         }
@@ -90,13 +98,15 @@ impl CheckedPolicy {
             b.add_rule(pattern, ports, None, None, field)?;
         }
         for r in &input.resolve {
-            b.pins.push(parse_pin(r).map_err(|p| invalid(format!("--resolve {r:?}"), p))?);
+            b.pins
+                .push(parse_pin(r).map_err(|p| invalid(format!("--resolve {r:?}"), p))?);
         }
         for path in &input.upstream_ca {
             b.upstream_ca.push(read_ca(path, path)?);
         }
         for s in &input.secrets {
-            b.secrets.push(parse_secret_flag(s).map_err(|p| invalid(format!("--secret {s:?}"), p))?);
+            b.secrets
+                .push(parse_secret_flag(s).map_err(|p| invalid(format!("--secret {s:?}"), p))?);
         }
         b.finish()
     }
@@ -130,7 +140,10 @@ impl CheckedPolicy {
 
     /// Operator-pinned addresses for `name:port`.
     pub fn pinned(&self, name: &HostName, port: u16) -> Option<&[IpAddr]> {
-        self.pins.iter().find(|p| &p.name == name && p.port == port).map(|p| p.addrs.as_slice())
+        self.pins
+            .iter()
+            .find(|p| &p.name == name && p.port == port)
+            .map(|p| p.addrs.as_slice())
     }
 
     pub fn upstream_ca(&self) -> &[UpstreamCa] {
@@ -147,17 +160,27 @@ impl CheckedPolicy {
     }
 
     /// Loads secret values with `env` standing in for the environment (files are still read).
-    pub fn load_secrets_with(&self, env: impl Fn(&str) -> Option<String>) -> Result<Vec<LoadedSecret>, PolicyError> {
+    pub fn load_secrets_with(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<LoadedSecret>, PolicyError> {
         let mut out = Vec::with_capacity(self.secrets.len());
         for spec in &self.secrets {
             let field = format!("secret {}", spec.name);
             let raw = match &spec.source {
                 SecretSource::Env(var) => env(var).ok_or_else(|| {
-                    invalid(&field, format!("environment variable ${var} is not set on the host"))
+                    invalid(
+                        &field,
+                        format!("environment variable ${var} is not set on the host"),
+                    )
                 })?,
                 SecretSource::File(path) => {
-                    let mut s = std::fs::read_to_string(path)
-                        .map_err(|source| PolicyError::Read { what: "secret file", path: path.clone(), source })?;
+                    let mut s =
+                        std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+                            what: "secret file",
+                            path: path.clone(),
+                            source,
+                        })?;
                     // Files written by editors and `echo` end in a newline that is not part of the value.
                     while s.ends_with('\n') || s.ends_with('\r') {
                         s.pop();
@@ -167,7 +190,10 @@ impl CheckedPolicy {
             };
             let value = SecretValue::new(raw, &format!("the value from {}", spec.source))
                 .map_err(|p| invalid(&field, p))?;
-            out.push(LoadedSecret { spec: spec.clone(), value });
+            out.push(LoadedSecret {
+                spec: spec.clone(),
+                value,
+            });
         }
         Ok(out)
     }
@@ -223,8 +249,10 @@ struct RawInject {
 
 impl Builder {
     fn add_toml(&mut self, text: &str, path: &Path, base: &Path) -> Result<(), PolicyError> {
-        let raw: RawFile = toml::from_str(text)
-            .map_err(|e| PolicyError::Syntax { path: path.to_path_buf(), message: e.to_string().trim_end().to_string() })?;
+        let raw: RawFile = toml::from_str(text).map_err(|e| PolicyError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
         let file = path.display().to_string();
         for (i, item) in raw.allow.into_iter().enumerate() {
             let field = format!("{file}: allow[{i}]");
@@ -279,7 +307,8 @@ impl Builder {
             }
         }
         for (i, r) in raw.resolve.iter().enumerate() {
-            self.pins.push(parse_pin(r).map_err(|p| invalid(format!("{file}: resolve[{i}]"), p))?);
+            self.pins
+                .push(parse_pin(r).map_err(|p| invalid(format!("{file}: resolve[{i}]"), p))?);
         }
         for p in &raw.upstream_ca {
             self.upstream_ca.push(read_ca(&base.join(p), p)?);
@@ -288,28 +317,50 @@ impl Builder {
             let field = format!("{file}: secrets.{name}");
             let sname = SecretName::parse(&name).map_err(|p| invalid(&field, p))?;
             let source = match (s.from_env, s.from_file) {
-                (Some(_), Some(_)) => return Err(invalid(&field, "give from_env or from_file, not both")),
+                (Some(_), Some(_)) => {
+                    return Err(invalid(&field, "give from_env or from_file, not both"))
+                }
                 (Some(v), None) => {
-                    SecretName::parse(&v).map_err(|p| invalid(format!("{field}.from_env"), p.replace("secret name", "variable name")))?;
+                    SecretName::parse(&v).map_err(|p| {
+                        invalid(
+                            format!("{field}.from_env"),
+                            p.replace("secret name", "variable name"),
+                        )
+                    })?;
                     SecretSource::Env(v)
                 }
                 (None, Some(f)) => SecretSource::File(base.join(f)),
                 (None, None) => SecretSource::Env(name.clone()),
             };
             if s.hosts.is_empty() {
-                return Err(invalid(format!("{field}.hosts"), "is empty; a secret must be bound to at least one host"));
+                return Err(invalid(
+                    format!("{field}.hosts"),
+                    "is empty; a secret must be bound to at least one host",
+                ));
             }
             let hosts = s
                 .hosts
                 .iter()
                 .enumerate()
-                .map(|(j, h)| HostPattern::parse(h).map_err(|e| invalid(format!("{field}.hosts[{j}]"), e.to_string())))
+                .map(|(j, h)| {
+                    HostPattern::parse(h)
+                        .map_err(|e| invalid(format!("{field}.hosts[{j}]"), e.to_string()))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let inject = match s.inject {
                 None => None,
-                Some(t) => Some(InjectTemplate::parse(&t.header, &t.value).map_err(|p| invalid(format!("{field}.inject"), p))?),
+                Some(t) => Some(
+                    InjectTemplate::parse(&t.header, &t.value)
+                        .map_err(|p| invalid(format!("{field}.inject"), p))?,
+                ),
             };
-            self.secrets.push(SecretSpec { name: sname, hosts, source, inject, in_body: s.in_body });
+            self.secrets.push(SecretSpec {
+                name: sname,
+                hosts,
+                source,
+                inject,
+                in_body: s.in_body,
+            });
         }
         Ok(())
     }
@@ -323,27 +374,52 @@ impl Builder {
         origin: String,
     ) -> Result<(), PolicyError> {
         let ports = ports.unwrap_or_else(|| DEFAULT_PORTS.into_iter().collect());
-        if let Some(prev) = self.rules.iter().find(|r| r.pattern == pattern && !r.ports.is_disjoint(&ports)) {
+        if let Some(prev) = self
+            .rules
+            .iter()
+            .find(|r| r.pattern == pattern && !r.ports.is_disjoint(&ports))
+        {
             return Err(invalid(
                 &origin,
-                format!("{pattern} on the same port is already allowed by {}; merge the two rules", prev.origin),
+                format!(
+                    "{pattern} on the same port is already allowed by {}; merge the two rules",
+                    prev.origin
+                ),
             ));
         }
         let id = RuleId(self.rules.len());
-        self.rules.push(AllowRule { id, pattern, ports, methods, paths, origin });
+        self.rules.push(AllowRule {
+            id,
+            pattern,
+            ports,
+            methods,
+            paths,
+            origin,
+        });
         Ok(())
     }
 
     fn finish(self) -> Result<CheckedPolicy, PolicyError> {
-        let policy = CheckedPolicy { rules: self.rules, pins: self.pins, upstream_ca: self.upstream_ca, secrets: self.secrets };
+        let policy = CheckedPolicy {
+            rules: self.rules,
+            pins: self.pins,
+            upstream_ca: self.upstream_ca,
+            secrets: self.secrets,
+        };
         let mut seen = BTreeSet::new();
         for pin in &policy.pins {
             let field = format!("resolve {}:{}", pin.name, pin.port);
             if !seen.insert((pin.name.clone(), pin.port)) {
-                return Err(invalid(field, "is pinned twice; list all addresses in one entry"));
+                return Err(invalid(
+                    field,
+                    "is pinned twice; list all addresses in one entry",
+                ));
             }
             if policy.check_connect(&pin.name, pin.port).is_err() {
-                return Err(invalid(field, "no allow rule permits this name and port, so the pin would never be used"));
+                return Err(invalid(
+                    field,
+                    "no allow rule permits this name and port, so the pin would never be used",
+                ));
             }
         }
         let mut names = BTreeSet::new();
@@ -354,7 +430,10 @@ impl Builder {
             }
             for h in &s.hosts {
                 if !policy.rules.iter().any(|r| r.pattern.covers(h)) {
-                    return Err(invalid(&field, format!("is bound to {h}, which no allow rule permits; add --allow {h}")));
+                    return Err(invalid(
+                        &field,
+                        format!("is bound to {h}, which no allow rule permits; add --allow {h}"),
+                    ));
                 }
             }
         }
@@ -396,8 +475,12 @@ fn parse_pin(s: &str) -> Result<Pin, String> {
     let addrs = addrs
         .split(',')
         .map(|a| {
-            let bare = a.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(a);
-            bare.parse::<IpAddr>().map_err(|_| format!("{a:?} is not an IP address"))
+            let bare = a
+                .strip_prefix('[')
+                .and_then(|x| x.strip_suffix(']'))
+                .unwrap_or(a);
+            bare.parse::<IpAddr>()
+                .map_err(|_| format!("{a:?} is not an IP address"))
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Pin { name, port, addrs })
@@ -412,19 +495,31 @@ fn parse_secret_flag(s: &str) -> Result<SecretSpec, String> {
         .map(|h| HostPattern::parse(h).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     let source = SecretSource::Env(name.as_str().to_string());
-    Ok(SecretSpec { name, hosts, source, inject: None, in_body: false })
+    Ok(SecretSpec {
+        name,
+        hosts,
+        source,
+        inject: None,
+        in_body: false,
+    })
 }
 
 fn read_ca(path: &Path, shown: &Path) -> Result<UpstreamCa, PolicyError> {
-    let pem = std::fs::read_to_string(path)
-        .map_err(|source| PolicyError::Read { what: "upstream CA file", path: path.to_path_buf(), source })?;
+    let pem = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        what: "upstream CA file",
+        path: path.to_path_buf(),
+        source,
+    })?;
     if !pem.contains("-----BEGIN CERTIFICATE-----") {
         return Err(invalid(
             format!("upstream_ca {}", shown.display()),
             "contains no PEM certificate (-----BEGIN CERTIFICATE-----)",
         ));
     }
-    Ok(UpstreamCa { path: path.to_path_buf(), pem })
+    Ok(UpstreamCa {
+        path: path.to_path_buf(),
+        pem,
+    })
 }
 
 #[cfg(test)]
@@ -452,7 +547,10 @@ mod tests {
     #[test]
     fn default_deny_and_empty_allowlist() {
         let p = toml_ok("");
-        assert_eq!(p.check_connect(&name("example.com"), 443).err(), Some(DenyReason::NoRule));
+        assert_eq!(
+            p.check_connect(&name("example.com"), 443).err(),
+            Some(DenyReason::NoRule)
+        );
         assert!(p.allows_name(&name("example.com")).is_none());
         let p = CheckedPolicy::from_input(&PolicyInput::default()).expect("empty input");
         assert!(p.rules().is_empty());
@@ -469,9 +567,16 @@ mod tests {
             ]
             "#,
         );
-        let r = p.check_connect(&name("api.github.com"), 443).expect("allowed");
-        assert!(r.restricts_requests(), "exact rule must win over the wildcard: {r}");
-        let r = p.check_connect(&name("raw.github.com"), 443).expect("allowed");
+        let r = p
+            .check_connect(&name("api.github.com"), 443)
+            .expect("allowed");
+        assert!(
+            r.restricts_requests(),
+            "exact rule must win over the wildcard: {r}"
+        );
+        let r = p
+            .check_connect(&name("raw.github.com"), 443)
+            .expect("allowed");
         assert!(!r.restricts_requests());
         assert!(p.check_connect(&name("raw.github.com"), 80).is_err());
         assert!(p.check_connect(&name("github.com"), 443).is_err());
@@ -513,7 +618,10 @@ mod tests {
         for (text, wants) in cases {
             let err = toml_err(text);
             for want in *wants {
-                assert!(err.contains(want), "error for {text:?} should mention {want:?}, got: {err}");
+                assert!(
+                    err.contains(want),
+                    "error for {text:?} should mention {want:?}, got: {err}"
+                );
             }
         }
     }
@@ -522,7 +630,11 @@ mod tests {
     fn flags_merge_with_file_and_pins_parse() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("policy.toml");
-        std::fs::write(&file, "allow = [\"api.test:8443\"]\nresolve = [\"api.test:8443:127.0.0.1,[::1]\"]\n").expect("write");
+        std::fs::write(
+            &file,
+            "allow = [\"api.test:8443\"]\nresolve = [\"api.test:8443:127.0.0.1,[::1]\"]\n",
+        )
+        .expect("write");
         let input = PolicyInput {
             policy_file: Some(file),
             allow: vec!["other.test:9443".into(), "*.svc.test".into()],
@@ -540,11 +652,24 @@ mod tests {
         assert!(p.secrets()[0].is_bound_to(&name("other.test")));
         assert!(!p.secrets()[0].is_bound_to(&name("api.test")));
 
-        let bad = PolicyInput { allow: vec!["[::1]:443".into()], ..Default::default() };
-        let err = CheckedPolicy::from_input(&bad).expect_err("ip literal").to_string();
-        assert!(err.contains("--allow") && err.contains("IP address ::1"), "{err}");
-        let bad = PolicyInput { secrets: vec!["TOKEN".into()], ..Default::default() };
-        let err = CheckedPolicy::from_input(&bad).expect_err("no hosts").to_string();
+        let bad = PolicyInput {
+            allow: vec!["[::1]:443".into()],
+            ..Default::default()
+        };
+        let err = CheckedPolicy::from_input(&bad)
+            .expect_err("ip literal")
+            .to_string();
+        assert!(
+            err.contains("--allow") && err.contains("IP address ::1"),
+            "{err}"
+        );
+        let bad = PolicyInput {
+            secrets: vec!["TOKEN".into()],
+            ..Default::default()
+        };
+        let err = CheckedPolicy::from_input(&bad)
+            .expect_err("no hosts")
+            .to_string();
         assert!(err.contains("NAME@HOST"), "{err}");
     }
 
@@ -565,18 +690,34 @@ mod tests {
             in_body = true
         "#;
         std::fs::write(&file, text).expect("write");
-        let p = CheckedPolicy::from_input(&PolicyInput { policy_file: Some(file), ..Default::default() }).expect("valid");
+        let p = CheckedPolicy::from_input(&PolicyInput {
+            policy_file: Some(file),
+            ..Default::default()
+        })
+        .expect("valid");
         let loaded = p
             .load_secrets_with(|v| (v == "HUTCH_TEST_A").then(|| "env-secret-value-1".to_string()))
             .expect("load");
         assert_eq!(loaded[0].value.expose(), "env-secret-value-1");
-        assert_eq!(loaded[0].spec.inject().map(InjectTemplate::header), Some("authorization"));
+        assert_eq!(
+            loaded[0].spec.inject().map(InjectTemplate::header),
+            Some("authorization")
+        );
         assert_eq!(loaded[1].value.expose(), "file-secret-value-1");
         assert!(loaded[1].spec.in_body());
-        let err = p.load_secrets_with(|_| None).expect_err("missing env").to_string();
+        let err = p
+            .load_secrets_with(|_| None)
+            .expect_err("missing env")
+            .to_string();
         assert!(err.contains("$HUTCH_TEST_A is not set"), "{err}");
-        let err = p.load_secrets_with(|_| Some("bad\nvalue-xyz".into())).expect_err("newline").to_string();
-        assert!(!err.contains("value-xyz") && err.contains("control"), "{err}");
+        let err = p
+            .load_secrets_with(|_| Some("bad\nvalue-xyz".into()))
+            .expect_err("newline")
+            .to_string();
+        assert!(
+            !err.contains("value-xyz") && err.contains("control"),
+            "{err}"
+        );
     }
 
     /// Threat 15 (agent switching off its guardrails): the serialized policy carries no secret

@@ -23,7 +23,10 @@ impl Method {
         }
         let up = s.to_ascii_uppercase();
         if up == "CONNECT" {
-            return Err("CONNECT opens tunnels and is not a request method rule; allow the host instead".into());
+            return Err(
+                "CONNECT opens tunnels and is not a request method rule; allow the host instead"
+                    .into(),
+            );
         }
         Ok(Method(up))
     }
@@ -48,11 +51,17 @@ impl PathPrefix {
         if !s.starts_with('/') {
             return Err(format!("path prefix {s:?} must start with '/'"));
         }
-        if s.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#' || b == b'\\') {
-            return Err(format!("path prefix {s:?} may not contain spaces, controls, '?', '#' or '\\'"));
+        if s.bytes()
+            .any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#' || b == b'\\')
+        {
+            return Err(format!(
+                "path prefix {s:?} may not contain spaces, controls, '?', '#' or '\\'"
+            ));
         }
         if has_dot_segment(s) || has_encoded_separator(s) {
-            return Err(format!("path prefix {s:?} may not contain '.'/'..' segments or %2e, %2f, %5c"));
+            return Err(format!(
+                "path prefix {s:?} may not contain '.'/'..' segments or %2e, %2f, %5c"
+            ));
         }
         Ok(PathPrefix(s.to_string()))
     }
@@ -64,7 +73,8 @@ impl PathPrefix {
     fn matches(&self, path: &str) -> bool {
         let p = self.0.as_str();
         path == p
-            || (path.starts_with(p) && (p.ends_with('/') || path.as_bytes().get(p.len()) == Some(&b'/')))
+            || (path.starts_with(p)
+                && (p.ends_with('/') || path.as_bytes().get(p.len()) == Some(&b'/')))
     }
 }
 
@@ -123,20 +133,30 @@ impl AllowRule {
     pub fn check_request(&self, method: &str, path: &str) -> Result<(), DenyReason> {
         if let Some(methods) = &self.methods {
             if !methods.iter().any(|m| m.as_str() == method) {
-                return Err(DenyReason::MethodNotAllowed { method: method.to_string(), rule: self.to_string() });
+                return Err(DenyReason::MethodNotAllowed {
+                    method: method.to_string(),
+                    rule: self.to_string(),
+                });
             }
         }
         if let Some(paths) = &self.paths {
             let path_only = path.split(['?', '#']).next().unwrap_or(path);
             if !path_only.starts_with('/')
-                || path_only.bytes().any(|b| b == b'\\' || b.is_ascii_control())
+                || path_only
+                    .bytes()
+                    .any(|b| b == b'\\' || b.is_ascii_control())
                 || has_dot_segment(path_only)
                 || has_encoded_separator(path_only)
             {
-                return Err(DenyReason::PathAmbiguous { path: path_only.to_string() });
+                return Err(DenyReason::PathAmbiguous {
+                    path: path_only.to_string(),
+                });
             }
             if !paths.iter().any(|p| p.matches(path_only)) {
-                return Err(DenyReason::PathNotAllowed { path: path_only.to_string(), rule: self.to_string() });
+                return Err(DenyReason::PathNotAllowed {
+                    path: path_only.to_string(),
+                    rule: self.to_string(),
+                });
             }
         }
         Ok(())
@@ -178,7 +198,11 @@ pub enum DenyReason {
 
 /// The most specific rule covering `name` on `port` (exact beats wildcard, longer suffix beats
 /// shorter, earlier rule beats later).
-pub(crate) fn best_rule<'a>(rules: &'a [AllowRule], name: &HostName, port: u16) -> Option<&'a AllowRule> {
+pub(crate) fn best_rule<'a>(
+    rules: &'a [AllowRule],
+    name: &HostName,
+    port: u16,
+) -> Option<&'a AllowRule> {
     rules
         .iter()
         .filter(|r| r.ports.contains(&port) && r.pattern.matches(name))
@@ -194,8 +218,16 @@ mod tests {
             id: RuleId(0),
             pattern: HostPattern::parse("api.example.com").expect("pattern"),
             ports: DEFAULT_PORTS.into_iter().collect(),
-            methods: methods.map(|m| m.iter().map(|s| Method::parse(s).expect("method")).collect()),
-            paths: paths.map(|p| p.iter().map(|s| PathPrefix::parse(s).expect("path")).collect()),
+            methods: methods.map(|m| {
+                m.iter()
+                    .map(|s| Method::parse(s).expect("method"))
+                    .collect()
+            }),
+            paths: paths.map(|p| {
+                p.iter()
+                    .map(|s| PathPrefix::parse(s).expect("path"))
+                    .collect()
+            }),
             origin: "test".into(),
         }
     }
@@ -207,21 +239,53 @@ mod tests {
         assert!(r.check_request("GET", "/repos").is_ok());
         assert!(r.check_request("GET", "/repos/a/b?x=1").is_ok());
         assert!(r.check_request("HEAD", "/users/x").is_ok());
-        assert!(matches!(r.check_request("POST", "/repos"), Err(DenyReason::MethodNotAllowed { .. })));
-        assert!(matches!(r.check_request("get", "/repos"), Err(DenyReason::MethodNotAllowed { .. })));
-        assert!(matches!(r.check_request("GET", "/reposx"), Err(DenyReason::PathNotAllowed { .. })));
-        assert!(matches!(r.check_request("GET", "/users"), Err(DenyReason::PathNotAllowed { .. })));
-        assert!(matches!(r.check_request("GET", "/gists"), Err(DenyReason::PathNotAllowed { .. })));
+        assert!(matches!(
+            r.check_request("POST", "/repos"),
+            Err(DenyReason::MethodNotAllowed { .. })
+        ));
+        assert!(matches!(
+            r.check_request("get", "/repos"),
+            Err(DenyReason::MethodNotAllowed { .. })
+        ));
+        assert!(matches!(
+            r.check_request("GET", "/reposx"),
+            Err(DenyReason::PathNotAllowed { .. })
+        ));
+        assert!(matches!(
+            r.check_request("GET", "/users"),
+            Err(DenyReason::PathNotAllowed { .. })
+        ));
+        assert!(matches!(
+            r.check_request("GET", "/gists"),
+            Err(DenyReason::PathNotAllowed { .. })
+        ));
         // The query is not part of the path match.
-        assert!(matches!(r.check_request("GET", "/x?/repos/"), Err(DenyReason::PathNotAllowed { .. })));
+        assert!(matches!(
+            r.check_request("GET", "/x?/repos/"),
+            Err(DenyReason::PathNotAllowed { .. })
+        ));
     }
 
     /// Threat 4/7: paths that upstream servers would normalize differently are refused.
     #[test]
     fn threat4_ambiguous_paths_refused() {
         let r = rule(None, Some(&["/repos/"]));
-        for p in ["/repos/../gists", "/repos/./x", "/repos/%2e%2e/gists", "/repos/..%2Fgists", "/repos\\..\\x", "repos/", "*"] {
-            assert!(matches!(r.check_request("GET", p), Err(DenyReason::PathAmbiguous { .. })), "{p}");
+        for p in [
+            "/repos/../gists",
+            "/repos/./x",
+            "/repos/%2e%2e/gists",
+            "/repos/..%2Fgists",
+            "/repos\\..\\x",
+            "repos/",
+            "*",
+        ] {
+            assert!(
+                matches!(
+                    r.check_request("GET", p),
+                    Err(DenyReason::PathAmbiguous { .. })
+                ),
+                "{p}"
+            );
         }
         // Without path rules the gateway does not judge paths.
         assert!(rule(None, None).check_request("GET", "/a/../b").is_ok());

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use serde::Serialize;
 use zeroize::Zeroize;
 
-use crate::name::HostPattern;
 use crate::name::HostName;
+use crate::name::HostPattern;
 use crate::rule::is_token_byte;
 
 /// Shortest value accepted: masking a very short value in responses would corrupt them.
@@ -77,10 +77,16 @@ impl InjectTemplate {
         let mut parts = template.split("{value}");
         let (prefix, suffix) = match (parts.next(), parts.next(), parts.next()) {
             (Some(p), Some(s), None) => (p, s),
-            _ => return Err(format!("value template {template:?} must contain \"{{value}}\" exactly once")),
+            _ => {
+                return Err(format!(
+                    "value template {template:?} must contain \"{{value}}\" exactly once"
+                ))
+            }
         };
         if !template.bytes().all(is_header_value_byte) {
-            return Err(format!("value template {template:?} contains characters not allowed in a header"));
+            return Err(format!(
+                "value template {template:?} contains characters not allowed in a header"
+            ));
         }
         Ok(InjectTemplate {
             header: header.to_ascii_lowercase(),
@@ -154,7 +160,9 @@ impl SecretValue {
             return Err(format!("{what} is shorter than {MIN_SECRET_LEN} characters; masking it in responses would corrupt them"));
         }
         if !v.0.bytes().all(|b| (0x21..0x7f).contains(&b) || b == b' ') {
-            return Err(format!("{what} contains control or non-ASCII characters, which an HTTP header can't carry"));
+            return Err(format!(
+                "{what} contains control or non-ASCII characters, which an HTTP header can't carry"
+            ));
         }
         Ok(v)
     }
@@ -211,7 +219,8 @@ mod tests {
             value: v,
         };
         assert!(!format!("{loaded:?}").contains("realvalue"));
-        let err = SecretValue::new("bad\r\nvalue-secret".into(), "secret GH").expect_err("CRLF refused");
+        let err =
+            SecretValue::new("bad\r\nvalue-secret".into(), "secret GH").expect_err("CRLF refused");
         assert!(!err.contains("value-secret"), "{err}");
         assert!(SecretValue::new("short".into(), "secret GH").is_err());
     }

@@ -25,7 +25,13 @@ use tokio::net::TcpListener;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// Names the test internet's certificate covers.
-pub const NAMES: [&str; 5] = ["api.test", "other.test", "plain.test", "echo.test", "localhost"];
+pub const NAMES: [&str; 5] = [
+    "api.test",
+    "other.test",
+    "plain.test",
+    "echo.test",
+    "localhost",
+];
 
 #[derive(Clone, Debug)]
 pub struct Seen {
@@ -38,7 +44,10 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -63,13 +72,21 @@ pub fn test_pki(names: &[&str]) -> (Arc<ServerConfig>, String) {
     let ca_key = rcgen::KeyPair::generate().expect("ca key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Test Internet CA");
-    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Test Internet CA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
     let ca = ca_params.self_signed(&ca_key).expect("ca cert");
     let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
     let leaf_params =
-        rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("leaf params");
-    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).expect("leaf cert");
+        rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .expect("leaf params");
+    let leaf = leaf_params
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .expect("leaf cert");
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("versions")
@@ -121,7 +138,14 @@ impl Internet {
                 }
             });
         }
-        Internet { https, http, ca_pem, ca_file, seen, _dir: dir }
+        Internet {
+            https,
+            http,
+            ca_pem,
+            ca_file,
+            seen,
+            _dir: dir,
+        }
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -137,23 +161,48 @@ where
         let seen = seen.clone();
         async move { Ok::<_, Infallible>(echo(req, seen, tls, https_port).await) }
     });
-    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc).await;
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
 }
 
 fn full(b: impl Into<Bytes>) -> TestBody {
     Full::new(b.into()).boxed()
 }
 
-async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>, tls: bool, https_port: u16) -> Response<TestBody> {
+async fn echo(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    tls: bool,
+    https_port: u16,
+) -> Response<TestBody> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-    let path = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
-    let auth = parts.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let auth = parts
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     seen.lock().expect("seen lock").push(Seen {
         method: parts.method.to_string(),
         path: path.clone(),
@@ -165,7 +214,10 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>, tls: bool, ht
     match route {
         "/redirect" => Response::builder()
             .status(StatusCode::FOUND)
-            .header("location", format!("https://other.test:{https_port}/landed"))
+            .header(
+                "location",
+                format!("https://other.test:{https_port}/landed"),
+            )
             .body(full("moved"))
             .expect("response"),
         "/reflect" => Response::builder()
@@ -175,8 +227,11 @@ async fn echo(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>, tls: bool, ht
         "/reflect-stream" => {
             // No length, value split over frames.
             let text = format!("streamed: {auth} and again {auth} end");
-            let frames: Vec<Result<Frame<Bytes>, Infallible>> =
-                text.as_bytes().chunks(5).map(|c| Ok(Frame::data(Bytes::copy_from_slice(c)))).collect();
+            let frames: Vec<Result<Frame<Bytes>, Infallible>> = text
+                .as_bytes()
+                .chunks(5)
+                .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+                .collect();
             Response::new(StreamBody::new(futures::stream::iter(frames)).boxed())
         }
         "/big" => {
@@ -223,7 +278,8 @@ pub fn policy_from(text: &str, net: &Internet) -> CheckedPolicy {
         .replace("HTTPS_PORT", &net.https.port().to_string())
         .replace("HTTP_PORT", &net.http.port().to_string())
         .replace("CA_FILE", &net.ca_file.display().to_string());
-    CheckedPolicy::from_toml_str(&text, std::path::Path::new("test-policy.toml")).expect("test policy")
+    CheckedPolicy::from_toml_str(&text, std::path::Path::new("test-policy.toml"))
+        .expect("test policy")
 }
 
 impl Fixture {
@@ -242,8 +298,13 @@ impl Fixture {
         tweak: impl FnOnce(&mut GatewayConfig),
     ) -> Fixture {
         let policy = policy_from(policy, &net);
-        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let secrets = policy.load_secrets_with(|v| env.get(v).cloned()).expect("secrets");
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let secrets = policy
+            .load_secrets_with(|v| env.get(v).cloned())
+            .expect("secrets");
         let audit = Arc::new(MemoryAuditSink::new());
         let mut cfg = GatewayConfig::new("test-sandbox", Arc::new(policy), secrets, audit.clone());
         cfg.limits = limits;
@@ -254,7 +315,12 @@ impl Fixture {
     }
 
     pub fn placeholder(&self, name: &str) -> String {
-        self.gw.placeholders().into_iter().find(|(n, _)| n == name).map(|(_, p)| p).expect("placeholder")
+        self.gw
+            .placeholders()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p)
+            .expect("placeholder")
     }
 }
 
@@ -272,9 +338,10 @@ pub async fn proxy_connect(gw: &Gateway, target: &str) -> ConnectResult {
     let (client, server) = tokio::io::duplex(256 * 1024);
     let g = gw.clone();
     tokio::spawn(async move { g.serve_proxy(server).await });
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(client))
-        .await
-        .expect("proxy handshake");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(client))
+            .await
+            .expect("proxy handshake");
     tokio::spawn(conn.with_upgrades());
     let req = Request::builder()
         .method("CONNECT")
@@ -286,10 +353,23 @@ pub async fn proxy_connect(gw: &Gateway, target: &str) -> ConnectResult {
     let status = resp.status();
     if status == StatusCode::OK {
         let up = hyper::upgrade::on(resp).await.expect("upgrade");
-        ConnectResult { status, body: String::new(), io: Some(TokioIo::new(up)) }
+        ConnectResult {
+            status,
+            body: String::new(),
+            io: Some(TokioIo::new(up)),
+        }
     } else {
-        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-        ConnectResult { status, body: String::from_utf8_lossy(&body).into_owned(), io: None }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        ConnectResult {
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+            io: None,
+        }
     }
 }
 
@@ -303,7 +383,10 @@ pub fn tunnel(gw: &Gateway, name: &str, port: u16) -> tokio::io::DuplexStream {
 }
 
 /// Sends one request over a plain proxy connection (absolute-form or anything else).
-pub async fn proxy_request(gw: &Gateway, req: Request<Full<Bytes>>) -> (StatusCode, HeaderMap, Bytes) {
+pub async fn proxy_request(
+    gw: &Gateway,
+    req: Request<Full<Bytes>>,
+) -> (StatusCode, HeaderMap, Bytes) {
     let (client, server) = tokio::io::duplex(256 * 1024);
     let g = gw.clone();
     tokio::spawn(async move { g.serve_proxy(server).await });
@@ -311,7 +394,11 @@ pub async fn proxy_request(gw: &Gateway, req: Request<Full<Bytes>>) -> (StatusCo
 }
 
 /// TLS from the VM side, trusting only `ca_pem`.
-pub async fn tls<S>(io: S, sni: &str, ca_pem: &str) -> std::io::Result<tokio_rustls::client::TlsStream<S>>
+pub async fn tls<S>(
+    io: S,
+    sni: &str,
+    ca_pem: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -330,7 +417,10 @@ where
 }
 
 /// One HTTP/1.1 request on `io`; the body is read whole.
-pub async fn request<S>(io: S, req: Request<Full<Bytes>>) -> hyper::Result<(StatusCode, HeaderMap, Bytes)>
+pub async fn request<S>(
+    io: S,
+    req: Request<Full<Bytes>>,
+) -> hyper::Result<(StatusCode, HeaderMap, Bytes)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -343,5 +433,9 @@ where
 }
 
 pub fn get(uri: &str, host: &str) -> Request<Full<Bytes>> {
-    Request::builder().uri(uri).header("host", host).body(Full::new(Bytes::new())).expect("request")
+    Request::builder()
+        .uri(uri)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .expect("request")
 }
