@@ -26,11 +26,33 @@ pub fn apply(id: &Identity, state: &State) -> Result<(), String> {
         ("HUTCH_SANDBOX_ID".to_string(), id.sandbox_id.clone()),
     ];
     env.extend(id.env.iter().cloned());
+    if let Some(pem) = &id.ca_pem {
+        if !in_vm {
+            install_ca(pem)?;
+        }
+    }
     match state.env.lock() {
         Ok(mut e) => *e = env,
         Err(poisoned) => *poisoned.into_inner() = env,
     }
     Ok(())
+}
+
+/// Where the sandbox's gateway CA goes: its own file (NODE_EXTRA_CA_CERTS) and the system bundle that curl,
+/// git, python and OpenSSL read.
+pub const CA_FILE: &str = "/etc/hutch/ca.crt";
+pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+fn install_ca(pem: &str) -> Result<(), String> {
+    use std::io::Write;
+    std::fs::create_dir_all("/etc/hutch").map_err(|e| format!("cannot create /etc/hutch: {e}"))?;
+    std::fs::write(CA_FILE, pem).map_err(|e| format!("cannot write {CA_FILE}: {e}"))?;
+    let mut bundle = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(SYSTEM_BUNDLE)
+        .map_err(|e| format!("cannot open {SYSTEM_BUNDLE}: {e}"))?;
+    bundle.write_all(format!("\n{pem}\n").as_bytes()).map_err(|e| format!("cannot extend {SYSTEM_BUNDLE}: {e}"))
 }
 
 fn set_clock(secs: i64, nanos: u32) -> Result<(), String> {

@@ -116,6 +116,10 @@ fn agent_main() -> i32 {
             }
         };
         let state = crate::serve::State::default();
+        crate::net::setup_routing();
+        if let Err(e) = crate::net::start(state.session.clone()).await {
+            eprintln!("hutch-agent: egress listeners: {e}");
+        }
         let mut announce = true;
         loop {
             match crate::serve::session(port.clone(), &state, announce).await {

@@ -5,6 +5,7 @@ pub mod exec;
 pub mod files;
 pub mod identity;
 pub mod init;
+pub mod net;
 pub mod port;
 pub mod serve;
 

@@ -11,6 +11,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 #[derive(Default, Clone)]
 pub struct State {
     pub env: Arc<Mutex<Vec<(String, String)>>>,
+    /// The attached host session, for connections the guest starts (egress).
+    pub session: crate::net::SessionSlot,
 }
 
 impl State {
@@ -38,7 +40,8 @@ where
         handshake::write_msg(&mut io, &handshake::HandshakeMsg::Ready(ready)).await.map_err(ServeError::Handshake)?;
     }
     handshake::guest_accept(&mut io, crate::AGENT_VERSION).await.map_err(ServeError::Handshake)?;
-    let (_session, mut inbound, driver) = Session::start(io, Role::Server);
+    let (session, mut inbound, driver) = Session::start(io, Role::Server);
+    set_session(state, Some(session));
     let mut tasks = tokio::task::JoinSet::new();
     while let Some(stream) = inbound.recv().await {
         let state = state.clone();
@@ -46,8 +49,16 @@ where
     }
     // The channel is gone: whatever the old host started dies with it (exec handlers kill their process groups).
     tasks.shutdown().await;
+    set_session(state, None);
     let _ = driver.await;
     Ok(())
+}
+
+fn set_session(state: &State, s: Option<Session>) {
+    match state.session.lock() {
+        Ok(mut slot) => *slot = s,
+        Err(p) => *p.into_inner() = s,
+    }
 }
 
 async fn handle(stream: Stream, state: State) {

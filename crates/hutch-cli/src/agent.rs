@@ -16,11 +16,14 @@ pub fn locate() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find hutch's own path")?;
     let dir = exe.parent().context("hutch's path has no parent")?;
     let profile = dir.file_name().and_then(|s| s.to_str()).unwrap_or("release");
+    // The static build for the explicit target first: a plain `cargo build` leaves a dynamic hutch-agent next to
+    // hutch in the target tree, which cannot run in the guest.
     let candidates = [
-        dir.join("hutch-agent"),
         dir.join("../x86_64-unknown-linux-gnu").join(profile).join("hutch-agent"),
-        dir.join("../../x86_64-unknown-linux-gnu").join("release").join("hutch-agent"),
         dir.join("../x86_64-unknown-linux-gnu/release/hutch-agent"),
+        dir.join("../../x86_64-unknown-linux-gnu/release/hutch-agent"),
+        dir.join("../lib/hutch/hutch-agent"),
+        dir.join("hutch-agent"),
     ];
     for c in &candidates {
         if c.is_file() {

@@ -81,6 +81,8 @@ pub struct RunArgs {
     /// Working directory in the VM.
     #[arg(long, short = 'w', value_parser = parse_guest_path)]
     pub workdir: Option<String>,
+    #[command(flatten)]
+    pub egress: EgressArgs,
     /// Boot the kernel instead of restoring the image's snapshot.
     #[arg(long)]
     pub cold: bool,
@@ -93,6 +95,29 @@ pub struct RunArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// What the sandbox may reach. Nothing by default.
+#[derive(Debug, Args, Clone, Default)]
+pub struct EgressArgs {
+    /// Policy file (TOML): allow rules, pins, upstream CAs, secrets.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Allow connections to HOST (exact, or *.example.com for subdomains) on PORT (default 443 and 80).
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub allow: Vec<String>,
+    /// Dial ADDR for HOST:PORT instead of resolving it (as curl does); allows private addresses for that name.
+    #[arg(long, value_name = "HOST:PORT:ADDR")]
+    pub resolve: Vec<String>,
+    /// Extra trusted root certificate (PEM) for upstream TLS.
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_ca: Vec<PathBuf>,
+    /// Secret NAME (value from the host's $NAME) usable only on requests to HOSTs; the VM sees a placeholder.
+    #[arg(long, value_name = "NAME@HOST[,HOST...]")]
+    pub secret: Vec<String>,
+    /// Append the egress audit log (JSON lines) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub audit: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -4,6 +4,7 @@ mod agent;
 mod bench;
 mod cli;
 mod doctor;
+mod egress;
 mod image;
 mod run;
 

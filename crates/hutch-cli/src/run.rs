@@ -27,6 +27,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     cfg.cold = a.cold || !a.kernel_args.is_empty();
     cfg.boot_timeout = a.boot_timeout;
     cfg.extra_kernel_args = a.kernel_args.clone();
+    cfg.egress = crate::egress::from_args(&a.egress)?;
     cfg.env = a.env.clone();
     crate::image::warn_if_tcg(&host, &cfg)?;
 
@@ -83,7 +84,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
             }
         }
     }
+    let denied = sandbox.gateway().summary();
     sandbox.destroy().await;
+    crate::egress::print_denials(&denied);
 
     let code = match ending? {
         Ending::Exited(c) => c,

@@ -21,6 +21,34 @@ fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder().max_frame_length(crate::MAX_FRAME).new_codec()
 }
 
+/// Writes one frame holding `msg`, in the same format as [`Framed`], for a stream whose remaining bytes are raw.
+pub async fn write_header<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    use tokio::io::AsyncWriteExt;
+    let body = bincode::serialize(msg).map_err(FrameError::Encode)?;
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf).await.map_err(FrameError::Io)?;
+    w.flush().await.map_err(FrameError::Io)
+}
+
+/// Reads exactly one frame (nothing after it), for a stream whose remaining bytes are raw.
+pub async fn read_header<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => FrameError::Closed,
+        _ => FrameError::Io(e),
+    })?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > crate::MAX_FRAME {
+        return Err(FrameError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, "frame too large")));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(FrameError::Io)?;
+    bincode::deserialize(&body).map_err(FrameError::Decode)
+}
+
 /// A typed message stream: `send` and `recv` whole messages.
 pub struct Framed<S> {
     inner: codec::Framed<S, LengthDelimitedCodec>,

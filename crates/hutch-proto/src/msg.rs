@@ -31,8 +31,29 @@ pub struct Identity {
     /// Fresh host randomness, mixed into the guest's pool and forcing a CRNG reseed.
     #[serde(with = "serde_bytes")]
     pub entropy: Vec<u8>,
-    /// Environment every exec starts from (before its own `env`).
+    /// Environment every exec starts from (before its own `env`): secret placeholders and proxy settings
+    /// included, never secret values.
     pub env: Vec<(String, String)>,
+    /// The sandbox's gateway CA certificate (PEM), added to the guest's trust stores.
+    pub ca_pem: Option<String>,
+}
+
+/// The first frame on every stream the guest opens (egress: everything leaves through the host's gateway).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum GuestRequest {
+    /// An HTTP proxy connection from a program that honours `HTTP(S)_PROXY`; raw bytes follow.
+    Proxy,
+    /// A transparent TCP connection to `name:port` (the name the guest resolver handed out an address for);
+    /// raw bytes follow.
+    Tunnel { name: String, port: u16 },
+    /// May the guest resolve `name`? Answered with one [`DnsReply`].
+    Dns { name: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum DnsReply {
+    Allowed,
+    Denied,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod dirs;
+pub mod egress;
 pub mod snapshot;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,8 @@ pub enum SandboxError {
     BootTimeout { timeout: Duration, mode: &'static str, console: String },
     #[error("the VM exited while starting ({mode}); last console lines:\n{console}")]
     VmExited { mode: &'static str, console: String },
+    #[error("egress gateway: {0}")]
+    Gateway(String),
     #[error("{tool} failed: {message}")]
     Tool { tool: &'static str, message: String },
 }
@@ -56,11 +59,13 @@ pub struct SandboxConfig {
     pub env: Vec<(String, String)>,
     /// Appended to the kernel command line of a cold boot (debugging).
     pub extra_kernel_args: Vec<String>,
+    /// What the sandbox may reach, through its gateway. Default: nothing (every attempt denied and audited).
+    pub egress: egress::Egress,
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![], extra_kernel_args: vec![] }
+        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![], extra_kernel_args: vec![], egress: egress::Egress::deny_all() }
     }
 }
 
@@ -113,6 +118,8 @@ pub struct Sandbox {
     client: AgentClient,
     vm: QemuVm,
     driver: tokio::task::JoinHandle<Result<(), hutch_proto::MuxError>>,
+    egress_task: tokio::task::JoinHandle<()>,
+    gateway: hutch_gateway::Gateway,
     // Last: dropped after the VM is killed.
     dir: SandboxDir,
 }
@@ -288,7 +295,15 @@ impl Sandbox {
                 return Err(SandboxError::VmExited { mode: mode.as_str(), console: console_tail(vm.console_log()) });
             }
         };
-        let (session, _inbound, driver) = Session::start(stream, Role::Client);
+        let gateway = match cfg.egress.gateway(&id) {
+            Ok(g) => g,
+            Err(e) => {
+                vm.kill().await;
+                return Err(e);
+            }
+        };
+        let (session, inbound, driver) = Session::start(stream, Role::Client);
+        let egress_task = tokio::spawn(egress::serve_guest_streams(inbound, gateway.clone()));
         let client = AgentClient::new(session);
         let mut entropy = vec![0u8; 64];
         if let Err(e) = getrandom::getrandom(&mut entropy) {
@@ -302,14 +317,15 @@ impl Sandbox {
             time_secs: now.as_secs() as i64,
             time_nanos: now.subsec_nanos(),
             entropy,
-            env: cfg.env.clone(),
+            env: egress::guest_env(&gateway, &cfg.env),
+            ca_pem: Some(gateway.ca_cert_pem()),
         };
         if let Err(e) = client.init(identity).await {
             vm.kill().await;
             return Err(e);
         }
         let start = StartInfo { mode, accel, took: Duration::ZERO, notes: vec![] };
-        Ok(Sandbox { id, start, client, vm, driver, dir })
+        Ok(Sandbox { id, start, client, vm, driver, egress_task, gateway, dir })
     }
 
     pub fn client(&self) -> &AgentClient {
@@ -318,6 +334,11 @@ impl Sandbox {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The sandbox's egress gateway (denial summary, bytes used).
+    pub fn gateway(&self) -> &hutch_gateway::Gateway {
+        &self.gateway
     }
 
     pub fn vmm_pid(&self) -> Option<u32> {
@@ -343,6 +364,7 @@ impl Sandbox {
     /// Kills the VM and removes every file the sandbox had.
     pub async fn destroy(mut self) {
         self.driver.abort();
+        self.egress_task.abort();
         self.vm.kill().await;
         // `dir` is dropped here, after the VM is gone.
     }
