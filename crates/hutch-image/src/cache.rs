@@ -36,6 +36,32 @@ use crate::spec::{sha256_hex, CheckedSpec, ImageSpec};
 use crate::tools::{BUSYBOX_PACKAGE, BUSYBOX_PATH};
 
 const KERNELS: &str = "kernels";
+/// A kind of cache component: its directory, lock name, and the files a complete one has.
+struct ComponentKind {
+    dir: &'static str,
+    lock: &'static str,
+    files: &'static [&'static str],
+}
+impl ComponentKind {
+    fn is_complete(&self, dir: &Path) -> bool {
+        self.files.iter().all(|f| dir.join(f).is_file())
+    }
+}
+const KERNEL: ComponentKind = ComponentKind {
+    dir: KERNELS,
+    lock: "kernel",
+    files: &[kernel::VMLINUZ, kernel::INFO],
+};
+const INITRD: ComponentKind = ComponentKind {
+    dir: INITRDS,
+    lock: "initrd",
+    files: &[INITRD_IMG, INITRD_INFO],
+};
+const ROOTFS: ComponentKind = ComponentKind {
+    dir: ROOTFSES,
+    lock: "rootfs",
+    files: &[rootfs::IMAGE, rootfs::INFO],
+};
 const INITRDS: &str = "initrd";
 const ROOTFSES: &str = "rootfs";
 const IMAGES: &str = "images";
@@ -156,13 +182,18 @@ impl Cache {
             return Ok(image); // another process built it while we waited
         }
         fsutil::reap(&self.root.join(TMP))?;
+        let cached_rootfs = self.root.join(ROOTFS.dir).join(&plan.rootfs_key);
+        if !ROOTFS.is_complete(&cached_rootfs) && !nix::unistd::geteuid().is_root() {
+            // Say so now rather than after building the other components.
+            return Err(ImageError::NeedsRoot);
+        }
 
-        let kernel_dir = self.ensure_component(KERNELS, "kernel", &plan.kernel_key, |dir| {
+        let kernel_dir = self.ensure_component(&KERNEL, &plan.kernel_key, |dir| {
             kernel::build(&plan.kernel_package, dir, progress).map(drop)
         })?;
         let kernel_info = kernel::read_info(&kernel_dir)?;
 
-        let initrd_dir = self.ensure_component(INITRDS, "initrd", &plan.initrd_key, |dir| {
+        let initrd_dir = self.ensure_component(&INITRD, &plan.initrd_key, |dir| {
             progress.stage(&format!(
                 "Building the initramfs (busybox, kernel modules of {}, agent)",
                 kernel_info.release
@@ -187,7 +218,7 @@ impl Cache {
             )
         })?;
 
-        let rootfs_dir = self.ensure_component(ROOTFSES, "rootfs", &plan.rootfs_key, |dir| {
+        let rootfs_dir = self.ensure_component(&ROOTFS, &plan.rootfs_key, |dir| {
             rootfs::build(&plan.spec, &plan.sources, dir, progress).map(drop)
         })?;
 
@@ -198,7 +229,13 @@ impl Cache {
             &build.path().join(MANIFEST),
             &serde_json::to_vec_pretty(&manifest).unwrap_or_default(),
         )?;
-        build.persist(&self.image_dir(&plan.image_key))?;
+        let dest = self.image_dir(&plan.image_key);
+        if dest.exists() {
+            // An image whose component was deleted by hand and has just been rebuilt: its
+            // snapshots were taken of the old bytes, so they go with the old manifest.
+            self.discard(&dest)?;
+        }
+        build.persist(&dest)?;
         self.load_image(&plan.image_key)?.ok_or_else(|| {
             ImageError::io(
                 "reading back the image just built in",
@@ -253,7 +290,6 @@ impl Cache {
         };
         let mut removed = Vec::new();
         self.discard(&self.image_dir(&key))?;
-        let _ = fs::remove_file(self.lock_path("image", &key));
         removed.push(format!("{IMAGES}/{key}"));
 
         let mut used = BTreeSet::new();
@@ -262,21 +298,17 @@ impl Cache {
             used.insert(format!("{INITRDS}/{}", other.initrd.key));
             used.insert(format!("{ROOTFSES}/{}", other.rootfs.key));
         }
-        for (dir, kind) in [
-            (KERNELS, "kernel"),
-            (INITRDS, "initrd"),
-            (ROOTFSES, "rootfs"),
-        ] {
-            for component in list_names(&self.root.join(dir))? {
-                let rel = format!("{dir}/{component}");
+        for kind in [&KERNEL, &INITRD, &ROOTFS] {
+            for component in list_names(&self.root.join(kind.dir))? {
+                let rel = format!("{}/{component}", kind.dir);
                 if used.contains(&rel) {
                     continue;
                 }
                 self.discard(&self.root.join(&rel))?;
-                let _ = fs::remove_file(self.lock_path(kind, &component));
                 removed.push(rel);
             }
         }
+        self.remove_stale_locks()?;
         fsutil::reap(&self.root.join(TMP))?;
         Ok(removed)
     }
@@ -294,6 +326,14 @@ impl Cache {
         let spec = CheckedSpec::check(spec)?;
         let busybox = load_busybox()?;
         let sources = Sources::from_host()?;
+        if !sources.has_suite(&spec.suite) {
+            return Err(ImageError::InvalidSpec(format!(
+                "suite `{}` is not in the host apt sources {}; add it there (and run `apt-get \
+                 update`) or pick a suite it lists",
+                spec.suite,
+                sources.path.display()
+            )));
+        }
         let kernel_package = kernel::resolve(&self.root.join(STATE).join("kernel-package.json"))?;
         let kernel_key = key_of(&kernel_package.inputs());
         let rootfs_inputs = sources.inputs(&spec);
@@ -325,20 +365,23 @@ impl Cache {
     /// `<dir>/<key>`, built with `build` (into an empty temp dir) unless already there.
     fn ensure_component(
         &self,
-        dir: &str,
-        kind: &str,
+        kind: &ComponentKind,
         key: &str,
         build: impl FnOnce(&Path) -> Result<(), ImageError>,
     ) -> Result<PathBuf, ImageError> {
-        let dest = self.root.join(dir).join(key);
-        if dest.is_dir() {
+        let dest = self.root.join(kind.dir).join(key);
+        if kind.is_complete(&dest) {
             return Ok(dest);
         }
-        let _lock = Lock::acquire(&self.lock_path(kind, key), LockKind::Exclusive)?;
-        if dest.is_dir() {
+        let _lock = Lock::acquire(&self.lock_path(kind.lock, key), LockKind::Exclusive)?;
+        if kind.is_complete(&dest) {
             return Ok(dest);
         }
-        let tmp = BuildDir::create(&self.root.join(TMP), kind)?;
+        if dest.exists() {
+            // Only a hand-made deletion inside the cache gets here; build it afresh.
+            self.discard(&dest)?;
+        }
+        let tmp = BuildDir::create(&self.root.join(TMP), kind.lock)?;
         build(tmp.path())?;
         tmp.persist(&dest)?;
         Ok(dest)
@@ -442,6 +485,31 @@ impl Cache {
         let dir = self.root.join(LOCKS);
         fs::create_dir_all(&dir).ctx("creating cache directory", &dir)?;
         Lock::acquire(&dir.join("cache.lock"), kind)
+    }
+
+    /// Deletes the lock files of entries that do not exist (removed ones, failed builds).
+    /// Only called with the cache lock held exclusively, when no build holds any lock.
+    fn remove_stale_locks(&self) -> Result<(), ImageError> {
+        let dir = self.root.join(LOCKS);
+        for entry in fs::read_dir(&dir).ctx("listing", &dir)? {
+            let entry = entry.ctx("listing", &dir)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((kind, key)) = name.strip_suffix(".lock").and_then(|n| n.split_once('-'))
+            else {
+                continue;
+            };
+            let entry_dir = match kind {
+                "image" => IMAGES,
+                "kernel" => KERNELS,
+                "initrd" => INITRDS,
+                "rootfs" => ROOTFSES,
+                _ => continue,
+            };
+            if !self.root.join(entry_dir).join(key).exists() {
+                fs::remove_file(entry.path()).ctx("removing", entry.path())?;
+            }
+        }
+        Ok(())
     }
 
     /// Takes `path` out of the cache in one rename, then deletes it, so a crash midway
@@ -609,6 +677,26 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("give more digits"));
+    }
+
+    #[test]
+    fn suites_missing_from_the_host_sources_are_refused_before_building() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::at(dir.path());
+        let mut spec = ImageSpec::default_for("/bin/busybox");
+        spec.suite = "hutch-no-such-suite".into();
+        match cache.ensure(&spec, &crate::SilentProgress) {
+            Err(ImageError::InvalidSpec(msg)) => {
+                assert!(msg.contains("hutch-no-such-suite"), "{msg}")
+            }
+            Err(ImageError::NoAptSources(_)) => {
+                eprintln!("SKIP: this host has no apt sources file")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(list_names(&dir.path().join(KERNELS))
+            .expect("ls")
+            .is_empty());
     }
 
     #[test]

@@ -16,9 +16,6 @@
 //! (`qemu-img create -f qcow2 -F raw -b <rootfs> <overlay>`), kernel command line
 //! `console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz=<host_tsc_khz()> no_timer_check`
 //! (with QEMU's `-no-reboot`). See [`initramfs`](crate::initramfs) for what `/init` does.
-//!
-//! The initramfs compression is zstd: measured against gzip and lz4 (see the crate's
-//! `tests/build.rs` output), it unpacks fastest per boot under TCG for its size.
 
 mod cache;
 mod elf;

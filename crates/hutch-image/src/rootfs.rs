@@ -99,14 +99,6 @@ pub(crate) fn build(
     if !nix::unistd::geteuid().is_root() {
         return Err(ImageError::NeedsRoot);
     }
-    if !sources.has_suite(&spec.suite) {
-        return Err(ImageError::InvalidSpec(format!(
-            "suite `{}` is not in the host apt sources {}; add it there (and run `apt-get \
-             update`) or pick a suite it lists",
-            spec.suite,
-            sources.path.display()
-        )));
-    }
     let mmdebstrap = MMDEBSTRAP.find()?;
     let unshare = UNSHARE.find()?;
     let mkfs = MKFS_EXT4.find()?;

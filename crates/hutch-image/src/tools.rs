@@ -46,6 +46,14 @@ pub(crate) const ZSTD: Tool = Tool {
     name: "zstd",
     package: "zstd",
 };
+pub(crate) const LZ4: Tool = Tool {
+    name: "lz4",
+    package: "lz4",
+};
+pub(crate) const GZIP: Tool = Tool {
+    name: "gzip",
+    package: "gzip",
+};
 
 /// The static busybox that goes into every initramfs. Only the `busybox-static` package puts a
 /// static binary here; the plain `busybox` package's one is dynamic and would not run in the

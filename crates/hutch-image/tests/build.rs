@@ -166,6 +166,22 @@ fn image_lifecycle() -> Result<()> {
     let line = boot_to_marker(&image_two, work.path(), false)?;
     ensure!(parse_marker(&line).get("tag") == Some(&"two"), "{line}");
 
+    // A component damaged by hand is noticed and rebuilt, not served; snapshots taken of
+    // the old bytes go.
+    let snapshot = cache.snapshot_dir(&image_two)?.join("snap");
+    std::fs::write(&snapshot, b"x")?;
+    std::fs::remove_file(&image_two.initrd)?;
+    ensure!(
+        cache.lookup(&spec_two)?.is_none(),
+        "lookup served an image missing its initrd"
+    );
+    let rebuilt = cache.ensure(&spec_two, &hutch_image::SilentProgress)?;
+    ensure!(rebuilt.initrd == image_two.initrd && rebuilt.initrd.is_file());
+    ensure!(
+        !snapshot.exists(),
+        "a snapshot of the deleted initrd survived"
+    );
+
     // 6. Without a root disk /init says why and powers the VM off by itself.
     let boot = boot(&image, None, false)?;
     ensure!(
@@ -209,6 +225,10 @@ fn image_lifecycle() -> Result<()> {
             "{dir}/ not empty after removing everything: {left:?}"
         );
     }
+    let locks: Vec<_> = std::fs::read_dir(cache_dir.join("locks"))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    ensure!(locks == ["cache.lock"], "stale lock files: {locks:?}");
     Ok(())
 }
 
