@@ -1,0 +1,685 @@
+//! Sandbox lifecycle for the daemon: create (checked spec, cap and quota reserved first), a supervisor task per
+//! sandbox that owns its VM until it is deleted, expires or dies, TTL expiry, startup reconciliation with what
+//! a previous daemon left, and graceful shutdown. The database row is written before anything runs and
+//! updated as the sandbox moves; the in-memory map holds only sandboxes whose VM this process owns.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hutch_sandbox::egress::Egress;
+use hutch_sandbox::{AgentClient, Host, Sandbox, SandboxConfig, StartMode};
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Principal;
+use crate::metrics::Metrics;
+use crate::secrets::SecretKey;
+use crate::model::{CreateSandbox, PolicySpec, SandboxInfo, SandboxState};
+use crate::store::{now_ms, SandboxRow, Store};
+use crate::DaemonError;
+
+/// The daemon's limits; all of them explicit.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Sandboxes alive at once (creating, running or being destroyed), across all tokens.
+    pub max_sandboxes: usize,
+    /// Per token, unless the token has its own number.
+    pub per_token: usize,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub default_cpus: u32,
+    pub max_cpus: u32,
+    pub default_memory_mib: u32,
+    pub max_memory_mib: u32,
+    /// Output kept by a non-streaming exec, per stream.
+    pub exec_output_max: usize,
+    /// Largest file upload.
+    pub upload_max: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sandboxes: 5,
+            per_token: 5,
+            default_ttl: Duration::from_secs(600),
+            max_ttl: Duration::from_secs(86400),
+            default_cpus: 1,
+            max_cpus: 2,
+            default_memory_mib: 512,
+            max_memory_mib: 4096,
+            exec_output_max: 16 << 20,
+            upload_max: 1 << 30,
+        }
+    }
+}
+
+/// Errors with the HTTP status they become.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("{0}")]
+    BadInput(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    TooMany(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+}
+
+/// A create request after every field has been checked.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CheckedCreate {
+    pub image: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub ttl_secs: u64,
+    pub env: BTreeMap<String, String>,
+    pub policy: Option<PolicySpec>,
+    pub secrets: Vec<String>,
+}
+
+/// A sandbox whose VM this daemon owns.
+pub struct Live {
+    pub id: String,
+    pub owner: String,
+    pub client: AgentClient,
+    pub console: std::path::PathBuf,
+    stop: mpsc::Sender<String>,
+    done: watch::Receiver<bool>,
+}
+
+/// A reserved place under the cap and the owner's quota; given back when dropped, so no path can leak one.
+struct Slot {
+    mgr: Arc<Inner>,
+    owner: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self.mgr.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_owner.get_mut(&self.owner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.per_owner.remove(&self.owner);
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_owner: HashMap<String, usize>,
+}
+
+struct Inner {
+    counts: Mutex<Counts>,
+}
+
+pub struct Manager {
+    pub store: Arc<Store>,
+    pub host: Host,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    key: Arc<SecretKey>,
+    audit_tx: mpsc::UnboundedSender<(String, String)>,
+    inner: Arc<Inner>,
+    live: Mutex<HashMap<String, Arc<Live>>>,
+    shutting_down: AtomicBool,
+    tasks: TaskTracker,
+}
+
+/// What startup reconciliation found and did.
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    /// Rows a previous daemon left unfinished, now marked destroyed.
+    pub marked_destroyed: Vec<String>,
+    /// Leftover sandbox directories (and their VMs) removed.
+    pub reaped: Vec<String>,
+}
+
+fn check_env_name(k: &str) -> Result<(), String> {
+    let ok = !k.is_empty() && !k.starts_with(|c: char| c.is_ascii_digit()) && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("env: {k:?} is not a valid variable name (letters, digits, _; not starting with a digit)"))
+    }
+}
+
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > 32 {
+        return Err(format!("labels: at most 32, got {}", labels.len()));
+    }
+    for (k, v) in labels {
+        let ok = !k.is_empty() && k.len() <= 63 && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+        if !ok {
+            return Err(format!("labels: key {k:?} must be 1-63 characters of letters, digits, '-', '_', '.', '/'"));
+        }
+        if v.len() > 256 || v.chars().any(|c| c.is_control() || c == ',' || c == '=') {
+            return Err(format!("labels: the value of {k} must be at most 256 characters, without control characters, ',' or '='"));
+        }
+    }
+    Ok(())
+}
+
+/// `key=value[,key=value...]` as a label filter.
+pub fn parse_label_filter(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut m = BTreeMap::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("label filter {part:?} is not key=value"))?;
+        m.insert(k.to_string(), v.to_string());
+    }
+    check_labels(&m)?;
+    Ok(m)
+}
+
+/// The policy as policy-file TOML: the allow rules, and a `[secrets.NAME]` binding (hosts from the store) for
+/// each secret the sandbox may use. Parsed by the gateway's own parser, so what is stored is what is enforced.
+fn policy_toml(p: Option<&PolicySpec>, secrets: &[(String, Vec<String>)]) -> Result<String, String> {
+    let mut allow = Vec::new();
+    for a in p.map(|p| p.allow.as_slice()).unwrap_or_default() {
+        let mut t = toml::map::Map::new();
+        t.insert("host".into(), toml::Value::String(a.host.clone()));
+        if let Some(ports) = &a.ports {
+            t.insert("ports".into(), toml::Value::Array(ports.iter().map(|p| toml::Value::Integer(*p as i64)).collect()));
+        }
+        if let Some(m) = &a.methods {
+            t.insert("methods".into(), toml::Value::Array(m.iter().cloned().map(toml::Value::String).collect()));
+        }
+        if let Some(ps) = &a.paths {
+            t.insert("paths".into(), toml::Value::Array(ps.iter().cloned().map(toml::Value::String).collect()));
+        }
+        allow.push(toml::Value::Table(t));
+    }
+    let mut root = toml::map::Map::new();
+    root.insert("allow".into(), toml::Value::Array(allow));
+    let mut sec = toml::map::Map::new();
+    for (name, hosts) in secrets {
+        let mut t = toml::map::Map::new();
+        t.insert("hosts".into(), toml::Value::Array(hosts.iter().cloned().map(toml::Value::String).collect()));
+        sec.insert(name.clone(), toml::Value::Table(t));
+    }
+    root.insert("secrets".into(), toml::Value::Table(sec));
+    toml::to_string(&toml::Value::Table(root)).map_err(|e| format!("policy: {e}"))
+}
+
+fn checked_policy(p: Option<&PolicySpec>, secrets: &[(String, Vec<String>)]) -> Result<hutch_policy::CheckedPolicy, String> {
+    if p.is_some_and(|p| p.allow.len() > 256) {
+        return Err("policy: at most 256 allow rules".into());
+    }
+    let text = policy_toml(p, secrets)?;
+    hutch_policy::CheckedPolicy::from_toml_str(&text, Path::new("policy")).map_err(|e| e.to_string())
+}
+
+/// Audit records of one sandbox's gateway, handed to a writer task (the gateway's data path must not wait on
+/// the database) that appends them to the sandbox's egress log.
+struct DbAuditSink {
+    sandbox: String,
+    tx: mpsc::UnboundedSender<(String, String)>,
+    metrics: Arc<Metrics>,
+}
+
+impl hutch_gateway::AuditSink for DbAuditSink {
+    fn record(&self, record: &hutch_gateway::AuditRecord) {
+        if record.decision == hutch_gateway::Verdict::Deny {
+            self.metrics.gateway_denials.inc();
+        }
+        if let Ok(line) = serde_json::to_string(record) {
+            let _ = self.tx.send((self.sandbox.clone(), line));
+        }
+    }
+}
+
+impl Manager {
+    /// Must be called inside a Tokio runtime: it starts the audit writer task.
+    pub fn new(store: Arc<Store>, key: Arc<SecretKey>, host: Host, limits: Limits, metrics: Arc<Metrics>) -> Arc<Manager> {
+        let (audit_tx, mut audit_rx) = mpsc::unbounded_channel::<(String, String)>();
+        let writer_store = store.clone();
+        tokio::spawn(async move {
+            while let Some((sandbox, line)) = audit_rx.recv().await {
+                if let Err(e) = writer_store.append_audit(&sandbox, &line) {
+                    tracing::error!(%sandbox, "cannot record an egress audit record: {e}");
+                }
+            }
+        });
+        Arc::new(Manager {
+            store,
+            host,
+            limits,
+            metrics,
+            key,
+            audit_tx,
+            inner: Arc::new(Inner { counts: Mutex::new(Counts::default()) }),
+            live: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Live>>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn image_name(&self) -> String {
+        format!("default@{}", &self.host.image.key[..12.min(self.host.image.key.len())])
+    }
+
+    /// Parses a create request into a [`CheckedCreate`]; every problem is named.
+    pub fn check_create(&self, req: &CreateSandbox) -> Result<CheckedCreate, ManagerError> {
+        let bad = ManagerError::BadInput;
+        let image = match req.image.as_deref() {
+            None | Some("default") => self.image_name(),
+            Some(p) if !p.is_empty() && self.host.image.key.starts_with(p) => self.image_name(),
+            Some(other) => return Err(bad(format!("image {other:?} is unknown; this daemon has \"default\" ({})", self.image_name()))),
+        };
+        let cpus = req.cpus.unwrap_or(self.limits.default_cpus);
+        if cpus < 1 || cpus > self.limits.max_cpus {
+            return Err(bad(format!("cpus must be 1 to {}, got {cpus}", self.limits.max_cpus)));
+        }
+        let memory_mib = req.memory_mib.unwrap_or(self.limits.default_memory_mib);
+        if memory_mib < 128 || memory_mib > self.limits.max_memory_mib {
+            return Err(bad(format!("memory_mib must be 128 to {}, got {memory_mib}", self.limits.max_memory_mib)));
+        }
+        let max_ttl = self.limits.max_ttl.as_secs();
+        let ttl_secs = req.ttl_secs.unwrap_or(self.limits.default_ttl.as_secs());
+        if ttl_secs < 1 || ttl_secs > max_ttl {
+            return Err(bad(format!("ttl_secs must be 1 to {max_ttl}, got {ttl_secs}")));
+        }
+        if req.env.len() > 256 {
+            return Err(bad(format!("env: at most 256 variables, got {}", req.env.len())));
+        }
+        let mut env_bytes = 0;
+        for (k, v) in &req.env {
+            check_env_name(k).map_err(bad)?;
+            if v.contains('\0') {
+                return Err(bad(format!("env: the value of {k} contains a NUL byte")));
+            }
+            env_bytes += k.len() + v.len();
+        }
+        if env_bytes > 64 << 10 {
+            return Err(bad("env: more than 64 KiB in total".into()));
+        }
+        let mut secrets = req.secrets.clone();
+        secrets.sort();
+        secrets.dedup();
+        if secrets.len() > 64 {
+            return Err(bad("secrets: at most 64".into()));
+        }
+        for s in &secrets {
+            crate::secrets::check_secret_name(s).map_err(bad)?;
+            if self.store.secret(s)?.is_none() {
+                return Err(bad(format!("secret {s} is not in the daemon's store (add it with `hutch secret set {s} --hosts ...`)")));
+            }
+        }
+        checked_policy(req.policy.as_ref(), &self.secret_hosts(&secrets)?).map_err(bad)?;
+        check_labels(&req.labels).map_err(bad)?;
+        Ok(CheckedCreate { image, cpus, memory_mib, ttl_secs, env: req.env.clone(), policy: req.policy.clone(), secrets })
+    }
+
+    fn secret_hosts(&self, names: &[String]) -> Result<Vec<(String, Vec<String>)>, ManagerError> {
+        let mut out = Vec::new();
+        for n in names {
+            let row = self.store.secret(n)?.ok_or_else(|| ManagerError::BadInput(format!("secret {n} is not in the daemon's store")))?;
+            out.push((row.name, row.hosts));
+        }
+        Ok(out)
+    }
+
+    /// The sandbox's egress: its checked policy, secret values read from the store only when the gateway is
+    /// built (they live in the host-side gateway, never in the guest), and its audit records into the database.
+    fn egress(&self, id: &str, spec: &CheckedCreate) -> Result<Egress, ManagerError> {
+        let policy = checked_policy(spec.policy.as_ref(), &self.secret_hosts(&spec.secrets)?).map_err(ManagerError::BadInput)?;
+        let sink = DbAuditSink { sandbox: id.to_string(), tx: self.audit_tx.clone(), metrics: self.metrics.clone() };
+        let store = self.store.clone();
+        let key = self.key.clone();
+        Ok(Egress::new(policy, Arc::new(sink)).with_secret_loader(move |p| {
+            p.load_secrets_with(|name| match crate::secrets::reveal(&store, &key, name) {
+                Ok(Some(v)) => Some(v.expose().to_string()),
+                _ => None,
+            })
+            .map_err(|e| e.to_string())
+        }))
+    }
+
+    fn reserve(&self, who: &Principal) -> Result<Slot, ManagerError> {
+        let mut c = self.inner.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if c.total >= self.limits.max_sandboxes {
+            self.metrics.rejected("cap");
+            return Err(ManagerError::TooMany(format!(
+                "the daemon is at its limit of {} concurrent sandboxes; delete one or retry later",
+                self.limits.max_sandboxes
+            )));
+        }
+        let quota = who.max_sandboxes.map(|n| n as usize).unwrap_or(self.limits.per_token);
+        let mine = c.per_owner.get(&who.token_id).copied().unwrap_or(0);
+        if mine >= quota {
+            self.metrics.rejected("quota");
+            return Err(ManagerError::TooMany(format!(
+                "token {} already has {mine} of its {quota} sandboxes; delete one first",
+                who.name
+            )));
+        }
+        c.total += 1;
+        *c.per_owner.entry(who.token_id.clone()).or_default() += 1;
+        Ok(Slot { mgr: self.inner.clone(), owner: who.token_id.clone() })
+    }
+
+    /// Creates and starts a sandbox; returns once the guest answers (or the start failed and left nothing).
+    pub async fn create(self: &Arc<Self>, who: &Principal, req: &CreateSandbox) -> Result<SandboxInfo, ManagerError> {
+        let spec = self.check_create(req)?;
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ManagerError::Unavailable("the daemon is shutting down".into()));
+        }
+        let slot = self.reserve(who)?;
+        let id = hutch_sandbox::new_id();
+        let now = now_ms();
+        let row = SandboxRow {
+            id: id.clone(),
+            owner: who.token_id.clone(),
+            state: "creating".into(),
+            spec: serde_json::to_string(&spec).map_err(|e| DaemonError::Internal(format!("encode spec: {e}")))?,
+            labels: serde_json::to_string(&req.labels).map_err(|e| DaemonError::Internal(format!("encode labels: {e}")))?,
+            created_ms: now,
+            expires_ms: now + (spec.ttl_secs as i64) * 1000,
+            started_ms: None,
+            ended_ms: None,
+            end_reason: None,
+            vm_id: None,
+            vmm_pid: None,
+            daemon_pid: std::process::id() as i64,
+            start_mode: None,
+            start_ms: None,
+        };
+        self.store.insert_sandbox(&row)?;
+        // The start runs in its own task: a client that hangs up mid-create must not leave a half-made VM.
+        let me = self.clone();
+        let owner = who.token_id.clone();
+        let task = self.tasks.spawn(async move { me.start(id, owner, spec, slot).await });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(ManagerError::Failed(format!("the start task failed: {e}"))),
+        }
+    }
+
+    async fn start(self: Arc<Self>, id: String, owner: String, spec: CheckedCreate, slot: Slot) -> Result<SandboxInfo, ManagerError> {
+        let egress = match self.egress(&id, &spec) {
+            Ok(e) => e,
+            Err(e) => {
+                self.store.mark_ended(&id, "failed", &format!("start failed: {e}"))?;
+                return Err(e);
+            }
+        };
+        let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env: spec.env.clone().into_iter().collect(), egress, ..SandboxConfig::default() };
+        let t0 = Instant::now();
+        self.metrics.creates.inc();
+        let sb = match Sandbox::create(&self.host, &cfg).await {
+            Ok(sb) => sb,
+            Err(e) => {
+                self.metrics.create_failures.inc();
+                let msg = hutch_sandbox::error_chain(&e);
+                tracing::warn!(%id, "sandbox start failed: {msg}");
+                self.store.mark_ended(&id, "failed", &format!("start failed: {msg}"))?;
+                return Err(ManagerError::Failed(format!("the sandbox could not start: {msg}")));
+            }
+        };
+        let took = t0.elapsed();
+        match sb.start.mode {
+            StartMode::Restored => self.metrics.restore_seconds.observe(took.as_secs_f64()),
+            StartMode::Cold => self.metrics.boot_seconds.observe(took.as_secs_f64()),
+        }
+        let mode = match sb.start.mode {
+            StartMode::Restored => "snapshot restore",
+            StartMode::Cold => "cold boot",
+        };
+        if let Err(e) = self.store.mark_running(&id, &sb.id, sb.vmm_pid(), mode, took.as_millis() as i64) {
+            sb.destroy().await;
+            self.store.mark_ended(&id, "failed", "could not record the start")?;
+            return Err(e.into());
+        }
+        let (stop_tx, stop_rx) = mpsc::channel(4);
+        let (done_tx, done_rx) = watch::channel(false);
+        let live = Arc::new(Live {
+            id: id.clone(),
+            owner,
+            client: sb.client().clone(),
+            console: sb.console_log().to_path_buf(),
+            stop: stop_tx,
+            done: done_rx,
+        });
+        self.live_map().insert(id.clone(), live);
+        tracing::info!(%id, vm = %sb.id, mode, took_ms = took.as_millis() as u64, "sandbox running");
+        let me = self.clone();
+        let sid = id.clone();
+        self.tasks.spawn(async move { me.supervise(sid, sb, slot, stop_rx, done_tx).await });
+        // A shutdown that began while this VM was starting must not miss it.
+        if self.shutting_down.load(Ordering::SeqCst) {
+            let _ = self.destroy_live(&id, "the daemon shut down").await;
+        }
+        self.info(&id)
+    }
+
+    /// Owns the VM until it is told to stop or dies; then destroys it, records the end, frees the slot.
+    async fn supervise(self: Arc<Self>, id: String, sb: Sandbox, slot: Slot, mut stop: mpsc::Receiver<String>, done: watch::Sender<bool>) {
+        let (state, reason) = tokio::select! {
+            r = stop.recv() => ("destroyed", r.unwrap_or_else(|| "the daemon shut down".into())),
+            _ = sb.channel_closed() => {
+                let tail = hutch_sandbox::console_tail(sb.console_log());
+                ("failed", format!("the VM stopped unexpectedly; last console lines: {tail}"))
+            }
+        };
+        self.metrics.gateway_bytes.inc_by(sb.gateway().bytes_used());
+        sb.destroy().await;
+        if let Err(e) = self.store.mark_ended(&id, state, &reason) {
+            tracing::error!(%id, "cannot record the end of a sandbox: {e}");
+        }
+        self.metrics.destroyed(if state == "failed" { "vm_died" } else { reason_label(&reason) });
+        self.live_map().remove(&id);
+        drop(slot);
+        let _ = done.send(true);
+        tracing::info!(%id, %reason, "sandbox ended");
+    }
+
+    async fn destroy_live(&self, id: &str, reason: &str) -> bool {
+        let Some(live) = self.live_map().get(id).cloned() else { return false };
+        let _ = self.store.mark_destroying(id);
+        let _ = live.stop.send(reason.to_string()).await;
+        let mut done = live.done.clone();
+        let _ = done.wait_for(|d| *d).await;
+        true
+    }
+
+    /// The row for `id` if `who` may see it; others' sandboxes do not exist for a non-admin token.
+    pub fn visible(&self, who: &Principal, id: &str) -> Result<SandboxRow, ManagerError> {
+        let not_found = || ManagerError::NotFound(format!("no sandbox {id}"));
+        let row = self.store.sandbox(id)?.ok_or_else(not_found)?;
+        if row.owner != who.token_id && !who.admin {
+            return Err(not_found());
+        }
+        Ok(row)
+    }
+
+    /// A running sandbox `who` may use.
+    pub fn running(&self, who: &Principal, id: &str) -> Result<Arc<Live>, ManagerError> {
+        let row = self.visible(who, id)?;
+        match self.live_map().get(id) {
+            Some(l) if row.state == "running" => Ok(l.clone()),
+            _ => Err(ManagerError::Conflict(format!("sandbox {id} is {}, not running", row.state))),
+        }
+    }
+
+    pub async fn delete(&self, who: &Principal, id: &str) -> Result<SandboxInfo, ManagerError> {
+        let row = self.visible(who, id)?;
+        match row.state.as_str() {
+            "destroyed" | "failed" => {
+                return Err(ManagerError::Conflict(format!("sandbox {id} already ended ({})", row.end_reason.unwrap_or_default())))
+            }
+            "creating" => return Err(ManagerError::Conflict(format!("sandbox {id} is still starting; delete it once it runs"))),
+            _ => {}
+        }
+        if !self.destroy_live(id, &format!("deleted by token {}", who.name)).await {
+            // Destroying already, by another request or the TTL: wait for it to finish.
+            for _ in 0..600 {
+                if self.store.sandbox(id)?.is_some_and(|r| r.state == "destroyed" || r.state == "failed") {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.info(id)
+    }
+
+    pub fn extend(&self, who: &Principal, id: &str, seconds: u64) -> Result<SandboxInfo, ManagerError> {
+        let row = self.visible(who, id)?;
+        if row.state != "running" && row.state != "creating" {
+            return Err(ManagerError::Conflict(format!("sandbox {id} is {}; only a live sandbox can be extended", row.state)));
+        }
+        let now = now_ms();
+        let max = self.limits.max_ttl.as_millis() as i64;
+        let new = row.expires_ms.max(now).saturating_add(seconds.min(i64::MAX as u64 / 2000) as i64 * 1000);
+        if seconds == 0 || new - now > max {
+            return Err(ManagerError::BadInput(format!(
+                "seconds must be at least 1 and keep the expiry within {} s from now (it is {} s away)",
+                max / 1000,
+                (row.expires_ms - now).max(0) / 1000
+            )));
+        }
+        self.store.set_expiry(id, new)?;
+        self.info(id)
+    }
+
+    pub fn info(&self, id: &str) -> Result<SandboxInfo, ManagerError> {
+        let row = self.store.sandbox(id)?.ok_or_else(|| ManagerError::NotFound(format!("no sandbox {id}")))?;
+        self.to_info(row)
+    }
+
+    pub fn to_info(&self, row: SandboxRow) -> Result<SandboxInfo, ManagerError> {
+        let spec: CheckedCreate = serde_json::from_str(&row.spec).map_err(|e| DaemonError::Internal(format!("sandbox {} spec: {e}", row.id)))?;
+        let labels = serde_json::from_str(&row.labels).unwrap_or_default();
+        let owner = self.store.token(&row.owner)?.map(|t| t.name).unwrap_or_else(|| row.owner.clone());
+        Ok(SandboxInfo {
+            id: row.id,
+            state: SandboxState::parse(&row.state).unwrap_or(SandboxState::Failed),
+            owner,
+            image: spec.image,
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            env: spec.env,
+            policy: spec.policy,
+            secrets: spec.secrets,
+            labels,
+            created_ms: row.created_ms,
+            expires_ms: row.expires_ms,
+            started_ms: row.started_ms,
+            ended_ms: row.ended_ms,
+            end_reason: row.end_reason,
+            start_mode: row.start_mode,
+            start_ms: row.start_ms,
+        })
+    }
+
+    pub fn list(&self, who: &Principal, state: Option<SandboxState>, labels: &BTreeMap<String, String>, all: bool) -> Result<Vec<SandboxInfo>, ManagerError> {
+        let owner = if who.admin { None } else { Some(who.token_id.as_str()) };
+        let rows = self.store.sandboxes(owner, state.map(|s| s.as_str()))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let st = SandboxState::parse(&r.state).unwrap_or(SandboxState::Failed);
+            if state.is_none() && !all && st.ended() {
+                continue;
+            }
+            let l: BTreeMap<String, String> = serde_json::from_str(&r.labels).unwrap_or_default();
+            if labels.iter().any(|(k, v)| l.get(k) != Some(v)) {
+                continue;
+            }
+            out.push(self.to_info(r)?);
+        }
+        Ok(out)
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.live_map().len()
+    }
+
+    /// Settles what a previous daemon left: its VMs cannot be re-attached (each was this process's child and
+    /// died with it), so every unfinished row becomes `destroyed` and every leftover directory and VM is
+    /// removed. Afterwards the database and the machine agree: nothing runs that the database does not show.
+    pub fn reconcile(&self) -> Result<Reconciled, DaemonError> {
+        let mut out = Reconciled::default();
+        for row in self.store.unfinished()? {
+            if row.daemon_pid == std::process::id() as i64 && self.live_map().contains_key(&row.id) {
+                continue;
+            }
+            let reason = format!("the daemon restarted (previous pid {}); the VM did not survive it and was cleaned up", row.daemon_pid);
+            self.store.mark_ended(&row.id, "destroyed", &reason)?;
+            self.metrics.destroyed("daemon_restart");
+            out.marked_destroyed.push(row.id);
+        }
+        out.reaped = hutch_sandbox::reap_stale(&self.host.root);
+        Ok(out)
+    }
+
+    /// Destroys sandboxes whose TTL has passed, every `every`, until shutdown.
+    pub async fn expire_loop(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if self.shutting_down.load(Ordering::SeqCst) {
+                return;
+            }
+            let expired = match self.store.expired(now_ms()) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!("cannot list expired sandboxes: {e}");
+                    continue;
+                }
+            };
+            for id in expired {
+                let me = self.clone();
+                self.tasks.spawn(async move {
+                    if me.destroy_live(&id, "ttl expired").await {
+                        tracing::info!(%id, "ttl expired; destroyed");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Stops taking new sandboxes, destroys every live one, and waits for all sandbox tasks to end.
+    pub async fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let ids: Vec<String> = self.live_map().keys().cloned().collect();
+        let stops = ids.iter().map(|id| self.destroy_live(id, "the daemon shut down"));
+        futures::future::join_all(stops).await;
+        self.tasks.close();
+        self.tasks.wait().await;
+        // A start that was in flight finished and saw the flag; anything it left is gone by now.
+        let left: Vec<String> = self.live_map().keys().cloned().collect();
+        for id in left {
+            self.destroy_live(&id, "the daemon shut down").await;
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+fn reason_label(reason: &str) -> &'static str {
+    if reason.starts_with("deleted") {
+        "deleted"
+    } else if reason.starts_with("ttl") {
+        "ttl"
+    } else {
+        "shutdown"
+    }
+}
