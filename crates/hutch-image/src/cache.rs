@@ -33,7 +33,7 @@ use crate::modules::{self, WANTED_MODULES};
 use crate::progress::Progress;
 use crate::rootfs::{self, Sources};
 use crate::spec::{sha256_hex, CheckedSpec, ImageSpec};
-use crate::tools::{BUSYBOX_PACKAGE, BUSYBOX_PATH};
+use crate::tools::{self, Tool, BUSYBOX_PACKAGE, BUSYBOX_PATH};
 
 const KERNELS: &str = "kernels";
 /// A kind of cache component: its directory, lock name, and the files a complete one has.
@@ -41,6 +41,9 @@ struct ComponentKind {
     dir: &'static str,
     lock: &'static str,
     files: &'static [&'static str],
+    /// Host tools its build runs.
+    tools: fn() -> Vec<Tool>,
+    needs_root: bool,
 }
 impl ComponentKind {
     fn is_complete(&self, dir: &Path) -> bool {
@@ -51,16 +54,22 @@ const KERNEL: ComponentKind = ComponentKind {
     dir: KERNELS,
     lock: "kernel",
     files: &[kernel::VMLINUZ, kernel::INFO],
+    tools: || vec![tools::APT_CACHE, tools::APT_GET, tools::DPKG_DEB],
+    needs_root: false,
 };
 const INITRD: ComponentKind = ComponentKind {
     dir: INITRDS,
     lock: "initrd",
     files: &[INITRD_IMG, INITRD_INFO],
+    tools: || vec![tools::MODINFO, COMPRESSION.tool()],
+    needs_root: false,
 };
 const ROOTFS: ComponentKind = ComponentKind {
     dir: ROOTFSES,
     lock: "rootfs",
     files: &[rootfs::IMAGE, rootfs::INFO],
+    tools: || vec![tools::UNSHARE, tools::MMDEBSTRAP, tools::MKFS_EXT4],
+    needs_root: true,
 };
 const INITRDS: &str = "initrd";
 const ROOTFSES: &str = "rootfs";
@@ -182,10 +191,21 @@ impl Cache {
             return Ok(image); // another process built it while we waited
         }
         fsutil::reap(&self.root.join(TMP))?;
-        let cached_rootfs = self.root.join(ROOTFS.dir).join(&plan.rootfs_key);
-        if !ROOTFS.is_complete(&cached_rootfs) && !nix::unistd::geteuid().is_root() {
-            // Say so now rather than after building the other components.
-            return Err(ImageError::NeedsRoot);
+        // Say what is missing now rather than after building the other components.
+        for (kind, key) in [
+            (&KERNEL, &plan.kernel_key),
+            (&INITRD, &plan.initrd_key),
+            (&ROOTFS, &plan.rootfs_key),
+        ] {
+            if kind.is_complete(&self.root.join(kind.dir).join(key)) {
+                continue;
+            }
+            if kind.needs_root && !nix::unistd::geteuid().is_root() {
+                return Err(ImageError::NeedsRoot);
+            }
+            for tool in (kind.tools)() {
+                tool.find()?;
+            }
         }
 
         let kernel_dir = self.ensure_component(&KERNEL, &plan.kernel_key, |dir| {
@@ -212,10 +232,7 @@ impl Cache {
                 inputs: plan.initrd_inputs.clone(),
                 modules: module_plan,
             };
-            kernel::write_atomically(
-                &dir.join(INITRD_INFO),
-                &serde_json::to_vec_pretty(&info).unwrap_or_default(),
-            )
+            fsutil::write_json(&dir.join(INITRD_INFO), &info)
         })?;
 
         let rootfs_dir = self.ensure_component(&ROOTFS, &plan.rootfs_key, |dir| {
@@ -225,10 +242,7 @@ impl Cache {
         progress.stage("Writing the image manifest");
         let manifest = self.manifest(&plan, &kernel_dir, &initrd_dir, &rootfs_dir)?;
         let build = BuildDir::create(&self.root.join(TMP), "image")?;
-        kernel::write_atomically(
-            &build.path().join(MANIFEST),
-            &serde_json::to_vec_pretty(&manifest).unwrap_or_default(),
-        )?;
+        fsutil::write_json(&build.path().join(MANIFEST), &manifest)?;
         let dest = self.image_dir(&plan.image_key);
         if dest.exists() {
             // An image whose component was deleted by hand and has just been rebuilt: its

@@ -69,15 +69,7 @@ pub(crate) struct BuildDir {
 impl BuildDir {
     pub fn create(tmp_root: &Path, label: &str) -> Result<Self, ImageError> {
         fs::create_dir_all(tmp_root).ctx("creating directory", tmp_root)?;
-        let mut random = [0u8; 8];
-        getrandom::getrandom(&mut random).map_err(|e| {
-            ImageError::io(
-                "choosing a name in",
-                tmp_root,
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
-        let name = format!("{label}-{}", hex::encode(random));
+        let name = format!("{label}-{}", random_suffix(tmp_root)?);
         let lock_path = tmp_root.join(format!("{name}.lock"));
         // Lock first, then create: a reaper never sees the directory unlocked.
         let lock = Lock::acquire(&lock_path, LockKind::Exclusive)?;
@@ -216,6 +208,39 @@ fn unescape_mount_path(field: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Writes `bytes` to a temp file beside `path`, then renames it over `path`.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).ctx("creating directory", dir)?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        random_suffix(dir)?
+    ));
+    fs::write(&tmp, bytes).ctx("writing", &tmp)?;
+    fs::rename(&tmp, path).ctx("renaming into place", path)
+}
+
+/// [`write_atomically`] of `value` as pretty JSON.
+pub(crate) fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), ImageError> {
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| ImageError::io("serializing", path, std::io::Error::other(e)))?;
+    write_atomically(path, &bytes)
+}
+
+/// 16 random hex digits for a file name in `dir` that no other writer picks.
+fn random_suffix(dir: &Path) -> Result<String, ImageError> {
+    let mut random = [0u8; 8];
+    getrandom::getrandom(&mut random).map_err(|e| {
+        ImageError::io(
+            "choosing a file name in",
+            dir,
+            std::io::Error::other(e.to_string()),
+        )
+    })?;
+    Ok(hex::encode(random))
 }
 
 pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {

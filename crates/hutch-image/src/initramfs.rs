@@ -90,14 +90,22 @@ impl Compression {
         }
     }
 
+    pub(crate) fn tool(self) -> Tool {
+        match self {
+            Compression::Gzip => tools::GZIP,
+            Compression::Zstd => tools::ZSTD,
+            Compression::Lz4 => tools::LZ4,
+        }
+    }
+
     fn command(self) -> Result<Command, ImageError> {
-        let (tool, args): (Tool, &[&str]) = match self {
-            Compression::Gzip => (tools::GZIP, &["-n", "-9", "-c"]),
-            Compression::Zstd => (tools::ZSTD, &["-q", "-19", "-T0", "-c"]),
+        let args: &[&str] = match self {
+            Compression::Gzip => &["-n", "-9", "-c"],
+            Compression::Zstd => &["-q", "-19", "-T0", "-c"],
             // The kernel reads only the legacy lz4 frame format (-l).
-            Compression::Lz4 => (tools::LZ4, &["-q", "-l", "-9", "-c"]),
+            Compression::Lz4 => &["-q", "-l", "-9", "-c"],
         };
-        let mut cmd = tool.command()?;
+        let mut cmd = self.tool().command()?;
         cmd.args(args);
         Ok(cmd)
     }

@@ -9,6 +9,7 @@ use std::time::UNIX_EPOCH;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ImageError, IoContext};
+use crate::fsutil;
 use crate::key::{KernelInputs, KERNEL_METAPACKAGE, RECIPE_VERSION};
 use crate::progress::Progress;
 use crate::tools::{self, APT_CACHE, APT_GET, DPKG_DEB};
@@ -84,10 +85,7 @@ pub(crate) fn resolve(memo: &Path) -> Result<KernelPackage, ImageError> {
             package: package.clone(),
         };
         // Remembering is an optimisation: a read-only cache still works, only slower.
-        let _ = write_atomically(
-            memo,
-            &serde_json::to_vec_pretty(&record).unwrap_or_default(),
-        );
+        let _ = fsutil::write_json(memo, &record);
     }
     Ok(package)
 }
@@ -178,18 +176,6 @@ fn lists_fingerprint() -> Option<String> {
     Some(crate::spec::sha256_hex(entries.join("\n").as_bytes()))
 }
 
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).ctx("creating directory", dir)?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    fs::write(&tmp, bytes).ctx("writing", &tmp)?;
-    fs::rename(&tmp, path).ctx("renaming into place", path)
-}
-
 /// Downloads and unpacks `package` into the empty directory `out` (a temp dir that becomes
 /// the component once complete).
 pub(crate) fn build(
@@ -269,10 +255,7 @@ pub(crate) fn build(
         version: package.version.clone(),
         release,
     };
-    write_atomically(
-        &out.join(INFO),
-        &serde_json::to_vec_pretty(&info).unwrap_or_default(),
-    )?;
+    fsutil::write_json(&out.join(INFO), &info)?;
     Ok(info)
 }
 

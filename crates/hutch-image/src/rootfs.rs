@@ -155,10 +155,7 @@ pub(crate) fn build(
         content_bytes,
         image_bytes,
     };
-    crate::kernel::write_atomically(
-        &out.join(INFO),
-        &serde_json::to_vec_pretty(&info).unwrap_or_default(),
-    )?;
+    fsutil::write_json(&out.join(INFO), &info)?;
     Ok(info)
 }
 

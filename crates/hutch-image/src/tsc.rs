@@ -7,7 +7,13 @@ use std::os::unix::fs::OpenOptionsExt;
 
 /// The host TSC frequency in kHz, read at run time: from sysfs when the kernel exports it,
 /// else from the kernel log's calibration lines, else from `/proc/cpuinfo`'s "cpu MHz".
+/// Read once per process: the TSC frequency does not change while the host runs.
 pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(read_host_tsc_khz)
+}
+
+fn read_host_tsc_khz() -> Option<u64> {
     sysfs_khz()
         .or_else(|| kernel_log().as_deref().and_then(parse_kernel_log))
         .or_else(|| {

@@ -82,15 +82,41 @@ fn image_lifecycle() -> Result<()> {
     // 1. A build killed halfway leaves nothing in the cache proper, and no mounts.
     interrupted_build(&cache_dir, &agent_one)?;
 
-    // 2. The next build reaps the leftovers and builds what is missing.
-    let progress = SpinnerProgress::new();
+    // 2. The next build reaps the leftovers and builds what is missing. Two builders at
+    //    once: one builds, the other waits for it and builds nothing.
+    let (a, b) = (SpinnerProgress::new(), SpinnerProgress::new());
     let started = Instant::now();
-    let image = cache.ensure(&spec_one, &progress)?;
+    let (image, image_b) = std::thread::scope(|s| {
+        let first = s.spawn(|| cache.ensure(&spec_one, &a));
+        let second = s.spawn(|| Cache::at(&cache_dir).ensure(&spec_one, &b));
+        (first.join(), second.join())
+    });
+    let image = image.map_err(|_| anyhow::anyhow!("builder panicked"))??;
+    let image_b = image_b.map_err(|_| anyhow::anyhow!("builder panicked"))??;
     eprintln!(
         "build after interruption: {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    print_timings(&progress);
+    ensure!(image == image_b, "concurrent builders disagree");
+    let (builder, waiter) = if a.timings().is_empty() {
+        (&b, &a)
+    } else {
+        (&a, &b)
+    };
+    print_timings(builder);
+    ensure!(
+        waiter.timings().is_empty(),
+        "both builders built: {:?}",
+        waiter.timings()
+    );
+    ensure!(
+        builder
+            .timings()
+            .iter()
+            .any(|(s, _)| s.contains("mmdebstrap")),
+        "the killed rootfs build was not redone: {:?}",
+        builder.timings()
+    );
     let leftovers: Vec<_> = std::fs::read_dir(cache_dir.join("tmp"))?.collect();
     ensure!(leftovers.is_empty(), "tmp/ not reaped: {leftovers:?}");
     check_image(&cache, &image)?;
