@@ -1,0 +1,335 @@
+//! The guest's side, driven from the host over the agent: unpack the snapshot into `/workspace` as a fresh
+//! repository (neutral identity, no remotes, the working tree as the user had it), run a setup script, and
+//! at the end pack the VM's new commits into a bundle and its uncommitted changes into a patch and download
+//! them under size caps. Everything the guest reports back is treated as hostile by the host.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hutch_proto::{ExecEvent, ExecRequest, ExitStatus};
+use hutch_sandbox::AgentClient;
+use tokio::io::AsyncWrite;
+
+use crate::git::Oid;
+use crate::host::Snapshot;
+use crate::{io_err, Limits, RepoError};
+
+/// Where the repository is in the VM.
+pub const WORKSPACE: &str = "/workspace";
+const STAGING: &str = "/var/tmp/hutch";
+
+/// Arguments: workspace, staging directory, bundle, base commit (or empty), snapshot commit, branch (or empty).
+pub(crate) const SETUP_WORKSPACE: &str = r#"set -eu
+ws=$1 staging=$2 bundle=$3 base=$4 snap=$5 branch=$6
+rm -rf "$ws"
+mkdir -p "$ws"
+cd "$ws"
+git -c init.defaultBranch=main init -q
+git config user.name "Hutch Sandbox"
+git config user.email "sandbox@hutch.invalid"
+git fetch -q --no-tags "$bundle" 'refs/hutch/*:refs/hutch/*'
+if [ -n "$base" ]; then
+  if [ -n "$branch" ]; then git checkout -q -B "$branch" "$base"; else git -c advice.detachedHead=false checkout -q --detach "$base"; fi
+  git diff-tree -r -z --name-only --no-renames --diff-filter=D "$base" "$snap" | xargs -0 -r rm -f --
+elif [ -n "$branch" ]; then
+  git symbolic-ref HEAD "refs/heads/$branch"
+fi
+GIT_INDEX_FILE="$staging/snapshot.index" git read-tree "$snap"
+GIT_INDEX_FILE="$staging/snapshot.index" git checkout-index -a -f
+rm -f "$staging/snapshot.index" "$bundle"
+git update-ref -d refs/hutch/snapshot
+if [ -n "$base" ]; then git update-ref -d refs/hutch/base; fi
+cd .git && find config hooks info \( -type f -o -type l \) -exec sha256sum {} + 2>/dev/null | LC_ALL=C sort -k2 || true
+"#;
+
+/// Arguments: workspace, staging directory, base commit (or empty). Writes `<staging>/out/changes.patch` and,
+/// when there are new commits, `<staging>/out/commits.bundle`; prints the report [`parse_report`] reads.
+pub(crate) const COLLECT: &str = r#"set -eu
+ws=$1 base=$3 out=$2/out
+rm -rf "$out"
+mkdir -p "$out"
+cd "$ws"
+head=$(git rev-parse -q --verify 'HEAD^{commit}' 2>/dev/null || true)
+bundle=no
+if [ -n "$head" ]; then
+  if [ -n "$base" ]; then n=$(git rev-list --count "$head" "^$base"); else n=$(git rev-list --count "$head"); fi
+  if [ "$n" -gt 0 ]; then
+    if [ -n "$base" ]; then git bundle create -q "$out/commits.bundle" HEAD "^$base"; else git bundle create -q "$out/commits.bundle" HEAD; fi
+    bundle=yes
+  fi
+  GIT_INDEX_FILE="$out/index" git read-tree "$head"
+  from=$head
+else
+  from=$(git hash-object -t tree /dev/null)
+fi
+GIT_INDEX_FILE="$out/index" git add -A
+GIT_INDEX_FILE="$out/index" git diff --cached --binary --full-index --no-renames --no-ext-diff --no-textconv --no-color "$from" > "$out/changes.patch"
+rm -f "$out/index"
+echo "head ${head:--}"
+echo "bundle $bundle"
+cd .git && find config hooks info \( -type f -o -type l \) -exec sha256sum {} + 2>/dev/null | LC_ALL=C sort -k2 || true
+"#;
+
+/// The repository as set up in the VM.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    pub base: Option<Oid>,
+    /// The directory the command starts in: `/workspace` plus where the user was in the work tree.
+    pub cwd: String,
+    /// Digests of the VM's `.git/config`, hooks and `info/` right after setup, to tell the user later what the
+    /// VM changed there (those files never leave the VM).
+    git_meta: BTreeMap<String, String>,
+}
+
+impl Workspace {
+    /// From the setup step's output (digests of the VM's git metadata).
+    pub(crate) fn new(snap: &Snapshot, cwd: String, setup_stdout: &[u8]) -> Workspace {
+        Workspace { base: snap.base.clone(), cwd, git_meta: parse_meta(setup_stdout) }
+    }
+}
+
+/// What came back from the VM, on the host, not yet checked.
+#[derive(Debug)]
+pub struct Collected {
+    /// The VM's HEAD as it reported it.
+    pub head: Option<Oid>,
+    pub bundle: Option<PathBuf>,
+    pub patch: PathBuf,
+    /// `.git/...` files the VM added, changed or removed (informational; never exported).
+    pub git_meta_changed: Vec<String>,
+}
+
+/// Where streamed output goes.
+pub type Tee<'a> = &'a mut (dyn FnMut(&[u8]) + Send);
+
+/// One guest process's result.
+#[derive(Debug)]
+pub struct ExecResult {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    /// The end of stderr (or, when streaming, of all output).
+    pub tail: Vec<u8>,
+}
+
+const TAIL: usize = 16 * 1024;
+
+fn push_tail(tail: &mut Vec<u8>, b: &[u8]) {
+    tail.extend_from_slice(b);
+    if tail.len() > TAIL {
+        tail.drain(..tail.len() - TAIL);
+    }
+}
+
+/// Runs a process in the guest. Stdout is collected up to `stdout_cap` (more is an error) unless `tee` is
+/// given, in which case all output goes to `tee` and only its tail is kept.
+pub async fn exec(
+    client: &AgentClient,
+    argv: Vec<String>,
+    cwd: Option<&str>,
+    stdout_cap: usize,
+    mut tee: Option<Tee<'_>>,
+) -> Result<ExecResult, RepoError> {
+    let req = ExecRequest { argv, env: vec![], cwd: cwd.map(str::to_string), stdin: false, tty: None };
+    let mut h = client.exec(req).await?;
+    let mut stdout = vec![];
+    let mut tail = vec![];
+    while let Some(ev) = h.events.next().await {
+        match ev {
+            ExecEvent::Started { .. } => {}
+            ExecEvent::Stdout(b) => match tee.as_mut() {
+                Some(t) => {
+                    t(&b);
+                    push_tail(&mut tail, &b);
+                }
+                None => {
+                    if stdout.len() + b.len() > stdout_cap {
+                        return Err(RepoError::Refused(format!("a guest step printed more than {stdout_cap} bytes")));
+                    }
+                    stdout.extend_from_slice(&b);
+                }
+            },
+            ExecEvent::Stderr(b) => {
+                if let Some(t) = tee.as_mut() {
+                    t(&b);
+                }
+                push_tail(&mut tail, &b);
+            }
+            ExecEvent::Exited(status) => return Ok(ExecResult { status, stdout, tail }),
+            ExecEvent::SpawnFailed { message, .. } => return Err(RepoError::Guest(message)),
+        }
+    }
+    Err(RepoError::Guest("the agent channel closed before the process ended".into()))
+}
+
+fn failed(what: &str, r: &ExecResult) -> RepoError {
+    RepoError::Guest(format!("{what} failed (exit {}): {}", r.status.as_shell_code(), crate::git::stderr_text(&r.tail)))
+}
+
+/// Uploads the snapshot and unpacks it into `/workspace`.
+pub async fn setup_workspace(client: &AgentClient, snap: &Snapshot, prefix: &Path) -> Result<Workspace, RepoError> {
+    let guest_bundle = format!("{STAGING}/in.bundle");
+    client.put_host_file(&snap.bundle, &guest_bundle).await?;
+    let argv = vec![
+        "sh".into(),
+        "-c".into(),
+        SETUP_WORKSPACE.into(),
+        "hutch-workspace".into(),
+        WORKSPACE.into(),
+        STAGING.into(),
+        guest_bundle,
+        snap.base.as_ref().map(|o| o.to_string()).unwrap_or_default(),
+        snap.commit.to_string(),
+        snap.branch.clone().unwrap_or_default(),
+    ];
+    let r = exec(client, argv, Some("/"), 1 << 20, None).await?;
+    if r.status != ExitStatus::Code(0) {
+        return Err(failed("setting up /workspace", &r));
+    }
+    let mut cwd = WORKSPACE.to_string();
+    if let Some(p) = prefix.to_str().filter(|p| !p.is_empty()) {
+        cwd = format!("{WORKSPACE}/{p}");
+    }
+    Ok(Workspace::new(snap, cwd, &r.stdout))
+}
+
+/// Runs a setup script (its bytes, uploaded as they were read and hashed) as root in the VM, from `cwd`,
+/// passing its output to `tee`.
+pub async fn run_setup(
+    client: &AgentClient,
+    script: &[u8],
+    cwd: &str,
+    tee: Tee<'_>,
+) -> Result<ExecResult, RepoError> {
+    let path = format!("{STAGING}/setup");
+    client.put_file(&path, 0o700, script.len() as u64, script).await?;
+    let argv = if script.starts_with(b"#!") { vec![path] } else { vec!["sh".into(), path] };
+    exec(client, argv, Some(cwd), 0, Some(tee)).await
+}
+
+/// Packs and downloads what the VM changed into `dest` (a host directory that exists).
+pub async fn collect(client: &AgentClient, ws: &Workspace, dest: &Path, limits: &Limits) -> Result<Collected, RepoError> {
+    let base = ws.base.as_ref().map(|o| o.to_string()).unwrap_or_default();
+    let argv = vec!["sh".into(), "-c".into(), COLLECT.into(), "hutch-collect".into(), WORKSPACE.into(), STAGING.into(), base];
+    let r = exec(client, argv, Some("/"), 1 << 20, None).await?;
+    if r.status != ExitStatus::Code(0) {
+        return Err(failed("collecting the changes in /workspace", &r));
+    }
+    let (head, bundle, git_meta_changed) = parse_report(ws, &r.stdout)?;
+    let patch = dest.join("changes.patch");
+    download(client, &format!("{STAGING}/out/changes.patch"), &patch, limits.max_patch, "patch of uncommitted changes").await?;
+    let bundle = if bundle {
+        let b = dest.join("commits.bundle");
+        download(client, &format!("{STAGING}/out/commits.bundle"), &b, limits.max_bundle, "bundle of new commits").await?;
+        Some(b)
+    } else {
+        None
+    };
+    Ok(Collected { head, bundle, patch, git_meta_changed })
+}
+
+/// Reads the collect step's report: the VM's HEAD, whether a bundle was made, and digests of its git
+/// metadata (compared with those taken at setup).
+pub(crate) fn parse_report(ws: &Workspace, stdout: &[u8]) -> Result<(Option<Oid>, bool, Vec<String>), RepoError> {
+    let text = String::from_utf8_lossy(stdout);
+    let mut lines = text.lines();
+    let head = match lines.next().and_then(|l| l.strip_prefix("head ")) {
+        Some("-") => None,
+        Some(h) => Some(Oid::parse(h).ok_or_else(|| RepoError::Refused(format!("the VM reported HEAD {:?}, not an object id", crate::path::show(h.as_bytes()))))?),
+        None => return Err(RepoError::Refused("the VM's report has no HEAD line".into())),
+    };
+    let bundle = match lines.next() {
+        Some("bundle yes") => true,
+        Some("bundle no") => false,
+        _ => return Err(RepoError::Refused("the VM's report has no bundle line".into())),
+    };
+    let after = parse_meta(lines.collect::<Vec<_>>().join("\n").as_bytes());
+    let mut changed: Vec<String> = ws
+        .git_meta
+        .iter()
+        .filter(|(p, h)| after.get(*p) != Some(h))
+        .map(|(p, _)| p.clone())
+        .chain(after.keys().filter(|p| !ws.git_meta.contains_key(*p)).cloned())
+        .map(|p| format!(".git/{p}"))
+        .collect();
+    changed.sort();
+    changed.dedup();
+    Ok((head, bundle, changed))
+}
+
+fn parse_meta(out: &[u8]) -> BTreeMap<String, String> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .filter_map(|l| {
+            let (h, p) = l.split_once("  ")?;
+            (h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())).then(|| (crate::path::show(p.as_bytes()), h.to_string()))
+        })
+        .take(10_000)
+        .collect()
+}
+
+async fn download(client: &AgentClient, guest: &str, host: &Path, cap: u64, what: &str) -> Result<(), RepoError> {
+    let file = tokio::fs::File::create(host).await.map_err(io_err(format!("cannot create {}", host.display())))?;
+    let mut w = Capped { inner: file, written: 0, cap, exceeded: false };
+    let r = client.get_file(guest, &mut w).await;
+    if w.exceeded {
+        return Err(RepoError::Refused(format!("the VM's {what} is larger than the limit of {}", crate::size(cap))));
+    }
+    r?;
+    Ok(())
+}
+
+/// A writer that refuses to grow past `cap` bytes, so a VM cannot fill the host's disk.
+struct Capped<W> {
+    inner: W,
+    written: u64,
+    cap: u64,
+    exceeded: bool,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Capped<W> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if self.written + buf.len() as u64 > self.cap {
+            self.exceeded = true;
+            return Poll::Ready(Err(std::io::Error::other("size limit exceeded")));
+        }
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.written += *n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn git_metadata_digests_parse() {
+        let h = "a".repeat(64);
+        let out = format!("{h}  config\n{h}  hooks/pre-commit.sample\nnot a line\n{}  bad\n", "z".repeat(64));
+        let m = parse_meta(out.as_bytes());
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.get("config"), Some(&h));
+    }
+
+    #[tokio::test]
+    async fn capped_writer_stops_at_the_limit() {
+        use tokio::io::AsyncWriteExt;
+        let mut w = Capped { inner: Vec::new(), written: 0, cap: 10, exceeded: false };
+        w.write_all(b"12345").await.unwrap();
+        assert!(w.write_all(b"678901").await.is_err());
+        assert!(w.exceeded);
+        assert_eq!(w.inner.len(), 5);
+    }
+}

@@ -1,0 +1,223 @@
+//! The user's repository on the host, and the snapshot that goes into the VM: HEAD's history plus one commit
+//! holding the working tree as `git add -A` sees it (uncommitted and untracked-not-ignored files), built in a
+//! scratch repository that borrows the user's objects, so the user's index, refs and config are never written.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::git::{init_scratch, path_from_output, user_excludes_file, Git, Oid};
+use crate::{io_err, RepoError};
+
+/// A git work tree on the host, as found from a directory inside it.
+#[derive(Debug, Clone)]
+pub struct HostRepo {
+    /// The top of the work tree.
+    pub top: PathBuf,
+    /// This work tree's git directory (differs from `common_dir` in a linked worktree).
+    pub git_dir: PathBuf,
+    /// Where objects, refs and hutch's stored results live.
+    pub common_dir: PathBuf,
+    pub object_format: String,
+    /// HEAD's commit; `None` on an unborn branch.
+    pub head: Option<Oid>,
+    /// The branch HEAD points to (`main` for `refs/heads/main`); `None` when detached.
+    pub branch: Option<String>,
+    /// Where the search started, relative to `top`.
+    pub prefix: PathBuf,
+}
+
+impl HostRepo {
+    /// The work tree containing `cwd`, or `None` when `cwd` is in none (outside any repository, in a bare
+    /// repository, or inside a `.git` directory).
+    pub fn discover(cwd: &Path) -> Result<Option<HostRepo>, RepoError> {
+        let g = Git::discover(cwd);
+        let top = match g.run("rev-parse --show-toplevel", ["rev-parse", "--show-toplevel"]) {
+            Ok(out) => path_from_output(&out),
+            Err(RepoError::Git { stderr, .. })
+                if stderr.contains("not a git repository") || stderr.contains("must be run in a work tree") =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let g = Git::discover(&top);
+        let abs = |what: &str| -> Result<PathBuf, RepoError> {
+            Ok(path_from_output(&g.run(&format!("rev-parse {what}"), ["rev-parse", "--path-format=absolute", what])?))
+        };
+        let git_dir = abs("--git-dir")?;
+        let common_dir = abs("--git-common-dir")?;
+        let object_format = g.line("rev-parse --show-object-format", ["rev-parse", "--show-object-format"])?;
+        if object_format != "sha1" && object_format != "sha256" {
+            return Err(RepoError::Project(format!("unsupported object format {object_format:?}")));
+        }
+        let g = Git::at(&git_dir);
+        let head = g.run("rev-parse HEAD", ["rev-parse", "-q", "--verify", "HEAD^{commit}"]).ok().and_then(|o| Oid::parse(&String::from_utf8_lossy(&o)));
+        let branch = g
+            .run("symbolic-ref HEAD", ["symbolic-ref", "-q", "HEAD"])
+            .ok()
+            .and_then(|o| String::from_utf8(o).ok())
+            .and_then(|s| s.trim_end().strip_prefix("refs/heads/").map(str::to_string))
+            .filter(|b| !b.is_empty());
+        let cwd = cwd.canonicalize().map_err(io_err(format!("cannot resolve {}", cwd.display())))?;
+        let top_c = top.canonicalize().map_err(io_err(format!("cannot resolve {}", top.display())))?;
+        let prefix = cwd.strip_prefix(&top_c).map(Path::to_path_buf).unwrap_or_default();
+        Ok(Some(HostRepo { top: top_c, git_dir, common_dir, object_format, head, branch, prefix }))
+    }
+
+    /// Git on the user's repository (no work tree). Only for writing `refs/hutch/*` after checks.
+    pub(crate) fn git(&self) -> Git {
+        Git::at(&self.git_dir)
+    }
+
+    /// Where hutch keeps this repository's sandbox results.
+    pub fn results_dir(&self) -> PathBuf {
+        self.common_dir.join("hutch")
+    }
+}
+
+/// What goes into the VM, kept until the VM's output has been imported (its objects are needed then).
+#[derive(Debug)]
+pub struct Snapshot {
+    scratch: tempfile::TempDir,
+    pub(crate) git: Git,
+    /// The user's HEAD when the snapshot was taken.
+    pub base: Option<Oid>,
+    /// The working-tree commit (parent: `base`).
+    pub commit: Oid,
+    pub branch: Option<String>,
+    /// A bundle of `refs/hutch/base` (when there is a HEAD) and `refs/hutch/snapshot`.
+    pub bundle: PathBuf,
+}
+
+impl Snapshot {
+    /// Takes the snapshot. Reads the user's work tree and objects; writes only in a scratch directory.
+    pub fn take(repo: &HostRepo) -> Result<Snapshot, RepoError> {
+        let scratch = tempfile::Builder::new().prefix("hutch-repo-").tempdir().map_err(io_err("cannot create a scratch directory"))?;
+        let gd = scratch.path().join("git");
+        let git = init_scratch(&gd, &repo.object_format)?;
+        let objects = repo.common_dir.join("objects");
+        if objects.as_os_str().as_bytes().contains(&b'\n') {
+            return Err(RepoError::Project(format!("the repository path {} contains a newline", objects.display())));
+        }
+        let mut alt = objects.as_os_str().as_bytes().to_vec();
+        alt.push(b'\n');
+        std::fs::write(gd.join("objects/info/alternates"), alt).map_err(io_err("cannot write the scratch repository"))?;
+        // The user's own ignore list is data, so it is honoured.
+        if let Ok(ex) = std::fs::read(repo.common_dir.join("info/exclude")) {
+            std::fs::create_dir_all(gd.join("info")).map_err(io_err("cannot write the scratch repository"))?;
+            std::fs::write(gd.join("info/exclude"), ex).map_err(io_err("cannot write the scratch repository"))?;
+        }
+        let index = scratch.path().join("index");
+        let wt = git.clone().work_tree(&repo.top).index(&index).excludes(user_excludes_file());
+        match &repo.head {
+            Some(h) => wt.run("read-tree", ["read-tree", h.as_str()])?,
+            None => wt.run("read-tree", ["read-tree", "--empty"])?,
+        };
+        wt.run("add -A (working tree snapshot)", ["add", "-A"])?;
+        let tree = wt.line("write-tree", ["write-tree"])?;
+        let _ = std::fs::remove_file(&index);
+        let mut args: Vec<&str> = vec!["commit-tree", "-m", "hutch: working tree snapshot"];
+        if let Some(h) = &repo.head {
+            args.extend(["-p", h.as_str()]);
+        }
+        args.push(&tree);
+        let commit = git.line("commit-tree", &args)?;
+        let commit = Oid::parse(&commit).ok_or_else(|| RepoError::Git { action: "commit-tree".into(), stderr: commit.clone() })?;
+        git.run("update-ref", ["update-ref", "refs/hutch/snapshot", commit.as_str()])?;
+        let mut refs = vec!["refs/hutch/snapshot"];
+        if let Some(h) = &repo.head {
+            git.run("update-ref", ["update-ref", "refs/hutch/base", h.as_str()])?;
+            refs.push("refs/hutch/base");
+        }
+        let bundle = scratch.path().join("in.bundle");
+        let mut args: Vec<&OsStr> = vec![OsStr::new("bundle"), OsStr::new("create"), OsStr::new("-q"), bundle.as_os_str()];
+        args.extend(refs.iter().map(OsStr::new));
+        git.run("bundle create (repository upload)", args)?;
+        Ok(Snapshot { git, base: repo.head.clone(), commit, branch: repo.branch.clone(), bundle, scratch })
+    }
+
+    /// The scratch directory (bundle, downloads, temporary indexes).
+    pub fn dir(&self) -> &Path {
+        self.scratch.path()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A real repository with one commit, an uncommitted change, an untracked file and an ignored one.
+    pub(crate) fn sample_repo() -> (tempfile::TempDir, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path().join("repo");
+        std::fs::create_dir(&r).unwrap();
+        let g = Git::discover(&r);
+        g.run("init", ["init", "-q", "-b", "main"]).unwrap();
+        std::fs::write(r.join("a.txt"), "one\n").unwrap();
+        std::fs::write(r.join(".gitignore"), "*.log\n").unwrap();
+        std::fs::create_dir(r.join("sub")).unwrap();
+        std::fs::write(r.join("sub/b.txt"), "bee\n").unwrap();
+        std::fs::write(r.join("gone.txt"), "bye\n").unwrap();
+        let g = Git::at(&r.join(".git")).work_tree(&r);
+        g.run("add", ["add", "-A"]).unwrap();
+        g.run("commit", ["commit", "-q", "-m", "first"]).unwrap();
+        std::fs::write(r.join("a.txt"), "one\ntwo\n").unwrap();
+        std::fs::write(r.join("new.txt"), "untracked\n").unwrap();
+        std::fs::write(r.join("debug.log"), "ignored\n").unwrap();
+        std::fs::remove_file(r.join("gone.txt")).unwrap();
+        (t, r)
+    }
+
+    #[test]
+    fn discovery_finds_top_head_branch_and_prefix() {
+        let (t, r) = sample_repo();
+        let repo = HostRepo::discover(&r.join("sub")).unwrap().unwrap();
+        assert_eq!(repo.top, r.canonicalize().unwrap());
+        assert_eq!(repo.branch.as_deref(), Some("main"));
+        assert_eq!(repo.prefix, PathBuf::from("sub"));
+        assert!(repo.head.is_some());
+        assert!(HostRepo::discover(t.path()).unwrap().is_none(), "outside any repository");
+        assert!(HostRepo::discover(&r.join(".git")).unwrap().is_none(), "inside .git there is no work tree");
+    }
+
+    #[test]
+    fn snapshot_holds_the_working_tree_and_leaves_the_repo_alone() {
+        let (_t, r) = sample_repo();
+        let repo = HostRepo::discover(&r).unwrap().unwrap();
+        let index_before = std::fs::read(r.join(".git/index")).unwrap();
+        let refs_before = Git::at(&repo.git_dir).run("show-ref", ["show-ref"]).unwrap();
+        let snap = Snapshot::take(&repo).unwrap();
+        let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
+        assert_eq!(String::from_utf8(files).unwrap(), ".gitignore\na.txt\nnew.txt\nsub/b.txt\n");
+        let a = snap.git.run("show", ["show", &format!("{}:a.txt", snap.commit)]).unwrap();
+        assert_eq!(a, b"one\ntwo\n");
+        let parent = snap.git.line("rev-parse", ["rev-parse", &format!("{}^", snap.commit)]).unwrap();
+        assert_eq!(Some(parent.as_str()), repo.head.as_ref().map(Oid::as_str));
+        assert_eq!(std::fs::read(r.join(".git/index")).unwrap(), index_before, "the user's index is untouched");
+        assert_eq!(Git::at(&repo.git_dir).run("show-ref", ["show-ref"]).unwrap(), refs_before, "no refs were added");
+        let heads = snap.git.run("bundle", ["bundle", "list-heads", snap.bundle.to_str().unwrap()]).unwrap();
+        let heads = String::from_utf8(heads).unwrap();
+        assert!(heads.contains("refs/hutch/base") && heads.contains("refs/hutch/snapshot"), "{heads}");
+        // The bundle is self-contained: a fresh repository can fetch it.
+        let t2 = tempfile::tempdir().unwrap();
+        let g2 = init_scratch(&t2.path().join("x"), "sha1").unwrap();
+        g2.run("fetch", ["fetch", "-q", snap.bundle.to_str().unwrap(), "refs/hutch/*:refs/hutch/*"]).unwrap();
+    }
+
+    #[test]
+    fn unborn_branch_snapshot() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path().join("repo");
+        std::fs::create_dir(&r).unwrap();
+        Git::discover(&r).run("init", ["init", "-q", "-b", "trunk"]).unwrap();
+        std::fs::write(r.join("f"), "x").unwrap();
+        let repo = HostRepo::discover(&r).unwrap().unwrap();
+        assert_eq!(repo.head, None);
+        assert_eq!(repo.branch.as_deref(), Some("trunk"));
+        let snap = Snapshot::take(&repo).unwrap();
+        assert_eq!(snap.base, None);
+        let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
+        assert_eq!(files, b"f\n");
+    }
+}

