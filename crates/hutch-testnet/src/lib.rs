@@ -1,0 +1,247 @@
+//! A local "internet" for egress tests: HTTPS and plain HTTP servers on 127.0.0.1 (port 0) with
+//! their own test CA, answering every request with what they received, plus a few routes that
+//! attacks and benchmarks need (redirects, large bodies, header reflection) and a git smart-HTTP
+//! server. It runs on its own thread and runtime, so synchronous tests that drive the `hutch`
+//! binary and async tests that use the sandbox library can both start one.
+
+mod body;
+mod git;
+mod pki;
+mod routes;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+/// Names the servers' certificate covers unless [`TestNet::start_with_names`] says otherwise.
+/// Every `*.example.test` name works, so tests can invent hosts freely.
+pub const DEFAULT_NAMES: [&str; 3] = ["example.test", "*.example.test", "localhost"];
+
+/// Largest request body the servers read (bigger ones get 413).
+pub const MAX_REQUEST_BODY: usize = 64 << 20;
+
+/// Request bodies are recorded up to this many bytes.
+pub const MAX_RECORDED_BODY: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestNetError {
+    #[error("cannot create the test CA or the server certificate")]
+    Pki(#[source] rcgen::Error),
+    #[error("cannot build the TLS server configuration")]
+    Tls(#[source] rustls::Error),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("git repository name {0:?} must be letters, digits, '-', '_' or '.' and end in .git")]
+    BadRepoName(String),
+    #[error("the server thread stopped before it was listening")]
+    ServerThread,
+}
+
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TestNetError {
+    let what = what.into();
+    move |source| TestNetError::Io { what, source }
+}
+
+/// One request as a server received it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Seen {
+    /// True for the HTTPS server, false for plain HTTP.
+    pub tls: bool,
+    /// The TLS server name the client sent (HTTPS only).
+    pub sni: Option<String>,
+    pub method: String,
+    /// Path and query as sent.
+    pub path: String,
+    /// Header names (lowercase) and values (lossy UTF-8), in order.
+    pub headers: Vec<(String, String)>,
+    /// The body (lossy UTF-8), at most [`MAX_RECORDED_BODY`] bytes.
+    pub body: String,
+}
+
+impl Seen {
+    /// The first value of header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The Host header's name part, lowercase.
+    pub fn host(&self) -> Option<String> {
+        let h = self.header("host")?;
+        let name = match h.rsplit_once(':') {
+            Some((n, p)) if p.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => h,
+        };
+        Some(name.to_ascii_lowercase())
+    }
+
+    /// True when any header value, the path or the body contains `needle`.
+    pub fn contains(&self, needle: &str) -> bool {
+        self.path.contains(needle) || self.body.contains(needle) || self.headers.iter().any(|(_, v)| v.contains(needle))
+    }
+}
+
+/// What every server records; shared between the servers and the test.
+#[derive(Default, Debug)]
+pub(crate) struct Log {
+    pub(crate) requests: Mutex<Vec<Seen>>,
+    pub(crate) udp_datagrams: AtomicU64,
+    pub(crate) tls_handshakes_failed: AtomicU64,
+}
+
+impl Log {
+    pub(crate) fn push(&self, seen: Seen) {
+        self.requests.lock().unwrap_or_else(|p| p.into_inner()).push(seen);
+    }
+}
+
+/// The running local internet. Dropping it stops the servers and deletes its files.
+pub struct TestNet {
+    https: SocketAddr,
+    http: SocketAddr,
+    udp: SocketAddr,
+    ca_pem: String,
+    ca_file: PathBuf,
+    git_root: PathBuf,
+    log: Arc<Log>,
+    server: server::Running,
+    dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for TestNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestNet").field("https", &self.https).field("http", &self.http).finish_non_exhaustive()
+    }
+}
+
+impl TestNet {
+    /// Starts the servers with a certificate for [`DEFAULT_NAMES`].
+    pub fn start() -> Result<TestNet, TestNetError> {
+        TestNet::start_with_names(&DEFAULT_NAMES)
+    }
+
+    /// Starts the servers with a certificate for `names` (DNS names, `*.` wildcards allowed).
+    pub fn start_with_names(names: &[&str]) -> Result<TestNet, TestNetError> {
+        let dir = tempfile::Builder::new().prefix("hutch-testnet-").tempdir().map_err(io_err("cannot create a temporary directory"))?;
+        let pki = pki::TestPki::new(names)?;
+        let ca_file = dir.path().join("testnet-ca.pem");
+        std::fs::write(&ca_file, &pki.ca_pem).map_err(io_err(format!("cannot write {}", ca_file.display())))?;
+        let git_root = dir.path().join("git");
+        std::fs::create_dir(&git_root).map_err(io_err(format!("cannot create {}", git_root.display())))?;
+        let log = Arc::new(Log::default());
+        let routes = routes::Routes { git_root: git_root.clone() };
+        let server = server::Running::start(pki.server_config.clone(), routes, log.clone())?;
+        Ok(TestNet {
+            https: server.https,
+            http: server.http,
+            udp: server.udp,
+            ca_pem: pki.ca_pem,
+            ca_file,
+            git_root,
+            log,
+            server,
+            dir,
+        })
+    }
+
+    pub fn https_port(&self) -> u16 {
+        self.https.port()
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.http.port()
+    }
+
+    /// A UDP socket on 127.0.0.1 that counts datagrams (QUIC and other UDP must never arrive).
+    pub fn udp_port(&self) -> u16 {
+        self.udp.port()
+    }
+
+    /// The test CA certificate (PEM): what the servers' certificate chains to.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The test CA certificate as a file, for `--upstream-ca`.
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+
+    /// A directory that is deleted with the test net.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `https://NAME:PORT/PATH` on the HTTPS server (`path` starts with '/').
+    pub fn https_url(&self, name: &str, path: &str) -> String {
+        format!("https://{name}:{}{path}", self.https.port())
+    }
+
+    /// `http://NAME:PORT/PATH` on the plain HTTP server.
+    pub fn http_url(&self, name: &str, path: &str) -> String {
+        format!("http://{name}:{}{path}", self.http.port())
+    }
+
+    /// `hutch run` flags that allow `name` on the HTTPS port and pin it to this server.
+    pub fn allow_https(&self, name: &str) -> Vec<String> {
+        let p = self.https.port();
+        vec!["--allow".into(), format!("{name}:{p}"), "--resolve".into(), format!("{name}:{p}:127.0.0.1")]
+    }
+
+    /// `hutch run` flags that allow `name` on the plain HTTP port and pin it to this server.
+    pub fn allow_http(&self, name: &str) -> Vec<String> {
+        let p = self.http.port();
+        vec!["--allow".into(), format!("{name}:{p}"), "--resolve".into(), format!("{name}:{p}:127.0.0.1")]
+    }
+
+    /// `--upstream-ca FILE` for the test CA.
+    pub fn upstream_ca_args(&self) -> Vec<String> {
+        vec!["--upstream-ca".into(), self.ca_file.display().to_string()]
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.log.requests.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Requests whose path starts with `prefix`.
+    pub fn requests_to(&self, prefix: &str) -> Vec<Seen> {
+        self.requests().into_iter().filter(|s| s.path.starts_with(prefix)).collect()
+    }
+
+    /// Datagrams received on [`TestNet::udp_port`].
+    pub fn udp_datagrams(&self) -> u64 {
+        self.log.udp_datagrams.load(Ordering::Relaxed)
+    }
+
+    /// TLS handshakes that failed on the HTTPS server (e.g. a client that did not trust the CA).
+    pub fn tls_handshakes_failed(&self) -> u64 {
+        self.log.tls_handshakes_failed.load(Ordering::Relaxed)
+    }
+
+    /// Creates a bare repository `name` (e.g. `repo.git`) served at `/NAME` with one commit on
+    /// `main` holding `files` (path, content). Pushes over HTTP are accepted.
+    pub fn create_git_repo(&self, name: &str, files: &[(&str, &str)]) -> Result<PathBuf, TestNetError> {
+        git::create_repo(&self.git_root, name, files, self.dir.path())
+    }
+
+    /// The branch heads of repository `name` (`git for-each-ref` output), to check pushes.
+    pub fn git_refs(&self, name: &str) -> Result<String, TestNetError> {
+        git::refs(&self.git_root, name, self.dir.path())
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        self.server.stop();
+    }
+}
