@@ -24,6 +24,9 @@ pub enum Command {
     Doctor,
     /// Measure start-up time and memory (percentiles and ratios).
     Bench(BenchArgs),
+    /// Sandboxes as a service: `serve`, `token`, `secret`, and the client commands.
+    #[command(flatten)]
+    Service(crate::remote::ServiceCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,6 +213,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Image(c) => crate::image::cmd(c).await,
         Command::Doctor => crate::doctor::doctor().await,
         Command::Bench(a) => crate::bench::bench(a).await,
+        Command::Service(c) => crate::remote::dispatch(c).await,
     }
 }
 

@@ -6,7 +6,11 @@ mod cli;
 mod doctor;
 mod egress;
 mod image;
+mod remote;
 mod run;
+mod serve;
+mod shell;
+mod tokens;
 
 use clap::Parser;
 

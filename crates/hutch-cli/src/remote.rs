@@ -1,0 +1,552 @@
+//! The service commands: `serve`, local `token`/`secret` administration, and the client commands (`create`,
+//! `ls`, `exec`, `shell`, `cp`, `logs`, `rm`, `extend`) that talk to a daemon at `--url`/`$HUTCH_URL` with
+//! `$HUTCH_TOKEN`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Subcommand};
+use futures::{SinkExt, StreamExt};
+use hutch_daemon::model::*;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Serve sandboxes over an HTTP API (REST + WebSocket; see /openapi.json).
+    Serve(crate::serve::ServeArgs),
+    /// Manage the daemon's API tokens (acts on its data directory).
+    #[command(subcommand)]
+    Token(crate::tokens::TokenCmd),
+    /// Manage the daemon's secrets store (acts on its data directory; values never come back out).
+    #[command(subcommand)]
+    Secret(crate::tokens::SecretCmd),
+    /// Create a sandbox on a daemon; prints its id.
+    Create(CreateArgs),
+    /// List sandboxes on a daemon.
+    Ls(LsArgs),
+    /// Run a command in a sandbox on a daemon, streaming its output; exits with its code.
+    Exec(ExecArgs),
+    /// Open an interactive terminal in a sandbox on a daemon.
+    Shell(crate::shell::ShellArgs),
+    /// Copy a file into or out of a sandbox: `hutch cp LOCAL ID:/path` or `hutch cp ID:/path LOCAL`.
+    Cp(CpArgs),
+    /// Show a sandbox's egress audit log.
+    Logs(LogsArgs),
+    /// Destroy sandboxes.
+    Rm(RmArgs),
+    /// Push back a sandbox's expiry.
+    Extend(ExtendArgs),
+}
+
+pub async fn dispatch(c: ServiceCmd) -> anyhow::Result<i32> {
+    match c {
+        ServiceCmd::Serve(a) => crate::serve::serve(a).await,
+        ServiceCmd::Token(c) => crate::tokens::token(c),
+        ServiceCmd::Secret(c) => crate::tokens::secret(c),
+        ServiceCmd::Create(a) => create(a).await,
+        ServiceCmd::Ls(a) => ls(a).await,
+        ServiceCmd::Exec(a) => exec(a).await,
+        ServiceCmd::Shell(a) => crate::shell::shell(a).await,
+        ServiceCmd::Cp(a) => cp(a).await,
+        ServiceCmd::Logs(a) => logs(a).await,
+        ServiceCmd::Rm(a) => rm(a).await,
+        ServiceCmd::Extend(a) => extend(a).await,
+    }
+}
+
+/// Where the daemon is and how to trust it. The token comes only from the environment, never from argv
+/// (which other users can read in `ps`).
+#[derive(Debug, Args, Clone)]
+pub struct Conn {
+    /// The daemon's URL.
+    #[arg(long, env = "HUTCH_URL", default_value = "http://127.0.0.1:7707", value_parser = parse_url)]
+    pub url: String,
+    /// Extra CA certificate (PEM) to trust for an https daemon.
+    #[arg(long, env = "HUTCH_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+fn parse_url(s: &str) -> Result<String, String> {
+    let u: reqwest::Url = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if u.scheme() != "http" && u.scheme() != "https" {
+        return Err(format!("{s:?}: the daemon URL must be http:// or https://"));
+    }
+    Ok(s.trim_end_matches('/').to_string())
+}
+
+pub fn parse_id(s: &str) -> Result<String, String> {
+    if s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is not a sandbox id (12 lowercase hex digits, as printed by `hutch create`)"))
+    }
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?} has an empty key"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+fn parse_secs(s: &str) -> Result<u64, String> {
+    let v: u64 = s.parse().map_err(|_| format!("{s:?} is not a whole number of seconds"))?;
+    if v == 0 {
+        return Err("must be at least 1 second".into());
+    }
+    Ok(v)
+}
+
+/// A client of one daemon.
+pub struct Api {
+    pub base: String,
+    token: String,
+    http: reqwest::Client,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+fn tls_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(c);
+    }
+    if let Some(p) = ca {
+        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(p)
+            .with_context(|| format!("cannot read CA certificate {}", p.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("bad PEM in {}", p.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no certificate", p.display());
+        }
+        for c in certs {
+            roots.add(c).with_context(|| format!("unusable CA certificate in {}", p.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+impl Api {
+    pub fn new(conn: &Conn) -> anyhow::Result<Api> {
+        let token = std::env::var("HUTCH_TOKEN").ok().filter(|t| !t.is_empty()).ok_or_else(|| {
+            anyhow!("HUTCH_TOKEN is not set; export a token made with `hutch token create --name NAME` on the daemon's host")
+        })?;
+        let tls = tls_config(conn.ca_cert.as_deref())?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("HTTP client")?;
+        Ok(Api { base: conn.url.clone(), token, http, tls })
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
+    }
+
+    /// Sends and turns an error response into its message.
+    async fn send(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+        let resp = rb.send().await.map_err(|e| anyhow!("cannot reach the daemon at {}: {}", self.base, error_chain(&e)))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<ErrorBody>(&text).map(|e| e.error).unwrap_or(text);
+        Err(anyhow!("{msg} (HTTP {})", status.as_u16()))
+    }
+
+    pub async fn json<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<&impl serde::Serialize>) -> anyhow::Result<T> {
+        let mut rb = self.req(method, path);
+        if let Some(b) = body {
+            rb = rb.json(b);
+        }
+        let resp = self.send(rb).await?;
+        resp.json::<T>().await.context("the daemon's answer is not what this hutch expects")
+    }
+
+    /// Opens an exec WebSocket and sends the StreamExec.
+    pub async fn exec_ws(&self, id: &str, spec: &StreamExec) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("{}/v1/sandboxes/{id}/exec/ws", self.base.replacen("http", "ws", 1));
+        let mut req = url.as_str().into_client_request().context("WebSocket request")?;
+        req.headers_mut().insert("authorization", format!("Bearer {}", self.token).parse().context("token header")?);
+        let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
+        let (mut ws, _) = match tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector)).await {
+            Ok(x) => x,
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().to_string();
+                let msg = serde_json::from_str::<ErrorBody>(&body).map(|e| e.error).unwrap_or(body);
+                bail!("{msg} (HTTP {})", resp.status().as_u16());
+            }
+            Err(e) => bail!("cannot open a session with the daemon at {}: {e}", self.base),
+        };
+        ws.send(Message::Text(serde_json::to_string(spec)?.into())).await.context("send the command")?;
+        Ok(ws)
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// Seconds until the daemon destroys it.
+    #[arg(long, value_parser = parse_secs)]
+    pub ttl: Option<u64>,
+    /// Environment variable (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub env: Vec<(String, String)>,
+    /// Label (repeatable).
+    #[arg(long = "label", short = 'l', value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub labels: Vec<(String, String)>,
+    /// Allow egress to HOST[:PORT] (repeatable); nothing else is reachable.
+    #[arg(long = "allow", value_name = "HOST[:PORT]")]
+    pub allow: Vec<String>,
+    /// A secret from the daemon's store the sandbox may use on its bound hosts (repeatable).
+    #[arg(long = "secret", value_name = "NAME")]
+    pub secrets: Vec<String>,
+    /// Print the whole record as JSON instead of the id.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn allow_spec(s: &str) -> anyhow::Result<AllowSpec> {
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => {
+            let port: u16 = p.parse().map_err(|_| anyhow!("--allow {s:?}: {p:?} is not a port"))?;
+            Ok(AllowSpec { host: h.to_string(), ports: Some(vec![port]), methods: None, paths: None })
+        }
+        _ => Ok(AllowSpec { host: s.to_string(), ports: None, methods: None, paths: None }),
+    }
+}
+
+async fn create(a: CreateArgs) -> anyhow::Result<i32> {
+    let api = Api::new(&a.conn)?;
+    let policy = if a.allow.is_empty() { None } else { Some(PolicySpec { allow: a.allow.iter().map(|s| allow_spec(s)).collect::<Result<_, _>>()? }) };
+    let req = CreateSandbox {
+        image: None,
+        cpus: a.cpus,
+        memory_mib: a.memory,
+        ttl_secs: a.ttl,
+        env: a.env.into_iter().collect(),
+        policy,
+        secrets: a.secrets,
+        labels: a.labels.into_iter().collect(),
+    };
+    let info: SandboxInfo = api.json(reqwest::Method::POST, "/v1/sandboxes", Some(&req)).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        println!("{}", info.id);
+    }
+    Ok(0)
+}
+
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// Only this state: creating, running, destroying, destroyed, failed.
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only sandboxes with this label (repeatable).
+    #[arg(long = "label", short = 'l', value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub labels: Vec<(String, String)>,
+    /// Include ended sandboxes.
+    #[arg(long, short = 'a')]
+    pub all: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn query(pairs: &[(&str, String)]) -> String {
+    let mut s = url_encoded(pairs);
+    if !s.is_empty() {
+        s.insert(0, '?');
+    }
+    s
+}
+
+fn url_encoded(pairs: &[(&str, String)]) -> String {
+    let mut u = reqwest::Url::parse("http://x/").expect("static URL");
+    {
+        let mut q = u.query_pairs_mut();
+        for (k, v) in pairs {
+            q.append_pair(k, v);
+        }
+    }
+    u.query().unwrap_or("").to_string()
+}
+
+async fn ls(a: LsArgs) -> anyhow::Result<i32> {
+    let api = Api::new(&a.conn)?;
+    let mut q = vec![];
+    if let Some(s) = &a.state {
+        if SandboxState::parse(s).is_none() {
+            bail!("--state {s:?}: use creating, running, destroying, destroyed or failed");
+        }
+        q.push(("state", s.clone()));
+    }
+    if !a.labels.is_empty() {
+        q.push(("label", a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")));
+    }
+    if a.all {
+        q.push(("all", "true".into()));
+    }
+    let list: SandboxList = api.json(reqwest::Method::GET, &format!("/v1/sandboxes{}", query(&q)), None::<&()>).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&list.sandboxes)?);
+        return Ok(0);
+    }
+    let now = hutch_daemon::store::now_ms();
+    println!("{:<14} {:<11} {:<14} {:>4} {:>7} {:>10}  LABELS", "ID", "STATE", "OWNER", "CPUS", "MEM", "EXPIRES");
+    for s in list.sandboxes {
+        let left = if s.state.ended() { "-".to_string() } else { format!("{}s", ((s.expires_ms - now) / 1000).max(0)) };
+        let labels = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+        println!("{:<14} {:<11} {:<14} {:>4} {:>7} {:>10}  {}", s.id, s.state.as_str(), s.owner, s.cpus, s.memory_mib, left, labels);
+    }
+    Ok(0)
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    #[arg(value_parser = parse_id)]
+    pub id: String,
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_kv)]
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest.
+    #[arg(long, short = 'w')]
+    pub workdir: Option<String>,
+    /// Run under a terminal (as `hutch shell` does).
+    #[arg(long, short = 't')]
+    pub tty: bool,
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
+    let api = Api::new(&a.conn)?;
+    if a.tty {
+        return crate::shell::interactive(&api, &a.id, a.command, a.env.into_iter().collect(), a.workdir).await;
+    }
+    let spec = StreamExec { argv: a.command, env: a.env.into_iter().collect(), cwd: a.workdir, tty: None, stdin: None };
+    let ws = api.exec_ws(&a.id, &spec).await?;
+    let (mut tx, mut rx) = ws.split();
+    let stdin_task = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let eof = serde_json::to_string(&ClientMsg::StdinEof).unwrap_or_default();
+                    let _ = tx.send(Message::Text(eof.into())).await;
+                    // Keep the sink (and so the connection's write half) alive until the session ends.
+                    std::future::pending::<()>().await;
+                }
+                Ok(n) => {
+                    if tx.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let code = loop {
+        match rx.next().await {
+            Some(Ok(Message::Binary(b))) if !b.is_empty() => {
+                let (tag, data) = (b[0], &b[1..]);
+                if tag == WS_STDERR {
+                    stderr.write_all(data).await.context("write to stderr")?;
+                    stderr.flush().await.ok();
+                } else {
+                    stdout.write_all(data).await.context("write to stdout")?;
+                    stdout.flush().await.context("write to stdout")?;
+                }
+            }
+            Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMsg>(&t) {
+                Ok(ServerMsg::Exit { exit_code, .. }) => break exit_code,
+                Ok(ServerMsg::Error { message }) => {
+                    eprintln!("hutch: {message}");
+                }
+                _ => {}
+            },
+            Some(Ok(Message::Close(_))) | None => {
+                eprintln!("hutch: the session ended without an exit status");
+                break 125;
+            }
+            Some(Err(e)) => {
+                eprintln!("hutch: the session broke: {e}");
+                break 125;
+            }
+            Some(Ok(_)) => {}
+        }
+    };
+    stdin_task.abort();
+    Ok(code)
+}
+
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    /// LOCAL or ID:/path.
+    pub src: String,
+    /// LOCAL or ID:/path.
+    pub dst: String,
+}
+
+fn remote_path(s: &str) -> Option<(String, String)> {
+    let (id, path) = s.split_once(':')?;
+    let id = parse_id(id).ok()?;
+    Some((id, path.to_string()))
+}
+
+async fn cp(a: CpArgs) -> anyhow::Result<i32> {
+    let api = Api::new(&a.conn)?;
+    match (remote_path(&a.src), remote_path(&a.dst)) {
+        (None, Some((id, guest))) => {
+            use std::os::unix::fs::PermissionsExt;
+            let local = PathBuf::from(&a.src);
+            let file = tokio::fs::File::open(&local).await.with_context(|| format!("cannot open {}", local.display()))?;
+            let meta = file.metadata().await?;
+            if !meta.is_file() {
+                bail!("{} is not a regular file", local.display());
+            }
+            let mode = format!("{:o}", meta.permissions().mode() & 0o7777);
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+            let path = format!("/v1/sandboxes/{id}/files{}", query(&[("path", guest), ("mode", mode)]));
+            let rb = api.req(reqwest::Method::PUT, &path).header(reqwest::header::CONTENT_LENGTH, meta.len()).body(body);
+            api.send(rb).await?;
+            Ok(0)
+        }
+        (Some((id, guest)), None) => {
+            let mut local = PathBuf::from(&a.dst);
+            if local.is_dir() {
+                let name = Path::new(&guest).file_name().ok_or_else(|| anyhow!("{guest:?} has no file name"))?;
+                local = local.join(name);
+            }
+            let dir = local.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+            let resp = api.send(api.req(reqwest::Method::GET, &format!("/v1/sandboxes/{id}/files{}", query(&[("path", guest.clone())])))).await?;
+            // Written beside the destination and renamed into place: a failed copy leaves no partial file.
+            let tmp = dir.join(format!(".hutch-cp-{}", std::process::id()));
+            let r = async {
+                let mut f = tokio::fs::File::create(&tmp).await.with_context(|| format!("cannot create {}", tmp.display()))?;
+                let mut body = resp.bytes_stream();
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk.map_err(|e| anyhow!("the download of {guest} broke off: {}", error_chain(&e)))?;
+                    f.write_all(&chunk).await?;
+                }
+                f.flush().await?;
+                std::fs::rename(&tmp, &local).with_context(|| format!("cannot move into {}", local.display()))?;
+                anyhow::Ok(())
+            }
+            .await;
+            if r.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            r?;
+            Ok(0)
+        }
+        (Some(_), Some(_)) => bail!("copy between two sandboxes is not supported; copy through a local file"),
+        (None, None) => bail!("one of SRC and DST must be ID:/path (ID is 12 hex digits)"),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    #[arg(value_parser = parse_id)]
+    pub id: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+async fn logs(a: LogsArgs) -> anyhow::Result<i32> {
+    let api = Api::new(&a.conn)?;
+    let log: EgressLog = api.json(reqwest::Method::GET, &format!("/v1/sandboxes/{}/egress", a.id), None::<&()>).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&log.records)?);
+        return Ok(0);
+    }
+    let mut out = std::io::stdout().lock();
+    for r in &log.records {
+        let f = |k: &str| r.get(k).and_then(|v| v.as_str().map(str::to_string).or_else(|| Some(v.to_string()))).unwrap_or_default();
+        writeln!(out, "{} {:<5} {:<10} {} {} {} {}", f("time"), f("decision"), f("event"), f("dest"), f("method"), f("path"), f("reason")).ok();
+    }
+    Ok(0)
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    #[arg(required = true, value_parser = parse_id)]
+    pub ids: Vec<String>,
+}
+
+async fn rm(a: RmArgs) -> anyhow::Result<i32> {
+    let api = Api::new(&a.conn)?;
+    let mut code = 0;
+    for id in &a.ids {
+        match api.json::<SandboxInfo>(reqwest::Method::DELETE, &format!("/v1/sandboxes/{id}"), None::<&()>).await {
+            Ok(_) => println!("destroyed {id}"),
+            Err(e) => {
+                eprintln!("hutch: {id}: {e:#}");
+                code = 1;
+            }
+        }
+    }
+    Ok(code)
+}
+
+#[derive(Debug, Args)]
+pub struct ExtendArgs {
+    #[command(flatten)]
+    pub conn: Conn,
+    #[arg(value_parser = parse_id)]
+    pub id: String,
+    /// Seconds to add to its expiry.
+    #[arg(long, value_parser = parse_secs)]
+    pub by: u64,
+}
+
+async fn extend(a: ExtendArgs) -> anyhow::Result<i32> {
+    let api = Api::new(&a.conn)?;
+    let info: SandboxInfo = api.json(reqwest::Method::POST, &format!("/v1/sandboxes/{}/extend", a.id), Some(&ExtendRequest { seconds: a.by })).await?;
+    let left = (info.expires_ms - hutch_daemon::store::now_ms()) / 1000;
+    println!("{} expires in {left}s", info.id);
+    Ok(0)
+}

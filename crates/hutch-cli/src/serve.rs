@@ -1,0 +1,137 @@
+//! `hutch serve`: the daemon. Checks where it may listen, takes the data directory's lock, opens the database,
+//! settles what a previous daemon left (reconcile), then serves until SIGINT/SIGTERM and destroys every
+//! sandbox it owns before exiting.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use hutch_daemon::server::{check_listen, TlsFiles, DEFAULT_LISTEN};
+use hutch_daemon::{Limits, Manager};
+use hutch_sandbox::{Host, SandboxConfig};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::tokens::DataDirArg;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on. Anything but loopback needs --tls-cert/--tls-key and at least one token.
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// PEM certificate chain for HTTPS.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub dir: DataDirArg,
+    /// Sandboxes alive at once, across all tokens (creates beyond it get 429).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_sandboxes: u32,
+    /// Sandboxes alive at once per token, unless the token has its own limit (default: --max-sandboxes).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub per_token: Option<u32>,
+    /// Lifetime of a sandbox created without ttl_secs, in seconds.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=2_592_000))]
+    pub default_ttl: u64,
+    /// Longest lifetime a create or an extend may ask for, in seconds from now.
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=2_592_000))]
+    pub max_ttl: u64,
+    /// Most vCPUs one sandbox may have.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub max_cpus: u32,
+    /// Most memory (MiB) one sandbox may have.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(128..=65536))]
+    pub max_memory: u32,
+    /// Largest file upload, in MiB.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub max_upload_mib: u64,
+}
+
+/// Holds the data directory's lock for the daemon's lifetime: two daemons on one database would each
+/// "reconcile" away the other's sandboxes.
+struct DirLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+fn lock_dir(dd: &hutch_daemon::DataDir) -> anyhow::Result<DirLock> {
+    let path = dd.root.join("daemon.lock");
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).with_context(|| format!("open {}", path.display()))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(DirLock { _lock: l }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            bail!("another `hutch serve` is using {} (stop it, or give this one another --data-dir)", dd.root.display())
+        }
+        Err((_, e)) => bail!("cannot lock {}: {e}", path.display()),
+    }
+}
+
+pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
+    if a.default_ttl > a.max_ttl {
+        bail!("--default-ttl ({}) is longer than --max-ttl ({})", a.default_ttl, a.max_ttl);
+    }
+    let tls_files = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert: cert.clone(), key: key.clone() }),
+        _ => None,
+    };
+    let dd = a.dir.resolve()?;
+    dd.create()?;
+    let _lock = lock_dir(&dd)?;
+    let store = Arc::new(dd.open_store()?);
+    let active_tokens = store.tokens()?.iter().filter(|t| !t.revoked).count();
+    check_listen(a.listen, tls_files.as_ref(), active_tokens).map_err(anyhow::Error::msg)?;
+    let tls = tls_files.as_ref().map(hutch_daemon::server::tls_config).transpose()?;
+    let key = Arc::new(hutch_daemon::secrets::SecretKey::load_or_create(&dd.secret_key())?);
+
+    let (cache, image) = crate::image::ensure_image().await?;
+    let host = Host::new(image, cache.root().to_path_buf())?;
+    crate::image::warn_if_tcg(&host, &SandboxConfig::default())?;
+    let limits = Limits {
+        max_sandboxes: a.max_sandboxes as usize,
+        per_token: a.per_token.unwrap_or(a.max_sandboxes) as usize,
+        default_ttl: Duration::from_secs(a.default_ttl),
+        max_ttl: Duration::from_secs(a.max_ttl),
+        max_cpus: a.max_cpus,
+        max_memory_mib: a.max_memory,
+        upload_max: a.max_upload_mib << 20,
+        ..Limits::default()
+    };
+    let metrics = Arc::new(hutch_daemon::metrics::Metrics::new());
+    let mgr = Manager::new(store, key, host, limits, metrics);
+    let rec = mgr.reconcile()?;
+    if !rec.marked_destroyed.is_empty() || !rec.reaped.is_empty() {
+        eprintln!(
+            "hutch: reconciled after a previous daemon: {} sandbox(es) marked destroyed, {} leftover VM director(ies) removed",
+            rec.marked_destroyed.len(),
+            rec.reaped.len()
+        );
+    }
+    if active_tokens == 0 {
+        eprintln!("hutch: no API tokens yet; every request will be refused until you run `hutch token create --name NAME`");
+    }
+
+    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+    let bound = listener.local_addr()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    eprintln!("hutch: listening on {scheme}://{bound} (data in {})", dd.root.display());
+    tokio::spawn(mgr.clone().expire_loop(Duration::from_millis(500)));
+    let router = hutch_daemon::api::router(mgr.clone());
+    let shutdown = async move {
+        tokio::select! {
+            _ = sigint.recv() => {}
+            _ = sigterm.recv() => {}
+        }
+        eprintln!("hutch: shutting down: finishing requests and destroying sandboxes");
+    };
+    hutch_daemon::server::serve(listener, tls, router, shutdown).await;
+    let n = mgr.live_count();
+    mgr.shutdown().await;
+    eprintln!("hutch: stopped ({n} sandbox(es) destroyed)");
+    Ok(0)
+}
