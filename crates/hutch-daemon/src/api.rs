@@ -533,11 +533,15 @@ async fn upload(
         return Err(ApiError::bad("path / is a directory; give a file path"));
     }
     let mode = parse_mode(q.mode.as_deref())?;
-    let len: u64 = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| ApiError::new(StatusCode::LENGTH_REQUIRED, "Content-Length is required for uploads (send the file with a known size)"))?;
+    // The guest is told the size before the first byte; a body of unknown length (chunked) cannot say it.
+    let declared = headers.get(header::CONTENT_LENGTH).map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
+    let len = match declared {
+        Some(Some(n)) => n,
+        Some(None) => return Err(ApiError::bad("Content-Length is not a number")),
+        None => axum::body::HttpBody::size_hint(&body)
+            .exact()
+            .ok_or_else(|| ApiError::new(StatusCode::LENGTH_REQUIRED, "Content-Length is required for uploads (send the file with a known size)"))?,
+    };
     let max = st.mgr.limits.upload_max;
     if len > max {
         return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the upload is {len} bytes; this daemon takes at most {max}")));
