@@ -196,7 +196,18 @@ pub(crate) async fn dial(
 
 /// TLS to upstream servers, verified against the system roots plus `--upstream-ca`.
 pub(crate) struct UpstreamTls {
-    connector: TlsConnector,
+    extra_roots: Vec<CertificateDer<'static>>,
+    system_roots: bool,
+    provider: Arc<CryptoProvider>,
+    /// Built on the first intercepted connection: most sandboxes never need one, and parsing the system's
+    /// roots costs tens of milliseconds at every sandbox start otherwise.
+    connector: std::sync::OnceLock<Result<TlsConnector, String>>,
+}
+
+/// The system's root certificates, read once per process.
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: std::sync::OnceLock<Vec<CertificateDer<'static>>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
 }
 
 impl UpstreamTls {
@@ -205,32 +216,40 @@ impl UpstreamTls {
         system_roots: bool,
         provider: Arc<CryptoProvider>,
     ) -> Result<UpstreamTls, GatewayError> {
-        let mut roots = RootCertStore::empty();
-        if system_roots {
-            let native = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(native.certs);
-        }
+        let mut extra_roots = Vec::new();
         for ca in policy.upstream_ca() {
             let certs: Vec<CertificateDer<'static>> =
                 CertificateDer::pem_slice_iter(ca.pem.as_bytes())
                     .filter_map(Result::ok)
                     .collect();
-            let (added, _) = roots.add_parsable_certificates(certs);
+            let mut probe = RootCertStore::empty();
+            let (added, _) = probe.add_parsable_certificates(certs.iter().cloned());
             if added == 0 {
                 return Err(GatewayError::UpstreamCa {
                     path: ca.path.clone(),
                 });
             }
+            extra_roots.extend(certs);
         }
-        let mut cfg = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(GatewayError::Tls)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(UpstreamTls {
-            connector: TlsConnector::from(Arc::new(cfg)),
-        })
+        Ok(UpstreamTls { extra_roots, system_roots, provider, connector: std::sync::OnceLock::new() })
+    }
+
+    fn connector(&self) -> io::Result<&TlsConnector> {
+        let built = self.connector.get_or_init(|| {
+            let mut roots = RootCertStore::empty();
+            if self.system_roots {
+                roots.add_parsable_certificates(system_roots().iter().cloned());
+            }
+            roots.add_parsable_certificates(self.extra_roots.iter().cloned());
+            let mut cfg = ClientConfig::builder_with_provider(self.provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(TlsConnector::from(Arc::new(cfg)))
+        });
+        built.as_ref().map_err(|e| io::Error::other(format!("upstream TLS configuration: {e}")))
     }
 
     pub(crate) async fn connect(
@@ -241,7 +260,7 @@ impl UpstreamTls {
     ) -> io::Result<TlsStream<TcpStream>> {
         let server_name = ServerName::try_from(name.as_str().to_string())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        match tokio::time::timeout(timeout, self.connector.connect(server_name, tcp)).await {
+        match tokio::time::timeout(timeout, self.connector()?.connect(server_name, tcp)).await {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
