@@ -15,7 +15,7 @@ pub async fn doctor() -> anyhow::Result<i32> {
         KvmKind::Hardware => line(true, "kvm", "hardware KVM: guests run at native speed behind a hardware boundary".into()),
         other => println!("warn {:<14} {} -> guests run under QEMU TCG (software emulation: slow, and not a hardened boundary)", "kvm", other.explain()),
     }
-    match (&caps.qemu, &caps.qemu_version) {
+    match (&caps.qemu, &caps.qemu_version()) {
         (Some(p), Some(v)) => line(true, "qemu", format!("{v} ({})", p.display())),
         _ => line(false, "qemu", "qemu-system-x86_64 not found: apt-get install qemu-system-x86".into()),
     }

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod dirs;
 pub mod egress;
+pub mod pool;
 pub mod snapshot;
 
 use std::path::{Path, PathBuf};
@@ -91,6 +92,8 @@ impl Host {
 pub enum StartMode {
     Cold,
     Restored,
+    /// Taken from a warm pool: restored and warmed up in advance, paused until handed out.
+    Pooled,
 }
 
 impl StartMode {
@@ -98,6 +101,7 @@ impl StartMode {
         match self {
             StartMode::Cold => "cold boot",
             StartMode::Restored => "snapshot restore",
+            StartMode::Pooled => "warm pool",
         }
     }
 }
@@ -122,6 +126,104 @@ pub struct Sandbox {
     gateway: hutch_gateway::Gateway,
     // Last: dropped after the VM is killed.
     dir: SandboxDir,
+}
+
+/// A VM whose agent session is up but which has no identity yet: the state a warm pool keeps VMs in.
+pub(crate) struct Attached {
+    pub(crate) id: String,
+    pub(crate) dir: SandboxDir,
+    pub(crate) vm: QemuVm,
+    pub(crate) accel: Accel,
+    pub(crate) mode: StartMode,
+    pub(crate) session: Session,
+    pub(crate) inbound: tokio::sync::mpsc::Receiver<hutch_proto::mux::Stream>,
+    pub(crate) driver: tokio::task::JoinHandle<Result<(), hutch_proto::MuxError>>,
+}
+
+impl Attached {
+    /// Connects to the agent and completes the handshake; kills the VM on failure.
+    pub(crate) async fn connect(id: String, dir: SandboxDir, mut vm: QemuVm, accel: Accel, mode: StartMode, timeout: Duration) -> Result<Attached, SandboxError> {
+        let stream = match vm.connect_agent().await {
+            Ok(s) => s,
+            Err(e) => {
+                vm.kill().await;
+                return Err(e.into());
+            }
+        };
+        let session_nonce = u64::from_str_radix(&id, 16).unwrap_or(1);
+        let handshake = async move {
+            let mut stream = stream;
+            handshake::host_handshake(&mut stream, session_nonce, mode == StartMode::Cold).await.map(|_| stream)
+        };
+        let stream = tokio::select! {
+            r = tokio::time::timeout(timeout, handshake) => match r {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    vm.kill().await;
+                    return Err(SandboxError::Handshake(e));
+                }
+                Err(_) => {
+                    vm.kill().await;
+                    return Err(SandboxError::BootTimeout { timeout, mode: mode.as_str(), console: console_tail(vm.console_log()) });
+                }
+            },
+            _ = vm.wait() => {
+                return Err(SandboxError::VmExited { mode: mode.as_str(), console: console_tail(vm.console_log()) });
+            }
+        };
+        tracing::debug!(id = %id, "attach: handshake done");
+        let (session, inbound, driver) = Session::start(stream, Role::Client);
+        Ok(Attached { id, dir, vm, accel, mode, session, inbound, driver })
+    }
+
+    /// Gives the VM its identity and egress; kills it on failure.
+    pub(crate) async fn finish(self, cfg: &SandboxConfig) -> Result<Sandbox, SandboxError> {
+        let Attached { id, dir, mut vm, accel, mode, session, inbound, driver } = self;
+        let fail = |vm: QemuVm, driver: tokio::task::JoinHandle<_>| async move {
+            let mut vm = vm;
+            driver.abort();
+            vm.kill().await;
+        };
+        let gateway = match cfg.egress.gateway(&id) {
+            Ok(g) => g,
+            Err(e) => {
+                fail(vm, driver).await;
+                return Err(e);
+            }
+        };
+        let egress_task = tokio::spawn(egress::serve_guest_streams(inbound, gateway.clone()));
+        let client = AgentClient::new(session);
+        let mut entropy = vec![0u8; 64];
+        if let Err(e) = getrandom::getrandom(&mut entropy) {
+            egress_task.abort();
+            fail(vm, driver).await;
+            return Err(SandboxError::HostIo { what: "no host randomness".into(), source: std::io::Error::other(e.to_string()) });
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let identity = Identity {
+            sandbox_id: id.clone(),
+            hostname: "hutch".into(),
+            time_secs: now.as_secs() as i64,
+            time_nanos: now.subsec_nanos(),
+            entropy,
+            env: egress::guest_env(&gateway, &cfg.env),
+            ca_pem: Some(gateway.ca_cert_pem()),
+        };
+        if let Err(e) = client.init(identity).await {
+            egress_task.abort();
+            driver.abort();
+            vm.kill().await;
+            return Err(e);
+        }
+        tracing::debug!(id = %id, "attach: identity applied");
+        let start = StartInfo { mode, accel, took: Duration::ZERO, notes: vec![] };
+        Ok(Sandbox { id, start, client, vm, driver, egress_task, gateway, dir })
+    }
+
+    pub(crate) async fn discard(mut self) {
+        self.driver.abort();
+        self.vm.kill().await;
+    }
 }
 
 pub fn new_id() -> String {
@@ -179,6 +281,7 @@ impl Sandbox {
         reap_stale(&host.root);
         let accel = host.caps.choose(cfg.accel)?;
         let mut notes = Vec::new();
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "create: reaped leftovers");
         if !cfg.cold {
             match snapshot::lookup(host, cfg, accel) {
                 Ok(Some(snap)) => match Self::restore(host, cfg, accel, &snap).await {
@@ -219,7 +322,7 @@ impl Sandbox {
         Ok(sb)
     }
 
-    fn vm_config(host: &Host, cfg: &SandboxConfig, accel: Accel, dir: &Path, disk: PathBuf, memory: Memory) -> VmConfig {
+    pub(crate) fn vm_config(host: &Host, cfg: &SandboxConfig, accel: Accel, dir: &Path, disk: PathBuf, memory: Memory) -> VmConfig {
         VmConfig {
             kernel: host.image.kernel.clone(),
             initrd: host.image.initrd.clone(),
@@ -245,87 +348,37 @@ impl Sandbox {
     }
 
     async fn restore(host: &Host, cfg: &SandboxConfig, accel: Accel, snap: &snapshot::Snapshot) -> Result<Sandbox, SandboxError> {
+        Self::restore_attached(host, cfg, accel, snap).await?.finish(cfg).await
+    }
+
+    pub(crate) async fn restore_attached(host: &Host, cfg: &SandboxConfig, accel: Accel, snap: &snapshot::Snapshot) -> Result<Attached, SandboxError> {
+        let t0 = Instant::now();
         let id = new_id();
         let dir = SandboxDir::create(&host.root, &id)?;
         let disk = dir.path().join("disk.qcow2");
         qemu_img_overlay(&snap.disk, "qcow2", &disk)?;
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: overlay created");
         let memory = Memory::File { path: snap.files.memory.clone(), shared: false };
         let vmcfg = Self::vm_config(host, cfg, accel, dir.path(), disk, memory);
         let vm = host.qemu.restore(&vmcfg, &snap.files).await?;
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: VMM restored");
         dir.record_vmm(vm.pid());
         // A restored guest answers in milliseconds; waiting long would only delay the cold-boot fallback.
-        Self::attach(id, dir, vm, cfg, accel, StartMode::Restored, Duration::from_secs(5)).await
+        Attached::connect(id, dir, vm, accel, StartMode::Restored, Duration::from_secs(5)).await
     }
 
     /// Handshake, session, identity; kills the VM on any failure.
     async fn attach(
         id: String,
         dir: SandboxDir,
-        mut vm: QemuVm,
+        vm: QemuVm,
         cfg: &SandboxConfig,
         accel: Accel,
         mode: StartMode,
         timeout: Duration,
     ) -> Result<Sandbox, SandboxError> {
-        let stream = match vm.connect_agent().await {
-            Ok(s) => s,
-            Err(e) => {
-                vm.kill().await;
-                return Err(e.into());
-            }
-        };
-        let session_nonce = u64::from_str_radix(&id, 16).unwrap_or(1);
-        let handshake = async move {
-            let mut stream = stream;
-            handshake::host_handshake(&mut stream, session_nonce, mode == StartMode::Cold).await.map(|_| stream)
-        };
-        let stream = tokio::select! {
-            r = tokio::time::timeout(timeout, handshake) => match r {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    vm.kill().await;
-                    return Err(SandboxError::Handshake(e));
-                }
-                Err(_) => {
-                    vm.kill().await;
-                    return Err(SandboxError::BootTimeout { timeout, mode: mode.as_str(), console: console_tail(vm.console_log()) });
-                }
-            },
-            _ = vm.wait() => {
-                return Err(SandboxError::VmExited { mode: mode.as_str(), console: console_tail(vm.console_log()) });
-            }
-        };
-        let gateway = match cfg.egress.gateway(&id) {
-            Ok(g) => g,
-            Err(e) => {
-                vm.kill().await;
-                return Err(e);
-            }
-        };
-        let (session, inbound, driver) = Session::start(stream, Role::Client);
-        let egress_task = tokio::spawn(egress::serve_guest_streams(inbound, gateway.clone()));
-        let client = AgentClient::new(session);
-        let mut entropy = vec![0u8; 64];
-        if let Err(e) = getrandom::getrandom(&mut entropy) {
-            vm.kill().await;
-            return Err(SandboxError::HostIo { what: "no host randomness".into(), source: std::io::Error::other(e.to_string()) });
-        }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let identity = Identity {
-            sandbox_id: id.clone(),
-            hostname: "hutch".into(),
-            time_secs: now.as_secs() as i64,
-            time_nanos: now.subsec_nanos(),
-            entropy,
-            env: egress::guest_env(&gateway, &cfg.env),
-            ca_pem: Some(gateway.ca_cert_pem()),
-        };
-        if let Err(e) = client.init(identity).await {
-            vm.kill().await;
-            return Err(e);
-        }
-        let start = StartInfo { mode, accel, took: Duration::ZERO, notes: vec![] };
-        Ok(Sandbox { id, start, client, vm, driver, egress_task, gateway, dir })
+        let attached = Attached::connect(id, dir, vm, accel, mode, timeout).await?;
+        attached.finish(cfg).await
     }
 
     pub fn client(&self) -> &AgentClient {

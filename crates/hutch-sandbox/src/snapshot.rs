@@ -3,7 +3,6 @@
 //! Nothing per-sandbox or secret is ever in a snapshot: identity arrives after restore.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use hutch_proto::handshake::{self, HandshakeMsg};
 use hutch_vmm::{Accel, Backend, Memory, SnapshotFiles, Vm};
@@ -43,7 +42,7 @@ fn key(host: &Host, cfg: &SandboxConfig, accel: Accel) -> String {
         host.image.key,
         cfg.cpus,
         cfg.memory_mib,
-        host.caps.qemu_version.as_deref().unwrap_or("?"),
+        host.caps.qemu_id.as_deref().unwrap_or("?"),
         hutch_proto::PROTOCOL_VERSION,
         crate::kernel_cmdline(accel).split(" tsc_early_khz").next().unwrap_or(""),
     ));
@@ -182,8 +181,6 @@ async fn make(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Snapshot
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp.0, &final_dir).map_err(|e| SandboxError::HostIo { what: "install the snapshot".into(), source: e })?;
     std::mem::forget(tmp);
-    // Give the sparse files a chance to hit the page cache in their final place; restore reads them next.
-    tokio::time::sleep(Duration::from_millis(1)).await;
     open(&final_dir)
 }
 

@@ -130,3 +130,41 @@ async fn corrupt_snapshot_falls_back_to_a_cold_boot_and_is_rebuilt() {
     assert_eq!(out.stdout, b"ok\n");
     sb.destroy().await;
 }
+
+#[tokio::test]
+async fn warm_pool_hands_out_distinct_sandboxes_and_drains_clean() {
+    let host = host();
+    let cfg = SandboxConfig::default();
+    let pool = hutch_sandbox::pool::Pool::start(host.clone(), cfg.clone(), 2);
+    assert!(pool.wait_full(Duration::from_secs(60)).await, "pool filled");
+    let a = pool.take(&cfg).await.unwrap();
+    let b = pool.take(&cfg).await.unwrap();
+    assert_eq!(a.start.mode, StartMode::Pooled);
+    assert_eq!(b.start.mode, StartMode::Pooled);
+    let cmd = ["sh", "-c", "echo $HUTCH_SANDBOX_ID; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'"];
+    let (oa, ob) = (a.client().run(&cmd).await.unwrap(), b.client().run(&cmd).await.unwrap());
+    let (oa, ob) = (String::from_utf8(oa.stdout).unwrap(), String::from_utf8(ob.stdout).unwrap());
+    assert_eq!(oa.lines().next(), Some(a.id.as_str()));
+    assert_eq!(ob.lines().next(), Some(b.id.as_str()));
+    assert_ne!(oa.lines().nth(1), ob.lines().nth(1), "pooled siblings share RNG output");
+    // A different size bypasses the pool.
+    let other = SandboxConfig { memory_mib: 384, ..SandboxConfig::default() };
+    let c = pool.take(&other).await.unwrap();
+    assert_ne!(c.start.mode, StartMode::Pooled);
+    // Let the pool refill, then drain: no VMM of it may survive.
+    assert!(pool.wait_full(Duration::from_secs(60)).await, "pool refilled");
+    let pooled = pool.ready_dirs();
+    assert_eq!(pooled.len(), 2);
+    pool.drain().await;
+    for d in pooled {
+        assert!(!d.exists(), "pooled sandbox dir {} left after drain", d.display());
+        let needle = d.to_string_lossy().into_owned();
+        let alive = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline")).map(|c| c.windows(needle.len()).any(|w| w == needle.as_bytes())).unwrap_or(false)
+        });
+        assert!(!alive, "a VMM of {needle} survived the drain");
+    }
+    for sb in [a, b, c] {
+        sb.destroy().await;
+    }
+}

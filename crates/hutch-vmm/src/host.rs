@@ -47,18 +47,27 @@ pub enum KvmKind {
 pub struct HostCaps {
     pub kvm: KvmKind,
     pub qemu: Option<PathBuf>,
-    pub qemu_version: Option<String>,
+    /// Identifies the QEMU binary (size and modification time) without running it: a different binary means
+    /// snapshots made by the old one are not used.
+    pub qemu_id: Option<String>,
 }
 
 impl HostCaps {
     pub fn detect() -> Self {
         let qemu = find_in_path("qemu-system-x86_64");
-        let qemu_version = qemu.as_deref().and_then(|q| {
-            let out = std::process::Command::new(q).arg("--version").output().ok()?;
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            text.lines().next().map(|l| l.trim().to_string())
+        let qemu_id = qemu.as_deref().and_then(|q| {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(q).ok()?;
+            Some(format!("{}:{}:{}", q.display(), m.size(), m.mtime()))
         });
-        Self { kvm: detect_kvm(Path::new("/")), qemu, qemu_version }
+        Self { kvm: detect_kvm(Path::new("/")), qemu, qemu_id }
+    }
+
+    /// QEMU's own version line (runs it: for reports, not for the start-up path).
+    pub fn qemu_version(&self) -> Option<String> {
+        let out = std::process::Command::new(self.qemu.as_deref()?).arg("--version").output().ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines().next().map(|l| l.trim().to_string())
     }
 
     /// The accelerator to use: the request if it can work, else the best that can. Never silently weaker than
@@ -154,7 +163,7 @@ mod tests {
         let t = tree(&["dev/kvm", "sys/module/kvm_pvm/"], "");
         let kind = detect_kvm(t.path());
         assert_eq!(kind, KvmKind::Pvm);
-        let caps = HostCaps { kvm: kind, qemu: None, qemu_version: None };
+        let caps = HostCaps { kvm: kind, qemu: None, qemu_id: None };
         assert_eq!(caps.choose(None).unwrap(), Accel::Tcg);
         let err = caps.choose(Some(Accel::Kvm)).unwrap_err().to_string();
         assert!(err.contains("PVM"), "{err}");

@@ -83,6 +83,9 @@ pub trait Vm: Send {
     /// Pauses the guest and saves its device state to `snap.state`; RAM is already in `snap.memory` because the
     /// VM was booted with a shared file. The VM stays paused.
     fn snapshot(&mut self, snap: &SnapshotFiles) -> impl std::future::Future<Output = Result<(), VmmError>> + Send;
+    /// Stops the guest's vCPUs (it keeps its memory and devices); `resume` continues it.
+    fn pause(&mut self) -> impl std::future::Future<Output = Result<(), VmmError>> + Send;
+    fn resume(&mut self) -> impl std::future::Future<Output = Result<(), VmmError>> + Send;
     /// Waits until the VMM process ends.
     fn wait(&mut self) -> impl std::future::Future<Output = VmExit> + Send;
     /// Kills the VMM process and waits for it.

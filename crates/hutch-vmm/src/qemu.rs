@@ -256,6 +256,14 @@ impl Vm for QemuVm {
         Ok(())
     }
 
+    async fn pause(&mut self) -> Result<(), VmmError> {
+        self.qmp()?.execute("stop", json!({})).await.map(|_| ())
+    }
+
+    async fn resume(&mut self) -> Result<(), VmmError> {
+        self.qmp()?.execute("cont", json!({})).await.map(|_| ())
+    }
+
     async fn wait(&mut self) -> VmExit {
         use std::os::unix::process::ExitStatusExt;
         match self.child.wait().await {
