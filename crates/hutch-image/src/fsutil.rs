@@ -1,6 +1,6 @@
 //! File-system plumbing of the cache: advisory locks, build directories that become cache
-//! entries by one atomic rename (and are reaped once their builder is dead), and deletion
-//! that refuses to descend into mounted file systems.
+//! entries by one atomic rename (and are reaped once their builder is dead), the tmpfs a
+//! rootfs is staged in, and deletion that refuses to descend into mounted file systems.
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -110,7 +110,9 @@ impl Drop for BuildDir {
 }
 
 /// Deletes what dead builds left in `tmp_root`: directories whose lock nobody holds, and
-/// lock files without a directory. Returns what it removed.
+/// lock files without a directory. Returns what it removed. A leftover it cannot delete
+/// (say, something foreign is mounted in it) is reported as a warning and skipped: it does
+/// not stand in the way of new builds, which use fresh names.
 pub(crate) fn reap(tmp_root: &Path) -> Result<Vec<PathBuf>, ImageError> {
     let mut removed = Vec::new();
     let Ok(entries) = fs::read_dir(tmp_root) else {
@@ -131,8 +133,7 @@ pub(crate) fn reap(tmp_root: &Path) -> Result<Vec<PathBuf>, ImageError> {
         }
         if !lock_path.exists() {
             // Only a crash between removing a lock and its directory leaves this.
-            if dir.exists() {
-                remove_tree(&dir)?;
+            if dir.exists() && remove_leftover(&dir) {
                 removed.push(dir);
             }
             continue;
@@ -141,13 +142,25 @@ pub(crate) fn reap(tmp_root: &Path) -> Result<Vec<PathBuf>, ImageError> {
             continue; // a live build
         };
         if dir.exists() {
-            remove_tree(&dir)?;
+            if !remove_leftover(&dir) {
+                continue; // keep its lock file: it pairs with the directory
+            }
             removed.push(dir);
         }
         let _ = fs::remove_file(&lock_path);
         drop(lock);
     }
     Ok(removed)
+}
+
+fn remove_leftover(dir: &Path) -> bool {
+    match detach_staging_mounts(dir).and_then(|()| remove_tree(dir)) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("leaving the remains of a dead build in place: {e}");
+            false
+        }
+    }
 }
 
 /// `rm -rf path`, refused if anything is mounted at or below it (deleting through a mount
@@ -162,7 +175,8 @@ pub(crate) fn remove_tree(path: &Path) -> Result<(), ImageError> {
         return fs::remove_file(path).ctx("removing", path);
     }
     let canonical = fs::canonicalize(path).ctx("resolving", path)?;
-    if let Some(mount) = mounted_below(&mount_points()?, &canonical) {
+    let points: Vec<PathBuf> = mounts()?.into_iter().map(|m| m.point).collect();
+    if let Some(mount) = mounted_below(&points, &canonical) {
         return Err(ImageError::MountedBelow(mount));
     }
     match fs::remove_dir_all(path) {
@@ -177,15 +191,109 @@ fn mounted_below(mounts: &[PathBuf], dir: &Path) -> Option<PathBuf> {
     mounts.iter().find(|m| m.starts_with(dir)).cloned()
 }
 
-/// Mount points of this mount namespace, from `/proc/self/mountinfo`.
-fn mount_points() -> Result<Vec<PathBuf>, ImageError> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mount {
+    point: PathBuf,
+    fstype: String,
+    source: String,
+}
+
+/// The mounts of this mount namespace, from `/proc/self/mountinfo`.
+fn mounts() -> Result<Vec<Mount>, ImageError> {
     let info = "/proc/self/mountinfo";
     let text = fs::read_to_string(info).ctx("reading", info)?;
-    Ok(text
+    Ok(text.lines().filter_map(parse_mountinfo_line).collect())
+}
+
+/// `36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue`: the
+/// mount point is field 5; after the optional fields and `-` come type and source.
+fn parse_mountinfo_line(line: &str) -> Option<Mount> {
+    let (before, after) = line.split_once(" - ")?;
+    let point = before.split(' ').nth(4)?;
+    let mut after = after.split(' ');
+    Some(Mount {
+        point: PathBuf::from(unescape_mount_path(point)),
+        fstype: after.next()?.to_owned(),
+        source: unescape_mount_path(after.next()?),
+    })
+}
+
+/// The tmpfs a rootfs build stages its tree in. Staging in RAM spares the host disk the
+/// fsyncs of dpkg and, above all, deleting tens of thousands of just-written files
+/// (measured under I/O load: 35 s to `rm -rf` the tree, 0.3 s to unmount the tmpfs).
+#[derive(Debug)]
+pub(crate) struct StagingMount {
+    point: PathBuf,
+    mounted: bool,
+}
+
+/// Source name of staging mounts: how a reaper recognises the ones dead builds left.
+const STAGING_SOURCE: &str = "hutch-rootfs-staging";
+/// Stage in RAM only when this much is available (a minbase tree is ~300 MiB; extra
+/// packages can make it several GiB).
+const STAGING_MIN_AVAILABLE: u64 = 4 << 30;
+
+impl StagingMount {
+    /// Mounts a tmpfs on the empty directory `point` if the host has memory to spare;
+    /// `None` means: stage on disk in `point` itself.
+    pub fn on(point: &Path) -> Result<Option<Self>, ImageError> {
+        if !mem_available().is_some_and(|bytes| bytes >= STAGING_MIN_AVAILABLE) {
+            return Ok(None);
+        }
+        nix::mount::mount(
+            Some(STAGING_SOURCE),
+            point,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("mode=0755"),
+        )
+        .map_err(|e| ImageError::io("mounting a tmpfs on", point, e.into()))?;
+        Ok(Some(StagingMount {
+            point: point.to_owned(),
+            mounted: true,
+        }))
+    }
+
+    pub fn unmount(mut self) -> Result<(), ImageError> {
+        self.mounted = false;
+        nix::mount::umount2(&self.point, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(|e| ImageError::io("unmounting", &self.point, e.into()))
+    }
+}
+
+impl Drop for StagingMount {
+    fn drop(&mut self) {
+        if self.mounted {
+            // A failed build; if this fails too, the next reap detaches it.
+            let _ = nix::mount::umount2(&self.point, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Detaches the staging tmpfs mounts a dead build left below `dir`. Anything else mounted
+/// there is left alone (and [`remove_tree`] then refuses to delete `dir`).
+fn detach_staging_mounts(dir: &Path) -> Result<(), ImageError> {
+    let canonical = fs::canonicalize(dir).ctx("resolving", dir)?;
+    for m in mounts()? {
+        if m.point.starts_with(&canonical) && m.fstype == "tmpfs" && m.source == STAGING_SOURCE {
+            nix::mount::umount2(&m.point, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(|e| ImageError::io("unmounting", &m.point, e.into()))?;
+        }
+    }
+    Ok(())
+}
+
+fn mem_available() -> Option<u64> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
         .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|field| PathBuf::from(unescape_mount_path(field)))
-        .collect())
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo` octal escapes.
@@ -327,6 +435,15 @@ mod tests {
             None
         );
         assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
+        let line = "36 35 98:0 / /var/lib/hutch/tmp/x\\040y rw,relatime shared:1 master:2 - tmpfs hutch-rootfs-staging rw,mode=755";
+        assert_eq!(
+            parse_mountinfo_line(line),
+            Some(Mount {
+                point: PathBuf::from("/var/lib/hutch/tmp/x y"),
+                fstype: "tmpfs".into(),
+                source: STAGING_SOURCE.into(),
+            })
+        );
         assert_eq!(unescape_mount_path("/a\\"), "/a\\");
     }
 
@@ -359,5 +476,56 @@ mod tests {
         );
         assert!(survived, "files of the mounted file system were deleted");
         remove_tree(&root.path().join("tree")).expect("removable once unmounted");
+    }
+
+    #[test]
+    fn reap_detaches_staging_mounts_of_dead_builds_only() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: mounting a tmpfs for this test needs root");
+            return;
+        }
+        let root = tempfile::tempdir().expect("tempdir");
+        let tmp = root.path().join("tmp");
+        // A dead rootfs build with its staging tmpfs still mounted, and another tmpfs that
+        // is not ours.
+        let dead = tmp.join("rootfs-dead");
+        for dir in ["staging", "foreign"] {
+            fs::create_dir_all(dead.join(dir)).expect("mkdir");
+        }
+        fs::write(tmp.join("rootfs-dead.lock"), b"").expect("lock");
+        let staging = StagingMount {
+            point: dead.join("staging"),
+            mounted: false,
+        };
+        nix::mount::mount(
+            Some(STAGING_SOURCE),
+            &staging.point,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount staging");
+        nix::mount::mount(
+            Some("not-hutch"),
+            &dead.join("foreign"),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount foreign");
+        fs::write(dead.join("foreign/keep"), b"x").expect("write");
+        let refused = reap(&tmp).expect("reap");
+        let kept = dead.join("foreign/keep").exists();
+        nix::mount::umount2(&dead.join("foreign"), nix::mount::MntFlags::MNT_DETACH)
+            .expect("umount");
+        assert!(refused.is_empty(), "{refused:?}");
+        assert!(kept, "a foreign mount's files were deleted");
+        // The staging mount is gone; with the foreign one unmounted the reap completes.
+        assert_eq!(reap(&tmp).expect("reap"), vec![dead.clone()]);
+        assert!(!dead.exists());
+        assert!(!mounts()
+            .expect("mounts")
+            .iter()
+            .any(|m| m.point.starts_with(root.path())));
     }
 }

@@ -1,5 +1,6 @@
 //! The rootfs component: a Debian minbase tree from mmdebstrap (packages from the host's own
-//! apt sources, so no mirror is named here), tidied, and packed into a sparse raw ext4 image.
+//! apt sources, so no mirror is named here), staged on a tmpfs when memory allows, tidied,
+//! and packed into a sparse raw ext4 image.
 //! The image is shared read-only by every sandbox (each writes to its own qcow2 overlay), so
 //! once built it must never be modified.
 
@@ -108,7 +109,10 @@ pub(crate) fn build(
         spec.suite,
         spec.packages.len()
     ));
-    let tree = out.join("tree");
+    let staging = out.join("staging");
+    fs::create_dir(&staging).ctx("creating directory", &staging)?;
+    let mount = fsutil::StagingMount::on(&staging)?;
+    let tree = staging.join("tree");
     // In a private mount namespace the mounts mmdebstrap makes inside the tree vanish with
     // it, even if it is killed, so a dead build never leaves host mounts behind.
     let mut cmd = tools::command(&unshare);
@@ -146,7 +150,10 @@ pub(crate) fn build(
             .arg(&image),
         "",
     )?;
-    fsutil::remove_tree(&tree)?;
+    if let Some(mount) = mount {
+        mount.unmount()?;
+    }
+    fsutil::remove_tree(&staging)?;
     // Shared by every sandbox through copy-on-write overlays: nobody writes to it again.
     fsutil::set_mode(&image, 0o444)?;
 

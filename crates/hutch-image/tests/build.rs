@@ -119,6 +119,8 @@ fn image_lifecycle() -> Result<()> {
     );
     let leftovers: Vec<_> = std::fs::read_dir(cache_dir.join("tmp"))?.collect();
     ensure!(leftovers.is_empty(), "tmp/ not reaped: {leftovers:?}");
+    let mounts = mounts_under(&cache_dir)?;
+    ensure!(mounts.is_empty(), "mounts left under the cache: {mounts:?}");
     check_image(&cache, &image)?;
 
     // 3. Boot it: the agent runs as PID 1 from /run, on the root disk, with our kernel.
@@ -276,7 +278,7 @@ fn interrupted_build(cache_dir: &Path, agent: &Path) -> Result<()> {
             entries.filter_map(Result::ok).any(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
                 name.starts_with("rootfs-")
-                    && std::fs::read_dir(e.path().join("tree/usr"))
+                    && std::fs::read_dir(e.path().join("staging/tree/usr"))
                         .is_ok_and(|mut d| d.next().is_some())
             })
         });
@@ -314,16 +316,29 @@ fn interrupted_build(cache_dir: &Path, agent: &Path) -> Result<()> {
             "a killed build left {dir}/ entries: {entries:?}"
         );
     }
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let cache_str = cache_dir.to_string_lossy();
+    // mmdebstrap's own mounts (proc, dev...) lived in a private mount namespace and died
+    // with it; only the staging tmpfs may remain, for the next build's reaper.
+    let left = mounts_under(cache_dir)?;
     ensure!(
-        !mounts.lines().any(|l| l.contains(cache_str.as_ref())),
-        "a killed build left mounts under {cache_str}"
+        left.iter()
+            .all(|l| l.contains(" - tmpfs hutch-rootfs-staging ")),
+        "a killed build left foreign mounts under the cache: {left:?}"
     );
+    eprintln!("killed build left {} staging mount(s)", left.len());
     let leftovers = std::fs::read_dir(&tmp)?.count();
     eprintln!("killed build left {leftovers} entries in tmp/ for the reaper");
     ensure!(leftovers > 0, "expected the killed build's temp dir");
     Ok(())
+}
+
+/// Lines of /proc/self/mountinfo for mount points under `dir`.
+fn mounts_under(dir: &Path) -> Result<Vec<String>> {
+    let prefix = format!("{}/", dir.display());
+    Ok(std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&prefix)))
+        .map(str::to_owned)
+        .collect())
 }
 
 fn processes_mentioning(path: &Path) -> Vec<String> {
