@@ -21,7 +21,7 @@ fn main() -> anyhow::Result<()> {
     progress.finish();
     let took = started.elapsed();
     let m = &image.manifest;
-    println!("image   {} ({:.1}s)", image.key, took.as_secs_f64());
+    println!("image   {} ({:.3}s)", image.key, took.as_secs_f64());
     println!("cache   {}", cache.root().display());
     println!(
         "kernel  {} ({} {}, release {}, {} KiB)",
