@@ -113,10 +113,15 @@ pub(crate) fn build(
     fs::create_dir(&staging).ctx("creating directory", &staging)?;
     let mount = fsutil::StagingMount::on(&staging)?;
     let tree = staging.join("tree");
+    // mmdebstrap's own temp files (a gpg home, ...) stay inside this build, so a killed
+    // build leaves nothing in the host's /tmp: the reaper deletes them with the rest.
+    let mm_tmp = out.join("mmdebstrap-tmp");
+    fs::create_dir(&mm_tmp).ctx("creating directory", &mm_tmp)?;
     // In a private mount namespace the mounts mmdebstrap makes inside the tree vanish with
     // it, even if it is killed, so a dead build never leaves host mounts behind.
     let mut cmd = tools::command(&unshare);
-    cmd.args(["--mount", "--propagation", "private", "--"])
+    cmd.env("TMPDIR", &mm_tmp)
+        .args(["--mount", "--propagation", "private", "--"])
         .arg(&mmdebstrap)
         .arg("--mode=root")
         .arg(format!("--variant={VARIANT}"))
@@ -154,6 +159,7 @@ pub(crate) fn build(
         mount.unmount()?;
     }
     fsutil::remove_tree(&staging)?;
+    fsutil::remove_tree(&mm_tmp)?;
     // Shared by every sandbox through copy-on-write overlays: nobody writes to it again.
     fsutil::set_mode(&image, 0o444)?;
 
