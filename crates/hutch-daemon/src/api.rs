@@ -114,10 +114,30 @@ impl From<PathRejection> for ApiError {
     }
 }
 
-/// `axum::Json` with JSON errors.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON object body parsed into `T`, with JSON errors. Only an object is accepted: serde would otherwise
+/// read a struct from an array too (`[null, null]`), which no client means.
 pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        if mime != "application/json" && !(mime.starts_with("application/") && mime.ends_with("+json")) {
+            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "expected a JSON body (send Content-Type: application/json)"));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|r| {
+            let hint = if r.status() == StatusCode::PAYLOAD_TOO_LARGE { format!(" (JSON bodies are limited to {JSON_BODY_MAX} bytes)") } else { String::new() };
+            ApiError::new(r.status(), format!("{}{hint}", r.body_text()))
+        })?;
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad("the body must be a JSON object"));
+        }
+        let axum::Json(v) = axum::Json::<T>::from_bytes(&bytes)?;
+        Ok(ApiJson(v))
+    }
+}
 
 /// `axum::extract::Query` with JSON errors.
 #[derive(FromRequestParts)]
@@ -248,6 +268,7 @@ async fn list_sandboxes(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<SandboxList>, ApiError> {
     let labels = match &q.label {
+        Some(l) if l.is_empty() => return Err(ApiError::bad("label filter is empty; give key=value[,key=value...] or leave it out")),
         Some(l) => parse_label_filter(l).map_err(ApiError::bad)?,
         None => BTreeMap::new(),
     };
@@ -256,7 +277,7 @@ async fn list_sandboxes(
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Sandbox id")),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$")),
     responses(
         (status = 200, description = "The sandbox", body = SandboxInfo),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -269,7 +290,7 @@ async fn get_sandbox(State(st): State<AppState>, Extension(who): Extension<Princ
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Sandbox id")),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$")),
     responses(
         (status = 200, description = "Destroyed; its VM and files are gone", body = SandboxInfo),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -282,7 +303,7 @@ async fn delete_sandbox(State(st): State<AppState>, Extension(who): Extension<Pr
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/extend", tag = "sandboxes", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Sandbox id")),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$")),
     request_body = ExtendRequest,
     responses(
         (status = 200, description = "The new expiry", body = SandboxInfo),
@@ -337,7 +358,7 @@ pub(crate) fn check_exec(argv: &[String], env: &BTreeMap<String, String>, cwd: O
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Sandbox id")),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$")),
     request_body = ExecBody,
     responses(
         (status = 200, description = "The command ran (or could not start: exit 127/126 and the reason on stderr)", body = ExecResult),
@@ -371,33 +392,38 @@ async fn exec(
     let live = st.mgr.running(&who, &id)?;
     let limit = st.mgr.limits.exec_output_max;
     let t0 = Instant::now();
-    let handle = live.client.exec(req).await.map_err(|e| ManagerError::Failed(hutch_sandbox::error_chain(&e)))?;
-    let mut input = handle.input;
+    let handle = live.client.exec(req).await.map_err(|e| ManagerError::Conflict(format!("sandbox {id} did not answer: {}", hutch_sandbox::error_chain(&e))))?;
     let mut events = handle.events;
-    if let Some(bytes) = stdin {
-        for chunk in bytes.chunks(hutch_proto::CHUNK) {
-            if input.send(ExecInput::Stdin(chunk.to_vec())).await.is_err() {
-                break;
-            }
-        }
-        let _ = input.send(ExecInput::StdinEof).await;
-    }
+    let (go, sig_tx, feeder) = feed_input(handle.input, stdin);
+    let mut go = Some(go);
     let (mut out, mut err, mut truncated, mut timed_out) = (Vec::new(), Vec::new(), false, false);
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let status = loop {
-        let ev = match deadline {
-            Some(d) if !timed_out => match tokio::time::timeout_at(d, events.next()).await {
+        // After a timeout, the kill has this long to be reported before the exec is abandoned (dropping the
+        // stream makes the agent kill the process group anyway).
+        let wait_until = match deadline {
+            Some(d) if !timed_out => Some(d),
+            Some(d) => Some(d + Duration::from_secs(10)),
+            None => None,
+        };
+        let ev = match wait_until {
+            Some(d) => match tokio::time::timeout_at(d, events.next()).await {
                 Ok(ev) => ev,
-                Err(_) => {
+                Err(_) if !timed_out => {
                     timed_out = true;
-                    let _ = input.send(ExecInput::Signal(libc::SIGKILL)).await;
+                    let _ = sig_tx.try_send(libc::SIGKILL);
                     continue;
                 }
+                Err(_) => break ExitStatus::Signal(libc::SIGKILL),
             },
-            _ => events.next().await,
+            None => events.next().await,
         };
         match ev {
-            Some(ExecEvent::Started { .. }) => {}
+            Some(ExecEvent::Started { .. }) => {
+                if let Some(g) = go.take() {
+                    let _ = g.send(());
+                }
+            }
             Some(ExecEvent::Stdout(b)) => append(&mut out, &b, limit, &mut truncated),
             Some(ExecEvent::Stderr(b)) => append(&mut err, &b, limit, &mut truncated),
             Some(ExecEvent::Exited(s)) => break s,
@@ -405,9 +431,13 @@ async fn exec(
                 err.extend_from_slice(message.as_bytes());
                 break ExitStatus::Code(if not_found { 127 } else { 126 });
             }
-            None => return Err(ManagerError::Conflict(format!("sandbox {id} stopped while the command ran")).into()),
+            None => {
+                feeder.abort();
+                return Err(ManagerError::Conflict(format!("sandbox {id} stopped while the command ran")).into());
+            }
         }
     };
+    feeder.abort();
     let (encoding, stdout, stderr) = match (std::str::from_utf8(&out), std::str::from_utf8(&err)) {
         (Ok(o), Ok(e)) => ("utf8", o.to_string(), e.to_string()),
         _ => {
@@ -430,6 +460,39 @@ async fn exec(
     }))
 }
 
+/// Feeds a command's stdin (then end of file) and forwards signals, from its own task so that a command
+/// that writes before it reads cannot deadlock against us. Input starts only once `go` fires (the process has
+/// started): the agent takes input from then on. The task holds the input half until it is aborted, because
+/// closing it tells the agent the host has gone.
+pub(crate) fn feed_input(
+    mut input: hutch_sandbox::client::ExecInputSender,
+    stdin: Option<Vec<u8>>,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::sync::mpsc::Sender<i32>, tokio::task::JoinHandle<()>) {
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (sig_tx, mut sig_rx) = tokio::sync::mpsc::channel::<i32>(4);
+    let task = tokio::spawn(async move {
+        if go_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        if let Some(bytes) = stdin {
+            for chunk in bytes.chunks(hutch_proto::CHUNK) {
+                if let Ok(sig) = sig_rx.try_recv() {
+                    let _ = input.send(ExecInput::Signal(sig)).await;
+                }
+                if input.send(ExecInput::Stdin(chunk.to_vec())).await.is_err() {
+                    break;
+                }
+            }
+            let _ = input.send(ExecInput::StdinEof).await;
+        }
+        while let Some(sig) = sig_rx.recv().await {
+            let _ = input.send(ExecInput::Signal(sig)).await;
+        }
+        std::future::pending::<()>().await;
+    });
+    (go_tx, sig_tx, task)
+}
+
 fn append(buf: &mut Vec<u8>, b: &[u8], limit: usize, truncated: &mut bool) {
     let room = limit.saturating_sub(buf.len());
     if b.len() > room {
@@ -443,7 +506,7 @@ fn guest_path(p: &str) -> Result<GuestPath, ApiError> {
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Sandbox id"), PathQuery),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$"), PathQuery),
     responses(
         (status = 200, description = "The file's bytes", body = Vec<u8>, content_type = "application/octet-stream"),
         (status = 400, description = "Bad path, or not a regular file", body = ErrorBody),
@@ -494,7 +557,8 @@ async fn download(
 fn guest_error(path: &str, e: hutch_sandbox::SandboxError) -> ApiError {
     match e {
         hutch_sandbox::SandboxError::Guest(m) => files::classify(path, &m).into(),
-        e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{path}: {}", hutch_sandbox::error_chain(&e))),
+        // The agent channel failed: the VM stopped or is going away.
+        e => ApiError::new(StatusCode::CONFLICT, format!("{path}: the sandbox did not answer ({})", hutch_sandbox::error_chain(&e))),
     }
 }
 
@@ -509,7 +573,7 @@ fn parse_mode(m: Option<&str>) -> Result<u32, ApiError> {
 }
 
 #[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Sandbox id"), UploadQuery),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$"), UploadQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file's bytes (Content-Length required)"),
     responses(
         (status = 200, description = "Written", body = FileStat),
@@ -557,7 +621,7 @@ async fn upload(
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Sandbox id"), RemoveQuery),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$"), RemoveQuery),
     responses(
         (status = 204, description = "Removed"),
         (status = 400, description = "Bad path", body = ErrorBody),
@@ -578,7 +642,7 @@ async fn remove_file(
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Sandbox id"), PathQuery),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$"), PathQuery),
     responses(
         (status = 200, description = "The directory's entries", body = FileList),
         (status = 400, description = "Bad path, or not a directory", body = ErrorBody),
@@ -598,7 +662,7 @@ async fn list_files(
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", tag = "files", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Sandbox id"), PathQuery),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$"), PathQuery),
     responses(
         (status = 200, description = "What is at the path", body = FileStat),
         (status = 400, description = "Bad path", body = ErrorBody),
@@ -618,7 +682,7 @@ async fn stat_file(
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Sandbox id")),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$")),
     request_body = MkdirRequest,
     responses(
         (status = 200, description = "The directory", body = FileStat),
@@ -641,7 +705,7 @@ async fn mkdir(
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}/egress", tag = "sandboxes", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Sandbox id")),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$")),
     responses(
         (status = 200, description = "The sandbox's egress audit log", body = EgressLog),
         (status = 400, description = "Malformed id", body = ErrorBody),

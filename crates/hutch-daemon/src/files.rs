@@ -76,12 +76,38 @@ struct Ran {
     stderr: String,
 }
 
+/// Runs a guest tool with a fixed PATH and cwd `/`, so a user who removed their home directory still gets
+/// answers. A guest that cannot run the tool at all (the user deleted it) is the sandbox's state: 409.
 async fn run(client: &AgentClient, argv: &[&str]) -> Result<Ran, ManagerError> {
-    let out = tokio::time::timeout(OP_TIMEOUT, client.run(argv))
+    let req = hutch_proto::ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()), ("LC_ALL".into(), "C".into())],
+        cwd: Some("/".into()),
+        stdin: false,
+        tty: None,
+    };
+    let gone = |e: hutch_sandbox::SandboxError| ManagerError::Conflict(format!("the sandbox did not answer ({})", hutch_sandbox::error_chain(&e)));
+    let collect = async {
+        let mut h = client.exec(req).await.map_err(gone)?;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(ev) = h.events.next().await {
+            match ev {
+                hutch_proto::ExecEvent::Started { .. } => {}
+                hutch_proto::ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
+                hutch_proto::ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
+                hutch_proto::ExecEvent::Exited(st) => {
+                    return Ok(Ran { ok: st == ExitStatus::Code(0), stdout, stderr: String::from_utf8_lossy(&stderr).into_owned() })
+                }
+                hutch_proto::ExecEvent::SpawnFailed { message, .. } => {
+                    return Err(ManagerError::Conflict(format!("the guest cannot run {} ({message}); was it removed from the sandbox?", argv[0])))
+                }
+            }
+        }
+        Err(ManagerError::Conflict("the sandbox stopped while answering".into()))
+    };
+    tokio::time::timeout(OP_TIMEOUT, collect)
         .await
-        .map_err(|_| ManagerError::Failed(format!("{} did not finish within {OP_TIMEOUT:?} in the guest", argv[0])))?
-        .map_err(|e| ManagerError::Failed(format!("guest: {}", hutch_sandbox::error_chain(&e))))?;
-    Ok(Ran { ok: out.status == Some(ExitStatus::Code(0)), stdout: out.stdout, stderr: String::from_utf8_lossy(&out.stderr).into_owned() })
+        .map_err(|_| ManagerError::Conflict(format!("{} did not finish within {OP_TIMEOUT:?} in the guest", argv[0])))?
 }
 
 // depth, type, size, mode (octal), mtime (seconds.fraction), path; NUL-terminated so any name survives.

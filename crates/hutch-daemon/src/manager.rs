@@ -436,12 +436,13 @@ impl Manager {
         };
         let took = t0.elapsed();
         match sb.start.mode {
-            StartMode::Restored => self.metrics.restore_seconds.observe(took.as_secs_f64()),
+            StartMode::Restored | StartMode::Pooled => self.metrics.restore_seconds.observe(took.as_secs_f64()),
             StartMode::Cold => self.metrics.boot_seconds.observe(took.as_secs_f64()),
         }
         let mode = match sb.start.mode {
             StartMode::Restored => "snapshot restore",
             StartMode::Cold => "cold boot",
+            StartMode::Pooled => "warm pool",
         };
         if let Err(e) = self.store.mark_running(&id, &sb.id, sb.vmm_pid(), mode, took.as_millis() as i64) {
             sb.destroy().await;

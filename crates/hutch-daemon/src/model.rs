@@ -23,7 +23,7 @@ pub struct CreateSandbox {
     pub memory_mib: Option<u32>,
     /// Seconds until the sandbox is destroyed (default and maximum set by the daemon); see `extend`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 2592000)]
     pub ttl_secs: Option<u64>,
     /// Environment every command in the sandbox starts with.
     #[serde(default)]
@@ -143,6 +143,7 @@ pub struct ListQuery {
     pub state: Option<SandboxState>,
     /// Only sandboxes with all these labels: `key=value[,key=value...]`.
     #[serde(default)]
+    #[param(pattern = "^[A-Za-z0-9._/-]{1,63}=[^,=\\x00-\\x1f\\x7f-\\x9f]{0,256}(,[A-Za-z0-9._/-]{1,63}=[^,=\\x00-\\x1f\\x7f-\\x9f]{0,256})*$")]
     pub label: Option<String>,
     /// Include ended sandboxes (destroyed, failed).
     #[serde(default)]
@@ -152,8 +153,8 @@ pub struct ListQuery {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExtendRequest {
-    /// Seconds added to the current expiry.
-    #[schema(minimum = 1)]
+    /// Seconds added to the current expiry (the expiry may be at most the daemon's maximum TTL from now).
+    #[schema(minimum = 1, maximum = 2592000)]
     pub seconds: u64,
 }
 
@@ -162,6 +163,7 @@ pub struct ExtendRequest {
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     /// Program and arguments (no shell: use `["sh", "-c", "..."]` for one).
+    #[schema(min_items = 1, max_items = 4096)]
     pub argv: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -176,7 +178,7 @@ pub struct ExecBody {
     pub stdin_base64: Option<String>,
     /// Kill the command's process group after this many seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 2592000)]
     pub timeout_secs: Option<u64>,
 }
 
@@ -201,6 +203,8 @@ pub struct ExecResult {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StreamExec {
+    /// Program and arguments.
+    #[schema(min_items = 1, max_items = 4096)]
     pub argv: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -246,6 +250,15 @@ pub enum ServerMsg {
     Error { message: String },
 }
 
+/// One Server-Sent Event as it appears on the wire: `event` names the ServerMsg type, `data` is the ServerMsg
+/// as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SseEvent {
+    #[schema(pattern = "^(started|stdout|stderr|exit|error)$")]
+    pub event: String,
+    pub data: String,
+}
+
 pub const WS_STDOUT: u8 = 1;
 pub const WS_STDERR: u8 = 2;
 
@@ -254,6 +267,7 @@ pub const WS_STDERR: u8 = 2;
 #[into_params(parameter_in = Query)]
 pub struct PathQuery {
     /// Absolute path in the guest.
+    #[param(pattern = "^/", min_length = 1, max_length = 4096)]
     pub path: String,
 }
 
@@ -262,9 +276,11 @@ pub struct PathQuery {
 #[into_params(parameter_in = Query)]
 pub struct UploadQuery {
     /// Absolute path in the guest; missing parent directories are created.
+    #[param(pattern = "^/.", min_length = 2, max_length = 4096)]
     pub path: String,
     /// Permission bits in octal (default 644).
     #[serde(default)]
+    #[param(pattern = "^[0-7]{1,4}$")]
     pub mode: Option<String>,
 }
 
@@ -272,6 +288,8 @@ pub struct UploadQuery {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct RemoveQuery {
+    /// Absolute path in the guest (not `/`).
+    #[param(pattern = "^/.", min_length = 2, max_length = 4096)]
     pub path: String,
     /// Remove a directory and everything in it.
     #[serde(default)]
@@ -281,6 +299,8 @@ pub struct RemoveQuery {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MkdirRequest {
+    /// Absolute path in the guest.
+    #[schema(pattern = "^/", min_length = 1, max_length = 4096)]
     pub path: String,
     /// Create missing parents (default true).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -16,7 +16,7 @@ use axum::Extension;
 use base64::Engine;
 use futures::{SinkExt, StreamExt};
 use hutch_proto::{ExecEvent, ExecInput};
-use hutch_sandbox::client::{ExecEvents, ExecInputSender};
+use hutch_sandbox::client::ExecEvents;
 
 use crate::api::{check_exec, ApiError, ApiJson, AppState, SandboxId};
 use crate::auth::Principal;
@@ -149,10 +149,10 @@ fn tagged(tag: u8, b: &[u8]) -> Vec<u8> {
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/exec/stream", tag = "exec", security(("bearer" = [])),
-    params(("id" = String, Path, description = "Sandbox id")),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$")),
     request_body = StreamExec,
     responses(
-        (status = 200, description = "Server-Sent Events, each a ServerMsg (event name = its type)", body = String, content_type = "text/event-stream"),
+        (status = 200, description = "Server-Sent Events, each a ServerMsg (event name = its type)", body = crate::model::SseEvent, content_type = "text/event-stream"),
         (status = 400, description = "Bad input, named", body = crate::model::ErrorBody),
         (status = 401, description = "No valid token", body = crate::model::ErrorBody),
         (status = 404, description = "No such sandbox for this token", body = crate::model::ErrorBody),
@@ -168,25 +168,24 @@ pub async fn sse(
 ) -> Result<Response, ApiError> {
     let req = check_exec(&body.argv, &body.env, body.cwd.as_deref(), body.stdin.is_some(), body.tty)?;
     let live = st.mgr.running(&who, &id)?;
-    let handle = live.client.exec(req).await.map_err(|e| ManagerError::Failed(hutch_sandbox::error_chain(&e)))?;
-    let mut input = handle.input;
-    if let Some(s) = body.stdin {
-        for chunk in s.as_bytes().chunks(hutch_proto::CHUNK) {
-            if input.send(ExecInput::Stdin(chunk.to_vec())).await.is_err() {
-                break;
-            }
+    let handle = live.client.exec(req).await.map_err(|e| ManagerError::Conflict(format!("sandbox {id} did not answer: {}", hutch_sandbox::error_chain(&e))))?;
+    let (go, _sig, feeder) = crate::api::feed_input(handle.input, body.stdin.map(String::into_bytes));
+    /// Aborts the stdin feeder (which holds the input half) when the event stream is dropped.
+    struct Feeder(tokio::task::JoinHandle<()>);
+    impl Drop for Feeder {
+        fn drop(&mut self) {
+            self.0.abort();
         }
-        let _ = input.send(ExecInput::StdinEof).await;
     }
     struct St {
         events: ExecEvents,
-        // Held until the end: closing our half of the stream would tell the agent we are gone.
-        _input: ExecInputSender,
+        _feeder: Feeder,
+        go: Option<tokio::sync::oneshot::Sender<()>>,
         queue: std::collections::VecDeque<ServerMsg>,
         done: bool,
         id: String,
     }
-    let state = St { events: handle.events, _input: input, queue: Default::default(), done: false, id };
+    let state = St { events: handle.events, _feeder: Feeder(feeder), go: Some(go), queue: Default::default(), done: false, id };
     let stream = futures::stream::unfold(state, |mut s| async move {
         if s.queue.is_empty() {
             if s.done {
@@ -194,7 +193,12 @@ pub async fn sse(
             }
             let b64 = base64::engine::general_purpose::STANDARD;
             match s.events.next().await {
-                Some(ExecEvent::Started { pid }) => s.queue.push_back(ServerMsg::Started { pid }),
+                Some(ExecEvent::Started { pid }) => {
+                    if let Some(g) = s.go.take() {
+                        let _ = g.send(());
+                    }
+                    s.queue.push_back(ServerMsg::Started { pid });
+                }
                 Some(ExecEvent::Stdout(b)) => s.queue.push_back(ServerMsg::Stdout { data: b64.encode(b) }),
                 Some(ExecEvent::Stderr(b)) => s.queue.push_back(ServerMsg::Stderr { data: b64.encode(b) }),
                 Some(ExecEvent::Exited(st)) => {
