@@ -41,9 +41,16 @@ enum Sniffed {
     Bad(String),
 }
 
-async fn sniff<S: AsyncRead + Unpin>(io: &mut S, port: u16, handshake: Duration) -> Sniffed {
+/// `must_speak_web`: the destination is inspected, so only TLS or HTTP may pass, on any port; a
+/// client that is slow to send its first bytes must not turn that into an unchecked TCP splice.
+async fn sniff<S: AsyncRead + Unpin>(
+    io: &mut S,
+    port: u16,
+    must_speak_web: bool,
+    handshake: Duration,
+) -> Sniffed {
     let deadline = Instant::now() + handshake;
-    let web_port = port == 80 || port == 443;
+    let web_port = port == 80 || port == 443 || must_speak_web;
     let first_wait = if web_port {
         handshake
     } else {
@@ -132,8 +139,13 @@ pub(crate) async fn carry<S>(
     rec.rule = Some(decided.rule.to_string());
     let limits = inner.limits.clone();
     let inspect = inner.must_intercept(&decided);
-    let result: Result<(), String> = match sniff(&mut io, decided.port, limits.handshake_timeout)
-        .await
+    let result: Result<(), String> = match sniff(
+        &mut io,
+        decided.port,
+        inspect,
+        limits.handshake_timeout,
+    )
+    .await
     {
         Sniffed::Tls { sni, buf } => match check_sni(sni.as_deref(), &decided.name) {
             Err(reason) => deny(&mut rec, reason),
@@ -181,6 +193,11 @@ pub(crate) async fn carry<S>(
                 )
             } else if decided.rule.restricts_requests() {
                 deny(&mut rec, "the allow rule limits methods or paths, but the traffic is neither TLS nor HTTP".into())
+            } else if inspect {
+                deny(
+                    &mut rec,
+                    "secrets are bound to this host, but the traffic is neither TLS nor HTTP".into(),
+                )
             } else {
                 rec.mode = Some(Mode::Tcp);
                 let mut tcp = tcp;
