@@ -113,7 +113,10 @@ impl Qemu {
         let log = std::fs::File::create(&log_path).map_err(io_err(format!("cannot create {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(io_err("dup log fd"))?;
         let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.args(self.args(cfg, incoming))
+        // Nothing of hutch's environment (which holds the values of egress secrets) reaches the
+        // process that runs the guest.
+        cmd.env_clear()
+            .args(self.args(cfg, incoming))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
