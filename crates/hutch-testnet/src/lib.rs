@@ -21,6 +21,14 @@ use serde::Serialize;
 /// Every `*.example.test` name works, so tests can invent hosts freely.
 pub const DEFAULT_NAMES: [&str; 3] = ["example.test", "*.example.test", "localhost"];
 
+/// A python3 script of attack probes for tests to run inside a VM (`python3 probe.py KIND ARGS`):
+/// DNS over UDP/TCP with arbitrary label bytes, UDP, TCP, ICMP and raw IP, vsock, raw requests to
+/// the guest's proxy, TLS with a chosen SNI and Host through CONNECT or a direct connection, the
+/// certificate shown for a name, and a scan of every process's environment, command line and
+/// memory and of every file for a value known only by its SHA-256. Exit 0 means the attempt got
+/// through, 1 that it was answered with a refusal, 2 that it failed outright.
+pub const GUEST_PROBE: &str = include_str!("guest_probe.py");
+
 /// Largest request body the servers read (bigger ones get 413).
 pub const MAX_REQUEST_BODY: usize = 64 << 20;
 
@@ -57,6 +65,8 @@ pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> 
 pub struct Seen {
     /// True for the HTTPS server, false for plain HTTP.
     pub tls: bool,
+    /// The port the request arrived on (443 and 80 for the web address).
+    pub port: u16,
     /// The TLS server name the client sent (HTTPS only).
     pub sni: Option<String>,
     pub method: String,
@@ -109,6 +119,7 @@ pub struct TestNet {
     https: SocketAddr,
     http: SocketAddr,
     udp: SocketAddr,
+    web: Option<std::net::IpAddr>,
     ca_pem: String,
     ca_file: PathBuf,
     git_root: PathBuf,
@@ -135,6 +146,8 @@ impl TestNet {
         let pki = pki::TestPki::new(names)?;
         let ca_file = dir.path().join("testnet-ca.pem");
         std::fs::write(&ca_file, &pki.ca_pem).map_err(io_err(format!("cannot write {}", ca_file.display())))?;
+        let probe = dir.path().join("probe.py");
+        std::fs::write(&probe, GUEST_PROBE).map_err(io_err(format!("cannot write {}", probe.display())))?;
         let git_root = dir.path().join("git");
         std::fs::create_dir(&git_root).map_err(io_err(format!("cannot create {}", git_root.display())))?;
         let log = Arc::new(Log::default());
@@ -144,6 +157,7 @@ impl TestNet {
             https: server.https,
             http: server.http,
             udp: server.udp,
+            web: server.web,
             ca_pem: pki.ca_pem,
             ca_file,
             git_root,
@@ -203,9 +217,40 @@ impl TestNet {
         vec!["--allow".into(), format!("{name}:{p}"), "--resolve".into(), format!("{name}:{p}:127.0.0.1")]
     }
 
+    /// The loopback address whose ports 443 and 80 serve the same routes, when this process may
+    /// bind privileged ports. The gateway treats traffic to 443 and 80 more strictly (it must be
+    /// TLS or HTTP, sent at once), so tests of that need it.
+    pub fn web_addr(&self) -> Option<std::net::IpAddr> {
+        self.web
+    }
+
+    /// `hutch run` flags that allow `name` on port 443 and pin it to [`TestNet::web_addr`].
+    pub fn allow_web_https(&self, name: &str) -> Option<Vec<String>> {
+        let ip = self.web?;
+        Some(vec!["--allow".into(), format!("{name}:443"), "--resolve".into(), format!("{name}:443:{ip}")])
+    }
+
+    /// `hutch run` flags that allow `name` on port 80 and pin it to [`TestNet::web_addr`].
+    pub fn allow_web_http(&self, name: &str) -> Option<Vec<String>> {
+        let ip = self.web?;
+        Some(vec!["--allow".into(), format!("{name}:80"), "--resolve".into(), format!("{name}:80:{ip}")])
+    }
+
     /// `--upstream-ca FILE` for the test CA.
     pub fn upstream_ca_args(&self) -> Vec<String> {
         vec!["--upstream-ca".into(), self.ca_file.display().to_string()]
+    }
+
+    /// `hutch run` flags that put the test CA at /root/testnet-ca.pem and [`GUEST_PROBE`] at
+    /// /root/probe.py in the VM. The guest script appends the CA to its trust bundle, as a real
+    /// guest trusts public roots: TLS passed through the gateway ends at the test servers.
+    pub fn copy_in_args(&self) -> Vec<String> {
+        vec![
+            "--copy-in".into(),
+            format!("{}:/root/testnet-ca.pem", self.ca_file.display()),
+            "--copy-in".into(),
+            format!("{}:/root/probe.py", self.dir.path().join("probe.py").display()),
+        ]
     }
 
     /// Every request received so far, in arrival order.

@@ -27,6 +27,8 @@ pub(crate) struct Routes {
 pub(crate) struct Conn {
     pub(crate) tls: bool,
     pub(crate) sni: Option<String>,
+    /// The listener's port.
+    pub(crate) port: u16,
 }
 
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<RespBody> {
@@ -52,6 +54,7 @@ where
     let path = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
     let seen = Seen {
         tls: conn.tls,
+        port: conn.port,
         sni: conn.sni.clone(),
         method: parts.method.to_string(),
         path: path.clone(),
@@ -121,7 +124,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let routes = Routes { git_root: dir.path().to_path_buf() };
         let log = Log::default();
-        let conn = Conn { tls: true, sni: Some("a.example.test".into()) };
+        let conn = Conn { tls: true, sni: Some("a.example.test".into()), port: 443 };
         let resp = handle(&routes, &log, &conn, r).await;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.expect("body").to_bytes();

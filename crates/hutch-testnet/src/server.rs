@@ -1,8 +1,9 @@
-//! The listeners: HTTPS and HTTP on 127.0.0.1 port 0 and a UDP counter, served by a runtime on a
+//! The listeners: HTTPS and HTTP on 127.0.0.1 port 0, the same on ports 443 and 80 of a random
+//! loopback address when this process may bind them, and a UDP counter; served by a runtime on a
 //! thread of their own until the test net is dropped.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ pub(crate) struct Running {
     pub(crate) https: SocketAddr,
     pub(crate) http: SocketAddr,
     pub(crate) udp: SocketAddr,
+    pub(crate) web: Option<IpAddr>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -34,6 +36,35 @@ struct Bound {
     https: TcpListener,
     http: TcpListener,
     udp: UdpSocket,
+    /// HTTPS on 443 and HTTP on 80 of one loopback address.
+    web: Option<(TcpListener, TcpListener)>,
+}
+
+/// A loopback address other test nets are unlikely to hold (all of 127/8 is loopback on Linux).
+fn random_loopback(attempt: u32) -> Ipv4Addr {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u32(attempt);
+    let [a, b, c, ..] = h.finish().to_le_bytes();
+    Ipv4Addr::new(127, a.max(1), b, c.clamp(2, 254))
+}
+
+/// Ports 443 and 80 are privileged: without the right to bind them the test net has no web
+/// ports, and tests that need them say so.
+async fn bind_web() -> Option<(TcpListener, TcpListener)> {
+    for attempt in 0..8 {
+        let ip = random_loopback(attempt);
+        match TcpListener::bind((ip, 443)).await {
+            Ok(https) => match TcpListener::bind((ip, 80)).await {
+                Ok(http) => return Some((https, http)),
+                Err(_) => continue,
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return None,
+            Err(_) => continue,
+        }
+    }
+    None
 }
 
 async fn bind() -> Result<Bound, TestNetError> {
@@ -45,7 +76,7 @@ async fn bind() -> Result<Bound, TestNetError> {
         Ok(s) => s,
         Err(_) => UdpSocket::bind("127.0.0.1:0").await.map_err(io_err("cannot bind the UDP socket"))?,
     };
-    Ok(Bound { https, http, udp })
+    Ok(Bound { https, http, udp, web: bind_web().await })
 }
 
 impl Running {
@@ -74,20 +105,31 @@ impl Running {
                         let _ = ready_tx.send(Err(TestNetError::ServerThread));
                         return;
                     };
-                    let _ = ready_tx.send(Ok((https, http, udp)));
+                    let web_ip = bound.web.as_ref().and_then(|(l, _)| l.local_addr().ok()).map(|a| a.ip());
+                    let _ = ready_tx.send(Ok((https, http, udp, web_ip)));
                     let routes = Arc::new(routes);
+                    let acceptor = TlsAcceptor::from(tls);
+                    let web = async {
+                        match bound.web {
+                            Some((https, http)) => {
+                                tokio::join!(serve_tls(https, acceptor.clone(), routes.clone(), log.clone()), serve_plain(http, routes.clone(), log.clone()));
+                            }
+                            None => std::future::pending::<()>().await,
+                        }
+                    };
                     tokio::select! {
                         _ = stop_rx => {}
-                        () = serve_tls(bound.https, TlsAcceptor::from(tls), routes.clone(), log.clone()) => {}
-                        () = serve_plain(bound.http, routes, log.clone()) => {}
-                        () = count_udp(bound.udp, log) => {}
+                        () = serve_tls(bound.https, acceptor.clone(), routes.clone(), log.clone()) => {}
+                        () = serve_plain(bound.http, routes.clone(), log.clone()) => {}
+                        () = count_udp(bound.udp, log.clone()) => {}
+                        () = web => {}
                     }
                 });
                 // Dropping the runtime here cancels every connection task.
             })
             .map_err(io_err("cannot start the test net's thread"))?;
-        let (https, http, udp) = ready_rx.recv().map_err(|_| TestNetError::ServerThread)??;
-        Ok(Running { https, http, udp, stop: Some(stop_tx), thread: Some(thread) })
+        let (https, http, udp, web) = ready_rx.recv().map_err(|_| TestNetError::ServerThread)??;
+        Ok(Running { https, http, udp, web, stop: Some(stop_tx), thread: Some(thread) })
     }
 
     pub(crate) fn stop(&mut self) {
@@ -112,6 +154,7 @@ where
 }
 
 async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, routes: Arc<Routes>, log: Arc<Log>) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
@@ -124,7 +167,7 @@ async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, routes: Arc<Rou
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let sni = tls.get_ref().1.server_name().map(str::to_string);
-                    serve_http(tls, routes, log, Conn { tls: true, sni }).await;
+                    serve_http(tls, routes, log, Conn { tls: true, sni, port }).await;
                 }
                 _ => {
                     log.tls_handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -135,6 +178,7 @@ async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, routes: Arc<Rou
 }
 
 async fn serve_plain(listener: TcpListener, routes: Arc<Routes>, log: Arc<Log>) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
@@ -143,7 +187,7 @@ async fn serve_plain(listener: TcpListener, routes: Arc<Routes>, log: Arc<Log>) 
         let (routes, log) = (routes.clone(), log.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            serve_http(tcp, routes, log, Conn { tls: false, sni: None }).await;
+            serve_http(tcp, routes, log, Conn { tls: false, sni: None, port }).await;
         });
     }
 }

@@ -11,6 +11,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 async fn https_get(net: &TestNet, name: &str, path: &str, auth: &str) -> (u16, Bytes) {
+    https_get_at(net, std::net::SocketAddr::from(([127, 0, 0, 1], net.https_port())), name, path, auth).await
+}
+
+async fn https_get_at(net: &TestNet, addr: std::net::SocketAddr, name: &str, path: &str, auth: &str) -> (u16, Bytes) {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(net.ca_pem().as_bytes()) {
         roots.add(c.expect("pem")).expect("root");
@@ -20,7 +24,7 @@ async fn https_get(net: &TestNet, name: &str, path: &str, auth: &str) -> (u16, B
         .expect("versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", net.https_port())).await.expect("connect");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from(name.to_string()).expect("name"), tcp)
         .await
@@ -29,7 +33,7 @@ async fn https_get(net: &TestNet, name: &str, path: &str, auth: &str) -> (u16, B
     tokio::spawn(conn);
     let req = http::Request::builder()
         .uri(path)
-        .header("host", format!("{name}:{}", net.https_port()))
+        .header("host", format!("{name}:{}", addr.port()))
         .header("authorization", auth)
         .body(Full::new(Bytes::new()))
         .expect("request");
@@ -53,6 +57,16 @@ async fn https_echo_with_the_test_ca_records_requests() {
     assert_eq!(seen[0].header("authorization"), Some("Bearer t"));
     let (_, body) = https_get(&net, "x.example.test", "/bytes/300000", "").await;
     assert_eq!(body.len(), 300_000);
+    assert!(net.requests().iter().all(|s| s.port == net.https_port()));
+
+    match net.web_addr() {
+        Some(ip) => {
+            let (status, _) = https_get_at(&net, std::net::SocketAddr::new(ip, 443), "web.example.test", "/on-443", "").await;
+            assert_eq!(status, 200);
+            assert_eq!(net.requests_to("/on-443")[0].port, 443);
+        }
+        None => println!("no web ports (binding 443 and 80 needs root or CAP_NET_BIND_SERVICE): not exercised"),
+    }
 
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
     udp.send_to(b"quic?", ("127.0.0.1", net.udp_port())).expect("send");
