@@ -126,6 +126,26 @@ async fn time_bare(host: &Host, cfg: &hutch_sandbox::SandboxConfig, snap: Option
     r.context("bare VM did not come up in 60 s")?
 }
 
+async fn create_to_first_output(host: &Host, cfg: &hutch_sandbox::SandboxConfig, pool: Option<&hutch_sandbox::pool::Pool>) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let sb = match pool {
+        Some(p) => p.take(cfg).await?,
+        None => Sandbox::create(host, cfg).await?,
+    };
+    let req = hutch_proto::ExecRequest { argv: vec!["echo".into(), "x".into()], env: vec![], cwd: None, stdin: false, tty: None };
+    let mut h = sb.client().exec(req).await?;
+    let mut first = None;
+    while let Some(ev) = h.events.next().await {
+        match ev {
+            hutch_proto::ExecEvent::Stdout(_) if first.is_none() => first = Some(t0.elapsed()),
+            hutch_proto::ExecEvent::Exited(_) => break,
+            _ => {}
+        }
+    }
+    sb.destroy().await;
+    first.context("no output")
+}
+
 fn pss_kib(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     text.lines().find(|l| l.starts_with("Pss:"))?.split_whitespace().nth(1)?.parse().ok()
@@ -180,6 +200,29 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
         println!("{:<46} {:.2}x (p50)", "ratio hutch cold first byte / bare boot", cold_first.pct(50.0) / bare_cold.pct(50.0));
         println!("{:<46} {:.2}x (p50)\n", "ratio restore / cold (first byte)", restore_first.pct(50.0) / cold_first.pct(50.0));
     }
+
+    // In-process: from "create" to the first byte of an exec's output, by start mode.
+    let mut restore_create = Samples::new("create -> first exec output (restore)");
+    let mut pool_create = Samples::new("create -> first exec output (pool hit)");
+    let pool = hutch_sandbox::pool::Pool::start(host.clone(), cfg.clone(), 1);
+    for _ in 0..a.runs {
+        restore_create.push(create_to_first_output(&host, &cfg, None).await?);
+        anyhow::ensure!(pool.wait_full(Duration::from_secs(120)).await, "the warm pool did not fill");
+        pool_create.push(create_to_first_output(&host, &cfg, Some(&pool)).await?);
+    }
+    pool.drain().await;
+    restore_create.print();
+    pool_create.print();
+    if a.cold {
+        let cold_cfg = hutch_sandbox::SandboxConfig { cold: true, ..cfg.clone() };
+        let mut cold_create = Samples::new("create -> first exec output (cold boot)");
+        for _ in 0..a.runs.min(5) {
+            cold_create.push(create_to_first_output(&host, &cold_cfg, None).await?);
+        }
+        cold_create.print();
+        println!("{:<46} {:.3} (p50; the goal is at most 0.1)", "ratio restore / cold boot", restore_create.pct(50.0) / cold_create.pct(50.0));
+    }
+    println!("{:<46} {:.2}x (p50)\n", "ratio restore / bare QEMU restore", restore_create.pct(50.0) / bare_restore.pct(50.0));
 
     // Memory of idle sandboxes: a few at once, after they settle.
     let mut boxes = Vec::new();

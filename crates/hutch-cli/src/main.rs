@@ -7,6 +7,7 @@ mod doctor;
 mod egress;
 mod image;
 mod remote;
+mod repo;
 mod run;
 mod serve;
 mod shell;
@@ -39,5 +40,5 @@ fn main() {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HUTCH_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).without_time().init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_timer(tracing_subscriber::fmt::time::uptime()).init();
 }

@@ -20,9 +20,13 @@ enum Ending {
     VmGone(String),
 }
 
-pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
+pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
+    let mut repo = crate::repo::RunRepo::prepare(&mut a)?;
+    let t0 = std::time::Instant::now();
     let (cache, image) = crate::image::ensure_image().await?;
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: image found");
     let host = Host::new(image, cache.root().to_path_buf())?;
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: host capabilities detected");
     let mut cfg = crate::image::sandbox_config(&a.vm);
     cfg.cold = a.cold || !a.kernel_args.is_empty();
     cfg.boot_timeout = a.boot_timeout;
@@ -47,6 +51,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + t);
     let ending = {
         let work = async {
+            repo.enter(sandbox.client(), &a.command).await?;
             for c in &a.copy_in {
                 sandbox
                     .client()
@@ -77,6 +82,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     // Copy-out happens for any ending where the VM is still there to answer.
     let mut copy_err = None;
     if matches!(ending, Ok(Ending::Exited(_))) {
+        repo.collect(sandbox.client(), &sandbox.id).await;
         for c in &a.copy_out {
             if let Err(e) = copy_out(&sandbox, &c.guest, &c.host).await {
                 copy_err = Some(e.context(format!("copy-out {} -> {}", c.guest, c.host.display())));
@@ -114,7 +120,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     if let Some(e) = copy_err {
         return Err(e);
     }
-    Ok(code)
+    repo.finish(code)
 }
 
 async fn exec(sandbox: &Sandbox, a: &RunArgs) -> anyhow::Result<Ending> {
