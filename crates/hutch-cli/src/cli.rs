@@ -24,6 +24,9 @@ pub enum Command {
     Doctor,
     /// Measure start-up time and memory (percentiles and ratios).
     Bench(BenchArgs),
+    /// Review and apply what sandboxes changed in this repository; approve its hutch.toml.
+    #[command(flatten)]
+    Repo(crate::repo::RepoCmd),
     /// Sandboxes as a service: `serve`, `token`, `secret`, and the client commands.
     #[command(flatten)]
     Service(crate::remote::ServiceCmd),
@@ -86,6 +89,8 @@ pub struct RunArgs {
     pub workdir: Option<String>,
     #[command(flatten)]
     pub egress: EgressArgs,
+    #[command(flatten)]
+    pub repo: crate::repo::RepoArgs,
     /// Boot the kernel instead of restoring the image's snapshot.
     #[arg(long)]
     pub cold: bool,
@@ -213,6 +218,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Image(c) => crate::image::cmd(c).await,
         Command::Doctor => crate::doctor::doctor().await,
         Command::Bench(a) => crate::bench::bench(a).await,
+        Command::Repo(c) => crate::repo::dispatch(c).await,
         Command::Service(c) => crate::remote::dispatch(c).await,
     }
 }

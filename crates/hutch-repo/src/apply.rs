@@ -22,7 +22,8 @@ pub struct Applied {
 pub fn apply(repo: &HostRepo, stored: &Stored, allow_sensitive: bool) -> Result<Applied, RepoError> {
     let id = &stored.meta.id;
     let bytes = stored.apply_patch()?;
-    let parsed = patch::parse(&bytes).map_err(|e| RepoError::Apply(format!("the stored patch of sandbox {id} is damaged ({e}); nothing was changed")))?;
+    let parsed = patch::parse(&bytes)
+        .map_err(|e| RepoError::Apply(format!("the stored patch of sandbox {id} is damaged ({e}); nothing was changed")))?;
     if parsed.is_empty() {
         return Ok(Applied { files: 0, sensitive: vec![] });
     }

@@ -59,7 +59,8 @@ pub struct Oid(String);
 impl Oid {
     pub fn parse(s: &str) -> Option<Oid> {
         let s = s.trim();
-        ((s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then(|| Oid(s.to_string()))
+        ((s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            .then(|| Oid(s.to_string()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -256,7 +257,13 @@ pub fn init_scratch(dir: &Path, object_format: &str) -> Result<Git, RepoError> {
     let g = Git::discover(dir.parent().unwrap_or(Path::new("/")));
     g.run(
         "init (scratch repository)",
-        [OsStr::new("init"), OsStr::new("-q"), OsStr::new("--bare"), OsStr::new(&format!("--object-format={object_format}")), dir.as_os_str()],
+        [
+            OsStr::new("init"),
+            OsStr::new("-q"),
+            OsStr::new("--bare"),
+            OsStr::new(&format!("--object-format={object_format}")),
+            dir.as_os_str(),
+        ],
     )?;
     // `git init` copies templates (sample hooks); they never run, but nothing is needed from them either.
     let _ = std::fs::remove_dir_all(dir.join("hooks"));

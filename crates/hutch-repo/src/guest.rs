@@ -20,9 +20,10 @@ use crate::{io_err, Limits, RepoError};
 pub const WORKSPACE: &str = "/workspace";
 const STAGING: &str = "/var/tmp/hutch";
 
-/// Arguments: workspace, staging directory, bundle, base commit (or empty), snapshot commit, branch (or empty).
+/// Arguments: workspace, staging directory, bundle, base commit (or empty), snapshot commit, branch (or empty),
+/// the directory the command will start in.
 pub(crate) const SETUP_WORKSPACE: &str = r#"set -eu
-ws=$1 staging=$2 bundle=$3 base=$4 snap=$5 branch=$6
+ws=$1 staging=$2 bundle=$3 base=$4 snap=$5 branch=$6 start=$7
 rm -rf "$ws"
 mkdir -p "$ws"
 cd "$ws"
@@ -41,6 +42,7 @@ GIT_INDEX_FILE="$staging/snapshot.index" git checkout-index -a -f
 rm -f "$staging/snapshot.index" "$bundle"
 git update-ref -d refs/hutch/snapshot
 if [ -n "$base" ]; then git update-ref -d refs/hutch/base; fi
+mkdir -p "$start"
 cd .git && find config hooks info \( -type f -o -type l \) -exec sha256sum {} + 2>/dev/null | LC_ALL=C sort -k2 || true
 "#;
 
@@ -167,6 +169,14 @@ fn failed(what: &str, r: &ExecResult) -> RepoError {
     RepoError::Guest(format!("{what} failed (exit {}): {}", r.status.as_shell_code(), crate::git::stderr_text(&r.tail)))
 }
 
+/// Where a command started from `prefix` (relative to the work tree's top) runs in the VM.
+pub fn guest_cwd(prefix: &Path) -> String {
+    match prefix.to_str().filter(|p| !p.is_empty() && !p.contains(['\n', '\0'])) {
+        Some(p) => format!("{WORKSPACE}/{p}"),
+        None => WORKSPACE.to_string(),
+    }
+}
+
 /// Uploads the snapshot and unpacks it into `/workspace`.
 pub async fn setup_workspace(client: &AgentClient, snap: &Snapshot, prefix: &Path) -> Result<Workspace, RepoError> {
     let guest_bundle = format!("{STAGING}/in.bundle");
@@ -182,26 +192,18 @@ pub async fn setup_workspace(client: &AgentClient, snap: &Snapshot, prefix: &Pat
         snap.base.as_ref().map(|o| o.to_string()).unwrap_or_default(),
         snap.commit.to_string(),
         snap.branch.clone().unwrap_or_default(),
+        guest_cwd(prefix),
     ];
     let r = exec(client, argv, Some("/"), 1 << 20, None).await?;
     if r.status != ExitStatus::Code(0) {
         return Err(failed("setting up /workspace", &r));
     }
-    let mut cwd = WORKSPACE.to_string();
-    if let Some(p) = prefix.to_str().filter(|p| !p.is_empty()) {
-        cwd = format!("{WORKSPACE}/{p}");
-    }
-    Ok(Workspace::new(snap, cwd, &r.stdout))
+    Ok(Workspace::new(snap, guest_cwd(prefix), &r.stdout))
 }
 
 /// Runs a setup script (its bytes, uploaded as they were read and hashed) as root in the VM, from `cwd`,
 /// passing its output to `tee`.
-pub async fn run_setup(
-    client: &AgentClient,
-    script: &[u8],
-    cwd: &str,
-    tee: Tee<'_>,
-) -> Result<ExecResult, RepoError> {
+pub async fn run_setup(client: &AgentClient, script: &[u8], cwd: &str, tee: Tee<'_>) -> Result<ExecResult, RepoError> {
     let path = format!("{STAGING}/setup");
     client.put_file(&path, 0o700, script.len() as u64, script).await?;
     let argv = if script.starts_with(b"#!") { vec![path] } else { vec!["sh".into(), path] };
@@ -234,11 +236,14 @@ pub async fn collect(client: &AgentClient, ws: &Workspace, dest: &Path, limits: 
 pub(crate) fn parse_report(ws: &Workspace, stdout: &[u8]) -> Result<(Option<Oid>, bool, Vec<String>), RepoError> {
     let text = String::from_utf8_lossy(stdout);
     let mut lines = text.lines();
-    let head = match lines.next().and_then(|l| l.strip_prefix("head ")) {
-        Some("-") => None,
-        Some(h) => Some(Oid::parse(h).ok_or_else(|| RepoError::Refused(format!("the VM reported HEAD {:?}, not an object id", crate::path::show(h.as_bytes()))))?),
-        None => return Err(RepoError::Refused("the VM's report has no HEAD line".into())),
-    };
+    let head =
+        match lines.next().and_then(|l| l.strip_prefix("head ")) {
+            Some("-") => None,
+            Some(h) => Some(Oid::parse(h).ok_or_else(|| {
+                RepoError::Refused(format!("the VM reported HEAD {:?}, not an object id", crate::path::show(h.as_bytes())))
+            })?),
+            None => return Err(RepoError::Refused("the VM's report has no HEAD line".into())),
+        };
     let bundle = match lines.next() {
         Some("bundle yes") => true,
         Some("bundle no") => false,

@@ -52,7 +52,10 @@ impl HostRepo {
             return Err(RepoError::Project(format!("unsupported object format {object_format:?}")));
         }
         let g = Git::at(&git_dir);
-        let head = g.run("rev-parse HEAD", ["rev-parse", "-q", "--verify", "HEAD^{commit}"]).ok().and_then(|o| Oid::parse(&String::from_utf8_lossy(&o)));
+        let head = g
+            .run("rev-parse HEAD", ["rev-parse", "-q", "--verify", "HEAD^{commit}"])
+            .ok()
+            .and_then(|o| Oid::parse(&String::from_utf8_lossy(&o)));
         let branch = g
             .run("symbolic-ref HEAD", ["symbolic-ref", "-q", "HEAD"])
             .ok()

@@ -36,17 +36,29 @@ pub fn import(repo: &HostRepo, snap: &Snapshot, id: &str, c: &Collected, limits:
         let b = bundle.as_os_str();
         g.run("bundle verify", [OsStr::new("bundle"), OsStr::new("verify"), OsStr::new("-q"), b])
             .map_err(|e| refused(e, "the VM's commit bundle is corrupt or incomplete"))?;
-        let heads = g.run("bundle list-heads", [OsStr::new("bundle"), OsStr::new("list-heads"), b]).map_err(|e| refused(e, "the VM's commit bundle is unreadable"))?;
+        let heads = g
+            .run("bundle list-heads", [OsStr::new("bundle"), OsStr::new("list-heads"), b])
+            .map_err(|e| refused(e, "the VM's commit bundle is unreadable"))?;
         let heads = String::from_utf8_lossy(&heads);
         let want = format!("{head} HEAD");
         let lines: Vec<&str> = heads.lines().collect();
         if lines != [want.as_str()] {
             let got: Vec<String> = lines.iter().map(|l| show(l.as_bytes())).collect();
-            return Err(RepoError::Refused(format!("the VM's commit bundle should hold exactly its HEAD {head}, it holds [{}]", got.join(", "))));
+            return Err(RepoError::Refused(format!(
+                "the VM's commit bundle should hold exactly its HEAD {head}, it holds [{}]",
+                got.join(", ")
+            )));
         }
         g.run(
             "fetch (VM commits into scratch)",
-            [OsStr::new("fetch"), OsStr::new("-q"), OsStr::new("--no-tags"), OsStr::new("--no-write-fetch-head"), b, OsStr::new("+HEAD:refs/hutch/vm")],
+            [
+                OsStr::new("fetch"),
+                OsStr::new("-q"),
+                OsStr::new("--no-tags"),
+                OsStr::new("--no-write-fetch-head"),
+                b,
+                OsStr::new("+HEAD:refs/hutch/vm"),
+            ],
         )
         .map_err(|e| refused(e, "the VM's commits failed git's checks"))?;
     } else if let Some(head) = &c.head {
@@ -79,7 +91,10 @@ pub fn import(repo: &HostRepo, snap: &Snapshot, id: &str, c: &Collected, limits:
     // temporary index (no work tree anywhere), and the resulting tree checked like a commit.
     let size = std::fs::metadata(&c.patch).map_err(crate::io_err("cannot read the downloaded patch"))?.len();
     if size > limits.max_patch {
-        return Err(RepoError::Refused(format!("the VM's patch of uncommitted changes is larger than the limit of {}", crate::size(limits.max_patch))));
+        return Err(RepoError::Refused(format!(
+            "the VM's patch of uncommitted changes is larger than the limit of {}",
+            crate::size(limits.max_patch)
+        )));
     }
     let patch_bytes = store::read_capped(&c.patch, limits.max_patch)?;
     let parsed = patch::parse(&patch_bytes).map_err(|e| RepoError::Refused(format!("the VM's patch is malformed or unsafe: {e}")))?;
@@ -141,7 +156,13 @@ pub fn import(repo: &HostRepo, snap: &Snapshot, id: &str, c: &Collected, limits:
     let reference = format!("refs/hutch/{id}");
     match (&c.bundle, &c.head) {
         (Some(bundle), Some(_)) => {
-            let mut args = vec![OsStr::new("fetch"), OsStr::new("-q"), OsStr::new("--no-tags"), OsStr::new("--no-write-fetch-head"), bundle.as_os_str()];
+            let mut args = vec![
+                OsStr::new("fetch"),
+                OsStr::new("-q"),
+                OsStr::new("--no-tags"),
+                OsStr::new("--no-write-fetch-head"),
+                bundle.as_os_str(),
+            ];
             let spec = format!("+HEAD:{reference}");
             args.push(OsStr::new(&spec));
             repo.git().run("fetch (VM commits)", args)?;
@@ -197,7 +218,10 @@ pub(crate) fn check_change(g: &Git, from: &str, to: &str, what: &str) -> Result<
             "100644" | "100755" | "040000" => {}
             "120000" => links_changed = true,
             "160000" => {
-                return Err(RepoError::Refused(format!("{what}: {:?} is a nested git repository (submodule), which cannot be exported", show(path))))
+                return Err(RepoError::Refused(format!(
+                    "{what}: {:?} is a nested git repository (submodule), which cannot be exported",
+                    show(path)
+                )))
             }
             m => return Err(RepoError::Refused(format!("{what}: {:?} has the file mode {m}", show(path)))),
         }
@@ -234,13 +258,22 @@ fn tree_links(g: &Git, tree: &str) -> Result<Links, RepoError> {
     let out = g.run_input("cat-file --batch", ["cat-file", "--batch"], Some(input.as_bytes()))?;
     let mut rest: &[u8] = &out;
     for path in paths {
-        let nl = rest.iter().position(|&b| b == b'\n').ok_or_else(|| RepoError::Git { action: "cat-file".into(), stderr: "truncated output".into() })?;
+        let nl = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| RepoError::Git { action: "cat-file".into(), stderr: "truncated output".into() })?;
         let header = String::from_utf8_lossy(&rest[..nl]).to_string();
-        let size: usize = header.rsplit(' ').next().and_then(|s| s.parse().ok()).ok_or_else(|| RepoError::Git { action: "cat-file".into(), stderr: header.clone() })?;
+        let size: usize = header
+            .rsplit(' ')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| RepoError::Git { action: "cat-file".into(), stderr: header.clone() })?;
         if size > MAX_LINK_TARGET {
             return Err(RepoError::Refused(format!("the symlink {:?} has a {size}-byte target", show(&path))));
         }
-        let body = rest.get(nl + 1..nl + 1 + size).ok_or_else(|| RepoError::Git { action: "cat-file".into(), stderr: "truncated output".into() })?;
+        let body = rest
+            .get(nl + 1..nl + 1 + size)
+            .ok_or_else(|| RepoError::Git { action: "cat-file".into(), stderr: "truncated output".into() })?;
         links.insert(path, body.to_vec());
         rest = rest.get(nl + 2 + size..).unwrap_or_default();
     }

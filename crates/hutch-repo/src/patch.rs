@@ -506,7 +506,8 @@ mod tests {
         let q = "diff --git \"a/t\\303\\251st\\tx\" \"b/t\\303\\251st\\tx\"\nnew file mode 100644\nindex 0000000..e69de29\n";
         let p = parse(q.as_bytes()).unwrap();
         assert_eq!(p.files[0].new.as_deref(), Some("t\u{e9}st\tx".as_bytes()));
-        let spaced = "diff --git a/my file b/my file\nindex 1111111..2222222 100644\n--- a/my file\t\n+++ b/my file\t\n@@ -1 +1 @@\n-a\n+b\n";
+        let spaced =
+            "diff --git a/my file b/my file\nindex 1111111..2222222 100644\n--- a/my file\t\n+++ b/my file\t\n@@ -1 +1 @@\n-a\n+b\n";
         assert_eq!(parse(spaced.as_bytes()).unwrap().files[0].new.as_deref(), Some(&b"my file"[..]));
         let rename = "diff --git a/x y b/z w\nsimilarity index 100%\nrename from x y\nrename to z w\n";
         let p = parse(rename.as_bytes()).unwrap();
@@ -557,7 +558,9 @@ mod tests {
         assert!(err(&MODIFY.replace("@@ -1,2 +1,2 @@", "@@ -1,3 +1,3 @@")).contains("ends inside a hunk"));
         assert!(err("diff --git a/x b/x\nBinary files a/x and b/x differ\n").contains("without --binary"));
         assert!(err("diff --git a/x b/x\nnew file mode 100644\n--- /dev/null\n+++ b/x\n").contains("expected a hunk"));
-        assert!(err("diff --git a/x b/x\nindex 1..2 100644\n--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n+c\n").contains("expected a `diff --git`"));
+        assert!(
+            err("diff --git a/x b/x\nindex 1..2 100644\n--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n+c\n").contains("expected a `diff --git`")
+        );
         assert!(err("diff --git a/x b/x\nnew file mode 100644\nGIT binary patch\nliteral 3\n\n").contains("without data"));
         assert!(err("diff --git a/x b/x\nindex 1..2 100644\n--- a/x\n+++ /dev/null\n@@ -1 +0,0 @@\n-a\n").contains("not deleted"));
     }

@@ -63,8 +63,8 @@ pub fn check_component(c: &[u8]) -> Result<(), PathProblem> {
 /// trailing dots and spaces and the 8.3 short name (NTFS), zero-width code points (HFS+).
 pub fn is_git_dir_name(c: &[u8]) -> bool {
     const IGNORABLE: &[char] = &[
-        '\u{200c}', '\u{200d}', '\u{200e}', '\u{200f}', '\u{202a}', '\u{202b}', '\u{202c}', '\u{202d}', '\u{202e}', '\u{206a}',
-        '\u{206b}', '\u{206c}', '\u{206d}', '\u{206e}', '\u{206f}', '\u{feff}',
+        '\u{200c}', '\u{200d}', '\u{200e}', '\u{200f}', '\u{202a}', '\u{202b}', '\u{202c}', '\u{202d}', '\u{202e}', '\u{206a}', '\u{206b}',
+        '\u{206c}', '\u{206d}', '\u{206e}', '\u{206f}', '\u{feff}',
     ];
     let s = String::from_utf8_lossy(c);
     let folded: String = s.chars().filter(|ch| !IGNORABLE.contains(ch)).collect::<String>().to_ascii_lowercase();

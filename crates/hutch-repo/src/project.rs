@@ -49,6 +49,8 @@ pub struct ProjectConfig {
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
     pub policy: Option<CheckedPolicy>,
+    /// The `[policy]` table as a standalone policy file (CA paths made absolute).
+    pub policy_toml: Option<String>,
 }
 
 fn bad(file: &Path, msg: impl std::fmt::Display) -> RepoError {
@@ -86,7 +88,8 @@ impl ProjectConfig {
                 check_path(p.as_bytes()).map_err(|problem| bad(file, format!("setup = {p:?}: the path {problem}")))?;
                 let full = top.join(p);
                 // Resolved, it must still be inside the repository.
-                let real = full.canonicalize().map_err(io_err(format!("{}: setup script {} does not exist", file.display(), full.display())))?;
+                let real =
+                    full.canonicalize().map_err(io_err(format!("{}: setup script {} does not exist", file.display(), full.display())))?;
                 let top_real = top.canonicalize().map_err(io_err(format!("cannot resolve {}", top.display())))?;
                 if !real.starts_with(&top_real) {
                     return Err(bad(file, format!("setup = {p:?} resolves outside the repository")));
@@ -106,11 +109,23 @@ impl ProjectConfig {
                 (r.cpus, r.memory)
             }
         };
-        let policy = match &raw.policy {
-            None => None,
+        let (policy, policy_toml) = match &raw.policy {
+            None => (None, None),
             Some(t) => {
-                let text = toml::to_string(t).map_err(|e| bad(file, format!("[policy]: {e}")))?;
-                Some(CheckedPolicy::from_toml_str(&text, file).map_err(|e| bad(file, format!("[policy]: {e}")))?)
+                // Relative CA paths are relative to the repository, wherever the policy text is written later.
+                let mut t = t.clone();
+                if let Some(toml::Value::Array(cas)) = t.get_mut("upstream_ca") {
+                    for ca in cas.iter_mut() {
+                        if let toml::Value::String(p) = ca {
+                            if !Path::new(p.as_str()).is_absolute() {
+                                *p = top.join(p.as_str()).to_string_lossy().into_owned();
+                            }
+                        }
+                    }
+                }
+                let text = toml::to_string(&t).map_err(|e| bad(file, format!("[policy]: {e}")))?;
+                let checked = CheckedPolicy::from_toml_str(&text, file).map_err(|e| bad(file, format!("[policy]: {e}")))?;
+                (Some(checked), Some(text))
             }
         };
         let mut h = Sha256::new();
@@ -122,14 +137,18 @@ impl ProjectConfig {
             h.update((s.bytes.len() as u64).to_le_bytes());
             h.update(&s.bytes);
         }
-        Ok(ProjectConfig { file: file.to_path_buf(), digest: hex::encode(h.finalize()), setup, cpus, memory_mib, policy })
+        Ok(ProjectConfig { file: file.to_path_buf(), digest: hex::encode(h.finalize()), setup, cpus, memory_mib, policy, policy_toml })
     }
 
     /// What the file asks for, one line each; empty when it asks for nothing.
     pub fn asks(&self) -> Vec<String> {
         let mut v = vec![];
         if let Some(s) = &self.setup {
-            v.push(format!("a setup script, {} ({} bytes), run as root in the VM before the command", show(s.path.as_bytes()), s.bytes.len()));
+            v.push(format!(
+                "a setup script, {} ({} bytes), run as root in the VM before the command",
+                show(s.path.as_bytes()),
+                s.bytes.len()
+            ));
         }
         if let Some(c) = self.cpus {
             v.push(format!("{c} vCPUs"));
@@ -256,9 +275,7 @@ mod tests {
 
     #[test]
     fn a_full_config_parses_and_lists_its_asks() {
-        let t = repo_with(
-            "setup = \"scripts/setup.sh\"\n[resources]\ncpus = 2\nmemory = 2048\n[policy]\nallow = [\"api.example.com\"]\n",
-        );
+        let t = repo_with("setup = \"scripts/setup.sh\"\n[resources]\ncpus = 2\nmemory = 2048\n[policy]\nallow = [\"api.example.com\"]\n");
         let cfg = ProjectConfig::load(t.path()).unwrap().unwrap();
         assert_eq!(cfg.cpus, Some(2));
         assert_eq!(cfg.memory_mib, Some(2048));

@@ -76,6 +76,7 @@ impl FakeVm {
                 &base,
                 snap.commit.as_str(),
                 snap.branch.as_deref().unwrap_or(""),
+                self.ws.join("sub/dir").to_str().unwrap(),
             ],
         );
         Workspace::new(snap, "/workspace".into(), &out)
@@ -263,7 +264,9 @@ fn hostile_patches_are_refused_and_change_nothing() {
         std::fs::write(&c.patch, text).unwrap();
         Collected { head: c.head.clone(), bundle: None, patch: c.patch.clone(), git_meta_changed: vec![] }
     };
-    let new_file = |p: &str| format!("diff --git a/{p} b/{p}\nnew file mode 100644\nindex 0000000..7898192\n--- /dev/null\n+++ b/{p}\n@@ -0,0 +1 @@\n+a\n");
+    let new_file = |p: &str| {
+        format!("diff --git a/{p} b/{p}\nnew file mode 100644\nindex 0000000..7898192\n--- /dev/null\n+++ b/{p}\n@@ -0,0 +1 @@\n+a\n")
+    };
     let l = Limits::default();
     refused(&repo, &snap, &with_patch(&new_file("../escape.txt")), &l, "component");
     refused(&repo, &snap, &with_patch(&new_file("sub/../../escape.txt")), &l, "component");
@@ -323,12 +326,15 @@ fn hostile_bundles_are_refused_and_change_nothing() {
     for (bytes, want) in [
         (b"not a bundle at all\n".to_vec(), "corrupt"),
         (good[..good.len() / 2].to_vec(), "VM's commit"),
-        ({
-            let mut b = good.clone();
-            let n = b.len();
-            b[n - 30] ^= 0xff;
-            b
-        }, "VM's commit"),
+        (
+            {
+                let mut b = good.clone();
+                let n = b.len();
+                b[n - 30] ^= 0xff;
+                b
+            },
+            "VM's commit",
+        ),
     ] {
         std::fs::write(c.bundle.as_ref().unwrap(), &bytes).unwrap();
         refused(&repo, &snap, &c, &l, want);

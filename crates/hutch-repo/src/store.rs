@@ -80,7 +80,8 @@ pub fn check_id(id: &str) -> Result<(), RepoError> {
 pub(crate) fn save(results: &Path, meta: &ResultMeta, apply_patch: &[u8], changes_patch: &[u8]) -> Result<Stored, RepoError> {
     check_id(&meta.id)?;
     std::fs::create_dir_all(results).map_err(io_err(format!("cannot create {}", results.display())))?;
-    let tmp = tempfile::Builder::new().prefix(".tmp-").tempdir_in(results).map_err(io_err(format!("cannot write in {}", results.display())))?;
+    let tmp =
+        tempfile::Builder::new().prefix(".tmp-").tempdir_in(results).map_err(io_err(format!("cannot write in {}", results.display())))?;
     let w = |name: &str, data: &[u8]| std::fs::write(tmp.path().join(name), data).map_err(io_err(format!("cannot write {name}")));
     w(APPLY_PATCH, apply_patch)?;
     w(CHANGES_PATCH, changes_patch)?;
@@ -115,7 +116,10 @@ pub fn list(results: &Path) -> Vec<Stored> {
 pub fn load(results: &Path, id: Option<&str>) -> Result<Stored, RepoError> {
     let all = list(results);
     match id {
-        None => all.into_iter().last().ok_or_else(|| RepoError::NotFound("no sandbox results in this repository yet (`hutch run` inside it makes one)".into())),
+        None => all
+            .into_iter()
+            .last()
+            .ok_or_else(|| RepoError::NotFound("no sandbox results in this repository yet (`hutch run` inside it makes one)".into())),
         Some(id) => {
             check_id(id)?;
             let mut hits: Vec<Stored> = all.into_iter().filter(|s| s.meta.id.starts_with(id)).collect();
@@ -159,7 +163,8 @@ mod tests {
         assert!(load(t.path(), Some("ccc")).unwrap_err().to_string().contains("no sandbox result"));
         assert!(load(t.path(), Some("../x")).unwrap_err().to_string().contains("not a sandbox id"));
         assert!(save(t.path(), &meta("aaa111", 30), b"", b"").is_err(), "an existing result is never replaced");
-        let leftovers: Vec<_> = std::fs::read_dir(t.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".tmp")).collect();
+        let leftovers: Vec<_> =
+            std::fs::read_dir(t.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".tmp")).collect();
         assert!(leftovers.is_empty());
     }
 }

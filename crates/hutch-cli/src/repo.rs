@@ -1,0 +1,452 @@
+//! The repository side of `hutch run` (the working tree into the VM as `/workspace`, a setup phase, the VM's
+//! changes back as `refs/hutch/<id>` plus a checked patch, `--apply`) and the `diff`, `apply` and `trust`
+//! commands. The checks themselves live in `hutch-repo`; this file decides what to print and when.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Subcommand};
+use hutch_proto::ExitStatus;
+use hutch_repo::guest::{guest_cwd, run_setup, WORKSPACE};
+use hutch_repo::project::Trust;
+use hutch_repo::{store, Collected, HostRepo, Limits, ProjectConfig, Snapshot, Stored, TrustStore, Workspace};
+use hutch_sandbox::AgentClient;
+
+use crate::cli::RunArgs;
+
+const MAX_SETUP: u64 = 1 << 20;
+
+/// `hutch run` flags for the repository and the setup phase.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RepoArgs {
+    /// Run FILE as root in the VM before the command (from /workspace when in a repository); its output is shown
+    /// under a `setup` header, and if it fails the command does not run.
+    #[arg(long, value_name = "FILE", value_parser = parse_setup)]
+    pub setup: Option<SetupFile>,
+    /// When the command exits 0, apply the VM's changes to the working tree after showing their diffstat.
+    #[arg(long)]
+    pub apply: bool,
+    /// With --apply: also apply changes to paths that can run code on this host later (.vscode/, Makefile, ...).
+    #[arg(long, requires = "apply")]
+    pub allow_sensitive: bool,
+    /// Do not copy the current git repository into the VM (no /workspace, no changes back).
+    #[arg(long, conflicts_with = "apply")]
+    pub no_repo: bool,
+    /// Ignore the repository's hutch.toml.
+    #[arg(long)]
+    pub no_project_config: bool,
+}
+
+/// A setup script given with `--setup`, read once: these bytes are the ones that run.
+#[derive(Debug, Clone)]
+pub struct SetupFile {
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+fn parse_setup(s: &str) -> Result<SetupFile, String> {
+    let meta = std::fs::metadata(s).map_err(|e| format!("cannot read setup script {s}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("setup script {s} is not a regular file"));
+    }
+    if meta.len() > MAX_SETUP {
+        return Err(format!("setup script {s} is larger than 1 MiB"));
+    }
+    let bytes = std::fs::read(s).map_err(|e| format!("cannot read setup script {s}: {e}"))?;
+    Ok(SetupFile { name: s.to_string(), bytes })
+}
+
+fn parse_id(s: &str) -> Result<String, String> {
+    store::check_id(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepoCmd {
+    /// Show what a sandbox changed in this repository: its commits (refs/hutch/ID) and the patch `apply` applies.
+    Diff(DiffArgs),
+    /// Apply a sandbox's changes to the working tree: all of them or, if any does not apply, none.
+    Apply(ApplyArgs),
+    /// Approve this repository's hutch.toml (pinned to its exact content and its setup script's).
+    Trust(TrustArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// Sandbox id or a unique prefix of it (default: the newest result).
+    #[arg(value_parser = parse_id)]
+    pub id: Option<String>,
+    /// Only the summary and the diffstat.
+    #[arg(long)]
+    pub stat: bool,
+    /// List the stored results of this repository.
+    #[arg(long, conflicts_with_all = ["id", "stat"])]
+    pub list: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Sandbox id or a unique prefix of it (default: the newest result).
+    #[arg(value_parser = parse_id)]
+    pub id: Option<String>,
+    /// Also apply changes to paths that can run code on this host later (.vscode/, Makefile, hooks, CI, ...).
+    #[arg(long)]
+    pub allow_sensitive: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TrustArgs {
+    /// Withdraw the approval instead.
+    #[arg(long)]
+    pub revoke: bool,
+    /// Only show what hutch.toml asks for and whether it is approved.
+    #[arg(long, conflicts_with = "revoke")]
+    pub show: bool,
+}
+
+pub async fn dispatch(c: RepoCmd) -> anyhow::Result<i32> {
+    match c {
+        RepoCmd::Diff(a) => diff(a),
+        RepoCmd::Apply(a) => apply(a),
+        RepoCmd::Trust(a) => trust(a),
+    }
+}
+
+fn current_repo() -> anyhow::Result<HostRepo> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    HostRepo::discover(&cwd)?
+        .ok_or_else(|| anyhow!("{} is not inside a git work tree; run this in the repository the sandbox ran in", cwd.display()))
+}
+
+fn diff(a: DiffArgs) -> anyhow::Result<i32> {
+    let repo = current_repo()?;
+    if a.list {
+        let all = store::list(&repo.results_dir());
+        if all.is_empty() {
+            println!("no sandbox results in this repository");
+        }
+        for s in all {
+            let m = &s.meta;
+            let sens = if m.sensitive.is_empty() { String::new() } else { format!(", {} sensitive", m.sensitive.len()) };
+            println!("{}  {:>8}  {} commits, {} files{sens}", m.id, age(m.created_unix), m.commit_count, m.files);
+        }
+        return Ok(0);
+    }
+    let stored = store::load(&repo.results_dir(), a.id.as_deref())?;
+    let mut err = std::io::stderr().lock();
+    summary(&mut err, &stored)?;
+    let mut out = std::io::stdout().lock();
+    if a.stat {
+        writeln!(out, "{}", stored.meta.stat)?;
+    } else {
+        let patch = stored.apply_patch()?;
+        if out.is_terminal() {
+            out.write_all(&for_terminal(&patch))?;
+        } else {
+            out.write_all(&patch)?;
+        }
+    }
+    out.flush()?;
+    Ok(0)
+}
+
+fn apply(a: ApplyArgs) -> anyhow::Result<i32> {
+    let repo = current_repo()?;
+    let stored = store::load(&repo.results_dir(), a.id.as_deref())?;
+    apply_stored(&repo, &stored, a.allow_sensitive)?;
+    Ok(0)
+}
+
+fn apply_stored(repo: &HostRepo, stored: &Stored, allow_sensitive: bool) -> anyhow::Result<()> {
+    let id = &stored.meta.id;
+    let done = hutch_repo::apply(repo, stored, allow_sensitive)?;
+    if done.files == 0 {
+        eprintln!("hutch: sandbox {id} changed no files; nothing to apply");
+    } else {
+        eprintln!("hutch: applied {} file changes from sandbox {id} to {}", done.files, repo.top.display());
+    }
+    for s in &done.sensitive {
+        eprintln!("hutch: applied sensitive path {} ({})", s.path, s.kind);
+    }
+    if let Some(r) = stored.meta.reference.as_ref().filter(|_| stored.meta.commit_count > 0) {
+        eprintln!("hutch: the VM's commits stay in {r} (not merged into any branch)");
+    }
+    Ok(())
+}
+
+fn trust(a: TrustArgs) -> anyhow::Result<i32> {
+    let repo = current_repo()?;
+    let cfg = ProjectConfig::load(&repo.top)?
+        .ok_or_else(|| anyhow!("there is no {} in {}", hutch_repo::project::FILE_NAME, repo.top.display()))?;
+    let store = TrustStore::from_env()?;
+    if a.revoke {
+        let n = store.revoke(&cfg.file)?;
+        println!("{}: {}", cfg.file.display(), if n > 0 { "approval withdrawn" } else { "was not approved" });
+        return Ok(0);
+    }
+    let asks = cfg.asks();
+    println!("{} asks for:", cfg.file.display());
+    if asks.is_empty() {
+        println!("  nothing (it is ignored until it asks for something)");
+    }
+    for ask in &asks {
+        println!("  - {ask}");
+    }
+    if a.show {
+        let status = match store.check(&cfg) {
+            Trust::Trusted => "approved",
+            Trust::Changed => "not approved: it changed since it was approved",
+            Trust::Unknown => "not approved",
+        };
+        println!("status: {status}");
+        return Ok(0);
+    }
+    store.trust(&cfg)?;
+    println!("approved this version (sha256 {}); a change to it or its setup script needs `hutch trust` again", &cfg.digest[..16]);
+    Ok(0)
+}
+
+/// A result's header: id, commits, sensitive paths, what the VM changed in its own `.git`.
+fn summary(w: &mut dyn Write, s: &Stored) -> std::io::Result<()> {
+    let m = &s.meta;
+    writeln!(w, "hutch: sandbox {} ({} ago), {} file(s) changed, {} new commit(s)", m.id, age(m.created_unix), m.files, m.commit_count)?;
+    if let Some(r) = m.reference.as_ref().filter(|_| m.commit_count > 0) {
+        writeln!(w, "hutch: commits in {r}:")?;
+        for c in &m.commits {
+            writeln!(w, "hutch:   {} {}", c.oid.short(), c.subject)?;
+        }
+        if m.commit_count > m.commits.len() {
+            writeln!(w, "hutch:   ... and {} more", m.commit_count - m.commits.len())?;
+        }
+    }
+    if !m.sensitive.is_empty() {
+        writeln!(w, "hutch: sensitive paths (they can run code on this host later; `apply` needs --allow-sensitive):")?;
+        for x in &m.sensitive {
+            writeln!(w, "hutch:   {} ({})", x.path, x.kind)?;
+        }
+    }
+    if !m.vm_git_metadata.is_empty() {
+        writeln!(w, "hutch: the VM changed its own {}; git metadata never leaves the VM", m.vm_git_metadata.join(", "))?;
+    }
+    Ok(())
+}
+
+fn age(created: u64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let s = now.saturating_sub(created);
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// Patch text for a terminal: control characters other than newline and tab, and bidi controls, escaped, so
+/// file contents from the VM cannot drive the terminal.
+fn for_terminal(b: &[u8]) -> Vec<u8> {
+    let mut out = String::with_capacity(b.len());
+    for chunk in b.utf8_chunks() {
+        for ch in chunk.valid().chars() {
+            let bidi = ('\u{202a}'..='\u{202e}').contains(&ch) || ('\u{2066}'..='\u{2069}').contains(&ch);
+            if (ch.is_control() && ch != '\n' && ch != '\t') || bidi {
+                out.extend(ch.escape_default());
+            } else {
+                out.push(ch);
+            }
+        }
+        for x in chunk.invalid() {
+            out.push_str(&format!("\\x{x:02x}"));
+        }
+    }
+    out.into_bytes()
+}
+
+/// Explicit `--cpus`/`--memory` on this command line (a trusted hutch.toml fills in only what flags leave open).
+fn explicit_vm_flags() -> (bool, bool) {
+    use clap::parser::ValueSource;
+    use clap::CommandFactory;
+    let Ok(m) = crate::cli::Cli::command().try_get_matches_from(std::env::args_os()) else { return (true, true) };
+    let Some(run) = m.subcommand_matches("run") else { return (true, true) };
+    let explicit = |id: &str| run.value_source(id) == Some(ValueSource::CommandLine);
+    (explicit("cpus"), explicit("memory"))
+}
+
+struct Active {
+    repo: HostRepo,
+    snap: Snapshot,
+}
+
+/// One `hutch run`'s repository and setup state, from before the VM exists to after it is gone.
+pub struct RunRepo {
+    active: Option<Active>,
+    setup: Option<SetupFile>,
+    apply: bool,
+    allow_sensitive: bool,
+    limits: Limits,
+    ws: Option<Workspace>,
+    collected: Option<(String, anyhow::Result<Collected>)>,
+}
+
+impl RunRepo {
+    /// Before the VM: finds the repository, checks hutch.toml against the user's approvals (fills in resources,
+    /// setup and policy from an approved one), takes the working-tree snapshot, and points the command's
+    /// working directory into /workspace. Refusals happen here, before anything starts.
+    pub fn prepare(a: &mut RunArgs) -> anyhow::Result<RunRepo> {
+        let r = a.repo.clone();
+        let mut rr = RunRepo {
+            active: None,
+            setup: r.setup.clone(),
+            apply: r.apply,
+            allow_sensitive: r.allow_sensitive,
+            limits: Limits::default(),
+            ws: None,
+            collected: None,
+        };
+        if r.no_repo {
+            return Ok(rr);
+        }
+        let cwd = std::env::current_dir().context("cannot read the current directory")?;
+        let Some(repo) = HostRepo::discover(&cwd).context("looking for a git repository")? else {
+            if r.apply {
+                bail!("--apply needs a git repository, and {} is not in one", cwd.display());
+            }
+            return Ok(rr);
+        };
+        let mut policy = None;
+        if !r.no_project_config {
+            if let Some(cfg) = ProjectConfig::load(&repo.top)? {
+                if !cfg.asks().is_empty() {
+                    let store = TrustStore::from_env()?;
+                    match store.check(&cfg) {
+                        Trust::Trusted => {
+                            let (cpus_set, memory_set) = explicit_vm_flags();
+                            if let Some(c) = cfg.cpus.filter(|_| !cpus_set) {
+                                a.vm.cpus = c;
+                            }
+                            if let Some(m) = cfg.memory_mib.filter(|_| !memory_set) {
+                                a.vm.memory = m;
+                            }
+                            if let (None, Some(s)) = (&rr.setup, &cfg.setup) {
+                                rr.setup = Some(SetupFile { name: s.path.clone(), bytes: s.bytes.clone() });
+                            }
+                            if let Some(text) = &cfg.policy_toml {
+                                if a.egress.policy.is_some() {
+                                    eprintln!("hutch: note: --policy given, so the [policy] of hutch.toml is not used");
+                                } else {
+                                    policy = Some(text.clone());
+                                }
+                            }
+                        }
+                        t => bail!(untrusted(&cfg, t)),
+                    }
+                }
+            }
+        }
+        let snap = Snapshot::take(&repo).context("taking a snapshot of the working tree")?;
+        if let Some(text) = policy {
+            let p = snap.dir().join("hutch-toml-policy.toml");
+            std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
+            a.egress.policy = Some(p);
+        }
+        if a.workdir.is_none() {
+            a.workdir = Some(guest_cwd(&repo.prefix));
+        }
+        rr.active = Some(Active { repo, snap });
+        Ok(rr)
+    }
+
+    /// In the fresh VM, before the command: the repository into /workspace, then the setup phase.
+    pub async fn enter(&mut self, client: &AgentClient, command: &[String]) -> anyhow::Result<()> {
+        if let Some(act) = &self.active {
+            let ws =
+                hutch_repo::setup_workspace(client, &act.snap, &act.repo.prefix).await.context("copying the repository into the VM")?;
+            self.ws = Some(ws);
+        }
+        if let Some(s) = &self.setup {
+            let cwd = if self.ws.is_some() { WORKSPACE } else { "/root" };
+            eprintln!("hutch: ── setup: {} ──", s.name);
+            let mut tee = |b: &[u8]| {
+                let mut e = std::io::stderr();
+                let _ = e.write_all(b);
+                let _ = e.flush();
+            };
+            let r = run_setup(client, &s.bytes, cwd, &mut tee).await.context("running the setup script")?;
+            if r.status != ExitStatus::Code(0) {
+                let text = String::from_utf8_lossy(&for_terminal(&r.tail)).into_owned();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                bail!(
+                    "setup {} failed with exit code {}; the command did not run. Its last output:\n{tail}",
+                    s.name,
+                    r.status.as_shell_code()
+                );
+            }
+            eprintln!("hutch: ── command: {} ──", command.join(" "));
+        }
+        Ok(())
+    }
+
+    /// After the command exited, while the VM is still there: pack and download what it changed.
+    pub async fn collect(&mut self, client: &AgentClient, sandbox_id: &str) {
+        let (Some(act), Some(ws)) = (&self.active, &self.ws) else { return };
+        let dest = act.snap.dir().join("out");
+        let r: anyhow::Result<Collected> = async {
+            std::fs::create_dir_all(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
+            Ok(hutch_repo::collect(client, ws, &dest, &self.limits).await?)
+        }
+        .await;
+        self.collected = Some((sandbox_id.to_string(), r));
+    }
+
+    /// After the VM is gone: check and import, summarize, and apply with `--apply`. Returns the exit code.
+    pub fn finish(self, code: i32) -> anyhow::Result<i32> {
+        let (Some(act), Some((id, collected))) = (self.active, self.collected) else { return Ok(code) };
+        let collected = collected.context("collecting the VM's changes")?;
+        eprintln!("hutch: ── changes from sandbox {id} ──");
+        let stored = hutch_repo::import(&act.repo, &act.snap, &id, &collected, &self.limits)?;
+        let Some(stored) = stored else {
+            if !collected.git_meta_changed.is_empty() {
+                eprintln!("hutch: the VM changed its own {}; git metadata never leaves the VM", collected.git_meta_changed.join(", "));
+            }
+            eprintln!("hutch: no changes in /workspace");
+            return Ok(code);
+        };
+        let mut err = std::io::stderr();
+        summary(&mut err, &stored)?;
+        if !stored.meta.stat.is_empty() {
+            eprintln!("{}", stored.meta.stat);
+        }
+        let short = &id[..id.len().min(8)];
+        if !self.apply {
+            eprintln!("hutch: review with `hutch diff {short}`, apply with `hutch apply {short}`");
+        } else if code != 0 {
+            eprintln!("hutch: not applied because the command exited with {code}; `hutch apply {short}` applies them");
+        } else {
+            apply_stored(&act.repo, &stored, self.allow_sensitive)?;
+        }
+        Ok(code)
+    }
+}
+
+fn untrusted(cfg: &ProjectConfig, t: Trust) -> String {
+    let why = if t == Trust::Changed { "it changed since you approved it" } else { "you have not approved it" };
+    let asks: String = cfg.asks().iter().map(|a| format!("\n  - {a}")).collect();
+    format!(
+        "{} is not trusted ({why}). It asks for:{asks}\nReview it, then run `hutch trust` in {} to approve this exact version, or run with --no-project-config to ignore it",
+        cfg.file.display(),
+        cfg.file.parent().unwrap_or(Path::new(".")).display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_output_escapes_control_characters() {
+        let out = for_terminal(b"+ok\tline\n+\x1b]0;title\x07\x1b[2J\n+\xff\xfe\n+\xe2\x80\xaeevil\n");
+        assert_eq!(String::from_utf8(out).unwrap(), "+ok\tline\n+\\u{1b}]0;title\\u{7}\\u{1b}[2J\n+\\xff\\xfe\n+\\u{202e}evil\n");
+    }
+}
