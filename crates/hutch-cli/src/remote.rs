@@ -362,22 +362,34 @@ async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     let spec = StreamExec { argv: a.command, env: a.env.into_iter().collect(), cwd: a.workdir, tty: None, stdin: None };
     let ws = api.exec_ws(&a.id, &spec).await?;
     let (mut tx, mut rx) = ws.split();
+    // SIGINT, SIGTERM and SIGHUP are passed on to the guest process group; the command decides what they mean
+    // and its exit status comes back as usual.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigs = [
+        (signal(SignalKind::interrupt()).context("install SIGINT handler")?, libc::SIGINT),
+        (signal(SignalKind::terminate()).context("install SIGTERM handler")?, libc::SIGTERM),
+        (signal(SignalKind::hangup()).context("install SIGHUP handler")?, libc::SIGHUP),
+    ];
     let stdin_task = tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
         let mut buf = vec![0u8; 64 << 10];
+        let mut open = true;
         loop {
-            match stdin.read(&mut buf).await {
-                Ok(0) | Err(_) => {
-                    let eof = serde_json::to_string(&ClientMsg::StdinEof).unwrap_or_default();
-                    let _ = tx.send(Message::Text(eof.into())).await;
-                    // Keep the sink (and so the connection's write half) alive until the session ends.
-                    std::future::pending::<()>().await;
-                }
-                Ok(n) => {
-                    if tx.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
-                        return;
+            let [(int, _), (term, _), (hup, _)] = &mut sigs;
+            let msg = tokio::select! {
+                r = stdin.read(&mut buf), if open => match r {
+                    Ok(0) | Err(_) => {
+                        open = false;
+                        Message::Text(serde_json::to_string(&ClientMsg::StdinEof).unwrap_or_default().into())
                     }
-                }
+                    Ok(n) => Message::Binary(buf[..n].to_vec().into()),
+                },
+                _ = int.recv() => sig_msg(libc::SIGINT),
+                _ = term.recv() => sig_msg(libc::SIGTERM),
+                _ = hup.recv() => sig_msg(libc::SIGHUP),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
             }
         }
     });
@@ -415,6 +427,10 @@ async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
     };
     stdin_task.abort();
     Ok(code)
+}
+
+fn sig_msg(signal: i32) -> Message {
+    Message::Text(serde_json::to_string(&ClientMsg::Signal { signal }).unwrap_or_default().into())
 }
 
 #[derive(Debug, Args)]

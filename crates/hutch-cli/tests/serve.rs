@@ -254,6 +254,25 @@ fn full_lifecycle_exec_stdin_signals_extend_delete() {
     assert_eq!(text(&out.stdout).trim(), (3 << 20).to_string());
     assert!(text(&out.stderr).contains("to-err") && !text(&out.stdout).contains("to-err"));
 
+    // Signals: SIGTERM to the client is passed to the guest command over the WebSocket; its handler runs
+    // and its own exit code comes back.
+    let mut c = d
+        .cli(&t)
+        .args(["exec", &sb.id, "--", "sh", "-c", "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.1; done"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(c.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert_eq!(first, "ready\n");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(rest, "got-term\n");
+    assert_eq!(c.wait().unwrap().code(), Some(3));
     // A process killed by a signal reports 128+N through the streaming path too.
     let out = d.cli(&t).args(["exec", &sb.id, "--", "sh", "-c", "kill -TERM $$"]).stdin(Stdio::null()).output().unwrap();
     assert_eq!(out.status.code(), Some(143));
