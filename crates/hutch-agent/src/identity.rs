@@ -35,6 +35,7 @@ pub fn apply(id: &Identity, state: &State) -> Result<(), String> {
         Ok(mut e) => *e = env,
         Err(poisoned) => *poisoned.into_inner() = env,
     }
+    state.exit_on_disconnect.store(id.exit_on_disconnect, std::sync::atomic::Ordering::SeqCst);
     Ok(())
 }
 

@@ -123,6 +123,7 @@ fn agent_main() -> i32 {
         let mut announce = true;
         loop {
             match crate::serve::session(port.clone(), &state, announce).await {
+                Ok(()) if state.exit_on_disconnect.load(std::sync::atomic::Ordering::SeqCst) => return 0,
                 Ok(()) => announce = false,
                 // The host side is closed (between a snapshot and its restore, or before a host attaches):
                 // reads return EOF until one connects.

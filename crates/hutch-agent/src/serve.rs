@@ -13,6 +13,8 @@ pub struct State {
     pub env: Arc<Mutex<Vec<(String, String)>>>,
     /// The attached host session, for connections the guest starts (egress).
     pub session: crate::net::SessionSlot,
+    /// Set by the identity: end the agent (and so the VM) when the host session ends.
+    pub exit_on_disconnect: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl State {

@@ -9,6 +9,9 @@ use std::time::Duration;
 pub fn hutch() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_hutch"));
     c.env("HUTCH_LOG", "warn");
+    // Outside any git repository: inside one, `hutch run` copies the repository into the VM (tests of that
+    // set their own working directory).
+    c.current_dir(std::env::temp_dir());
     c
 }
 

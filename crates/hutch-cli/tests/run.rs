@@ -178,6 +178,12 @@ fn hutch_killed_mid_run_leaves_nothing_and_signals_tear_down() {
             .filter(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).map(|s| s.split_whitespace().nth(3) == Some(&pid.to_string())).unwrap_or(false))
             .collect();
         assert_eq!(qemus.len(), 1, "one QEMU child");
+        // Hardening: as root, the VMM drops to an unprivileged account once it has opened its files.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", qemus[0])).unwrap();
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap().to_string();
+        if nix_is_root() {
+            assert!(!uid_line.split_whitespace().skip(1).any(|u| u == "0"), "QEMU still runs as root: {uid_line}");
+        }
         let cmdline = String::from_utf8(std::fs::read(format!("/proc/{}/cmdline", qemus[0])).unwrap()).unwrap();
         let dir = cmdline.split('\0').find_map(|a| a.split("path=").nth(1).and_then(|p| p.strip_suffix("/console.log"))).unwrap().to_string();
         std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
@@ -193,6 +199,10 @@ fn hutch_killed_mid_run_leaves_nothing_and_signals_tear_down() {
             assert!(!std::path::Path::new(&dir).exists(), "{dir} not reaped by the next run");
         }
     }
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").unwrap().lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
 }
 
 mod libc_sig {

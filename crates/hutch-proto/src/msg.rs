@@ -36,6 +36,8 @@ pub struct Identity {
     pub env: Vec<(String, String)>,
     /// The sandbox's gateway CA certificate (PEM), added to the guest's trust stores.
     pub ca_pem: Option<String>,
+    /// Power the VM off when this host session ends (nobody will attach again).
+    pub exit_on_disconnect: bool,
 }
 
 /// The first frame on every stream the guest opens (egress: everything leaves through the host's gateway).

@@ -62,11 +62,13 @@ pub struct SandboxConfig {
     pub extra_kernel_args: Vec<String>,
     /// What the sandbox may reach, through its gateway. Default: nothing (every attempt denied and audited).
     pub egress: egress::Egress,
+    /// The VM powers itself off when its host session ends (default). Off only for hosts that re-attach.
+    pub exit_on_disconnect: bool,
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![], extra_kernel_args: vec![], egress: egress::Egress::deny_all() }
+        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![], extra_kernel_args: vec![], egress: egress::Egress::deny_all(), exit_on_disconnect: true }
     }
 }
 
@@ -208,6 +210,7 @@ impl Attached {
             entropy,
             env: egress::guest_env(&gateway, &cfg.env),
             ca_pem: Some(gateway.ca_cert_pem()),
+            exit_on_disconnect: cfg.exit_on_disconnect,
         };
         if let Err(e) = client.init(identity).await {
             egress_task.abort();

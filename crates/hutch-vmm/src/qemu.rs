@@ -19,11 +19,45 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct Qemu {
     binary: PathBuf,
+    /// Drop to this user once QEMU has opened its files (`-runas`).
+    run_as: Option<RunAs>,
+}
+
+/// An unprivileged account for the VMM.
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// When running as root: the dedicated `hutch-vmm` account if it exists, else `nobody`. Otherwise none (the
+    /// VMM already runs unprivileged, as the invoking user).
+    pub fn detect() -> Option<RunAs> {
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        ["hutch-vmm", "nobody"].iter().find_map(|n| {
+            let u = nix::unistd::User::from_name(n).ok()??;
+            Some(RunAs { name: u.name, uid: u.uid.as_raw(), gid: u.gid.as_raw() })
+        })
+    }
 }
 
 impl Qemu {
     pub fn new(binary: PathBuf) -> Self {
-        Self { binary }
+        Self { binary, run_as: RunAs::detect() }
+    }
+
+    /// Runs QEMU as `run_as` (or as the invoking user with `None`).
+    pub fn with_run_as(mut self, run_as: Option<RunAs>) -> Self {
+        self.run_as = run_as;
+        self
+    }
+
+    pub fn run_as(&self) -> Option<&RunAs> {
+        self.run_as.as_ref()
     }
 
     /// The full command line for `cfg`. Public so that benchmarks can run the same VM by hand.
@@ -69,9 +103,11 @@ impl Qemu {
         for s in ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"] {
             push(s.into());
         }
-        // seccomp: no spawning, no privilege changes, no obsolete syscalls.
+        // seccomp: no spawning, no obsolete syscalls, no privilege changes (except the one -runas makes, which
+        // leaves QEMU without any privilege to change back to).
         push("-sandbox".into());
-        push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into());
+        let elevate = if self.run_as.is_some() { "allow" } else { "deny" };
+        push(format!("on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"));
         push("-chardev".into());
         push(format!("file,id=con,path={}", dir.join("console.log").display()));
         push("-serial".into());
@@ -102,12 +138,26 @@ impl Qemu {
             push("-incoming".into());
             push("defer".into());
         }
+        if let Some(r) = &self.run_as {
+            push("-runas".into());
+            push(r.name.clone());
+        }
         a
     }
 
     async fn spawn(&self, cfg: &VmConfig, incoming: bool) -> Result<QemuVm, VmmError> {
         if !self.binary.is_file() {
             return Err(VmmError::MissingBinary(self.binary.display().to_string()));
+        }
+        if let Some(r) = &self.run_as {
+            let uid = nix::unistd::Uid::from_raw(r.uid);
+            let gid = nix::unistd::Gid::from_raw(r.gid);
+            // After dropping privileges QEMU still creates sockets in the directory (incoming migration) and
+            // reopens the disk layer (when an incoming migration completes).
+            for path in [&cfg.dir, &cfg.disk] {
+                nix::unistd::chown(path, Some(uid), Some(gid))
+                    .map_err(|e| VmmError::Io { what: format!("chown {} to {}", path.display(), r.name), source: e.into() })?;
+            }
         }
         let log_path = cfg.dir.join("qemu.log");
         let log = std::fs::File::create(&log_path).map_err(io_err(format!("cannot create {}", log_path.display())))?;
@@ -124,7 +174,8 @@ impl Qemu {
             .process_group(0)
             .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal so that QEMU dies
-        // with hutch even when hutch is SIGKILLed.
+        // with hutch even when hutch is SIGKILLed. The kernel clears it when QEMU drops privileges (-runas); from
+        // then on the guest powers itself off when its host session goes away, and the next run reaps leftovers.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -241,6 +292,11 @@ impl Vm for QemuVm {
         let sock = self.dir.join("migrate-out.sock");
         let _ = std::fs::remove_file(&sock);
         let listener = UnixListener::bind(&sock).map_err(io_err("bind the migration socket"))?;
+        // QEMU connects after it dropped privileges; the directory is private to the sandbox.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).map_err(io_err("chmod the migration socket"))?;
+        }
         let qmp = self.qmp()?;
         qmp.execute("stop", json!({})).await?;
         qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}))
