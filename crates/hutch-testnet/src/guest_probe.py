@@ -241,21 +241,23 @@ def peer_cert(host, port, sni):
     sys.exit(0)
 
 
-def scan(prefix, digest, tail_len):
-    # Looks for PREFIX followed by TAIL_LEN characters whose SHA-256 (of PREFIX+tail) is DIGEST
-    # in every process's environment, command line and memory, and every regular file; the scan
-    # itself never holds the value unless it finds it.
+def scan(prefix, tail_len, *digests):
+    # Looks for PREFIX followed by TAIL_LEN characters whose SHA-256 (of PREFIX+tail) is one of
+    # DIGESTS in every process's environment, command line and memory, and every regular file;
+    # the scan itself never holds a value unless it finds it. Prints one line per digest:
+    # "DIGEST found in: PLACES" (or "nothing").
     prefix = prefix.encode()
     tail_len = int(tail_len)
-    found = []
+    found = {d: [] for d in digests}
 
     def check(buf, where):
         i = buf.find(prefix)
         while i != -1:
             cand = buf[i:i + len(prefix) + tail_len]
-            if len(cand) == len(prefix) + tail_len and hashlib.sha256(cand).hexdigest() == digest:
-                found.append(where)
-                return
+            if len(cand) == len(prefix) + tail_len:
+                d = hashlib.sha256(cand).hexdigest()
+                if d in found and where not in found[d]:
+                    found[d].append(where)
             i = buf.find(prefix, i + 1)
 
     me = str(os.getpid())
@@ -304,8 +306,10 @@ def scan(prefix, digest, tail_len):
                 files += 1
             except OSError:
                 pass
-    print("scanned %d processes, %d files; found in: %s" % (procs, files, ";".join(found) or "nothing"))
-    sys.exit(0 if found else 1)
+    print("scanned %d processes, %d files" % (procs, files))
+    for d in digests:
+        print("%s found in: %s" % (d, ";".join(found[d]) or "nothing"))
+    sys.exit(0)
 
 
 def pem_keys():
