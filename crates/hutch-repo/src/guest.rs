@@ -31,14 +31,16 @@ git -c init.defaultBranch=main init -q
 git config user.name "Hutch Sandbox"
 git config user.email "sandbox@hutch.invalid"
 git fetch -q --no-tags "$bundle" 'refs/hutch/*:refs/hutch/*'
+GIT_INDEX_FILE="$staging/snapshot.index" git read-tree "$snap"
 if [ -n "$base" ]; then
   if [ -n "$branch" ]; then git checkout -q -B "$branch" "$base"; else git -c advice.detachedHead=false checkout -q --detach "$base"; fi
+  # On top of HEAD's files, only what the user's working tree has different.
   git diff-tree -r -z --name-only --no-renames --diff-filter=D "$base" "$snap" | xargs -0 -r rm -f --
-elif [ -n "$branch" ]; then
-  git symbolic-ref HEAD "refs/heads/$branch"
+  git diff-tree -r -z --name-only --no-renames --diff-filter=d "$base" "$snap" | GIT_INDEX_FILE="$staging/snapshot.index" git checkout-index -f -z --stdin
+else
+  if [ -n "$branch" ]; then git symbolic-ref HEAD "refs/heads/$branch"; fi
+  GIT_INDEX_FILE="$staging/snapshot.index" git checkout-index -a -f
 fi
-GIT_INDEX_FILE="$staging/snapshot.index" git read-tree "$snap"
-GIT_INDEX_FILE="$staging/snapshot.index" git checkout-index -a -f
 rm -f "$staging/snapshot.index" "$bundle"
 git update-ref -d refs/hutch/snapshot
 if [ -n "$base" ]; then git update-ref -d refs/hutch/base; fi
@@ -61,11 +63,12 @@ if [ -n "$head" ]; then
     if [ -n "$base" ]; then git bundle create -q "$out/commits.bundle" HEAD "^$base"; else git bundle create -q "$out/commits.bundle" HEAD; fi
     bundle=yes
   fi
-  GIT_INDEX_FILE="$out/index" git read-tree "$head"
   from=$head
 else
   from=$(git hash-object -t tree /dev/null)
 fi
+# A copy of the VM's index keeps its stat data, so only changed files are hashed again.
+if [ -f .git/index ] && [ ! -L .git/index ]; then cp .git/index "$out/index"; elif [ -n "$head" ]; then GIT_INDEX_FILE="$out/index" git read-tree "$head"; fi
 GIT_INDEX_FILE="$out/index" git add -A
 GIT_INDEX_FILE="$out/index" git diff --cached --binary --full-index --no-renames --no-ext-diff --no-textconv --no-color "$from" > "$out/changes.patch"
 rm -f "$out/index"

@@ -76,7 +76,7 @@ impl FakeVm {
                 &base,
                 snap.commit.as_str(),
                 snap.branch.as_deref().unwrap_or(""),
-                self.ws.join("sub/dir").to_str().unwrap(),
+                self.ws.join("start/here").to_str().unwrap(),
             ],
         );
         Workspace::new(snap, "/workspace".into(), &out)
@@ -105,7 +105,7 @@ fn listing(root: &Path) -> BTreeMap<String, (String, u32)> {
         for e in std::fs::read_dir(dir).unwrap().flatten() {
             let p = e.path();
             let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            if rel == ".git" || rel.ends_with(".log") {
+            if rel == ".git" || rel == "start" || rel.ends_with(".log") {
                 continue;
             }
             let m = std::fs::symlink_metadata(&p).unwrap();
@@ -360,4 +360,23 @@ fn hostile_bundles_are_refused_and_change_nothing() {
     );
     let c4 = vm.collect(&ws, &snap);
     refused(&repo, &snap, &c4, &l, ".git");
+}
+
+#[test]
+fn type_changes_in_the_working_tree_arrive() {
+    let (_t, r) = sample_repo();
+    // `sub/` (a directory in HEAD) becomes a file, `a.txt` (a file) becomes a directory, plus a symlink.
+    std::fs::remove_dir_all(r.join("sub")).unwrap();
+    std::fs::write(r.join("sub"), "now a file\n").unwrap();
+    std::fs::remove_file(r.join("a.txt")).unwrap();
+    std::fs::create_dir(r.join("a.txt")).unwrap();
+    std::fs::write(r.join("a.txt/inner"), "inside\n").unwrap();
+    std::os::unix::fs::symlink("a.txt/inner", r.join("ln")).unwrap();
+    let repo = HostRepo::discover(&r).unwrap().unwrap();
+    let snap = Snapshot::take(&repo).unwrap();
+    let vm = FakeVm::new();
+    vm.setup(&snap);
+    let mut want = listing(&r);
+    want.retain(|k, _| !k.ends_with(".log"));
+    assert_eq!(listing(&vm.ws), want);
 }
