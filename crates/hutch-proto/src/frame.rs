@@ -81,9 +81,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
     pub fn split(self) -> (FramedSend<tokio::io::WriteHalf<S>>, FramedRecv<tokio::io::ReadHalf<S>>) {
         let parts = self.inner.into_parts();
         let (r, w) = tokio::io::split(parts.io);
-        let mut read = codec::FramedRead::new(r, codec());
-        read.read_buffer_mut().extend_from_slice(&parts.read_buf);
-        (FramedSend { inner: codec::FramedWrite::new(w, codec()) }, FramedRecv { inner: read })
+        // Frames already buffered must be decoded before the next read: `from_parts` marks the buffer readable,
+        // while a fresh reader with a pre-filled buffer would wait for new bytes first (and hang if none come).
+        let mut read_parts = codec::FramedParts::new::<bytes::Bytes>(r, codec());
+        read_parts.read_buf = parts.read_buf;
+        (FramedSend { inner: codec::FramedWrite::new(w, codec()) }, FramedRecv { inner: codec::Framed::from_parts(read_parts) })
     }
 }
 
@@ -103,7 +105,7 @@ impl<W: AsyncWrite + Unpin> FramedSend<W> {
 }
 
 pub struct FramedRecv<R> {
-    inner: codec::FramedRead<R, LengthDelimitedCodec>,
+    inner: codec::Framed<R, LengthDelimitedCodec>,
 }
 
 impl<R: AsyncRead + Unpin> FramedRecv<R> {
@@ -113,5 +115,27 @@ impl<R: AsyncRead + Unpin> FramedRecv<R> {
             Some(Err(e)) => Err(FrameError::Io(e)),
             None => Err(FrameError::Closed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_buffered_before_a_split_are_delivered_without_new_bytes() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut sender = Framed::new(a);
+        // Three frames in one burst: the first `recv` buffers all of them.
+        for i in 0..3u32 {
+            sender.send(&i).await.unwrap();
+        }
+        let mut receiver = Framed::new(b);
+        assert_eq!(receiver.recv::<u32>().await.unwrap(), 0);
+        let (_tx, mut rx) = receiver.split();
+        let next = tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv::<u32>()).await;
+        assert_eq!(next.expect("buffered frame not delivered").unwrap(), 1);
+        assert_eq!(rx.recv::<u32>().await.unwrap(), 2);
+        drop(sender);
     }
 }
