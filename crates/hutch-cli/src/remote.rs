@@ -158,7 +158,7 @@ impl Api {
 
     /// Sends and turns an error response into its message.
     async fn send(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        let resp = rb.send().await.map_err(|e| anyhow!("cannot reach the daemon at {}: {}", self.base, error_chain(&e)))?;
+        let resp = rb.send().await.map_err(|e| anyhow!("cannot reach the daemon at {}: {}", self.base, hutch_sandbox::error_chain(&e)))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -196,17 +196,6 @@ impl Api {
         ws.send(Message::Text(serde_json::to_string(spec)?.into())).await.context("send the command")?;
         Ok(ws)
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[derive(Debug, Args)]
@@ -481,7 +470,7 @@ async fn cp(a: CpArgs) -> anyhow::Result<i32> {
                 let mut f = tokio::fs::File::create(&tmp).await.with_context(|| format!("cannot create {}", tmp.display()))?;
                 let mut body = resp.bytes_stream();
                 while let Some(chunk) = body.next().await {
-                    let chunk = chunk.map_err(|e| anyhow!("the download of {guest} broke off: {}", error_chain(&e)))?;
+                    let chunk = chunk.map_err(|e| anyhow!("the download of {guest} broke off: {}", hutch_sandbox::error_chain(&e)))?;
                     f.write_all(&chunk).await?;
                 }
                 f.flush().await?;
