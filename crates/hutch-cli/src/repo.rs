@@ -16,6 +16,7 @@ use hutch_sandbox::AgentClient;
 use crate::cli::RunArgs;
 
 const MAX_SETUP: u64 = 1 << 20;
+const COLLECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// `hutch run` flags for the repository and the setup phase.
 #[derive(Debug, Args, Clone, Default)]
@@ -394,7 +395,11 @@ impl RunRepo {
         let dest = act.snap.dir().join("out");
         let r: anyhow::Result<Collected> = async {
             std::fs::create_dir_all(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
-            Ok(hutch_repo::collect(client, ws, &dest, &self.limits).await?)
+            // The VM controls how long its side takes; a hung collection must not hang hutch.
+            match tokio::time::timeout(COLLECT_TIMEOUT, hutch_repo::collect(client, ws, &dest, &self.limits)).await {
+                Ok(r) => Ok(r?),
+                Err(_) => bail!("the VM did not hand over its changes within {} s", COLLECT_TIMEOUT.as_secs()),
+            }
         }
         .await;
         self.collected = Some((sandbox_id.to_string(), r));

@@ -88,6 +88,8 @@ pub struct Snapshot {
     pub base: Option<Oid>,
     /// The working-tree commit (parent: `base`).
     pub commit: Oid,
+    /// The working tree has no files at all.
+    pub empty: bool,
     pub branch: Option<String>,
     /// A bundle of `refs/hutch/base` (when there is a HEAD) and `refs/hutch/snapshot`.
     pub bundle: PathBuf,
@@ -113,12 +115,21 @@ impl Snapshot {
         }
         let index = scratch.path().join("index");
         let wt = git.clone().work_tree(&repo.top).index(&index).excludes(user_excludes_file());
-        match &repo.head {
-            Some(h) => wt.run("read-tree", ["read-tree", h.as_str()])?,
-            None => wt.run("read-tree", ["read-tree", "--empty"])?,
-        };
-        wt.run("add -A (working tree snapshot)", ["add", "-A"])?;
+        // A copy of the user's index brings its stat data (only changed files are hashed) and its sparse-checkout
+        // bits; an index git cannot use from here (a split index, say) falls back to HEAD's tree.
+        let copied = std::fs::symlink_metadata(repo.git_dir.join("index")).is_ok_and(|m| m.is_file())
+            && std::fs::copy(repo.git_dir.join("index"), &index).is_ok()
+            && wt.ok(["add", "-A"]);
+        if !copied {
+            let _ = std::fs::remove_file(&index);
+            match &repo.head {
+                Some(h) => wt.run("read-tree", ["read-tree", h.as_str()])?,
+                None => wt.run("read-tree", ["read-tree", "--empty"])?,
+            };
+            wt.run("add -A (working tree snapshot)", ["add", "-A"])?;
+        }
         let tree = wt.line("write-tree", ["write-tree"])?;
+        let empty = tree == git.line("hash-object", ["hash-object", "-t", "tree", "/dev/null"])?;
         let _ = std::fs::remove_file(&index);
         let mut args: Vec<&str> = vec!["commit-tree", "-m", "hutch: working tree snapshot"];
         if let Some(h) = &repo.head {
@@ -137,7 +148,7 @@ impl Snapshot {
         let mut args: Vec<&OsStr> = vec![OsStr::new("bundle"), OsStr::new("create"), OsStr::new("-q"), bundle.as_os_str()];
         args.extend(refs.iter().map(OsStr::new));
         git.run("bundle create (repository upload)", args)?;
-        Ok(Snapshot { git, base: repo.head.clone(), commit, branch: repo.branch.clone(), bundle, scratch })
+        Ok(Snapshot { git, base: repo.head.clone(), commit, empty, branch: repo.branch.clone(), bundle, scratch })
     }
 
     /// The scratch directory (bundle, downloads, temporary indexes).
@@ -206,6 +217,21 @@ pub(crate) mod tests {
         let t2 = tempfile::tempdir().unwrap();
         let g2 = init_scratch(&t2.path().join("x"), "sha1").unwrap();
         g2.run("fetch", ["fetch", "-q", snap.bundle.to_str().unwrap(), "refs/hutch/*:refs/hutch/*"]).unwrap();
+    }
+
+    #[test]
+    fn staged_changes_and_skip_worktree_files_are_kept() {
+        let (_t, r) = sample_repo();
+        let g = Git::at(&r.join(".git")).work_tree(&r);
+        std::fs::write(r.join("staged.txt"), "staged\n").unwrap();
+        g.run("add", ["add", "staged.txt"]).unwrap();
+        // Outside the sparse checkout: absent from the work tree, still part of the project.
+        g.run("update-index", ["update-index", "--skip-worktree", "sub/b.txt"]).unwrap();
+        std::fs::remove_file(r.join("sub/b.txt")).unwrap();
+        let repo = HostRepo::discover(&r).unwrap().unwrap();
+        let snap = Snapshot::take(&repo).unwrap();
+        let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
+        assert_eq!(String::from_utf8(files).unwrap(), ".gitignore\na.txt\nnew.txt\nstaged.txt\nsub/b.txt\n");
     }
 
     #[test]

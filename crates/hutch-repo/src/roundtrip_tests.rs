@@ -74,7 +74,7 @@ impl FakeVm {
                 self.staging.to_str().unwrap(),
                 bundle.to_str().unwrap(),
                 &base,
-                snap.commit.as_str(),
+                if snap.empty { "" } else { snap.commit.as_str() },
                 snap.branch.as_deref().unwrap_or(""),
                 self.ws.join("start/here").to_str().unwrap(),
             ],
@@ -379,4 +379,23 @@ fn type_changes_in_the_working_tree_arrive() {
     let mut want = listing(&r);
     want.retain(|k, _| !k.ends_with(".log"));
     assert_eq!(listing(&vm.ws), want);
+}
+
+#[test]
+fn an_empty_repository_round_trips() {
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path().join("repo");
+    std::fs::create_dir(&r).unwrap();
+    Git::discover(&r).run("init", ["init", "-q", "-b", "main"]).unwrap();
+    let repo = HostRepo::discover(&r).unwrap().unwrap();
+    let snap = Snapshot::take(&repo).unwrap();
+    assert!(snap.empty);
+    let vm = FakeVm::new();
+    let ws = vm.setup(&snap);
+    assert!(import(&repo, &snap, "0a0a0a", &vm.collect(&ws, &snap), &Limits::default()).unwrap().is_none());
+    vm.run("echo first > f && git add f && git commit -qm first && echo more > g");
+    let stored = import(&repo, &snap, "0b0b0b", &vm.collect(&ws, &snap), &Limits::default()).unwrap().unwrap();
+    assert_eq!(stored.meta.commit_count, 1);
+    apply(&repo, &stored, false).unwrap();
+    assert_eq!(listing(&r), listing(&vm.ws));
 }
