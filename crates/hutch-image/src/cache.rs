@@ -608,6 +608,7 @@ mod tests {
                 p.dedup();
                 p
             },
+            npm_packages: Vec::new(),
             agent: Agent::load(&path).expect("agent"),
         }
     }

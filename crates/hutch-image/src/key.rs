@@ -33,6 +33,19 @@ pub struct RootfsInputs {
     pub sources_file: String,
     /// SHA-256 of that file's content: the mirrors and suites the packages come from.
     pub sources_sha256: String,
+    /// npm packages installed on top, if any. Left out of the JSON when absent, so images
+    /// without npm packages keep the keys they had before npm support.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub npm: Option<NpmInputs>,
+}
+
+/// Inputs of the npm step of a rootfs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NpmInputs {
+    /// `NAME@VERSION`, sorted by name.
+    pub packages: Vec<String>,
+    /// SHA-256 of the script that installs them.
+    pub hook_sha256: String,
 }
 
 /// Inputs of the initramfs component.
@@ -90,6 +103,17 @@ mod tests {
             packages: vec!["curl".into(), "git".into()],
             sources_file: "/etc/apt/sources.list.d/debian.sources".into(),
             sources_sha256: "s".repeat(64),
+            npm: None,
+        }
+    }
+
+    fn with_npm() -> RootfsInputs {
+        RootfsInputs {
+            npm: Some(NpmInputs {
+                packages: vec!["@scope/a@1.0.0".into(), "b@2.0.0".into()],
+                hook_sha256: "h".repeat(64),
+            }),
+            ..rootfs()
         }
     }
 
@@ -109,6 +133,19 @@ mod tests {
         assert_eq!(key_of(&inputs), key_of(&inputs.clone()));
         assert_eq!(key_of(&inputs).len(), 64);
         assert_eq!(key_of(&initrd()), key_of(&initrd()));
+        // Without npm packages a rootfs serializes as it did before they existed, so the
+        // default image's cached rootfs stays valid.
+        assert_eq!(
+            serde_json::to_string(&rootfs()).expect("serializes"),
+            format!(
+                r#"{{"recipe":1,"suite":"bookworm","variant":"minbase","packages":["curl","git"],"sources_file":"/etc/apt/sources.list.d/debian.sources","sources_sha256":"{}"}}"#,
+                "s".repeat(64)
+            )
+        );
+        let old: RootfsInputs =
+            serde_json::from_str(&serde_json::to_string(&rootfs()).expect("serializes"))
+                .expect("a rootfs.json written before npm support still reads");
+        assert_eq!(old, rootfs());
     }
 
     #[test]
@@ -140,11 +177,28 @@ mod tests {
             |r| r.variant = "apt".into(),
             |r| r.packages.push("zstd".into()),
             |r| r.sources_sha256 = "x".into(),
+            |r| *r = with_npm(),
         ];
         for (n, change) in variants.iter().enumerate() {
             let mut inputs = rootfs();
             change(&mut inputs);
             assert_ne!(key_of(&inputs), base, "change {n} kept the key");
+        }
+    }
+
+    #[test]
+    fn every_npm_input_changes_the_key() {
+        let base = key_of(&with_npm());
+        let variants: Vec<fn(&mut NpmInputs)> = vec![
+            |n| n.packages[1] = "b@2.0.1".into(),
+            |n| n.packages.push("c@1.0.0".into()),
+            |n| n.packages.clear(),
+            |n| n.hook_sha256 = "x".into(),
+        ];
+        for (i, change) in variants.iter().enumerate() {
+            let mut inputs = with_npm();
+            change(inputs.npm.as_mut().expect("npm"));
+            assert_ne!(key_of(&inputs), base, "change {i} kept the key");
         }
     }
 

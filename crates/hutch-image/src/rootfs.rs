@@ -1,6 +1,7 @@
 //! The rootfs component: a Debian minbase tree from mmdebstrap (packages from the host's own
-//! apt sources, so no mirror is named here), staged on a tmpfs when memory allows, tidied,
-//! and packed into a sparse raw ext4 image.
+//! apt sources, so no mirror is named here), npm packages installed globally into it by the
+//! tree's own npm (from whatever registry the host's npm environment names), staged on a
+//! tmpfs when memory allows, tidied, and packed into a sparse raw ext4 image.
 //! The image is shared read-only by every sandbox (each writes to its own qcow2 overlay), so
 //! once built it must never be modified.
 
@@ -12,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ImageError, IoContext};
 use crate::fsutil;
-use crate::key::{RootfsInputs, RECIPE_VERSION};
+use crate::key::{NpmInputs, RootfsInputs, RECIPE_VERSION};
 use crate::progress::Progress;
 use crate::spec::{sha256_hex, CheckedSpec};
 use crate::tools::{self, MKFS_EXT4, MMDEBSTRAP, UNSHARE};
@@ -23,6 +24,27 @@ const VARIANT: &str = "minbase";
 const LABEL: &str = "hutch-root";
 const MIN_IMAGE_BYTES: u64 = 4 << 30;
 pub(crate) const HOSTNAME: &str = "hutch";
+
+/// mmdebstrap customize hook (`$1` is the tree) that installs `$HUTCH_NPM_PACKAGES` globally
+/// with the tree's own Node.js and npm, so install scripts run against the guest's libraries.
+/// The tree's CA bundle has only Debian's roots; npm gets the host's bundle, which is what
+/// the host trusts for the registry (a local mirror or proxy may need its own root), and the
+/// copy is removed with npm's cache. Proxy and `npm_config_*` variables pass through.
+const NPM_HOOK: &str = r#"set -eu
+root="$1"
+ca=
+if [ -n "${HUTCH_NPM_CAFILE:-}" ]; then
+    cp "$HUTCH_NPM_CAFILE" "$root/tmp/hutch-npm-ca.crt"
+    ca=--cafile=/tmp/hutch-npm-ca.crt
+fi
+# Checked NAME@VERSION words, split on purpose.
+chroot "$root" /usr/bin/env PATH=/usr/local/bin:/usr/bin:/bin HOME=/root \
+    npm install --global --no-audit --no-fund --no-update-notifier --loglevel=warn $ca $HUTCH_NPM_PACKAGES
+rm -rf "$root/root/.npm" "$root/tmp/hutch-npm-ca.crt"
+"#;
+
+/// The host's CA bundle, handed to npm in the tree when present.
+const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// The host apt sources files, in order of preference.
 const SOURCES_FILES: [&str; 2] = [
@@ -76,6 +98,10 @@ impl Sources {
             packages: spec.packages.clone(),
             sources_file: self.path.to_string_lossy().into_owned(),
             sources_sha256: sha256_hex(self.text.as_bytes()),
+            npm: (!spec.npm_packages.is_empty()).then(|| NpmInputs {
+                packages: spec.npm_packages.clone(),
+                hook_sha256: sha256_hex(NPM_HOOK.as_bytes()),
+            }),
         }
     }
 }
@@ -104,8 +130,13 @@ pub(crate) fn build(
     let unshare = UNSHARE.find()?;
     let mkfs = MKFS_EXT4.find()?;
 
+    let npm = if spec.npm_packages.is_empty() {
+        String::new()
+    } else {
+        format!(" and {} npm packages", spec.npm_packages.len())
+    };
     progress.stage(&format!(
-        "Installing Debian {} ({} packages) with mmdebstrap",
+        "Installing Debian {} ({} packages){npm} with mmdebstrap",
         spec.suite,
         spec.packages.len()
     ));
@@ -125,14 +156,23 @@ pub(crate) fn build(
         .arg(&mmdebstrap)
         .arg("--mode=root")
         .arg(format!("--variant={VARIANT}"))
-        .arg(format!("--include={}", spec.packages.join(",")))
-        .arg(&spec.suite)
-        .arg(&tree)
-        .arg(&sources.path);
-    tools::run(
-        &mut cmd,
+        .arg(format!("--include={}", spec.packages.join(",")));
+    let mut hint = String::from(
         "check the package names and the host's apt sources (`apt-get update` must work)",
-    )?;
+    );
+    if !spec.npm_packages.is_empty() {
+        cmd.arg(format!("--customize-hook={NPM_HOOK}"))
+            .env("HUTCH_NPM_PACKAGES", spec.npm_packages.join(" "));
+        if Path::new(HOST_CA_BUNDLE).is_file() {
+            cmd.env("HUTCH_NPM_CAFILE", HOST_CA_BUNDLE);
+        }
+        hint.push_str(
+            "; for npm packages, that each NAME@VERSION exists and that this host reaches an npm \
+             registry (set npm_config_registry and proxy variables as for npm itself)",
+        );
+    }
+    cmd.arg(&spec.suite).arg(&tree).arg(&sources.path);
+    tools::run(&mut cmd, &hint)?;
 
     progress.stage("Tidying the root filesystem");
     tidy(&tree)?;

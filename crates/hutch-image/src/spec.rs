@@ -22,6 +22,18 @@ pub const BASE_PACKAGES: &[&str] = &[
 /// The Debian suite images are built from unless the spec says otherwise.
 pub const DEFAULT_SUITE: &str = "bookworm";
 
+/// Debian packages an image with npm packages needs (bookworm's Node.js is 18.x); added to
+/// such a spec's packages whether or not it lists them.
+pub const NODE_PACKAGES: &[&str] = &["nodejs", "npm"];
+
+/// The coding agents of [`ImageSpec::agents`], pinned so that the image key names exactly what
+/// is installed. A pin moves only to a release whose `engines` accept [`NODE_PACKAGES`]'s
+/// Node.js 18: Claude Code 2.1.199 and later want Node.js 22. Claude Code since 2.1.113 is a
+/// native binary that its postinstall script picks for the platform; Codex's `codex` is a
+/// small Node.js launcher of its native binary.
+pub const AGENT_NPM_PACKAGES: &[&str] =
+    &["@anthropic-ai/claude-code@2.1.197", "@openai/codex@0.171.0"];
+
 /// What an image is made of. Everything here is part of the cache key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageSpec {
@@ -29,6 +41,10 @@ pub struct ImageSpec {
     pub suite: String,
     /// Debian packages installed on top of [`BASE_PACKAGES`].
     pub extra_packages: Vec<String>,
+    /// npm packages installed globally (under /usr/local) after the Debian packages, each
+    /// `NAME@VERSION` with an exact version (no ranges or tags), so the key pins them.
+    /// Non-empty adds [`NODE_PACKAGES`]; the host must reach an npm registry while building.
+    pub npm_packages: Vec<String>,
     /// The guest agent: a static x86_64 executable (or a `#!` script whose interpreter the
     /// rootfs has). It runs as PID 1 after switch_root; its bytes key the initramfs.
     pub agent_binary: PathBuf,
@@ -40,7 +56,18 @@ impl ImageSpec {
         ImageSpec {
             suite: DEFAULT_SUITE.to_owned(),
             extra_packages: Vec::new(),
+            npm_packages: Vec::new(),
             agent_binary: agent_binary.into(),
+        }
+    }
+
+    /// The default image plus Node.js and the coding agents of [`AGENT_NPM_PACKAGES`]
+    /// (`claude`, `codex`).
+    pub fn agents(agent_binary: impl Into<PathBuf>) -> Self {
+        ImageSpec {
+            extra_packages: NODE_PACKAGES.iter().map(|p| (*p).to_owned()).collect(),
+            npm_packages: AGENT_NPM_PACKAGES.iter().map(|p| (*p).to_owned()).collect(),
+            ..ImageSpec::default_for(agent_binary)
         }
     }
 }
@@ -49,8 +76,11 @@ impl ImageSpec {
 #[derive(Debug, Clone)]
 pub(crate) struct CheckedSpec {
     pub suite: String,
-    /// Base plus extras, sorted, without duplicates.
+    /// Base plus extras (plus [`NODE_PACKAGES`] when there are npm packages), sorted, without
+    /// duplicates.
     pub packages: Vec<String>,
+    /// `NAME@VERSION`, sorted by name, one version per name.
+    pub npm_packages: Vec<String>,
     pub agent: Agent,
 }
 
@@ -78,14 +108,105 @@ impl CheckedSpec {
             }
             packages.push(extra.clone());
         }
+        let npm_packages = check_npm_packages(&spec.npm_packages)?;
+        if !npm_packages.is_empty() {
+            packages.extend(NODE_PACKAGES.iter().map(|p| (*p).to_owned()));
+        }
         packages.sort();
         packages.dedup();
         Ok(CheckedSpec {
             suite: spec.suite.clone(),
             packages,
+            npm_packages,
             agent: Agent::load(&spec.agent_binary)?,
         })
     }
+}
+
+/// Each entry split into a checked name and exact version; sorted by name, a name given twice
+/// refused (even with the same version: the caller's list is probably wrong).
+fn check_npm_packages(specs: &[String]) -> Result<Vec<String>, ImageError> {
+    let mut checked: Vec<(&str, &str)> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        // A scoped name starts with '@', so the version is after the last one.
+        let (name, version) = spec
+            .rsplit_once('@')
+            .filter(|(name, _)| !name.is_empty())
+            .ok_or_else(|| {
+                ImageError::InvalidSpec(format!(
+                    "npm package `{spec}` has no version: write NAME@VERSION, e.g. `left-pad@1.3.0`"
+                ))
+            })?;
+        if !is_npm_name(name) {
+            return Err(ImageError::InvalidSpec(format!(
+                "`{name}` is not an npm package name (lower-case letters, digits, and `-._~` \
+                 after the first character; optionally `@scope/` before it; at most 214 characters)"
+            )));
+        }
+        if !is_exact_version(version) {
+            return Err(ImageError::InvalidSpec(format!(
+                "npm package `{name}`: `{version}` is not an exact version (like `1.2.3` or \
+                 `1.2.3-beta.1`; no ranges or tags, so that the image key pins what is installed)"
+            )));
+        }
+        if checked.iter().any(|(n, _)| *n == name) {
+            return Err(ImageError::InvalidSpec(format!(
+                "npm package `{name}` is listed twice; give it once"
+            )));
+        }
+        checked.push((name, version));
+    }
+    checked.sort();
+    Ok(checked
+        .into_iter()
+        .map(|(n, v)| format!("{n}@{v}"))
+        .collect())
+}
+
+/// npm's rules for new package names: lower case, URL-safe characters, not starting with `.`
+/// or `_`, an optional `@scope/`, 214 characters at most. A leading `-` is refused too: npm
+/// would read the name as an option.
+fn is_npm_name(name: &str) -> bool {
+    let part_ok = |part: &str| {
+        !part.is_empty()
+            && !part.starts_with(['.', '_', '-'])
+            && part
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._~".contains(c))
+    };
+    if name.len() > 214 {
+        return false;
+    }
+    match name.strip_prefix('@') {
+        Some(scoped) => scoped
+            .split_once('/')
+            .is_some_and(|(scope, pkg)| part_ok(scope) && part_ok(pkg)),
+        None => part_ok(name),
+    }
+}
+
+/// A semver version without range operators: `MAJOR.MINOR.PATCH`, then optionally
+/// `-prerelease` and `+build` of dot-separated `[0-9A-Za-z-]` identifiers.
+fn is_exact_version(version: &str) -> bool {
+    let ids_ok = |s: &str| {
+        s.split('.')
+            .all(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    };
+    let (rest, build) = match version.split_once('+') {
+        Some((r, b)) => (r, Some(b)),
+        None => (version, None),
+    };
+    let (core, pre) = match rest.split_once('-') {
+        Some((c, p)) => (c, Some(p)),
+        None => (rest, None),
+    };
+    let numbers: Vec<&str> = core.split('.').collect();
+    numbers.len() == 3
+        && numbers
+            .iter()
+            .all(|n| !n.is_empty() && n.len() <= 16 && n.chars().all(|c| c.is_ascii_digit()))
+        && pre.map_or(true, ids_ok)
+        && build.map_or(true, ids_ok)
 }
 
 impl Agent {
@@ -152,6 +273,7 @@ mod tests {
         let spec = ImageSpec {
             suite: "bookworm".into(),
             extra_packages: vec!["zstd".into(), "git".into(), "build-essential".into()],
+            npm_packages: Vec::new(),
             agent_binary: "/bin/busybox".into(),
         };
         let checked = CheckedSpec::check(&spec).expect("valid spec");
@@ -188,5 +310,63 @@ mod tests {
             .expect_err("dynamic agent")
             .to_string();
         assert!(msg.contains("dynamically linked"), "{msg}");
+    }
+
+    #[test]
+    fn npm_packages_are_checked_sorted_and_bring_node() {
+        let mut spec = ImageSpec::default_for("/bin/busybox");
+        spec.npm_packages = vec![
+            "typescript@5.4.5".into(),
+            "@scope/tool.x@1.0.0-rc.1+b2".into(),
+        ];
+        let checked = CheckedSpec::check(&spec).expect("valid spec");
+        assert_eq!(
+            checked.npm_packages,
+            vec![
+                "@scope/tool.x@1.0.0-rc.1+b2".to_string(),
+                "typescript@5.4.5".to_string()
+            ]
+        );
+        for node in NODE_PACKAGES {
+            assert!(checked.packages.iter().any(|p| p == node), "{node} added");
+        }
+        let plain = CheckedSpec::check(&ImageSpec::default_for("/bin/busybox")).expect("valid");
+        assert!(plain.npm_packages.is_empty());
+        assert!(
+            !plain.packages.iter().any(|p| p == "npm"),
+            "no npm without npm packages"
+        );
+
+        let agents = CheckedSpec::check(&ImageSpec::agents("/bin/busybox")).expect("preset");
+        assert_eq!(agents.npm_packages.len(), AGENT_NPM_PACKAGES.len());
+    }
+
+    #[test]
+    fn bad_npm_packages_are_refused_with_reasons() {
+        for (bad, why) in [
+            ("typescript", "has no version"),
+            ("@scope/pkg", "has no version"),
+            ("typescript@", "not an exact version"),
+            ("typescript@^5.0.0", "not an exact version"),
+            ("typescript@latest", "not an exact version"),
+            ("typescript@5.0", "not an exact version"),
+            ("typescript@5.0.0 || 6.0.0", "not an exact version"),
+            ("TypeScript@5.0.0", "not an npm package name"),
+            ("_private@1.0.0", "not an npm package name"),
+            ("@scope@1.0.0", "not an npm package name"),
+            ("a;rm -rf /@1.0.0", "not an npm package name"),
+            ("../x@1.0.0", "not an npm package name"),
+            ("--prefix=/x@1.0.0", "not an npm package name"),
+            ("--global@1.0.0", "not an npm package name"),
+        ] {
+            let mut spec = ImageSpec::default_for("/bin/busybox");
+            spec.npm_packages = vec![bad.into()];
+            let msg = CheckedSpec::check(&spec).expect_err(bad).to_string();
+            assert!(msg.contains(why), "{bad}: {msg}");
+        }
+        let mut spec = ImageSpec::default_for("/bin/busybox");
+        spec.npm_packages = vec!["x@1.0.0".into(), "x@2.0.0".into()];
+        let msg = CheckedSpec::check(&spec).expect_err("twice").to_string();
+        assert!(msg.contains("listed twice"), "{msg}");
     }
 }
