@@ -157,12 +157,12 @@ fn mem_available_kib() -> Option<u64> {
 }
 
 pub async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
-    let (cache, image) = crate::image::ensure_image().await?;
+    let (cache, image) = crate::image::ensure_named(a.vm.image).await?;
     let host = Host::new(image, cache.root().to_path_buf())?;
     let cfg = crate::image::sandbox_config(&a.vm);
     let accel = crate::image::warn_if_tcg(&host, &cfg)?;
     let snap = hutch_sandbox::snapshot::ensure(&host, &cfg).await?;
-    let vm_flags = [format!("--cpus={}", a.vm.cpus), format!("--memory={}", a.vm.memory)];
+    let vm_flags = [format!("--cpus={}", a.vm.cpus), format!("--memory={}", a.vm.memory), format!("--image={}", a.vm.image.name())];
     let vm_flags: Vec<&str> = vm_flags.iter().map(String::as_str).collect();
     println!("hutch bench: accel={accel}, {} vCPU, {} MiB, {} runs each\n", cfg.cpus, cfg.memory_mib, a.runs);
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use hutch_vmm::Accel;
 
 #[derive(Debug, Parser)]
@@ -34,7 +34,7 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
-    /// Build the default image (if missing) and its boot snapshot.
+    /// Build an image (if missing) and its boot snapshot.
     Build(ImageBuildArgs),
     /// List cached images.
     Ls {
@@ -54,8 +54,31 @@ pub struct ImageBuildArgs {
     pub no_snapshot: bool,
 }
 
+/// The images hutch knows how to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum ImageName {
+    /// Debian with git, curl, python3.
+    #[default]
+    Default,
+    /// The default image plus Node.js, Claude Code (`claude`) and Codex (`codex`).
+    Agents,
+}
+
+impl ImageName {
+    /// As written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageName::Default => "default",
+            ImageName::Agents => "agents",
+        }
+    }
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct VmArgs {
+    /// Guest image.
+    #[arg(long, value_enum, default_value_t = ImageName::Default)]
+    pub image: ImageName,
     /// Virtual CPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub cpus: u32,
@@ -257,5 +280,22 @@ mod tests {
             _ => panic!("not run"),
         }
         assert!(Cli::try_parse_from(["hutch", "run", "--accel", "xen", "--", "true"]).is_err());
+    }
+
+    #[test]
+    fn image_names_are_checked() {
+        let image = |args: &[&str]| match Cli::try_parse_from(args).map(|c| c.cmd) {
+            Ok(Command::Run(r)) => Ok(r.vm.image),
+            Ok(Command::Image(ImageCmd::Build(b))) => Ok(b.vm.image),
+            Ok(Command::Bench(b)) => Ok(b.vm.image),
+            Ok(other) => panic!("parsed as {other:?}"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(image(&["hutch", "run", "--", "true"]), Ok(ImageName::Default));
+        assert_eq!(image(&["hutch", "run", "--image", "agents", "--", "claude"]), Ok(ImageName::Agents));
+        assert_eq!(image(&["hutch", "image", "build", "--image", "agents"]), Ok(ImageName::Agents));
+        assert_eq!(image(&["hutch", "bench", "--image=default"]), Ok(ImageName::Default));
+        let err = image(&["hutch", "run", "--image", "ubuntu", "--", "true"]).unwrap_err();
+        assert!(err.contains("default") && err.contains("agents"), "{err}");
     }
 }

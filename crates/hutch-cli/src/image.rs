@@ -4,25 +4,47 @@ use anyhow::Context;
 use hutch_image::{Cache, Image, ImageSpec, SpinnerProgress};
 use hutch_sandbox::{Host, SandboxConfig};
 
-use crate::cli::{ImageCmd, VmArgs};
+use crate::cli::{ImageCmd, ImageName, VmArgs};
 
 /// The default image, built first if missing (with progress on stderr).
 pub async fn ensure_image() -> anyhow::Result<(Cache, Image)> {
+    ensure_named(ImageName::Default).await
+}
+
+/// The image `name`, built first if missing (with progress on stderr).
+pub async fn ensure_named(name: ImageName) -> anyhow::Result<(Cache, Image)> {
     let agent = crate::agent::locate()?;
     let cache = Cache::from_env().context("cannot choose the image cache directory")?;
-    let spec = ImageSpec::default_for(agent);
+    let (spec, what) = match name {
+        ImageName::Default => (ImageSpec::default_for(agent), "the guest image"),
+        ImageName::Agents => (
+            ImageSpec::agents(agent),
+            "the agents image (Node.js and npm packages from the registry the host's npm uses)",
+        ),
+    };
     let c = cache.clone();
     let image = tokio::task::spawn_blocking(move || -> anyhow::Result<Image> {
         if let Some(img) = c.lookup(&spec)? {
             return Ok(img);
         }
-        eprintln!("hutch: building the guest image in {} (first use; later runs reuse it)", c.root().display());
+        eprintln!("hutch: building {what} in {} (first use; later runs reuse it)", c.root().display());
         let progress = SpinnerProgress::new();
         Ok(c.ensure(&spec, &progress)?)
     })
     .await
     .context("image build task")??;
     Ok((cache, image))
+}
+
+/// Variables every command in image `name` starts with; `--env` overrides them.
+pub fn default_env(name: ImageName) -> Vec<(String, String)> {
+    let vars: &[(&str, &str)] = match name {
+        ImageName::Default => &[],
+        // The VM is the sandbox: Claude Code refuses --dangerously-skip-permissions as root unless told it runs in
+        // one. Its telemetry, error reports and update checks could only be denied by the gateway.
+        ImageName::Agents => &[("IS_SANDBOX", "1"), ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"), ("DISABLE_AUTOUPDATER", "1")],
+    };
+    vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 pub fn sandbox_config(vm: &VmArgs) -> SandboxConfig {
@@ -44,7 +66,7 @@ pub fn warn_if_tcg(host: &Host, cfg: &SandboxConfig) -> anyhow::Result<hutch_vmm
 pub async fn cmd(c: ImageCmd) -> anyhow::Result<i32> {
     match c {
         ImageCmd::Build(a) => {
-            let (cache, image) = ensure_image().await?;
+            let (cache, image) = ensure_named(a.vm.image).await?;
             println!("image {} ({}), kernel {}", &image.key[..16.min(image.key.len())], image.dir.display(), image.kernel_release);
             if !a.no_snapshot {
                 let host = Host::new(image, cache.root().to_path_buf())?;

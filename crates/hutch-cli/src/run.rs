@@ -21,9 +21,10 @@ enum Ending {
 }
 
 pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
+    a.env.splice(0..0, crate::image::default_env(a.vm.image));
     let mut repo = crate::repo::RunRepo::prepare(&mut a)?;
     let t0 = std::time::Instant::now();
-    let (cache, image) = crate::image::ensure_image().await?;
+    let (cache, image) = crate::image::ensure_named(a.vm.image).await?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: image found");
     let host = Host::new(image, cache.root().to_path_buf())?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: host capabilities detected");
