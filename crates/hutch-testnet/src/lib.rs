@@ -6,6 +6,7 @@
 
 mod body;
 mod git;
+pub mod model_api;
 mod pki;
 mod routes;
 mod server;
