@@ -3,6 +3,8 @@
 //! `--allow-sensitive` (threat 10); hostile output is refused and leaves the host repository unchanged
 //! (threat 11); a `hutch.toml` that asks for more is refused until trusted (threat 15); the setup phase.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

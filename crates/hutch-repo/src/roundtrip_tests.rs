@@ -399,3 +399,48 @@ fn an_empty_repository_round_trips() {
     apply(&repo, &stored, false).unwrap();
     assert_eq!(listing(&r), listing(&vm.ws));
 }
+
+#[test]
+fn apply_is_all_or_nothing_when_the_working_tree_moved_on() {
+    let (_t, r) = sample_repo();
+    let repo = HostRepo::discover(&r).unwrap().unwrap();
+    let snap = Snapshot::take(&repo).unwrap();
+    let vm = FakeVm::new();
+    let ws = vm.setup(&snap);
+    vm.run("echo vm >> a.txt && echo c > c.txt && echo d > sub/d.txt");
+    let stored = import(&repo, &snap, "aa0001", &vm.collect(&ws, &snap), &Limits::default()).unwrap().unwrap();
+    // The user edits the same line meanwhile: a.txt no longer applies; c.txt and sub/d.txt would.
+    std::fs::write(r.join("a.txt"), "one\nuser's own edit\n").unwrap();
+    let before = listing(&r);
+    let e = apply(&repo, &stored, false).unwrap_err();
+    assert!(e.to_string().contains("do not apply") && e.to_string().contains("a.txt"), "{e}");
+    assert_eq!(listing(&r), before, "nothing was written");
+}
+
+#[test]
+fn apply_never_writes_through_a_symlink_in_the_working_tree() {
+    let (t, r) = sample_repo();
+    let outside = t.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, r.join("lnk")).unwrap();
+    let repo = HostRepo::discover(&r).unwrap().unwrap();
+    // A stored patch (as if the import had been fooled) creating a file under the user's symlink.
+    let patch = "diff --git a/lnk/x b/lnk/x\nnew file mode 100644\nindex 0000000..7898192\n--- /dev/null\n+++ b/lnk/x\n@@ -0,0 +1 @@\n+a\n";
+    let meta = store::ResultMeta {
+        id: "cc0001".into(),
+        created_unix: 0,
+        base: None,
+        vm_head: None,
+        reference: None,
+        commits: vec![],
+        commit_count: 0,
+        stat: String::new(),
+        files: 1,
+        sensitive: vec![],
+        vm_git_metadata: vec![],
+    };
+    let stored = store::save(&repo.results_dir(), &meta, patch.as_bytes(), b"").unwrap();
+    let e = apply(&repo, &stored, true).unwrap_err();
+    assert!(e.to_string().contains("beyond a symbolic link"), "{e}");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+}
