@@ -1,0 +1,174 @@
+//! Coding agents in the agents image, for real: the real Claude Code CLI runs in a VM against a
+//! fake of the Anthropic API on loopback (hutch-testnet's `model_api`, HTTPS with its own CA),
+//! reached through the gateway with `--allow`, `--resolve` and `--upstream-ca`. The VM holds only
+//! a placeholder for the API key; the fake accepts nothing but the real key, so a finished turn
+//! shows the gateway injected it. The fake makes the agent run a command with its Bash tool in the
+//! VM: a commit in `/workspace`, which must come back to the host repository as `refs/hutch/<id>`.
+//!
+//! The image is built (or found) with `hutch image build --image agents`; when npm packages cannot
+//! be downloaded here the tests say so and skip.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use common::*;
+use hutch_testnet::model_api::{Answer, FakeModelApi, Script, ANTHROPIC_HOST};
+
+/// What a real key looks like; the fake accepts only this one.
+const REAL_KEY: &str = "sk-ant-api03-hutchTEST0real0key0never0in0the0vm0Zq9xWv7Lr3Kp2Nm8Bc5Df1Gh4Jk6-AbCdEfAA";
+
+/// Whether the agents image and its snapshot are ready; `Err` says why not (the test skips).
+fn agents_image() -> Result<(), String> {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let t0 = Instant::now();
+            let out = hutch().args(["image", "build", "--image", "agents"]).stdin(Stdio::null()).output().expect("spawn hutch image build");
+            let stderr = text(&out.stderr);
+            if out.status.success() {
+                eprintln!("agents image ready in {:.1}s:\n{}{stderr}", t0.elapsed().as_secs_f64(), text(&out.stdout));
+                return Ok(());
+            }
+            // Only a registry that cannot be reached is a reason to skip; any other failure is a defect.
+            let unreachable = ["ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "UNABLE_TO_GET_ISSUER_CERT", "SELF_SIGNED_CERT", "network request"];
+            if stderr.contains("npm") && unreachable.iter().any(|e| stderr.contains(e)) {
+                return Err(format!("the npm registry is unreachable from this host, so the agents image cannot be built:\n{stderr}"));
+            }
+            panic!("hutch image build --image agents failed ({:?}):\n{stderr}", out.status.code());
+        })
+        .clone()
+}
+
+macro_rules! need_agents_image {
+    () => {
+        if let Err(why) = agents_image() {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let o = Command::new("git")
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "User")
+        .env("GIT_AUTHOR_EMAIL", "user@host")
+        .env("GIT_COMMITTER_NAME", "User")
+        .env("GIT_COMMITTER_EMAIL", "user@host")
+        .args(args)
+        .output()
+        .expect("spawn git");
+    assert!(o.status.success(), "git {args:?}: {}", text(&o.stderr));
+    text(&o.stdout)
+}
+
+/// A repository with one commit, and a private data directory for hutch.
+fn repo() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dir = t.path().join("project");
+    std::fs::create_dir(&dir).expect("mkdir");
+    git(&dir, &["init", "-q", "-b", "main"]);
+    std::fs::write(dir.join("README.md"), "# project\n").expect("write");
+    git(&dir, &["add", "-A"]);
+    git(&dir, &["commit", "-q", "-m", "first"]);
+    (t, dir)
+}
+
+fn sandbox_id(stderr: &str) -> String {
+    let i = stderr.find("changes from sandbox ").unwrap_or_else(|| panic!("no changes header in: {stderr}"));
+    stderr[i + "changes from sandbox ".len()..].chars().take_while(char::is_ascii_hexdigit).collect()
+}
+
+fn dump(out: &Output) -> String {
+    format!("exit {:?}\n--- stdout\n{}\n--- stderr\n{}", out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+/// The fake asks Claude Code to run this with its Bash tool: a commit in the workspace, and a line
+/// that shows the command ran (its output goes back to the model as the tool result).
+const COMMAND: &str = "cd /workspace && echo 'hello from claude' > proof.txt && git add proof.txt && \
+                       git -c user.name=Claude -c user.email=claude@example.test commit -qm 'proof from claude' && \
+                       echo \"committed $(git rev-parse --short HEAD) as $(id -un)\"";
+const FINAL: &str = "Done: proof.txt is committed.";
+
+#[test]
+fn claude_code_runs_a_command_in_the_vm_with_the_key_injected_and_the_commit_comes_back() {
+    need_agents_image!();
+    let fake = FakeModelApi::start(Script { api_key: REAL_KEY.into(), command: COMMAND.into(), final_text: FINAL.into() }).expect("start the fake API");
+    let (tmp, dir) = repo();
+    let head_before = git(&dir, &["rev-parse", "HEAD"]);
+    let audit = tmp.path().join("audit.jsonl");
+    // The agent is started by a shell that first shows what the VM's environment holds for the key.
+    let agent = r#"echo "vm-key=$ANTHROPIC_API_KEY"; exec claude --dangerously-skip-permissions -p "$1""#;
+    let t0 = Instant::now();
+    let out = hutch()
+        .current_dir(&dir)
+        .env("XDG_DATA_HOME", tmp.path().join("data"))
+        .env("ANTHROPIC_API_KEY", REAL_KEY)
+        .args(["run", "--image", "agents"])
+        .args(fake.hutch_args())
+        .args(["--secret", &format!("ANTHROPIC_API_KEY@{ANTHROPIC_HOST}")])
+        .args(["--env", &format!("ANTHROPIC_BASE_URL={}", fake.anthropic_base_url())])
+        .arg("--audit")
+        .arg(&audit)
+        .args(["--", "sh", "-c", agent, "sh", "Commit a file named proof.txt that says hello."])
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn hutch run");
+    let took = t0.elapsed();
+    let calls = fake.calls();
+    eprintln!("hutch run with Claude Code: {:.1}s wall, {} API calls", took.as_secs_f64(), calls.len());
+    for c in &calls {
+        eprintln!("  {} {} model={:?} stream={} tools={} -> {:?}", c.method, c.path, c.model, c.stream, c.tools.len(), c.answer);
+    }
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{}", dump(&out));
+
+    // The VM held a placeholder, never the key; the API got the real key on every call.
+    let vm_key = stdout.lines().find_map(|l| l.strip_prefix("vm-key=")).unwrap_or_else(|| panic!("no vm-key line: {}", dump(&out)));
+    assert!(vm_key.starts_with("hutch-ph-ANTHROPIC_API_KEY-"), "the VM's key is not a placeholder: {vm_key:?}");
+    assert!(!vm_key.contains(REAL_KEY));
+    assert!(!calls.is_empty(), "the API was never called: {}", dump(&out));
+    for c in calls.iter().filter(|c| c.path.starts_with("/v1/")) {
+        assert_eq!(c.key.as_deref(), Some(REAL_KEY), "{} {} carried another key", c.method, c.path);
+        assert_ne!(c.answer, Answer::Unauthorized);
+    }
+
+    // The turn: a Bash tool call, the command ran in the VM and its output went back, then the answer.
+    assert!(calls.iter().any(|c| c.answer == Answer::ToolUse && c.tools.iter().any(|t| t == "Bash")), "{calls:?}");
+    let result = calls.iter().find_map(|c| c.tool_result.clone()).unwrap_or_else(|| panic!("no tool result came back: {calls:?}"));
+    assert!(result.contains("committed ") && result.contains(" as root"), "the command's output: {result:?}");
+    assert!(calls.iter().any(|c| c.answer == Answer::FinalText), "{calls:?}");
+    assert!(stdout.contains(FINAL), "claude printed the final answer: {}", dump(&out));
+
+    // The commit came back as refs/hutch/<id>; the user's branch and working tree are untouched.
+    let id = sandbox_id(&stderr);
+    let hutch_ref = format!("refs/hutch/{id}");
+    assert_eq!(git(&dir, &["show", &format!("{hutch_ref}:proof.txt")]), "hello from claude\n");
+    assert_eq!(git(&dir, &["log", "-1", "--format=%s|%an", &hutch_ref]).trim(), "proof from claude|Claude");
+    assert_eq!(git(&dir, &["rev-parse", &format!("{hutch_ref}~1")]), head_before, "one commit on top of the user's HEAD");
+    assert_eq!(git(&dir, &["rev-parse", "HEAD"]), head_before);
+    assert!(!dir.join("proof.txt").exists(), "nothing is applied without --apply");
+
+    // The key is nowhere in what hutch showed or logged.
+    let audit = std::fs::read_to_string(&audit).expect("audit log");
+    for (what, t) in [("stdout", &stdout), ("stderr", &stderr), ("audit log", &audit), ("tool result", &result)] {
+        assert!(!t.contains(REAL_KEY), "the real key is in the {what}");
+    }
+    let records: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).expect("audit line")).collect();
+    assert!(
+        records.iter().any(|r| r["event"] == "request" && r["secrets"].as_array().is_some_and(|s| s.iter().any(|x| x == "ANTHROPIC_API_KEY"))),
+        "the audit log records the key's injection by name: {audit}"
+    );
+    let denied: Vec<_> = records.iter().filter(|r| r["decision"] == "deny").collect();
+    eprintln!("denied by the gateway during the run: {}", denied.len());
+    for d in denied {
+        eprintln!("  {d}");
+    }
+}
