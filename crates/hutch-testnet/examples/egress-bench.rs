@@ -1,7 +1,8 @@
 //! Egress through a real VM, measured: a large download over the gateway (TLS passed through
 //! for a host without secrets, TLS intercepted for a host with one, via the proxy and via the
-//! transparent tunnel) against the same download straight over loopback on the host, and the
-//! latency each small request gains (p50/p95), on new connections and on a kept-alive one.
+//! transparent tunnel; plain HTTP too) against the same download straight over loopback on the
+//! host, and against the host-guest channel alone (exec stdout); and the latency of small
+//! requests (p50/p95/mean, and what the VM path adds) on new connections and on a kept-alive one.
 //!
 //! Needs a release `hutch` (`cargo build --release -p hutch-cli`; found in $CARGO_TARGET_DIR or
 //! ./target, or give --hutch) and curl on the host:
@@ -32,6 +33,8 @@ struct Args {
 }
 
 const BULK: &str = "bulk.example.test";
+const PLAIN: &str = "plain.example.test";
+const VM_PATHS: [&str; 5] = ["HTTPS passthrough, proxy", "HTTPS passthrough, tunnel", "HTTPS intercepted, proxy", "HTTPS intercepted, tunnel", "HTTP, tunnel"];
 const API: &str = "api.example.test";
 /// Not secret: the bench needs some value to bind to the intercepted host.
 const BENCH_KEY: &str = "bench-secret-value-0123456789";
@@ -54,6 +57,10 @@ struct Series {
     values: Vec<f64>,
 }
 
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
 fn pct(values: &[f64], p: f64) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
@@ -63,39 +70,43 @@ fn pct(values: &[f64], p: f64) -> f64 {
     v[((p * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)]
 }
 
+/// One way of fetching: its label, the curl command line (trust settings included) and URLs.
+struct Path {
+    label: &'static str,
+    curl: String,
+    big: String,
+    small: String,
+}
+
 /// The script both sides run: sections start with `== NAME`, then one number per line.
 fn script(net: &TestNet, args: &Args, vm: bool) -> String {
     let n = args.mib << 20;
-    let big_bulk = net.https_url(BULK, &format!("/bytes/{n}"));
-    let big_api = net.https_url(API, &format!("/bytes/{n}"));
-    let small_bulk = net.https_url(BULK, "/small");
-    let small_api = net.https_url(API, "/small");
     let reqs = args.requests;
     let auth = if vm { "Authorization: Bearer $API_KEY" } else { "Authorization: Bearer direct" };
     let mut s = String::from("set -e\n");
-    // `direct` on the host pins names to the servers as the gateway does; in the VM curl goes
-    // through the proxy (environment) or, with --noproxy, through the transparent tunnel.
-    let (via_proxy, via_tunnel) = if vm {
-        ("curl -sS --fail".to_string(), "curl -sS --fail --noproxy '*'".to_string())
-    } else {
-        let resolve = format!("--resolve {BULK}:{p}:127.0.0.1 --resolve {API}:{p}:127.0.0.1 --cacert {ca}", p = net.https_port(), ca = net.ca_file().display());
-        (format!("curl -sS --fail {resolve}"), format!("curl -sS --fail {resolve}"))
-    };
-    if vm {
-        // The test CA is the guest's "public web PKI": passthrough TLS ends at the test server.
-        s.push_str("cat /root/testnet-ca.pem >> /etc/ssl/certs/ca-certificates.crt\n");
-    }
-    let paths: Vec<(&str, &str, &str, &str)> = if vm {
+    let (tls_big, tls_small) = (|name: &str| net.https_url(name, &format!("/bytes/{n}")), |name: &str| net.https_url(name, "/small"));
+    let (http_big, http_small) = (net.http_url(PLAIN, &format!("/bytes/{n}")), net.http_url(PLAIN, "/small"));
+    // Each client trusts exactly the CA that signs what it is shown (the test CA, or the sandbox
+    // CA when the gateway intercepts), so no side pays for parsing a large bundle per request.
+    let paths = if vm {
+        let testnet = "--cacert /root/testnet-ca.pem";
+        let sandbox = "--cacert /etc/hutch/ca.crt";
         vec![
-            ("passthrough, proxy", &via_proxy, &big_bulk, &small_bulk),
-            ("passthrough, tunnel", &via_tunnel, &big_bulk, &small_bulk),
-            ("intercepted, proxy", &via_proxy, &big_api, &small_api),
-            ("intercepted, tunnel", &via_tunnel, &big_api, &small_api),
+            Path { label: "HTTPS passthrough, proxy", curl: format!("curl -sS --fail {testnet}"), big: tls_big(BULK), small: tls_small(BULK) },
+            Path { label: "HTTPS passthrough, tunnel", curl: format!("curl -sS --fail --noproxy '*' {testnet}"), big: tls_big(BULK), small: tls_small(BULK) },
+            Path { label: "HTTPS intercepted, proxy", curl: format!("curl -sS --fail {sandbox}"), big: tls_big(API), small: tls_small(API) },
+            Path { label: "HTTPS intercepted, tunnel", curl: format!("curl -sS --fail --noproxy '*' {sandbox}"), big: tls_big(API), small: tls_small(API) },
+            Path { label: "HTTP, tunnel", curl: "curl -sS --fail --noproxy '*'".into(), big: http_big, small: http_small },
         ]
     } else {
-        vec![("direct", &via_proxy, &big_bulk, &small_bulk)]
+        let (p, hp) = (net.https_port(), net.http_port());
+        let ca = net.ca_file().display();
+        vec![
+            Path { label: "HTTPS", curl: format!("curl -sS --fail --resolve {BULK}:{p}:127.0.0.1 --cacert {ca}"), big: tls_big(BULK), small: tls_small(BULK) },
+            Path { label: "HTTP", curl: format!("curl -sS --fail --resolve {PLAIN}:{hp}:127.0.0.1"), big: http_big, small: http_small },
+        ]
     };
-    for (label, curl, big, small) in paths {
+    for Path { label, curl, big, small } in paths {
         s.push_str(&format!("echo '== bulk {label}'\n"));
         for _ in 0..args.repeats {
             s.push_str(&format!("{curl} -H \"{auth}\" -o /dev/null -w '%{{speed_download}}\\n' {big}\n"));
@@ -108,6 +119,38 @@ fn script(net: &TestNet, args: &Args, vm: bool) -> String {
         s.push_str(&format!("{curl} -H \"{auth}\" -w '%{{time_total}}\\n' {} | tail -n +2\n", urls.join(" ")));
     }
     s
+}
+
+/// Bytes per second of `hutch run -- head -c N /dev/zero` on hutch's stdout, from the first byte
+/// to the last: the host-guest channel without the gateway or any network code.
+fn stdout_channel(hutch: &std::path::Path, bytes: u64) -> anyhow::Result<f64> {
+    use std::io::Read;
+    let mut child = Command::new(hutch)
+        .env("HUTCH_LOG", "warn")
+        .args(["run", "--", "head", "-c", &bytes.to_string(), "/dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("run hutch")?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    let mut first = None;
+    loop {
+        let n = out.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        first.get_or_insert_with(std::time::Instant::now);
+        got += n as u64;
+    }
+    child.wait()?;
+    let first = first.context("no output")?;
+    if got != bytes {
+        bail!("stdout channel carried {got} bytes, expected {bytes}");
+    }
+    Ok(got as f64 / first.elapsed().as_secs_f64())
 }
 
 fn parse(out: &str) -> anyhow::Result<Vec<Series>> {
@@ -151,6 +194,7 @@ fn main() -> anyhow::Result<()> {
         .args(["run", "--timeout", "3600", "--copy-in", &ca_in])
         .args(net.allow_https(BULK))
         .args(net.allow_https(API))
+        .args(net.allow_http(PLAIN))
         .args(net.upstream_ca_args())
         .args(["--secret", &format!("API_KEY@{API}")])
         .args(["--", "sh", "-c", &script(&net, &args, true)])
@@ -163,34 +207,45 @@ fn main() -> anyhow::Result<()> {
     let seen_big = net.requests().iter().filter(|s| s.path.starts_with("/bytes/")).count();
     eprintln!("(test net served {seen_big} large downloads on port {p})");
 
+    eprintln!("the host-guest channel alone (stdout of head -c)...");
+    let channel = stdout_channel(&hutch, args.mib << 20)?;
+
     let mib = args.mib;
-    println!("\nDownload of {mib} MiB over HTTPS (best of {}):", args.repeats);
     let best = |s: &Series| s.values.iter().copied().fold(0.0, f64::max);
-    let base = best(get(&direct, "bulk direct")?);
-    println!("  {:<34} {:>9.1} MiB/s", "direct on the host (loopback)", base / 1048576.0);
-    for label in ["passthrough, proxy", "passthrough, tunnel", "intercepted, proxy", "intercepted, tunnel"] {
+    println!("\nDownload of {mib} MiB (best of {}):", args.repeats);
+    let https = best(get(&direct, "bulk HTTPS")?);
+    let http = best(get(&direct, "bulk HTTP")?);
+    println!("  {:<36} {:>9.1} MiB/s", "direct on the host, HTTPS", https / 1048576.0);
+    println!("  {:<36} {:>9.1} MiB/s", "direct on the host, HTTP", http / 1048576.0);
+    println!("  {:<36} {:>9.1} MiB/s   (no gateway: exec stdout over the agent channel)", "VM stdout channel", channel / 1048576.0);
+    for label in VM_PATHS {
         let v = best(get(&vm, &format!("bulk {label}"))?);
-        println!("  {:<34} {:>9.1} MiB/s   ratio to direct {:>6.3}", format!("VM, {label}"), v / 1048576.0, v / base);
+        let base = if label.starts_with("HTTPS") { https } else { http };
+        println!("  {:<36} {:>9.1} MiB/s   ratio to direct {:>6.3}", format!("VM, {label}"), v / 1048576.0, v / base);
     }
     for kind in ["new", "reused"] {
         let what = if kind == "new" { "a new connection each" } else { "one kept-alive connection" };
-        println!("\nSmall request latency, {} requests on {what} (curl time_total):", args.requests);
-        let d = get(&direct, &format!("{kind} direct"))?;
-        let (b50, b95) = (pct(&d.values, 0.5), pct(&d.values, 0.95));
-        println!("  {:<34} p50 {:>8.2} ms  p95 {:>8.2} ms", "direct on the host", b50 * 1e3, b95 * 1e3);
-        for label in ["passthrough, proxy", "passthrough, tunnel", "intercepted, proxy", "intercepted, tunnel"] {
-            let s = get(&vm, &format!("{kind} {label}"))?;
-            let (p50, p95) = (pct(&s.values, 0.5), pct(&s.values, 0.95));
-            println!(
-                "  {:<34} p50 {:>8.2} ms  p95 {:>8.2} ms   added p50 {:>8.2} ms  p95 {:>8.2} ms",
-                format!("VM, {label}"),
-                p50 * 1e3,
-                p95 * 1e3,
-                (p50 - b50) * 1e3,
-                (p95 - b95) * 1e3
-            );
+        println!("\nSmall requests, {} on {what} (curl time_total; the guest clock ticks in 4 ms steps under TCG):", args.requests);
+        for (label, series) in [("HTTPS", "HTTPS"), ("HTTP", "HTTP")] {
+            let d = get(&direct, &format!("{kind} {series}"))?;
+            let (b50, b95, bm) = (pct(&d.values, 0.5), pct(&d.values, 0.95), mean(&d.values));
+            println!("  {:<36} p50 {:>8.2} ms  p95 {:>8.2} ms  mean {:>8.2} ms", format!("direct on the host, {label}"), b50 * 1e3, b95 * 1e3, bm * 1e3);
+            for vlabel in VM_PATHS.iter().filter(|l| l.split([' ', ',']).next() == Some(label)) {
+                let s = get(&vm, &format!("{kind} {vlabel}"))?;
+                let (p50, p95, m) = (pct(&s.values, 0.5), pct(&s.values, 0.95), mean(&s.values));
+                println!(
+                    "  {:<36} p50 {:>8.2} ms  p95 {:>8.2} ms  mean {:>8.2} ms   added p50 {:>+8.2} ms  p95 {:>+8.2} ms  mean {:>+8.2} ms",
+                    format!("VM, {vlabel}"),
+                    p50 * 1e3,
+                    p95 * 1e3,
+                    m * 1e3,
+                    (p50 - b50) * 1e3,
+                    (p95 - b95) * 1e3,
+                    (m - bm) * 1e3
+                );
+            }
         }
     }
-    println!("\nThe VM side includes the guest's own cost (curl and TLS in the guest run under the host's accelerator; TCG here).");
+    println!("\nVM numbers include the guest's own work (curl, TLS, TCP over its loopback), which runs under the host's accelerator (TCG here).");
     Ok(())
 }
