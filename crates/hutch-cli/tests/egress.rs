@@ -37,17 +37,26 @@ struct Outcome {
 
 impl Outcome {
     fn dump(&self) -> String {
-        format!("exit {:?}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+        format!(
+            "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 
     fn probe(&self, name: &str) -> &Probe {
-        self.probes.get(name).unwrap_or_else(|| panic!("probe {name} did not run\n{}", self.dump()))
+        self.probes
+            .get(name)
+            .unwrap_or_else(|| panic!("probe {name} did not run\n{}", self.dump()))
     }
 
     /// The probe got through (exit 0); returns its output.
     fn ok(&self, name: &str) -> &str {
         let p = self.probe(name);
-        assert_eq!(p.rc, 0, "probe {name} should get through, got rc {}: {}", p.rc, p.out);
+        assert_eq!(
+            p.rc, 0,
+            "probe {name} should get through, got rc {}: {}",
+            p.rc, p.out
+        );
         &p.out
     }
 
@@ -61,16 +70,26 @@ impl Outcome {
     /// The probe did not get through and its output mentions `needle`.
     fn refused_with(&self, name: &str, needle: &str) {
         let out = self.refused(name);
-        assert!(out.contains(needle), "probe {name} should mention {needle:?}: {out}");
+        assert!(
+            out.contains(needle),
+            "probe {name} should mention {needle:?}: {out}"
+        );
     }
 
     /// Audit records with `field` equal to `value`.
     fn audit_where(&self, field: &str, value: &str) -> Vec<&serde_json::Value> {
-        self.audit.iter().filter(|r| r[field].as_str() == Some(value)).collect()
+        self.audit
+            .iter()
+            .filter(|r| r[field].as_str() == Some(value))
+            .collect()
     }
 
     fn audit_text(&self) -> String {
-        self.audit.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n")
+        self.audit
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -83,7 +102,11 @@ struct Vm<'a> {
 
 impl<'a> Vm<'a> {
     fn new(net: &'a TestNet) -> Vm<'a> {
-        Vm { net, args: net.copy_in_args(), env: vec![] }
+        Vm {
+            net,
+            args: net.copy_in_args(),
+            env: vec![],
+        }
     }
 
     fn https(mut self, name: &str) -> Self {
@@ -122,7 +145,10 @@ impl<'a> Vm<'a> {
         let audit = tempfile::NamedTempFile::new().expect("audit file");
         let audit_path: PathBuf = audit.path().to_path_buf();
         let mut cmd = hutch();
-        cmd.arg("run").args(&self.args).arg("--audit").arg(&audit_path);
+        cmd.arg("run")
+            .args(&self.args)
+            .arg("--audit")
+            .arg(&audit_path);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -162,14 +188,24 @@ impl<'a> Vm<'a> {
         }
         drop(stdin);
         let status = child.wait().expect("wait for hutch");
-        let out = std::process::Output { status, stdout: raw, stderr: stderr_thread.join().expect("stderr thread") };
+        let out = std::process::Output {
+            status,
+            stdout: raw,
+            stderr: stderr_thread.join().expect("stderr thread"),
+        };
         let stdout = text(&out.stdout);
         let mut probes = BTreeMap::new();
         let mut current: Option<String> = None;
         for line in stdout.lines() {
             if let Some(rest) = line.strip_prefix("@@ ") {
                 let (name, rc) = rest.rsplit_once(' ').expect("probe line");
-                probes.insert(name.to_string(), Probe { rc: rc.parse().expect("probe rc"), out: String::new() });
+                probes.insert(
+                    name.to_string(),
+                    Probe {
+                        rc: rc.parse().expect("probe rc"),
+                        out: String::new(),
+                    },
+                );
                 current = Some(name.to_string());
             } else if let (Some(rest), Some(name)) = (line.strip_prefix("@| "), &current) {
                 let p = probes.get_mut(name).expect("current probe");
@@ -178,14 +214,26 @@ impl<'a> Vm<'a> {
             }
         }
         let audit_text = std::fs::read_to_string(&audit_path).expect("read audit log");
-        let audit = audit_text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}"))).collect();
-        Outcome { code: out.status.code(), stdout, stderr: text(&out.stderr), probes, audit }
+        let audit = audit_text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?}: {e}")))
+            .collect();
+        Outcome {
+            code: out.status.code(),
+            stdout,
+            stderr: text(&out.stderr),
+            probes,
+            audit,
+        }
     }
 }
 
 /// Requests the test net received for exactly `path`.
 fn requests_at(net: &TestNet, path: &str) -> Vec<hutch_testnet::Seen> {
-    net.requests().into_iter().filter(|s| s.path == path).collect()
+    net.requests()
+        .into_iter()
+        .filter(|s| s.path == path)
+        .collect()
 }
 
 const ECHO: &str = "echo.example.test";
@@ -198,7 +246,8 @@ const GIT: &str = "git.example.test";
 #[test]
 fn allowed_host_works_through_proxy_and_tunnel_with_curl_git_and_python() {
     let net = TestNet::start().expect("testnet");
-    net.create_git_repo("repo.git", &[("README", "served by the test net\n")]).expect("repo");
+    net.create_git_repo("repo.git", &[("README", "served by the test net\n")])
+        .expect("repo");
     let o = Vm::new(&net).https(ECHO).https(GIT).http(PLAIN).run(&format!(
         r#"
 p proxy curl -sS --fail {echo_proxy}
@@ -219,15 +268,27 @@ p resolv cat /etc/resolv.conf
         py2 = net.https_url(ECHO, "/python-noproxy"),
     ));
     assert_eq!(o.code, Some(0), "{}", o.dump());
-    for (probe, path) in [("proxy", "/via-proxy"), ("tunnel", "/via-tunnel"), ("python", "/python"), ("python-noproxy", "/python-noproxy")] {
-        assert!(o.ok(probe).contains(&format!("\"path\":\"{path}\"")), "{probe}: {}", o.ok(probe));
+    for (probe, path) in [
+        ("proxy", "/via-proxy"),
+        ("tunnel", "/via-tunnel"),
+        ("python", "/python"),
+        ("python-noproxy", "/python-noproxy"),
+    ] {
+        assert!(
+            o.ok(probe).contains(&format!("\"path\":\"{path}\"")),
+            "{probe}: {}",
+            o.ok(probe)
+        );
         let seen = requests_at(&net, path);
         assert_eq!(seen.len(), 1, "{path} reached the test net once");
         assert!(seen[0].tls);
         assert_eq!(seen[0].sni.as_deref(), Some(ECHO));
         assert_eq!(seen[0].host().as_deref(), Some(ECHO));
     }
-    for (probe, path) in [("plain-proxy", "/plain-proxy"), ("plain-tunnel", "/plain-tunnel")] {
+    for (probe, path) in [
+        ("plain-proxy", "/plain-proxy"),
+        ("plain-tunnel", "/plain-tunnel"),
+    ] {
         assert!(o.ok(probe).contains(path), "{}", o.ok(probe));
         let seen = requests_at(&net, path);
         assert_eq!(seen.len(), 1);
@@ -235,16 +296,43 @@ p resolv cat /etc/resolv.conf
         assert_eq!(seen[0].host().as_deref(), Some(PLAIN));
     }
     assert_eq!(o.ok("git").trim(), "served by the test net");
-    assert!(net.requests().iter().any(|s| s.path.starts_with("/repo.git/git-upload-pack")), "git fetched over smart HTTP");
+    assert!(
+        net.requests()
+            .iter()
+            .any(|s| s.path.starts_with("/repo.git/git-upload-pack")),
+        "git fetched over smart HTTP"
+    );
     assert!(o.ok("resolv").contains("nameserver 127.0.0.53"));
 
     // Every connection is audited as allowed, with the decided name and the pinned address.
-    let conns: Vec<_> = o.audit_where("event", "connection").into_iter().filter(|r| r["decision"] == "allow").collect();
+    let conns: Vec<_> = o
+        .audit_where("event", "connection")
+        .into_iter()
+        .filter(|r| r["decision"] == "allow")
+        .collect();
     let dest = format!("{ECHO}:{}", net.https_port());
-    assert!(conns.iter().any(|r| r["dest"] == dest.as_str() && r["via"] == "proxy"), "{}", o.audit_text());
-    assert!(conns.iter().any(|r| r["dest"] == dest.as_str() && r["via"] == "tunnel"), "{}", o.audit_text());
-    assert!(conns.iter().all(|r| r["addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.1:"))));
-    assert!(o.audit_where("decision", "deny").is_empty(), "nothing denied: {}", o.audit_text());
+    assert!(
+        conns
+            .iter()
+            .any(|r| r["dest"] == dest.as_str() && r["via"] == "proxy"),
+        "{}",
+        o.audit_text()
+    );
+    assert!(
+        conns
+            .iter()
+            .any(|r| r["dest"] == dest.as_str() && r["via"] == "tunnel"),
+        "{}",
+        o.audit_text()
+    );
+    assert!(conns.iter().all(|r| r["addr"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("127.0.0.1:"))));
+    assert!(
+        o.audit_where("decision", "deny").is_empty(),
+        "nothing denied: {}",
+        o.audit_text()
+    );
 }
 
 /// Classes 1 and 2, the plain case: a host with no allow rule fails at once with a message that
@@ -266,8 +354,16 @@ p python python3 -c 'import urllib.request; urllib.request.urlopen("{https_denie
         http_denied = net.http_url(denied, "/nope"),
     ));
     assert_eq!(o.code, Some(0), "{}", o.dump());
-    assert_eq!(o.probe("getent").rc, 2, "getent: name not found: {}", o.probe("getent").out);
-    assert!(o.ok("getent-allowed").starts_with("198.18."), "allowed names get an address from the private range");
+    assert_eq!(
+        o.probe("getent").rc,
+        2,
+        "getent: name not found: {}",
+        o.probe("getent").out
+    );
+    assert!(
+        o.ok("getent-allowed").starts_with("198.18."),
+        "allowed names get an address from the private range"
+    );
     // curl exit 56 = CONNECT refused (not 28, a timeout): the proxy answered at once.
     let p = o.probe("https-proxy");
     assert_eq!(p.rc, 56, "{}", p.out);
@@ -275,21 +371,51 @@ p python python3 -c 'import urllib.request; urllib.request.urlopen("{https_denie
     // Plain HTTP through the proxy: the gateway's own 403 says what was denied and why.
     let p = o.probe("http-proxy");
     assert_eq!(p.rc, 22, "{}", p.out);
-    assert!(p.out.contains(&format!("hutch: egress to {denied}:{} denied by policy", net.http_port())), "{}", p.out);
+    assert!(
+        p.out.contains(&format!(
+            "hutch: egress to {denied}:{} denied by policy",
+            net.http_port()
+        )),
+        "{}",
+        p.out
+    );
     // Without the proxy the name does not resolve (curl 6).
-    assert_eq!(o.probe("https-tunnel").rc, 6, "{}", o.probe("https-tunnel").out);
+    assert_eq!(
+        o.probe("https-tunnel").rc,
+        6,
+        "{}",
+        o.probe("https-tunnel").out
+    );
     o.refused_with("python", "403");
 
     let denials: Vec<_> = o.audit_where("decision", "deny");
-    assert!(denials.iter().any(|r| r["event"] == "dns" && r["dest"] == denied), "{}", o.audit_text());
-    let https_dest = format!("{denied}:{}", net.https_port());
     assert!(
-        denials.iter().any(|r| r["event"] == "connection" && r["dest"] == https_dest.as_str() && r["reason"].as_str().is_some_and(|s| s.contains("no allow rule"))),
+        denials
+            .iter()
+            .any(|r| r["event"] == "dns" && r["dest"] == denied),
         "{}",
         o.audit_text()
     );
-    assert!(net.requests().is_empty(), "nothing reached the test net: {:?}", net.requests());
-    assert!(o.stderr.contains(denied), "the end-of-run summary names the denied host: {}", o.stderr);
+    let https_dest = format!("{denied}:{}", net.https_port());
+    assert!(
+        denials.iter().any(|r| r["event"] == "connection"
+            && r["dest"] == https_dest.as_str()
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("no allow rule"))),
+        "{}",
+        o.audit_text()
+    );
+    assert!(
+        net.requests().is_empty(),
+        "nothing reached the test net: {:?}",
+        net.requests()
+    );
+    assert!(
+        o.stderr.contains(denied),
+        "the end-of-run summary names the denied host: {}",
+        o.stderr
+    );
 }
 
 /// Class 1 (DNS exfiltration): data in query labels never leaves the VM. The guest's only
@@ -324,11 +450,20 @@ p tunnel-ok curl -sS --fail --noproxy '*' https://{ECHO}:{p}/dns-ok
     ));
     assert_eq!(o.code, Some(0), "{}", o.dump());
     for probe in ["getent-exfil", "getent-sub", "ahosts-exfil"] {
-        assert_eq!(o.probe(probe).rc, 2, "{probe}: not found: {}", o.probe(probe).out);
+        assert_eq!(
+            o.probe(probe).rc,
+            2,
+            "{probe}: not found: {}",
+            o.probe(probe).out
+        );
     }
     o.refused_with("dns-exfil", "rcode=3 answers=0");
     o.refused_with("dns-exfil-txt", "rcode=3 answers=0");
-    assert!(o.ok("dns-allowed").contains("addrs=198.18."), "{}", o.ok("dns-allowed"));
+    assert!(
+        o.ok("dns-allowed").contains("addrs=198.18."),
+        "{}",
+        o.ok("dns-allowed")
+    );
     // Allowed names answer nothing but their A record: no TXT or AAAA channel back in either.
     o.refused_with("dns-allowed-txt", "rcode=0 answers=0");
     o.refused_with("dns-allowed-aaaa", "rcode=0 answers=0");
@@ -337,15 +472,42 @@ p tunnel-ok curl -sS --fail --noproxy '*' https://{ECHO}:{p}/dns-ok
     o.refused_with("tcp53-public", "ENETUNREACH");
     o.refused_with("tcp53-local", "ECONNREFUSED");
     o.refused_with("dot", "ENETUNREACH");
-    assert_eq!(o.probe("doh-name").rc, 56, "DoH by name: CONNECT refused: {}", o.probe("doh-name").out);
+    assert_eq!(
+        o.probe("doh-name").rc,
+        56,
+        "DoH by name: CONNECT refused: {}",
+        o.probe("doh-name").out
+    );
     o.refused_with("doh-ip", "IP address");
-    assert_eq!(o.probe("doh-ip-direct").rc, 7, "DoH by address without the proxy: no route: {}", o.probe("doh-ip-direct").out);
+    assert_eq!(
+        o.probe("doh-ip-direct").rc,
+        7,
+        "DoH by address without the proxy: no route: {}",
+        o.probe("doh-ip-direct").out
+    );
     assert!(o.ok("tunnel-ok").contains("/dns-ok"));
 
     // Only the exfiltration names' DNS denials reached the host (its audit log), nothing further.
-    let dns_denied: Vec<&str> = o.audit_where("event", "dns").iter().filter(|r| r["decision"] == "deny").filter_map(|r| r["dest"].as_str()).collect();
-    assert!(dns_denied.iter().any(|d| d.starts_with(&leak.to_ascii_lowercase())), "{}", o.audit_text());
-    assert_eq!(net.requests().iter().map(|s| s.path.as_str()).collect::<Vec<_>>(), vec!["/dns-ok"]);
+    let dns_denied: Vec<&str> = o
+        .audit_where("event", "dns")
+        .iter()
+        .filter(|r| r["decision"] == "deny")
+        .filter_map(|r| r["dest"].as_str())
+        .collect();
+    assert!(
+        dns_denied
+            .iter()
+            .any(|d| d.starts_with(&leak.to_ascii_lowercase())),
+        "{}",
+        o.audit_text()
+    );
+    assert_eq!(
+        net.requests()
+            .iter()
+            .map(|s| s.path.as_str())
+            .collect::<Vec<_>>(),
+        vec!["/dns-ok"]
+    );
     assert_eq!(net.udp_datagrams(), 0);
 }
 
@@ -381,7 +543,11 @@ p python-noproxy env -u https_proxy -u HTTPS_PROXY -u http_proxy -u HTTP_PROXY p
     let links = o.ok("links");
     assert_eq!(links.lines().count(), 1, "only loopback: {links}");
     assert!(links.starts_with("1: lo:"), "{links}");
-    assert!(!o.ok("routes").contains("default"), "no default route: {}", o.ok("routes"));
+    assert!(
+        !o.ok("routes").contains("default"),
+        "no default route: {}",
+        o.ok("routes")
+    );
     assert!(o.ok("tunnel-ok").contains("/bypass-ok"));
     assert!(o.ok("python-noproxy").contains("/python-bypass"));
     assert_eq!(o.probe("ip-direct").rc, 7, "{}", o.probe("ip-direct").out);
@@ -400,10 +566,19 @@ p python-noproxy env -u https_proxy -u HTTPS_PROXY -u http_proxy -u HTTP_PROXY p
     o.refused_with("unassigned-fake", "closed without a byte");
     o.refused_with("other-port", "closed without a byte");
     let other = format!("{ECHO}:9");
-    assert!(o.audit_where("dest", &other).iter().any(|r| r["decision"] == "deny"), "port 9 has no rule: {}", o.audit_text());
+    assert!(
+        o.audit_where("dest", &other)
+            .iter()
+            .any(|r| r["decision"] == "deny"),
+        "port 9 has no rule: {}",
+        o.audit_text()
+    );
     assert_eq!(net.udp_datagrams(), 0, "no UDP reached the host");
     let paths: Vec<String> = net.requests().into_iter().map(|s| s.path).collect();
-    assert_eq!(paths, vec!["/bypass-ok".to_string(), "/python-bypass".to_string()]);
+    assert_eq!(
+        paths,
+        vec!["/bypass-ok".to_string(), "/python-bypass".to_string()]
+    );
 }
 
 /// Class 3 (name canonicalization): IP spellings are refused by the proxy whatever the spelling
@@ -413,8 +588,11 @@ p python-noproxy env -u https_proxy -u HTTPS_PROXY -u http_proxy -u HTTP_PROXY p
 fn threat3_canonicalization_is_decided_on_the_dialed_bytes() {
     let net = TestNet::start().expect("testnet");
     let (p, hp) = (net.https_port(), net.http_port());
-    let raw = |target: &str| format!("'\"GET http://{target}/x HTTP/1.1\\r\\nHost: {target}\\r\\n\\r\\n\"'");
-    let connect = |target: &str| format!("'\"CONNECT {target} HTTP/1.1\\r\\nHost: {target}\\r\\n\\r\\n\"'");
+    let raw = |target: &str| {
+        format!("'\"GET http://{target}/x HTTP/1.1\\r\\nHost: {target}\\r\\n\\r\\n\"'")
+    };
+    let connect =
+        |target: &str| format!("'\"CONNECT {target} HTTP/1.1\\r\\nHost: {target}\\r\\n\\r\\n\"'");
     let mut script = String::new();
     for (name, target) in [
         ("abs-short", format!("127.1:{hp}")),
@@ -450,36 +628,88 @@ p getent-numeric getent hosts 0x7f.1
     ));
     let o = Vm::new(&net).https(ECHO).http(ECHO).run(&script);
     assert_eq!(o.code, Some(0), "{}", o.dump());
-    for probe in ["abs-short", "abs-hex", "abs-int", "abs-octal", "abs-v4mapped", "connect-short", "connect-int", "connect-v4mapped"] {
+    for probe in [
+        "abs-short",
+        "abs-hex",
+        "abs-int",
+        "abs-octal",
+        "abs-v4mapped",
+        "connect-short",
+        "connect-int",
+        "connect-v4mapped",
+    ] {
         o.refused_with(probe, "403");
         o.refused_with(probe, "is the IP address");
     }
     o.refused("abs-zone");
     o.refused("connect-double-dot");
-    assert!(o.ok("connect-case-dot").starts_with("HTTP/1.1 200"), "{}", o.ok("connect-case-dot"));
+    assert!(
+        o.ok("connect-case-dot").starts_with("HTTP/1.1 200"),
+        "{}",
+        o.ok("connect-case-dot")
+    );
     // curl turns 127.1 into 127.0.0.1, which NO_PROXY sends to the guest's own loopback.
     assert_eq!(o.probe("curl-short").rc, 7, "{}", o.probe("curl-short").out);
-    for (probe, path) in [("case-proxy", "/case-proxy"), ("dot-proxy", "/dot-proxy"), ("case-tunnel", "/case-tunnel"), ("dot-tunnel", "/dot-tunnel")] {
+    for (probe, path) in [
+        ("case-proxy", "/case-proxy"),
+        ("dot-proxy", "/dot-proxy"),
+        ("case-tunnel", "/case-tunnel"),
+        ("dot-tunnel", "/dot-tunnel"),
+    ] {
         assert!(o.ok(probe).contains(path), "{probe}: {}", o.ok(probe));
         assert_eq!(requests_at(&net, path).len(), 1, "{path}");
     }
-    let addr = |probe: &str| o.ok(probe).split_whitespace().next().unwrap_or("").to_string();
-    assert_eq!(addr("getent-variant"), addr("getent-canonical"), "one name, one address");
+    let addr = |probe: &str| {
+        o.ok(probe)
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(
+        addr("getent-variant"),
+        addr("getent-canonical"),
+        "one name, one address"
+    );
     assert_eq!(o.probe("getent-double-dot").rc, 2);
     // glibc does not read 0x7f.1 as an address, so it asks the resolver, and the host refuses it.
-    assert_eq!(o.probe("getent-numeric").rc, 2, "{}", o.probe("getent-numeric").out);
+    assert_eq!(
+        o.probe("getent-numeric").rc,
+        2,
+        "{}",
+        o.probe("getent-numeric").out
+    );
     assert!(
-        o.audit.iter().any(|r| r["event"] == "dns" && r["dest"] == "0x7f.1" && r["reason"].as_str().is_some_and(|s| s.contains("is the IP address 127.0.0.1"))),
+        o.audit.iter().any(|r| r["event"] == "dns"
+            && r["dest"] == "0x7f.1"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("is the IP address 127.0.0.1"))),
         "{}",
         o.audit_text()
     );
 
     // Every allowed decision is on the canonical name, dialed at the pinned address.
-    for r in o.audit.iter().filter(|r| r["decision"] == "allow" && r["event"] == "connection") {
-        assert_eq!(r["dest"].as_str(), Some(format!("{ECHO}:{p}").as_str()), "{r}");
-        assert_eq!(r["addr"].as_str(), Some(format!("127.0.0.1:{p}").as_str()), "{r}");
+    for r in o
+        .audit
+        .iter()
+        .filter(|r| r["decision"] == "allow" && r["event"] == "connection")
+    {
+        assert_eq!(
+            r["dest"].as_str(),
+            Some(format!("{ECHO}:{p}").as_str()),
+            "{r}"
+        );
+        assert_eq!(
+            r["addr"].as_str(),
+            Some(format!("127.0.0.1:{p}").as_str()),
+            "{r}"
+        );
     }
-    assert!(net.requests().iter().all(|s| s.path != "/x"), "no IP spelling reached the test net");
+    assert!(
+        net.requests().iter().all(|s| s.path != "/x"),
+        "no IP spelling reached the test net"
+    );
 }
 
 /// Class 4 (parser differentials): NUL and CR/LF in names (in DNS labels and in CONNECT),
@@ -491,17 +721,32 @@ fn threat4_parser_differentials_are_refused() {
     let (p, hp) = (net.https_port(), net.http_port());
     let req = |name: &str, text: String| format!("p {name} probe proxy '\"{text}\"'\n");
     let mut script = String::new();
-    script.push_str(&format!("p dns-nul probe dns 127.0.0.53 \"b'echo\\x00'|b'example'|b'test'\"\n"));
-    script.push_str(&format!("p dns-crlf probe dns 127.0.0.53 \"b'echo\\r\\nx'|b'example'|b'test'\"\n"));
-    script.push_str(&format!("p dns-space probe dns 127.0.0.53 \"b'echo example'|b'test'\"\n"));
-    script.push_str(&format!("p dns-ok probe dns 127.0.0.53 \"b'echo'|b'example'|b'test'\"\n"));
-    script.push_str(&req("connect-nul", format!("CONNECT {ECHO}\\x00.evil.test:{p} HTTP/1.1\\r\\nHost: {ECHO}:{p}\\r\\n\\r\\n")));
-    script.push_str(&req("connect-crlf", format!("CONNECT {ECHO}\\r\\nX: evil.test:{p} HTTP/1.1\\r\\n\\r\\n")));
-    script.push_str(&req("abs-host-mismatch", format!("GET http://{PLAIN}:{hp}/mismatch HTTP/1.1\\r\\nHost: evil.test\\r\\n\\r\\n")));
-    script.push_str(&req("abs-host-other-allowed", format!("GET http://{PLAIN}:{hp}/mismatch2 HTTP/1.1\\r\\nHost: {ECHO}:{hp}\\r\\n\\r\\n")));
+    script.push_str("p dns-nul probe dns 127.0.0.53 \"b'echo\\x00'|b'example'|b'test'\"\n");
+    script.push_str("p dns-crlf probe dns 127.0.0.53 \"b'echo\\r\\nx'|b'example'|b'test'\"\n");
+    script.push_str("p dns-space probe dns 127.0.0.53 \"b'echo example'|b'test'\"\n");
+    script.push_str("p dns-ok probe dns 127.0.0.53 \"b'echo'|b'example'|b'test'\"\n");
+    script.push_str(&req(
+        "connect-nul",
+        format!("CONNECT {ECHO}\\x00.evil.test:{p} HTTP/1.1\\r\\nHost: {ECHO}:{p}\\r\\n\\r\\n"),
+    ));
+    script.push_str(&req(
+        "connect-crlf",
+        format!("CONNECT {ECHO}\\r\\nX: evil.test:{p} HTTP/1.1\\r\\n\\r\\n"),
+    ));
+    script.push_str(&req(
+        "abs-host-mismatch",
+        format!("GET http://{PLAIN}:{hp}/mismatch HTTP/1.1\\r\\nHost: evil.test\\r\\n\\r\\n"),
+    ));
+    script.push_str(&req(
+        "abs-host-other-allowed",
+        format!("GET http://{PLAIN}:{hp}/mismatch2 HTTP/1.1\\r\\nHost: {ECHO}:{hp}\\r\\n\\r\\n"),
+    ));
     script.push_str(&req("abs-two-hosts", format!("GET http://{PLAIN}:{hp}/two HTTP/1.1\\r\\nHost: {PLAIN}:{hp}\\r\\nHost: evil.test\\r\\n\\r\\n")));
     script.push_str(&req("abs-userinfo", format!("GET http://evil.test@{PLAIN}:{hp}/userinfo HTTP/1.1\\r\\nHost: {PLAIN}:{hp}\\r\\n\\r\\n")));
-    script.push_str(&req("abs-ok", format!("GET http://{PLAIN}:{hp}/abs-ok HTTP/1.1\\r\\nHost: {PLAIN}:{hp}\\r\\n\\r\\n")));
+    script.push_str(&req(
+        "abs-ok",
+        format!("GET http://{PLAIN}:{hp}/abs-ok HTTP/1.1\\r\\nHost: {PLAIN}:{hp}\\r\\n\\r\\n"),
+    ));
     script.push_str(&format!("p tunnel-host-mismatch curl -sS --fail-with-body --noproxy '*' -H 'Host: evil.test' http://{PLAIN}:{hp}/tunnel-mismatch\n"));
     let o = Vm::new(&net).http(PLAIN).http(ECHO).run(&script);
     assert_eq!(o.code, Some(0), "{}", o.dump());
@@ -511,14 +756,29 @@ fn threat4_parser_differentials_are_refused() {
     assert!(o.ok("dns-ok").contains("addrs=198.18."));
     o.refused_with("connect-nul", "400");
     o.refused_with("connect-crlf", "400");
-    for probe in ["abs-host-mismatch", "abs-host-other-allowed", "abs-two-hosts", "abs-userinfo"] {
+    for probe in [
+        "abs-host-mismatch",
+        "abs-host-other-allowed",
+        "abs-two-hosts",
+        "abs-userinfo",
+    ] {
         o.refused_with(probe, "400");
     }
     assert!(o.ok("abs-ok").starts_with("HTTP/1.1 200"));
     o.refused_with("tunnel-host-mismatch", "authority mismatch");
     let paths: Vec<String> = net.requests().into_iter().map(|s| s.path).collect();
-    assert_eq!(paths, vec!["/abs-ok".to_string()], "only the well-formed request reached the test net");
-    assert!(o.audit.iter().any(|r| r["reason"].as_str().is_some_and(|s| s.contains("authority mismatch"))), "{}", o.audit_text());
+    assert_eq!(
+        paths,
+        vec!["/abs-ok".to_string()],
+        "only the well-formed request reached the test net"
+    );
+    assert!(
+        o.audit.iter().any(|r| r["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("authority mismatch"))),
+        "{}",
+        o.audit_text()
+    );
 }
 
 const API: &str = "api.example.test";
@@ -527,7 +787,10 @@ const OTHER: &str = "other.example.test";
 fn random_hex(n: usize) -> String {
     use std::io::Read;
     let mut b = vec![0u8; n];
-    std::fs::File::open("/dev/urandom").expect("urandom").read_exact(&mut b).expect("random bytes");
+    std::fs::File::open("/dev/urandom")
+        .expect("urandom")
+        .read_exact(&mut b)
+        .expect("random bytes");
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -535,9 +798,22 @@ fn random_hex(n: usize) -> String {
 fn qemu_of(hutch_pid: u32) -> u32 {
     let qemus: Vec<u32> = common::processes_mentioning("/sandboxes/")
         .into_iter()
-        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).map(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)) == Some(&hutch_pid.to_string())).unwrap_or(false))
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .map(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .and_then(|r| r.split_whitespace().nth(1))
+                        == Some(&hutch_pid.to_string())
+                })
+                .unwrap_or(false)
+        })
         .collect();
-    assert_eq!(qemus.len(), 1, "one QEMU child of hutch {hutch_pid}: {qemus:?}");
+    assert_eq!(
+        qemus.len(),
+        1,
+        "one QEMU child of hutch {hutch_pid}: {qemus:?}"
+    );
     qemus[0]
 }
 
@@ -545,7 +821,14 @@ fn qemu_of(hutch_pid: u32) -> u32 {
 fn sandbox_dir_of(qemu: u32) -> PathBuf {
     let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).expect("qemu cmdline");
     let cmdline = String::from_utf8_lossy(&cmdline);
-    let dir = cmdline.split('\0').find_map(|a| a.split("path=").nth(1).and_then(|p| p.strip_suffix("/console.log"))).expect("console path in the QEMU command line");
+    let dir = cmdline
+        .split('\0')
+        .find_map(|a| {
+            a.split("path=")
+                .nth(1)
+                .and_then(|p| p.strip_suffix("/console.log"))
+        })
+        .expect("console path in the QEMU command line");
     PathBuf::from(dir)
 }
 
@@ -554,26 +837,36 @@ fn memory_contains(pid: u32, needles: &[&str]) -> Vec<bool> {
     use std::io::{Read, Seek, SeekFrom};
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
     let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open process memory");
-    let finders: Vec<memchr::memmem::Finder> = needles.iter().map(|n| memchr::memmem::Finder::new(n.as_bytes())).collect();
+    let finders: Vec<memchr::memmem::Finder> = needles
+        .iter()
+        .map(|n| memchr::memmem::Finder::new(n.as_bytes()))
+        .collect();
     let overlap = needles.iter().map(|n| n.len()).max().unwrap_or(1);
     let mut found = vec![false; needles.len()];
     let mut buf = vec![0u8; 64 << 20];
     let mut regions = 0u64;
     for line in maps.lines() {
         let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else { continue };
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
         if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
             continue;
         }
         let (lo, hi) = range.split_once('-').expect("range");
-        let (lo, hi) = (u64::from_str_radix(lo, 16).expect("lo"), u64::from_str_radix(hi, 16).expect("hi"));
+        let (lo, hi) = (
+            u64::from_str_radix(lo, 16).expect("lo"),
+            u64::from_str_radix(hi, 16).expect("hi"),
+        );
         let mut at = lo;
         while at < hi {
             let len = ((hi - at) as usize).min(buf.len());
             if mem.seek(SeekFrom::Start(at)).is_err() {
                 break;
             }
-            let Ok(n) = mem.read(&mut buf[..len]) else { break };
+            let Ok(n) = mem.read(&mut buf[..len]) else {
+                break;
+            };
             if n == 0 {
                 break;
             }
@@ -581,10 +874,17 @@ fn memory_contains(pid: u32, needles: &[&str]) -> Vec<bool> {
             for (i, f) in finders.iter().enumerate() {
                 found[i] |= f.find(&buf[..n]).is_some();
             }
-            at += if n as u64 >= hi - at { n as u64 } else { (n - overlap.min(n - 1)) as u64 };
+            at += if n as u64 >= hi - at {
+                n as u64
+            } else {
+                (n - overlap.min(n - 1)) as u64
+            };
         }
     }
-    assert!(regions > 256 << 20, "read {regions} bytes of QEMU memory, expected the guest's RAM at least");
+    assert!(
+        regions > 256 << 20,
+        "read {regions} bytes of QEMU memory, expected the guest's RAM at least"
+    );
     found
 }
 
@@ -635,59 +935,129 @@ read resume
         .https(ECHO)
         .http(PLAIN)
         .upstream_ca()
-        .args(&["--secret", &format!("API_KEY@{API}"), "--secret", &format!("OTHER_KEY@{OTHER}")])
+        .args(&[
+            "--secret",
+            &format!("API_KEY@{API}"),
+            "--secret",
+            &format!("OTHER_KEY@{OTHER}"),
+        ])
         .env("API_KEY", &real)
         .env("OTHER_KEY", &other_real)
         .run_paused(&script, |hutch_pid| {
             let qemu = qemu_of(hutch_pid);
             let environ = std::fs::read(format!("/proc/{qemu}/environ")).expect("QEMU environ");
             let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).expect("QEMU cmdline");
-            let in_env = memchr::memmem::find(&environ, real.as_bytes()).is_some() || memchr::memmem::find(&environ, other_real.as_bytes()).is_some();
+            let in_env = memchr::memmem::find(&environ, real.as_bytes()).is_some()
+                || memchr::memmem::find(&environ, other_real.as_bytes()).is_some();
             let in_cmdline = memchr::memmem::find(&cmdline, real.as_bytes()).is_some();
             let dir = sandbox_dir_of(qemu);
             let files: Vec<(String, bool, bool)> = std::fs::read_dir(&dir)
                 .expect("sandbox dir")
                 .flatten()
                 .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-                .map(|e| (e.file_name().to_string_lossy().into_owned(), file_contains(&e.path(), &real), file_contains(&e.path(), &marker)))
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        file_contains(&e.path(), &real),
+                        file_contains(&e.path(), &marker),
+                    )
+                })
                 .collect();
             let in_memory = memory_contains(qemu, &[&real, &other_real, &marker]);
             host_checks = Some((in_env, in_cmdline, qemu, files, in_memory));
         });
     assert_eq!(o.code, Some(0), "{}", o.dump());
     let placeholder = o.ok("env-key").trim().to_string();
-    assert!(placeholder.starts_with("hutch-ph-API_KEY-"), "{placeholder}");
+    assert!(
+        placeholder.starts_with("hutch-ph-API_KEY-"),
+        "{placeholder}"
+    );
     assert_ne!(placeholder, real);
 
-    let auth_at = |path: &str| requests_at(&net, path).first().and_then(|s| s.header("authorization").map(str::to_string)).unwrap_or_else(|| panic!("{path} not received: {:?}", net.requests()));
+    let auth_at = |path: &str| {
+        requests_at(&net, path)
+            .first()
+            .and_then(|s| s.header("authorization").map(str::to_string))
+            .unwrap_or_else(|| panic!("{path} not received: {:?}", net.requests()))
+    };
     // The bound host gets the value over intercepted TLS, via the proxy and the transparent path.
     assert_eq!(auth_at("/v1/swap"), format!("Bearer {real}"));
     assert_eq!(auth_at("/v1/tunnel-swap"), format!("Bearer {real}"));
-    assert_eq!(requests_at(&net, "/reflect/x-token")[0].header("x-token"), Some(real.as_str()));
+    assert_eq!(
+        requests_at(&net, "/reflect/x-token")[0].header("x-token"),
+        Some(real.as_str())
+    );
     // ... and echoes of it come back masked.
     for probe in ["swap", "tunnel-swap", "reflect"] {
-        assert!(!o.ok(probe).contains(&real), "{probe} showed the VM the real value: {}", o.ok(probe));
-        assert!(o.ok(probe).contains(&placeholder), "{probe}: {}", o.ok(probe));
+        assert!(
+            !o.ok(probe).contains(&real),
+            "{probe} showed the VM the real value: {}",
+            o.ok(probe)
+        );
+        assert!(
+            o.ok(probe).contains(&placeholder),
+            "{probe}: {}",
+            o.ok(probe)
+        );
     }
-    assert!(o.ok("reflect").to_ascii_lowercase().contains(&format!("x-reflected: {placeholder}").to_ascii_lowercase()));
+    assert!(o
+        .ok("reflect")
+        .to_ascii_lowercase()
+        .contains(&format!("x-reflected: {placeholder}").to_ascii_lowercase()));
     // Everywhere else the placeholder arrives unchanged.
     let other_placeholder = auth_at("/v1/cross");
-    assert!(other_placeholder.starts_with("Bearer hutch-ph-OTHER_KEY-"), "{other_placeholder}");
-    for path in ["/v1/to-other", "/v1/plaintext", "/v1/plain-other", "/v1/passthrough", "/v1/landed"] {
+    assert!(
+        other_placeholder.starts_with("Bearer hutch-ph-OTHER_KEY-"),
+        "{other_placeholder}"
+    );
+    for path in [
+        "/v1/to-other",
+        "/v1/plaintext",
+        "/v1/plain-other",
+        "/v1/passthrough",
+        "/v1/landed",
+    ] {
         assert_eq!(auth_at(path), format!("Bearer {placeholder}"), "{path}");
     }
     let landed_via = requests_at(&net, "/v1/landed");
     assert_eq!(landed_via[0].host().as_deref(), Some(OTHER));
-    assert!(requests_at(&net, &format!("/redirect?to=https://{OTHER}:{p}/v1/landed"))[0].header("authorization") == Some(&format!("Bearer {real}")), "the first hop, to the bound host, was swapped");
-    assert!(requests_at(&net, &format!("/v1/url?key={placeholder}")).len() == 1, "no swap in URLs");
+    assert!(
+        requests_at(&net, &format!("/redirect?to=https://{OTHER}:{p}/v1/landed"))[0]
+            .header("authorization")
+            == Some(&format!("Bearer {real}")),
+        "the first hop, to the bound host, was swapped"
+    );
+    assert!(
+        requests_at(&net, &format!("/v1/url?key={placeholder}")).len() == 1,
+        "no swap in URLs"
+    );
     // Bodies are streamed, not searched, unless a secret bound to the host says in_body.
-    assert_eq!(requests_at(&net, "/v1/body")[0].body, format!("key={placeholder}"), "no swap in bodies unless the policy says in_body");
+    assert_eq!(
+        requests_at(&net, "/v1/body")[0].body,
+        format!("key={placeholder}"),
+        "no swap in bodies unless the policy says in_body"
+    );
 
     // The audit log flags every unswapped placeholder it could see, by name, never by value.
     let flagged = |path: &str, flag: &str| {
-        let recs: Vec<_> = o.audit.iter().filter(|r| r["event"] == "request" && r["path"].as_str().is_some_and(|p| p.starts_with(path))).collect();
-        assert!(!recs.is_empty(), "no audit record for {path}: {}", o.audit_text());
-        assert!(recs.iter().any(|r| r["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == flag))), "{path} should be flagged {flag}: {recs:?}");
+        let recs: Vec<_> = o
+            .audit
+            .iter()
+            .filter(|r| {
+                r["event"] == "request" && r["path"].as_str().is_some_and(|p| p.starts_with(path))
+            })
+            .collect();
+        assert!(
+            !recs.is_empty(),
+            "no audit record for {path}: {}",
+            o.audit_text()
+        );
+        assert!(
+            recs.iter().any(|r| r["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == flag))),
+            "{path} should be flagged {flag}: {recs:?}"
+        );
     };
     flagged("/v1/cross", "possible_exfiltration:OTHER_KEY");
     flagged("/v1/to-other", "possible_exfiltration:API_KEY");
@@ -696,25 +1066,58 @@ read resume
     flagged("/v1/plain-other", "possible_exfiltration:API_KEY");
     flagged("/v1/url", "placeholder_in_url_not_swapped:API_KEY");
     flagged("/v1/swap", "masked_in_response:API_KEY");
-    let swap = o.audit.iter().find(|r| r["path"] == "/v1/swap").expect("swap record");
-    assert!(swap["secrets"].as_array().is_some_and(|s| s.iter().any(|x| x == "API_KEY")), "{swap}");
+    let swap = o
+        .audit
+        .iter()
+        .find(|r| r["path"] == "/v1/swap")
+        .expect("swap record");
+    assert!(
+        swap["secrets"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|x| x == "API_KEY")),
+        "{swap}"
+    );
 
     // Class 12: nothing in the VM or around it holds the real value.
-    assert!(o.ok("environ").trim().parse::<u32>().expect("count") >= 1, "the placeholder is in the guest's process environments");
+    assert!(
+        o.ok("environ").trim().parse::<u32>().expect("count") >= 1,
+        "the placeholder is in the guest's process environments"
+    );
     let (in_env, in_cmdline, qemu, files, in_memory) = host_checks.expect("the guest paused");
-    assert!(!in_env, "QEMU (pid {qemu}) inherited the secret in its environment");
+    assert!(
+        !in_env,
+        "QEMU (pid {qemu}) inherited the secret in its environment"
+    );
     assert!(!in_cmdline, "QEMU's command line holds the secret");
-    assert!(in_memory[2], "the marker the guest wrote is in QEMU's memory, so the scan sees guest RAM");
-    assert!(!in_memory[0] && !in_memory[1], "a real value is in QEMU's memory (guest RAM or the VMM itself)");
-    assert!(files.iter().any(|(n, _, m)| n == "disk.qcow2" && *m), "the guest's synced file is in disk.qcow2, so the grep can see the disk: {files:?}");
+    assert!(
+        in_memory[2],
+        "the marker the guest wrote is in QEMU's memory, so the scan sees guest RAM"
+    );
+    assert!(
+        !in_memory[0] && !in_memory[1],
+        "a real value is in QEMU's memory (guest RAM or the VMM itself)"
+    );
+    assert!(
+        files.iter().any(|(n, _, m)| n == "disk.qcow2" && *m),
+        "the guest's synced file is in disk.qcow2, so the grep can see the disk: {files:?}"
+    );
     for (name, has_real, _) in &files {
-        assert!(!has_real, "{name} in the sandbox directory holds the real value");
+        assert!(
+            !has_real,
+            "{name} in the sandbox directory holds the real value"
+        );
     }
     for (what, text) in [("stdout", &o.stdout), ("stderr", &o.stderr)] {
-        assert!(!text.contains(&real) && !text.contains(&other_real), "hutch's {what} holds a real value");
+        assert!(
+            !text.contains(&real) && !text.contains(&other_real),
+            "hutch's {what} holds a real value"
+        );
     }
     let audit = o.audit_text();
-    assert!(!audit.contains(&real) && !audit.contains(&other_real), "the audit log holds a real value");
+    assert!(
+        !audit.contains(&real) && !audit.contains(&other_real),
+        "the audit log holds a real value"
+    );
 }
 
 /// Class 5 (domain fronting), and the upgrade half of 13: on a host that carries a secret, TLS is
@@ -727,7 +1130,8 @@ read resume
 #[test]
 fn threat5_domain_fronting_onto_a_secret_host_is_refused() {
     let net = TestNet::start().expect("testnet");
-    let (Some(api_web), Some(other_web)) = (net.allow_web_https(API), net.allow_web_https(OTHER)) else {
+    let (Some(api_web), Some(other_web)) = (net.allow_web_https(API), net.allow_web_https(OTHER))
+    else {
         println!("SKIPPED: the test net could not bind ports 443/80 (needs root or CAP_NET_BIND_SERVICE); domain fronting on web ports not tested");
         return;
     };
@@ -761,24 +1165,69 @@ p slow-ok probe tls-connect-slow {API}:{p} {API} {API}:{p} /front-ok3
         .run(&script);
     assert_eq!(o.code, Some(0), "{}", o.dump());
     for probe in ["front-ok", "tunnel-ok", "slow-ok"] {
-        assert!(o.ok(probe).starts_with("HTTP/1.1 200"), "{probe}: {}", o.ok(probe));
+        assert!(
+            o.ok(probe).starts_with("HTTP/1.1 200"),
+            "{probe}: {}",
+            o.ok(probe)
+        );
     }
     // A mismatched or missing SNI is cut off before the handshake completes.
-    for probe in ["sni-secret-via-other", "sni-other-via-secret", "no-sni", "tunnel-sni-secret-via-other", "slow-sni-other-via-secret"] {
-        assert_eq!(o.probe(probe).rc, 2, "{probe}: {}\n{}", o.probe(probe).out, o.audit_text());
+    for probe in [
+        "sni-secret-via-other",
+        "sni-other-via-secret",
+        "no-sni",
+        "tunnel-sni-secret-via-other",
+        "slow-sni-other-via-secret",
+    ] {
+        assert_eq!(
+            o.probe(probe).rc,
+            2,
+            "{probe}: {}\n{}",
+            o.probe(probe).out,
+            o.audit_text()
+        );
     }
-    assert_eq!(o.probe("curl-connect-to").rc, 35, "TLS handshake refused: {}", o.probe("curl-connect-to").out);
+    assert_eq!(
+        o.probe("curl-connect-to").rc,
+        35,
+        "TLS handshake refused: {}",
+        o.probe("curl-connect-to").out
+    );
     o.refused_with("host-other-on-secret", "421");
     o.refused_with("slow-host-other-on-secret", "421");
     o.refused_with("curl-host-header", "authority mismatch");
     o.refused_with("websocket", "upgrades");
-    assert_eq!(o.ok("h2"), "1.1\n", "HTTP/2 is not negotiated on intercepted connections");
+    assert_eq!(
+        o.ok("h2"),
+        "1.1\n",
+        "HTTP/2 is not negotiated on intercepted connections"
+    );
     let mut paths: Vec<String> = net.requests().into_iter().map(|s| s.path).collect();
     paths.sort();
-    assert_eq!(paths, vec!["/front-ok", "/front-ok2", "/front-ok3", "/h2"], "nothing fronted reached the test net");
-    let reasons = o.audit.iter().filter(|r| r["decision"] == "deny").filter_map(|r| r["reason"].as_str()).collect::<Vec<_>>().join("\n");
-    assert!(reasons.contains(&format!("TLS server name {API} does not match destination {OTHER}")), "{reasons}");
-    assert!(reasons.contains(&format!("TLS server name {OTHER} does not match destination {API}")), "{reasons}");
+    assert_eq!(
+        paths,
+        vec!["/front-ok", "/front-ok2", "/front-ok3", "/h2"],
+        "nothing fronted reached the test net"
+    );
+    let reasons = o
+        .audit
+        .iter()
+        .filter(|r| r["decision"] == "deny")
+        .filter_map(|r| r["reason"].as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        reasons.contains(&format!(
+            "TLS server name {API} does not match destination {OTHER}"
+        )),
+        "{reasons}"
+    );
+    assert!(
+        reasons.contains(&format!(
+            "TLS server name {OTHER} does not match destination {API}"
+        )),
+        "{reasons}"
+    );
     assert!(reasons.contains("no server name"), "{reasons}");
 }
 
@@ -788,7 +1237,8 @@ p slow-ok probe tls-connect-slow {API}:{p} {API} {API}:{p} /front-ok3
 #[test]
 fn threat7_method_and_path_rules_from_a_policy_file() {
     let net = TestNet::start().expect("testnet");
-    net.create_git_repo("repo.git", &[("README", "read-only\n")]).expect("repo");
+    net.create_git_repo("repo.git", &[("README", "read-only\n")])
+        .expect("repo");
     let p = net.https_port();
     let policy = net.dir().join("policy.toml");
     std::fs::write(
@@ -830,16 +1280,39 @@ p git-push sh -c 'cd /root/repo && git -c user.name=a -c user.email=a@example.te
     for probe in ["post", "post-tunnel", "put"] {
         o.refused_with(probe, "not allowed");
     }
-    for probe in ["other-path", "prefix-sibling", "dot-dot", "encoded", "encoded-slash"] {
+    for probe in [
+        "other-path",
+        "prefix-sibling",
+        "dot-dot",
+        "encoded",
+        "encoded-slash",
+    ] {
         o.refused_with(probe, "403");
     }
     assert_eq!(o.ok("git-clone").trim(), "read-only");
     o.refused("git-push");
-    assert!(!net.git_refs("repo.git").expect("refs").contains("exfil"), "the push did not land");
+    assert!(
+        !net.git_refs("repo.git").expect("refs").contains("exfil"),
+        "the push did not land"
+    );
     for s in net.requests() {
-        assert!(s.method == "GET" || (s.method == "POST" && s.path == "/repo.git/git-upload-pack"), "{} {} reached the test net", s.method, s.path);
-        assert!(!s.path.contains("private") && !s.path.contains("receive-pack") || s.path.starts_with("/repo.git/info/refs"), "{} reached the test net", s.path);
-        assert!(!s.body.contains("leak"), "a refused body reached the test net: {}", s.path);
+        assert!(
+            s.method == "GET" || (s.method == "POST" && s.path == "/repo.git/git-upload-pack"),
+            "{} {} reached the test net",
+            s.method,
+            s.path
+        );
+        assert!(
+            !s.path.contains("private") && !s.path.contains("receive-pack")
+                || s.path.starts_with("/repo.git/info/refs"),
+            "{} reached the test net",
+            s.path
+        );
+        assert!(
+            !s.body.contains("leak"),
+            "a refused body reached the test net: {}",
+            s.path
+        );
     }
 }
 
@@ -851,15 +1324,35 @@ p git-push sh -c 'cd /root/repo && git -c user.name=a -c user.email=a@example.te
 fn threat8_ssrf_targets_are_refused() {
     let net = TestNet::start().expect("testnet");
     let (p, hp) = (net.https_port(), net.http_port());
-    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("hostname").trim().to_string();
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .expect("hostname")
+        .trim()
+        .to_string();
     let host_addrs: Vec<String> = std::process::Command::new("hostname")
         .arg("-I")
         .output()
-        .map(|o| text(&o.stdout).split_whitespace().map(str::to_string).collect())
+        .map(|o| {
+            text(&o.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default();
-    let host_ip = host_addrs.iter().find(|a| !a.contains(':')).cloned().unwrap_or_else(|| "192.0.2.2".into());
-    let allow_host_name = host_name.contains('.') || std::net::ToSocketAddrs::to_socket_addrs(&(host_name.as_str(), 80)).is_ok();
-    let mut vm = Vm::new(&net).https(ECHO).args(&["--allow", &format!("localhost:{p}"), "--allow", &format!("localhost:{hp}"), "--allow", "metadata.google.internal"]);
+    let host_ip = host_addrs
+        .iter()
+        .find(|a| !a.contains(':'))
+        .cloned()
+        .unwrap_or_else(|| "192.0.2.2".into());
+    let allow_host_name = host_name.contains('.')
+        || std::net::ToSocketAddrs::to_socket_addrs(&(host_name.as_str(), 80)).is_ok();
+    let mut vm = Vm::new(&net).https(ECHO).args(&[
+        "--allow",
+        &format!("localhost:{p}"),
+        "--allow",
+        &format!("localhost:{hp}"),
+        "--allow",
+        "metadata.google.internal",
+    ]);
     if allow_host_name {
         vm = vm.args(&["--allow", &format!("{host_name}:{p}")]);
     }
@@ -884,7 +1377,12 @@ p slirp-host curl -sS --max-time 20 --noproxy '*' http://10.0.2.2:{hp}/ssrf-slir
     assert_eq!(o.code, Some(0), "{}", o.dump());
     assert!(o.ok("ok").contains("/ssrf-ok"));
     o.refused_with("metadata-proxy", "IP address 169.254.169.254");
-    assert_eq!(o.probe("metadata-direct").rc, 7, "{}", o.probe("metadata-direct").out);
+    assert_eq!(
+        o.probe("metadata-direct").rc,
+        7,
+        "{}",
+        o.probe("metadata-direct").out
+    );
     o.refused_with("metadata6-proxy", "IP address fd00:ec2::254");
     // Allowed by name, but it resolves nowhere usable: the gateway refuses instead of dialing.
     o.refused_with("gce-proxy", "metadata.google.internal:80");
@@ -892,21 +1390,40 @@ p slirp-host curl -sS --max-time 20 --noproxy '*' http://10.0.2.2:{hp}/ssrf-slir
     o.refused_with("localhost-connect", "403");
     o.refused_with("localhost-abs", "forbidden addresses");
     // Without the proxy, localhost is the guest's own loopback: nothing there.
-    assert_eq!(o.probe("localhost-tunnel").rc, 7, "{}", o.probe("localhost-tunnel").out);
+    assert_eq!(
+        o.probe("localhost-tunnel").rc,
+        7,
+        "{}",
+        o.probe("localhost-tunnel").out
+    );
     if allow_host_name {
         o.refused_with("hostname-connect", "403");
     } else {
-        println!("host name {host_name:?} does not resolve here; its probe only checks the plain denial");
+        println!(
+            "host name {host_name:?} does not resolve here; its probe only checks the plain denial"
+        );
         o.refused("hostname-connect");
     }
     o.refused_with("host-ip-proxy", "IP address");
-    assert_eq!(o.probe("host-ip-direct").rc, 7, "{}", o.probe("host-ip-direct").out);
+    assert_eq!(
+        o.probe("host-ip-direct").rc,
+        7,
+        "{}",
+        o.probe("host-ip-direct").out
+    );
     assert_eq!(o.probe("slirp-host").rc, 7, "{}", o.probe("slirp-host").out);
     let paths: Vec<String> = net.requests().into_iter().map(|s| s.path).collect();
-    assert_eq!(paths, vec!["/ssrf-ok"], "only the pinned, allowed request reached the host's loopback");
+    assert_eq!(
+        paths,
+        vec!["/ssrf-ok"],
+        "only the pinned, allowed request reached the host's loopback"
+    );
     let localhost = format!("localhost:{p}");
     assert!(
-        o.audit_where("dest", &localhost).iter().any(|r| r["decision"] == "deny" && r["reason"].as_str().is_some_and(|s| s.contains("loopback"))),
+        o.audit_where("dest", &localhost)
+            .iter()
+            .any(|r| r["decision"] == "deny"
+                && r["reason"].as_str().is_some_and(|s| s.contains("loopback"))),
         "{}",
         o.audit_text()
     );
@@ -933,11 +1450,26 @@ fn threat9_lookalike_and_suffix_names_do_not_match() {
         ("hyphen-attack", "evil-shop.example.test", false, false),
         ("wildcard-apex", "cdn.example.test", false, false),
         ("wildcard-glued", "imgcdn.example.test", false, false),
-        ("wildcard-suffix", "img.cdn.example.test.evil.test", false, false),
+        (
+            "wildcard-suffix",
+            "img.cdn.example.test.evil.test",
+            false,
+            false,
+        ),
         ("cyrillic-s", "\u{0455}hop.example.test", false, false),
         ("cyrillic-o", "sh\u{043e}p.example.test", false, false),
-        ("punycode-lookalike", "xn--hop-1ed.example.test", false, false),
-        ("fullwidth-letters", "\u{ff53}\u{ff48}\u{ff4f}\u{ff50}.example.test", true, false),
+        (
+            "punycode-lookalike",
+            "xn--hop-1ed.example.test",
+            false,
+            false,
+        ),
+        (
+            "fullwidth-letters",
+            "\u{ff53}\u{ff48}\u{ff4f}\u{ff50}.example.test",
+            true,
+            false,
+        ),
     ];
     let mut script = String::new();
     for (probe, name, _, _) in cases {
@@ -945,30 +1477,76 @@ fn threat9_lookalike_and_suffix_names_do_not_match() {
         script.push_str(&format!("p dns-{probe} probe dns 127.0.0.53 '{name}'\n"));
         script.push_str(&format!("p connect-{probe} probe proxy '\"CONNECT {name}:{p} HTTP/1.1\\r\\nHost: {name}:{p}\\r\\n\\r\\n\"'\n"));
     }
-    script.push_str(&format!("p curl-cyrillic curl -sS --max-time 20 'https://\u{0455}hop.example.test:{p}/idn-curl'\n"));
+    script.push_str(&format!(
+        "p curl-cyrillic curl -sS --max-time 20 'https://\u{0455}hop.example.test:{p}/idn-curl'\n"
+    ));
     script.push_str(&format!("p curl-fullwidth-tunnel curl -sS --max-time 20 --noproxy '*' -k 'https://\u{ff53}\u{ff48}\u{ff4f}\u{ff50}.example.test:{p}/idn-fullwidth'\n"));
     let o = Vm::new(&net)
-        .args(&["--allow", &format!("{shop}:{p}"), "--resolve", &format!("{shop}:{p}:127.0.0.1"), "--allow", &format!("*.cdn.example.test:{p}")])
-        .args(&["--resolve", &format!("{cdn_host}:{p}:127.0.0.1"), "--resolve", &format!("a.img.cdn.example.test:{p}:127.0.0.1")])
+        .args(&[
+            "--allow",
+            &format!("{shop}:{p}"),
+            "--resolve",
+            &format!("{shop}:{p}:127.0.0.1"),
+            "--allow",
+            &format!("*.cdn.example.test:{p}"),
+        ])
+        .args(&[
+            "--resolve",
+            &format!("{cdn_host}:{p}:127.0.0.1"),
+            "--resolve",
+            &format!("a.img.cdn.example.test:{p}:127.0.0.1"),
+        ])
         .run(&script);
     assert_eq!(o.code, Some(0), "{}", o.dump());
     for (probe, name, dns_ok, connect_ok) in cases {
         let dns = o.probe(&format!("dns-{probe}"));
-        assert_eq!(dns.rc == 0, *dns_ok, "DNS for {name:?} ({probe}): {}", dns.out);
+        assert_eq!(
+            dns.rc == 0,
+            *dns_ok,
+            "DNS for {name:?} ({probe}): {}",
+            dns.out
+        );
         let conn = o.probe(&format!("connect-{probe}"));
-        assert_eq!(conn.rc == 0, *connect_ok, "CONNECT {name:?} ({probe}): {}", conn.out);
+        assert_eq!(
+            conn.rc == 0,
+            *connect_ok,
+            "CONNECT {name:?} ({probe}): {}",
+            conn.out
+        );
         if !connect_ok {
-            assert!(conn.out.starts_with("HTTP/1.1 4"), "CONNECT {name:?} ({probe}) refused by the gateway: {}", conn.out);
+            assert!(
+                conn.out.starts_with("HTTP/1.1 4"),
+                "CONNECT {name:?} ({probe}) refused by the gateway: {}",
+                conn.out
+            );
         }
     }
-    assert_eq!(o.probe("curl-cyrillic").rc, 56, "{}", o.probe("curl-cyrillic").out);
+    assert_eq!(
+        o.probe("curl-cyrillic").rc,
+        56,
+        "{}",
+        o.probe("curl-cyrillic").out
+    );
     // Whatever spelling got through went to the allowed name, decided on its canonical form.
-    for r in o.audit.iter().filter(|r| r["decision"] == "allow" && r["event"] == "connection") {
+    for r in o
+        .audit
+        .iter()
+        .filter(|r| r["decision"] == "allow" && r["event"] == "connection")
+    {
         let d = r["dest"].as_str().unwrap_or("");
-        assert!(d == format!("{shop}:{p}") || d == format!("{cdn_host}:{p}") || d == format!("a.img.cdn.example.test:{p}"), "allowed decision on a non-canonical name: {r}");
+        assert!(
+            d == format!("{shop}:{p}")
+                || d == format!("{cdn_host}:{p}")
+                || d == format!("a.img.cdn.example.test:{p}"),
+            "allowed decision on a non-canonical name: {r}"
+        );
     }
     for s in net.requests() {
-        assert_eq!(s.sni.as_deref(), Some(shop), "only the allowed name was reached: {s:?}");
+        assert_eq!(
+            s.sni.as_deref(),
+            Some(shop),
+            "only the allowed name was reached: {s:?}"
+        );
     }
 }
 
@@ -995,7 +1573,11 @@ p request curl -sS --fail-with-body -H "Authorization: Bearer $API_KEY" https://
 "#
     );
     let run = |extra: &[&str], upstream_ca: bool| {
-        let mut vm = Vm::new(&net).https(API).args(&["--secret", &format!("API_KEY@{API}")]).env("API_KEY", &key).args(extra);
+        let mut vm = Vm::new(&net)
+            .https(API)
+            .args(&["--secret", &format!("API_KEY@{API}")])
+            .env("API_KEY", &key)
+            .args(extra);
         if upstream_ca {
             vm = vm.upstream_ca();
         }
@@ -1003,10 +1585,17 @@ p request curl -sS --fail-with-body -H "Authorization: Bearer $API_KEY" https://
     };
     let a = run(&[], true);
     assert_eq!(a.code, Some(0), "{}", a.dump());
-    assert_eq!(a.ok("hutch-dir").trim(), "ca.crt", "only the certificate is in /etc/hutch");
+    assert_eq!(
+        a.ok("hutch-dir").trim(),
+        "ca.crt",
+        "only the certificate is in /etc/hutch"
+    );
     a.ok("in-bundle");
     let constraints = a.ok("constraints");
-    assert!(constraints.contains("CA:TRUE") && constraints.contains(&format!("DNS:{API}")), "{constraints}");
+    assert!(
+        constraints.contains("CA:TRUE") && constraints.contains(&format!("DNS:{API}")),
+        "{constraints}"
+    );
     a.refused_with("pem-keys", "private keys: none");
     a.ok("verify-own");
     assert!(a.ok("request").contains("/ca-check"));
@@ -1024,9 +1613,20 @@ p request curl -sS --fail-with-body -H "Authorization: Bearer $API_KEY" https://
     b.ok("verify-own");
     b.refused("verify-other");
     b.refused_with("request", "502");
-    assert!(b.probe("request").out.contains("upstream TLS"), "{}", b.probe("request").out);
-    assert!(net.tls_handshakes_failed() > failed_before, "the gateway's handshake with the test server failed verification");
-    assert_eq!(requests_at(&net, "/ca-check").len(), 1, "only the verified run reached the test server");
+    assert!(
+        b.probe("request").out.contains("upstream TLS"),
+        "{}",
+        b.probe("request").out
+    );
+    assert!(
+        net.tls_handshakes_failed() > failed_before,
+        "the gateway's handshake with the test server failed verification"
+    );
+    assert_eq!(
+        requests_at(&net, "/ca-check").len(),
+        1,
+        "only the verified run reached the test server"
+    );
 }
 
 /// Class 14 (side channels to the host): the guest has one virtio-serial port (the agent's), no
@@ -1049,18 +1649,41 @@ p unix-sockets sh -c 'ss -xlH | wc -l'
 "#,
     );
     assert_eq!(o.code, Some(0), "{}", o.dump());
-    assert_eq!(o.ok("ports").split_whitespace().count(), 1, "{}", o.ok("ports"));
+    assert_eq!(
+        o.ok("ports").split_whitespace().count(),
+        1,
+        "{}",
+        o.ok("ports")
+    );
     assert_eq!(o.ok("port-names").trim(), "hutch.agent");
     // 0x0002 block, 0x0003 console (the serial port), 0x0004 entropy; no net (1), 9p (9), vsock (0x13).
-    assert_eq!(o.ok("virtio-devices").split_whitespace().collect::<Vec<_>>(), vec!["0x0002", "0x0003", "0x0004"]);
+    assert_eq!(
+        o.ok("virtio-devices")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        vec!["0x0002", "0x0003", "0x0004"]
+    );
     assert_eq!(o.ok("links").lines().count(), 1);
     o.refused("vsock-host");
     o.refused("vsock-any");
     for line in o.ok("fds").lines() {
-        assert!(line.contains("pipe:") || line.contains("/dev/null") || line.contains("/proc/"), "unexpected inherited descriptor: {line}");
+        assert!(
+            line.contains("pipe:") || line.contains("/dev/null") || line.contains("/proc/"),
+            "unexpected inherited descriptor: {line}"
+        );
     }
     // The serial console is output-only: nothing answers, QMP least of all.
-    assert_eq!(o.probe("serial-input").rc, 124, "{}", o.probe("serial-input").out);
-    assert_eq!(o.probe("qmp-greeting").rc, 124, "{}", o.probe("qmp-greeting").out);
+    assert_eq!(
+        o.probe("serial-input").rc,
+        124,
+        "{}",
+        o.probe("serial-input").out
+    );
+    assert_eq!(
+        o.probe("qmp-greeting").rc,
+        124,
+        "{}",
+        o.probe("qmp-greeting").out
+    );
     assert_eq!(net.requests().len(), 0);
 }

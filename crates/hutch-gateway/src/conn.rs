@@ -196,7 +196,8 @@ pub(crate) async fn carry<S>(
             } else if inspect {
                 deny(
                     &mut rec,
-                    "secrets are bound to this host, but the traffic is neither TLS nor HTTP".into(),
+                    "secrets are bound to this host, but the traffic is neither TLS nor HTTP"
+                        .into(),
                 )
             } else {
                 rec.mode = Some(Mode::Tcp);

@@ -16,15 +16,21 @@ fn agent() -> PathBuf {
     if let Some(p) = std::env::var_os("HUTCH_AGENT") {
         return PathBuf::from(p);
     }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/x86_64-unknown-linux-gnu/release/hutch-agent");
-    assert!(p.is_file(), "build the guest agent first (scripts/build), or set HUTCH_AGENT");
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/x86_64-unknown-linux-gnu/release/hutch-agent");
+    assert!(
+        p.is_file(),
+        "build the guest agent first (scripts/build), or set HUTCH_AGENT"
+    );
     p
 }
 
 fn host() -> Host {
     let cache = hutch_image::Cache::from_env().expect("cache");
     let spec = hutch_image::ImageSpec::default_for(agent());
-    let image = cache.ensure(&spec, &hutch_image::SilentProgress).expect("image");
+    let image = cache
+        .ensure(&spec, &hutch_image::SilentProgress)
+        .expect("image");
     Host::new(image, cache.root().to_path_buf()).expect("host")
 }
 
@@ -39,7 +45,10 @@ const API: &str = "api.example.test";
 /// Which of `needles` occur in the file (read whole; the files here are at most guest-RAM sized).
 fn file_has(path: &Path, needles: &[&str]) -> Vec<bool> {
     let data = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    needles.iter().map(|n| memchr::memmem::find(&data, n.as_bytes()).is_some()).collect()
+    needles
+        .iter()
+        .map(|n| memchr::memmem::find(&data, n.as_bytes()).is_some())
+        .collect()
 }
 
 /// Which of `needles` occur anywhere in the readable memory of process `pid`, and how many bytes
@@ -48,26 +57,36 @@ fn memory_has(pid: u32, needles: &[&str]) -> (Vec<bool>, u64) {
     use std::io::{Read, Seek, SeekFrom};
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
     let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open process memory");
-    let finders: Vec<memchr::memmem::Finder> = needles.iter().map(|n| memchr::memmem::Finder::new(n.as_bytes())).collect();
+    let finders: Vec<memchr::memmem::Finder> = needles
+        .iter()
+        .map(|n| memchr::memmem::Finder::new(n.as_bytes()))
+        .collect();
     let overlap = needles.iter().map(|n| n.len()).max().unwrap_or(1);
     let mut found = vec![false; needles.len()];
     let mut buf = vec![0u8; 64 << 20];
     let mut total = 0u64;
     for line in maps.lines() {
         let mut f = line.split_whitespace();
-        let (Some(range), Some(perms)) = (f.next(), f.next()) else { continue };
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
         if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
             continue;
         }
         let (lo, hi) = range.split_once('-').expect("range");
-        let (lo, hi) = (u64::from_str_radix(lo, 16).expect("lo"), u64::from_str_radix(hi, 16).expect("hi"));
+        let (lo, hi) = (
+            u64::from_str_radix(lo, 16).expect("lo"),
+            u64::from_str_radix(hi, 16).expect("hi"),
+        );
         let mut at = lo;
         while at < hi {
             let len = ((hi - at) as usize).min(buf.len());
             if mem.seek(SeekFrom::Start(at)).is_err() {
                 break;
             }
-            let Ok(n) = mem.read(&mut buf[..len]) else { break };
+            let Ok(n) = mem.read(&mut buf[..len]) else {
+                break;
+            };
             if n == 0 {
                 break;
             }
@@ -75,7 +94,11 @@ fn memory_has(pid: u32, needles: &[&str]) -> (Vec<bool>, u64) {
             for (i, f) in finders.iter().enumerate() {
                 found[i] |= f.find(&buf[..n]).is_some();
             }
-            at += if n as u64 >= hi - at { n as u64 } else { (n - overlap.min(n - 1)) as u64 };
+            at += if n as u64 >= hi - at {
+                n as u64
+            } else {
+                (n - overlap.min(n - 1)) as u64
+            };
         }
     }
     (found, total)
@@ -111,13 +134,25 @@ async fn threat12_secret_value_is_nowhere_in_the_guest_its_disk_console_memory_o
     .expect("policy");
     let audit = Arc::new(MemoryAuditSink::new());
     let value = real.clone();
-    let egress = Egress::new(policy, audit.clone()).with_secret_loader(move |p| p.load_secrets_with(|_| Some(value.clone())).map_err(|e| e.to_string()));
-    let cfg = SandboxConfig { egress, ..SandboxConfig::default() };
+    let egress = Egress::new(policy, audit.clone()).with_secret_loader(move |p| {
+        p.load_secrets_with(|_| Some(value.clone()))
+            .map_err(|e| e.to_string())
+    });
+    let cfg = SandboxConfig {
+        egress,
+        ..SandboxConfig::default()
+    };
     let sb = Sandbox::create(&host, &cfg).await.expect("sandbox");
     let client = sb.client();
     let probe = net.dir().join("probe.py");
-    client.put_host_file(&probe, "/root/probe.py").await.expect("copy probe");
-    client.put_host_file(net.ca_file(), "/root/testnet-ca.pem").await.expect("copy CA");
+    client
+        .put_host_file(&probe, "/root/probe.py")
+        .await
+        .expect("copy probe");
+    client
+        .put_host_file(net.ca_file(), "/root/testnet-ca.pem")
+        .await
+        .expect("copy CA");
 
     let use_it = format!(
         "cat /root/testnet-ca.pem >> /etc/ssl/certs/ca-certificates.crt && \
@@ -126,32 +161,90 @@ async fn threat12_secret_value_is_nowhere_in_the_guest_its_disk_console_memory_o
          echo \"$API_KEY\" > /root/placeholder.txt && echo {decoy} > /root/decoy.txt && sync && \
          grep -c '^API_KEY=hutch-ph-API_KEY-' /proc/1/environ /proc/self/environ"
     );
-    let out = client.run(&["sh", "-c", &use_it]).await.expect("use the secret");
-    assert_eq!(out.status.map(|s| s.as_shell_code()), Some(0), "{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+    let out = client
+        .run(&["sh", "-c", &use_it])
+        .await
+        .expect("use the secret");
+    assert_eq!(
+        out.status.map(|s| s.as_shell_code()),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let seen = net.requests_to("/v1/use");
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].header("authorization"), Some(format!("Bearer {real}").as_str()), "the upstream got the real value");
-    assert_eq!(net.requests_to("/reflect/x-key")[0].header("x-key"), Some(real.as_str()));
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {real}").as_str()),
+        "the upstream got the real value"
+    );
+    assert_eq!(
+        net.requests_to("/reflect/x-key")[0].header("x-key"),
+        Some(real.as_str())
+    );
 
     // Inside the guest: the value's digest against every environment, command line, process
     // memory and file; the decoy's digest must be found, in the file it was written to.
     let digest = |v: &str| hex::encode(Sha256::digest(v.as_bytes()));
     let tail = (real.len() - "hutchsecret".len()).to_string();
     let (d_real, d_decoy) = (digest(&real), digest(&decoy));
-    let scan = client.run(&["python3", "/root/probe.py", "scan", "hutchsecret", &tail, &d_real, &d_decoy]).await.expect("scan");
+    let scan = client
+        .run(&[
+            "python3",
+            "/root/probe.py",
+            "scan",
+            "hutchsecret",
+            &tail,
+            &d_real,
+            &d_decoy,
+        ])
+        .await
+        .expect("scan");
     let report = stdout(&scan);
-    assert_eq!(scan.status.map(|s| s.as_shell_code()), Some(0), "{report}{}", String::from_utf8_lossy(&scan.stderr));
-    let places = |d: &str| report.lines().find_map(|l| l.strip_prefix(&format!("{d} found in: "))).unwrap_or_else(|| panic!("no result for {d}: {report}")).to_string();
-    assert!(places(&d_decoy).contains("/root/decoy.txt"), "the scan finds a planted value: {report}");
-    assert_eq!(places(&d_real), "nothing", "the real value is in the guest: {report}");
-    let placeholder = client.run(&["cat", "/root/placeholder.txt"]).await.expect("placeholder");
-    assert!(stdout(&placeholder).starts_with("hutch-ph-API_KEY-"), "{}", stdout(&placeholder));
+    assert_eq!(
+        scan.status.map(|s| s.as_shell_code()),
+        Some(0),
+        "{report}{}",
+        String::from_utf8_lossy(&scan.stderr)
+    );
+    let places = |d: &str| {
+        report
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{d} found in: ")))
+            .unwrap_or_else(|| panic!("no result for {d}: {report}"))
+            .to_string()
+    };
+    assert!(
+        places(&d_decoy).contains("/root/decoy.txt"),
+        "the scan finds a planted value: {report}"
+    );
+    assert_eq!(
+        places(&d_real),
+        "nothing",
+        "the real value is in the guest: {report}"
+    );
+    let placeholder = client
+        .run(&["cat", "/root/placeholder.txt"])
+        .await
+        .expect("placeholder");
+    assert!(
+        stdout(&placeholder).starts_with("hutch-ph-API_KEY-"),
+        "{}",
+        stdout(&placeholder)
+    );
 
     // On the host, while the VM runs.
     let qemu = sb.vmm_pid().expect("QEMU pid");
     let (in_memory, read) = memory_has(qemu, &[&real, &decoy]);
-    assert!(read > (256 << 20), "read {read} bytes of QEMU memory, expected guest RAM at least");
-    assert!(in_memory[1], "the decoy the guest wrote is in QEMU's memory, so the scan sees guest RAM");
+    assert!(
+        read > (256 << 20),
+        "read {read} bytes of QEMU memory, expected guest RAM at least"
+    );
+    assert!(
+        in_memory[1],
+        "the decoy the guest wrote is in QEMU's memory, so the scan sees guest RAM"
+    );
     assert!(!in_memory[0], "the real value is in QEMU's memory");
     let environ = std::fs::read(format!("/proc/{qemu}/environ")).expect("QEMU environ");
     assert!(memchr::memmem::find(&environ, real.as_bytes()).is_none());
@@ -164,30 +257,79 @@ async fn threat12_secret_value_is_nowhere_in_the_guest_its_disk_console_memory_o
         assert!(!has[0], "{} holds the real value", e.path().display());
         files_seen.push((e.file_name().to_string_lossy().into_owned(), has[1]));
     }
-    assert!(files_seen.iter().any(|(n, decoy)| n == "disk.qcow2" && *decoy), "the disk layer holds the synced decoy: {files_seen:?}");
+    assert!(
+        files_seen
+            .iter()
+            .any(|(n, decoy)| n == "disk.qcow2" && *decoy),
+        "the disk layer holds the synced decoy: {files_seen:?}"
+    );
     assert!(!file_has(sb.console_log(), &[&real])[0], "console log");
 
     // Classes 2 and 14, host side: the VMM gives the guest no network and one serial port; its
     // monitor is a unix socket in the sandbox's own directory.
     let cmdline = std::fs::read(format!("/proc/{qemu}/cmdline")).expect("QEMU cmdline");
-    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
     assert!(args.iter().any(|a| a == "-nodefaults"), "{args:?}");
-    for forbidden in ["-netdev", "-nic", "-net", "virtio-net", "vhost-vsock", "vhost-user", "-virtfs", "-fsdev"] {
-        assert!(!args.iter().any(|a| a == forbidden || a.contains(&format!("{forbidden}-")) || a.starts_with(&format!("{forbidden},"))), "QEMU has {forbidden}: {args:?}");
+    for forbidden in [
+        "-netdev",
+        "-nic",
+        "-net",
+        "virtio-net",
+        "vhost-vsock",
+        "vhost-user",
+        "-virtfs",
+        "-fsdev",
+    ] {
+        assert!(
+            !args.iter().any(|a| a == forbidden
+                || a.contains(&format!("{forbidden}-"))
+                || a.starts_with(&format!("{forbidden},"))),
+            "QEMU has {forbidden}: {args:?}"
+        );
     }
-    assert_eq!(args.iter().filter(|a| a.starts_with("virtserialport")).count(), 1, "{args:?}");
-    let qmp = args.iter().position(|a| a == "-qmp").map(|i| args[i + 1].clone()).expect("a QMP socket");
+    assert_eq!(
+        args.iter()
+            .filter(|a| a.starts_with("virtserialport"))
+            .count(),
+        1,
+        "{args:?}"
+    );
+    let qmp = args
+        .iter()
+        .position(|a| a == "-qmp")
+        .map(|i| args[i + 1].clone())
+        .expect("a QMP socket");
     let dir = sb.dir().display().to_string();
-    assert!(qmp.starts_with(&format!("unix:{dir}/")), "QMP {qmp} is in the sandbox directory {dir}");
+    assert!(
+        qmp.starts_with(&format!("unix:{dir}/")),
+        "QMP {qmp} is in the sandbox directory {dir}"
+    );
 
-    let snap = hutch_sandbox::snapshot::ensure(&host, &cfg).await.expect("snapshot");
+    let snap = hutch_sandbox::snapshot::ensure(&host, &cfg)
+        .await
+        .expect("snapshot");
     for f in [&snap.files.memory, &snap.files.state, &snap.disk] {
-        assert!(!file_has(f, &[&real])[0], "{} holds the real value", f.display());
+        assert!(
+            !file_has(f, &[&real])[0],
+            "{} holds the real value",
+            f.display()
+        );
     }
     sb.destroy().await;
 
     let records = audit.records();
-    assert!(records.iter().any(|r| r.secrets.iter().any(|s| s == "API_KEY")), "the audit names the secret used");
+    assert!(
+        records
+            .iter()
+            .any(|r| r.secrets.iter().any(|s| s == "API_KEY")),
+        "the audit names the secret used"
+    );
     let text = serde_json::to_string(&records).expect("audit json");
-    assert!(!text.contains(&real), "the audit records hold the real value");
+    assert!(
+        !text.contains(&real),
+        "the audit records hold the real value"
+    );
 }

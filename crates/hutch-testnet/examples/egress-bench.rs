@@ -34,7 +34,13 @@ struct Args {
 
 const BULK: &str = "bulk.example.test";
 const PLAIN: &str = "plain.example.test";
-const VM_PATHS: [&str; 5] = ["HTTPS passthrough, proxy", "HTTPS passthrough, tunnel", "HTTPS intercepted, proxy", "HTTPS intercepted, tunnel", "HTTP, tunnel"];
+const VM_PATHS: [&str; 5] = [
+    "HTTPS passthrough, proxy",
+    "HTTPS passthrough, tunnel",
+    "HTTPS intercepted, proxy",
+    "HTTPS intercepted, tunnel",
+    "HTTP, tunnel",
+];
 const API: &str = "api.example.test";
 /// Not secret: the bench needs some value to bind to the intercepted host.
 const BENCH_KEY: &str = "bench-secret-value-0123456789";
@@ -43,7 +49,9 @@ fn find_hutch(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(p) = given {
         return Ok(p);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
     let p = target.join("release/hutch");
     if !p.is_file() {
         bail!("{} not found: build it with `cargo build --release -p hutch-cli`, or pass --hutch PATH", p.display());
@@ -82,41 +90,99 @@ struct Path {
 fn script(net: &TestNet, args: &Args, vm: bool) -> String {
     let n = args.mib << 20;
     let reqs = args.requests;
-    let auth = if vm { "Authorization: Bearer $API_KEY" } else { "Authorization: Bearer direct" };
+    let auth = if vm {
+        "Authorization: Bearer $API_KEY"
+    } else {
+        "Authorization: Bearer direct"
+    };
     let mut s = String::from("set -e\n");
-    let (tls_big, tls_small) = (|name: &str| net.https_url(name, &format!("/bytes/{n}")), |name: &str| net.https_url(name, "/small"));
-    let (http_big, http_small) = (net.http_url(PLAIN, &format!("/bytes/{n}")), net.http_url(PLAIN, "/small"));
+    let (tls_big, tls_small) = (
+        |name: &str| net.https_url(name, &format!("/bytes/{n}")),
+        |name: &str| net.https_url(name, "/small"),
+    );
+    let (http_big, http_small) = (
+        net.http_url(PLAIN, &format!("/bytes/{n}")),
+        net.http_url(PLAIN, "/small"),
+    );
     // Each client trusts exactly the CA that signs what it is shown (the test CA, or the sandbox
     // CA when the gateway intercepts), so no side pays for parsing a large bundle per request.
     let paths = if vm {
         let testnet = "--cacert /root/testnet-ca.pem";
         let sandbox = "--cacert /etc/hutch/ca.crt";
         vec![
-            Path { label: "HTTPS passthrough, proxy", curl: format!("curl -sS --fail {testnet}"), big: tls_big(BULK), small: tls_small(BULK) },
-            Path { label: "HTTPS passthrough, tunnel", curl: format!("curl -sS --fail --noproxy '*' {testnet}"), big: tls_big(BULK), small: tls_small(BULK) },
-            Path { label: "HTTPS intercepted, proxy", curl: format!("curl -sS --fail {sandbox}"), big: tls_big(API), small: tls_small(API) },
-            Path { label: "HTTPS intercepted, tunnel", curl: format!("curl -sS --fail --noproxy '*' {sandbox}"), big: tls_big(API), small: tls_small(API) },
-            Path { label: "HTTP, tunnel", curl: "curl -sS --fail --noproxy '*'".into(), big: http_big, small: http_small },
+            Path {
+                label: "HTTPS passthrough, proxy",
+                curl: format!("curl -sS --fail {testnet}"),
+                big: tls_big(BULK),
+                small: tls_small(BULK),
+            },
+            Path {
+                label: "HTTPS passthrough, tunnel",
+                curl: format!("curl -sS --fail --noproxy '*' {testnet}"),
+                big: tls_big(BULK),
+                small: tls_small(BULK),
+            },
+            Path {
+                label: "HTTPS intercepted, proxy",
+                curl: format!("curl -sS --fail {sandbox}"),
+                big: tls_big(API),
+                small: tls_small(API),
+            },
+            Path {
+                label: "HTTPS intercepted, tunnel",
+                curl: format!("curl -sS --fail --noproxy '*' {sandbox}"),
+                big: tls_big(API),
+                small: tls_small(API),
+            },
+            Path {
+                label: "HTTP, tunnel",
+                curl: "curl -sS --fail --noproxy '*'".into(),
+                big: http_big,
+                small: http_small,
+            },
         ]
     } else {
         let (p, hp) = (net.https_port(), net.http_port());
         let ca = net.ca_file().display();
         vec![
-            Path { label: "HTTPS", curl: format!("curl -sS --fail --resolve {BULK}:{p}:127.0.0.1 --cacert {ca}"), big: tls_big(BULK), small: tls_small(BULK) },
-            Path { label: "HTTP", curl: format!("curl -sS --fail --resolve {PLAIN}:{hp}:127.0.0.1"), big: http_big, small: http_small },
+            Path {
+                label: "HTTPS",
+                curl: format!("curl -sS --fail --resolve {BULK}:{p}:127.0.0.1 --cacert {ca}"),
+                big: tls_big(BULK),
+                small: tls_small(BULK),
+            },
+            Path {
+                label: "HTTP",
+                curl: format!("curl -sS --fail --resolve {PLAIN}:{hp}:127.0.0.1"),
+                big: http_big,
+                small: http_small,
+            },
         ]
     };
-    for Path { label, curl, big, small } in paths {
+    for Path {
+        label,
+        curl,
+        big,
+        small,
+    } in paths
+    {
         s.push_str(&format!("echo '== bulk {label}'\n"));
         for _ in 0..args.repeats {
-            s.push_str(&format!("{curl} -H \"{auth}\" -o /dev/null -w '%{{speed_download}}\\n' {big}\n"));
+            s.push_str(&format!(
+                "{curl} -H \"{auth}\" -o /dev/null -w '%{{speed_download}}\\n' {big}\n"
+            ));
         }
         s.push_str(&format!("echo '== new {label}'\n"));
         s.push_str(&format!("for i in $(seq {reqs}); do {curl} -H \"{auth}\" -o /dev/null -w '%{{time_total}}\\n' {small}; done\n"));
         s.push_str(&format!("echo '== reused {label}'\n"));
         // One curl, many URLs: one connection kept alive; the first request opens it.
-        let urls: Vec<String> = (0..=reqs).map(|_| format!("-o /dev/null {small}")).collect();
-        s.push_str(&format!("{curl} -H \"{auth}\" -w '%{{time_total}}\\n' {} | tail -n +2\n", urls.join(" ")));
+        let urls: Vec<String> = (0..=reqs)
+            .map(|_| format!("-o /dev/null {small}"))
+            .collect();
+        s.push_str(&format!(
+            "{curl} -H \"{auth}\" -w '%{{time_total}}\\n' {} | tail -n +2\n",
+            urls.join(" ")
+        ));
     }
     s
 }
@@ -157,9 +223,16 @@ fn parse(out: &str) -> anyhow::Result<Vec<Series>> {
     let mut series: Vec<Series> = Vec::new();
     for line in out.lines() {
         if let Some(label) = line.strip_prefix("== ") {
-            series.push(Series { label: label.to_string(), values: Vec::new() });
+            series.push(Series {
+                label: label.to_string(),
+                values: Vec::new(),
+            });
         } else if let Some(cur) = series.last_mut() {
-            let v: f64 = line.trim().replace(',', ".").parse().with_context(|| format!("unexpected line {line:?} in {}", cur.label))?;
+            let v: f64 = line
+                .trim()
+                .replace(',', ".")
+                .parse()
+                .with_context(|| format!("unexpected line {line:?} in {}", cur.label))?;
             cur.values.push(v);
         }
     }
@@ -167,21 +240,36 @@ fn parse(out: &str) -> anyhow::Result<Vec<Series>> {
 }
 
 fn get<'a>(all: &'a [Series], label: &str) -> anyhow::Result<&'a Series> {
-    all.iter().find(|s| s.label == label).with_context(|| format!("no measurement {label:?}"))
+    all.iter()
+        .find(|s| s.label == label)
+        .with_context(|| format!("no measurement {label:?}"))
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let hutch = find_hutch(args.hutch.clone())?;
-    if Command::new("curl").arg("--version").stdout(Stdio::null()).status().map(|s| !s.success()).unwrap_or(true) {
+    if Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
         bail!("curl is needed on the host for the direct baseline (apt-get install curl)");
     }
     let net = TestNet::start().context("start the test net")?;
 
     eprintln!("direct on the host over loopback...");
-    let out = Command::new("sh").arg("-c").arg(script(&net, &args, false)).output().context("run the direct baseline")?;
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script(&net, &args, false))
+        .output()
+        .context("run the direct baseline")?;
     if !out.status.success() {
-        bail!("direct baseline failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "direct baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let direct = parse(&String::from_utf8_lossy(&out.stdout))?;
 
@@ -201,10 +289,18 @@ fn main() -> anyhow::Result<()> {
         .stdin(Stdio::null());
     let out = cmd.output().context("run hutch")?;
     if !out.status.success() {
-        bail!("hutch run failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "hutch run failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let vm = parse(&String::from_utf8_lossy(&out.stdout))?;
-    let seen_big = net.requests().iter().filter(|s| s.path.starts_with("/bytes/")).count();
+    let seen_big = net
+        .requests()
+        .iter()
+        .filter(|s| s.path.starts_with("/bytes/"))
+        .count();
     eprintln!("(test net served {seen_big} large downloads on port {p})");
 
     eprintln!("the host-guest channel alone (stdout of head -c)...");
@@ -215,22 +311,56 @@ fn main() -> anyhow::Result<()> {
     println!("\nDownload of {mib} MiB (best of {}):", args.repeats);
     let https = best(get(&direct, "bulk HTTPS")?);
     let http = best(get(&direct, "bulk HTTP")?);
-    println!("  {:<36} {:>9.1} MiB/s", "direct on the host, HTTPS", https / 1048576.0);
-    println!("  {:<36} {:>9.1} MiB/s", "direct on the host, HTTP", http / 1048576.0);
-    println!("  {:<36} {:>9.1} MiB/s   (no gateway: exec stdout over the agent channel)", "VM stdout channel", channel / 1048576.0);
+    println!(
+        "  {:<36} {:>9.1} MiB/s",
+        "direct on the host, HTTPS",
+        https / 1048576.0
+    );
+    println!(
+        "  {:<36} {:>9.1} MiB/s",
+        "direct on the host, HTTP",
+        http / 1048576.0
+    );
+    println!(
+        "  {:<36} {:>9.1} MiB/s   (no gateway: exec stdout over the agent channel)",
+        "VM stdout channel",
+        channel / 1048576.0
+    );
     for label in VM_PATHS {
         let v = best(get(&vm, &format!("bulk {label}"))?);
-        let base = if label.starts_with("HTTPS") { https } else { http };
-        println!("  {:<36} {:>9.1} MiB/s   ratio to direct {:>6.3}", format!("VM, {label}"), v / 1048576.0, v / base);
+        let base = if label.starts_with("HTTPS") {
+            https
+        } else {
+            http
+        };
+        println!(
+            "  {:<36} {:>9.1} MiB/s   ratio to direct {:>6.3}",
+            format!("VM, {label}"),
+            v / 1048576.0,
+            v / base
+        );
     }
     for kind in ["new", "reused"] {
-        let what = if kind == "new" { "a new connection each" } else { "one kept-alive connection" };
+        let what = if kind == "new" {
+            "a new connection each"
+        } else {
+            "one kept-alive connection"
+        };
         println!("\nSmall requests, {} on {what} (curl time_total; the guest clock ticks in 4 ms steps under TCG):", args.requests);
         for (label, series) in [("HTTPS", "HTTPS"), ("HTTP", "HTTP")] {
             let d = get(&direct, &format!("{kind} {series}"))?;
             let (b50, b95, bm) = (pct(&d.values, 0.5), pct(&d.values, 0.95), mean(&d.values));
-            println!("  {:<36} p50 {:>8.2} ms  p95 {:>8.2} ms  mean {:>8.2} ms", format!("direct on the host, {label}"), b50 * 1e3, b95 * 1e3, bm * 1e3);
-            for vlabel in VM_PATHS.iter().filter(|l| l.split([' ', ',']).next() == Some(label)) {
+            println!(
+                "  {:<36} p50 {:>8.2} ms  p95 {:>8.2} ms  mean {:>8.2} ms",
+                format!("direct on the host, {label}"),
+                b50 * 1e3,
+                b95 * 1e3,
+                bm * 1e3
+            );
+            for vlabel in VM_PATHS
+                .iter()
+                .filter(|l| l.split([' ', ',']).next() == Some(label))
+            {
                 let s = get(&vm, &format!("{kind} {vlabel}"))?;
                 let (p50, p95, m) = (pct(&s.values, 0.5), pct(&s.values, 0.95), mean(&s.values));
                 println!(

@@ -12,7 +12,9 @@ use http_body_util::{BodyExt, Full};
 pub(crate) type RespBody = BoxBody<Bytes, std::io::Error>;
 
 pub(crate) fn full(data: impl Into<Bytes>) -> RespBody {
-    Full::new(data.into()).map_err(|never| match never {}).boxed()
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 const CHUNK: usize = 64 << 10;
@@ -26,7 +28,10 @@ pub(crate) struct Repeat {
 impl Repeat {
     pub(crate) fn new(len: u64) -> Repeat {
         let pattern: Vec<u8> = (0..CHUNK).map(|i| b'a' + (i % 26) as u8).collect();
-        Repeat { left: len, chunk: Bytes::from(pattern) }
+        Repeat {
+            left: len,
+            chunk: Bytes::from(pattern),
+        }
     }
 }
 
@@ -34,7 +39,10 @@ impl Body for Repeat {
     type Data = Bytes;
     type Error = std::io::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         if self.left == 0 {
             return Poll::Ready(None);
         }
@@ -59,9 +67,16 @@ mod tests {
     #[tokio::test]
     async fn repeat_yields_exactly_len_bytes() {
         for len in [0u64, 1, CHUNK as u64, CHUNK as u64 + 7, 3 * CHUNK as u64] {
-            let got = Repeat::new(len).collect().await.expect("collect").to_bytes();
+            let got = Repeat::new(len)
+                .collect()
+                .await
+                .expect("collect")
+                .to_bytes();
             assert_eq!(got.len() as u64, len);
-            assert!(got.iter().enumerate().all(|(i, b)| *b == b'a' + ((i % CHUNK) % 26) as u8));
+            assert!(got
+                .iter()
+                .enumerate()
+                .all(|(i, b)| *b == b'a' + ((i % CHUNK) % 26) as u8));
         }
     }
 }

@@ -20,7 +20,9 @@ fn valid_repo_name(name: &str) -> bool {
     name.len() > 4
         && name.ends_with(".git")
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// The repository a request path belongs to, if it names one that exists.
@@ -33,7 +35,10 @@ pub(crate) fn repo_of(root: &Path, route: &str) -> Option<String> {
 fn git(home: &Path) -> std::process::Command {
     let mut c = std::process::Command::new("git");
     c.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()))
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
         .env("HOME", home)
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
@@ -48,12 +53,20 @@ fn run(mut c: std::process::Command) -> Result<String, TestNetError> {
     let shown = format!("{c:?}");
     let out = c.output().map_err(io_err(format!("cannot run {shown}")))?;
     if !out.status.success() {
-        return Err(TestNetError::Command { command: shown, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+        return Err(TestNetError::Command {
+            command: shown,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-pub(crate) fn create_repo(root: &Path, name: &str, files: &[(&str, &str)], home: &Path) -> Result<PathBuf, TestNetError> {
+pub(crate) fn create_repo(
+    root: &Path,
+    name: &str,
+    files: &[(&str, &str)],
+    home: &Path,
+) -> Result<PathBuf, TestNetError> {
     if !valid_repo_name(name) {
         return Err(TestNetError::BadRepoName(name.to_string()));
     }
@@ -62,23 +75,37 @@ pub(crate) fn create_repo(root: &Path, name: &str, files: &[(&str, &str)], home:
     c.args(["init", "-q", "--bare", "-b", "main"]).arg(&bare);
     run(c)?;
     let mut c = git(home);
-    c.arg("-C").arg(&bare).args(["config", "http.receivepack", "true"]);
+    c.arg("-C")
+        .arg(&bare)
+        .args(["config", "http.receivepack", "true"]);
     run(c)?;
-    let work = tempfile::Builder::new().prefix("work-").tempdir_in(home).map_err(io_err("cannot create a work tree"))?;
+    let work = tempfile::Builder::new()
+        .prefix("work-")
+        .tempdir_in(home)
+        .map_err(io_err("cannot create a work tree"))?;
     for (path, content) in files {
         let p = work.path().join(path);
         if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).map_err(io_err(format!("cannot create {}", parent.display())))?;
+            std::fs::create_dir_all(parent)
+                .map_err(io_err(format!("cannot create {}", parent.display())))?;
         }
         std::fs::write(&p, content).map_err(io_err(format!("cannot write {}", p.display())))?;
     }
-    for args in [&["init", "-q", "-b", "main"][..], &["add", "-A"], &["commit", "-q", "--allow-empty", "-m", "initial"]] {
+    for args in [
+        &["init", "-q", "-b", "main"][..],
+        &["add", "-A"],
+        &["commit", "-q", "--allow-empty", "-m", "initial"],
+    ] {
         let mut c = git(home);
         c.arg("-C").arg(work.path()).args(args);
         run(c)?;
     }
     let mut c = git(home);
-    c.arg("-C").arg(work.path()).args(["push", "-q"]).arg(&bare).arg("main");
+    c.arg("-C")
+        .arg(work.path())
+        .args(["push", "-q"])
+        .arg(&bare)
+        .arg("main");
     run(c)?;
     Ok(bare)
 }
@@ -88,7 +115,11 @@ pub(crate) fn refs(root: &Path, name: &str, home: &Path) -> Result<String, TestN
         return Err(TestNetError::BadRepoName(name.to_string()));
     }
     let mut c = git(home);
-    c.arg("-C").arg(root.join(name)).args(["for-each-ref", "--format=%(refname) %(objectname)", "refs/heads"]);
+    c.arg("-C").arg(root.join(name)).args([
+        "for-each-ref",
+        "--format=%(refname) %(objectname)",
+        "refs/heads",
+    ]);
     run(c)
 }
 
@@ -98,8 +129,20 @@ fn fail(status: StatusCode, msg: String) -> Response<RespBody> {
     r
 }
 
-pub(crate) async fn serve(root: &Path, _repo: &str, parts: &http::request::Parts, body: Bytes) -> Response<RespBody> {
-    let header = |name: header::HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+pub(crate) async fn serve(
+    root: &Path,
+    _repo: &str,
+    parts: &http::request::Parts,
+    body: Bytes,
+) -> Response<RespBody> {
+    let header = |name: header::HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
     let home = root.parent().unwrap_or(root);
     let mut cmd = tokio::process::Command::from(git(home));
     cmd.arg("http-backend")
@@ -117,15 +160,29 @@ pub(crate) async fn serve(root: &Path, _repo: &str, parts: &http::request::Parts
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    if let Some(p) = parts.headers.get("git-protocol").and_then(|v| v.to_str().ok()) {
+    if let Some(p) = parts
+        .headers
+        .get("git-protocol")
+        .and_then(|v| v.to_str().ok())
+    {
         cmd.env("GIT_PROTOCOL", p);
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, format!("testnet: cannot run git http-backend: {e}\n")),
+        Err(e) => {
+            return fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("testnet: cannot run git http-backend: {e}\n"),
+            )
+        }
     };
-    let (Some(mut stdin), Some(stdout), Some(mut stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
-        return fail(StatusCode::INTERNAL_SERVER_ERROR, "testnet: git http-backend has no pipes\n".into());
+    let (Some(mut stdin), Some(stdout), Some(mut stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return fail(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "testnet: git http-backend has no pipes\n".into(),
+        );
     };
     // Input and output are moved at the same time: git may answer before it has read everything.
     let feed = async move {
@@ -150,14 +207,30 @@ pub(crate) async fn serve(root: &Path, _repo: &str, parts: &http::request::Parts
     .await;
     let (out, err, status) = match done {
         Ok(x) => x,
-        Err(_) => return fail(StatusCode::GATEWAY_TIMEOUT, "testnet: git http-backend timed out\n".into()),
+        Err(_) => {
+            return fail(
+                StatusCode::GATEWAY_TIMEOUT,
+                "testnet: git http-backend timed out\n".into(),
+            )
+        }
     };
     let out = match out {
         Ok(o) => o,
-        Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, format!("testnet: reading git http-backend: {e}\n")),
+        Err(e) => {
+            return fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("testnet: reading git http-backend: {e}\n"),
+            )
+        }
     };
     if !matches!(status, Ok(s) if s.success()) && out.is_empty() {
-        return fail(StatusCode::INTERNAL_SERVER_ERROR, format!("testnet: git http-backend failed: {}\n", String::from_utf8_lossy(&err)));
+        return fail(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!(
+                "testnet: git http-backend failed: {}\n",
+                String::from_utf8_lossy(&err)
+            ),
+        );
     }
     cgi_response(&out)
 }
@@ -167,21 +240,45 @@ fn cgi_response(out: &[u8]) -> Response<RespBody> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let (consumed, parsed) = match httparse::parse_headers(out, &mut headers) {
         Ok(httparse::Status::Complete((n, h))) => (n, h),
-        Ok(httparse::Status::Partial) => return fail(StatusCode::BAD_GATEWAY, "testnet: git http-backend output has no end of headers\n".into()),
-        Err(e) => return fail(StatusCode::BAD_GATEWAY, format!("testnet: bad git http-backend headers: {e}\n")),
+        Ok(httparse::Status::Partial) => {
+            return fail(
+                StatusCode::BAD_GATEWAY,
+                "testnet: git http-backend output has no end of headers\n".into(),
+            )
+        }
+        Err(e) => {
+            return fail(
+                StatusCode::BAD_GATEWAY,
+                format!("testnet: bad git http-backend headers: {e}\n"),
+            )
+        }
     };
     let mut resp = Response::new(full(Bytes::copy_from_slice(&out[consumed..])));
     for h in parsed.iter() {
         if h.name.eq_ignore_ascii_case("status") {
-            let code = std::str::from_utf8(h.value).ok().and_then(|v| v.split_whitespace().next()).and_then(|c| c.parse::<u16>().ok());
+            let code = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|c| c.parse::<u16>().ok());
             match code.and_then(|c| StatusCode::from_u16(c).ok()) {
                 Some(s) => *resp.status_mut() = s,
-                None => return fail(StatusCode::BAD_GATEWAY, "testnet: bad Status from git http-backend\n".into()),
+                None => {
+                    return fail(
+                        StatusCode::BAD_GATEWAY,
+                        "testnet: bad Status from git http-backend\n".into(),
+                    )
+                }
             }
             continue;
         }
-        let (Ok(name), Ok(value)) = (header::HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_bytes(h.value)) else {
-            return fail(StatusCode::BAD_GATEWAY, "testnet: bad header from git http-backend\n".into());
+        let (Ok(name), Ok(value)) = (
+            header::HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return fail(
+                StatusCode::BAD_GATEWAY,
+                "testnet: bad header from git http-backend\n".into(),
+            );
         };
         resp.headers_mut().append(name, value);
     }
@@ -198,11 +295,32 @@ mod tests {
         let r = cgi_response(b"Status: 404 Not Found\r\nContent-Type: text/plain\r\n\r\nmissing");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert_eq!(r.headers()["content-type"], "text/plain");
-        assert_eq!(r.into_body().collect().await.expect("body").to_bytes().as_ref(), b"missing");
-        let r = cgi_response(b"Content-Type: application/x-git-upload-pack-advertisement\n\n001e# service");
+        assert_eq!(
+            r.into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
+                .as_ref(),
+            b"missing"
+        );
+        let r = cgi_response(
+            b"Content-Type: application/x-git-upload-pack-advertisement\n\n001e# service",
+        );
         assert_eq!(r.status(), StatusCode::OK);
-        assert_eq!(r.into_body().collect().await.expect("body").to_bytes().as_ref(), b"001e# service");
-        assert_eq!(cgi_response(b"Content-Type: x").status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            r.into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
+                .as_ref(),
+            b"001e# service"
+        );
+        assert_eq!(
+            cgi_response(b"Content-Type: x").status(),
+            StatusCode::BAD_GATEWAY
+        );
     }
 
     #[test]
@@ -212,6 +330,9 @@ mod tests {
         }
         assert!(valid_repo_name("repo.git"));
         let dir = tempfile::tempdir().expect("tempdir");
-        assert!(matches!(create_repo(dir.path(), "../evil.git", &[], dir.path()), Err(TestNetError::BadRepoName(_))));
+        assert!(matches!(
+            create_repo(dir.path(), "../evil.git", &[], dir.path()),
+            Err(TestNetError::BadRepoName(_))
+        ));
     }
 }

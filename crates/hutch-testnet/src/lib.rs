@@ -82,7 +82,10 @@ pub struct Seen {
 impl Seen {
     /// The first value of header `name` (lowercase).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The Host header's name part, lowercase.
@@ -97,7 +100,9 @@ impl Seen {
 
     /// True when any header value, the path or the body contains `needle`.
     pub fn contains(&self, needle: &str) -> bool {
-        self.path.contains(needle) || self.body.contains(needle) || self.headers.iter().any(|(_, v)| v.contains(needle))
+        self.path.contains(needle)
+            || self.body.contains(needle)
+            || self.headers.iter().any(|(_, v)| v.contains(needle))
     }
 }
 
@@ -111,7 +116,10 @@ pub(crate) struct Log {
 
 impl Log {
     pub(crate) fn push(&self, seen: Seen) {
-        self.requests.lock().unwrap_or_else(|p| p.into_inner()).push(seen);
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(seen);
     }
 }
 
@@ -131,7 +139,10 @@ pub struct TestNet {
 
 impl std::fmt::Debug for TestNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestNet").field("https", &self.https).field("http", &self.http).finish_non_exhaustive()
+        f.debug_struct("TestNet")
+            .field("https", &self.https)
+            .field("http", &self.http)
+            .finish_non_exhaustive()
     }
 }
 
@@ -143,16 +154,24 @@ impl TestNet {
 
     /// Starts the servers with a certificate for `names` (DNS names, `*.` wildcards allowed).
     pub fn start_with_names(names: &[&str]) -> Result<TestNet, TestNetError> {
-        let dir = tempfile::Builder::new().prefix("hutch-testnet-").tempdir().map_err(io_err("cannot create a temporary directory"))?;
+        let dir = tempfile::Builder::new()
+            .prefix("hutch-testnet-")
+            .tempdir()
+            .map_err(io_err("cannot create a temporary directory"))?;
         let pki = pki::TestPki::new(names)?;
         let ca_file = dir.path().join("testnet-ca.pem");
-        std::fs::write(&ca_file, &pki.ca_pem).map_err(io_err(format!("cannot write {}", ca_file.display())))?;
+        std::fs::write(&ca_file, &pki.ca_pem)
+            .map_err(io_err(format!("cannot write {}", ca_file.display())))?;
         let probe = dir.path().join("probe.py");
-        std::fs::write(&probe, GUEST_PROBE).map_err(io_err(format!("cannot write {}", probe.display())))?;
+        std::fs::write(&probe, GUEST_PROBE)
+            .map_err(io_err(format!("cannot write {}", probe.display())))?;
         let git_root = dir.path().join("git");
-        std::fs::create_dir(&git_root).map_err(io_err(format!("cannot create {}", git_root.display())))?;
+        std::fs::create_dir(&git_root)
+            .map_err(io_err(format!("cannot create {}", git_root.display())))?;
         let log = Arc::new(Log::default());
-        let routes = routes::Routes { git_root: git_root.clone() };
+        let routes = routes::Routes {
+            git_root: git_root.clone(),
+        };
         let server = server::Running::start(pki.server_config.clone(), routes, log.clone())?;
         Ok(TestNet {
             https: server.https,
@@ -209,13 +228,23 @@ impl TestNet {
     /// `hutch run` flags that allow `name` on the HTTPS port and pin it to this server.
     pub fn allow_https(&self, name: &str) -> Vec<String> {
         let p = self.https.port();
-        vec!["--allow".into(), format!("{name}:{p}"), "--resolve".into(), format!("{name}:{p}:127.0.0.1")]
+        vec![
+            "--allow".into(),
+            format!("{name}:{p}"),
+            "--resolve".into(),
+            format!("{name}:{p}:127.0.0.1"),
+        ]
     }
 
     /// `hutch run` flags that allow `name` on the plain HTTP port and pin it to this server.
     pub fn allow_http(&self, name: &str) -> Vec<String> {
         let p = self.http.port();
-        vec!["--allow".into(), format!("{name}:{p}"), "--resolve".into(), format!("{name}:{p}:127.0.0.1")]
+        vec![
+            "--allow".into(),
+            format!("{name}:{p}"),
+            "--resolve".into(),
+            format!("{name}:{p}:127.0.0.1"),
+        ]
     }
 
     /// The loopback address whose ports 443 and 80 serve the same routes, when this process may
@@ -228,13 +257,23 @@ impl TestNet {
     /// `hutch run` flags that allow `name` on port 443 and pin it to [`TestNet::web_addr`].
     pub fn allow_web_https(&self, name: &str) -> Option<Vec<String>> {
         let ip = self.web?;
-        Some(vec!["--allow".into(), format!("{name}:443"), "--resolve".into(), format!("{name}:443:{ip}")])
+        Some(vec![
+            "--allow".into(),
+            format!("{name}:443"),
+            "--resolve".into(),
+            format!("{name}:443:{ip}"),
+        ])
     }
 
     /// `hutch run` flags that allow `name` on port 80 and pin it to [`TestNet::web_addr`].
     pub fn allow_web_http(&self, name: &str) -> Option<Vec<String>> {
         let ip = self.web?;
-        Some(vec!["--allow".into(), format!("{name}:80"), "--resolve".into(), format!("{name}:80:{ip}")])
+        Some(vec![
+            "--allow".into(),
+            format!("{name}:80"),
+            "--resolve".into(),
+            format!("{name}:80:{ip}"),
+        ])
     }
 
     /// `--upstream-ca FILE` for the test CA.
@@ -250,18 +289,28 @@ impl TestNet {
             "--copy-in".into(),
             format!("{}:/root/testnet-ca.pem", self.ca_file.display()),
             "--copy-in".into(),
-            format!("{}:/root/probe.py", self.dir.path().join("probe.py").display()),
+            format!(
+                "{}:/root/probe.py",
+                self.dir.path().join("probe.py").display()
+            ),
         ]
     }
 
     /// Every request received so far, in arrival order.
     pub fn requests(&self) -> Vec<Seen> {
-        self.log.requests.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.log
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Requests whose path starts with `prefix`.
     pub fn requests_to(&self, prefix: &str) -> Vec<Seen> {
-        self.requests().into_iter().filter(|s| s.path.starts_with(prefix)).collect()
+        self.requests()
+            .into_iter()
+            .filter(|s| s.path.starts_with(prefix))
+            .collect()
     }
 
     /// Datagrams received on [`TestNet::udp_port`].
@@ -276,7 +325,11 @@ impl TestNet {
 
     /// Creates a bare repository `name` (e.g. `repo.git`) served at `/NAME` with one commit on
     /// `main` holding `files` (path, content). Pushes over HTTP are accepted.
-    pub fn create_git_repo(&self, name: &str, files: &[(&str, &str)]) -> Result<PathBuf, TestNetError> {
+    pub fn create_git_repo(
+        &self,
+        name: &str,
+        files: &[(&str, &str)],
+    ) -> Result<PathBuf, TestNetError> {
         git::create_repo(&self.git_root, name, files, self.dir.path())
     }
 

@@ -34,11 +34,19 @@ pub(crate) struct Conn {
 fn text(status: StatusCode, msg: impl Into<String>) -> Response<RespBody> {
     let mut r = Response::new(full(msg.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
-pub(crate) async fn handle<B>(routes: &Routes, log: &Log, conn: &Conn, req: Request<B>) -> Response<RespBody>
+pub(crate) async fn handle<B>(
+    routes: &Routes,
+    log: &Log,
+    conn: &Conn,
+    req: Request<B>,
+) -> Response<RespBody>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -47,18 +55,38 @@ where
     let body = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
-            let status = if e.is::<http_body_util::LengthLimitError>() { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::BAD_REQUEST };
-            return text(status, format!("testnet: cannot read the request body: {e}\n"));
+            let status = if e.is::<http_body_util::LengthLimitError>() {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return text(
+                status,
+                format!("testnet: cannot read the request body: {e}\n"),
+            );
         }
     };
-    let path = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
     let seen = Seen {
         tls: conn.tls,
         port: conn.port,
         sni: conn.sni.clone(),
         method: parts.method.to_string(),
         path: path.clone(),
-        headers: parts.headers.iter().map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
         body: String::from_utf8_lossy(&body[..body.len().min(MAX_RECORDED_BODY)]).into_owned(),
     };
     log.push(seen.clone());
@@ -68,11 +96,18 @@ where
         return match n.parse::<u64>() {
             Ok(n) if n <= MAX_GENERATED => {
                 let mut r = Response::new(Repeat::new(n).boxed());
-                r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+                r.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
                 r
             }
-            _ => text(StatusCode::BAD_REQUEST, format!("testnet: /bytes/N takes a byte count up to {MAX_GENERATED}\n")),
+            _ => text(
+                StatusCode::BAD_REQUEST,
+                format!("testnet: /bytes/N takes a byte count up to {MAX_GENERATED}\n"),
+            ),
         };
     }
     if route == "/redirect" {
@@ -80,14 +115,20 @@ where
             return text(StatusCode::BAD_REQUEST, "testnet: /redirect?to=URL\n");
         };
         let Ok(location) = HeaderValue::from_str(to) else {
-            return text(StatusCode::BAD_REQUEST, "testnet: the redirect target is not a header value\n");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "testnet: the redirect target is not a header value\n",
+            );
         };
         let mut r = text(StatusCode::FOUND, format!("redirecting to {to}\n"));
         r.headers_mut().insert(header::LOCATION, location);
         return r;
     }
     if let Some(name) = route.strip_prefix("/reflect/") {
-        let value = seen.header(&name.to_ascii_lowercase()).unwrap_or("").to_string();
+        let value = seen
+            .header(&name.to_ascii_lowercase())
+            .unwrap_or("")
+            .to_string();
         let mut r = text(StatusCode::OK, format!("reflected {name}: {value}\n"));
         if let Ok(v) = HeaderValue::from_str(&value) {
             r.headers_mut().insert("x-reflected", v);
@@ -100,10 +141,16 @@ where
     match serde_json::to_vec(&seen) {
         Ok(json) => {
             let mut r = Response::new(full(json));
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             r
         }
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("testnet: cannot encode the echo: {e}\n")),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("testnet: cannot encode the echo: {e}\n"),
+        ),
     }
 }
 
@@ -117,14 +164,21 @@ mod tests {
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        b.body(Full::new(Bytes::from(body.to_string()))).expect("request")
+        b.body(Full::new(Bytes::from(body.to_string())))
+            .expect("request")
     }
 
     async fn call(r: Request<Full<Bytes>>) -> (Response<Bytes>, Vec<Seen>) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let routes = Routes { git_root: dir.path().to_path_buf() };
+        let routes = Routes {
+            git_root: dir.path().to_path_buf(),
+        };
         let log = Log::default();
-        let conn = Conn { tls: true, sni: Some("a.example.test".into()), port: 443 };
+        let conn = Conn {
+            tls: true,
+            sni: Some("a.example.test".into()),
+            port: 443,
+        };
         let resp = handle(&routes, &log, &conn, r).await;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.expect("body").to_bytes();
@@ -134,7 +188,16 @@ mod tests {
 
     #[tokio::test]
     async fn echo_records_and_returns_the_request() {
-        let (resp, seen) = call(req("POST", "/v1/x?q=1", &[("host", "a.example.test:8443"), ("authorization", "Bearer abc")], "payload")).await;
+        let (resp, seen) = call(req(
+            "POST",
+            "/v1/x?q=1",
+            &[
+                ("host", "a.example.test:8443"),
+                ("authorization", "Bearer abc"),
+            ],
+            "payload",
+        ))
+        .await;
         assert_eq!(resp.status(), StatusCode::OK);
         let echoed: serde_json::Value = serde_json::from_slice(resp.body()).expect("json");
         assert_eq!(echoed["method"], "POST");
@@ -149,9 +212,18 @@ mod tests {
 
     #[tokio::test]
     async fn redirect_reflect_and_bytes() {
-        let (resp, _) = call(req("GET", "/redirect?to=https://b.example.test:1/landed", &[], "")).await;
+        let (resp, _) = call(req(
+            "GET",
+            "/redirect?to=https://b.example.test:1/landed",
+            &[],
+            "",
+        ))
+        .await;
         assert_eq!(resp.status(), StatusCode::FOUND);
-        assert_eq!(resp.headers()["location"], "https://b.example.test:1/landed");
+        assert_eq!(
+            resp.headers()["location"],
+            "https://b.example.test:1/landed"
+        );
         let (resp, _) = call(req("GET", "/reflect/X-Token", &[("x-token", "t0k")], "")).await;
         assert_eq!(resp.headers()["x-reflected"], "t0k");
         assert_eq!(resp.body().as_ref(), b"reflected X-Token: t0k\n");
@@ -164,8 +236,17 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_repositories_are_echoed_not_served() {
-        let (resp, _) = call(req("GET", "/nope.git/info/refs?service=git-upload-pack", &[], "")).await;
+        let (resp, _) = call(req(
+            "GET",
+            "/nope.git/info/refs?service=git-upload-pack",
+            &[],
+            "",
+        ))
+        .await;
         let echoed: serde_json::Value = serde_json::from_slice(resp.body()).expect("json");
-        assert_eq!(echoed["path"], "/nope.git/info/refs?service=git-upload-pack");
+        assert_eq!(
+            echoed["path"],
+            "/nope.git/info/refs?service=git-upload-pack"
+        );
     }
 }

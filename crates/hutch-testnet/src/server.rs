@@ -68,19 +68,37 @@ async fn bind_web() -> Option<(TcpListener, TcpListener)> {
 }
 
 async fn bind() -> Result<Bound, TestNetError> {
-    let https = TcpListener::bind("127.0.0.1:0").await.map_err(io_err("cannot bind the HTTPS listener"))?;
-    let http = TcpListener::bind("127.0.0.1:0").await.map_err(io_err("cannot bind the HTTP listener"))?;
-    let port = https.local_addr().map_err(io_err("HTTPS listener address"))?.port();
+    let https = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(io_err("cannot bind the HTTPS listener"))?;
+    let http = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(io_err("cannot bind the HTTP listener"))?;
+    let port = https
+        .local_addr()
+        .map_err(io_err("HTTPS listener address"))?
+        .port();
     // Same port number as HTTPS when free, where QUIC to that name would go.
     let udp = match UdpSocket::bind(("127.0.0.1", port)).await {
         Ok(s) => s,
-        Err(_) => UdpSocket::bind("127.0.0.1:0").await.map_err(io_err("cannot bind the UDP socket"))?,
+        Err(_) => UdpSocket::bind("127.0.0.1:0")
+            .await
+            .map_err(io_err("cannot bind the UDP socket"))?,
     };
-    Ok(Bound { https, http, udp, web: bind_web().await })
+    Ok(Bound {
+        https,
+        http,
+        udp,
+        web: bind_web().await,
+    })
 }
 
 impl Running {
-    pub(crate) fn start(tls: Arc<ServerConfig>, routes: Routes, log: Arc<Log>) -> Result<Running, TestNetError> {
+    pub(crate) fn start(
+        tls: Arc<ServerConfig>,
+        routes: Routes,
+        log: Arc<Log>,
+    ) -> Result<Running, TestNetError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("hutch-testnet")
@@ -129,7 +147,14 @@ impl Running {
             })
             .map_err(io_err("cannot start the test net's thread"))?;
         let (https, http, udp, web) = ready_rx.recv().map_err(|_| TestNetError::ServerThread)??;
-        Ok(Running { https, http, udp, web, stop: Some(stop_tx), thread: Some(thread) })
+        Ok(Running {
+            https,
+            http,
+            udp,
+            web,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
     }
 
     pub(crate) fn stop(&mut self) {
@@ -150,15 +175,26 @@ where
         let (routes, log, conn) = (routes.clone(), log.clone(), conn.clone());
         async move { Ok::<_, Infallible>(crate::routes::handle(&routes, &log, &conn, req).await) }
     });
-    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), svc).await;
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
 }
 
-async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, routes: Arc<Routes>, log: Arc<Log>) {
+async fn serve_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    routes: Arc<Routes>,
+    log: Arc<Log>,
+) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         // Like production servers; without it small responses can wait for a delayed ACK.
         let _ = tcp.set_nodelay(true);
         let (acceptor, routes, log) = (acceptor.clone(), routes.clone(), log.clone());
@@ -167,10 +203,21 @@ async fn serve_tls(listener: TcpListener, acceptor: TlsAcceptor, routes: Arc<Rou
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let sni = tls.get_ref().1.server_name().map(str::to_string);
-                    serve_http(tls, routes, log, Conn { tls: true, sni, port }).await;
+                    serve_http(
+                        tls,
+                        routes,
+                        log,
+                        Conn {
+                            tls: true,
+                            sni,
+                            port,
+                        },
+                    )
+                    .await;
                 }
                 _ => {
-                    log.tls_handshakes_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    log.tls_handshakes_failed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         });
@@ -181,13 +228,27 @@ async fn serve_plain(listener: TcpListener, routes: Arc<Routes>, log: Arc<Log>) 
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (routes, log) = (routes.clone(), log.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            serve_http(tcp, routes, log, Conn { tls: false, sni: None, port }).await;
+            serve_http(
+                tcp,
+                routes,
+                log,
+                Conn {
+                    tls: false,
+                    sni: None,
+                    port,
+                },
+            )
+            .await;
         });
     }
 }
@@ -196,7 +257,8 @@ async fn count_udp(sock: UdpSocket, log: Arc<Log>) {
     let mut buf = vec![0u8; 65536];
     loop {
         if sock.recv_from(&mut buf).await.is_ok() {
-            log.udp_datagrams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            log.udp_datagrams
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -11,25 +11,42 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
 async fn https_get(net: &TestNet, name: &str, path: &str, auth: &str) -> (u16, Bytes) {
-    https_get_at(net, std::net::SocketAddr::from(([127, 0, 0, 1], net.https_port())), name, path, auth).await
+    https_get_at(
+        net,
+        std::net::SocketAddr::from(([127, 0, 0, 1], net.https_port())),
+        name,
+        path,
+        auth,
+    )
+    .await
 }
 
-async fn https_get_at(net: &TestNet, addr: std::net::SocketAddr, name: &str, path: &str, auth: &str) -> (u16, Bytes) {
+async fn https_get_at(
+    net: &TestNet,
+    addr: std::net::SocketAddr,
+    name: &str,
+    path: &str,
+    auth: &str,
+) -> (u16, Bytes) {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(net.ca_pem().as_bytes()) {
         roots.add(c.expect("pem")).expect("root");
     }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from(name.to_string()).expect("name"), tcp)
         .await
         .expect("TLS with the test CA");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("handshake");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("handshake");
     tokio::spawn(conn);
     let req = http::Request::builder()
         .uri(path)
@@ -39,7 +56,10 @@ async fn https_get_at(net: &TestNet, addr: std::net::SocketAddr, name: &str, pat
         .expect("request");
     let resp = send.send_request(req).await.expect("response");
     let status = resp.status().as_u16();
-    (status, resp.into_body().collect().await.expect("body").to_bytes())
+    (
+        status,
+        resp.into_body().collect().await.expect("body").to_bytes(),
+    )
 }
 
 #[tokio::test]
@@ -61,15 +81,25 @@ async fn https_echo_with_the_test_ca_records_requests() {
 
     match net.web_addr() {
         Some(ip) => {
-            let (status, _) = https_get_at(&net, std::net::SocketAddr::new(ip, 443), "web.example.test", "/on-443", "").await;
+            let (status, _) = https_get_at(
+                &net,
+                std::net::SocketAddr::new(ip, 443),
+                "web.example.test",
+                "/on-443",
+                "",
+            )
+            .await;
             assert_eq!(status, 200);
             assert_eq!(net.requests_to("/on-443")[0].port, 443);
         }
-        None => println!("no web ports (binding 443 and 80 needs root or CAP_NET_BIND_SERVICE): not exercised"),
+        None => println!(
+            "no web ports (binding 443 and 80 needs root or CAP_NET_BIND_SERVICE): not exercised"
+        ),
     }
 
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
-    udp.send_to(b"quic?", ("127.0.0.1", net.udp_port())).expect("send");
+    udp.send_to(b"quic?", ("127.0.0.1", net.udp_port()))
+        .expect("send");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while net.udp_datagrams() == 0 && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -80,7 +110,8 @@ async fn https_echo_with_the_test_ca_records_requests() {
 #[test]
 fn git_clone_and_push_over_smart_http() {
     let net = TestNet::start().expect("testnet");
-    net.create_git_repo("repo.git", &[("README", "hello from the testnet\n")]).expect("repo");
+    net.create_git_repo("repo.git", &[("README", "hello from the testnet\n")])
+        .expect("repo");
     let work = tempfile::tempdir().expect("tempdir");
     let git = |args: &[&str]| {
         let out = std::process::Command::new("git")
@@ -89,21 +120,42 @@ fn git_clone_and_push_over_smart_http() {
             .env("HOME", work.path())
             // The environment's CA setting would win over `-c http.sslCAInfo`.
             .env("GIT_SSL_CAINFO", net.ca_file())
-            .args(["-c", &format!("http.curloptResolve=git.example.test:{}:127.0.0.1", net.https_port())])
+            .args([
+                "-c",
+                &format!(
+                    "http.curloptResolve=git.example.test:{}:127.0.0.1",
+                    net.https_port()
+                ),
+            ])
             .args(["-c", "user.name=t", "-c", "user.email=t@example.test"])
             .args(args)
             .current_dir(work.path())
             .output()
             .expect("run git");
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    git(&["clone", "-q", &net.https_url("git.example.test", "/repo.git"), "clone"]);
-    assert_eq!(std::fs::read_to_string(work.path().join("clone/README")).expect("README"), "hello from the testnet\n");
+    git(&[
+        "clone",
+        "-q",
+        &net.https_url("git.example.test", "/repo.git"),
+        "clone",
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(work.path().join("clone/README")).expect("README"),
+        "hello from the testnet\n"
+    );
     std::fs::write(work.path().join("clone/new.txt"), "pushed\n").expect("write");
     git(&["-C", "clone", "add", "new.txt"]);
     git(&["-C", "clone", "commit", "-q", "-m", "push test"]);
     git(&["-C", "clone", "push", "-q", "origin", "main:pushed"]);
     let refs = net.git_refs("repo.git").expect("refs");
     assert!(refs.contains("refs/heads/pushed"), "{refs}");
-    assert!(net.requests().iter().any(|s| s.path.starts_with("/repo.git/git-receive-pack")));
+    assert!(net
+        .requests()
+        .iter()
+        .any(|s| s.path.starts_with("/repo.git/git-receive-pack")));
 }
