@@ -82,8 +82,9 @@ pub struct VmArgs {
     /// Virtual CPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(128..=65536))]
+    /// Guest memory in MiB [default: 512; 1024 with --image agents, whose agents alone peak near 300].
+    #[arg(long, default_value = "512", default_value_if("image", "agents", "1024"), hide_default_value = true,
+          value_parser = clap::value_parser!(u32).range(128..=65536))]
     pub memory: u32,
     /// Accelerator: kvm (hardware virtualization) or tcg (software emulation). Default: kvm when it can run
     /// ordinary guests here, else tcg.
@@ -295,6 +296,14 @@ mod tests {
         assert_eq!(image(&["hutch", "run", "--image", "agents", "--", "claude"]), Ok(ImageName::Agents));
         assert_eq!(image(&["hutch", "image", "build", "--image", "agents"]), Ok(ImageName::Agents));
         assert_eq!(image(&["hutch", "bench", "--image=default"]), Ok(ImageName::Default));
+        let memory = |args: &[&str]| match Cli::try_parse_from(args).map(|c| c.cmd) {
+            Ok(Command::Run(r)) => r.vm.memory,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(memory(&["hutch", "run", "--", "true"]), 512);
+        assert_eq!(memory(&["hutch", "run", "--image", "agents", "--", "true"]), 1024);
+        assert_eq!(memory(&["hutch", "run", "--image", "agents", "--memory", "2048", "--", "true"]), 2048);
+        assert_eq!(memory(&["hutch", "run", "--memory", "768", "--image", "agents", "--", "true"]), 768);
         let err = image(&["hutch", "run", "--image", "ubuntu", "--", "true"]).unwrap_err();
         assert!(err.contains("default") && err.contains("agents"), "{err}");
     }

@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use common::*;
-use hutch_testnet::model_api::{Answer, FakeModelApi, Script, ANTHROPIC_HOST};
+use hutch_testnet::model_api::{Answer, Call, FakeModelApi, Script, ANTHROPIC_HOST};
 
 /// What a real key looks like; the fake accepts only this one.
 const REAL_KEY: &str = "sk-ant-api03-hutchTEST0real0key0never0in0the0vm0Zq9xWv7Lr3Kp2Nm8Bc5Df1Gh4Jk6-AbCdEfAA";
@@ -96,79 +96,136 @@ const COMMAND: &str = "cd /workspace && echo 'hello from claude' > proof.txt && 
                        echo \"committed $(git rev-parse --short HEAD) as $(id -un)\"";
 const FINAL: &str = "Done: proof.txt is committed.";
 
+/// One `hutch run` of Claude Code in a fresh repository, and what everyone saw.
+struct ClaudeRun {
+    out: Output,
+    stdout: String,
+    stderr: String,
+    calls: Vec<Call>,
+    audit: String,
+    records: Vec<serde_json::Value>,
+    dir: PathBuf,
+    head_before: String,
+    /// `api.anthropic.com:PORT`, the one destination allowed.
+    api_dest: String,
+    _tmp: tempfile::TempDir,
+}
+
+impl ClaudeRun {
+    /// `claude -p` in the agents image, with `extra` flags for `hutch run`.
+    fn start(extra: &[&str]) -> ClaudeRun {
+        let fake = FakeModelApi::start(Script { api_key: REAL_KEY.into(), command: COMMAND.into(), final_text: FINAL.into() }).expect("start the fake API");
+        let (tmp, dir) = repo();
+        let head_before = git(&dir, &["rev-parse", "HEAD"]);
+        let audit = tmp.path().join("audit.jsonl");
+        // A shell shows what the VM's environment holds for the key, runs the agent and reports its peak memory.
+        let agent = r#"echo "vm-key=$ANTHROPIC_API_KEY"
+exec python3 -c 'import resource, subprocess, sys
+rc = subprocess.call(sys.argv[1:])
+print("claude-peak-rss-mib=%d" % (resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024))
+sys.exit(rc)' claude --dangerously-skip-permissions -p "$1""#;
+        let t0 = Instant::now();
+        let out = hutch()
+            .current_dir(&dir)
+            .env("XDG_DATA_HOME", tmp.path().join("data"))
+            .env("ANTHROPIC_API_KEY", REAL_KEY)
+            .args(["run", "--image", "agents"])
+            .args(fake.hutch_args())
+            .args(["--secret", &format!("ANTHROPIC_API_KEY@{ANTHROPIC_HOST}")])
+            .args(["--env", &format!("ANTHROPIC_BASE_URL={}", fake.anthropic_base_url())])
+            .arg("--audit")
+            .arg(&audit)
+            .args(extra)
+            .args(["--", "sh", "-c", agent, "sh", "Commit a file named proof.txt that says hello."])
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn hutch run");
+        let took = t0.elapsed();
+        let calls = fake.calls();
+        let stdout = text(&out.stdout);
+        let peak = stdout.lines().find_map(|l| l.strip_prefix("claude-peak-rss-mib=")).unwrap_or("?");
+        eprintln!("hutch run with Claude Code: {:.1}s wall, claude peak RSS {peak} MiB, {} API calls", took.as_secs_f64(), calls.len());
+        for c in &calls {
+            eprintln!("  {} {} model={:?} stream={} tools={} -> {:?}", c.method, c.path, c.model, c.stream, c.tools.len(), c.answer);
+        }
+        let audit = std::fs::read_to_string(&audit).unwrap_or_default();
+        let records: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).expect("audit line")).collect();
+        let denied: Vec<_> = records.iter().filter(|r| r["decision"] == "deny").collect();
+        eprintln!("denied by the gateway during the run: {}", denied.len());
+        for d in &denied {
+            eprintln!("  {d}");
+        }
+        let api_dest = format!("{ANTHROPIC_HOST}:{}", fake.port());
+        ClaudeRun { stderr: text(&out.stderr), stdout, out, calls, audit, records, dir, head_before, api_dest, _tmp: tmp }
+    }
+
+    fn dump(&self) -> String {
+        dump(&self.out)
+    }
+
+    /// The whole turn happened as scripted, with the key injected, and the commit came back.
+    fn assert_turn_and_commit(&self) {
+        let (stdout, calls) = (&self.stdout, &self.calls);
+        assert_eq!(self.out.status.code(), Some(0), "{}", self.dump());
+
+        // The VM held a placeholder, never the key; the API got the real key on every call.
+        let vm_key = stdout.lines().find_map(|l| l.strip_prefix("vm-key=")).unwrap_or_else(|| panic!("no vm-key line: {}", self.dump()));
+        assert!(vm_key.starts_with("hutch-ph-ANTHROPIC_API_KEY-"), "the VM's key is not a placeholder: {vm_key:?}");
+        assert!(!vm_key.contains(REAL_KEY));
+        assert!(!calls.is_empty(), "the API was never called: {}", self.dump());
+        for c in calls.iter().filter(|c| c.path.starts_with("/v1/")) {
+            assert_eq!(c.key.as_deref(), Some(REAL_KEY), "{} {} carried another key", c.method, c.path);
+            assert_ne!(c.answer, Answer::Unauthorized);
+        }
+
+        // The turn: a Bash tool call, the command ran in the VM and its output went back, then the answer.
+        assert!(calls.iter().any(|c| c.answer == Answer::ToolUse && c.tools.iter().any(|t| t == "Bash")), "{calls:?}");
+        let result = calls.iter().find_map(|c| c.tool_result.clone()).unwrap_or_else(|| panic!("no tool result came back: {calls:?}"));
+        assert!(result.contains("committed ") && result.contains(" as root"), "the command's output: {result:?}");
+        assert!(calls.iter().any(|c| c.answer == Answer::FinalText), "{calls:?}");
+        assert!(stdout.contains(FINAL), "claude printed the final answer: {}", self.dump());
+
+        // The commit came back as refs/hutch/<id>; the user's branch and working tree are untouched.
+        let dir = &self.dir;
+        let hutch_ref = format!("refs/hutch/{}", sandbox_id(&self.stderr));
+        assert_eq!(git(dir, &["show", &format!("{hutch_ref}:proof.txt")]), "hello from claude\n");
+        assert_eq!(git(dir, &["log", "-1", "--format=%s|%an", &hutch_ref]).trim(), "proof from claude|Claude");
+        assert_eq!(git(dir, &["rev-parse", &format!("{hutch_ref}~1")]), self.head_before, "one commit on top of the user's HEAD");
+        assert_eq!(git(dir, &["rev-parse", "HEAD"]), self.head_before);
+        assert!(!dir.join("proof.txt").exists(), "nothing is applied without --apply");
+
+        // The key is nowhere in what hutch showed or logged; its injection is audited by name.
+        for (what, t) in [("stdout", stdout), ("stderr", &self.stderr), ("audit log", &self.audit), ("tool result", &result)] {
+            assert!(!t.contains(REAL_KEY), "the real key is in the {what}");
+        }
+        assert!(
+            self.records.iter().any(|r| r["event"] == "request" && r["secrets"].as_array().is_some_and(|s| s.iter().any(|x| x == "ANTHROPIC_API_KEY"))),
+            "the audit log records the key's injection by name: {}",
+            self.audit
+        );
+    }
+}
+
 #[test]
 fn claude_code_runs_a_command_in_the_vm_with_the_key_injected_and_the_commit_comes_back() {
     need_agents_image!();
-    let fake = FakeModelApi::start(Script { api_key: REAL_KEY.into(), command: COMMAND.into(), final_text: FINAL.into() }).expect("start the fake API");
-    let (tmp, dir) = repo();
-    let head_before = git(&dir, &["rev-parse", "HEAD"]);
-    let audit = tmp.path().join("audit.jsonl");
-    // The agent is started by a shell that first shows what the VM's environment holds for the key.
-    let agent = r#"echo "vm-key=$ANTHROPIC_API_KEY"; exec claude --dangerously-skip-permissions -p "$1""#;
-    let t0 = Instant::now();
-    let out = hutch()
-        .current_dir(&dir)
-        .env("XDG_DATA_HOME", tmp.path().join("data"))
-        .env("ANTHROPIC_API_KEY", REAL_KEY)
-        .args(["run", "--image", "agents"])
-        .args(fake.hutch_args())
-        .args(["--secret", &format!("ANTHROPIC_API_KEY@{ANTHROPIC_HOST}")])
-        .args(["--env", &format!("ANTHROPIC_BASE_URL={}", fake.anthropic_base_url())])
-        .arg("--audit")
-        .arg(&audit)
-        .args(["--", "sh", "-c", agent, "sh", "Commit a file named proof.txt that says hello."])
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn hutch run");
-    let took = t0.elapsed();
-    let calls = fake.calls();
-    eprintln!("hutch run with Claude Code: {:.1}s wall, {} API calls", took.as_secs_f64(), calls.len());
-    for c in &calls {
-        eprintln!("  {} {} model={:?} stream={} tools={} -> {:?}", c.method, c.path, c.model, c.stream, c.tools.len(), c.answer);
-    }
-    let stdout = text(&out.stdout);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{}", dump(&out));
+    let run = ClaudeRun::start(&[]);
+    run.assert_turn_and_commit();
+    // The image's environment turns off what the gateway would only deny.
+    let denied: Vec<_> = run.records.iter().filter(|r| r["decision"] == "deny").collect();
+    assert!(denied.is_empty(), "nothing needed denying: {denied:?}");
+}
 
-    // The VM held a placeholder, never the key; the API got the real key on every call.
-    let vm_key = stdout.lines().find_map(|l| l.strip_prefix("vm-key=")).unwrap_or_else(|| panic!("no vm-key line: {}", dump(&out)));
-    assert!(vm_key.starts_with("hutch-ph-ANTHROPIC_API_KEY-"), "the VM's key is not a placeholder: {vm_key:?}");
-    assert!(!vm_key.contains(REAL_KEY));
-    assert!(!calls.is_empty(), "the API was never called: {}", dump(&out));
-    for c in calls.iter().filter(|c| c.path.starts_with("/v1/")) {
-        assert_eq!(c.key.as_deref(), Some(REAL_KEY), "{} {} carried another key", c.method, c.path);
-        assert_ne!(c.answer, Answer::Unauthorized);
-    }
-
-    // The turn: a Bash tool call, the command ran in the VM and its output went back, then the answer.
-    assert!(calls.iter().any(|c| c.answer == Answer::ToolUse && c.tools.iter().any(|t| t == "Bash")), "{calls:?}");
-    let result = calls.iter().find_map(|c| c.tool_result.clone()).unwrap_or_else(|| panic!("no tool result came back: {calls:?}"));
-    assert!(result.contains("committed ") && result.contains(" as root"), "the command's output: {result:?}");
-    assert!(calls.iter().any(|c| c.answer == Answer::FinalText), "{calls:?}");
-    assert!(stdout.contains(FINAL), "claude printed the final answer: {}", dump(&out));
-
-    // The commit came back as refs/hutch/<id>; the user's branch and working tree are untouched.
-    let id = sandbox_id(&stderr);
-    let hutch_ref = format!("refs/hutch/{id}");
-    assert_eq!(git(&dir, &["show", &format!("{hutch_ref}:proof.txt")]), "hello from claude\n");
-    assert_eq!(git(&dir, &["log", "-1", "--format=%s|%an", &hutch_ref]).trim(), "proof from claude|Claude");
-    assert_eq!(git(&dir, &["rev-parse", &format!("{hutch_ref}~1")]), head_before, "one commit on top of the user's HEAD");
-    assert_eq!(git(&dir, &["rev-parse", "HEAD"]), head_before);
-    assert!(!dir.join("proof.txt").exists(), "nothing is applied without --apply");
-
-    // The key is nowhere in what hutch showed or logged.
-    let audit = std::fs::read_to_string(&audit).expect("audit log");
-    for (what, t) in [("stdout", &stdout), ("stderr", &stderr), ("audit log", &audit), ("tool result", &result)] {
-        assert!(!t.contains(REAL_KEY), "the real key is in the {what}");
-    }
-    let records: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).expect("audit line")).collect();
-    assert!(
-        records.iter().any(|r| r["event"] == "request" && r["secrets"].as_array().is_some_and(|s| s.iter().any(|x| x == "ANTHROPIC_API_KEY"))),
-        "the audit log records the key's injection by name: {audit}"
-    );
-    let denied: Vec<_> = records.iter().filter(|r| r["decision"] == "deny").collect();
-    eprintln!("denied by the gateway during the run: {}", denied.len());
-    for d in denied {
-        eprintln!("  {d}");
+/// With telemetry, error reporting and update checks back on, Claude Code's requests anywhere but
+/// the allowed API port are denied by the gateway and audited, and the turn still completes.
+#[test]
+fn claude_code_with_nonessential_traffic_on_is_denied_elsewhere_and_still_works() {
+    need_agents_image!();
+    let run = ClaudeRun::start(&["--env", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=", "--env", "DISABLE_AUTOUPDATER="]);
+    run.assert_turn_and_commit();
+    let denied: Vec<_> = run.records.iter().filter(|r| r["decision"] == "deny").collect();
+    assert!(!denied.is_empty(), "Claude Code made no request the gateway had to deny; is nonessential traffic on? {}", run.audit);
+    for d in &denied {
+        assert_ne!(d["dest"].as_str(), Some(run.api_dest.as_str()), "the allowed API was denied: {d}");
     }
 }
