@@ -1,9 +1,10 @@
-//! Coding agents in the agents image, for real: the real Claude Code CLI runs in a VM against a
-//! fake of the Anthropic API on loopback (hutch-testnet's `model_api`, HTTPS with its own CA),
-//! reached through the gateway with `--allow`, `--resolve` and `--upstream-ca`. The VM holds only
-//! a placeholder for the API key; the fake accepts nothing but the real key, so a finished turn
-//! shows the gateway injected it. The fake makes the agent run a command with its Bash tool in the
-//! VM: a commit in `/workspace`, which must come back to the host repository as `refs/hutch/<id>`.
+//! Coding agents in the agents image, for real: the real Claude Code and Codex CLIs run in a VM
+//! against a fake of their model API on loopback (hutch-testnet's `model_api`, HTTPS with its own
+//! CA), reached through the gateway with `--allow`, `--resolve` and `--upstream-ca`. The VM holds
+//! only a placeholder for the API key; the fake accepts nothing but the real key, so a finished
+//! turn shows the gateway injected it. The fake makes the agent run a command with its shell tool
+//! in the VM: a commit in `/workspace`, which must come back to the host repository as
+//! `refs/hutch/<id>`.
 //!
 //! The image is built (or found) with `hutch image build --image agents`; when npm packages cannot
 //! be downloaded here the tests say so and skip.
@@ -16,7 +17,7 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use common::*;
-use hutch_testnet::model_api::{Answer, Call, FakeModelApi, Script, ANTHROPIC_HOST};
+use hutch_testnet::model_api::{Answer, Call, FakeModelApi, Script, ANTHROPIC_HOST, OPENAI_HOST};
 
 /// What a real key looks like; the fake accepts only this one.
 const REAL_KEY: &str = "sk-ant-api03-hutchTEST0real0key0never0in0the0vm0Zq9xWv7Lr3Kp2Nm8Bc5Df1Gh4Jk6-AbCdEfAA";
@@ -89,15 +90,71 @@ fn dump(out: &Output) -> String {
     format!("exit {:?}\n--- stdout\n{}\n--- stderr\n{}", out.status.code(), text(&out.stdout), text(&out.stderr))
 }
 
-/// The fake asks Claude Code to run this with its Bash tool: a commit in the workspace, and a line
+/// The fake asks the agent to run this with its shell tool: a commit in the workspace, and a line
 /// that shows the command ran (its output goes back to the model as the tool result).
-const COMMAND: &str = "cd /workspace && echo 'hello from claude' > proof.txt && git add proof.txt && \
-                       git -c user.name=Claude -c user.email=claude@example.test commit -qm 'proof from claude' && \
-                       echo \"committed $(git rev-parse --short HEAD) as $(id -un)\"";
+fn command(agent: &str) -> String {
+    format!(
+        "cd /workspace && echo 'hello from {agent}' > proof.txt && git add proof.txt && \
+         git -c user.name={agent} -c user.email={agent}@example.test commit -qm 'proof from {agent}' && \
+         echo \"committed $(git rev-parse --short HEAD) as $(id -un)\""
+    )
+}
 const FINAL: &str = "Done: proof.txt is committed.";
+const PROMPT: &str = "Commit a file named proof.txt that says hello.";
 
-/// One `hutch run` of Claude Code in a fresh repository, and what everyone saw.
-struct ClaudeRun {
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Agent {
+    Claude,
+    Codex,
+}
+
+impl Agent {
+    fn name(self) -> &'static str {
+        match self {
+            Agent::Claude => "claude",
+            Agent::Codex => "codex",
+        }
+    }
+
+    /// The API host and the variable holding its key.
+    fn api(self) -> (&'static str, &'static str) {
+        match self {
+            Agent::Claude => (ANTHROPIC_HOST, "ANTHROPIC_API_KEY"),
+            // `codex exec` takes an API key from CODEX_API_KEY.
+            Agent::Codex => (OPENAI_HOST, "CODEX_API_KEY"),
+        }
+    }
+
+    /// The tool the fake's call goes to.
+    fn tool(self) -> &'static str {
+        match self {
+            Agent::Claude => "Bash",
+            Agent::Codex => "exec",
+        }
+    }
+
+    /// `sh -c` script and its arguments: show what the VM's environment holds for the key, run the
+    /// agent non-interactively with permission prompts off, report its peak memory.
+    fn script(self, fake: &FakeModelApi) -> Vec<String> {
+        let (_, var) = self.api();
+        let run = match self {
+            Agent::Claude => r#"claude --dangerously-skip-permissions -p "$2""#,
+            Agent::Codex => r#"codex exec -c "openai_base_url=$1" --dangerously-bypass-approvals-and-sandbox "$2""#,
+        };
+        let script = format!(
+            r#"echo "vm-key=${var}"
+exec python3 -c 'import resource, subprocess, sys
+rc = subprocess.call(sys.argv[1:])
+print("agent-peak-rss-mib=%d" % (resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024))
+sys.exit(rc)' {run}"#
+        );
+        vec![script, "sh".into(), fake.openai_base_url(), PROMPT.into()]
+    }
+}
+
+/// One `hutch run` of an agent in a fresh repository, and what everyone saw.
+struct AgentRun {
+    agent: Agent,
     out: Output,
     stdout: String,
     stderr: String,
@@ -106,45 +163,47 @@ struct ClaudeRun {
     records: Vec<serde_json::Value>,
     dir: PathBuf,
     head_before: String,
-    /// `api.anthropic.com:PORT`, the one destination allowed.
+    /// `HOST:PORT` of the API, the one destination allowed.
     api_dest: String,
     _tmp: tempfile::TempDir,
 }
 
-impl ClaudeRun {
-    /// `claude -p` in the agents image, with `extra` flags for `hutch run`.
-    fn start(extra: &[&str]) -> ClaudeRun {
-        let fake = FakeModelApi::start(Script { api_key: REAL_KEY.into(), command: COMMAND.into(), final_text: FINAL.into() }).expect("start the fake API");
+impl AgentRun {
+    /// The agent in the agents image, with `extra` flags for `hutch run`.
+    fn start(agent: Agent, extra: &[&str]) -> AgentRun {
+        let script = Script { api_key: REAL_KEY.into(), command: command(agent.name()), final_text: FINAL.into() };
+        let fake = FakeModelApi::start(script).expect("start the fake API");
+        let (host, var) = agent.api();
         let (tmp, dir) = repo();
         let head_before = git(&dir, &["rev-parse", "HEAD"]);
         let audit = tmp.path().join("audit.jsonl");
-        // A shell shows what the VM's environment holds for the key, runs the agent and reports its peak memory.
-        let agent = r#"echo "vm-key=$ANTHROPIC_API_KEY"
-exec python3 -c 'import resource, subprocess, sys
-rc = subprocess.call(sys.argv[1:])
-print("claude-peak-rss-mib=%d" % (resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024))
-sys.exit(rc)' claude --dangerously-skip-permissions -p "$1""#;
+        // Claude Code finds the API through ANTHROPIC_BASE_URL; Codex is given its URL in the script.
+        let base_url = match agent {
+            Agent::Claude => vec!["--env".to_string(), format!("ANTHROPIC_BASE_URL={}", fake.anthropic_base_url())],
+            Agent::Codex => vec![],
+        };
         let t0 = Instant::now();
         let out = hutch()
             .current_dir(&dir)
             .env("XDG_DATA_HOME", tmp.path().join("data"))
-            .env("ANTHROPIC_API_KEY", REAL_KEY)
+            .env(var, REAL_KEY)
             .args(["run", "--image", "agents"])
-            .args(fake.hutch_args())
-            .args(["--secret", &format!("ANTHROPIC_API_KEY@{ANTHROPIC_HOST}")])
-            .args(["--env", &format!("ANTHROPIC_BASE_URL={}", fake.anthropic_base_url())])
+            .args(fake.hutch_args(host))
+            .args(["--secret", &format!("{var}@{host}")])
+            .args(base_url)
             .arg("--audit")
             .arg(&audit)
             .args(extra)
-            .args(["--", "sh", "-c", agent, "sh", "Commit a file named proof.txt that says hello."])
+            .args(["--", "sh", "-c"])
+            .args(agent.script(&fake))
             .stdin(Stdio::null())
             .output()
             .expect("spawn hutch run");
         let took = t0.elapsed();
         let calls = fake.calls();
         let stdout = text(&out.stdout);
-        let peak = stdout.lines().find_map(|l| l.strip_prefix("claude-peak-rss-mib=")).unwrap_or("?");
-        eprintln!("hutch run with Claude Code: {:.1}s wall, claude peak RSS {peak} MiB, {} API calls", took.as_secs_f64(), calls.len());
+        let peak = stdout.lines().find_map(|l| l.strip_prefix("agent-peak-rss-mib=")).unwrap_or("?");
+        eprintln!("hutch run with {agent:?}: {:.1}s wall, agent peak RSS {peak} MiB, {} API calls", took.as_secs_f64(), calls.len());
         for c in &calls {
             eprintln!("  {} {} model={:?} stream={} tools={} -> {:?}", c.method, c.path, c.model, c.stream, c.tools.len(), c.answer);
         }
@@ -155,8 +214,8 @@ sys.exit(rc)' claude --dangerously-skip-permissions -p "$1""#;
         for d in &denied {
             eprintln!("  {d}");
         }
-        let api_dest = format!("{ANTHROPIC_HOST}:{}", fake.port());
-        ClaudeRun { stderr: text(&out.stderr), stdout, out, calls, audit, records, dir, head_before, api_dest, _tmp: tmp }
+        let api_dest = format!("{host}:{}", fake.port());
+        AgentRun { agent, stderr: text(&out.stderr), stdout, out, calls, audit, records, dir, head_before, api_dest, _tmp: tmp }
     }
 
     fn dump(&self) -> String {
@@ -165,12 +224,13 @@ sys.exit(rc)' claude --dangerously-skip-permissions -p "$1""#;
 
     /// The whole turn happened as scripted, with the key injected, and the commit came back.
     fn assert_turn_and_commit(&self) {
-        let (stdout, calls) = (&self.stdout, &self.calls);
+        let (stdout, calls, name) = (&self.stdout, &self.calls, self.agent.name());
+        let (_, var) = self.agent.api();
         assert_eq!(self.out.status.code(), Some(0), "{}", self.dump());
 
         // The VM held a placeholder, never the key; the API got the real key on every call.
         let vm_key = stdout.lines().find_map(|l| l.strip_prefix("vm-key=")).unwrap_or_else(|| panic!("no vm-key line: {}", self.dump()));
-        assert!(vm_key.starts_with("hutch-ph-ANTHROPIC_API_KEY-"), "the VM's key is not a placeholder: {vm_key:?}");
+        assert!(vm_key.starts_with(&format!("hutch-ph-{var}-")), "the VM's key is not a placeholder: {vm_key:?}");
         assert!(!vm_key.contains(REAL_KEY));
         assert!(!calls.is_empty(), "the API was never called: {}", self.dump());
         for c in calls.iter().filter(|c| c.path.starts_with("/v1/")) {
@@ -178,18 +238,18 @@ sys.exit(rc)' claude --dangerously-skip-permissions -p "$1""#;
             assert_ne!(c.answer, Answer::Unauthorized);
         }
 
-        // The turn: a Bash tool call, the command ran in the VM and its output went back, then the answer.
-        assert!(calls.iter().any(|c| c.answer == Answer::ToolUse && c.tools.iter().any(|t| t == "Bash")), "{calls:?}");
+        // The turn: a tool call, the command ran in the VM and its output went back, then the answer.
+        assert!(calls.iter().any(|c| c.answer == Answer::ToolUse && c.tools.iter().any(|t| t == self.agent.tool())), "{calls:?}");
         let result = calls.iter().find_map(|c| c.tool_result.clone()).unwrap_or_else(|| panic!("no tool result came back: {calls:?}"));
         assert!(result.contains("committed ") && result.contains(" as root"), "the command's output: {result:?}");
         assert!(calls.iter().any(|c| c.answer == Answer::FinalText), "{calls:?}");
-        assert!(stdout.contains(FINAL), "claude printed the final answer: {}", self.dump());
+        assert!(stdout.contains(FINAL), "{name} printed the final answer: {}", self.dump());
 
         // The commit came back as refs/hutch/<id>; the user's branch and working tree are untouched.
         let dir = &self.dir;
         let hutch_ref = format!("refs/hutch/{}", sandbox_id(&self.stderr));
-        assert_eq!(git(dir, &["show", &format!("{hutch_ref}:proof.txt")]), "hello from claude\n");
-        assert_eq!(git(dir, &["log", "-1", "--format=%s|%an", &hutch_ref]).trim(), "proof from claude|Claude");
+        assert_eq!(git(dir, &["show", &format!("{hutch_ref}:proof.txt")]), format!("hello from {name}\n"));
+        assert_eq!(git(dir, &["log", "-1", "--format=%s|%an", &hutch_ref]).trim(), format!("proof from {name}|{name}"));
         assert_eq!(git(dir, &["rev-parse", &format!("{hutch_ref}~1")]), self.head_before, "one commit on top of the user's HEAD");
         assert_eq!(git(dir, &["rev-parse", "HEAD"]), self.head_before);
         assert!(!dir.join("proof.txt").exists(), "nothing is applied without --apply");
@@ -199,21 +259,24 @@ sys.exit(rc)' claude --dangerously-skip-permissions -p "$1""#;
             assert!(!t.contains(REAL_KEY), "the real key is in the {what}");
         }
         assert!(
-            self.records.iter().any(|r| r["event"] == "request" && r["secrets"].as_array().is_some_and(|s| s.iter().any(|x| x == "ANTHROPIC_API_KEY"))),
+            self.records.iter().any(|r| r["event"] == "request" && r["secrets"].as_array().is_some_and(|s| s.iter().any(|x| x == var))),
             "the audit log records the key's injection by name: {}",
             self.audit
         );
+    }
+
+    fn denied(&self) -> Vec<&serde_json::Value> {
+        self.records.iter().filter(|r| r["decision"] == "deny").collect()
     }
 }
 
 #[test]
 fn claude_code_runs_a_command_in_the_vm_with_the_key_injected_and_the_commit_comes_back() {
     need_agents_image!();
-    let run = ClaudeRun::start(&[]);
+    let run = AgentRun::start(Agent::Claude, &[]);
     run.assert_turn_and_commit();
     // The image's environment turns off what the gateway would only deny.
-    let denied: Vec<_> = run.records.iter().filter(|r| r["decision"] == "deny").collect();
-    assert!(denied.is_empty(), "nothing needed denying: {denied:?}");
+    assert!(run.denied().is_empty(), "nothing needed denying: {:?}", run.denied());
 }
 
 /// With telemetry, error reporting and update checks back on, Claude Code's requests anywhere but
@@ -221,11 +284,27 @@ fn claude_code_runs_a_command_in_the_vm_with_the_key_injected_and_the_commit_com
 #[test]
 fn claude_code_with_nonessential_traffic_on_is_denied_elsewhere_and_still_works() {
     need_agents_image!();
-    let run = ClaudeRun::start(&["--env", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=", "--env", "DISABLE_AUTOUPDATER="]);
+    let run = AgentRun::start(Agent::Claude, &["--env", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=", "--env", "DISABLE_AUTOUPDATER="]);
     run.assert_turn_and_commit();
-    let denied: Vec<_> = run.records.iter().filter(|r| r["decision"] == "deny").collect();
+    let denied = run.denied();
     assert!(!denied.is_empty(), "Claude Code made no request the gateway had to deny; is nonessential traffic on? {}", run.audit);
     for d in &denied {
         assert_ne!(d["dest"].as_str(), Some(run.api_dest.as_str()), "the allowed API was denied: {d}");
+    }
+}
+
+/// Codex (`codex exec`) against a fake Responses API: its code-mode `exec` tool runs the command
+/// through `exec_command` in the VM; the same key, placeholder and repository checks as for Claude.
+/// Codex tries the API over WebSocket first; the gateway does not carry upgrades on connections it
+/// inspects (those that get a secret), so it falls back to HTTPS, which must still finish the turn.
+#[test]
+fn codex_runs_a_command_in_the_vm_with_the_key_injected_and_the_commit_comes_back() {
+    need_agents_image!();
+    let run = AgentRun::start(Agent::Codex, &[]);
+    run.assert_turn_and_commit();
+    for d in run.denied() {
+        if d["dest"].as_str() == Some(run.api_dest.as_str()) {
+            assert!(d["reason"].as_str().is_some_and(|r| r.contains("upgrade")), "the API was denied something but a WebSocket upgrade: {d}");
+        }
     }
 }

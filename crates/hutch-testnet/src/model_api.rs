@@ -1,8 +1,10 @@
-//! A fake of the Anthropic Messages API for tests that run the real Claude Code CLI in a VM:
-//! HTTPS on 127.0.0.1 (port 0) with its own test CA and a certificate for `api.anthropic.com`.
-//! It answers a conversation that makes the agent run one shell command through its Bash tool
-//! and then gives a final text answer, and it accepts only the real API key: a request with any
-//! other key gets the API's own 401. Every request is recorded with what it was answered.
+//! A fake of the model APIs coding agents call, for tests that run the real Claude Code and Codex
+//! CLIs in a VM: the Anthropic Messages API (`POST /v1/messages`) and the OpenAI Responses API
+//! (`POST /v1/responses`), over HTTPS on 127.0.0.1 (port 0) with its own test CA and a
+//! certificate for `api.anthropic.com` and `api.openai.com`. It answers a conversation that makes
+//! the agent run one shell command through its tool and then gives a final text answer, and it
+//! accepts only the real API key: a request with any other key gets the API's own 401. Every
+//! request is recorded with what it was answered.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,11 +25,14 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{io_err, TestNetError};
 
-/// The name the fake's certificate is for.
+/// Names the fake's certificate is for.
 pub const ANTHROPIC_HOST: &str = "api.anthropic.com";
+pub const OPENAI_HOST: &str = "api.openai.com";
 
 /// The id of the one tool call the fake makes; the tool result that answers it ends the turn.
 pub const TOOL_USE_ID: &str = "toolu_hutch_test_01";
+/// The same for the Responses API.
+pub const CALL_ID: &str = "call_hutch_test_01";
 
 /// Largest request body read (agents send their whole system prompt and tool list each time).
 const MAX_BODY: usize = 16 << 20;
@@ -54,11 +59,12 @@ pub enum Answer {
     Unauthorized,
     /// 400: not a Messages request the fake understands.
     BadRequest(String),
-    /// The Bash tool call of [`Script::command`].
+    /// The tool call that runs [`Script::command`]: Claude Code's Bash tool, or Codex's `exec`
+    /// (JavaScript that calls its `exec_command` tool).
     ToolUse,
     /// [`Script::final_text`], after the tool result arrived.
     FinalText,
-    /// A short text, for requests that offer no Bash tool (titles, summaries).
+    /// A short text, for requests that offer no shell tool (titles, summaries).
     PlainText,
 }
 
@@ -72,9 +78,9 @@ pub struct Call {
     pub key: Option<String>,
     pub model: Option<String>,
     pub stream: bool,
-    /// Names of the tools the request offered.
+    /// Names of the tools the request offered (Responses API: also those inside namespaces).
     pub tools: Vec<String>,
-    /// The text of the tool result for [`TOOL_USE_ID`], when the request carried one.
+    /// The text of the result of the fake's tool call, when the request carried one.
     pub tool_result: Option<String>,
     pub answer: Answer,
 }
@@ -102,7 +108,7 @@ impl FakeModelApi {
             .prefix("hutch-model-api-")
             .tempdir()
             .map_err(io_err("cannot create a temporary directory"))?;
-        let pki = crate::pki::TestPki::new(&[ANTHROPIC_HOST])?;
+        let pki = crate::pki::TestPki::new(&[ANTHROPIC_HOST, OPENAI_HOST])?;
         let ca_file = dir.path().join("model-api-ca.pem");
         std::fs::write(&ca_file, &pki.ca_pem).map_err(io_err(format!("cannot write {}", ca_file.display())))?;
         let calls = Arc::new(Mutex::new(Vec::new()));
@@ -148,20 +154,25 @@ impl FakeModelApi {
         &self.ca_file
     }
 
-    /// `https://api.anthropic.com:PORT`: the base URL to give the agent.
+    /// `https://api.anthropic.com:PORT`: Claude Code's `ANTHROPIC_BASE_URL`.
     pub fn anthropic_base_url(&self) -> String {
         format!("https://{ANTHROPIC_HOST}:{}", self.addr.port())
     }
 
-    /// `hutch run` flags that allow the API host on the fake's port, pin it to the fake and trust
-    /// the fake's CA upstream.
-    pub fn hutch_args(&self) -> Vec<String> {
+    /// `https://api.openai.com:PORT/v1`: Codex's `openai_base_url`.
+    pub fn openai_base_url(&self) -> String {
+        format!("https://{OPENAI_HOST}:{}/v1", self.addr.port())
+    }
+
+    /// `hutch run` flags that allow `host` (one of the fake's names) on the fake's port, pin it
+    /// to the fake and trust the fake's CA upstream.
+    pub fn hutch_args(&self, host: &str) -> Vec<String> {
         let p = self.addr.port();
         vec![
             "--allow".into(),
-            format!("{ANTHROPIC_HOST}:{p}"),
+            format!("{host}:{p}"),
             "--resolve".into(),
-            format!("{ANTHROPIC_HOST}:{p}:127.0.0.1"),
+            format!("{host}:{p}:127.0.0.1"),
             "--upstream-ca".into(),
             self.ca_file.display().to_string(),
         ]
@@ -232,13 +243,17 @@ pub(crate) fn respond(script: &Script, method: &Method, path: &str, headers: &He
         answer: Answer::Other(StatusCode::NOT_FOUND),
     };
     let route = path.split('?').next().unwrap_or(path);
-    if route != "/v1/messages" || method != Method::POST {
-        // Agents check that the API answers before they start; any status will do.
-        let check = route == "/" && (method == Method::GET || method == Method::HEAD);
-        let status = if check { StatusCode::OK } else { StatusCode::NOT_FOUND };
-        call.answer = Answer::Other(status);
-        return (call, error(status, "not_found_error", "the fake model API serves POST /v1/messages"));
-    }
+    let api = match route {
+        "/v1/messages" if method == Method::POST => Api::Messages,
+        "/v1/responses" if method == Method::POST => Api::Responses,
+        _ => {
+            // Agents may check that the API answers before they start; any status will do.
+            let check = route == "/" && (method == Method::GET || method == Method::HEAD);
+            let status = if check { StatusCode::OK } else { StatusCode::NOT_FOUND };
+            call.answer = Answer::Other(status);
+            return (call, error(status, "not_found_error", "the fake model API serves POST /v1/messages and /v1/responses"));
+        }
+    };
     if key.as_deref() != Some(script.api_key.as_str()) {
         call.answer = Answer::Unauthorized;
         return (call, error(StatusCode::UNAUTHORIZED, "authentication_error", "invalid x-api-key"));
@@ -252,6 +267,19 @@ pub(crate) fn respond(script: &Script, method: &Method, path: &str, headers: &He
     };
     call.model = req["model"].as_str().map(str::to_string);
     call.stream = req["stream"].as_bool().unwrap_or(false);
+    match api {
+        Api::Messages => messages(script, &req, call),
+        Api::Responses => responses(script, &req, call),
+    }
+}
+
+enum Api {
+    Messages,
+    Responses,
+}
+
+/// Anthropic Messages: a Bash tool call, then the final text once its result is back.
+fn messages(script: &Script, req: &Value, mut call: Call) -> (Call, Response<Full<Bytes>>) {
     call.tools = req["tools"].as_array().map_or_else(Vec::new, |t| t.iter().filter_map(|t| t["name"].as_str().map(str::to_string)).collect());
     let Some(messages) = req["messages"].as_array().filter(|m| !m.is_empty()) else {
         call.answer = Answer::BadRequest("no messages".into());
@@ -272,16 +300,72 @@ pub(crate) fn respond(script: &Script, method: &Method, path: &str, headers: &He
     (call, resp)
 }
 
+/// OpenAI Responses, the way Codex uses it: tools arrive as `tools` or, in code mode, inside an
+/// `additional_tools` input item, grouped in namespaces. The command runs through the `exec`
+/// tool (JavaScript in which Codex's other tools, `exec_command` among them, are functions of
+/// `tools`), then the final text comes once its output is back.
+fn responses(script: &Script, req: &Value, mut call: Call) -> (Call, Response<Full<Bytes>>) {
+    let Some(input) = req["input"].as_array() else {
+        call.answer = Answer::BadRequest("no input list".into());
+        return (call, error(StatusCode::BAD_REQUEST, "invalid_request_error", "input: a list of items is required"));
+    };
+    let mut tools = Vec::new();
+    collect_tool_names(&req["tools"], &mut tools);
+    for item in input.iter().filter(|i| i["type"] == "additional_tools") {
+        collect_tool_names(&item["tools"], &mut tools);
+    }
+    call.tools = tools;
+    call.tool_result = input
+        .iter()
+        .find(|i| (i["type"] == "custom_tool_call_output" || i["type"] == "function_call_output") && i["call_id"] == CALL_ID)
+        .map(|i| output_text(&i["output"]));
+    let item = if call.tool_result.is_some() {
+        call.answer = Answer::FinalText;
+        json!({"type": "message", "id": "msg_hutch_test", "role": "assistant", "content": [{"type": "output_text", "text": script.final_text}]})
+    } else if call.tools.iter().any(|t| t == "exec") {
+        call.answer = Answer::ToolUse;
+        let cmd = Value::String(script.command.clone());
+        let code = format!("const r = await tools.exec_command({{cmd: {cmd}}});\ntext(JSON.stringify(r));\n");
+        json!({"type": "custom_tool_call", "id": "ctc_hutch_test", "status": "completed", "call_id": CALL_ID, "name": "exec", "input": code})
+    } else {
+        call.answer = Answer::PlainText;
+        json!({"type": "message", "id": "msg_hutch_test", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]})
+    };
+    let usage = json!({"input_tokens": 12, "input_tokens_details": null, "output_tokens": 8, "output_tokens_details": null, "total_tokens": 20});
+    let events = [
+        json!({"type": "response.created", "response": {"id": "resp_hutch_test"}}),
+        json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+        json!({"type": "response.completed", "response": {"id": "resp_hutch_test", "usage": usage}}),
+    ];
+    (call, with_type(StatusCode::OK, "text/event-stream", sse_events(&events).into_bytes()))
+}
+
+/// Tool names in a Responses `tools` list, descending into namespaces.
+fn collect_tool_names(tools: &Value, out: &mut Vec<String>) {
+    for tool in tools.as_array().into_iter().flatten() {
+        if tool["type"] == "namespace" {
+            collect_tool_names(&tool["tools"], out);
+        } else if let Some(name) = tool["name"].as_str() {
+            out.push(name.to_string());
+        }
+    }
+}
+
+/// A tool output given as a string or as a list of text parts.
+fn output_text(output: &Value) -> String {
+    match output {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join("\n"),
+        _ => String::new(),
+    }
+}
+
 /// The text of a `tool_result` block for [`TOOL_USE_ID`] in `message` (content given as a string
 /// or as text blocks).
 fn tool_result_text(message: &Value) -> Option<String> {
     let blocks = message["content"].as_array()?;
     let result = blocks.iter().find(|b| b["type"] == "tool_result" && b["tool_use_id"] == TOOL_USE_ID)?;
-    Some(match &result["content"] {
-        Value::String(s) => s.clone(),
-        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join("\n"),
-        _ => String::new(),
-    })
+    Some(output_text(&result["content"]))
 }
 
 fn usage() -> Value {
@@ -323,12 +407,17 @@ fn sse(model: &str, blocks: &[Value], stop_reason: &str) -> Response<Full<Bytes>
     }
     events.push(json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null}, "usage": {"output_tokens": 8}}));
     events.push(json!({"type": "message_stop"}));
+    with_type(StatusCode::OK, "text/event-stream", sse_events(&events).into_bytes())
+}
+
+/// Server-sent events named after their `type`.
+fn sse_events(events: &[Value]) -> String {
     let mut out = String::new();
     for e in events {
         let name = e["type"].as_str().unwrap_or("message");
         out.push_str(&format!("event: {name}\ndata: {e}\n\n"));
     }
-    with_type(StatusCode::OK, "text/event-stream", out.into_bytes())
+    out
 }
 
 /// An error in the API's own shape.
@@ -435,5 +524,46 @@ mod tests {
         assert!(matches!(c.answer, Answer::BadRequest(_)), "{:?}", c.answer);
         let (c, status, _) = call(&[("x-api-key", "sk-real")], "/v1/messages", json!([1, 2]));
         assert_eq!((matches!(c.answer, Answer::BadRequest(_)), status), (true, StatusCode::BAD_REQUEST));
+    }
+
+    fn codex_request(input_extra: Vec<Value>) -> Value {
+        let tools = json!([{"type": "namespace", "name": "functions", "tools": [
+            {"type": "custom", "name": "exec", "description": "... `await tools.exec_command(...)` ..."},
+            {"type": "function", "name": "wait"},
+            {"type": "namespace", "name": "clock", "tools": [{"type": "function", "name": "sleep"}]}
+        ]}]);
+        let mut input = vec![json!({"type": "additional_tools", "role": "developer", "tools": tools}), json!({"type": "message", "role": "user", "content": "go"})];
+        input.extend(input_extra);
+        json!({"model": "gpt-x", "stream": true, "input": input})
+    }
+
+    fn events(text: &str) -> Vec<Value> {
+        text.lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).expect("json")).collect()
+    }
+
+    #[test]
+    fn codex_runs_the_command_through_exec_then_gets_the_final_text() {
+        let key = [("authorization", "Bearer sk-real")];
+        let (c, status, text) = call(&key, "/v1/responses", codex_request(vec![]));
+        assert_eq!((c.answer, status), (Answer::ToolUse, StatusCode::OK));
+        assert_eq!(c.tools, ["exec", "wait", "sleep"], "names inside namespaces count");
+        let evs = events(&text);
+        let kinds: Vec<&str> = evs.iter().filter_map(|e| e["type"].as_str()).collect();
+        assert_eq!(kinds, ["response.created", "response.output_item.done", "response.completed"]);
+        let item = &evs[1]["item"];
+        assert_eq!((item["type"].as_str(), item["name"].as_str(), item["call_id"].as_str()), (Some("custom_tool_call"), Some("exec"), Some(CALL_ID)));
+        let code = item["input"].as_str().expect("code");
+        assert!(code.contains(r#"tools.exec_command({cmd: "echo hi > /root/x"})"#), "{code}");
+
+        let output = json!({"type": "custom_tool_call_output", "call_id": CALL_ID, "output": [{"type": "input_text", "text": "Script completed"}, {"type": "input_text", "text": "{\"output\":\"wrote\\n\"}"}]});
+        let (c, _, text) = call(&key, "/v1/responses", codex_request(vec![output]));
+        assert_eq!(c.answer, Answer::FinalText);
+        assert!(c.tool_result.as_deref().is_some_and(|r| r.contains("wrote")), "{:?}", c.tool_result);
+        assert_eq!(events(&text)[1]["item"]["content"][0]["text"], "all done");
+
+        let (c, status, _) = call(&[("x-api-key", "sk-other")], "/v1/responses", codex_request(vec![]));
+        assert_eq!((c.answer, status), (Answer::Unauthorized, StatusCode::UNAUTHORIZED));
+        let (c, _, _) = call(&key, "/v1/responses", json!({"model": "m", "input": [{"type": "message", "role": "user", "content": "hi"}]}));
+        assert_eq!(c.answer, Answer::PlainText, "no shell tool offered");
     }
 }
