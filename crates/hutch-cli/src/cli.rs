@@ -304,7 +304,7 @@ mod tests {
         assert_eq!(memory(&["hutch", "run", "--image", "agents", "--", "true"]), 1024);
         assert_eq!(memory(&["hutch", "run", "--image", "agents", "--memory", "2048", "--", "true"]), 2048);
         assert_eq!(memory(&["hutch", "run", "--memory", "768", "--image", "agents", "--", "true"]), 768);
-        let err = image(&["hutch", "run", "--image", "ubuntu", "--", "true"]).unwrap_err();
+        let err = image(&["hutch", "run", "--image", "ubuntu", "--", "true"]).expect_err("an unknown image");
         assert!(err.contains("default") && err.contains("agents"), "{err}");
     }
 }
