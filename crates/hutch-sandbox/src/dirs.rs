@@ -109,17 +109,27 @@ mod tests {
     fn dead_owner_is_reaped_with_its_process_and_live_one_is_kept() {
         let root = tempfile::tempdir().unwrap();
         let live = SandboxDir::create(root.path(), "live").unwrap();
-        // A dead owner: a pid that exited, with a "VMM" (a sleep whose argv names the dir) still running.
+        // A dead owner: a pid that exited, with a "VMM" (a process whose argv names the dir) still running. One
+        // process, not `sh -c sleep`, which the shell may replace by exec (and the argv with it).
         let stale = root.path().join("sandboxes/stale");
         std::fs::create_dir_all(&stale).unwrap();
         let mut dead = std::process::Command::new("true").spawn().unwrap();
         let dead_pid = dead.id();
         dead.wait().unwrap();
         std::fs::write(stale.join("owner"), format!("{dead_pid} 1")).unwrap();
-        let mut vmm = std::process::Command::new("sh")
-            .args(["-c", "sleep 60", stale.to_str().unwrap()])
+        let mut vmm = std::process::Command::new("python3")
+            .args(["-c", "import time; time.sleep(60)", stale.to_str().unwrap()])
             .spawn()
             .unwrap();
+        // Wait until its command line is in place (the interpreter has started).
+        let needle = stale.to_str().unwrap().to_string();
+        for _ in 0..200 {
+            let cmd = std::fs::read(format!("/proc/{}/cmdline", vmm.id())).unwrap_or_default();
+            if cmd.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         std::fs::write(stale.join("vmm.pid"), vmm.id().to_string()).unwrap();
 
         let reaped = reap_stale(root.path());
