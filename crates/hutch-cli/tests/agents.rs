@@ -35,8 +35,18 @@ fn agents_image() -> Result<(), String> {
                 return Ok(());
             }
             // Only a registry that cannot be reached is a reason to skip; any other failure is a defect.
-            let unreachable = ["ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "UNABLE_TO_GET_ISSUER_CERT", "SELF_SIGNED_CERT", "network request"];
-            if stderr.contains("npm") && unreachable.iter().any(|e| stderr.contains(e)) {
+            let unreachable = [
+                "behind a proxy", // npm's hint after any network error
+                "ENOTFOUND",
+                "EAI_AGAIN",
+                "ECONNREFUSED",
+                "ECONNRESET",
+                "ETIMEDOUT",
+                "ENETUNREACH",
+                "UNABLE_TO_GET_ISSUER_CERT",
+                "SELF_SIGNED_CERT",
+            ];
+            if stderr.contains("npm could not install") && unreachable.iter().any(|e| stderr.contains(e)) {
                 return Err(format!("the npm registry is unreachable from this host, so the agents image cannot be built:\n{stderr}"));
             }
             panic!("hutch image build --image agents failed ({:?}):\n{stderr}", out.status.code());

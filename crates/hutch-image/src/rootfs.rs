@@ -29,8 +29,10 @@ pub(crate) const HOSTNAME: &str = "hutch";
 /// with the tree's own Node.js and npm, so install scripts run against the guest's libraries.
 /// The tree's CA bundle has only Debian's roots; npm gets the host's bundle, which is what
 /// the host trusts for the registry (a local mirror or proxy may need its own root), and the
-/// copy is removed with npm's cache. Proxy and `npm_config_*` variables pass through.
-const NPM_HOOK: &str = r#"set -eu
+/// copy is removed with npm's cache. Proxy and `npm_config_*` variables pass through. It runs
+/// from a file in the build directory, so a failure shows npm's messages, not the script.
+const NPM_HOOK: &str = r#"#!/bin/sh
+set -eu
 root="$1"
 ca=
 if [ -n "${HUTCH_NPM_CAFILE:-}" ]; then
@@ -38,10 +40,17 @@ if [ -n "${HUTCH_NPM_CAFILE:-}" ]; then
     ca=--cafile=/tmp/hutch-npm-ca.crt
 fi
 # Checked NAME@VERSION words, split on purpose.
-chroot "$root" /usr/bin/env PATH=/usr/local/bin:/usr/bin:/bin HOME=/root \
-    npm install --global --no-audit --no-fund --no-update-notifier --loglevel=warn $ca $HUTCH_NPM_PACKAGES
+if ! chroot "$root" /usr/bin/env PATH=/usr/local/bin:/usr/bin:/bin HOME=/root \
+    npm install --global --no-audit --no-fund --no-update-notifier --loglevel=warn $ca $HUTCH_NPM_PACKAGES >&2
+then
+    echo "hutch: npm could not install $HUTCH_NPM_PACKAGES (npm's messages above)" >&2
+    exit 1
+fi
 rm -rf "$root/root/.npm" "$root/tmp/hutch-npm-ca.crt"
 "#;
+
+/// Name of the hook's file in the build directory.
+const NPM_HOOK_FILE: &str = "npm-hook.sh";
 
 /// The host's CA bundle, handed to npm in the tree when present.
 const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -161,7 +170,12 @@ pub(crate) fn build(
         "check the package names and the host's apt sources (`apt-get update` must work)",
     );
     if !spec.npm_packages.is_empty() {
-        cmd.arg(format!("--customize-hook={NPM_HOOK}"))
+        let hook = out.join(NPM_HOOK_FILE);
+        fs::write(&hook, NPM_HOOK).ctx("writing", &hook)?;
+        fsutil::set_mode(&hook, 0o500)?;
+        let mut arg = std::ffi::OsString::from("--customize-hook=");
+        arg.push(&hook);
+        cmd.arg(arg)
             .env("HUTCH_NPM_PACKAGES", spec.npm_packages.join(" "));
         if Path::new(HOST_CA_BUNDLE).is_file() {
             cmd.env("HUTCH_NPM_CAFILE", HOST_CA_BUNDLE);
@@ -173,6 +187,10 @@ pub(crate) fn build(
     }
     cmd.arg(&spec.suite).arg(&tree).arg(&sources.path);
     tools::run(&mut cmd, &hint)?;
+    let hook = out.join(NPM_HOOK_FILE);
+    if hook.exists() {
+        fs::remove_file(&hook).ctx("removing", &hook)?;
+    }
 
     progress.stage("Tidying the root filesystem");
     tidy(&tree)?;
