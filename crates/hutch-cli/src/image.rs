@@ -63,6 +63,20 @@ pub fn warn_if_tcg(host: &Host, cfg: &SandboxConfig) -> anyhow::Result<hutch_vmm
     Ok(accel)
 }
 
+/// Which of the named images a rootfs was built as, from its inputs ("custom" for other specs).
+fn image_name(r: &hutch_image::RootfsInputs) -> &'static str {
+    let base: Vec<&str> = hutch_image::BASE_PACKAGES.to_vec();
+    let mut with_node = [hutch_image::BASE_PACKAGES, hutch_image::NODE_PACKAGES].concat();
+    with_node.sort_unstable();
+    let mut agents = hutch_image::AGENT_NPM_PACKAGES.to_vec();
+    agents.sort_unstable();
+    match &r.npm {
+        None if r.packages == base => "default",
+        Some(npm) if npm.packages == agents && r.packages == with_node => "agents",
+        _ => "custom",
+    }
+}
+
 pub async fn cmd(c: ImageCmd) -> anyhow::Result<i32> {
     match c {
         ImageCmd::Build(a) => {
@@ -87,13 +101,14 @@ pub async fn cmd(c: ImageCmd) -> anyhow::Result<i32> {
             } else if list.is_empty() {
                 println!("no images in {} (build one with `hutch image build`)", cache.root().display());
             } else {
-                println!("{:<18} {:<28} {:>10} {:>10}", "KEY", "KERNEL", "ROOTFS MB", "AGE");
+                println!("{:<18} {:<8} {:<28} {:>10} {:>10}", "KEY", "IMAGE", "KERNEL", "ROOTFS MB", "AGE");
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
                 for m in list {
                     let age_h = now.saturating_sub(m.created_unix) as f64 / 3600.0;
                     println!(
-                        "{:<18} {:<28} {:>10} {:>9.1}h",
+                        "{:<18} {:<8} {:<28} {:>10} {:>9.1}h",
                         &m.key[..16.min(m.key.len())],
+                        image_name(&m.rootfs.inputs),
                         m.kernel.release,
                         m.rootfs.allocated_bytes / 1_000_000,
                         age_h
