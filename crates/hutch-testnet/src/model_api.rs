@@ -97,7 +97,9 @@ pub struct FakeModelApi {
 
 impl std::fmt::Debug for FakeModelApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FakeModelApi").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("FakeModelApi")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -110,7 +112,8 @@ impl FakeModelApi {
             .map_err(io_err("cannot create a temporary directory"))?;
         let pki = crate::pki::TestPki::new(&[ANTHROPIC_HOST, OPENAI_HOST])?;
         let ca_file = dir.path().join("model-api-ca.pem");
-        std::fs::write(&ca_file, &pki.ca_pem).map_err(io_err(format!("cannot write {}", ca_file.display())))?;
+        std::fs::write(&ca_file, &pki.ca_pem)
+            .map_err(io_err(format!("cannot write {}", ca_file.display())))?;
         let calls = Arc::new(Mutex::new(Vec::new()));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -129,11 +132,18 @@ impl FakeModelApi {
                     let listener = match TcpListener::bind("127.0.0.1:0").await {
                         Ok(l) => l,
                         Err(e) => {
-                            let _ = ready_tx.send(Err(TestNetError::Io { what: "cannot bind the fake model API".into(), source: e }));
+                            let _ = ready_tx.send(Err(TestNetError::Io {
+                                what: "cannot bind the fake model API".into(),
+                                source: e,
+                            }));
                             return;
                         }
                     };
-                    let _ = ready_tx.send(listener.local_addr().map_err(io_err("fake model API address")));
+                    let _ = ready_tx.send(
+                        listener
+                            .local_addr()
+                            .map_err(io_err("fake model API address")),
+                    );
                     tokio::select! {
                         _ = stop_rx => {}
                         () = serve(listener, acceptor, script, log) => {}
@@ -142,7 +152,14 @@ impl FakeModelApi {
             })
             .map_err(io_err("cannot start the fake model API's thread"))?;
         let addr = ready_rx.recv().map_err(|_| TestNetError::ServerThread)??;
-        Ok(FakeModelApi { addr, ca_file, calls, stop: Some(stop_tx), thread: Some(thread), _dir: dir })
+        Ok(FakeModelApi {
+            addr,
+            ca_file,
+            calls,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            _dir: dir,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -195,39 +212,73 @@ impl Drop for FakeModelApi {
     }
 }
 
-async fn serve(listener: TcpListener, acceptor: TlsAcceptor, script: Arc<Script>, log: Arc<Mutex<Vec<Call>>>) {
+async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    script: Arc<Script>,
+    log: Arc<Mutex<Vec<Call>>>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let (acceptor, script, log) = (acceptor.clone(), script.clone(), log.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let Ok(Ok(tls)) = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else { return };
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            else {
+                return;
+            };
             let svc = service_fn(move |req: Request<Incoming>| {
                 let (script, log) = (script.clone(), log.clone());
                 async move { Ok::<_, Infallible>(handle(&script, &log, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await;
         });
     }
 }
 
-async fn handle(script: &Script, log: &Mutex<Vec<Call>>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    script: &Script,
+    log: &Mutex<Vec<Call>>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(c) => c.to_bytes(),
-        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", &format!("cannot read the body: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                &format!("cannot read the body: {e}"),
+            )
+        }
     };
-    let path = parts.uri.path_and_query().map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
     let (call, resp) = respond(script, &parts.method, &path, &parts.headers, &body);
     log.lock().unwrap_or_else(|p| p.into_inner()).push(call);
     resp
 }
 
 /// The answer to one request, and its record; no I/O, so tests call it directly.
-pub(crate) fn respond(script: &Script, method: &Method, path: &str, headers: &HeaderMap, body: &[u8]) -> (Call, Response<Full<Bytes>>) {
+pub(crate) fn respond(
+    script: &Script,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> (Call, Response<Full<Bytes>>) {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let key = header("x-api-key")
         .or_else(|| header("authorization").and_then(|a| a.strip_prefix("Bearer ")))
@@ -249,20 +300,45 @@ pub(crate) fn respond(script: &Script, method: &Method, path: &str, headers: &He
         _ => {
             // Agents may check that the API answers before they start; any status will do.
             let check = route == "/" && (method == Method::GET || method == Method::HEAD);
-            let status = if check { StatusCode::OK } else { StatusCode::NOT_FOUND };
+            let status = if check {
+                StatusCode::OK
+            } else {
+                StatusCode::NOT_FOUND
+            };
             call.answer = Answer::Other(status);
-            return (call, error(status, "not_found_error", "the fake model API serves POST /v1/messages and /v1/responses"));
+            return (
+                call,
+                error(
+                    status,
+                    "not_found_error",
+                    "the fake model API serves POST /v1/messages and /v1/responses",
+                ),
+            );
         }
     };
     if key.as_deref() != Some(script.api_key.as_str()) {
         call.answer = Answer::Unauthorized;
-        return (call, error(StatusCode::UNAUTHORIZED, "authentication_error", "invalid x-api-key"));
+        return (
+            call,
+            error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid x-api-key",
+            ),
+        );
     }
     let req: Value = match serde_json::from_slice(body) {
         Ok(v @ Value::Object(_)) => v,
         _ => {
             call.answer = Answer::BadRequest("the body is not a JSON object".into());
-            return (call, error(StatusCode::BAD_REQUEST, "invalid_request_error", "the body is not a JSON object"));
+            return (
+                call,
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "the body is not a JSON object",
+                ),
+            );
         }
     };
     call.model = req["model"].as_str().map(str::to_string);
@@ -280,23 +356,51 @@ enum Api {
 
 /// Anthropic Messages: a Bash tool call, then the final text once its result is back.
 fn messages(script: &Script, req: &Value, mut call: Call) -> (Call, Response<Full<Bytes>>) {
-    call.tools = req["tools"].as_array().map_or_else(Vec::new, |t| t.iter().filter_map(|t| t["name"].as_str().map(str::to_string)).collect());
+    call.tools = req["tools"].as_array().map_or_else(Vec::new, |t| {
+        t.iter()
+            .filter_map(|t| t["name"].as_str().map(str::to_string))
+            .collect()
+    });
     let Some(messages) = req["messages"].as_array().filter(|m| !m.is_empty()) else {
         call.answer = Answer::BadRequest("no messages".into());
-        return (call, error(StatusCode::BAD_REQUEST, "invalid_request_error", "messages: at least one message is required"));
+        return (
+            call,
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "messages: at least one message is required",
+            ),
+        );
     };
     call.tool_result = messages.last().and_then(tool_result_text);
     let model = call.model.clone().unwrap_or_else(|| "claude-fake".into());
     let (blocks, stop_reason, answer) = if call.tool_result.is_some() {
-        (vec![json!({"type": "text", "text": script.final_text})], "end_turn", Answer::FinalText)
+        (
+            vec![json!({"type": "text", "text": script.final_text})],
+            "end_turn",
+            Answer::FinalText,
+        )
     } else if call.tools.iter().any(|t| t == "Bash") {
-        let input = json!({"command": script.command, "description": "Run the command the test asked for"});
-        (vec![json!({"type": "tool_use", "id": TOOL_USE_ID, "name": "Bash", "input": input})], "tool_use", Answer::ToolUse)
+        let input =
+            json!({"command": script.command, "description": "Run the command the test asked for"});
+        (
+            vec![json!({"type": "tool_use", "id": TOOL_USE_ID, "name": "Bash", "input": input})],
+            "tool_use",
+            Answer::ToolUse,
+        )
     } else {
-        (vec![json!({"type": "text", "text": "ok"})], "end_turn", Answer::PlainText)
+        (
+            vec![json!({"type": "text", "text": "ok"})],
+            "end_turn",
+            Answer::PlainText,
+        )
     };
     call.answer = answer;
-    let resp = if call.stream { sse(&model, &blocks, stop_reason) } else { message(&model, &blocks, stop_reason) };
+    let resp = if call.stream {
+        sse(&model, &blocks, stop_reason)
+    } else {
+        message(&model, &blocks, stop_reason)
+    };
     (call, resp)
 }
 
@@ -307,7 +411,14 @@ fn messages(script: &Script, req: &Value, mut call: Call) -> (Call, Response<Ful
 fn responses(script: &Script, req: &Value, mut call: Call) -> (Call, Response<Full<Bytes>>) {
     let Some(input) = req["input"].as_array() else {
         call.answer = Answer::BadRequest("no input list".into());
-        return (call, error(StatusCode::BAD_REQUEST, "invalid_request_error", "input: a list of items is required"));
+        return (
+            call,
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "input: a list of items is required",
+            ),
+        );
     };
     let mut tools = Vec::new();
     collect_tool_names(&req["tools"], &mut tools);
@@ -317,7 +428,10 @@ fn responses(script: &Script, req: &Value, mut call: Call) -> (Call, Response<Fu
     call.tools = tools;
     call.tool_result = input
         .iter()
-        .find(|i| (i["type"] == "custom_tool_call_output" || i["type"] == "function_call_output") && i["call_id"] == CALL_ID)
+        .find(|i| {
+            (i["type"] == "custom_tool_call_output" || i["type"] == "function_call_output")
+                && i["call_id"] == CALL_ID
+        })
         .map(|i| output_text(&i["output"]));
     let item = if call.tool_result.is_some() {
         call.answer = Answer::FinalText;
@@ -325,7 +439,9 @@ fn responses(script: &Script, req: &Value, mut call: Call) -> (Call, Response<Fu
     } else if call.tools.iter().any(|t| t == "exec") {
         call.answer = Answer::ToolUse;
         let cmd = Value::String(script.command.clone());
-        let code = format!("const r = await tools.exec_command({{cmd: {cmd}}});\ntext(JSON.stringify(r));\n");
+        let code = format!(
+            "const r = await tools.exec_command({{cmd: {cmd}}});\ntext(JSON.stringify(r));\n"
+        );
         json!({"type": "custom_tool_call", "id": "ctc_hutch_test", "status": "completed", "call_id": CALL_ID, "name": "exec", "input": code})
     } else {
         call.answer = Answer::PlainText;
@@ -337,7 +453,14 @@ fn responses(script: &Script, req: &Value, mut call: Call) -> (Call, Response<Fu
         json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
         json!({"type": "response.completed", "response": {"id": "resp_hutch_test", "usage": usage}}),
     ];
-    (call, with_type(StatusCode::OK, "text/event-stream", sse_events(&events).into_bytes()))
+    (
+        call,
+        with_type(
+            StatusCode::OK,
+            "text/event-stream",
+            sse_events(&events).into_bytes(),
+        ),
+    )
 }
 
 /// Tool names in a Responses `tools` list, descending into namespaces.
@@ -355,7 +478,11 @@ fn collect_tool_names(tools: &Value, out: &mut Vec<String>) {
 fn output_text(output: &Value) -> String {
     match output {
         Value::String(s) => s.clone(),
-        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join("\n"),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
         _ => String::new(),
     }
 }
@@ -364,7 +491,9 @@ fn output_text(output: &Value) -> String {
 /// or as text blocks).
 fn tool_result_text(message: &Value) -> Option<String> {
     let blocks = message["content"].as_array()?;
-    let result = blocks.iter().find(|b| b["type"] == "tool_result" && b["tool_use_id"] == TOOL_USE_ID)?;
+    let result = blocks
+        .iter()
+        .find(|b| b["type"] == "tool_result" && b["tool_use_id"] == TOOL_USE_ID)?;
     Some(output_text(&result["content"]))
 }
 
@@ -387,19 +516,32 @@ fn message_head(model: &str, content: Value, stop_reason: Value) -> Value {
 
 fn message(model: &str, blocks: &[Value], stop_reason: &str) -> Response<Full<Bytes>> {
     let body = message_head(model, Value::Array(blocks.to_vec()), json!(stop_reason));
-    with_type(StatusCode::OK, "application/json", body.to_string().into_bytes())
+    with_type(
+        StatusCode::OK,
+        "application/json",
+        body.to_string().into_bytes(),
+    )
 }
 
 /// The same message as server-sent events, the way the API streams it: each block opened,
 /// filled by one delta and closed.
 fn sse(model: &str, blocks: &[Value], stop_reason: &str) -> Response<Full<Bytes>> {
-    let mut events = vec![json!({"type": "message_start", "message": message_head(model, json!([]), Value::Null)})];
+    let mut events = vec![
+        json!({"type": "message_start", "message": message_head(model, json!([]), Value::Null)}),
+    ];
     for (index, block) in blocks.iter().enumerate() {
         let (start, delta) = if block["type"] == "tool_use" {
-            let start = json!({"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}});
-            (start, json!({"type": "input_json_delta", "partial_json": block["input"].to_string()}))
+            let start =
+                json!({"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}});
+            (
+                start,
+                json!({"type": "input_json_delta", "partial_json": block["input"].to_string()}),
+            )
         } else {
-            (json!({"type": "text", "text": ""}), json!({"type": "text_delta", "text": block["text"]}))
+            (
+                json!({"type": "text", "text": ""}),
+                json!({"type": "text_delta", "text": block["text"]}),
+            )
         };
         events.push(json!({"type": "content_block_start", "index": index, "content_block": start}));
         events.push(json!({"type": "content_block_delta", "index": index, "delta": delta}));
@@ -407,7 +549,11 @@ fn sse(model: &str, blocks: &[Value], stop_reason: &str) -> Response<Full<Bytes>
     }
     events.push(json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": null}, "usage": {"output_tokens": 8}}));
     events.push(json!({"type": "message_stop"}));
-    with_type(StatusCode::OK, "text/event-stream", sse_events(&events).into_bytes())
+    with_type(
+        StatusCode::OK,
+        "text/event-stream",
+        sse_events(&events).into_bytes(),
+    )
 }
 
 /// Server-sent events named after their `type`.
@@ -426,10 +572,15 @@ fn error(status: StatusCode, kind: &str, text: &str) -> Response<Full<Bytes>> {
     with_type(status, "application/json", body.to_string().into_bytes())
 }
 
-fn with_type(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
+fn with_type(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Vec<u8>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
@@ -438,40 +589,72 @@ mod tests {
     use super::*;
 
     fn script() -> Script {
-        Script { api_key: "sk-real".into(), command: "echo hi > /root/x".into(), final_text: "all done".into() }
+        Script {
+            api_key: "sk-real".into(),
+            command: "echo hi > /root/x".into(),
+            final_text: "all done".into(),
+        }
     }
 
     fn call(headers: &[(&str, &str)], path: &str, body: Value) -> (Call, StatusCode, String) {
         let mut h = HeaderMap::new();
         for (k, v) in headers {
-            h.insert(header::HeaderName::from_bytes(k.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
+            h.insert(
+                header::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
         }
-        let (call, resp) = respond(&script(), &Method::POST, path, &h, body.to_string().as_bytes());
+        let (call, resp) = respond(
+            &script(),
+            &Method::POST,
+            path,
+            &h,
+            body.to_string().as_bytes(),
+        );
         let status = resp.status();
         let bytes = futures_body(resp);
         (call, status, bytes)
     }
 
     fn futures_body(resp: Response<Full<Bytes>>) -> String {
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
-        let bytes = rt.block_on(resp.into_body().collect()).expect("body").to_bytes();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let bytes = rt
+            .block_on(resp.into_body().collect())
+            .expect("body")
+            .to_bytes();
         String::from_utf8(bytes.to_vec()).expect("utf-8")
     }
 
     fn ask(tools: &[&str], messages: Value, stream: bool) -> Value {
-        let tools: Vec<Value> = tools.iter().map(|t| json!({"name": t, "input_schema": {}})).collect();
+        let tools: Vec<Value> = tools
+            .iter()
+            .map(|t| json!({"name": t, "input_schema": {}}))
+            .collect();
         json!({"model": "claude-x", "stream": stream, "tools": tools, "messages": messages})
     }
 
     #[test]
     fn only_the_real_key_is_served() {
         let body = ask(&["Bash"], json!([{"role": "user", "content": "hi"}]), false);
-        for headers in [vec![], vec![("x-api-key", "placeholder")], vec![("authorization", "Bearer sk-realx")]] {
+        for headers in [
+            vec![],
+            vec![("x-api-key", "placeholder")],
+            vec![("authorization", "Bearer sk-realx")],
+        ] {
             let (c, status, text) = call(&headers, "/v1/messages", body.clone());
-            assert_eq!((c.answer, status), (Answer::Unauthorized, StatusCode::UNAUTHORIZED));
+            assert_eq!(
+                (c.answer, status),
+                (Answer::Unauthorized, StatusCode::UNAUTHORIZED)
+            );
             assert!(text.contains("authentication_error"), "{text}");
         }
-        let (c, status, _) = call(&[("authorization", "Bearer sk-real")], "/v1/messages?beta=true", body);
+        let (c, status, _) = call(
+            &[("authorization", "Bearer sk-real")],
+            "/v1/messages?beta=true",
+            body,
+        );
         assert_eq!((c.answer, status), (Answer::ToolUse, StatusCode::OK));
         assert_eq!(c.key.as_deref(), Some("sk-real"));
     }
@@ -479,7 +662,15 @@ mod tests {
     #[test]
     fn a_turn_is_a_tool_call_then_the_final_text() {
         let key = [("x-api-key", "sk-real")];
-        let (c, _, text) = call(&key, "/v1/messages", ask(&["Read", "Bash"], json!([{"role": "user", "content": "go"}]), false));
+        let (c, _, text) = call(
+            &key,
+            "/v1/messages",
+            ask(
+                &["Read", "Bash"],
+                json!([{"role": "user", "content": "go"}]),
+                false,
+            ),
+        );
         assert_eq!(c.answer, Answer::ToolUse);
         let msg: Value = serde_json::from_str(&text).expect("json");
         assert_eq!(msg["stop_reason"], "tool_use");
@@ -491,39 +682,76 @@ mod tests {
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": TOOL_USE_ID, "content": [{"type": "text", "text": "out"}]}]},
         ]);
         let (c, _, text) = call(&key, "/v1/messages", ask(&["Bash"], messages, true));
-        assert_eq!((c.answer, c.tool_result.as_deref()), (Answer::FinalText, Some("out")));
-        let names: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+        assert_eq!(
+            (c.answer, c.tool_result.as_deref()),
+            (Answer::FinalText, Some("out"))
+        );
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("event: "))
+            .collect();
         assert_eq!(
             names,
-            ["message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
         );
         assert!(text.contains(r#""text":"all done""#), "{text}");
 
-        let (c, _, _) = call(&key, "/v1/messages", ask(&[], json!([{"role": "user", "content": "title?"}]), true));
+        let (c, _, _) = call(
+            &key,
+            "/v1/messages",
+            ask(&[], json!([{"role": "user", "content": "title?"}]), true),
+        );
         assert_eq!(c.answer, Answer::PlainText);
     }
 
     #[test]
     fn tool_input_streams_as_one_json_delta() {
-        let (_, _, text) = call(&[("x-api-key", "sk-real")], "/v1/messages", ask(&["Bash"], json!([{"role": "user", "content": "go"}]), true));
+        let (_, _, text) = call(
+            &[("x-api-key", "sk-real")],
+            "/v1/messages",
+            ask(&["Bash"], json!([{"role": "user", "content": "go"}]), true),
+        );
         let delta = text
             .lines()
             .filter_map(|l| l.strip_prefix("data: "))
             .map(|d| serde_json::from_str::<Value>(d).expect("json"))
             .find(|e| e["type"] == "content_block_delta")
             .expect("a delta");
-        let input: Value = serde_json::from_str(delta["delta"]["partial_json"].as_str().expect("partial json")).expect("json");
+        let input: Value = serde_json::from_str(
+            delta["delta"]["partial_json"]
+                .as_str()
+                .expect("partial json"),
+        )
+        .expect("json");
         assert_eq!(input["command"], "echo hi > /root/x");
     }
 
     #[test]
     fn other_requests_are_answered_and_bad_ones_refused() {
         let (c, status, _) = call(&[], "/", json!({}));
-        assert_eq!((c.answer, status), (Answer::Other(StatusCode::NOT_FOUND), StatusCode::NOT_FOUND), "POST / is not a check");
-        let (c, _, _) = call(&[("x-api-key", "sk-real")], "/v1/messages", json!({"model": "m", "messages": []}));
+        assert_eq!(
+            (c.answer, status),
+            (Answer::Other(StatusCode::NOT_FOUND), StatusCode::NOT_FOUND),
+            "POST / is not a check"
+        );
+        let (c, _, _) = call(
+            &[("x-api-key", "sk-real")],
+            "/v1/messages",
+            json!({"model": "m", "messages": []}),
+        );
         assert!(matches!(c.answer, Answer::BadRequest(_)), "{:?}", c.answer);
         let (c, status, _) = call(&[("x-api-key", "sk-real")], "/v1/messages", json!([1, 2]));
-        assert_eq!((matches!(c.answer, Answer::BadRequest(_)), status), (true, StatusCode::BAD_REQUEST));
+        assert_eq!(
+            (matches!(c.answer, Answer::BadRequest(_)), status),
+            (true, StatusCode::BAD_REQUEST)
+        );
     }
 
     fn codex_request(input_extra: Vec<Value>) -> Value {
@@ -532,13 +760,19 @@ mod tests {
             {"type": "function", "name": "wait"},
             {"type": "namespace", "name": "clock", "tools": [{"type": "function", "name": "sleep"}]}
         ]}]);
-        let mut input = vec![json!({"type": "additional_tools", "role": "developer", "tools": tools}), json!({"type": "message", "role": "user", "content": "go"})];
+        let mut input = vec![
+            json!({"type": "additional_tools", "role": "developer", "tools": tools}),
+            json!({"type": "message", "role": "user", "content": "go"}),
+        ];
         input.extend(input_extra);
         json!({"model": "gpt-x", "stream": true, "input": input})
     }
 
     fn events(text: &str) -> Vec<Value> {
-        text.lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).expect("json")).collect()
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).expect("json"))
+            .collect()
     }
 
     #[test]
@@ -546,24 +780,62 @@ mod tests {
         let key = [("authorization", "Bearer sk-real")];
         let (c, status, text) = call(&key, "/v1/responses", codex_request(vec![]));
         assert_eq!((c.answer, status), (Answer::ToolUse, StatusCode::OK));
-        assert_eq!(c.tools, ["exec", "wait", "sleep"], "names inside namespaces count");
+        assert_eq!(
+            c.tools,
+            ["exec", "wait", "sleep"],
+            "names inside namespaces count"
+        );
         let evs = events(&text);
         let kinds: Vec<&str> = evs.iter().filter_map(|e| e["type"].as_str()).collect();
-        assert_eq!(kinds, ["response.created", "response.output_item.done", "response.completed"]);
+        assert_eq!(
+            kinds,
+            [
+                "response.created",
+                "response.output_item.done",
+                "response.completed"
+            ]
+        );
         let item = &evs[1]["item"];
-        assert_eq!((item["type"].as_str(), item["name"].as_str(), item["call_id"].as_str()), (Some("custom_tool_call"), Some("exec"), Some(CALL_ID)));
+        assert_eq!(
+            (
+                item["type"].as_str(),
+                item["name"].as_str(),
+                item["call_id"].as_str()
+            ),
+            (Some("custom_tool_call"), Some("exec"), Some(CALL_ID))
+        );
         let code = item["input"].as_str().expect("code");
-        assert!(code.contains(r#"tools.exec_command({cmd: "echo hi > /root/x"})"#), "{code}");
+        assert!(
+            code.contains(r#"tools.exec_command({cmd: "echo hi > /root/x"})"#),
+            "{code}"
+        );
 
         let output = json!({"type": "custom_tool_call_output", "call_id": CALL_ID, "output": [{"type": "input_text", "text": "Script completed"}, {"type": "input_text", "text": "{\"output\":\"wrote\\n\"}"}]});
         let (c, _, text) = call(&key, "/v1/responses", codex_request(vec![output]));
         assert_eq!(c.answer, Answer::FinalText);
-        assert!(c.tool_result.as_deref().is_some_and(|r| r.contains("wrote")), "{:?}", c.tool_result);
+        assert!(
+            c.tool_result
+                .as_deref()
+                .is_some_and(|r| r.contains("wrote")),
+            "{:?}",
+            c.tool_result
+        );
         assert_eq!(events(&text)[1]["item"]["content"][0]["text"], "all done");
 
-        let (c, status, _) = call(&[("x-api-key", "sk-other")], "/v1/responses", codex_request(vec![]));
-        assert_eq!((c.answer, status), (Answer::Unauthorized, StatusCode::UNAUTHORIZED));
-        let (c, _, _) = call(&key, "/v1/responses", json!({"model": "m", "input": [{"type": "message", "role": "user", "content": "hi"}]}));
+        let (c, status, _) = call(
+            &[("x-api-key", "sk-other")],
+            "/v1/responses",
+            codex_request(vec![]),
+        );
+        assert_eq!(
+            (c.answer, status),
+            (Answer::Unauthorized, StatusCode::UNAUTHORIZED)
+        );
+        let (c, _, _) = call(
+            &key,
+            "/v1/responses",
+            json!({"model": "m", "input": [{"type": "message", "role": "user", "content": "hi"}]}),
+        );
         assert_eq!(c.answer, Answer::PlainText, "no shell tool offered");
     }
 }
