@@ -2,37 +2,18 @@
 //! (hutch-testnet): where a secret's real value may and may not be, and what devices the VMM
 //! gives the guest. The threat classes of ../shared/notes/threats.md are named per test.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::sync::Arc;
 
 use hutch_gateway::MemoryAuditSink;
 use hutch_policy::{CheckedPolicy, PolicyInput};
 use hutch_sandbox::egress::Egress;
-use hutch_sandbox::{Host, Sandbox, SandboxConfig};
+use common::host;
+use hutch_sandbox::{Sandbox, SandboxConfig};
 use hutch_testnet::TestNet;
 use sha2::{Digest, Sha256};
-
-fn agent() -> PathBuf {
-    if let Some(p) = std::env::var_os("HUTCH_AGENT") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/x86_64-unknown-linux-gnu/release/hutch-agent");
-    assert!(
-        p.is_file(),
-        "build the guest agent first (scripts/build), or set HUTCH_AGENT"
-    );
-    p
-}
-
-fn host() -> Host {
-    let cache = hutch_image::Cache::from_env().expect("cache");
-    let spec = hutch_image::ImageSpec::default_for(agent());
-    let image = cache
-        .ensure(&spec, &hutch_image::SilentProgress)
-        .expect("image");
-    Host::new(image, cache.root().to_path_buf()).expect("host")
-}
 
 fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];

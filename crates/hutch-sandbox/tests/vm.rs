@@ -1,26 +1,12 @@
 //! Sandbox-level tests with real VMs: terminals, identity after restore, snapshot fallback.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Duration;
 
 use hutch_proto::{ExecEvent, ExecInput, ExecRequest, TtySize};
-use hutch_sandbox::{Host, Sandbox, SandboxConfig, StartMode};
-
-fn agent() -> PathBuf {
-    if let Some(p) = std::env::var_os("HUTCH_AGENT") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/x86_64-unknown-linux-gnu/release/hutch-agent");
-    assert!(p.is_file(), "build the guest agent first (scripts/build), or set HUTCH_AGENT");
-    p
-}
-
-fn host() -> Host {
-    let cache = hutch_image::Cache::from_env().unwrap();
-    let spec = hutch_image::ImageSpec::default_for(agent());
-    let image = cache.ensure(&spec, &hutch_image::SilentProgress).expect("image");
-    Host::new(image, cache.root().to_path_buf()).unwrap()
-}
+use common::host;
+use hutch_sandbox::{Sandbox, SandboxConfig, StartMode};
 
 async fn read_until(events: &mut hutch_sandbox::client::ExecEvents, needle: &str, buf: &mut String) {
     let r = tokio::time::timeout(Duration::from_secs(20), async {
