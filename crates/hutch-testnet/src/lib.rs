@@ -4,6 +4,8 @@
 //! server. It runs on its own thread and runtime, so synchronous tests that drive the `hutch`
 //! binary and async tests that use the sandbox library can both start one.
 
+mod procmem;
+pub use procmem::process_memory_contains;
 mod body;
 mod git;
 pub mod model_api;
