@@ -42,11 +42,12 @@ pub fn apply(id: &Identity, state: &State) -> Result<(), String> {
 /// Where the sandbox's gateway CA goes: its own file (NODE_EXTRA_CA_CERTS) and the system bundle that curl,
 /// git, python and OpenSSL read.
 pub const CA_FILE: &str = "/etc/hutch/ca.crt";
+pub const CA_DIR: &str = "/etc/hutch";
 pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 fn install_ca(pem: &str) -> Result<(), String> {
     use std::io::Write;
-    std::fs::create_dir_all("/etc/hutch").map_err(|e| format!("cannot create /etc/hutch: {e}"))?;
+    std::fs::create_dir_all(CA_DIR).map_err(|e| format!("cannot create {CA_DIR}: {e}"))?;
     std::fs::write(CA_FILE, pem).map_err(|e| format!("cannot write {CA_FILE}: {e}"))?;
     let mut bundle = std::fs::OpenOptions::new()
         .append(true)

@@ -27,7 +27,7 @@ async fn main() {
     let cfg = SandboxConfig::default();
     hutch_sandbox::snapshot::ensure(&host, &cfg).await.expect("snapshot");
     let pool = hutch_sandbox::pool::Pool::start(host.clone(), cfg.clone(), 1);
-    let (mut rc, mut re, mut pc, mut pe) = (vec![], vec![], vec![], vec![]);
+    let (mut rc, mut re, mut pc, mut pe, mut se) = (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
         let t = Instant::now();
         let sb = Sandbox::create(&host, &cfg).await.expect("create");
@@ -39,10 +39,13 @@ async fn main() {
         let sb = pool.take(&cfg).await.expect("take");
         pc.push(t.elapsed().as_secs_f64() * 1e3);
         pe.push(first_output(&sb).await.as_secs_f64() * 1e3);
+        for _ in 0..3 {
+            se.push(first_output(&sb).await.as_secs_f64() * 1e3);
+        }
         sb.destroy().await;
     }
     pool.drain().await;
-    for (name, v) in [("restore: create", &mut rc), ("restore: first exec", &mut re), ("pool: take", &mut pc), ("pool: first exec", &mut pe)] {
+    for (name, v) in [("restore: create", &mut rc), ("restore: first exec", &mut re), ("pool: take", &mut pc), ("pool: first exec", &mut pe), ("later exec", &mut se)] {
         println!("{name:<22} p50 {:>7.1} ms  p95 {:>7.1} ms", pct(v, 50.0), pct(v, 95.0));
     }
 }

@@ -80,6 +80,11 @@ impl AgentClient {
     /// Runs a command to completion and collects its output (for small outputs: tests, setup steps).
     pub async fn run(&self, argv: &[&str]) -> Result<Output, SandboxError> {
         let req = ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), env: vec![], cwd: None, stdin: false, tty: None };
+        self.run_request(req).await
+    }
+
+    /// As [`AgentClient::run`], for a full request (environment, working directory).
+    pub async fn run_request(&self, req: ExecRequest) -> Result<Output, SandboxError> {
         let mut h = self.exec(req).await?;
         let mut out = Output::default();
         while let Some(ev) = h.events.next().await {

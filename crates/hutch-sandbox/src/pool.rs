@@ -12,6 +12,12 @@ use tokio::sync::Notify;
 
 use crate::{AgentClient, Attached, Host, Sandbox, SandboxConfig, SandboxError, StartMode};
 
+/// How many warm-up commands a pooled VM runs before it is paused.
+const WARM_RUNS: usize = 2;
+
+/// How long the refill waits after a take before restoring the replacement.
+const REFILL_DELAY: Duration = Duration::from_millis(500);
+
 struct Inner {
     host: Host,
     cfg: SandboxConfig,
@@ -110,7 +116,11 @@ async fn refill(inner: Arc<Inner>) {
     while !inner.stopping.load(Ordering::SeqCst) {
         if inner.lock().len() >= inner.size {
             // Woken by a take or by drain; the timeout is a safety net against a lost wake-up.
-            let _ = tokio::time::timeout(Duration::from_secs(1), inner.wake.notified()).await;
+            if tokio::time::timeout(Duration::from_secs(1), inner.wake.notified()).await.is_ok() {
+                // A VM was just handed out: its first commands run on a cold host CPU cache and, on a small
+                // host, compete with a restore for the same cores. Let them go first.
+                tokio::time::sleep(REFILL_DELAY).await;
+            }
             continue;
         }
         match warm_one(&inner).await {
@@ -136,14 +146,25 @@ async fn warm_one(inner: &Inner) -> Result<Attached, SandboxError> {
     let accel = host.caps.choose(inner.cfg.accel)?;
     let snap = crate::snapshot::ensure(host, &inner.cfg).await?;
     let mut a = Sandbox::restore_attached(host, &inner.cfg, accel, &snap).await?;
-    // One exec before pausing: the guest kernel's and the agent's exec path get translated now, not on the
-    // first real request. Absolute path: the base environment (PATH included) arrives only with the identity.
+    // Commands before pausing, shaped like a first real one (a dynamic program, the locale, output on both
+    // streams): the guest kernel's exec path, the loader, libc and the agent's output path get translated by
+    // the emulator now, not on the first real request. Absolute paths and an explicit environment: the base
+    // environment arrives only with the identity.
     let client = AgentClient::new(a.session.clone());
     let warm = async {
         client.ping().await?;
-        let out = client.run(&["/bin/true"]).await?;
-        if out.status != Some(hutch_proto::ExitStatus::Code(0)) {
-            return Err(SandboxError::Guest(format!("warm-up exec ended with {:?}", out.status)));
+        for _ in 0..WARM_RUNS {
+            let req = hutch_proto::ExecRequest {
+                argv: ["/bin/sh", "-c", "/bin/echo warm; /bin/echo warm >&2"].map(String::from).to_vec(),
+                env: vec![("LANG".into(), "C.UTF-8".into()), ("PATH".into(), "/usr/bin:/bin".into())],
+                cwd: None,
+                stdin: false,
+                tty: None,
+            };
+            let out = client.run_request(req).await?;
+            if out.status != Some(hutch_proto::ExitStatus::Code(0)) || out.stdout != b"warm\n" {
+                return Err(SandboxError::Guest(format!("warm-up exec ended with {:?}", out.status)));
+            }
         }
         Ok(())
     };

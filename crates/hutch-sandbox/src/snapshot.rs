@@ -91,6 +91,27 @@ fn open(dir: &Path) -> Result<Snapshot, SandboxError> {
     Ok(Snapshot { dir: dir.to_path_buf(), disk, files, meta })
 }
 
+impl Snapshot {
+    /// Makes `out` a fresh copy-on-write layer over the snapshot's disk. An empty qcow2 overlay depends only on
+    /// its backing file, so one made once with `qemu-img` is copied for each restore: a copy of ~200 KiB instead
+    /// of a `qemu-img` process (~10 ms) on the restore path.
+    pub fn new_overlay(&self, out: &Path) -> Result<(), SandboxError> {
+        let template = self.dir.join("overlay.qcow2");
+        if !template.is_file() {
+            // Made under a private name and renamed, so concurrent restores never copy a half-written template.
+            let tmp = self.dir.join(format!("overlay.qcow2.{}", crate::new_id()));
+            let made = crate::qemu_img_overlay(&self.disk, "qcow2", &tmp).and_then(|()| {
+                std::fs::rename(&tmp, &template).map_err(|e| SandboxError::HostIo { what: format!("rename {}", tmp.display()), source: e })
+            });
+            if let Err(e) = made {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        std::fs::copy(&template, out).map(|_| ()).map_err(|e| SandboxError::HostIo { what: format!("copy {} to {}", template.display(), out.display()), source: e })
+    }
+}
+
 /// Removes a snapshot that failed (the next `ensure` rebuilds it).
 pub fn discard(snap: &Snapshot) {
     let _ = std::fs::remove_dir_all(&snap.dir);

@@ -220,8 +220,12 @@ impl Backend for Qemu {
     }
 
     async fn restore(&self, cfg: &VmConfig, snap: &SnapshotFiles) -> Result<QemuVm, VmmError> {
+        let t = std::time::Instant::now();
         let mut vm = self.spawn(cfg, true).await?;
-        match vm.load(snap).await {
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "restore: QMP connected");
+        let r = vm.load(snap).await;
+        tracing::debug!(ms = t.elapsed().as_secs_f64() * 1e3, "restore: loaded");
+        match r {
             Ok(()) => Ok(vm),
             Err(e) => {
                 let why = vm.early_exit_reason().await;
