@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// Most memory (MiB) one sandbox may have.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(128..=65536))]
     pub max_memory: u32,
+    /// VMs of the default size kept restored and paused, so that creates take tens of milliseconds; 0 turns
+    /// the warm pool off. Each costs its idle memory (see `hutch bench`).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub pool: u32,
     /// Largest file upload, in MiB.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub max_upload_mib: u64,
@@ -103,6 +107,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
     let metrics = Arc::new(hutch_daemon::metrics::Metrics::new());
     let mgr = Manager::new(store, key, host, limits, metrics);
     let rec = mgr.reconcile()?;
+    mgr.start_pool(a.pool as usize);
     if !rec.marked_destroyed.is_empty() || !rec.reaped.is_empty() {
         eprintln!(
             "hutch: reconciled after a previous daemon: {} sandbox(es) marked destroyed, {} leftover VM director(ies) removed",

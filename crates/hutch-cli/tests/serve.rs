@@ -720,3 +720,56 @@ fn schemathesis_finds_no_server_errors_and_no_schema_violations() {
     // The daemon is still serving afterwards.
     assert_eq!(client().send("GET", &format!("{}/healthz", d.url), None, None).status, 200);
 }
+
+/// The sandbox directories whose owner record names process `pid` (a daemon's pooled VMs and sandboxes).
+fn dirs_owned_by(pid: u32) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(runtime_root().join("sandboxes")) else { return vec![] };
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|p| std::fs::read_to_string(p.join("owner")).map(|o| o.split_whitespace().next() == Some(&pid.to_string())).unwrap_or(false))
+        .collect()
+}
+
+fn pool_ready(d: &Daemon, token: &str) -> i64 {
+    let m = text(&get(d, token, "/metrics").body);
+    m.lines().find_map(|l| l.strip_prefix("hutch_pool_ready ")).and_then(|v| v.trim().parse().ok()).unwrap_or(-1)
+}
+
+#[test]
+fn warm_pool_serves_creates_refills_and_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut d = Daemon::start_in(&data, &["--pool", "1"]);
+    let t = d.token("p", &[]);
+    assert!(wait_until(Duration::from_secs(120), || pool_ready(&d, &t) == 1), "the pool did not fill: {}", d.log());
+    let pooled = dirs_owned_by(d.pid());
+    assert_eq!(pooled.len(), 1, "one pooled VM: {pooled:?}");
+    // A create of the default size is a pool hit, and the sandbox is a fresh one: its own id and identity.
+    let sb = create(&d, &t, json!({}));
+    assert_eq!(sb.start_mode.as_deref(), Some("warm pool"), "{sb:?}");
+    let r = post(&d, &t, &format!("/v1/sandboxes/{}/exec", sb.id), json!({"argv": ["sh", "-c", "echo $HUTCH_SANDBOX_ID"]})).json();
+    let (dir, _) = vm_of(&d, &sb.id);
+    assert_eq!(r["stdout"].as_str().unwrap().trim(), dir.file_name().unwrap().to_string_lossy());
+    // A size the pool does not hold starts the usual way.
+    let big = create(&d, &t, json!({"memory_mib": 256}));
+    assert_ne!(big.start_mode.as_deref(), Some("warm pool"), "{big:?}");
+    // The pool refills in the background.
+    assert!(wait_until(Duration::from_secs(120), || pool_ready(&d, &t) == 1), "the pool did not refill");
+    // kill -9: the pooled VM outlives the daemon until the next one reaps it.
+    let old = d.pid();
+    let left = dirs_owned_by(old);
+    assert_eq!(left.len(), 3, "two sandboxes and one pooled VM: {left:?}");
+    d.kill9();
+    let mut d2 = Daemon::start_in(&data, &["--pool", "1"]);
+    for dir in &left {
+        assert_vm_gone(dir, None);
+    }
+    // A graceful stop drains the new daemon's pool.
+    assert!(wait_until(Duration::from_secs(120), || pool_ready(&d2, &t) == 1), "the new pool did not fill");
+    let mine = dirs_owned_by(d2.pid());
+    assert_eq!(mine.len(), 1);
+    assert_eq!(d2.stop().code(), Some(0), "{}", d2.log());
+    for dir in &mine {
+        assert_vm_gone(dir, None);
+    }
+}

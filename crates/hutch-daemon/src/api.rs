@@ -230,6 +230,7 @@ async fn openapi_json() -> Response {
         (status = 401, description = "No valid token", body = ErrorBody),
     ))]
 async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
+    st.mgr.metrics.pool_ready.set(st.mgr.pool_ready() as i64);
     let text = st.mgr.metrics.render(&st.mgr.store)?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }

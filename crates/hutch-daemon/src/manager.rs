@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hutch_sandbox::egress::Egress;
+use hutch_sandbox::pool::Pool;
 use hutch_sandbox::{AgentClient, Host, Sandbox, SandboxConfig, StartMode};
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
@@ -136,6 +137,8 @@ pub struct Manager {
     audit_tx: mpsc::UnboundedSender<(String, String)>,
     inner: Arc<Inner>,
     live: Mutex<HashMap<String, Arc<Live>>>,
+    /// Restored, paused VMs of the default size, handed out by creates that fit them.
+    pool: Mutex<Option<Arc<Pool>>>,
     shutting_down: AtomicBool,
     tasks: TaskTracker,
 }
@@ -263,9 +266,26 @@ impl Manager {
             audit_tx,
             inner: Arc::new(Inner { counts: Mutex::new(Counts::default()) }),
             live: Mutex::new(HashMap::new()),
+            pool: Mutex::new(None),
             shutting_down: AtomicBool::new(false),
             tasks: TaskTracker::new(),
         })
+    }
+
+    /// Keeps `size` VMs of the default size restored and paused, so that a create answers in tens of
+    /// milliseconds instead of a restore's hundreds. Zero turns the pool off.
+    pub fn start_pool(&self, size: usize) {
+        if size == 0 {
+            return;
+        }
+        let cfg = SandboxConfig { cpus: self.limits.default_cpus, memory_mib: self.limits.default_memory_mib, ..SandboxConfig::default() };
+        let pool = Arc::new(Pool::start(self.host.clone(), cfg, size));
+        *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool);
+    }
+
+    /// VMs waiting in the warm pool.
+    pub fn pool_ready(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, |p| p.ready())
     }
 
     fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Live>>> {
@@ -424,7 +444,12 @@ impl Manager {
         let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env: spec.env.clone().into_iter().collect(), egress, ..SandboxConfig::default() };
         let t0 = Instant::now();
         self.metrics.creates.inc();
-        let sb = match Sandbox::create(&self.host, &cfg).await {
+        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let created = match pool {
+            Some(p) => p.take(&cfg).await,
+            None => Sandbox::create(&self.host, &cfg).await,
+        };
+        let sb = match created {
             Ok(sb) => sb,
             Err(e) => {
                 self.metrics.create_failures.inc();
@@ -658,6 +683,10 @@ impl Manager {
     /// Stops taking new sandboxes, destroys every live one, and waits for all sandbox tasks to end.
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(p) = pool {
+            p.drain().await;
+        }
         let ids: Vec<String> = self.live_map().keys().cloned().collect();
         let stops = ids.iter().map(|id| self.destroy_live(id, "the daemon shut down"));
         futures::future::join_all(stops).await;

@@ -33,6 +33,7 @@ pub struct Metrics {
     pub rejections: Family<ReasonLabel, Counter>,
     pub gateway_bytes: Counter,
     pub gateway_denials: Counter,
+    pub pool_ready: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -60,6 +61,7 @@ impl Metrics {
         let rejections = Family::<ReasonLabel, Counter>::default();
         let gateway_bytes = Counter::default();
         let gateway_denials = Counter::default();
+        let pool_ready = Gauge::default();
         registry.register("sandboxes", "Sandboxes by state, as recorded in the database", sandboxes.clone());
         registry.register("sandbox_creates", "Sandbox starts attempted", creates.clone());
         registry.register("sandbox_create_failures", "Sandbox starts that failed", create_failures.clone());
@@ -69,6 +71,7 @@ impl Metrics {
         registry.register("sandbox_rejections", "Creates refused by the concurrency cap or a token quota", rejections.clone());
         registry.register("gateway_bytes", "Bytes carried by the egress gateways", gateway_bytes.clone());
         registry.register("gateway_denials", "Egress requests denied by policy", gateway_denials.clone());
+        registry.register("pool_ready", "Restored, paused VMs waiting in the warm pool", pool_ready.clone());
         Metrics {
             registry,
             sandboxes,
@@ -80,6 +83,7 @@ impl Metrics {
             rejections,
             gateway_bytes,
             gateway_denials,
+            pool_ready,
         }
     }
 

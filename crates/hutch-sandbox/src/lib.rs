@@ -399,6 +399,11 @@ impl Sandbox {
         &self.client
     }
 
+    /// Guest code blocks the emulator has translated for this VM so far (TCG only).
+    pub async fn translated_blocks(&mut self) -> Option<u64> {
+        self.vm.translated_blocks().await
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

@@ -35,7 +35,7 @@ impl Inner {
 
 pub struct Pool {
     inner: Arc<Inner>,
-    refill: tokio::task::JoinHandle<()>,
+    refill: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Pool {
@@ -43,7 +43,7 @@ impl Pool {
     pub fn start(host: Host, cfg: SandboxConfig, size: usize) -> Pool {
         let inner = Arc::new(Inner { host, cfg, size, ready: Mutex::new(VecDeque::new()), wake: Notify::new(), stopping: AtomicBool::new(false) });
         let refill = tokio::spawn(refill(inner.clone()));
-        Pool { inner, refill }
+        Pool { inner, refill: Mutex::new(Some(refill)) }
     }
 
     /// VMs ready to hand out right now.
@@ -76,7 +76,7 @@ impl Pool {
     /// A sandbox for `cfg`: from the pool when one of its size is ready, else created the usual way.
     pub async fn take(&self, cfg: &SandboxConfig) -> Result<Sandbox, SandboxError> {
         let t0 = Instant::now();
-        if self.fits(cfg) {
+        if self.fits(cfg) && !self.inner.stopping.load(Ordering::SeqCst) {
             let warm = self.inner.lock().pop_front();
             self.inner.wake.notify_one();
             if let Some(mut warm) = warm {
@@ -99,11 +99,14 @@ impl Pool {
         Sandbox::create(&self.inner.host, cfg).await
     }
 
-    /// Stops refilling and destroys every pooled VM.
-    pub async fn drain(self) {
+    /// Stops refilling and destroys every pooled VM; later takes create sandboxes the usual way.
+    pub async fn drain(&self) {
         self.inner.stopping.store(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
-        let _ = self.refill.await;
+        let refill = self.refill.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(r) = refill {
+            let _ = r.await;
+        }
         let all: Vec<Attached> = self.inner.lock().drain(..).collect();
         for a in all {
             a.discard().await;
@@ -116,9 +119,10 @@ async fn refill(inner: Arc<Inner>) {
     while !inner.stopping.load(Ordering::SeqCst) {
         if inner.lock().len() >= inner.size {
             // Woken by a take or by drain; the timeout is a safety net against a lost wake-up.
-            if tokio::time::timeout(Duration::from_secs(1), inner.wake.notified()).await.is_ok() {
-                // A VM was just handed out: its first commands run on a cold host CPU cache and, on a small
-                // host, compete with a restore for the same cores. Let them go first.
+            let woken = tokio::time::timeout(Duration::from_secs(1), inner.wake.notified()).await.is_ok();
+            if woken && !inner.stopping.load(Ordering::SeqCst) {
+                // A VM was just handed out: on a small host its first commands would compete with the
+                // replacement's restore for the same cores. Let them go first.
                 tokio::time::sleep(REFILL_DELAY).await;
             }
             continue;

@@ -245,6 +245,15 @@ pub struct QemuVm {
 }
 
 impl QemuVm {
+    /// How many guest code blocks TCG has translated in this process so far (`None` off TCG or on error): the
+    /// cost that dominates a fresh emulator's first commands.
+    pub async fn translated_blocks(&mut self) -> Option<u64> {
+        let r = self.qmp().ok()?.execute("human-monitor-command", json!({"command-line": "info jit"})).await.ok()?;
+        let text = r.as_str()?;
+        let line = text.lines().find(|l| l.trim_start().starts_with("TB count"))?;
+        line.split_whitespace().nth(2)?.parse().ok()
+    }
+
     fn qmp(&mut self) -> Result<&mut Qmp, VmmError> {
         self.qmp.as_mut().ok_or_else(|| VmmError::Qmp("monitor not connected".into()))
     }
