@@ -126,9 +126,11 @@ async fn time_bare(host: &Host, cfg: &hutch_sandbox::SandboxConfig, snap: Option
     r.context("bare VM did not come up in 60 s")?
 }
 
-async fn create_to_first_output(host: &Host, cfg: &hutch_sandbox::SandboxConfig, pool: Option<&hutch_sandbox::pool::Pool>) -> anyhow::Result<Duration> {
+/// From create (or pool take) to the first byte of `echo`'s output, and how many guest code blocks the emulator
+/// had translated by then (under TCG a fresh QEMU translates everything it runs once: the dominant cost).
+async fn create_to_first_output(host: &Host, cfg: &hutch_sandbox::SandboxConfig, pool: Option<&hutch_sandbox::pool::Pool>) -> anyhow::Result<(Duration, Option<u64>)> {
     let t0 = Instant::now();
-    let sb = match pool {
+    let mut sb = match pool {
         Some(p) => p.take(cfg).await?,
         None => Sandbox::create(host, cfg).await?,
     };
@@ -142,8 +144,23 @@ async fn create_to_first_output(host: &Host, cfg: &hutch_sandbox::SandboxConfig,
             _ => {}
         }
     }
+    let blocks = sb.translated_blocks().await;
     sb.destroy().await;
-    first.context("no output")
+    Ok((first.context("no output")?, blocks))
+}
+
+fn median(v: &mut [u64]) -> Option<u64> {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied()
+}
+
+/// CPU time (user + system, in clock ticks) a process has used.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may contain spaces, start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 fn pss_kib(pid: u32) -> Option<u64> {
@@ -204,27 +221,38 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
     // In-process: from "create" to the first byte of an exec's output, by start mode.
     let mut restore_create = Samples::new("create -> first exec output (restore)");
     let mut pool_create = Samples::new("create -> first exec output (pool hit)");
+    let (mut restore_blocks, mut pool_blocks) = (vec![], vec![]);
     let pool = hutch_sandbox::pool::Pool::start(host.clone(), cfg.clone(), 1);
     for _ in 0..a.runs {
-        restore_create.push(create_to_first_output(&host, &cfg, None).await?);
+        // Both on a quiet host: the pool full and its refill done, as in a daemon between creates.
         anyhow::ensure!(pool.wait_full(Duration::from_secs(120)).await, "the warm pool did not fill");
-        pool_create.push(create_to_first_output(&host, &cfg, Some(&pool)).await?);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (d, b) = create_to_first_output(&host, &cfg, None).await?;
+        restore_create.push(d);
+        restore_blocks.extend(b);
+        let (d, b) = create_to_first_output(&host, &cfg, Some(&pool)).await?;
+        pool_create.push(d);
+        pool_blocks.extend(b);
     }
     pool.drain().await;
     restore_create.print();
     pool_create.print();
+    if let (Some(r), Some(p)) = (median(&mut restore_blocks), median(&mut pool_blocks)) {
+        println!("{:<46} restore {r}, pool hit {p} (p50; the pool's were translated while it warmed up)", "guest code blocks translated by first output");
+    }
     if a.cold {
         let cold_cfg = hutch_sandbox::SandboxConfig { cold: true, ..cfg.clone() };
         let mut cold_create = Samples::new("create -> first exec output (cold boot)");
         for _ in 0..a.runs.min(5) {
-            cold_create.push(create_to_first_output(&host, &cold_cfg, None).await?);
+            cold_create.push(create_to_first_output(&host, &cold_cfg, None).await?.0);
         }
         cold_create.print();
         println!("{:<46} {:.3} (p50; the goal is at most 0.1)", "ratio restore / cold boot", restore_create.pct(50.0) / cold_create.pct(50.0));
     }
-    println!("{:<46} {:.2}x (p50)\n", "ratio restore / bare QEMU restore", restore_create.pct(50.0) / bare_restore.pct(50.0));
+    println!("{:<46} {:.2}x (p50)", "ratio restore / bare QEMU restore", restore_create.pct(50.0) / bare_restore.pct(50.0));
+    println!("{:<46} {:.2}x (p50)\n", "ratio pool hit / bare QEMU restore", pool_create.pct(50.0) / bare_restore.pct(50.0));
 
-    // Memory of idle sandboxes: a few at once, after they settle.
+    // Memory and CPU of idle sandboxes: a few at once, after they settle.
     let mut boxes = Vec::new();
     for _ in 0..3 {
         boxes.push(Sandbox::create(&host, &cfg).await?);
@@ -236,15 +264,36 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
             pss.ms.push(k as f64 / 1024.0);
         }
     }
+    let window = Duration::from_secs(5);
+    let before: Vec<Option<u64>> = boxes.iter().map(|b| b.vmm_pid().and_then(cpu_ticks)).collect();
+    tokio::time::sleep(window).await;
+    let after: Vec<Option<u64>> = boxes.iter().map(|b| b.vmm_pid().and_then(cpu_ticks)).collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut idle_cpu = Samples::new("idle sandbox CPU (% of one core)");
+    for (b, a2) in before.iter().zip(&after) {
+        if let (Some(b), Some(a2)) = (b, a2) {
+            idle_cpu.ms.push((a2.saturating_sub(*b)) as f64 / hz / window.as_secs_f64() * 100.0);
+        }
+    }
     for b in boxes {
         b.destroy().await;
     }
     println!("{:<46} p50 {:>8.1} MiB (n={})", pss.name, pss.pct(50.0), pss.ms.len());
-    if let Some(avail) = mem_available_kib() {
+    println!("{:<46} p50 {:>8.2} %   max {:>6.2} % (n={}, over {}s)", idle_cpu.name, idle_cpu.pct(50.0), idle_cpu.pct(100.0), idle_cpu.ms.len(), window.as_secs());
+    let by_memory = mem_available_kib().and_then(|avail| {
         let per = pss.pct(50.0) * 1024.0;
-        if per > 0.0 {
-            println!("{:<46} ~{:.0} idle sandboxes (MemAvailable {:.1} GiB / PSS)", "host capacity by memory", avail as f64 / per, avail as f64 / 1048576.0);
-        }
+        (per > 0.0).then(|| (avail as f64 / per, avail as f64 / 1048576.0))
+    });
+    if let Some((n, gib)) = by_memory {
+        println!("{:<46} ~{n:.0} idle sandboxes (MemAvailable {gib:.1} GiB / PSS)", "host capacity by memory");
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let per_cpu = idle_cpu.pct(50.0).max(0.01);
+    let by_cpu = cores * 100.0 / per_cpu;
+    println!("{:<46} ~{by_cpu:.0} idle sandboxes ({cores} cores / idle CPU; each busy one takes a whole core)", "host capacity by CPU");
+    if let Some((n, _)) = by_memory {
+        println!("{:<46} ~{:.0} idle sandboxes ({} runs out first)", "host capacity", n.min(by_cpu), if n < by_cpu { "memory" } else { "CPU" });
     }
     Ok(0)
 }
