@@ -48,6 +48,9 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
         _ = sighup.recv() => return Ok(129),
     };
     tracing::info!(id = %sandbox.id, mode = ?sandbox.start.mode, took_ms = sandbox.start.took.as_millis() as u64, "sandbox started");
+    if sandbox.start.snapshot_wanted {
+        rebuild_snapshot_in_background(&a.vm, cache.root());
+    }
 
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + t);
     let ending = {
@@ -186,5 +189,33 @@ async fn copy_out(sandbox: &Sandbox, guest: &str, host: &std::path::Path) -> any
             let _ = std::fs::remove_file(&tmp);
             Err(e.into())
         }
+    }
+}
+
+/// Starts `hutch image build` for this run's image and size as a detached process (its own session, output in
+/// the cache's `snapshot-rebuild.log`), so that the next run restores again. It outlives this run on purpose;
+/// concurrent builds of the same snapshot are harmless (each works in its own directory and renames into place).
+fn rebuild_snapshot_in_background(vm: &crate::cli::VmArgs, cache_root: &std::path::Path) {
+    let log_path = cache_root.join("snapshot-rebuild.log");
+    let spawned = (|| -> anyhow::Result<u32> {
+        let exe = std::env::current_exe().context("find the hutch binary")?;
+        let log = std::fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["image", "build", "--image", vm.image.name()])
+            .arg(format!("--cpus={}", vm.cpus))
+            .arg(format!("--memory={}", vm.memory))
+            .env("HUTCH_CACHE_DIR", cache_root)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if let Some(accel) = vm.accel {
+            cmd.arg(format!("--accel={accel}"));
+        }
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        Ok(cmd.spawn()?.id())
+    })();
+    match spawned {
+        Ok(pid) => eprintln!("hutch: rebuilding the snapshot in the background (pid {pid}, log {})", log_path.display()),
+        Err(e) => eprintln!("hutch: warning: cannot rebuild the snapshot in the background ({e:#}); `hutch image build` makes it"),
     }
 }

@@ -268,3 +268,45 @@ fn bad_input_is_refused_before_anything_runs() {
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
 }
+
+/// Snapshot directories (of any image in the cache) made for `memory_mib`.
+fn snapshots_for_memory(memory_mib: u32) -> Vec<std::path::PathBuf> {
+    let mut found = vec![];
+    for img in std::fs::read_dir(runtime_root().join("images")).into_iter().flatten().flatten() {
+        for snap in std::fs::read_dir(img.path().join("snapshots")).into_iter().flatten().flatten() {
+            let meta = std::fs::read_to_string(snap.path().join("meta.json")).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&meta).unwrap_or_default();
+            if v["memory_mib"] == memory_mib {
+                found.push(snap.path());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_missing_snapshot_means_a_cold_boot_and_a_rebuild_in_the_background() {
+    // A size no other test uses.
+    let memory = 448;
+    for s in snapshots_for_memory(memory) {
+        std::fs::remove_dir_all(s).unwrap();
+    }
+    let out = run(&["--memory", "448", "--", "echo", "hi"]);
+    let err = text(&out.stderr);
+    assert_eq!((out.status.code(), text(&out.stdout).as_str()), (Some(0), "hi\n"), "{err}");
+    assert!(err.contains("booting cold"), "{err}");
+    let pid: u32 = err
+        .split("rebuilding the snapshot in the background (pid ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no background rebuild announced: {err}"));
+    assert!(wait_until(Duration::from_secs(120), || !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true)), "the rebuild did not finish");
+    assert_eq!(snapshots_for_memory(memory).len(), 1, "one snapshot made");
+    // The next run restores: no fallback, no rebuild.
+    let out = run(&["--memory", "448", "--", "echo", "again"]);
+    let err = text(&out.stderr);
+    assert_eq!(text(&out.stdout), "again\n", "{err}");
+    assert!(!err.contains("booting cold") && !err.contains("rebuilding"), "{err}");
+}

@@ -139,6 +139,7 @@ pub struct Manager {
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// Restored, paused VMs of the default size, handed out by creates that fit them.
     pool: Mutex<Option<Arc<Pool>>>,
+    rebuilding: Arc<AtomicBool>,
     shutting_down: AtomicBool,
     tasks: TaskTracker,
 }
@@ -267,6 +268,7 @@ impl Manager {
             inner: Arc::new(Inner { counts: Mutex::new(Counts::default()) }),
             live: Mutex::new(HashMap::new()),
             pool: Mutex::new(None),
+            rebuilding: Arc::new(AtomicBool::new(false)),
             shutting_down: AtomicBool::new(false),
             tasks: TaskTracker::new(),
         })
@@ -281,6 +283,22 @@ impl Manager {
         let cfg = SandboxConfig { cpus: self.limits.default_cpus, memory_mib: self.limits.default_memory_mib, ..SandboxConfig::default() };
         let pool = Arc::new(Pool::start(self.host.clone(), cfg, size));
         *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool);
+    }
+
+    /// Makes the missing snapshot for `cfg`'s size in the background, once at a time, so that later creates
+    /// restore instead of booting.
+    fn rebuild_snapshot(&self, cfg: &SandboxConfig) {
+        if self.rebuilding.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (host, cfg, flag) = (self.host.clone(), cfg.clone(), self.rebuilding.clone());
+        self.tasks.spawn(async move {
+            match hutch_sandbox::snapshot::ensure(&host, &cfg).await {
+                Ok(s) => tracing::info!("snapshot {} rebuilt", s.meta.key),
+                Err(e) => tracing::warn!("cannot rebuild the snapshot: {}", hutch_sandbox::error_chain(&e)),
+            }
+            flag.store(false, Ordering::SeqCst);
+        });
     }
 
     /// VMs waiting in the warm pool.
@@ -460,6 +478,9 @@ impl Manager {
             }
         };
         let took = t0.elapsed();
+        if sb.start.snapshot_wanted {
+            self.rebuild_snapshot(&cfg);
+        }
         match sb.start.mode {
             StartMode::Restored | StartMode::Pooled => self.metrics.restore_seconds.observe(took.as_secs_f64()),
             StartMode::Cold => self.metrics.boot_seconds.observe(took.as_secs_f64()),

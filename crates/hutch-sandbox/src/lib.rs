@@ -116,6 +116,9 @@ pub struct StartInfo {
     pub took: Duration,
     /// Notes for the user: fallbacks and retries that happened.
     pub notes: Vec<String>,
+    /// A restore was wanted but there was no usable snapshot: the caller should have one made in the background
+    /// (`snapshot::ensure`), so that the next start is a restore again.
+    pub snapshot_wanted: bool,
 }
 
 pub struct Sandbox {
@@ -222,7 +225,7 @@ impl Attached {
             return Err(e);
         }
         tracing::debug!(id = %id, ms = t0.elapsed().as_secs_f64() * 1e3, "attach: identity applied");
-        let start = StartInfo { mode, accel, took: Duration::ZERO, notes: vec![] };
+        let start = StartInfo { mode, accel, took: Duration::ZERO, notes: vec![], snapshot_wanted: false };
         Ok(Sandbox { id, start, client, vm, driver, egress_task, gateway, dir })
     }
 
@@ -331,6 +334,7 @@ impl Sandbox {
             }
             r => r?,
         };
+        sb.start.snapshot_wanted = !cfg.cold;
         sb.start.notes = notes;
         sb.start.took = t0.elapsed();
         Ok(sb)
