@@ -110,26 +110,17 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let live = SandboxDir::create(root.path(), "live").unwrap();
         // A dead owner: a pid that exited, with a "VMM" (a process whose argv names the dir) still running. One
-        // process, not `sh -c sleep`, which the shell may replace by exec (and the argv with it).
+        // plain program (`sleep`, the dir as its argv[0]): no shell or interpreter wrapper that could exec, fork
+        // or take seconds to start on a loaded host.
         let stale = root.path().join("sandboxes/stale");
         std::fs::create_dir_all(&stale).unwrap();
         let mut dead = std::process::Command::new("true").spawn().unwrap();
         let dead_pid = dead.id();
         dead.wait().unwrap();
         std::fs::write(stale.join("owner"), format!("{dead_pid} 1")).unwrap();
-        let mut vmm = std::process::Command::new("python3")
-            .args(["-c", "import time; time.sleep(60)", stale.to_str().unwrap()])
-            .spawn()
-            .unwrap();
-        // Wait until its command line is in place (the interpreter has started).
-        let needle = stale.to_str().unwrap().to_string();
-        for _ in 0..200 {
-            let cmd = std::fs::read(format!("/proc/{}/cmdline", vmm.id())).unwrap_or_default();
-            if cmd.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        let mut vmm = std::process::Command::new("sleep");
+        std::os::unix::process::CommandExt::arg0(&mut vmm, &stale);
+        let mut vmm = vmm.arg("60").spawn().unwrap();
         std::fs::write(stale.join("vmm.pid"), vmm.id().to_string()).unwrap();
 
         let reaped = reap_stale(root.path());
