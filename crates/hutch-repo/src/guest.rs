@@ -20,25 +20,15 @@ use crate::{io_err, Limits, RepoError};
 pub const WORKSPACE: &str = "/workspace";
 const STAGING: &str = "/var/tmp/hutch";
 
-/// Arguments: workspace, staging directory, bundle, base commit (or empty), snapshot commit (or empty when it has
-/// no files), branch (or empty), the directory the command will start in. Process starts are expensive in an
-/// emulated guest (~0.1 s for git), so the steps are few.
+/// Arguments: workspace, staging directory, the workspace archive the host made, the directory the command
+/// will start in. Prints digests of the new repository's git metadata.
 pub(crate) const SETUP_WORKSPACE: &str = r#"set -eu
-ws=$1 bundle=$3 base=$4 snap=$5 branch=$6 start=$7
+ws=$1 archive=$3 start=$4
 rm -rf "$ws"
 mkdir -p "$ws"
 cd "$ws"
-git -c init.defaultBranch=main init -q
-printf '[user]\n\tname = Hutch Sandbox\n\temail = sandbox@hutch.invalid\n' >> .git/config
-git fetch -q --no-tags --no-write-fetch-head "$bundle" refs/hutch/snapshot ${base:+refs/hutch/base}
-if [ -n "$base" ]; then
-  if [ -n "$branch" ]; then git checkout -q -B "$branch" "$base"; else git -c advice.detachedHead=false checkout -q --detach "$base"; fi
-elif [ -n "$branch" ]; then
-  git symbolic-ref HEAD "refs/heads/$branch"
-fi
-# The user's working tree over HEAD's: changed, new and deleted files, index untouched (so they show as changes).
-if [ -n "$snap" ]; then git restore --source="$snap" --worktree -- :/; fi
-rm -f "$bundle"
+tar -xf "$archive" --no-same-owner
+rm -f "$archive"
 mkdir -p "$start"
 cd .git && sha256sum config hooks/* info/* 2>/dev/null || true
 "#;
@@ -169,21 +159,9 @@ pub fn guest_cwd(prefix: &Path) -> String {
 
 /// Uploads the snapshot and unpacks it into `/workspace`.
 pub async fn setup_workspace(client: &AgentClient, snap: &Snapshot, prefix: &Path) -> Result<Workspace, RepoError> {
-    let guest_bundle = format!("{STAGING}/in.bundle");
-    client.put_host_file(&snap.bundle, &guest_bundle).await?;
-    let argv = vec![
-        "sh".into(),
-        "-c".into(),
-        SETUP_WORKSPACE.into(),
-        "hutch-workspace".into(),
-        WORKSPACE.into(),
-        STAGING.into(),
-        guest_bundle,
-        snap.base.as_ref().map(|o| o.to_string()).unwrap_or_default(),
-        if snap.empty { String::new() } else { snap.commit.to_string() },
-        snap.branch.clone().unwrap_or_default(),
-        guest_cwd(prefix),
-    ];
+    let guest_archive = format!("{STAGING}/workspace.tar");
+    client.put_host_file(&snap.workspace, &guest_archive).await?;
+    let argv = vec!["sh".into(), "-c".into(), SETUP_WORKSPACE.into(), "hutch-workspace".into(), WORKSPACE.into(), STAGING.into(), guest_archive, guest_cwd(prefix)];
     let r = exec(client, argv, Some("/"), 1 << 20, None).await?;
     if r.status != ExitStatus::Code(0) {
         return Err(failed("setting up /workspace", &r));

@@ -93,6 +93,9 @@ pub struct Snapshot {
     pub branch: Option<String>,
     /// A bundle of `refs/hutch/base` (when there is a HEAD) and `refs/hutch/snapshot`.
     pub bundle: PathBuf,
+    /// The VM's `/workspace`, ready made: a tar of a fresh repository holding the bundle's objects, HEAD checked
+    /// out and the user's working tree over it.
+    pub workspace: PathBuf,
 }
 
 impl Snapshot {
@@ -148,13 +151,77 @@ impl Snapshot {
         let mut args: Vec<&OsStr> = vec![OsStr::new("bundle"), OsStr::new("create"), OsStr::new("-q"), bundle.as_os_str()];
         args.extend(refs.iter().map(OsStr::new));
         git.run("bundle create (repository upload)", args)?;
-        Ok(Snapshot { git, base: repo.head.clone(), commit, empty, branch: repo.branch.clone(), bundle, scratch })
+        let workspace = prepare_workspace(scratch.path(), &repo.object_format, &bundle, repo.head.as_ref(), (!empty).then_some(&commit), repo.branch.as_deref())?;
+        Ok(Snapshot { git, base: repo.head.clone(), commit, empty, branch: repo.branch.clone(), bundle, workspace, scratch })
     }
 
     /// The scratch directory (bundle, downloads, temporary indexes).
     pub fn dir(&self) -> &Path {
         self.scratch.path()
     }
+}
+
+/// Makes the VM's `/workspace` on the host and packs it as a tar. Under emulation every git process in the VM
+/// costs ~0.1-0.4 s and indexing the pack most of a second; here they take milliseconds, and the VM only
+/// unpacks. The repository is new (no hooks, no host config, no remotes): only the bundle's objects, HEAD as
+/// the user had it (branch, detached, or unborn), the index at HEAD and the user's working tree over it, so
+/// their uncommitted changes show as changes. Host-side git here runs hardened like everywhere else.
+fn prepare_workspace(
+    scratch: &Path,
+    object_format: &str,
+    bundle: &Path,
+    base: Option<&Oid>,
+    snapshot: Option<&Oid>,
+    branch: Option<&str>,
+) -> Result<PathBuf, RepoError> {
+    let ws = scratch.join("ws");
+    Git::discover(scratch).run(
+        "init (workspace)",
+        [
+            OsStr::new("-c"),
+            OsStr::new("init.defaultBranch=main"),
+            OsStr::new("init"),
+            OsStr::new("-q"),
+            OsStr::new("--template="),
+            OsStr::new(&format!("--object-format={object_format}")),
+            ws.as_os_str(),
+        ],
+    )?;
+    // Without templates: no sample hooks, but the directories a clone has, so tools in the VM find them.
+    for d in ["hooks", "info"] {
+        std::fs::create_dir_all(ws.join(".git").join(d)).map_err(io_err("cannot create the workspace repository"))?;
+    }
+    let g = Git::at(&ws.join(".git")).work_tree(&ws).index(&ws.join(".git/index"));
+    let mut fetch: Vec<&OsStr> = ["fetch", "-q", "--no-tags", "--no-write-fetch-head"].map(OsStr::new).to_vec();
+    fetch.push(bundle.as_os_str());
+    fetch.push(OsStr::new("refs/hutch/snapshot"));
+    if base.is_some() {
+        fetch.push(OsStr::new("refs/hutch/base"));
+    }
+    g.run("fetch (workspace)", fetch)?;
+    match (base, branch) {
+        (Some(b), Some(br)) => g.run("checkout (workspace)", ["checkout", "-q", "-B", br, b.as_str()])?,
+        (Some(b), None) => g.run("checkout (workspace)", ["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", b.as_str()])?,
+        (None, Some(br)) => g.run("symbolic-ref (workspace)", ["symbolic-ref", "HEAD", format!("refs/heads/{br}").as_str()])?,
+        (None, None) => vec![],
+    };
+    if let Some(snap) = snapshot {
+        let source = format!("--source={}", snap.as_str());
+        g.run("restore (workspace)", ["restore", source.as_str(), "--worktree", "--", ":/"])?;
+    }
+    let config = ws.join(".git/config");
+    let mut text = std::fs::read_to_string(&config).map_err(io_err("cannot read the workspace's git config"))?;
+    text.push_str("[user]\n\tname = Hutch Sandbox\n\temail = sandbox@hutch.invalid\n");
+    std::fs::write(&config, text).map_err(io_err("cannot write the workspace's git config"))?;
+    let tar_path = scratch.join("workspace.tar");
+    let file = std::fs::File::create(&tar_path).map_err(io_err("cannot create the workspace archive"))?;
+    let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
+    // Links are archived as links: the VM gets the tree exactly as git describes it.
+    tar.follow_symlinks(false);
+    tar.append_dir_all(".", &ws).map_err(io_err("cannot pack the workspace"))?;
+    tar.into_inner().and_then(|w| w.into_inner().map_err(|e| e.into_error())).map_err(io_err("cannot pack the workspace"))?;
+    std::fs::remove_dir_all(&ws).map_err(io_err("cannot remove the workspace staging directory"))?;
+    Ok(tar_path)
 }
 
 #[cfg(test)]

@@ -64,20 +64,11 @@ impl FakeVm {
     }
 
     fn setup(&self, snap: &Snapshot) -> Workspace {
-        let bundle = self.staging.join("in.bundle");
-        std::fs::copy(&snap.bundle, &bundle).unwrap();
-        let base = snap.base.as_ref().map(|o| o.to_string()).unwrap_or_default();
+        let archive = self.staging.join("workspace.tar");
+        std::fs::copy(&snap.workspace, &archive).unwrap();
         let out = self.sh(
             SETUP_WORKSPACE,
-            &[
-                self.ws.to_str().unwrap(),
-                self.staging.to_str().unwrap(),
-                bundle.to_str().unwrap(),
-                &base,
-                if snap.empty { "" } else { snap.commit.as_str() },
-                snap.branch.as_deref().unwrap_or(""),
-                self.ws.join("start/here").to_str().unwrap(),
-            ],
+            &[self.ws.to_str().unwrap(), self.staging.to_str().unwrap(), archive.to_str().unwrap(), self.ws.join("start/here").to_str().unwrap()],
         );
         Workspace::new(snap, "/workspace".into(), &out)
     }
