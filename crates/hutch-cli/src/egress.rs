@@ -53,3 +53,36 @@ pub fn print_denials(s: &DenialSummary) {
         eprint!("{s}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(r: anyhow::Result<Egress>) -> String {
+        match r {
+            Ok(_) => panic!("should fail"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn setup_rules_need_a_setup_script_and_its_secrets_load_only_with_one() {
+        let none = UserConfig::default();
+        let a = EgressArgs { setup_allow: vec!["pkgs.example.com".into()], ..Default::default() };
+        assert!(err(build(&a, &none, None, false)).contains("--setup FILE"));
+        let e = build(&a, &none, None, true).expect("with a setup script");
+        assert!(e.setup.as_ref().is_some_and(|p| !p.rules().is_empty()) && e.policy.rules().is_empty());
+
+        // The user's config may name setup secrets; their values are needed only when a setup script runs.
+        let layer = PolicyLayer::from_toml_str(
+            "[setup]\nallow = [\"pkgs.example.com\"]\n[setup.secrets.HUTCH_TEST_NEVER_SET_SETUP_SECRET]\nhosts = [\"pkgs.example.com\"]\n",
+            std::path::Path::new("/cfg/config.toml"),
+        )
+        .expect("layer");
+        let user = UserConfig { policy: Some(layer), ..Default::default() };
+        let e = build(&EgressArgs::default(), &user, None, false).expect("no setup script, no setup secrets");
+        assert!(e.setup.is_none());
+        let msg = err(build(&EgressArgs::default(), &user, None, true));
+        assert!(msg.contains("setup phase") && msg.contains("$HUTCH_TEST_NEVER_SET_SETUP_SECRET is not set"), "{msg}");
+    }
+}

@@ -173,7 +173,10 @@ async fn serve_file(root: &Path, rel: &str) -> Response<RespBody> {
             format!("testnet: /files/ serves plain paths only, not {rel:?}\n"),
         );
     }
-    let path = rel.split('/').filter(|c| *c != ".").fold(root.to_path_buf(), |p, c| p.join(c));
+    let path = rel
+        .split('/')
+        .filter(|c| *c != ".")
+        .fold(root.to_path_buf(), |p, c| p.join(c));
     match tokio::fs::read(&path).await {
         Ok(bytes) => {
             let mut r = Response::new(full(bytes));
