@@ -556,7 +556,9 @@ fn bad_input_gets_a_clear_4xx_and_the_daemon_keeps_serving() {
         ("GET", url("/nope"), None, 404, "no such endpoint"),
     ];
     for (m, u, body, status, needle) in cases {
-        let r = c.send(m, &u, Some(&t), body);
+        // A fresh connection per case: after the 413 the server closes a connection whose body it did not read,
+        // and a pooled client could send the next request on it before it sees the close.
+        let r = client().send(m, &u, Some(&t), body);
         assert_eq!(r.status, status, "{m} {u}: {}", String::from_utf8_lossy(&r.body));
         assert!(r.content_type.starts_with("application/json"), "{m} {u}: {}", r.content_type);
         assert!(r.error().contains(needle), "{m} {u}: {:?} lacks {needle:?}", r.error());
