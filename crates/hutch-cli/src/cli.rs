@@ -13,6 +13,8 @@ pub struct Cli {
     pub cmd: Command,
 }
 
+// Parsed once per process; boxing `run`'s arguments would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a command in a fresh micro-VM, stream its output, exit with its code, destroy the VM.
@@ -72,6 +74,14 @@ impl ImageName {
             ImageName::Agents => "agents",
         }
     }
+
+    /// Guest memory (MiB) when nothing else says (as `--memory`'s default does).
+    pub fn default_memory(self) -> u32 {
+        match self {
+            ImageName::Default => 512,
+            ImageName::Agents => 1024,
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]
@@ -115,6 +125,9 @@ pub struct RunArgs {
     pub egress: EgressArgs,
     #[command(flatten)]
     pub repo: crate::repo::RepoArgs,
+    /// User configuration file [default: $XDG_CONFIG_HOME/hutch/config.toml or ~/.config/hutch/config.toml].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Boot the kernel instead of restoring the image's snapshot.
     #[arg(long)]
     pub cold: bool,
@@ -129,10 +142,11 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-/// What the sandbox may reach. Nothing by default.
+/// What the sandbox may reach. Nothing by default. With a setup script, the script and the command each reach
+/// only what is allowed for their own phase.
 #[derive(Debug, Args, Clone, Default)]
 pub struct EgressArgs {
-    /// Policy file (TOML): allow rules, pins, upstream CAs, secrets.
+    /// Policy file (TOML): allow rules, pins, upstream CAs, secrets; its [setup] table is the setup script's.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
     /// Allow connections to HOST (exact, or *.example.com for subdomains) on PORT (default 443 and 80).
@@ -147,6 +161,13 @@ pub struct EgressArgs {
     /// Secret NAME (value from the host's $NAME) usable only on requests to HOSTs; the VM sees a placeholder.
     #[arg(long, value_name = "NAME@HOST[,HOST...]")]
     pub secret: Vec<String>,
+    /// Like --allow, for the setup script only (--setup); the command does not get it.
+    #[arg(long = "setup-allow", value_name = "HOST[:PORT]")]
+    pub setup_allow: Vec<String>,
+    /// Like --secret, for the setup script only: only its processes get the placeholder, and the gateway stops
+    /// swapping it when the setup script ends.
+    #[arg(long = "setup-secret", value_name = "NAME@HOST[,HOST...]")]
+    pub setup_secret: Vec<String>,
     /// Append the egress audit log (JSON lines) to FILE.
     #[arg(long, value_name = "FILE")]
     pub audit: Option<PathBuf>,
@@ -248,6 +269,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

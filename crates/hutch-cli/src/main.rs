@@ -3,6 +3,7 @@
 mod agent;
 mod bench;
 mod cli;
+mod config;
 mod doctor;
 mod egress;
 mod image;

@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use hutch_proto::ExitStatus;
 use hutch_repo::guest::{guest_cwd, run_setup, WORKSPACE};
 use hutch_repo::project::Trust;
+use hutch_gateway::{Gateway, Phase};
 use hutch_repo::{store, Collected, HostRepo, Limits, ProjectConfig, Snapshot, Stored, TrustStore, Workspace};
 use hutch_sandbox::AgentClient;
 
@@ -22,7 +23,8 @@ const COLLECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600)
 #[derive(Debug, Args, Clone, Default)]
 pub struct RepoArgs {
     /// Run FILE as root in the VM before the command (from /workspace when in a repository); its output is shown
-    /// under a `setup` header, and if it fails the command does not run.
+    /// under a `setup` header, and if it fails the command does not run. It reaches only what --setup-allow and
+    /// --setup-secret (or a [setup] policy table) give it.
     #[arg(long, value_name = "FILE", value_parser = parse_setup)]
     pub setup: Option<SetupFile>,
     /// When the command exits 0, apply the VM's changes to the working tree after showing their diffstat.
@@ -264,16 +266,6 @@ fn for_terminal(b: &[u8]) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// Explicit `--cpus`/`--memory` on this command line (a trusted hutch.toml fills in only what flags leave open).
-fn explicit_vm_flags() -> (bool, bool) {
-    use clap::parser::ValueSource;
-    use clap::CommandFactory;
-    let Ok(m) = crate::cli::Cli::command().try_get_matches_from(std::env::args_os()) else { return (true, true) };
-    let Some(run) = m.subcommand_matches("run") else { return (true, true) };
-    let explicit = |id: &str| run.value_source(id) == Some(ValueSource::CommandLine);
-    (explicit("cpus"), explicit("memory"))
-}
-
 struct Active {
     repo: HostRepo,
     snap: Snapshot,
@@ -281,7 +273,11 @@ struct Active {
 
 /// One `hutch run`'s repository and setup state, from before the VM exists to after it is gone.
 pub struct RunRepo {
+    /// The repository found by [`RunRepo::prepare`], until [`RunRepo::snapshot`] takes its snapshot.
+    found: Option<HostRepo>,
     active: Option<Active>,
+    /// The repository's hutch.toml, when it asks for something and the user approved this version.
+    project: Option<ProjectConfig>,
     setup: Option<SetupFile>,
     apply: bool,
     allow_sensitive: bool,
@@ -291,13 +287,15 @@ pub struct RunRepo {
 }
 
 impl RunRepo {
-    /// Before the VM: finds the repository, checks hutch.toml against the user's approvals (fills in resources,
-    /// setup and policy from an approved one), takes the working-tree snapshot, and points the command's
-    /// working directory into /workspace. Refusals happen here, before anything starts.
-    pub fn prepare(a: &mut RunArgs) -> anyhow::Result<RunRepo> {
-        let r = a.repo.clone();
+    /// Before anything starts, reading only: finds the repository and checks its hutch.toml against the user's
+    /// approvals. An unapproved one that asks for anything is refused here; an approved one is kept for
+    /// [`RunRepo::project`], and its setup script is used unless `--setup` gave one.
+    pub fn prepare(a: &RunArgs) -> anyhow::Result<RunRepo> {
+        let r = &a.repo;
         let mut rr = RunRepo {
+            found: None,
             active: None,
+            project: None,
             setup: r.setup.clone(),
             apply: r.apply,
             allow_sensitive: r.allow_sensitive,
@@ -315,77 +313,84 @@ impl RunRepo {
             }
             return Ok(rr);
         };
-        let mut policy = None;
         if !r.no_project_config {
             if let Some(cfg) = ProjectConfig::load(&repo.top)? {
                 if !cfg.asks().is_empty() {
                     let store = TrustStore::from_env()?;
                     match store.check(&cfg) {
                         Trust::Trusted => {
-                            let (cpus_set, memory_set) = explicit_vm_flags();
-                            if let Some(c) = cfg.cpus.filter(|_| !cpus_set) {
-                                a.vm.cpus = c;
-                            }
-                            if let Some(m) = cfg.memory_mib.filter(|_| !memory_set) {
-                                a.vm.memory = m;
-                            }
                             if let (None, Some(s)) = (&rr.setup, &cfg.setup) {
                                 rr.setup = Some(SetupFile { name: s.path.clone(), bytes: s.bytes.clone() });
                             }
-                            if let Some(text) = &cfg.policy_toml {
-                                if a.egress.policy.is_some() {
-                                    eprintln!("hutch: note: --policy given, so the [policy] of hutch.toml is not used");
-                                } else {
-                                    policy = Some(text.clone());
-                                }
-                            }
+                            rr.project = Some(cfg);
                         }
                         t => bail!(untrusted(&cfg, t)),
                     }
                 }
             }
         }
-        let snap = Snapshot::take(&repo).context("taking a snapshot of the working tree")?;
-        if let Some(text) = policy {
-            let p = snap.dir().join("hutch-toml-policy.toml");
-            std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
-            a.egress.policy = Some(p);
-        }
-        if a.workdir.is_none() {
-            a.workdir = Some(guest_cwd(&repo.prefix));
-        }
-        rr.active = Some(Active { repo, snap });
+        rr.found = Some(repo);
         Ok(rr)
     }
 
-    /// In the fresh VM, before the command: the repository into /workspace, then the setup phase.
-    pub async fn enter(&mut self, client: &AgentClient, command: &[String]) -> anyhow::Result<()> {
+    /// The approved hutch.toml, if any.
+    pub fn project(&self) -> Option<&ProjectConfig> {
+        self.project.as_ref()
+    }
+
+    /// Whether a setup script runs before the command (`--setup` or an approved hutch.toml's).
+    pub fn has_setup(&self) -> bool {
+        self.setup.is_some()
+    }
+
+    /// After every input was checked: takes the working-tree snapshot and points the command's working directory
+    /// into /workspace.
+    pub fn snapshot(&mut self, a: &mut RunArgs) -> anyhow::Result<()> {
+        let Some(repo) = self.found.take() else { return Ok(()) };
+        let snap = Snapshot::take(&repo).context("taking a snapshot of the working tree")?;
+        if a.workdir.is_none() {
+            a.workdir = Some(guest_cwd(&repo.prefix));
+        }
+        self.active = Some(Active { repo, snap });
+        Ok(())
+    }
+
+    /// In the fresh VM, first: the repository into /workspace.
+    pub async fn enter_workspace(&mut self, client: &AgentClient) -> anyhow::Result<()> {
         if let Some(act) = &self.active {
             let ws =
                 hutch_repo::setup_workspace(client, &act.snap, &act.repo.prefix).await.context("copying the repository into the VM")?;
             self.ws = Some(ws);
         }
-        if let Some(s) = &self.setup {
-            let cwd = if self.ws.is_some() { WORKSPACE } else { "/root" };
-            eprintln!("hutch: ── setup: {} ──", s.name);
-            let mut tee = |b: &[u8]| {
-                let mut e = std::io::stderr();
-                let _ = e.write_all(b);
-                let _ = e.flush();
-            };
-            let r = run_setup(client, &s.bytes, cwd, &mut tee).await.context("running the setup script")?;
-            if r.status != ExitStatus::Code(0) {
-                let text = String::from_utf8_lossy(&for_terminal(&r.tail)).into_owned();
-                let lines: Vec<&str> = text.lines().collect();
-                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-                bail!(
-                    "setup {} failed with exit code {}; the command did not run. Its last output:\n{tail}",
-                    s.name,
-                    r.status.as_shell_code()
-                );
-            }
-            eprintln!("hutch: ── command: {} ──", command.join(" "));
+        Ok(())
+    }
+
+    /// Then the setup phase, if there is one: the script runs with the setup phase's secret placeholders in its
+    /// environment while the gateway decides under the setup policy; when it succeeds the gateway moves to the
+    /// agent phase (closing what the setup phase opened) before the command runs.
+    pub async fn setup(&mut self, client: &AgentClient, gateway: &Gateway, command: &[String]) -> anyhow::Result<()> {
+        let Some(s) = &self.setup else { return Ok(()) };
+        let cwd = if self.ws.is_some() { WORKSPACE } else { "/root" };
+        eprintln!("hutch: ── setup: {} ──", s.name);
+        let mut tee = |b: &[u8]| {
+            let mut e = std::io::stderr();
+            let _ = e.write_all(b);
+            let _ = e.flush();
+        };
+        let env = hutch_sandbox::egress::setup_env(gateway);
+        let r = run_setup(client, &s.bytes, cwd, env, &mut tee).await.context("running the setup script")?;
+        if r.status != ExitStatus::Code(0) {
+            let text = String::from_utf8_lossy(&for_terminal(&r.tail)).into_owned();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            bail!(
+                "setup {} failed with exit code {}; the command did not run. Its last output:\n{tail}",
+                s.name,
+                r.status.as_shell_code()
+            );
         }
+        gateway.enter_phase(Phase::Agent).context("ending the setup phase")?;
+        eprintln!("hutch: ── command: {} ──", command.join(" "));
         Ok(())
     }
 

@@ -21,8 +21,15 @@ enum Ending {
 }
 
 pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
+    // Every input is read and checked before anything is created: flags, the user's config, hutch.toml, policies,
+    // secrets.
+    let explicit = crate::config::Explicit::from_command_line();
+    let user = crate::config::UserConfig::load(a.config.as_deref())?;
+    let mut repo = crate::repo::RunRepo::prepare(&a)?;
+    crate::config::apply_resources(&mut a, explicit, &user, repo.project());
     a.env.splice(0..0, crate::image::default_env(a.vm.image));
-    let mut repo = crate::repo::RunRepo::prepare(&mut a)?;
+    let egress = crate::egress::build(&a.egress, &user, repo.project(), repo.has_setup())?;
+    repo.snapshot(&mut a)?;
     let t0 = std::time::Instant::now();
     let (cache, image) = crate::image::ensure_named(a.vm.image).await?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: image found");
@@ -32,7 +39,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     cfg.cold = a.cold || !a.kernel_args.is_empty();
     cfg.boot_timeout = a.boot_timeout;
     cfg.extra_kernel_args = a.kernel_args.clone();
-    cfg.egress = crate::egress::from_args(&a.egress)?;
+    cfg.egress = egress;
     cfg.env = a.env.clone();
     crate::image::warn_if_tcg(&host, &cfg)?;
 
@@ -55,7 +62,8 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + t);
     let ending = {
         let work = async {
-            repo.enter(sandbox.client(), &a.command).await?;
+            repo.enter_workspace(sandbox.client()).await?;
+            // Copied-in files are in place before the setup script runs.
             for c in &a.copy_in {
                 sandbox
                     .client()
@@ -63,6 +71,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
                     .await
                     .with_context(|| format!("copy-in {} -> {}", c.host.display(), c.guest))?;
             }
+            repo.setup(sandbox.client(), sandbox.gateway(), &a.command).await?;
             let ending = exec(&sandbox, &a).await?;
             anyhow::Ok(ending)
         };

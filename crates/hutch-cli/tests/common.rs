@@ -1,6 +1,6 @@
 //! Shared helpers for the integration tests: they drive the real `hutch` binary, which boots real VMs.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};

@@ -1641,3 +1641,277 @@ p unix-sockets sh -c 'ss -xlH | wc -l'
     );
     assert_eq!(net.requests().len(), 0);
 }
+
+// --- the setup phase -----------------------------------------------------------------------
+
+const REGISTRY: &str = "pkgs.example.test";
+const TOKEN_HOST: &str = "tok.example.test";
+
+/// A setup script for `hutch run --setup`, in a file that lives as long as the test.
+fn setup_file(dir: &std::path::Path, body: &str) -> String {
+    let path = dir.join("setup.sh");
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\nset -e\ncat /root/testnet-ca.pem >> /etc/ssl/certs/ca-certificates.crt\n{body}"),
+    )
+    .expect("write the setup script");
+    path.display().to_string()
+}
+
+fn sha256_hex(path: &std::path::Path) -> String {
+    let o = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    text(&o.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_string()
+}
+
+/// A Debian package repository (flat: `deb URI ./`) served by the test net at
+/// `/files/debian/`: one package, `hutch-demo`, built here with dpkg-deb, with its `Packages`
+/// index and a `Release` file listing the index's digest.
+fn publish_debian_repo(net: &TestNet) -> PathBuf {
+    let work = net.dir().join("deb-build");
+    let bin = work.join("pkg/usr/bin");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    std::fs::create_dir_all(work.join("pkg/DEBIAN")).expect("mkdir");
+    std::fs::write(
+        work.join("pkg/DEBIAN/control"),
+        "Package: hutch-demo\nVersion: 1.0\nArchitecture: all\nMaintainer: Hutch Tests <tests@hutch.invalid>\nDescription: a package served by the test registry\n",
+    )
+    .expect("control");
+    std::fs::write(bin.join("hutch-demo"), "#!/bin/sh\necho hutch-demo 1.0 from the test registry\n").expect("script");
+    std::process::Command::new("chmod").arg("755").arg(bin.join("hutch-demo")).status().expect("chmod");
+    let repo = net.files_dir().join("debian");
+    std::fs::create_dir_all(&repo).expect("mkdir");
+    let deb = repo.join("hutch-demo_1.0_all.deb");
+    let o = std::process::Command::new("dpkg-deb")
+        .args(["--root-owner-group", "--build"])
+        .arg(work.join("pkg"))
+        .arg(&deb)
+        .output()
+        .expect("dpkg-deb");
+    assert!(o.status.success(), "dpkg-deb: {}", text(&o.stderr));
+    let size = std::fs::metadata(&deb).expect("deb").len();
+    let packages = format!(
+        "Package: hutch-demo\nVersion: 1.0\nArchitecture: all\nMaintainer: Hutch Tests <tests@hutch.invalid>\nInstalled-Size: 1\nFilename: hutch-demo_1.0_all.deb\nSize: {size}\nSHA256: {}\nDescription: a package served by the test registry\n",
+        sha256_hex(&deb)
+    );
+    std::fs::write(repo.join("Packages"), &packages).expect("Packages");
+    let date = std::process::Command::new("date").arg("-Ru").output().expect("date");
+    let release = format!(
+        "Origin: hutch-test\nLabel: hutch-test\nSuite: stable\nCodename: hutch\nDate: {}\nArchitectures: all amd64\nSHA256:\n {} {} Packages\n",
+        text(&date.stdout).trim(),
+        sha256_hex(&repo.join("Packages")),
+        packages.len()
+    );
+    std::fs::write(repo.join("Release"), release).expect("Release");
+    deb
+}
+
+/// Python that keeps one HTTPS connection to URL's host open, one request every 0.3 s, until it
+/// breaks; then tries a new connection once. Its log says which requests got through.
+const KEEPALIVE: &str = r#"
+import http.client, ssl, sys, time
+host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx = ssl.create_default_context()
+c = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
+i = 0
+while True:
+    i += 1
+    try:
+        c.request("GET", "%s?keepalive=%d" % (path, i))
+        r = c.getresponse(); r.read()
+        print("ok", i, r.status, flush=True)
+    except Exception as e:
+        print("cut", i, type(e).__name__, flush=True)
+        break
+    time.sleep(0.3)
+try:
+    c2 = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
+    c2.request("GET", path + "?reconnect=1")
+    print("reconnected", c2.getresponse().status, flush=True)
+except Exception as e:
+    print("reconnect refused", type(e).__name__, flush=True)
+"#;
+
+/// The setup phase reaches what is allowed for it (a package registry, where apt installs a
+/// package from), and the command does not: the registry is denied to it (and audited in its
+/// phase), and a connection a background process of the setup script kept open is closed when
+/// the setup phase ends.
+#[test]
+fn setup_phase_installs_from_its_registry_and_the_command_cannot_reach_it() {
+    let net = TestNet::start().expect("testnet");
+    publish_debian_repo(&net);
+    let p = net.https_port();
+    let keepalive = net.dir().join("keepalive.py");
+    std::fs::write(&keepalive, KEEPALIVE).expect("keepalive script");
+    let setup = setup_file(
+        net.dir(),
+        &format!(
+            r#"rm -f /etc/apt/sources.list.d/*
+echo "deb [trusted=yes] https://{REGISTRY}:{p}/files/debian ./" > /etc/apt/sources.list.d/test-registry.list
+apt-get update -q
+apt-get install -y -q hutch-demo
+echo "setup sees: $(hutch-demo)"
+python3 /root/keepalive.py {REGISTRY} {p} /files/debian/Packages < /dev/null > /root/keepalive.log 2>&1 &
+for i in $(seq 100); do grep -q '^ok' /root/keepalive.log && break; sleep 0.1; done
+"#
+        ),
+    );
+    let o = Vm::new(&net)
+        .args(&[
+            "--setup",
+            &setup,
+            "--setup-allow",
+            &format!("{REGISTRY}:{p}"),
+            "--resolve",
+            &format!("{REGISTRY}:{p}:127.0.0.1"),
+            "--copy-in",
+            &format!("{}:/root/keepalive.py", keepalive.display()),
+        ])
+        .run(&format!(
+            r#"
+p demo hutch-demo
+p registry curl -sS --max-time 20 https://{REGISTRY}:{p}/files/debian/Packages
+p apt sh -c 'cd /tmp && apt-get download hutch-demo 2>&1'
+for i in $(seq 150); do grep -q '^reconnect' /root/keepalive.log && break; sleep 0.2; done
+p keepalive cat /root/keepalive.log
+"#
+        ));
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    assert!(
+        o.stderr.contains("── setup: ") && o.stderr.contains("Setting up hutch-demo (1.0)"),
+        "apt installed the package in the setup phase: {}",
+        o.stderr
+    );
+    assert!(o.stderr.contains("setup sees: hutch-demo 1.0 from the test registry"), "{}", o.stderr);
+    assert_eq!(o.ok("demo").trim(), "hutch-demo 1.0 from the test registry", "the command uses what setup installed");
+    assert!(
+        requests_at(&net, "/files/debian/hutch-demo_1.0_all.deb").len() == 1,
+        "the package came from the registry: {:?}",
+        net.requests().iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
+    // The command cannot reach the registry: the proxy refuses it at once, and apt cannot fetch from it.
+    o.refused_with("registry", "403");
+    o.refused_with("apt", "403 Forbidden");
+    let agent_denials: Vec<_> = o
+        .audit
+        .iter()
+        .filter(|r| r["phase"] == "agent" && r["decision"] == "deny" && r["dest"].as_str().is_some_and(|d| d.starts_with(REGISTRY)))
+        .collect();
+    assert!(!agent_denials.is_empty(), "the command's attempts are denied and audited: {}", o.audit_text());
+    assert!(
+        o.audit.iter().any(|r| r["phase"] == "setup"
+            && r["event"] == "connection"
+            && r["decision"] == "allow"
+            && r["dest"] == format!("{REGISTRY}:{p}").as_str()),
+        "{}",
+        o.audit_text()
+    );
+    // The background connection opened during setup was closed when setup ended, and no new one was allowed.
+    let log = o.ok("keepalive");
+    assert!(log.starts_with("ok 1 200"), "{log}");
+    assert!(log.lines().any(|l| l.starts_with("cut ")), "{log}");
+    assert!(log.contains("reconnect refused"), "{log}");
+    assert!(
+        o.audit.iter().any(|r| r["phase"] == "setup"
+            && r["dest"] == format!("{REGISTRY}:{p}").as_str()
+            && r["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "phase_ended"))),
+        "the cut connection is audited: {}",
+        o.audit_text()
+    );
+    let oks = log.lines().filter(|l| l.starts_with("ok ")).count();
+    assert_eq!(net.requests_to("/files/debian/Packages?keepalive=").len(), oks, "no request got through after the cut");
+    assert!(net.requests_to("/files/debian/Packages?reconnect").is_empty());
+    assert!(o.stderr.contains(REGISTRY), "the end-of-run summary names the denied registry: {}", o.stderr);
+}
+
+/// Threats 6 and 15 across phases: a secret bound to the setup phase is swapped for the setup
+/// script's requests to its host; the command never gets its placeholder in its environment,
+/// and when it sends the placeholder anyway (the setup script left it in a file) it is not
+/// swapped, not even on its own host, and is flagged. The agent phase's own secret works the
+/// other way round.
+#[test]
+fn setup_secret_is_swapped_only_during_setup_and_flagged_afterwards() {
+    let net = TestNet::start().expect("testnet");
+    let p = net.https_port();
+    let setup_real = format!("setup-{}", random_hex(24));
+    let agent_real = format!("agent-{}", random_hex(24));
+    let setup = setup_file(
+        net.dir(),
+        &format!(
+            r#"curl -sS --fail -H "Authorization: Bearer $SETUP_TOKEN" -H "X-Agent: $AGENT_TOKEN" https://{TOKEN_HOST}:{p}/setup-call > /root/setup-echo.json
+echo "$SETUP_TOKEN" > /root/setup-token
+"#
+        ),
+    );
+    let o = Vm::new(&net)
+        .https(TOKEN_HOST)
+        .upstream_ca()
+        .args(&[
+            "--setup",
+            &setup,
+            "--setup-allow",
+            &format!("{TOKEN_HOST}:{p}"),
+            "--setup-secret",
+            &format!("SETUP_TOKEN@{TOKEN_HOST}"),
+            "--secret",
+            &format!("AGENT_TOKEN@{TOKEN_HOST}"),
+        ])
+        .env("SETUP_TOKEN", &setup_real)
+        .env("AGENT_TOKEN", &agent_real)
+        .run(&format!(
+            r#"
+p env-setup printenv SETUP_TOKEN
+p env-agent printenv AGENT_TOKEN
+p setup-token cat /root/setup-token
+p setup-echo cat /root/setup-echo.json
+p agent-call curl -sS --fail -H "Authorization: Bearer $(cat /root/setup-token)" -H "X-Agent: $AGENT_TOKEN" https://{TOKEN_HOST}:{p}/agent-call
+"#
+        ));
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    o.refused("env-setup");
+    let setup_ph = o.ok("setup-token").trim().to_string();
+    let agent_ph = o.ok("env-agent").trim().to_string();
+    assert!(setup_ph.starts_with("hutch-ph-SETUP_TOKEN-"), "{setup_ph}");
+    assert!(agent_ph.starts_with("hutch-ph-AGENT_TOKEN-"), "{agent_ph}");
+
+    let seen = |path: &str| {
+        requests_at(&net, path)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("{path} not received: {:?}", net.requests()))
+    };
+    let during_setup = seen("/setup-call");
+    assert_eq!(during_setup.header("authorization"), Some(format!("Bearer {setup_real}").as_str()), "swapped during setup");
+    assert_eq!(during_setup.header("x-agent"), Some(agent_ph.as_str()), "the agent's secret is not swapped during setup");
+    let after = seen("/agent-call");
+    assert_eq!(after.header("authorization"), Some(format!("Bearer {setup_ph}").as_str()), "not swapped after setup");
+    assert_eq!(after.header("x-agent"), Some(agent_real.as_str()), "the agent's own secret is swapped");
+    assert!(
+        o.ok("setup-echo").contains(&setup_ph) && !o.ok("setup-echo").contains(&setup_real),
+        "the echo to setup was masked: {}",
+        o.ok("setup-echo")
+    );
+    assert!(!o.stdout.contains(&setup_real) && !o.stdout.contains(&agent_real), "no value ever reached the VM");
+
+    let request = |path: &str| {
+        o.audit
+            .iter()
+            .find(|r| r["event"] == "request" && r["path"] == path)
+            .unwrap_or_else(|| panic!("no audit record for {path}: {}", o.audit_text()))
+    };
+    let flags = |r: &serde_json::Value| -> Vec<String> {
+        r["flags"].as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default()
+    };
+    let r = request("/setup-call");
+    assert_eq!((r["phase"].as_str(), r["secrets"][0].as_str()), (Some("setup"), Some("SETUP_TOKEN")), "{r}");
+    assert!(flags(r).contains(&"placeholder_out_of_phase:AGENT_TOKEN".to_string()), "{r}");
+    let r = request("/agent-call");
+    assert_eq!((r["phase"].as_str(), r["secrets"][0].as_str()), (Some("agent"), Some("AGENT_TOKEN")), "{r}");
+    assert!(flags(r).contains(&"placeholder_out_of_phase:SETUP_TOKEN".to_string()), "{r}");
+}

@@ -245,16 +245,29 @@ fn hostile_output_is_refused_and_the_host_repository_is_unchanged() {
 fn hutch_toml_that_asks_for_more_is_refused_until_trusted() {
     // threat 15: the repository cannot widen its own sandbox.
     let r = Repo::new();
-    std::fs::write(r.dir.join("hutch.toml"), "setup = \"setup.sh\"\n[resources]\nmemory = 768\n[policy]\nallow = [\"api.example.com\"]\n")
-        .unwrap();
-    std::fs::write(r.dir.join("setup.sh"), "#!/bin/sh\necho SETUP-RAN > /tmp/setup-marker\necho setup says hi\n").unwrap();
+    std::fs::write(
+        r.dir.join("hutch.toml"),
+        "setup = \"setup.sh\"\n[resources]\nmemory = 768\n[policy]\nallow = [\"api.example.com\"]\n[policy.setup]\nallow = [\"pkgs.example.com\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        r.dir.join("setup.sh"),
+        "#!/bin/sh\necho SETUP-RAN > /tmp/setup-marker\necho setup says hi\nfor n in pkgs api; do getent hosts $n.example.com >/dev/null && echo setup-resolves-$n || echo setup-denied-$n; done\n",
+    )
+    .unwrap();
     let refused = r.run(&["--", "true"]);
     let e = text(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{e}");
     assert!(e.contains("hutch.toml is not trusted (you have not approved it)"), "{e}");
-    assert!(e.contains("768 MiB of memory") && e.contains("api.example.com") && e.contains("setup.sh"), "{e}");
+    assert!(e.contains("768 MiB of memory") && e.contains("setup.sh"), "{e}");
+    assert!(e.contains("egress for the command: api.example.com:80,443"), "{e}");
+    assert!(e.contains("egress for the setup script: pkgs.example.com:80,443"), "the setup phase's policy is listed: {e}");
     assert!(e.contains("hutch trust"), "{e}");
     assert!(!e.contains("changes from sandbox"), "no VM was started: {e}");
+    // Flags for the setup phase do not get around the refusal.
+    let refused = r.run(&["--setup-allow", "pkgs.example.com", "--", "true"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(text(&refused.stderr).contains("is not trusted"), "{}", text(&refused.stderr));
 
     let listing = r.listing();
     let t = r.hutch(&r.dir, &["trust"]);
@@ -265,12 +278,17 @@ fn hutch_toml_that_asks_for_more_is_refused_until_trusted() {
         "--",
         "sh",
         "-c",
-        "cat /tmp/setup-marker; grep MemTotal /proc/meminfo; getent hosts api.example.com; getent hosts other.example.com || echo other-denied",
+        "cat /tmp/setup-marker; grep MemTotal /proc/meminfo; getent hosts api.example.com; getent hosts other.example.com || echo other-denied; getent hosts pkgs.example.com || echo pkgs-denied",
     ]);
     let (so, se) = (text(&ok.stdout), text(&ok.stderr));
     assert_eq!(ok.status.code(), Some(0), "{se}");
     assert!(so.contains("SETUP-RAN"), "the approved setup ran first: {so}");
     assert!(se.contains("── setup: setup.sh ──") && se.contains("setup says hi") && se.contains("── command: sh -c"), "{se}");
+    assert!(
+        se.contains("setup-resolves-pkgs") && se.contains("setup-denied-api"),
+        "the setup script gets the approved setup-phase policy, and only it: {se}"
+    );
+    assert!(so.contains("pkgs-denied"), "the command does not get the setup phase's policy: {so}");
     let kib: u64 = so.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!(kib > 600 * 1024, "the approved memory was used: {so}");
     assert!(

@@ -1,5 +1,7 @@
 //! `hutch run` end to end, with real VMs: output, exit codes, stdin, env, files, timeouts, isolation, cleanup.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{Read, Write};

@@ -1,6 +1,8 @@
 //! `hutch serve` end to end: a real daemon (the real binary, on a loopback port), real tokens, real VMs, and
 //! the real client commands. Each test runs its own daemon with its own data directory.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -526,7 +528,9 @@ fn bad_input_gets_a_clear_4xx_and_the_daemon_keeps_serving() {
     let t = d.token("fuzz", &[]);
     let url = |p: &str| format!("{}{p}", d.url);
     let c = client();
-    let cases: Vec<(&str, String, Option<(&str, Vec<u8>)>, u16, &str)> = vec![
+    // Method, URL, body (content type, bytes), expected status, text the error must contain.
+    type Case<'a> = (&'a str, String, Option<(&'a str, Vec<u8>)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("POST", url("/v1/sandboxes"), Some(("application/json", b"{not json".to_vec())), 400, "JSON"),
         ("POST", url("/v1/sandboxes"), Some(("application/json", br#"{"cpus": 1, "bogus": true}"#.to_vec())), 400, "unknown field `bogus`"),
         ("POST", url("/v1/sandboxes"), Some(("application/json", br#"{"cpus": "two"}"#.to_vec())), 400, "cpus"),

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
+use hutch_policy::Phase;
 use serde::Serialize;
 
 /// Where audit records go. Implementations must not block for long: they run on the data path.
@@ -60,6 +61,8 @@ pub enum Mode {
 pub struct AuditRecord {
     pub time: String,
     pub sandbox: String,
+    /// The phase the connection, request or lookup was decided under.
+    pub phase: Phase,
     pub event: AuditEvent,
     pub via: Via,
     /// `name:port` as decided on, or the requested destination (sanitized) when it was refused.
@@ -91,6 +94,7 @@ pub struct AuditRecord {
 impl AuditRecord {
     pub(crate) fn new(
         sandbox: &str,
+        phase: Phase,
         event: AuditEvent,
         via: Via,
         dest: String,
@@ -99,6 +103,7 @@ impl AuditRecord {
         AuditRecord {
             time: now_rfc3339(),
             sandbox: sandbox.to_string(),
+            phase,
             event,
             via,
             dest,
@@ -205,6 +210,7 @@ pub struct DenialSummary {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DenialEntry {
+    pub phase: Phase,
     pub dest: String,
     pub reason: String,
     pub count: u64,
@@ -227,7 +233,11 @@ impl fmt::Display for DenialSummary {
         }
         writeln!(f, "hutch: {} denied egress attempt(s):", self.total())?;
         for e in &self.entries {
-            writeln!(f, "  {:>5}x {}  ({})", e.count, e.dest, e.reason)?;
+            let during = match e.phase {
+                Phase::Setup => "; during setup",
+                Phase::Agent => "",
+            };
+            writeln!(f, "  {:>5}x {}  ({}{during})", e.count, e.dest, e.reason)?;
         }
         Ok(())
     }
@@ -236,7 +246,7 @@ impl fmt::Display for DenialSummary {
 /// Sends records to the sink and keeps the denial tally.
 pub(crate) struct Auditor {
     sink: std::sync::Arc<dyn AuditSink>,
-    denials: Mutex<BTreeMap<(String, String), u64>>,
+    denials: Mutex<BTreeMap<(Phase, String, String), u64>>,
 }
 
 /// Distinct (destination, reason) pairs kept for the summary; later ones are counted together.
@@ -254,11 +264,16 @@ impl Auditor {
         if record.decision == Verdict::Deny {
             let mut d = lock(&self.denials);
             let mut key = (
+                record.phase,
                 record.dest.clone(),
                 record.reason.clone().unwrap_or_default(),
             );
             if d.len() >= MAX_SUMMARY_KEYS && !d.contains_key(&key) {
-                key = ("(other destinations)".into(), "summary full".into());
+                key = (
+                    record.phase,
+                    "(other destinations)".into(),
+                    "summary full".into(),
+                );
             }
             *d.entry(key).or_insert(0) += 1;
         }
@@ -269,7 +284,8 @@ impl Auditor {
         let d = lock(&self.denials);
         let mut entries: Vec<DenialEntry> = d
             .iter()
-            .map(|((dest, reason), count)| DenialEntry {
+            .map(|((phase, dest, reason), count)| DenialEntry {
+                phase: *phase,
                 dest: dest.clone(),
                 reason: reason.clone(),
                 count: *count,

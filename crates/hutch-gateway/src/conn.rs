@@ -19,7 +19,7 @@ use crate::audit::{AuditEvent, AuditRecord, Mode, Verdict, Via};
 use crate::forward::{Forwarder, Upstream};
 use crate::io::{splice, Meter, Prefixed};
 use crate::upstream::Decided;
-use crate::Inner;
+use crate::{Inner, PhaseState};
 
 /// Largest ClientHello (or HTTP request line prefix) the gateway will wait for.
 const MAX_SNIFF: usize = 64 * 1024;
@@ -116,7 +116,9 @@ async fn sniff<S: AsyncRead + Unpin>(
     }
 }
 
-/// Carries one allowed connection and writes its audit line. `io` is already metered.
+/// Carries one allowed connection and writes its audit line. `io` is already metered. The
+/// connection closes when `phase`, which it was decided under, ends.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn carry<S>(
     inner: Arc<Inner>,
     mut io: S,
@@ -125,11 +127,13 @@ pub(crate) async fn carry<S>(
     addr: SocketAddr,
     via: Via,
     meter: Arc<Meter>,
+    phase: Arc<PhaseState>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut rec = AuditRecord::new(
         &inner.sandbox_id,
+        phase.phase,
         AuditEvent::Connection,
         via,
         decided.dest(),
@@ -139,81 +143,86 @@ pub(crate) async fn carry<S>(
     rec.rule = Some(decided.rule.to_string());
     let limits = inner.limits.clone();
     let inspect = inner.must_intercept(&decided);
-    let result: Result<(), String> = match sniff(
-        &mut io,
-        decided.port,
-        inspect,
-        limits.handshake_timeout,
-    )
-    .await
-    {
-        Sniffed::Tls { sni, buf } => match check_sni(sni.as_deref(), &decided.name) {
-            Err(reason) => deny(&mut rec, reason),
-            Ok(()) if inspect => {
-                rec.mode = Some(Mode::TlsIntercept);
-                intercept(
+    let work = async {
+        match sniff(&mut io, decided.port, inspect, limits.handshake_timeout).await {
+            Sniffed::Tls { sni, buf } => match check_sni(sni.as_deref(), &decided.name) {
+                Err(reason) => deny(&mut rec, reason),
+                Ok(()) if inspect => {
+                    rec.mode = Some(Mode::TlsIntercept);
+                    intercept(
+                        inner.clone(),
+                        Prefixed::new(buf, io),
+                        decided,
+                        tcp,
+                        addr,
+                        via,
+                        meter.clone(),
+                        phase.clone(),
+                    )
+                    .await
+                }
+                Ok(()) => {
+                    rec.mode = Some(Mode::TlsPassthrough);
+                    let mut tcp = tcp;
+                    splice(&mut io, &mut tcp, &buf, &meter, limits.idle_timeout)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            },
+            Sniffed::Http { buf } => {
+                rec.mode = Some(Mode::Http);
+                let fwd = Arc::new(Forwarder::new(
                     inner.clone(),
-                    Prefixed::new(buf, io),
                     decided,
-                    tcp,
-                    addr,
+                    Upstream::Plain,
                     via,
-                    meter.clone(),
-                )
-                .await
+                    Some((tcp, addr)),
+                    phase.clone(),
+                ));
+                serve_http(&inner, Prefixed::new(buf, io), fwd, &meter).await
             }
-            Ok(()) => {
-                rec.mode = Some(Mode::TlsPassthrough);
-                let mut tcp = tcp;
-                splice(&mut io, &mut tcp, &buf, &meter, limits.idle_timeout)
-                    .await
-                    .map_err(|e| e.to_string())
+            sniffed @ (Sniffed::Other { .. } | Sniffed::Silent) => {
+                let buf = match sniffed {
+                    Sniffed::Other { buf } => buf,
+                    _ => Vec::new(),
+                };
+                if decided.port == 443 || decided.port == 80 {
+                    deny(
+                        &mut rec,
+                        format!("traffic on port {} is neither TLS nor HTTP", decided.port),
+                    )
+                } else if decided.rule.restricts_requests() {
+                    deny(&mut rec, "the allow rule limits methods or paths, but the traffic is neither TLS nor HTTP".into())
+                } else if inspect {
+                    deny(
+                        &mut rec,
+                        "secrets are bound to this host, but the traffic is neither TLS nor HTTP"
+                            .into(),
+                    )
+                } else {
+                    rec.mode = Some(Mode::Tcp);
+                    let mut tcp = tcp;
+                    splice(&mut io, &mut tcp, &buf, &meter, limits.idle_timeout)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
             }
-        },
-        Sniffed::Http { buf } => {
-            rec.mode = Some(Mode::Http);
-            let fwd = Arc::new(Forwarder::new(
-                inner.clone(),
-                decided,
-                Upstream::Plain,
-                via,
-                Some((tcp, addr)),
-            ));
-            serve_http(&inner, Prefixed::new(buf, io), fwd, &meter).await
+            Sniffed::Closed => Ok(()),
+            Sniffed::Bad(reason) => deny(&mut rec, reason),
         }
-        sniffed @ (Sniffed::Other { .. } | Sniffed::Silent) => {
-            let buf = match sniffed {
-                Sniffed::Other { buf } => buf,
-                _ => Vec::new(),
-            };
-            if decided.port == 443 || decided.port == 80 {
-                deny(
-                    &mut rec,
-                    format!("traffic on port {} is neither TLS nor HTTP", decided.port),
-                )
-            } else if decided.rule.restricts_requests() {
-                deny(&mut rec, "the allow rule limits methods or paths, but the traffic is neither TLS nor HTTP".into())
-            } else if inspect {
-                deny(
-                    &mut rec,
-                    "secrets are bound to this host, but the traffic is neither TLS nor HTTP"
-                        .into(),
-                )
-            } else {
-                rec.mode = Some(Mode::Tcp);
-                let mut tcp = tcp;
-                splice(&mut io, &mut tcp, &buf, &meter, limits.idle_timeout)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        }
-        Sniffed::Closed => Ok(()),
-        Sniffed::Bad(reason) => deny(&mut rec, reason),
+    };
+    // Dropping `work` closes both sides of the connection.
+    let (result, cut): (Result<(), String>, bool) = tokio::select! {
+        r = work => (r, false),
+        () = phase.ended.cancelled() => (Err(format!("closed: the {} phase ended", phase.phase)), true),
     };
     if let Err(e) = result {
         if rec.decision == Verdict::Allow {
             rec.reason = Some(e);
         }
+    }
+    if cut {
+        rec.flags.push("phase_ended".into());
     }
     if meter
         .budget_exhausted
@@ -248,6 +257,7 @@ fn check_sni(sni: Option<&str>, name: &HostName) -> Result<(), String> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn intercept<S>(
     inner: Arc<Inner>,
     io: Prefixed<S>,
@@ -256,6 +266,7 @@ async fn intercept<S>(
     addr: SocketAddr,
     via: Via,
     meter: Arc<Meter>,
+    phase: Arc<PhaseState>,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -282,6 +293,7 @@ where
         Upstream::Tls,
         via,
         Some((tcp, addr)),
+        phase,
     ));
     serve_http(&inner, tls, fwd, &meter).await
 }

@@ -26,7 +26,7 @@ use crate::http::{
 };
 use crate::secrets::{Channel, MaskingBody, Report};
 use crate::upstream::{dial, Decided, Refusal};
-use crate::Inner;
+use crate::{Inner, PhaseState};
 
 /// Which way requests travel to the upstream.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -45,6 +45,8 @@ pub(crate) struct Forwarder {
     /// The connection dialed while deciding, used for the first request.
     first: std::sync::Mutex<Option<(TcpStream, SocketAddr)>>,
     sender: tokio::sync::Mutex<Option<SendRequest<GwBody>>>,
+    /// The phase the connection was decided under.
+    phase: Arc<PhaseState>,
 }
 
 impl Forwarder {
@@ -54,6 +56,7 @@ impl Forwarder {
         upstream: Upstream,
         via: Via,
         first: Option<(TcpStream, SocketAddr)>,
+        phase: Arc<PhaseState>,
     ) -> Forwarder {
         Forwarder {
             inner,
@@ -62,6 +65,7 @@ impl Forwarder {
             via,
             first: std::sync::Mutex::new(first),
             sender: tokio::sync::Mutex::new(None),
+            phase,
         }
     }
 
@@ -88,9 +92,10 @@ impl Forwarder {
     /// Handles one request end to end; never fails (errors become gateway responses).
     pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<GwBody> {
         let d = &self.decided;
-        let secret_host = self.inner.secrets.any_bound_to(&d.name);
+        let secret_host = self.inner.state().secrets.any_bound_to(&d.name);
         let mut rec = AuditRecord::new(
             &self.inner.sandbox_id,
+            self.phase.phase,
             AuditEvent::Request,
             self.via,
             d.dest(),
@@ -136,16 +141,15 @@ impl Forwarder {
         let mut report = Report::default();
         let channel = self.channel();
         strip_hop_by_hop(&mut parts.headers);
-        self.inner
-            .secrets
-            .scan_target(&target, &d.name, channel, &mut report);
-        self.inner
-            .secrets
-            .rewrite_headers(&mut parts.headers, &d.name, channel, &mut report);
-        if channel == Channel::Tls {
-            self.inner
-                .secrets
-                .inject(&mut parts.headers, &d.name, &mut report);
+        {
+            // One look at the secrets under the lock: the phase cannot change half way.
+            let state = self.inner.state();
+            let secrets = &state.secrets;
+            secrets.scan_target(&target, &d.name, channel, &mut report);
+            secrets.rewrite_headers(&mut parts.headers, &d.name, channel, &mut report);
+            if channel == Channel::Tls {
+                secrets.inject(&mut parts.headers, &d.name, &mut report);
+            }
         }
         if secret_host {
             // Compressed responses would hide an echoed value from the mask.
@@ -173,7 +177,9 @@ impl Forwarder {
         }
         let up_bytes = Arc::new(AtomicU64::new(0));
         let over_cap = Arc::new(AtomicBool::new(false));
-        let body: GwBody = if channel == Channel::Tls && self.inner.secrets.body_swap_for(&d.name) {
+        let body_swap =
+            channel == Channel::Tls && self.inner.state().secrets.body_swap_for(&d.name);
+        let body: GwBody = if body_swap {
             let collected = match Limited::new(body, limits.max_body_bytes).collect().await {
                 Ok(c) => c.to_bytes(),
                 Err(e) => {
@@ -192,15 +198,15 @@ impl Forwarder {
                     return self.deny(rec, status, why);
                 }
             };
-            let bytes =
-                match self
-                    .inner
+            let rewritten =
+                self.inner
+                    .state()
                     .secrets
-                    .rewrite_body(&collected, &d.name, channel, &mut report)
-                {
-                    Some(b) => Bytes::from(b),
-                    None => collected,
-                };
+                    .rewrite_body(&collected, &d.name, channel, &mut report);
+            let bytes = match rewritten {
+                Some(b) => Bytes::from(b),
+                None => collected,
+            };
             up_bytes.store(bytes.len() as u64, Ordering::Relaxed);
             parts
                 .headers
@@ -254,6 +260,7 @@ impl Forwarder {
             || rparts.status == StatusCode::NOT_MODIFIED;
         let body: GwBody = if channel == Channel::Tls && secret_host {
             self.inner
+                .state()
                 .secrets
                 .mask_headers(&mut rparts.headers, &mut mask_report);
             let length = rparts
@@ -267,7 +274,8 @@ impl Forwarder {
                 match Limited::new(rbody, limits.max_mask_bytes).collect().await {
                     Ok(c) => {
                         let data = c.to_bytes();
-                        let data = match self.inner.secrets.mask(&data, &mut mask_report) {
+                        let masked = self.inner.state().secrets.mask(&data, &mut mask_report);
+                        let data = match masked {
                             Some(m) => Bytes::from(m),
                             None => data,
                         };
@@ -287,7 +295,8 @@ impl Forwarder {
                 }
             } else {
                 // Streamed bodies are masked in place with same-length stand-ins.
-                let masking = MaskingBody::new(rbody, self.inner.secrets.stream_needles());
+                let needles = self.inner.state().secrets.stream_needles();
+                let masking = MaskingBody::new(rbody, needles);
                 masking.map_err(BoxError::from).boxed()
             }
         } else {
@@ -332,7 +341,7 @@ impl Forwarder {
         match self.upstream {
             Upstream::Tls => {
                 let tls = self
-                    .inner
+                    .phase
                     .upstream_tls
                     .connect(&self.decided.name, tcp, self.inner.limits.connect_timeout)
                     .await

@@ -3,6 +3,12 @@
 //! the gateway decides it against the checked policy, dials exactly the checked address, logs
 //! it, and on hosts that secrets are bound to terminates TLS with a per-sandbox CA to swap
 //! placeholders for real values. DNS questions are answered from policy alone.
+//!
+//! A gateway may have a setup phase before its agent phase, each with its own checked policy and
+//! secrets (`hutch run --setup`). It starts in the first; [`Gateway::enter_phase`] moves it on:
+//! from then on every decision uses the new phase's policy, the old phase's secrets are never
+//! swapped again (their values are dropped, their placeholders only flagged), and connections
+//! opened under the old phase are closed.
 
 mod audit;
 mod ca;
@@ -16,13 +22,15 @@ mod upstream;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
+pub use hutch_policy::Phase;
 use hutch_policy::{CheckedPolicy, HostName, HostPattern, LoadedSecret};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 pub use audit::{
     AuditEvent, AuditRecord, AuditSink, DenialEntry, DenialSummary, FileAuditSink, MemoryAuditSink,
@@ -73,13 +81,23 @@ impl Default for Limits {
     }
 }
 
+/// One phase's policy and the values of its secrets.
+pub struct PhaseEgress {
+    pub policy: Arc<CheckedPolicy>,
+    /// Values loaded on the host with [`CheckedPolicy::load_secrets`].
+    pub secrets: Vec<LoadedSecret>,
+}
+
 /// Everything one sandbox's gateway is built from.
 pub struct GatewayConfig {
     /// Short printable id, `[A-Za-z0-9._-]`, at most 64 characters.
     pub sandbox_id: String,
+    /// The agent phase's policy (the only phase unless `setup` is given).
     pub policy: Arc<CheckedPolicy>,
     /// Values loaded on the host with [`CheckedPolicy::load_secrets`].
     pub secrets: Vec<LoadedSecret>,
+    /// A setup phase that comes first, with its own policy and secrets.
+    pub setup: Option<PhaseEgress>,
     pub audit: Arc<dyn AuditSink>,
     pub limits: Limits,
     /// The host's own interface addresses, refused as destinations.
@@ -102,6 +120,7 @@ impl GatewayConfig {
             sandbox_id: sandbox_id.into(),
             policy,
             secrets,
+            setup: None,
             audit,
             limits: Limits::default(),
             host_addrs: host_interface_addrs(),
@@ -138,6 +157,10 @@ pub enum GatewayError {
     BadLimits(&'static str),
     #[error("secret {0} was not loaded from this policy")]
     UnknownSecret(String),
+    #[error("this gateway has no {0} phase")]
+    NoSuchPhase(Phase),
+    #[error("cannot go back from the {from} phase to the {to} phase")]
+    PhaseOrder { from: Phase, to: Phase },
 }
 
 /// The answer to a sandbox's DNS question, from policy alone.
@@ -152,32 +175,59 @@ pub enum DnsAnswer {
     },
 }
 
+/// What one phase decides with. Connections keep the phase they were decided under; when the
+/// gateway leaves it, `ended` fires and they close.
+pub(crate) struct PhaseState {
+    pub(crate) phase: Phase,
+    pub(crate) policy: Arc<CheckedPolicy>,
+    pub(crate) upstream_tls: UpstreamTls,
+    pub(crate) ended: CancellationToken,
+}
+
+/// The current phase and the secrets, changed together under one lock: a swap decision and a
+/// phase change never interleave.
+pub(crate) struct State {
+    pub(crate) current: Arc<PhaseState>,
+    pub(crate) secrets: SecretTable,
+}
+
 pub(crate) struct Inner {
     pub(crate) sandbox_id: String,
-    pub(crate) policy: Arc<CheckedPolicy>,
-    pub(crate) secrets: SecretTable,
+    /// In the order they run; the gateway starts in the first.
+    pub(crate) phases: Vec<Arc<PhaseState>>,
+    pub(crate) state: RwLock<State>,
     pub(crate) auditor: Auditor,
     pub(crate) limits: Limits,
     pub(crate) host_addrs: Vec<IpAddr>,
     pub(crate) resolver: Arc<dyn Resolver>,
     pub(crate) ca: SandboxCa,
-    pub(crate) upstream_tls: UpstreamTls,
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) budget: Arc<Budget>,
 }
 
 impl Inner {
-    /// Hosts with secrets, and hosts whose rule limits methods or paths, are always inspected.
-    pub(crate) fn must_intercept(&self, d: &Decided) -> bool {
-        self.secrets.any_bound_to(&d.name) || d.rule.restricts_requests()
+    pub(crate) fn state(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn try_slot(&self, via: Via) -> Option<OwnedSemaphorePermit> {
+    /// The phase new connections and lookups are decided under.
+    pub(crate) fn current(&self) -> Arc<PhaseState> {
+        self.state().current.clone()
+    }
+
+    /// Hosts any phase binds a secret to (so a placeholder of another phase is seen and
+    /// flagged), and hosts whose rule limits methods or paths, are always inspected.
+    pub(crate) fn must_intercept(&self, d: &Decided) -> bool {
+        self.state().secrets.any_bound_to(&d.name) || d.rule.restricts_requests()
+    }
+
+    pub(crate) fn try_slot(&self, phase: Phase, via: Via) -> Option<OwnedSemaphorePermit> {
         match self.slots.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
                 let mut rec = AuditRecord::new(
                     &self.sandbox_id,
+                    phase,
                     AuditEvent::Connection,
                     via,
                     "-".into(),
@@ -193,22 +243,35 @@ impl Inner {
         }
     }
 
+    /// Decides `host:port` under `phase` and dials it, unless the phase ends first.
     pub(crate) async fn decide_and_dial(
         &self,
+        phase: &PhaseState,
         host: &str,
         port: u16,
     ) -> Result<(Decided, TcpStream, SocketAddr), Refusal> {
-        let decided = upstream::decide(
-            &self.policy,
-            self.resolver.as_ref(),
-            &self.host_addrs,
-            host,
-            port,
-            self.limits.connect_timeout,
-        )
-        .await?;
-        let (tcp, addr) = upstream::dial(&decided, self.limits.connect_timeout).await?;
-        Ok((decided, tcp, addr))
+        let work = async {
+            let decided = upstream::decide(
+                &phase.policy,
+                self.resolver.as_ref(),
+                &self.host_addrs,
+                host,
+                port,
+                self.limits.connect_timeout,
+            )
+            .await?;
+            let (tcp, addr) = upstream::dial(&decided, self.limits.connect_timeout).await?;
+            Ok((decided, tcp, addr))
+        };
+        tokio::select! {
+            biased;
+            () = phase.ended.cancelled() => Err(Refusal {
+                dest: audit::sanitize(&format!("{host}:{port}")),
+                reason: format!("the {} phase ended", phase.phase),
+                status: ::http::StatusCode::SERVICE_UNAVAILABLE,
+            }),
+            r = work => r,
+        }
     }
 }
 
@@ -240,34 +303,51 @@ impl Gateway {
                 "max_header_bytes must be at least 1024",
             ));
         }
-        for s in &config.secrets {
-            if !config
-                .policy
-                .secrets()
-                .iter()
-                .any(|p| p.name() == s.spec.name())
-            {
-                return Err(GatewayError::UnknownSecret(s.spec.name().to_string()));
+        let mut inputs: Vec<(Phase, Arc<CheckedPolicy>, Vec<LoadedSecret>)> = Vec::new();
+        if let Some(setup) = config.setup {
+            inputs.push((Phase::Setup, setup.policy, setup.secrets));
+        }
+        inputs.push((Phase::Agent, config.policy, config.secrets));
+        for (_, policy, secrets) in &inputs {
+            for s in secrets {
+                if !policy.secrets().iter().any(|p| p.name() == s.spec.name()) {
+                    return Err(GatewayError::UnknownSecret(s.spec.name().to_string()));
+                }
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let secrets = SecretTable::new(config.secrets)?;
-        // The CA may vouch only for hosts the gateway intercepts.
+        let mut loaded = Vec::new();
+        let mut phases = Vec::new();
+        for (phase, policy, secrets) in inputs {
+            loaded.extend(secrets.into_iter().map(|s| (phase, s)));
+            phases.push(Arc::new(PhaseState {
+                phase,
+                upstream_tls: UpstreamTls::new(&policy, config.system_roots, provider.clone())?,
+                policy,
+                ended: CancellationToken::new(),
+            }));
+        }
+        let first = phases[0].clone();
+        let secrets = SecretTable::new(loaded, first.phase)?;
+        // The CA may vouch only for hosts the gateway intercepts, in any phase.
         let mut permitted: Vec<HostPattern> = secrets.bound_patterns();
-        permitted.extend(
-            config
-                .policy
-                .rules()
-                .iter()
-                .filter(|r| r.restricts_requests())
-                .map(|r| r.pattern().clone()),
-        );
-        let ca = SandboxCa::new(id, &permitted, provider.clone())?;
-        let upstream_tls = UpstreamTls::new(&config.policy, config.system_roots, provider)?;
+        for p in &phases {
+            permitted.extend(
+                p.policy
+                    .rules()
+                    .iter()
+                    .filter(|r| r.restricts_requests())
+                    .map(|r| r.pattern().clone()),
+            );
+        }
+        let ca = SandboxCa::new(id, &permitted, provider)?;
         let inner = Inner {
             sandbox_id: config.sandbox_id,
-            policy: config.policy,
-            secrets,
+            phases,
+            state: RwLock::new(State {
+                current: first,
+                secrets,
+            }),
             auditor: Auditor::new(config.audit),
             slots: Arc::new(Semaphore::new(config.limits.max_connections)),
             budget: Arc::new(Budget::new(config.limits.max_total_bytes)),
@@ -275,7 +355,6 @@ impl Gateway {
             host_addrs: config.host_addrs,
             resolver: config.resolver,
             ca,
-            upstream_tls,
         };
         Ok(Gateway {
             inner: Arc::new(inner),
@@ -296,9 +375,58 @@ impl Gateway {
         self.inner.ca.cert_der().to_vec()
     }
 
-    /// `(secret name, placeholder)` pairs to put in the VM's environment instead of values.
+    /// `(secret name, placeholder)` pairs to put in the VM's environment instead of values: the
+    /// agent phase's, which every process may see. A setup phase's go only to the processes of
+    /// that phase ([`Gateway::phase_placeholders`]).
     pub fn placeholders(&self) -> Vec<(String, String)> {
-        self.inner.secrets.placeholders()
+        self.phase_placeholders(Phase::Agent)
+    }
+
+    /// `(secret name, placeholder)` pairs of the secrets bound in `phase`.
+    pub fn phase_placeholders(&self, phase: Phase) -> Vec<(String, String)> {
+        self.inner.state().secrets.placeholders(phase)
+    }
+
+    /// The phase the gateway decides in now.
+    pub fn phase(&self) -> Phase {
+        self.inner.current().phase
+    }
+
+    /// Moves to `next` (a no-op if already there; phases only move forward). From then on new
+    /// connections, lookups and requests are decided under `next`'s policy; the secrets of the
+    /// phases left behind are never swapped again and their values are dropped; connections
+    /// opened under those phases are closed.
+    pub fn enter_phase(&self, next: Phase) -> Result<(), GatewayError> {
+        let inner = &self.inner;
+        let target = inner
+            .phases
+            .iter()
+            .position(|p| p.phase == next)
+            .ok_or(GatewayError::NoSuchPhase(next))?;
+        let left = {
+            let mut st = inner.state.write().unwrap_or_else(|p| p.into_inner());
+            let from = inner
+                .phases
+                .iter()
+                .position(|p| Arc::ptr_eq(p, &st.current))
+                .unwrap_or(0);
+            if target == from {
+                return Ok(());
+            }
+            if target < from {
+                return Err(GatewayError::PhaseOrder {
+                    from: st.current.phase,
+                    to: next,
+                });
+            }
+            st.current = inner.phases[target].clone();
+            st.secrets.enter(next);
+            inner.phases[from..target].to_vec()
+        };
+        for p in left {
+            p.ended.cancel();
+        }
+        Ok(())
     }
 
     /// Serves one HTTP proxy connection from the sandbox until it closes.
@@ -316,18 +444,30 @@ impl Gateway {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let inner = self.inner.clone();
-        let Some(_permit) = inner.try_slot(Via::Tunnel) else {
+        let phase = inner.current();
+        let Some(_permit) = inner.try_slot(phase.phase, Via::Tunnel) else {
             return;
         };
-        match inner.decide_and_dial(name, port).await {
+        match inner.decide_and_dial(&phase, name, port).await {
             Ok((decided, tcp, addr)) => {
                 let meter = Meter::new(inner.budget.clone());
                 let io = Metered::new(stream, meter.clone());
-                conn::carry(inner.clone(), io, decided, tcp, addr, Via::Tunnel, meter).await;
+                conn::carry(
+                    inner.clone(),
+                    io,
+                    decided,
+                    tcp,
+                    addr,
+                    Via::Tunnel,
+                    meter,
+                    phase,
+                )
+                .await;
             }
             Err(refusal) => {
                 let mut rec = AuditRecord::new(
                     &inner.sandbox_id,
+                    phase.phase,
                     AuditEvent::Connection,
                     Via::Tunnel,
                     refusal.dest,
@@ -342,6 +482,7 @@ impl Gateway {
     /// Answers "may the sandbox resolve `name`?" from policy alone; nothing is looked up.
     pub fn dns_allowed(&self, name: &str) -> DnsAnswer {
         let inner = &self.inner;
+        let phase = inner.current();
         let (answer, dest) = match HostName::parse(name) {
             Err(e) => (
                 DnsAnswer::Denied {
@@ -349,7 +490,7 @@ impl Gateway {
                 },
                 audit::sanitize(name),
             ),
-            Ok(n) => match inner.policy.allows_name(&n) {
+            Ok(n) => match phase.policy.allows_name(&n) {
                 Some(_) => (DnsAnswer::Allowed { name: n.clone() }, n.to_string()),
                 None => (
                     DnsAnswer::Denied {
@@ -364,7 +505,14 @@ impl Gateway {
         } else {
             Verdict::Deny
         };
-        let mut rec = AuditRecord::new(&inner.sandbox_id, AuditEvent::Dns, Via::Dns, dest, verdict);
+        let mut rec = AuditRecord::new(
+            &inner.sandbox_id,
+            phase.phase,
+            AuditEvent::Dns,
+            Via::Dns,
+            dest,
+            verdict,
+        );
         if let DnsAnswer::Denied { reason } = &answer {
             rec.reason = Some(reason.clone());
         }

@@ -18,7 +18,7 @@ use crate::forward::{Forwarder, Upstream};
 use crate::http::{empty, text, GwBody};
 use crate::io::{Meter, Metered};
 use crate::upstream::{Decided, Refusal};
-use crate::Inner;
+use crate::{Inner, PhaseState};
 
 /// A CONNECT that was answered 200, waiting for hyper to hand over the connection.
 struct PendingTunnel {
@@ -34,7 +34,10 @@ where
 {
     let meter = Meter::new(inner.budget.clone());
     let io = Metered::new(stream, meter.clone());
-    let Some(_permit) = inner.try_slot(Via::Proxy) else {
+    // Every request on this connection is decided under the phase it was opened in, and the
+    // connection closes when that phase ends.
+    let phase = inner.current();
+    let Some(_permit) = inner.try_slot(phase.phase, Via::Proxy) else {
         // Answer at once so the client fails fast instead of waiting for a timeout.
         let svc = service_fn(|_req: Request<Incoming>| async {
             Ok::<_, Infallible>(text(
@@ -52,10 +55,12 @@ where
     let svc = {
         let inner = inner.clone();
         let pending = pending.clone();
+        let phase = phase.clone();
         service_fn(move |req| {
             let inner = inner.clone();
             let pending = pending.clone();
-            async move { Ok::<_, Infallible>(handle(inner, req, pending).await) }
+            let phase = phase.clone();
+            async move { Ok::<_, Infallible>(handle(inner, phase, req, pending).await) }
         })
     };
     let limits = &inner.limits;
@@ -70,6 +75,7 @@ where
     tokio::select! {
         _ = conn => {}
         () = meter.idle(limits.idle_timeout) => return,
+        () = phase.ended.cancelled() => return,
     }
     let tunnel = pending.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(t) = tunnel {
@@ -83,6 +89,7 @@ where
                     t.addr,
                     Via::Proxy,
                     meter,
+                    phase,
                 )
                 .await;
             }
@@ -93,6 +100,7 @@ where
 
 async fn handle(
     inner: Arc<Inner>,
+    phase: Arc<PhaseState>,
     mut req: Request<Incoming>,
     pending: Arc<Mutex<Option<PendingTunnel>>>,
 ) -> Response<GwBody> {
@@ -105,11 +113,12 @@ async fn handle(
         };
         let port = authority.port_u16().unwrap_or(443);
         let host = authority.host().to_string();
-        let (decided, tcp, addr) = match inner.decide_and_dial(&host, port).await {
+        let (decided, tcp, addr) = match inner.decide_and_dial(&phase, &host, port).await {
             Ok(x) => x,
             Err(refusal) => {
                 let mut rec = AuditRecord::new(
                     &inner.sandbox_id,
+                    phase.phase,
                     AuditEvent::Connection,
                     Via::Proxy,
                     refusal.dest.clone(),
@@ -159,7 +168,7 @@ async fn handle(
     };
     let port = authority.port_u16().unwrap_or(80);
     let host = authority.host().to_string();
-    match inner.decide_and_dial(&host, port).await {
+    match inner.decide_and_dial(&phase, &host, port).await {
         Ok((decided, tcp, addr)) => {
             let fwd = Arc::new(Forwarder::new(
                 inner.clone(),
@@ -167,16 +176,23 @@ async fn handle(
                 Upstream::Plain,
                 Via::Proxy,
                 Some((tcp, addr)),
+                phase.clone(),
             ));
             fwd.handle(req).await
         }
-        Err(refusal) => request_refused(&inner, &req, refusal),
+        Err(refusal) => request_refused(&inner, &phase, &req, refusal),
     }
 }
 
-fn request_refused(inner: &Inner, req: &Request<Incoming>, refusal: Refusal) -> Response<GwBody> {
+fn request_refused(
+    inner: &Inner,
+    phase: &PhaseState,
+    req: &Request<Incoming>,
+    refusal: Refusal,
+) -> Response<GwBody> {
     let mut rec = AuditRecord::new(
         &inner.sandbox_id,
+        phase.phase,
         AuditEvent::Request,
         Via::Proxy,
         refusal.dest.clone(),

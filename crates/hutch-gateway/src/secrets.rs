@@ -1,6 +1,7 @@
 //! Secrets inside one gateway: per-sandbox random placeholders, swapping them for real values on
-//! bound hosts over intercepted TLS only, flagging them anywhere else, and masking real values
-//! that come back in responses.
+//! bound hosts over intercepted TLS only and only in the secret's own phase, flagging them
+//! anywhere else, and masking real values that come back in responses. A secret whose phase
+//! has ended loses its value; its placeholder is still recognized, and flagged.
 
 use std::collections::BTreeSet;
 use std::pin::Pin;
@@ -9,14 +10,17 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame};
-use hutch_policy::{HostName, InjectTemplate, LoadedSecret, SecretValue};
+use hutch_policy::{HostName, InjectTemplate, LoadedSecret, Phase, SecretValue};
 use memchr::memmem;
 
 use crate::GatewayError;
 
 pub(crate) struct Secret {
     pub(crate) name: String,
-    value: SecretValue,
+    /// The phase whose requests may carry it.
+    phase: Phase,
+    /// `None` once its phase has ended (the value is wiped when dropped).
+    value: Option<SecretValue>,
     pub(crate) placeholder: String,
     spec: hutch_policy::SecretSpec,
 }
@@ -39,12 +43,19 @@ pub(crate) enum Channel {
 
 pub(crate) struct SecretTable {
     secrets: Vec<Secret>,
+    /// The gateway's current phase: only its secrets are swapped.
+    current: Phase,
 }
 
 impl SecretTable {
-    pub(crate) fn new(loaded: Vec<LoadedSecret>) -> Result<SecretTable, GatewayError> {
+    /// Every phase's secrets, each with a placeholder of its own (a name bound in two phases
+    /// gets two placeholders).
+    pub(crate) fn new(
+        loaded: Vec<(Phase, LoadedSecret)>,
+        current: Phase,
+    ) -> Result<SecretTable, GatewayError> {
         let mut secrets = Vec::with_capacity(loaded.len());
-        for LoadedSecret { spec, value } in loaded {
+        for (phase, LoadedSecret { spec, value }) in loaded {
             let name = spec.name().as_str().to_string();
             let placeholder = loop {
                 let mut raw = [0u8; 16];
@@ -56,19 +67,36 @@ impl SecretTable {
             };
             secrets.push(Secret {
                 name,
-                value,
+                phase,
+                value: Some(value),
                 placeholder,
                 spec,
             });
         }
-        Ok(SecretTable { secrets })
+        Ok(SecretTable { secrets, current })
     }
 
-    pub(crate) fn placeholders(&self) -> Vec<(String, String)> {
+    /// Moves to `phase`: the secrets of earlier phases lose their values.
+    pub(crate) fn enter(&mut self, phase: Phase) {
+        self.current = phase;
+        for s in &mut self.secrets {
+            if s.phase < phase {
+                s.value = None;
+            }
+        }
+    }
+
+    pub(crate) fn placeholders(&self, phase: Phase) -> Vec<(String, String)> {
         self.secrets
             .iter()
+            .filter(|s| s.phase == phase)
             .map(|s| (s.name.clone(), s.placeholder.clone()))
             .collect()
+    }
+
+    /// The value, if `s` may be used now: its phase is the current one.
+    fn usable<'a>(&self, s: &'a Secret) -> Option<&'a SecretValue> {
+        s.value.as_ref().filter(|_| s.phase == self.current)
     }
 
     pub(crate) fn bound_patterns(&self) -> Vec<hutch_policy::HostPattern> {
@@ -86,15 +114,24 @@ impl SecretTable {
     pub(crate) fn body_swap_for(&self, host: &HostName) -> bool {
         self.secrets
             .iter()
-            .any(|s| s.spec.in_body() && s.spec.is_bound_to(host))
+            .any(|s| self.usable(s).is_some() && s.spec.in_body() && s.spec.is_bound_to(host))
     }
 
-    fn swaps(&self, s: &Secret, host: &HostName, channel: Channel) -> bool {
-        channel == Channel::Tls && s.spec.is_bound_to(host)
+    /// The value to put in place of `s`'s placeholder on a request to `host`, if any.
+    fn swaps<'a>(
+        &self,
+        s: &'a Secret,
+        host: &HostName,
+        channel: Channel,
+    ) -> Option<&'a SecretValue> {
+        self.usable(s)
+            .filter(|_| channel == Channel::Tls && s.spec.is_bound_to(host))
     }
 
-    fn flag_unswapped(s: &Secret, host: &HostName, channel: Channel, report: &mut Report) {
-        let kind = if s.spec.is_bound_to(host) && channel == Channel::Plaintext {
+    fn flag_unswapped(&self, s: &Secret, host: &HostName, channel: Channel, report: &mut Report) {
+        let kind = if s.phase != self.current {
+            "placeholder_out_of_phase"
+        } else if s.spec.is_bound_to(host) && channel == Channel::Plaintext {
             "placeholder_over_plaintext"
         } else {
             "possible_exfiltration"
@@ -117,15 +154,15 @@ impl SecretTable {
                 if memmem::find(current, s.placeholder.as_bytes()).is_none() {
                     continue;
                 }
-                if self.swaps(s, host, channel) {
+                if let Some(value) = self.swaps(s, host, channel) {
                     bytes = Some(replace_all(
                         current,
                         s.placeholder.as_bytes(),
-                        s.value.expose().as_bytes(),
+                        value.expose().as_bytes(),
                     ));
                     report.used.insert(s.name.clone());
                 } else {
-                    Self::flag_unswapped(s, host, channel, report);
+                    self.flag_unswapped(s, host, channel, report);
                 }
             }
             if let Some(b) = bytes {
@@ -147,12 +184,12 @@ impl SecretTable {
     ) {
         for s in &self.secrets {
             if target.contains(&s.placeholder) {
-                if self.swaps(s, host, channel) {
+                if self.swaps(s, host, channel).is_some() {
                     report
                         .flags
                         .insert(format!("placeholder_in_url_not_swapped:{}", s.name));
                 } else {
-                    Self::flag_unswapped(s, host, channel, report);
+                    self.flag_unswapped(s, host, channel, report);
                 }
             }
         }
@@ -164,12 +201,15 @@ impl SecretTable {
             let Some(t): Option<&InjectTemplate> = s.spec.inject() else {
                 continue;
             };
+            let Some(secret) = self.usable(s) else {
+                continue;
+            };
             if !s.spec.is_bound_to(host) || headers.contains_key(t.header()) {
                 continue;
             }
             let (Ok(name), Ok(mut value)) = (
                 http::HeaderName::from_bytes(t.header().as_bytes()),
-                HeaderValue::from_str(&t.render(&s.value)),
+                HeaderValue::from_str(&t.render(secret)),
             ) else {
                 continue;
             };
@@ -193,13 +233,15 @@ impl SecretTable {
             if memmem::find(current, s.placeholder.as_bytes()).is_none() {
                 continue;
             }
-            if !self.swaps(s, host, channel) {
-                Self::flag_unswapped(s, host, channel, report);
-            } else if s.spec.in_body() {
+            let Some(value) = self.swaps(s, host, channel) else {
+                self.flag_unswapped(s, host, channel, report);
+                continue;
+            };
+            if s.spec.in_body() {
                 out = Some(replace_all(
                     current,
                     s.placeholder.as_bytes(),
-                    s.value.expose().as_bytes(),
+                    value.expose().as_bytes(),
                 ));
                 report.used.insert(s.name.clone());
             } else {
@@ -222,15 +264,17 @@ impl SecretTable {
         }
     }
 
-    /// Replaces real values with placeholders in a buffered response body.
+    /// Replaces real values (of every phase whose values are still held) with placeholders in a
+    /// buffered response body.
     pub(crate) fn mask(&self, data: &[u8], report: &mut Report) -> Option<Vec<u8>> {
         let mut out: Option<Vec<u8>> = None;
         for s in &self.secrets {
+            let Some(value) = &s.value else { continue };
             let current = out.as_deref().unwrap_or(data);
-            if memmem::find(current, s.value.expose().as_bytes()).is_some() {
+            if memmem::find(current, value.expose().as_bytes()).is_some() {
                 out = Some(replace_all(
                     current,
-                    s.value.expose().as_bytes(),
+                    value.expose().as_bytes(),
                     s.placeholder.as_bytes(),
                 ));
                 report
@@ -246,12 +290,13 @@ impl SecretTable {
     pub(crate) fn stream_needles(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.secrets
             .iter()
-            .map(|s| {
-                let len = s.value.expose().len();
+            .filter_map(|s| {
+                let value = s.value.as_ref()?;
+                let len = value.expose().len();
                 let mut stand_in: Vec<u8> =
                     s.placeholder.as_bytes().iter().copied().take(len).collect();
                 stand_in.resize(len, b'x');
-                (s.value.expose().as_bytes().to_vec(), stand_in)
+                Some((value.expose().as_bytes().to_vec(), stand_in))
             })
             .collect()
     }
@@ -422,7 +467,11 @@ mod tests {
                 })
             })
             .expect("load");
-        SecretTable::new(loaded).expect("table")
+        SecretTable::new(
+            loaded.into_iter().map(|l| (Phase::Agent, l)).collect(),
+            Phase::Agent,
+        )
+        .expect("table")
     }
 
     fn host(s: &str) -> HostName {
@@ -433,7 +482,7 @@ mod tests {
     #[test]
     fn threat6_swap_only_for_bound_host_over_tls() {
         let t = table();
-        let ph = t.placeholders();
+        let ph = t.placeholders(Phase::Agent);
         let a_ph = &ph[0].1;
         assert!(a_ph.starts_with("hutch-ph-A-") && a_ph.len() == "hutch-ph-A-".len() + 32);
         let mut h = HeaderMap::new();
@@ -467,7 +516,7 @@ mod tests {
     #[test]
     fn threat6_inject_and_body() {
         let t = table();
-        let ph = t.placeholders();
+        let ph = t.placeholders(Phase::Agent);
         let mut h = HeaderMap::new();
         let mut r = Report::default();
         t.inject(&mut h, &host("b.test"), &mut r);
@@ -487,6 +536,90 @@ mod tests {
             "{out}"
         );
         assert!(r.flags.contains("possible_exfiltration:B"));
+    }
+
+    /// A setup-phase secret is swapped only during setup; afterwards its value is gone and its
+    /// placeholder is flagged wherever it is sent, also on its own host.
+    #[test]
+    fn setup_secret_is_never_swapped_after_its_phase() {
+        let policy = hutch_policy::CheckedPolicy::from_toml_str(
+            "allow = [\"a.test\"]\n[secrets.S]\nhosts=[\"a.test\"]\nin_body=true\ninject={header=\"x-key\", value=\"{value}\"}\n",
+            std::path::Path::new("t.toml"),
+        )
+        .expect("policy");
+        let setup = policy
+            .load_secrets_with(|_| Some("SETUP-real-value".into()))
+            .expect("load");
+        let agent = policy
+            .load_secrets_with(|_| Some("AGENT-real-value".into()))
+            .expect("load");
+        let mut t = SecretTable::new(
+            setup
+                .into_iter()
+                .map(|l| (Phase::Setup, l))
+                .chain(agent.into_iter().map(|l| (Phase::Agent, l)))
+                .collect(),
+            Phase::Setup,
+        )
+        .expect("table");
+        let setup_ph = t.placeholders(Phase::Setup)[0].1.clone();
+        let agent_ph = t.placeholders(Phase::Agent)[0].1.clone();
+        assert_ne!(
+            setup_ph, agent_ph,
+            "one name in two phases has two placeholders"
+        );
+        let a = host("a.test");
+        let send = |t: &SecretTable, ph: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("authorization", HeaderValue::from_str(ph).expect("hv"));
+            let mut r = Report::default();
+            t.rewrite_headers(&mut h, &a, Channel::Tls, &mut r);
+            let body = t.rewrite_body(ph.as_bytes(), &a, Channel::Tls, &mut r);
+            let mut injected = HeaderMap::new();
+            t.inject(&mut injected, &a, &mut r);
+            (
+                h["authorization"].to_str().expect("ascii").to_string(),
+                body,
+                injected,
+                r,
+            )
+        };
+
+        let (h, body, injected, r) = send(&t, &setup_ph);
+        assert_eq!(h, "SETUP-real-value");
+        assert_eq!(body.as_deref(), Some(&b"SETUP-real-value"[..]));
+        assert_eq!(
+            injected["x-key"], "SETUP-real-value",
+            "only the current phase's secret is injected"
+        );
+        assert!(r.used.contains("S") && r.flags.is_empty(), "{r:?}");
+        let (h, _, _, r) = send(&t, &agent_ph);
+        assert_eq!(
+            h, agent_ph,
+            "the agent phase's secret is not swapped during setup"
+        );
+        assert!(r.flags.contains("placeholder_out_of_phase:S"), "{r:?}");
+
+        t.enter(Phase::Agent);
+        let (h, body, injected, r) = send(&t, &setup_ph);
+        assert_eq!(
+            h, setup_ph,
+            "not swapped after its phase, not even on its own host"
+        );
+        assert!(body.is_none(), "nor in a body");
+        assert_eq!(injected["x-key"], "AGENT-real-value");
+        assert!(r.flags.contains("placeholder_out_of_phase:S"), "{r:?}");
+        let (h, _, _, r) = send(&t, &agent_ph);
+        assert_eq!(h, "AGENT-real-value");
+        assert!(r.flags.is_empty(), "{r:?}");
+        assert!(
+            t.secrets
+                .iter()
+                .filter(|s| s.phase == Phase::Setup)
+                .all(|s| s.value.is_none()),
+            "the setup value is dropped"
+        );
+        assert_eq!(t.stream_needles().len(), 1);
     }
 
     /// Threat 6 (reflection): real values echoed back are masked, also across frame boundaries.

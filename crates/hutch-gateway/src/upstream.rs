@@ -231,7 +231,12 @@ impl UpstreamTls {
             }
             extra_roots.extend(certs);
         }
-        Ok(UpstreamTls { extra_roots, system_roots, provider, connector: std::sync::OnceLock::new() })
+        Ok(UpstreamTls {
+            extra_roots,
+            system_roots,
+            provider,
+            connector: std::sync::OnceLock::new(),
+        })
     }
 
     fn connector(&self) -> io::Result<&TlsConnector> {
@@ -249,7 +254,9 @@ impl UpstreamTls {
             cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
             Ok(TlsConnector::from(Arc::new(cfg)))
         });
-        built.as_ref().map_err(|e| io::Error::other(format!("upstream TLS configuration: {e}")))
+        built
+            .as_ref()
+            .map_err(|e| io::Error::other(format!("upstream TLS configuration: {e}")))
     }
 
     pub(crate) async fn connect(

@@ -10,7 +10,9 @@ mod secret;
 
 pub use addr::{classify, AddrClass};
 pub use name::{parse_ipv4_loose, HostName, HostPattern, NameError, NameErrorKind, PatternError};
-pub use policy::{CheckedPolicy, Pin, PolicyError, PolicyInput, UpstreamCa};
+pub use policy::{
+    CheckedPolicy, Phase, PhasedPolicy, Pin, PolicyError, PolicyInput, PolicyLayer, UpstreamCa,
+};
 pub use rule::{AllowRule, DenyReason, Method, PathPrefix, RuleId, DEFAULT_PORTS};
 pub use secret::{
     InjectTemplate, LoadedSecret, SecretName, SecretSource, SecretSpec, SecretValue, MIN_SECRET_LEN,

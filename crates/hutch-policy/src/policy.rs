@@ -3,6 +3,7 @@
 //! anything the sandbox controls, and no way to widen it after it is built.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,34 @@ use crate::rule::{best_rule, AllowRule, DenyReason, Method, PathPrefix, RuleId, 
 use crate::secret::{
     InjectTemplate, LoadedSecret, SecretName, SecretSource, SecretSpec, SecretValue,
 };
+
+/// The phases of a `hutch run` with a setup script: the script first, then the command (the agent). Each phase
+/// has its own allow rules and secrets; pins and upstream roots are shared (they say how to reach and trust a
+/// name, not whether it may be reached). Phases only move forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Setup,
+    Agent,
+}
+
+impl Phase {
+    /// Both phases, in the order they run.
+    pub const ALL: [Phase; 2] = [Phase::Setup, Phase::Agent];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Setup => "setup",
+            Phase::Agent => "agent",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// What the host user gave: `--policy FILE` and the flags that add to it.
 #[derive(Clone, Debug, Default)]
@@ -27,6 +56,10 @@ pub struct PolicyInput {
     pub upstream_ca: Vec<PathBuf>,
     /// `--secret NAME@HOST[,HOST...]`, value from the host environment variable `NAME`.
     pub secrets: Vec<String>,
+    /// `--setup-allow HOST[:PORT]`: like `allow`, for the setup phase only.
+    pub setup_allow: Vec<String>,
+    /// `--setup-secret NAME@HOST[,HOST...]`: like `secrets`, for the setup phase only.
+    pub setup_secrets: Vec<String>,
 }
 
 /// A policy input that can't be used, naming the field and what is wrong with it.
@@ -41,6 +74,8 @@ pub enum PolicyError {
     },
     #[error("policy file {}: {message}", path.display())]
     Syntax { path: PathBuf, message: String },
+    #[error("{origin}: {message}")]
+    Table { origin: String, message: String },
     #[error("{field}: {problem}")]
     Invalid { field: String, problem: String },
 }
@@ -80,44 +115,15 @@ pub struct CheckedPolicy {
 
 impl CheckedPolicy {
     /// Parses and checks everything the host user gave. Reads the policy file and CA files.
+    /// Setup-phase rules are refused: only [`PhasedPolicy`] has a place for them.
     pub fn from_input(input: &PolicyInput) -> Result<CheckedPolicy, PolicyError> {
-        let mut b = Builder::default();
-        if let Some(path) = &input.policy_file {
-            let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-                what: "policy file",
-                path: path.clone(),
-                source,
-            })?;
-            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            b.add_toml(&text, path, &base)?;
-        }
-        for a in &input.allow {
-            let field = format!("--allow {a:?}");
-            let (pattern, port) = parse_host_port(a).map_err(|p| invalid(&field, p))?;
-            let ports = port.map(|p| [p].into_iter().collect());
-            b.add_rule(pattern, ports, None, None, field)?;
-        }
-        for r in &input.resolve {
-            b.pins
-                .push(parse_pin(r).map_err(|p| invalid(format!("--resolve {r:?}"), p))?);
-        }
-        for path in &input.upstream_ca {
-            b.upstream_ca.push(read_ca(path, path)?);
-        }
-        for s in &input.secrets {
-            b.secrets
-                .push(parse_secret_flag(s).map_err(|p| invalid(format!("--secret {s:?}"), p))?);
-        }
-        b.finish()
+        PolicyLayer::from_input(input)?.single_phase()
     }
 
     /// Parses a policy from TOML text alone (no flags); `path` names it in errors and anchors
     /// relative file paths.
     pub fn from_toml_str(text: &str, path: &Path) -> Result<CheckedPolicy, PolicyError> {
-        let mut b = Builder::default();
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        b.add_toml(text, path, &base)?;
-        b.finish()
+        PolicyLayer::from_toml_str(text, path)?.single_phase()
     }
 
     /// The most specific rule allowing `name` on `port`, or why the connection is denied.
@@ -199,12 +205,21 @@ impl CheckedPolicy {
     }
 }
 
-#[derive(Default)]
-struct Builder {
+/// One phase's rules and secrets within a layer, each secret with where it came from.
+#[derive(Clone, Debug, Default)]
+struct PhaseRules {
     rules: Vec<AllowRule>,
-    pins: Vec<Pin>,
+    secrets: Vec<(SecretSpec, String)>,
+}
+
+/// One source of egress policy (a `--policy` file with the flags, the `[policy]` table of a config file),
+/// parsed and checked on its own but not yet merged with the others: see [`PhasedPolicy::merge`].
+#[derive(Clone, Debug, Default)]
+pub struct PolicyLayer {
+    agent: PhaseRules,
+    setup: PhaseRules,
+    pins: Vec<(Pin, String)>,
     upstream_ca: Vec<UpstreamCa>,
-    secrets: Vec<SecretSpec>,
 }
 
 #[derive(Deserialize)]
@@ -216,6 +231,17 @@ struct RawFile {
     resolve: Vec<String>,
     #[serde(default)]
     upstream_ca: Vec<PathBuf>,
+    #[serde(default)]
+    secrets: BTreeMap<String, RawSecret>,
+    setup: Option<RawSetup>,
+}
+
+/// The `[setup]` table: what the setup phase may reach, in the same format.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSetup {
+    #[serde(default)]
+    allow: Vec<toml::Value>,
     #[serde(default)]
     secrets: BTreeMap<String, RawSecret>,
 }
@@ -247,15 +273,193 @@ struct RawInject {
     value: String,
 }
 
-impl Builder {
-    fn add_toml(&mut self, text: &str, path: &Path, base: &Path) -> Result<(), PolicyError> {
+impl PolicyLayer {
+    /// `--policy FILE` and the flags. Reads the policy file and CA files.
+    pub fn from_input(input: &PolicyInput) -> Result<PolicyLayer, PolicyError> {
+        let mut l = PolicyLayer::default();
+        if let Some(path) = &input.policy_file {
+            let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+                what: "policy file",
+                path: path.clone(),
+                source,
+            })?;
+            let raw: RawFile = toml::from_str(&text).map_err(|e| PolicyError::Syntax {
+                path: path.clone(),
+                message: e.to_string().trim_end().to_string(),
+            })?;
+            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            l.add_raw(raw, &path.display().to_string(), &base)?;
+        }
+        for (phase, list, flag) in [
+            (Phase::Agent, &input.allow, "--allow"),
+            (Phase::Setup, &input.setup_allow, "--setup-allow"),
+        ] {
+            for a in list {
+                let field = format!("{flag} {a:?}");
+                let (pattern, port) = parse_host_port(a).map_err(|p| invalid(&field, p))?;
+                let ports = port.map(|p| [p].into_iter().collect());
+                l.phase_mut(phase)
+                    .add_rule(pattern, ports, None, None, field)?;
+            }
+        }
+        for r in &input.resolve {
+            let field = format!("--resolve {r:?}");
+            let pin = parse_pin(r).map_err(|p| invalid(&field, p))?;
+            l.add_pin(pin, field)?;
+        }
+        for path in &input.upstream_ca {
+            l.upstream_ca.push(read_ca(path, path)?);
+        }
+        for (phase, list, flag) in [
+            (Phase::Agent, &input.secrets, "--secret"),
+            (Phase::Setup, &input.setup_secrets, "--setup-secret"),
+        ] {
+            for s in list {
+                let field = format!("{flag} {s:?}");
+                let spec = parse_secret_flag(s).map_err(|p| invalid(&field, p))?;
+                l.phase_mut(phase).add_secret(spec, field)?;
+            }
+        }
+        Ok(l)
+    }
+
+    /// A policy file's text; `path` names it in errors and anchors relative file paths.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<PolicyLayer, PolicyError> {
         let raw: RawFile = toml::from_str(text).map_err(|e| PolicyError::Syntax {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        let file = path.display().to_string();
-        for (i, item) in raw.allow.into_iter().enumerate() {
-            let field = format!("{file}: allow[{i}]");
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut l = PolicyLayer::default();
+        l.add_raw(raw, &path.display().to_string(), &base)?;
+        Ok(l)
+    }
+
+    /// A table in the policy file format inside another file (`[policy]` of a config file). `origin` names it in
+    /// errors (e.g. `/home/me/.config/hutch/config.toml [policy]`); relative file paths are relative to `base`.
+    pub fn from_table(
+        table: &toml::Table,
+        origin: &str,
+        base: &Path,
+    ) -> Result<PolicyLayer, PolicyError> {
+        let raw: RawFile =
+            toml::Value::Table(table.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| PolicyError::Table {
+                    origin: origin.to_string(),
+                    message: e.message().trim_end().to_string(),
+                })?;
+        let mut l = PolicyLayer::default();
+        l.add_raw(raw, origin, base)?;
+        Ok(l)
+    }
+
+    /// True when nothing is allowed, pinned, trusted or bound in any phase.
+    pub fn is_empty(&self) -> bool {
+        self.pins.is_empty()
+            && self.upstream_ca.is_empty()
+            && Phase::ALL.iter().all(|p| {
+                let r = self.phase(*p);
+                r.rules.is_empty() && r.secrets.is_empty()
+            })
+    }
+
+    /// True when the layer allows or binds anything for the setup phase.
+    pub fn has_setup(&self) -> bool {
+        !self.setup.rules.is_empty() || !self.setup.secrets.is_empty()
+    }
+
+    /// The allow rules for `phase`.
+    pub fn rules(&self, phase: Phase) -> &[AllowRule] {
+        &self.phase(phase).rules
+    }
+
+    /// The secret bindings for `phase`.
+    pub fn secrets(&self, phase: Phase) -> impl Iterator<Item = &SecretSpec> {
+        self.phase(phase).secrets.iter().map(|(s, _)| s)
+    }
+
+    /// Pinned names (both phases).
+    pub fn pins(&self) -> impl Iterator<Item = &Pin> {
+        self.pins.iter().map(|(p, _)| p)
+    }
+
+    /// Extra upstream roots (both phases).
+    pub fn upstream_ca(&self) -> &[UpstreamCa] {
+        &self.upstream_ca
+    }
+
+    fn phase(&self, phase: Phase) -> &PhaseRules {
+        match phase {
+            Phase::Setup => &self.setup,
+            Phase::Agent => &self.agent,
+        }
+    }
+
+    fn phase_mut(&mut self, phase: Phase) -> &mut PhaseRules {
+        match phase {
+            Phase::Setup => &mut self.setup,
+            Phase::Agent => &mut self.agent,
+        }
+    }
+
+    /// The agent phase alone, for callers without a setup phase.
+    fn single_phase(self) -> Result<CheckedPolicy, PolicyError> {
+        if self.has_setup() {
+            return Err(invalid(
+                "setup",
+                "setup-phase rules ([setup], --setup-allow, --setup-secret) apply only to the setup script of `hutch run`",
+            ));
+        }
+        Ok(PhasedPolicy::merge(&[self])?.agent)
+    }
+
+    fn add_pin(&mut self, pin: Pin, origin: String) -> Result<(), PolicyError> {
+        if let Some((_, first)) = self
+            .pins
+            .iter()
+            .find(|(p, _)| p.name == pin.name && p.port == pin.port)
+        {
+            return Err(invalid(
+                format!("resolve {}:{} ({origin})", pin.name, pin.port),
+                format!("is pinned twice (also by {first}); list all addresses in one entry"),
+            ));
+        }
+        self.pins.push((pin, origin));
+        Ok(())
+    }
+
+    fn add_raw(&mut self, raw: RawFile, file: &str, base: &Path) -> Result<(), PolicyError> {
+        self.agent
+            .add_allow_values(raw.allow, &format!("{file}: allow"))?;
+        for (i, r) in raw.resolve.iter().enumerate() {
+            let field = format!("{file}: resolve[{i}]");
+            let pin = parse_pin(r).map_err(|p| invalid(&field, p))?;
+            self.add_pin(pin, field)?;
+        }
+        for p in &raw.upstream_ca {
+            self.upstream_ca.push(read_ca(&base.join(p), p)?);
+        }
+        self.agent
+            .add_secret_tables(raw.secrets, &format!("{file}: secrets"), base)?;
+        if let Some(s) = raw.setup {
+            self.setup
+                .add_allow_values(s.allow, &format!("{file}: setup.allow"))?;
+            self.setup
+                .add_secret_tables(s.secrets, &format!("{file}: setup.secrets"), base)?;
+        }
+        Ok(())
+    }
+}
+
+impl PhaseRules {
+    fn add_allow_values(
+        &mut self,
+        items: Vec<toml::Value>,
+        prefix: &str,
+    ) -> Result<(), PolicyError> {
+        for (i, item) in items.into_iter().enumerate() {
+            let field = format!("{prefix}[{i}]");
             match item {
                 toml::Value::String(s) => {
                     let (pattern, port) = parse_host_port(&s).map_err(|p| invalid(&field, p))?;
@@ -306,15 +510,17 @@ impl Builder {
                 }
             }
         }
-        for (i, r) in raw.resolve.iter().enumerate() {
-            self.pins
-                .push(parse_pin(r).map_err(|p| invalid(format!("{file}: resolve[{i}]"), p))?);
-        }
-        for p in &raw.upstream_ca {
-            self.upstream_ca.push(read_ca(&base.join(p), p)?);
-        }
-        for (name, s) in raw.secrets {
-            let field = format!("{file}: secrets.{name}");
+        Ok(())
+    }
+
+    fn add_secret_tables(
+        &mut self,
+        secrets: BTreeMap<String, RawSecret>,
+        prefix: &str,
+        base: &Path,
+    ) -> Result<(), PolicyError> {
+        for (name, s) in secrets {
+            let field = format!("{prefix}.{name}");
             let sname = SecretName::parse(&name).map_err(|p| invalid(&field, p))?;
             let source = match (s.from_env, s.from_file) {
                 (Some(_), Some(_)) => {
@@ -354,14 +560,26 @@ impl Builder {
                         .map_err(|p| invalid(format!("{field}.inject"), p))?,
                 ),
             };
-            self.secrets.push(SecretSpec {
+            let spec = SecretSpec {
                 name: sname,
                 hosts,
                 source,
                 inject,
                 in_body: s.in_body,
-            });
+            };
+            self.add_secret(spec, field)?;
         }
+        Ok(())
+    }
+
+    fn add_secret(&mut self, spec: SecretSpec, origin: String) -> Result<(), PolicyError> {
+        if let Some((_, first)) = self.secrets.iter().find(|(s, _)| s.name == spec.name) {
+            return Err(invalid(
+                format!("secret {} ({origin})", spec.name),
+                format!("is defined twice (also by {first})"),
+            ));
+        }
+        self.secrets.push((spec, origin));
         Ok(())
     }
 
@@ -399,45 +617,125 @@ impl Builder {
         Ok(())
     }
 
-    fn finish(self) -> Result<CheckedPolicy, PolicyError> {
-        let policy = CheckedPolicy {
-            rules: self.rules,
-            pins: self.pins,
-            upstream_ca: self.upstream_ca,
-            secrets: self.secrets,
-        };
-        let mut seen = BTreeSet::new();
-        for pin in &policy.pins {
-            let field = format!("resolve {}:{}", pin.name, pin.port);
-            if !seen.insert((pin.name.clone(), pin.port)) {
-                return Err(invalid(
-                    field,
-                    "is pinned twice; list all addresses in one entry",
-                ));
+    /// Adds a lower layer's rules and secrets under this (higher) one's: for each host pattern and port the
+    /// highest layer's rule decides, and for each secret name the highest layer's binding.
+    fn merge_under(&mut self, lower: &PhaseRules) {
+        for r in &lower.rules {
+            let taken: BTreeSet<u16> = self
+                .rules
+                .iter()
+                .filter(|o| o.pattern == r.pattern)
+                .flat_map(|o| o.ports.iter().copied())
+                .collect();
+            let ports: BTreeSet<u16> = r.ports.difference(&taken).copied().collect();
+            if ports.is_empty() {
+                continue;
             }
-            if policy.check_connect(&pin.name, pin.port).is_err() {
+            let mut r = r.clone();
+            r.ports = ports;
+            r.id = RuleId(self.rules.len());
+            self.rules.push(r);
+        }
+        for (s, origin) in &lower.secrets {
+            if !self.secrets.iter().any(|(t, _)| t.name == s.name) {
+                self.secrets.push((s.clone(), origin.clone()));
+            }
+        }
+    }
+}
+
+impl Phase {
+    fn allow_flag(self) -> &'static str {
+        match self {
+            Phase::Setup => "--setup-allow",
+            Phase::Agent => "--allow",
+        }
+    }
+}
+
+/// Each phase's checked policy, merged from layers.
+#[derive(Clone, Debug)]
+pub struct PhasedPolicy {
+    pub setup: CheckedPolicy,
+    pub agent: CheckedPolicy,
+}
+
+impl PhasedPolicy {
+    /// Merges layers given highest precedence first (flags, then the user's config, then a trusted project
+    /// config). Per phase, for each host pattern and port the highest layer's rule decides, and for each secret
+    /// name the highest layer's binding; pins (per name and port) likewise; upstream roots add up. The result is
+    /// checked as a whole: every pin must serve an allow rule of some phase, and every secret's hosts must be
+    /// allowed in its phase.
+    pub fn merge(layers: &[PolicyLayer]) -> Result<PhasedPolicy, PolicyError> {
+        let mut setup = PhaseRules::default();
+        let mut agent = PhaseRules::default();
+        let mut pins: Vec<(Pin, String)> = Vec::new();
+        let mut upstream_ca: Vec<UpstreamCa> = Vec::new();
+        for l in layers {
+            setup.merge_under(&l.setup);
+            agent.merge_under(&l.agent);
+            for (p, origin) in &l.pins {
+                if !pins
+                    .iter()
+                    .any(|(q, _)| q.name == p.name && q.port == p.port)
+                {
+                    pins.push((p.clone(), origin.clone()));
+                }
+            }
+            for ca in &l.upstream_ca {
+                if !upstream_ca.iter().any(|c| c.pem == ca.pem) {
+                    upstream_ca.push(ca.clone());
+                }
+            }
+        }
+        let finish = |rules: PhaseRules| CheckedPolicy {
+            rules: rules.rules,
+            pins: pins.iter().map(|(p, _)| p.clone()).collect(),
+            upstream_ca: upstream_ca.clone(),
+            secrets: rules.secrets.into_iter().map(|(s, _)| s).collect(),
+        };
+        for (pin, origin) in &pins {
+            let used = [&setup, &agent]
+                .iter()
+                .any(|r| best_rule(&r.rules, &pin.name, pin.port).is_some());
+            if !used {
                 return Err(invalid(
-                    field,
+                    format!("resolve {}:{} ({origin})", pin.name, pin.port),
                     "no allow rule permits this name and port, so the pin would never be used",
                 ));
             }
         }
-        let mut names = BTreeSet::new();
-        for s in &policy.secrets {
-            let field = format!("secret {}", s.name);
-            if !names.insert(s.name.clone()) {
-                return Err(invalid(field, "is defined twice"));
-            }
-            for h in &s.hosts {
-                if !policy.rules.iter().any(|r| r.pattern.covers(h)) {
-                    return Err(invalid(
-                        &field,
-                        format!("is bound to {h}, which no allow rule permits; add --allow {h}"),
-                    ));
+        for (phase, rules) in [(Phase::Setup, &setup), (Phase::Agent, &agent)] {
+            for (s, origin) in &rules.secrets {
+                for h in &s.hosts {
+                    if !rules.rules.iter().any(|r| r.pattern.covers(h)) {
+                        let which = if phase == Phase::Setup {
+                            "no setup-phase allow rule"
+                        } else {
+                            "no allow rule"
+                        };
+                        return Err(invalid(
+                            format!("secret {} ({origin})", s.name),
+                            format!(
+                                "is bound to {h}, which {which} permits; add {} {h}",
+                                phase.allow_flag()
+                            ),
+                        ));
+                    }
                 }
             }
         }
-        Ok(policy)
+        Ok(PhasedPolicy {
+            setup: finish(setup),
+            agent: finish(agent),
+        })
+    }
+
+    pub fn phase(&self, phase: Phase) -> &CheckedPolicy {
+        match phase {
+            Phase::Setup => &self.setup,
+            Phase::Agent => &self.agent,
+        }
     }
 }
 
@@ -641,6 +939,7 @@ mod tests {
             resolve: vec!["other.test:9443:127.0.0.2".into()],
             upstream_ca: vec![],
             secrets: vec!["TOKEN@other.test".into()],
+            ..Default::default()
         };
         let p = CheckedPolicy::from_input(&input).expect("valid");
         let api = name("api.test");
@@ -716,6 +1015,202 @@ mod tests {
             .to_string();
         assert!(
             !err.contains("value-xyz") && err.contains("control"),
+            "{err}"
+        );
+    }
+
+    fn layer(text: &str, file: &str) -> PolicyLayer {
+        match PolicyLayer::from_toml_str(text, Path::new(file)) {
+            Ok(l) => l,
+            Err(e) => panic!("should parse: {e}\n{text}"),
+        }
+    }
+
+    /// The setup phase has its own rules and secrets; single-phase callers refuse them.
+    #[test]
+    fn setup_table_is_its_own_phase() {
+        let text = "allow = [\"api.test\"]\nresolve = [\"pkgs.test:443:127.0.0.1\"]\n[secrets.A]\nhosts = [\"api.test\"]\n[setup]\nallow = [\"pkgs.test\"]\n[setup.secrets.REPO]\nhosts = [\"pkgs.test\"]\n";
+        let l = layer(text, "policy.toml");
+        assert!(l.has_setup() && !l.is_empty());
+        let p = PhasedPolicy::merge(&[l]).expect("valid");
+        assert!(p.setup.check_connect(&name("pkgs.test"), 443).is_ok());
+        assert!(
+            p.setup.check_connect(&name("api.test"), 443).is_err(),
+            "the setup phase gets only its own rules"
+        );
+        assert!(
+            p.agent.check_connect(&name("pkgs.test"), 443).is_err(),
+            "the agent phase gets only its own rules"
+        );
+        assert_eq!(
+            p.setup
+                .secrets()
+                .iter()
+                .map(|s| s.name().as_str())
+                .collect::<Vec<_>>(),
+            ["REPO"]
+        );
+        assert_eq!(
+            p.agent
+                .secrets()
+                .iter()
+                .map(|s| s.name().as_str())
+                .collect::<Vec<_>>(),
+            ["A"]
+        );
+        assert!(
+            p.agent.pinned(&name("pkgs.test"), 443).is_some(),
+            "pins are shared by both phases"
+        );
+
+        let err = CheckedPolicy::from_toml_str(text, Path::new("policy.toml"))
+            .expect_err("single phase")
+            .to_string();
+        assert!(err.contains("setup-phase rules"), "{err}");
+        let err = CheckedPolicy::from_input(&PolicyInput {
+            setup_allow: vec!["pkgs.test".into()],
+            ..Default::default()
+        })
+        .expect_err("single phase")
+        .to_string();
+        assert!(err.contains("setup-phase rules"), "{err}");
+
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "[setup]\nresolve = [\"a.com:443:127.0.0.1\"]",
+                &["unknown field `resolve`"],
+            ),
+            (
+                "[setup]\nallow = [\"*.com\"]",
+                &["setup.allow[0]", "too broad"],
+            ),
+            (
+                "allow = [\"a.com\"]\n[setup.secrets.T]\nhosts = [\"a.com\"]",
+                &[
+                    "secret T",
+                    "setup.secrets.T",
+                    "no setup-phase allow rule",
+                    "--setup-allow a.com",
+                ],
+            ),
+            (
+                "[setup]\nallow = [\"a.com\"]\n[secrets.T]\nhosts = [\"a.com\"]",
+                &["secret T", "--allow a.com"],
+            ),
+        ];
+        for (text, wants) in cases {
+            let err = match PolicyLayer::from_toml_str(text, Path::new("policy.toml"))
+                .and_then(|l| PhasedPolicy::merge(&[l]))
+            {
+                Ok(_) => panic!("should fail:\n{text}"),
+                Err(e) => e.to_string(),
+            };
+            for want in *wants {
+                assert!(
+                    err.contains(want),
+                    "error for {text:?} should mention {want:?}, got: {err}"
+                );
+            }
+        }
+    }
+
+    /// Layers merge by key, the higher one deciding: per host and port, per secret name, per pin.
+    #[test]
+    fn layers_merge_with_the_higher_layer_deciding() {
+        let flags = PolicyLayer::from_input(&PolicyInput {
+            allow: vec!["api.test:443".into()],
+            setup_allow: vec!["pkgs.test".into()],
+            resolve: vec!["pkgs.test:443:127.0.0.2".into()],
+            secrets: vec!["TOKEN@api.test".into()],
+            ..Default::default()
+        })
+        .expect("flags");
+        let user = layer(
+            "allow = [{ host = \"api.test\", methods = [\"GET\"] }, \"model.test\"]\n[secrets.TOKEN]\nhosts = [\"model.test\"]\n[secrets.MODEL]\nhosts = [\"model.test\"]\n",
+            "/cfg/config.toml",
+        );
+        let project = layer(
+            "allow = [\"model.test\"]\nresolve = [\"pkgs.test:443:127.0.0.3\"]\n[setup]\nallow = [\"pkgs.test\", \"git.test\"]\n",
+            "/repo/hutch.toml",
+        );
+        let p = PhasedPolicy::merge(&[flags, user, project]).expect("merged");
+        let r = p
+            .agent
+            .check_connect(&name("api.test"), 443)
+            .expect("flag rule");
+        assert!(
+            !r.restricts_requests() && r.origin().starts_with("--allow"),
+            "{r}"
+        );
+        let r = p
+            .agent
+            .check_connect(&name("api.test"), 80)
+            .expect("the config's rule keeps port 80");
+        assert!(r.restricts_requests(), "{r}");
+        assert!(p
+            .agent
+            .check_connect(&name("model.test"), 443)
+            .expect("config")
+            .origin()
+            .starts_with("/cfg/config.toml"));
+        assert_eq!(
+            p.agent
+                .rules()
+                .iter()
+                .filter(|r| r.pattern().to_string() == "model.test")
+                .count(),
+            1,
+            "identical rules merge"
+        );
+        let token = p
+            .agent
+            .secrets()
+            .iter()
+            .find(|s| s.name().as_str() == "TOKEN")
+            .expect("TOKEN");
+        assert!(
+            token.is_bound_to(&name("api.test")) && !token.is_bound_to(&name("model.test")),
+            "the flag's binding wins"
+        );
+        assert!(p
+            .agent
+            .secrets()
+            .iter()
+            .any(|s| s.name().as_str() == "MODEL"));
+        assert!(
+            p.setup.check_connect(&name("git.test"), 443).is_ok()
+                && p.setup.check_connect(&name("pkgs.test"), 80).is_ok()
+        );
+        assert_eq!(
+            p.setup.pinned(&name("pkgs.test"), 443),
+            Some(&["127.0.0.2".parse::<IpAddr>().expect("ip")][..]),
+            "the flag's pin wins"
+        );
+        for (i, r) in p.agent.rules().iter().enumerate() {
+            assert_eq!(
+                p.agent.rule(RuleId(i)).map(|x| x.origin()),
+                Some(r.origin()),
+                "rule ids are positions"
+            );
+        }
+        // A pin only the setup phase uses is fine; one nothing uses is refused.
+        let only_setup = PolicyLayer::from_input(&PolicyInput {
+            setup_allow: vec!["pkgs.test:8443".into()],
+            resolve: vec!["pkgs.test:8443:127.0.0.1".into()],
+            ..Default::default()
+        })
+        .expect("layer");
+        assert!(PhasedPolicy::merge(&[only_setup]).is_ok());
+        let unused = PolicyLayer::from_input(&PolicyInput {
+            resolve: vec!["pkgs.test:8443:127.0.0.1".into()],
+            ..Default::default()
+        })
+        .expect("layer");
+        let err = PhasedPolicy::merge(&[unused])
+            .expect_err("unused pin")
+            .to_string();
+        assert!(
+            err.contains("resolve pkgs.test:8443 (--resolve") && err.contains("never be used"),
             "{err}"
         );
     }

@@ -163,6 +163,17 @@ impl AllowRule {
     }
 }
 
+impl AllowRule {
+    /// What the rule allows, without where it came from: `pypi.org:443,80 methods GET`.
+    pub fn describe(&self) -> String {
+        let mut s = self.to_string();
+        if let Some(i) = s.rfind(" (") {
+            s.truncate(i);
+        }
+        s.strip_prefix("allow ").map(str::to_string).unwrap_or(s)
+    }
+}
+
 impl fmt::Display for AllowRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "allow {}", self.pattern)?;

@@ -111,9 +111,21 @@ pub async fn exec(
     argv: Vec<String>,
     cwd: Option<&str>,
     stdout_cap: usize,
+    tee: Option<Tee<'_>>,
+) -> Result<ExecResult, RepoError> {
+    exec_with_env(client, argv, vec![], cwd, stdout_cap, tee).await
+}
+
+/// [`exec`] with `env` added to the sandbox's base environment (later entries win).
+async fn exec_with_env(
+    client: &AgentClient,
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: Option<&str>,
+    stdout_cap: usize,
     mut tee: Option<Tee<'_>>,
 ) -> Result<ExecResult, RepoError> {
-    let req = ExecRequest { argv, env: vec![], cwd: cwd.map(str::to_string), stdin: false, tty: None };
+    let req = ExecRequest { argv, env, cwd: cwd.map(str::to_string), stdin: false, tty: None };
     let mut h = client.exec(req).await?;
     let mut stdout = vec![];
     let mut tail = vec![];
@@ -169,13 +181,20 @@ pub async fn setup_workspace(client: &AgentClient, snap: &Snapshot, prefix: &Pat
     Ok(Workspace::new(snap, guest_cwd(prefix), &r.stdout))
 }
 
-/// Runs a setup script (its bytes, uploaded as they were read and hashed) as root in the VM, from `cwd`,
-/// passing its output to `tee`.
-pub async fn run_setup(client: &AgentClient, script: &[u8], cwd: &str, tee: Tee<'_>) -> Result<ExecResult, RepoError> {
+/// Runs a setup script (its bytes, uploaded as they were read and hashed) as root in the VM, from `cwd`, with
+/// `env` on top of the sandbox's base environment (the setup phase's secret placeholders), passing its output to
+/// `tee`.
+pub async fn run_setup(
+    client: &AgentClient,
+    script: &[u8],
+    cwd: &str,
+    env: Vec<(String, String)>,
+    tee: Tee<'_>,
+) -> Result<ExecResult, RepoError> {
     let path = format!("{STAGING}/setup");
     client.put_file(&path, 0o700, script.len() as u64, script).await?;
     let argv = if script.starts_with(b"#!") { vec![path] } else { vec!["sh".into(), path] };
-    exec(client, argv, Some(cwd), 0, Some(tee)).await
+    exec_with_env(client, argv, env, Some(cwd), 0, Some(tee)).await
 }
 
 /// Packs and downloads what the VM changed into `dest` (a host directory that exists).

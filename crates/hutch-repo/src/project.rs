@@ -1,11 +1,12 @@
-//! `hutch.toml`, a repository's proposal for its sandboxes (a setup script, resources, an egress policy), and
+//! `hutch.toml`, a repository's proposal for its sandboxes (a setup script, resources, an egress policy for the
+//! command and one for the setup script), and
 //! the user's trust in it. The repository is untrusted input (threat 15): a proposal is used only after the
 //! user approved that exact content with `hutch trust`, pinned to a digest of the file and of the setup script
 //! it names, like `direnv allow`. Approvals live in the user's data directory, never in the repository.
 
 use std::path::{Path, PathBuf};
 
-use hutch_policy::CheckedPolicy;
+use hutch_policy::{Phase, PolicyLayer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -48,9 +49,9 @@ pub struct ProjectConfig {
     pub setup: Option<SetupScript>,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
-    pub policy: Option<CheckedPolicy>,
-    /// The `[policy]` table as a standalone policy file (CA paths made absolute).
-    pub policy_toml: Option<String>,
+    /// The `[policy]` table (its `[policy.setup]` is the setup phase's), parsed and checked; relative paths in it
+    /// are relative to the repository.
+    pub policy: Option<PolicyLayer>,
 }
 
 fn bad(file: &Path, msg: impl std::fmt::Display) -> RepoError {
@@ -109,23 +110,11 @@ impl ProjectConfig {
                 (r.cpus, r.memory)
             }
         };
-        let (policy, policy_toml) = match &raw.policy {
-            None => (None, None),
+        let policy = match &raw.policy {
+            None => None,
             Some(t) => {
-                // Relative CA paths are relative to the repository, wherever the policy text is written later.
-                let mut t = t.clone();
-                if let Some(toml::Value::Array(cas)) = t.get_mut("upstream_ca") {
-                    for ca in cas.iter_mut() {
-                        if let toml::Value::String(p) = ca {
-                            if !Path::new(p.as_str()).is_absolute() {
-                                *p = top.join(p.as_str()).to_string_lossy().into_owned();
-                            }
-                        }
-                    }
-                }
-                let text = toml::to_string(&t).map_err(|e| bad(file, format!("[policy]: {e}")))?;
-                let checked = CheckedPolicy::from_toml_str(&text, file).map_err(|e| bad(file, format!("[policy]: {e}")))?;
-                (Some(checked), Some(text))
+                let origin = format!("{} [policy]", file.display());
+                Some(PolicyLayer::from_table(t, &origin, top).map_err(|e| RepoError::Project(e.to_string()))?)
             }
         };
         let mut h = Sha256::new();
@@ -137,7 +126,7 @@ impl ProjectConfig {
             h.update((s.bytes.len() as u64).to_le_bytes());
             h.update(&s.bytes);
         }
-        Ok(ProjectConfig { file: file.to_path_buf(), digest: hex::encode(h.finalize()), setup, cpus, memory_mib, policy, policy_toml })
+        Ok(ProjectConfig { file: file.to_path_buf(), digest: hex::encode(h.finalize()), setup, cpus, memory_mib, policy })
     }
 
     /// What the file asks for, one line each; empty when it asks for nothing.
@@ -157,12 +146,32 @@ impl ProjectConfig {
             v.push(format!("{m} MiB of memory"));
         }
         if let Some(p) = &self.policy {
-            let mut parts: Vec<String> = p.rules().iter().map(|r| r.to_string()).collect();
-            parts.extend(p.secrets().iter().map(|s| format!("secret {}", s.name())));
-            if parts.is_empty() {
-                parts.push("nothing allowed".into());
+            let before = v.len();
+            for phase in Phase::ALL {
+                let mut parts: Vec<String> = p.rules(phase).iter().map(|r| r.describe()).collect();
+                parts.extend(p.secrets(phase).map(|s| {
+                    let hosts: Vec<String> = s.hosts().iter().map(|h| h.to_string()).collect();
+                    format!("secret {} (from {}) sent to {}", s.name(), s.source(), hosts.join(", "))
+                }));
+                if parts.is_empty() {
+                    continue;
+                }
+                let who = match phase {
+                    Phase::Setup => "egress for the setup script",
+                    Phase::Agent => "egress for the command",
+                };
+                v.push(format!("{who}: {}", parts.join("; ")));
             }
-            v.push(format!("an egress policy: {}", parts.join("; ")));
+            for pin in p.pins() {
+                let addrs: Vec<String> = pin.addrs.iter().map(|a| a.to_string()).collect();
+                v.push(format!("{}:{} pinned to {}", pin.name, pin.port, addrs.join(", ")));
+            }
+            for ca in p.upstream_ca() {
+                v.push(format!("upstream TLS trusting the certificates in {}", ca.path.display()));
+            }
+            if v.len() == before {
+                v.push("an egress policy that allows nothing".into());
+            }
         }
         v
     }
@@ -275,13 +284,25 @@ mod tests {
 
     #[test]
     fn a_full_config_parses_and_lists_its_asks() {
-        let t = repo_with("setup = \"scripts/setup.sh\"\n[resources]\ncpus = 2\nmemory = 2048\n[policy]\nallow = [\"api.example.com\"]\n");
+        let t = repo_with(
+            "setup = \"scripts/setup.sh\"\n[resources]\ncpus = 2\nmemory = 2048\n[policy]\nallow = [\"api.example.com\"]\nresolve = [\"pkgs.example.com:443:10.0.0.5\"]\n[policy.setup]\nallow = [\"pkgs.example.com:443\"]\n[policy.setup.secrets.REPO_TOKEN]\nhosts = [\"pkgs.example.com\"]\nfrom_env = \"AWS_SECRET_ACCESS_KEY\"\n",
+        );
         let cfg = ProjectConfig::load(t.path()).unwrap().unwrap();
         assert_eq!(cfg.cpus, Some(2));
         assert_eq!(cfg.memory_mib, Some(2048));
         assert_eq!(cfg.setup.as_ref().unwrap().bytes, b"#!/bin/sh\necho hi\n");
-        let asks = cfg.asks().join("\n");
-        assert!(asks.contains("scripts/setup.sh") && asks.contains("2048 MiB") && asks.contains("api.example.com"), "{asks}");
+        let asks = cfg.asks();
+        let all = asks.join("\n");
+        assert!(all.contains("scripts/setup.sh") && all.contains("2048 MiB"), "{all}");
+        assert!(asks.contains(&"egress for the command: api.example.com:80,443".to_string()), "{all}");
+        assert!(
+            asks.contains(&"egress for the setup script: pkgs.example.com:443; secret REPO_TOKEN (from $AWS_SECRET_ACCESS_KEY) sent to pkgs.example.com".to_string()),
+            "what a secret is read from is shown: {all}"
+        );
+        assert!(asks.contains(&"pkgs.example.com:443 pinned to 10.0.0.5".to_string()), "{all}");
+        let policy = cfg.policy.as_ref().unwrap();
+        assert!(policy.has_setup());
+        assert_eq!(policy.rules(Phase::Agent).len(), 1);
     }
 
     #[test]
@@ -295,6 +316,8 @@ mod tests {
             ("setup = \"missing.sh\"\n", "does not exist"),
             ("[policy]\nallow = [\"*\"]\n", "[policy]"),
             ("[policy]\nbogus = 1\n", "[policy]"),
+            ("[policy.setup]\nallow = [\"*.com\"]\n", "[policy]: setup.allow[0]"),
+            ("[policy.setup]\nresolve = []\n", "unknown field `resolve`"),
         ];
         for (text, want) in cases {
             let t = repo_with(text);

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use hutch_gateway::{AuditSink, DnsAnswer, Gateway, GatewayConfig, MemoryAuditSink};
+use hutch_gateway::{AuditSink, DnsAnswer, Gateway, GatewayConfig, MemoryAuditSink, Phase, PhaseEgress};
 use hutch_policy::{CheckedPolicy, LoadedSecret, PolicyInput};
 use hutch_proto::frame::{read_header, write_header};
 use hutch_proto::mux::Stream;
@@ -17,7 +17,11 @@ type SecretLoader = dyn Fn(&CheckedPolicy) -> Result<Vec<LoadedSecret>, String> 
 /// only in the host-side gateway.
 #[derive(Clone)]
 pub struct Egress {
+    /// The agent phase's policy: what the command may reach.
     pub policy: Arc<CheckedPolicy>,
+    /// A setup phase's own policy. With one, the gateway starts in the setup phase, and the caller moves it to
+    /// the agent phase ([`Gateway::enter_phase`]) when the setup script is done.
+    pub setup: Option<Arc<CheckedPolicy>>,
     pub audit: Arc<dyn AuditSink>,
     pub limits: hutch_gateway::Limits,
     load_secrets: Arc<SecretLoader>,
@@ -25,7 +29,7 @@ pub struct Egress {
 
 impl std::fmt::Debug for Egress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Egress").field("policy", &self.policy).finish_non_exhaustive()
+        f.debug_struct("Egress").field("policy", &self.policy).field("setup", &self.setup).finish_non_exhaustive()
     }
 }
 
@@ -34,10 +38,17 @@ impl Egress {
     pub fn new(policy: CheckedPolicy, audit: Arc<dyn AuditSink>) -> Self {
         Self {
             policy: Arc::new(policy),
+            setup: None,
             audit,
             limits: hutch_gateway::Limits::default(),
             load_secrets: Arc::new(|p: &CheckedPolicy| p.load_secrets().map_err(|e| e.to_string())),
         }
+    }
+
+    /// Adds a setup phase with its own policy (and secrets) before the agent phase.
+    pub fn with_setup_phase(mut self, policy: CheckedPolicy) -> Self {
+        self.setup = Some(Arc::new(policy));
+        self
     }
 
     /// Secrets from elsewhere (a daemon's encrypted store).
@@ -56,6 +67,10 @@ impl Egress {
         let secrets = (self.load_secrets)(&self.policy).map_err(SandboxError::Gateway)?;
         let mut cfg = GatewayConfig::new(sandbox_id, self.policy.clone(), secrets, self.audit.clone());
         cfg.limits = self.limits.clone();
+        if let Some(policy) = &self.setup {
+            let secrets = (self.load_secrets)(policy).map_err(|e| SandboxError::Gateway(format!("setup phase: {e}")))?;
+            cfg.setup = Some(PhaseEgress { policy: policy.clone(), secrets });
+        }
         Gateway::new(cfg).map_err(|e| SandboxError::Gateway(crate::error_chain(&e)))
     }
 }
@@ -65,8 +80,8 @@ fn unreachable_empty_policy() -> CheckedPolicy {
     CheckedPolicy::from_toml_str("", std::path::Path::new("<empty>")).unwrap_or_else(|e| panic!("empty policy rejected: {e}"))
 }
 
-/// The environment every guest process starts with: the user's variables, each secret's placeholder under the
-/// secret's name, and the settings that send proxy-aware programs to the gateway and make TLS clients trust the
+/// The environment every guest process starts with: the user's variables, each agent-phase secret's placeholder
+/// under the secret's name, and the settings that send proxy-aware programs to the gateway and make TLS clients trust the
 /// sandbox CA.
 pub fn guest_env(gateway: &Gateway, user: &[(String, String)]) -> Vec<(String, String)> {
     const BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -90,6 +105,12 @@ pub fn guest_env(gateway: &Gateway, user: &[(String, String)]) -> Vec<(String, S
     env.extend(gateway.placeholders());
     env.extend(user.iter().cloned());
     env
+}
+
+/// What a setup-phase process gets on top of [`guest_env`]: the setup phase's placeholders, which no other
+/// process ever sees.
+pub fn setup_env(gateway: &Gateway) -> Vec<(String, String)> {
+    gateway.phase_placeholders(Phase::Setup)
 }
 
 /// Serves the streams the guest opens: each is a DNS question, a proxy connection or a transparent tunnel,

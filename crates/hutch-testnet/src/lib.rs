@@ -170,9 +170,13 @@ impl TestNet {
         let git_root = dir.path().join("git");
         std::fs::create_dir(&git_root)
             .map_err(io_err(format!("cannot create {}", git_root.display())))?;
+        let files_root = dir.path().join("files");
+        std::fs::create_dir(&files_root)
+            .map_err(io_err(format!("cannot create {}", files_root.display())))?;
         let log = Arc::new(Log::default());
         let routes = routes::Routes {
             git_root: git_root.clone(),
+            files_root,
         };
         let server = server::Running::start(pki.server_config.clone(), routes, log.clone())?;
         Ok(TestNet {
@@ -215,6 +219,12 @@ impl TestNet {
     /// A directory that is deleted with the test net.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Files put here are served at `/files/PATH` by both servers (a static site, e.g. a package
+    /// repository); other paths under `/files/` are 404.
+    pub fn files_dir(&self) -> PathBuf {
+        self.dir.path().join("files")
     }
 
     /// `https://NAME:PORT/PATH` on the HTTPS server (`path` starts with '/').
