@@ -25,15 +25,8 @@ const MAX_FILE: u64 = 256 * 1024;
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     image: Option<String>,
-    resources: Option<RawResources>,
+    resources: Option<hutch_repo::project::RawResources>,
     policy: Option<toml::Table>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawResources {
-    cpus: Option<u32>,
-    memory: Option<u32>,
 }
 
 /// The user's config in checked form; empty when there is none.

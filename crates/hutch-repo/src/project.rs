@@ -25,11 +25,12 @@ struct RawProject {
     policy: Option<toml::Table>,
 }
 
+/// The `[resources]` table of `hutch.toml` and of the user's config, as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawResources {
-    cpus: Option<u32>,
-    memory: Option<u32>,
+pub struct RawResources {
+    pub cpus: Option<u32>,
+    pub memory: Option<u32>,
 }
 
 /// A setup script named by `hutch.toml`, with the bytes that were hashed (and are the ones that will run).
