@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use hutch_proto::mux::Stream;
-use hutch_proto::{FileChunk, FileMeta, Framed, PutFile, Reply, CHUNK};
+use hutch_proto::{FileChunk, FileMeta, Framed, PutArchive, PutFile, Reply, CHUNK};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub async fn put(mut framed: Framed<Stream>, put: PutFile) {
@@ -19,27 +19,71 @@ async fn write_file(framed: &mut Framed<Stream>, put: &PutFile) -> Result<(), St
         }
     }
     let mut file = tokio::fs::File::create(path).await.map_err(|e| format!("cannot create {}: {e}", put.path))?;
+    receive(framed, &mut file, &put.path, put.size).await?;
+    file.set_permissions(std::fs::Permissions::from_mode(put.mode & 0o7777))
+        .await
+        .map_err(|e| format!("cannot chmod {}: {e}", put.path))?;
+    Ok(())
+}
+
+/// Receives an archive into a staging file, then unpacks it into `put.dir`: entries keep their modes and times,
+/// belong to root, and may not land outside the directory.
+pub async fn put_archive(mut framed: Framed<Stream>, put: PutArchive) {
+    let r = async {
+        let staging = std::path::Path::new(STAGING);
+        tokio::fs::create_dir_all(staging).await.map_err(|e| format!("cannot create {STAGING}: {e}"))?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = staging.join(format!("archive-{n}.tar"));
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        let received = receive(&mut framed, &mut file, &put.dir, put.size).await;
+        drop(file);
+        let unpacked = match received {
+            Ok(()) => {
+                let (tmp2, dir) = (tmp.clone(), put.dir.clone());
+                tokio::task::spawn_blocking(move || unpack(&tmp2, &dir)).await.unwrap_or_else(|e| Err(format!("unpacking failed: {e}")))
+            }
+            Err(e) => Err(e),
+        };
+        let _ = tokio::fs::remove_file(&tmp).await;
+        unpacked
+    }
+    .await;
+    let _ = framed.send(&Reply::from_result(r)).await;
+}
+
+/// Where uploads are staged before they are unpacked.
+const STAGING: &str = "/var/tmp/hutch";
+
+fn unpack(archive: &std::path::Path, dir: &str) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
+    let f = std::fs::File::open(archive).map_err(|e| format!("cannot open {}: {e}", archive.display()))?;
+    let mut a = tar::Archive::new(std::io::BufReader::new(f));
+    a.set_preserve_permissions(true);
+    a.set_preserve_mtime(true);
+    a.set_overwrite(true);
+    a.unpack(dir).map_err(|e| format!("cannot unpack into {dir}: {e}"))
+}
+
+/// Reads [`FileChunk`]s into `out` until `End`; exactly `size` bytes must arrive.
+async fn receive(framed: &mut Framed<Stream>, out: &mut tokio::fs::File, what: &str, size: u64) -> Result<(), String> {
     let mut written = 0u64;
     loop {
         match framed.recv::<FileChunk>().await.map_err(|e| format!("upload interrupted: {e}"))? {
             FileChunk::Data(bytes) => {
                 written += bytes.len() as u64;
-                if written > put.size {
-                    return Err(format!("upload of {} is larger than announced ({} bytes)", put.path, put.size));
+                if written > size {
+                    return Err(format!("upload of {what} is larger than announced ({size} bytes)"));
                 }
-                file.write_all(&bytes).await.map_err(|e| format!("cannot write {}: {e}", put.path))?;
+                out.write_all(&bytes).await.map_err(|e| format!("cannot write {what}: {e}"))?;
             }
             FileChunk::End => break,
         }
     }
-    if written != put.size {
-        return Err(format!("upload of {} ended after {written} of {} bytes", put.path, put.size));
+    if written != size {
+        return Err(format!("upload of {what} ended after {written} of {size} bytes"));
     }
-    file.flush().await.map_err(|e| format!("cannot write {}: {e}", put.path))?;
-    file.set_permissions(std::fs::Permissions::from_mode(put.mode & 0o7777))
-        .await
-        .map_err(|e| format!("cannot chmod {}: {e}", put.path))?;
-    Ok(())
+    out.flush().await.map_err(|e| format!("cannot write {what}: {e}"))
 }
 
 pub async fn get(mut framed: Framed<Stream>, path: &str) {

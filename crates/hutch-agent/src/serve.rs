@@ -76,6 +76,7 @@ async fn handle(stream: Stream, state: State) {
         }
         Request::Exec(req) => crate::exec::run(framed, req, state.base_env()).await,
         Request::PutFile(put) => crate::files::put(framed, put).await,
+        Request::PutArchive(put) => crate::files::put_archive(framed, put).await,
         Request::GetFile { path } => crate::files::get(framed, &path).await,
         Request::Ping => {
             let _ = framed.send(&Reply::Ok).await;

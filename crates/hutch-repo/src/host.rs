@@ -96,6 +96,9 @@ pub struct Snapshot {
     /// The VM's `/workspace`, ready made: a tar of a fresh repository holding the bundle's objects, HEAD checked
     /// out and the user's working tree over it.
     pub workspace: PathBuf,
+    /// SHA-256 of the workspace repository's `config`, `hooks/*` and `info/*`, by path under `.git`: what the VM
+    /// starts with, to tell the user later what it changed there.
+    pub(crate) git_meta: std::collections::BTreeMap<String, String>,
 }
 
 impl Snapshot {
@@ -151,8 +154,16 @@ impl Snapshot {
         let mut args: Vec<&OsStr> = vec![OsStr::new("bundle"), OsStr::new("create"), OsStr::new("-q"), bundle.as_os_str()];
         args.extend(refs.iter().map(OsStr::new));
         git.run("bundle create (repository upload)", args)?;
-        let workspace = prepare_workspace(scratch.path(), &repo.object_format, &bundle, repo.head.as_ref(), (!empty).then_some(&commit), repo.branch.as_deref())?;
-        Ok(Snapshot { git, base: repo.head.clone(), commit, empty, branch: repo.branch.clone(), bundle, workspace, scratch })
+        let (workspace, git_meta) = prepare_workspace(
+            scratch.path(),
+            &repo.object_format,
+            &bundle,
+            repo.head.as_ref(),
+            (!empty).then_some(&commit),
+            repo.branch.as_deref(),
+            &repo.prefix,
+        )?;
+        Ok(Snapshot { git, base: repo.head.clone(), commit, empty, branch: repo.branch.clone(), bundle, workspace, git_meta, scratch })
     }
 
     /// The scratch directory (bundle, downloads, temporary indexes).
@@ -173,7 +184,8 @@ fn prepare_workspace(
     base: Option<&Oid>,
     snapshot: Option<&Oid>,
     branch: Option<&str>,
-) -> Result<PathBuf, RepoError> {
+    prefix: &Path,
+) -> Result<(PathBuf, std::collections::BTreeMap<String, String>), RepoError> {
     let ws = scratch.join("ws");
     Git::discover(scratch).run(
         "init (workspace)",
@@ -213,6 +225,9 @@ fn prepare_workspace(
     let mut text = std::fs::read_to_string(&config).map_err(io_err("cannot read the workspace's git config"))?;
     text.push_str("[user]\n\tname = Hutch Sandbox\n\temail = sandbox@hutch.invalid\n");
     std::fs::write(&config, text).map_err(io_err("cannot write the workspace's git config"))?;
+    // The directory the command starts in exists even when it holds only ignored files on the host.
+    std::fs::create_dir_all(ws.join(prefix)).map_err(io_err("cannot create the start directory in the workspace"))?;
+    let git_meta = git_meta_digests(&ws.join(".git")).map_err(io_err("cannot read the workspace's git metadata"))?;
     let tar_path = scratch.join("workspace.tar");
     let file = std::fs::File::create(&tar_path).map_err(io_err("cannot create the workspace archive"))?;
     let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
@@ -221,7 +236,29 @@ fn prepare_workspace(
     tar.append_dir_all(".", &ws).map_err(io_err("cannot pack the workspace"))?;
     tar.into_inner().and_then(|w| w.into_inner().map_err(|e| e.into_error())).map_err(io_err("cannot pack the workspace"))?;
     std::fs::remove_dir_all(&ws).map_err(io_err("cannot remove the workspace staging directory"))?;
-    Ok(tar_path)
+    Ok((tar_path, git_meta))
+}
+
+/// Digests of a repository's `config` and the regular files directly in `hooks/` and `info/`, keyed by path
+/// relative to the git directory (the form the VM reports them in at the end).
+pub(crate) fn git_meta_digests(git_dir: &Path) -> std::io::Result<std::collections::BTreeMap<String, String>> {
+    use sha2::{Digest, Sha256};
+    let mut out = std::collections::BTreeMap::new();
+    let mut files = vec!["config".to_string()];
+    for d in ["hooks", "info"] {
+        if let Ok(rd) = std::fs::read_dir(git_dir.join(d)) {
+            for e in rd.flatten() {
+                if e.file_type()?.is_file() {
+                    files.push(format!("{d}/{}", e.file_name().to_string_lossy()));
+                }
+            }
+        }
+    }
+    for f in files {
+        let bytes = std::fs::read(git_dir.join(&f))?;
+        out.insert(f, hex::encode(Sha256::digest(&bytes)));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::git::Git;
-use crate::guest::{parse_report, Collected, Workspace, COLLECT, SETUP_WORKSPACE};
+use crate::guest::{parse_report, Collected, Workspace, COLLECT};
 use crate::host::tests::sample_repo;
 use crate::host::{HostRepo, Snapshot};
 use crate::{apply, import, store, Limits, RepoError, SensitiveKind};
@@ -63,14 +63,13 @@ impl FakeVm {
         assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// What the agent does with the workspace archive.
     fn setup(&self, snap: &Snapshot) -> Workspace {
-        let archive = self.staging.join("workspace.tar");
-        std::fs::copy(&snap.workspace, &archive).unwrap();
-        let out = self.sh(
-            SETUP_WORKSPACE,
-            &[self.ws.to_str().unwrap(), self.staging.to_str().unwrap(), archive.to_str().unwrap(), self.ws.join("start/here").to_str().unwrap()],
-        );
-        Workspace::new(snap, "/workspace".into(), &out)
+        std::fs::create_dir_all(&self.ws).unwrap();
+        let mut a = tar::Archive::new(std::fs::File::open(&snap.workspace).unwrap());
+        a.set_preserve_permissions(true);
+        a.unpack(&self.ws).unwrap();
+        Workspace::new(snap, "/workspace".into())
     }
 
     fn collect(&self, ws: &Workspace, snap: &Snapshot) -> Collected {

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use hutch_proto::frame::{FramedRecv, FramedSend};
 use hutch_proto::mux::Stream;
-use hutch_proto::{ExecEvent, ExecInput, ExecRequest, FileChunk, FileMeta, Framed, Identity, PutFile, Reply, Request, Session, CHUNK};
+use hutch_proto::{ExecEvent, ExecInput, ExecRequest, FileChunk, FileMeta, Framed, Identity, PutArchive, PutFile, Reply, Request, Session, CHUNK};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::SandboxError;
@@ -102,9 +102,25 @@ impl AgentClient {
         Err(SandboxError::Guest("the process's stream ended without an exit status".into()))
     }
 
-    pub async fn put_file<R: AsyncRead + Unpin>(&self, guest_path: &str, mode: u32, size: u64, mut data: R) -> Result<(), SandboxError> {
+    pub async fn put_file<R: AsyncRead + Unpin>(&self, guest_path: &str, mode: u32, size: u64, data: R) -> Result<(), SandboxError> {
         let put = PutFile { path: guest_path.to_string(), mode, size, parents: true };
         let mut f = self.request(&Request::PutFile(put)).await?;
+        Self::send_chunks(&mut f, size, data).await?;
+        Self::reply(&mut f, &format!("writing {guest_path}")).await
+    }
+
+    /// Unpacks the tar archive at `host` into the guest directory `dir` (created if missing), inside the agent.
+    pub async fn put_host_archive(&self, host: &Path, dir: &str) -> Result<(), SandboxError> {
+        let file = tokio::fs::File::open(host)
+            .await
+            .map_err(|e| SandboxError::HostIo { what: format!("cannot open {}", host.display()), source: e })?;
+        let size = file.metadata().await.map_err(|e| SandboxError::HostIo { what: format!("cannot stat {}", host.display()), source: e })?.len();
+        let mut f = self.request(&Request::PutArchive(PutArchive { dir: dir.to_string(), size })).await?;
+        Self::send_chunks(&mut f, size, file).await?;
+        Self::reply(&mut f, &format!("unpacking into {dir}")).await
+    }
+
+    async fn send_chunks<R: AsyncRead + Unpin>(f: &mut Framed<Stream>, size: u64, mut data: R) -> Result<(), SandboxError> {
         let mut buf = vec![0u8; CHUNK];
         let mut sent = 0u64;
         loop {
@@ -118,8 +134,7 @@ impl AgentClient {
         if sent != size {
             return Err(SandboxError::Guest(format!("upload source changed size while copying ({sent} of {size} bytes)")));
         }
-        f.send(&FileChunk::End).await.map_err(SandboxError::Channel)?;
-        Self::reply(&mut f, &format!("writing {guest_path}")).await
+        f.send(&FileChunk::End).await.map_err(SandboxError::Channel)
     }
 
     pub async fn put_host_file(&self, host: &Path, guest_path: &str) -> Result<(), SandboxError> {
