@@ -68,17 +68,12 @@ fn unpack(archive: &std::path::Path, dir: &str) -> Result<(), String> {
 /// Reads [`FileChunk`]s into `out` until `End`; exactly `size` bytes must arrive.
 async fn receive(framed: &mut Framed<Stream>, out: &mut tokio::fs::File, what: &str, size: u64) -> Result<(), String> {
     let mut written = 0u64;
-    loop {
-        match framed.recv::<FileChunk>().await.map_err(|e| format!("upload interrupted: {e}"))? {
-            FileChunk::Data(bytes) => {
-                written += bytes.len() as u64;
-                if written > size {
-                    return Err(format!("upload of {what} is larger than announced ({size} bytes)"));
-                }
-                out.write_all(&bytes).await.map_err(|e| format!("cannot write {what}: {e}"))?;
-            }
-            FileChunk::End => break,
+    while let FileChunk::Data(bytes) = framed.recv::<FileChunk>().await.map_err(|e| format!("upload interrupted: {e}"))? {
+        written += bytes.len() as u64;
+        if written > size {
+            return Err(format!("upload of {what} is larger than announced ({size} bytes)"));
         }
+        out.write_all(&bytes).await.map_err(|e| format!("cannot write {what}: {e}"))?;
     }
     if written != size {
         return Err(format!("upload of {what} ended after {written} of {size} bytes"));

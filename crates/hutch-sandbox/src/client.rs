@@ -154,14 +154,9 @@ impl AgentClient {
         let mut f = self.request(&Request::GetFile { path: guest_path.to_string() }).await?;
         let meta = f.recv::<Result<FileMeta, String>>().await.map_err(SandboxError::Channel)?.map_err(SandboxError::Guest)?;
         let mut got = 0u64;
-        loop {
-            match f.recv::<FileChunk>().await.map_err(SandboxError::Channel)? {
-                FileChunk::Data(b) => {
-                    got += b.len() as u64;
-                    out.write_all(&b).await.map_err(|e| SandboxError::HostIo { what: "write download".into(), source: e })?;
-                }
-                FileChunk::End => break,
-            }
+        while let FileChunk::Data(b) = f.recv::<FileChunk>().await.map_err(SandboxError::Channel)? {
+            got += b.len() as u64;
+            out.write_all(&b).await.map_err(|e| SandboxError::HostIo { what: "write download".into(), source: e })?;
         }
         if got != meta.size {
             return Err(SandboxError::Guest(format!("{guest_path} changed size while copying ({got} of {} bytes)", meta.size)));
