@@ -111,12 +111,9 @@ impl AgentClient {
 
     /// Unpacks the tar archive at `host` into the guest directory `dir` (created if missing), inside the agent.
     pub async fn put_host_archive(&self, host: &Path, dir: &str) -> Result<(), SandboxError> {
-        let file = tokio::fs::File::open(host)
-            .await
-            .map_err(|e| SandboxError::HostIo { what: format!("cannot open {}", host.display()), source: e })?;
-        let size = file.metadata().await.map_err(|e| SandboxError::HostIo { what: format!("cannot stat {}", host.display()), source: e })?.len();
-        let mut f = self.request(&Request::PutArchive(PutArchive { dir: dir.to_string(), size })).await?;
-        Self::send_chunks(&mut f, size, file).await?;
+        let (file, meta) = open_upload(host).await?;
+        let mut f = self.request(&Request::PutArchive(PutArchive { dir: dir.to_string(), size: meta.len() })).await?;
+        Self::send_chunks(&mut f, meta.len(), file).await?;
         Self::reply(&mut f, &format!("unpacking into {dir}")).await
     }
 
@@ -139,13 +136,7 @@ impl AgentClient {
 
     pub async fn put_host_file(&self, host: &Path, guest_path: &str) -> Result<(), SandboxError> {
         use std::os::unix::fs::PermissionsExt;
-        let file = tokio::fs::File::open(host)
-            .await
-            .map_err(|e| SandboxError::HostIo { what: format!("cannot open {}", host.display()), source: e })?;
-        let meta = file.metadata().await.map_err(|e| SandboxError::HostIo { what: format!("cannot stat {}", host.display()), source: e })?;
-        if !meta.is_file() {
-            return Err(SandboxError::BadInput(format!("{} is not a regular file (only files can be copied in)", host.display())));
-        }
+        let (file, meta) = open_upload(host).await?;
         self.put_file(guest_path, meta.permissions().mode(), meta.len(), file).await
     }
 
@@ -176,4 +167,14 @@ pub struct Output {
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
     pub status: Option<hutch_proto::ExitStatus>,
+}
+
+/// Opens a host file to upload: a regular file, with its metadata.
+async fn open_upload(host: &Path) -> Result<(tokio::fs::File, std::fs::Metadata), SandboxError> {
+    let file = tokio::fs::File::open(host).await.map_err(|e| SandboxError::HostIo { what: format!("cannot open {}", host.display()), source: e })?;
+    let meta = file.metadata().await.map_err(|e| SandboxError::HostIo { what: format!("cannot stat {}", host.display()), source: e })?;
+    if !meta.is_file() {
+        return Err(SandboxError::BadInput(format!("{} is not a regular file (only files can be copied in)", host.display())));
+    }
+    Ok((file, meta))
 }

@@ -197,7 +197,6 @@ impl Attached {
                 return Err(e);
             }
         };
-        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "finish: gateway ready");
         let egress_task = tokio::spawn(egress::serve_guest_streams(inbound, gateway.clone()));
         let client = AgentClient::new(session);
         let mut entropy = vec![0u8; 64];
@@ -217,7 +216,6 @@ impl Attached {
             ca_pem: Some(gateway.ca_cert_pem()),
             exit_on_disconnect: cfg.exit_on_disconnect,
         };
-        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "finish: identity made");
         if let Err(e) = client.init(identity).await {
             egress_task.abort();
             driver.abort();

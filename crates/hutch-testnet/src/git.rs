@@ -290,33 +290,21 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
+    async fn body(r: Response<RespBody>) -> Vec<u8> {
+        r.into_body().collect().await.expect("body").to_bytes().to_vec()
+    }
+
     #[tokio::test]
     async fn cgi_output_becomes_a_response() {
         let r = cgi_response(b"Status: 404 Not Found\r\nContent-Type: text/plain\r\n\r\nmissing");
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         assert_eq!(r.headers()["content-type"], "text/plain");
-        assert_eq!(
-            r.into_body()
-                .collect()
-                .await
-                .expect("body")
-                .to_bytes()
-                .as_ref(),
-            b"missing"
-        );
+        assert_eq!(body(r).await, b"missing");
         let r = cgi_response(
             b"Content-Type: application/x-git-upload-pack-advertisement\n\n001e# service",
         );
         assert_eq!(r.status(), StatusCode::OK);
-        assert_eq!(
-            r.into_body()
-                .collect()
-                .await
-                .expect("body")
-                .to_bytes()
-                .as_ref(),
-            b"001e# service"
-        );
+        assert_eq!(body(r).await, b"001e# service");
         assert_eq!(
             cgi_response(b"Content-Type: x").status(),
             StatusCode::BAD_GATEWAY

@@ -20,7 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::oneshot;
 use tokio_rustls::TlsAcceptor;
 
 use crate::{io_err, TestNetError};
@@ -218,18 +218,9 @@ async fn serve(
     script: Arc<Script>,
     log: Arc<Mutex<Vec<Call>>>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+    crate::server::accept_loop(listener, MAX_CONNECTIONS, move |tcp| {
         let (acceptor, script, log) = (acceptor.clone(), script.clone(), log.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
             let Ok(Ok(tls)) =
                 tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             else {
@@ -242,8 +233,9 @@ async fn serve(
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tls), svc)
                 .await;
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn handle(

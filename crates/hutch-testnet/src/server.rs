@@ -180,14 +180,14 @@ where
         .await;
 }
 
-async fn serve_tls(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    routes: Arc<Routes>,
-    log: Arc<Log>,
-) {
-    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+/// Accepts connections on `listener` until it fails for good, at most `max` served at once (more wait in the
+/// accept queue), each handed to `serve` in a task of its own.
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, max: usize, serve: F)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -197,60 +197,46 @@ async fn serve_tls(
         };
         // Like production servers; without it small responses can wait for a delayed ACK.
         let _ = tcp.set_nodelay(true);
-        let (acceptor, routes, log) = (acceptor.clone(), routes.clone(), log.clone());
+        let conn = serve(tcp);
         tokio::spawn(async move {
             let _permit = permit;
+            conn.await;
+        });
+    }
+}
+
+async fn serve_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    routes: Arc<Routes>,
+    log: Arc<Log>,
+) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    accept_loop(listener, MAX_CONNECTIONS, move |tcp| {
+        let (acceptor, routes, log) = (acceptor.clone(), routes.clone(), log.clone());
+        async move {
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let sni = tls.get_ref().1.server_name().map(str::to_string);
-                    serve_http(
-                        tls,
-                        routes,
-                        log,
-                        Conn {
-                            tls: true,
-                            sni,
-                            port,
-                        },
-                    )
-                    .await;
+                    serve_http(tls, routes, log, Conn { tls: true, sni, port }).await;
                 }
                 _ => {
                     log.tls_handshakes_failed
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn serve_plain(listener: TcpListener, routes: Arc<Routes>, log: Arc<Log>) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+    accept_loop(listener, MAX_CONNECTIONS, move |tcp| {
         let (routes, log) = (routes.clone(), log.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            serve_http(
-                tcp,
-                routes,
-                log,
-                Conn {
-                    tls: false,
-                    sni: None,
-                    port,
-                },
-            )
-            .await;
-        });
-    }
+        async move { serve_http(tcp, routes, log, Conn { tls: false, sni: None, port }).await }
+    })
+    .await;
 }
 
 async fn count_udp(sock: UdpSocket, log: Arc<Log>) {
