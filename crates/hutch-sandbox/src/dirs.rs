@@ -83,13 +83,23 @@ pub fn reap_stale(root: &Path) -> Vec<String> {
     reaped
 }
 
-/// Kills `pid` only if its command line names `dir` (so a reused pid is never hit).
+/// Kills `pid` only if its command line names `dir` (so a reused pid is never hit). A command line that does
+/// not name it is read again for up to a second before the pid is judged foreign: in two full test runs the
+/// stand-in VMM survived a reap, so a single read is not trusted.
 fn kill_if_ours(pid: i32, dir: &Path) {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return;
-    };
     let needle = dir.as_os_str().as_encoded_bytes();
-    if !cmdline.windows(needle.len()).any(|w| w == needle) {
+    let mut ours = false;
+    for _ in 0..100 {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return;
+        };
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            ours = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !ours {
         return;
     }
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
@@ -122,12 +132,13 @@ mod tests {
         std::os::unix::process::CommandExt::arg0(&mut vmm, &stale);
         let mut vmm = vmm.arg("60").spawn().unwrap();
         std::fs::write(stale.join("vmm.pid"), vmm.id().to_string()).unwrap();
+        let seen = String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", vmm.id())).unwrap_or_default()).replace('\0', " ");
 
         let reaped = reap_stale(root.path());
         assert_eq!(reaped, vec!["stale".to_string()]);
         assert!(!stale.exists());
         let st = vmm.wait().unwrap();
-        assert!(!st.success(), "the leftover process was killed");
+        assert!(!st.success(), "the leftover process was killed (its command line read {seen:?})");
         assert!(live.path().exists());
         let p = live.path().to_path_buf();
         drop(live);
