@@ -672,7 +672,7 @@ impl Manager {
             self.metrics.destroyed("daemon_restart");
             out.marked_destroyed.push(row.id);
         }
-        out.reaped = hutch_sandbox::reap_stale(&self.host.root);
+        out.reaped = self.host.reap_stale();
         Ok(out)
     }
 
