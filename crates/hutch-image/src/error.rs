@@ -42,10 +42,9 @@ pub enum ImageError {
 
     #[error(
         "building the root filesystem needs root (mmdebstrap and `mkfs.ext4 -d` must keep file \
-         ownership), and {} has no image for this spec: ask an administrator to run `hutch image \
-         build` (with this --image) as root, which every user then shares; `hutch doctor` says \
-         more",
-        shared.as_ref().map_or("no shared system cache".to_owned(), |p| format!("the system cache {}", p.display()))
+         ownership), and {}: ask an administrator to run `hutch image build` (with this --image) \
+         as root once, which every user then shares; `hutch doctor` says more",
+        shared.as_ref().map_or("there is no system cache to take it from".to_owned(), |p| format!("the system cache {} has none for these inputs", p.display()))
     )]
     NeedsRoot { shared: Option<PathBuf> },
 
