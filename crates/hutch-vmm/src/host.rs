@@ -144,7 +144,7 @@ pub fn kvm_access_advice(root: &Path) -> Option<String> {
     let group = nix::unistd::Group::from_gid(gid).ok().flatten();
     let me = nix::unistd::User::from_uid(nix::unistd::geteuid()).ok().flatten();
     let in_db = match (&group, &me) {
-        (Some(g), Some(u)) => u.gid == g.gid || g.mem.iter().any(|m| *m == u.name),
+        (Some(g), Some(u)) => u.gid == g.gid || g.mem.contains(&u.name),
         _ => false,
     };
     let in_session = nix::unistd::getgroups().map(|gs| gs.contains(&gid)).unwrap_or(false) || nix::unistd::getegid() == gid;

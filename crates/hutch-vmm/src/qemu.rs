@@ -175,8 +175,9 @@ impl Qemu {
             .process_group(0)
             .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal so that QEMU dies
-        // with hutch even when hutch is SIGKILLed. The kernel clears it when QEMU drops privileges (-runas); from
-        // then on the guest powers itself off when its host session goes away, and the next run reaps leftovers.
+        // with hutch even when hutch is SIGKILLed. Run by an ordinary user, QEMU keeps it for its whole life (no
+        // privilege change clears it). Started by root, the kernel clears it when QEMU drops privileges (-runas);
+        // from then on the guest powers itself off when its host session goes away, and the next run reaps.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
