@@ -120,7 +120,10 @@ fn as_user(user: &TestUser, cwd: &Path, env: &[(&str, &str)], program: &Path, ar
 /// `hutch ARGS` as `user`, with the copied agent, and the system cache named when it is not the default.
 fn hutch_as(user: &TestUser, bins: &Bins, cwd: &Path, env: &[(&str, &str)], args: &[&str]) -> Command {
     let mut c = as_user(user, cwd, env, &bins.hutch(), args);
-    c.env("HUTCH_AGENT", bins.dir.path().join("hutch-agent")).env("HUTCH_LOG", "warn");
+    c.env("HUTCH_LOG", "warn");
+    if !env.iter().any(|(k, _)| *k == "HUTCH_AGENT") {
+        c.env("HUTCH_AGENT", bins.dir.path().join("hutch-agent"));
+    }
     let system = system_cache();
     if system != Path::new(hutch_image::SYSTEM_CACHE) && !env.iter().any(|(k, _)| *k == "HUTCH_SYSTEM_CACHE_DIR") {
         c.env("HUTCH_SYSTEM_CACHE_DIR", system);
@@ -363,6 +366,21 @@ fn ordinary_users_run_against_the_shared_image_and_keep_their_state_to_themselve
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert!(!sandboxes_b[0].exists() && !sockets.exists(), "the leftovers were reaped");
     let _ = std::fs::remove_dir_all(&runtime_b);
+
+    // A user with an agent of their own builds only the initramfs; the kernel and root filesystem come from the
+    // system cache, linked, not copied or rebuilt.
+    let agent2 = bins.dir.path().join("agent2");
+    std::fs::copy(bins.dir.path().join("hutch-agent"), &agent2).unwrap();
+    std::fs::OpenOptions::new().append(true).open(&agent2).and_then(|mut f| std::io::Write::write_all(&mut f, b"\0")).unwrap();
+    std::fs::set_permissions(&agent2, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = output(hutch_as(&a, &bins, &a.home, &[("HUTCH_AGENT", agent2.to_str().unwrap())], &["run", "--cold", "--", "echo", "own agent"]));
+    assert_eq!((o.status.code(), text(&o.stdout).as_str()), (Some(0), "own agent\n"), "{}", text(&o.stderr));
+    for (kind, linked) in [("kernels", true), ("rootfs", true), ("initrd", false)] {
+        let entries: Vec<PathBuf> = std::fs::read_dir(cache_a.join(kind)).unwrap().flatten().map(|e| e.path()).collect();
+        assert_eq!(entries.len(), 1, "{kind}: {entries:?}");
+        let link = std::fs::read_link(&entries[0]).ok();
+        assert_eq!(link.as_ref().is_some_and(|l| l.starts_with(system.join(kind))), linked, "{kind}: {link:?}");
+    }
 
     // Nothing the users did is in the system cache: no entry of theirs, and every entry that appeared meanwhile
     // (other root runs share this machine) belongs to root or the VMM account. Image files are writable by no user.
