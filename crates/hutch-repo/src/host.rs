@@ -6,6 +6,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use crate::credentials::CredentialFilter;
 use crate::git::{init_scratch, path_from_output, user_excludes_file, Git, Oid};
 use crate::{io_err, RepoError};
 
@@ -99,11 +100,21 @@ pub struct Snapshot {
     /// SHA-256 of the workspace repository's `config`, `hooks/*` and `info/*`, by path under `.git`: what the VM
     /// starts with, to tell the user later what it changed there.
     pub(crate) git_meta: std::collections::BTreeMap<String, String>,
+    /// Untracked credential files that were left out (repository-relative paths, as git spells them).
+    pub left_out: Vec<Vec<u8>>,
+    /// Credential files that went in because HEAD tracks them (their content is in the history anyway).
+    pub tracked_credentials: Vec<Vec<u8>>,
 }
 
 impl Snapshot {
-    /// Takes the snapshot. Reads the user's work tree and objects; writes only in a scratch directory.
+    /// Takes the snapshot with the built-in credential list. Reads the user's work tree and objects; writes only
+    /// in a scratch directory.
     pub fn take(repo: &HostRepo) -> Result<Snapshot, RepoError> {
+        Self::take_filtered(repo, &CredentialFilter::default())
+    }
+
+    /// Takes the snapshot; untracked files that `credentials` calls credentials are left out.
+    pub fn take_filtered(repo: &HostRepo, credentials: &CredentialFilter) -> Result<Snapshot, RepoError> {
         let scratch = tempfile::Builder::new().prefix("hutch-repo-").tempdir().map_err(io_err("cannot create a scratch directory"))?;
         let gd = scratch.path().join("git");
         let git = init_scratch(&gd, &repo.object_format)?;
@@ -134,6 +145,7 @@ impl Snapshot {
             };
             wt.run("add -A (working tree snapshot)", ["add", "-A"])?;
         }
+        let (left_out, tracked_credentials) = leave_out_credentials(&git, &wt, repo.head.as_ref(), credentials)?;
         let tree = wt.line("write-tree", ["write-tree"])?;
         let empty = tree == git.line("hash-object", ["hash-object", "-t", "tree", "/dev/null"])?;
         let _ = std::fs::remove_file(&index);
@@ -163,13 +175,57 @@ impl Snapshot {
             repo.branch.as_deref(),
             &repo.prefix,
         )?;
-        Ok(Snapshot { git, base: repo.head.clone(), commit, empty, branch: repo.branch.clone(), bundle, workspace, git_meta, scratch })
+        Ok(Snapshot {
+            git,
+            base: repo.head.clone(),
+            commit,
+            empty,
+            branch: repo.branch.clone(),
+            bundle,
+            workspace,
+            git_meta,
+            scratch,
+            left_out,
+            tracked_credentials,
+        })
     }
 
     /// The scratch directory (bundle, downloads, temporary indexes).
     pub fn dir(&self) -> &Path {
         self.scratch.path()
     }
+}
+
+/// Removes untracked credential files from the snapshot's index (`wt`); returns them, and the credential files
+/// kept because `head` tracks them. "Tracked" means in HEAD's tree: only then is the content already in the
+/// history that goes into the VM (a file merely staged is not).
+fn leave_out_credentials(
+    scratch: &Git,
+    wt: &Git,
+    head: Option<&Oid>,
+    credentials: &CredentialFilter,
+) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>), RepoError> {
+    let listed = wt.run("ls-files (credential files)", ["ls-files", "-z", "--cached"])?;
+    let found: Vec<&[u8]> = listed.split(|&b| b == 0).filter(|p| !p.is_empty() && credentials.is_credential(p)).collect();
+    if found.is_empty() {
+        return Ok((vec![], vec![]));
+    }
+    let in_head = match head {
+        Some(h) => scratch.run("ls-tree (tracked files)", ["ls-tree", "-r", "-z", "--name-only", "--full-tree", h.as_str()])?,
+        None => vec![],
+    };
+    let tracked: std::collections::HashSet<&[u8]> = in_head.split(|&b| b == 0).filter(|p| !p.is_empty()).collect();
+    let (kept, out): (Vec<&[u8]>, Vec<&[u8]>) = found.into_iter().partition(|p| tracked.contains(p));
+    if !out.is_empty() {
+        let mut stdin = Vec::new();
+        for p in &out {
+            stdin.extend_from_slice(p);
+            stdin.push(0);
+        }
+        wt.run_input("update-index (leave out credential files)", ["update-index", "--force-remove", "-z", "--stdin"], Some(&stdin))?;
+    }
+    let owned = |v: Vec<&[u8]>| v.into_iter().map(<[u8]>::to_vec).collect();
+    Ok((owned(out), owned(kept)))
 }
 
 /// Makes the VM's `/workspace` on the host and packs it as a tar. Under emulation every git process in the VM
@@ -264,6 +320,7 @@ pub(crate) fn git_meta_digests(git_dir: &Path) -> std::io::Result<std::collectio
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::credentials::CredentialRules;
 
     /// A real repository with one commit, an uncommitted change, an untracked file and an ignored one.
     pub(crate) fn sample_repo() -> (tempfile::TempDir, PathBuf) {
@@ -336,6 +393,54 @@ pub(crate) mod tests {
         let snap = Snapshot::take(&repo).unwrap();
         let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
         assert_eq!(String::from_utf8(files).unwrap(), ".gitignore\na.txt\nnew.txt\nstaged.txt\nsub/b.txt\n");
+    }
+
+    /// Class 12: untracked credential files stay out of the snapshot (and so of the VM's workspace); tracked
+    /// ones stay in and are reported; the user's rules decide before the built-in list.
+    #[test]
+    fn class_12_untracked_credential_files_are_left_out() {
+        let (_t, r) = sample_repo();
+        let g = Git::at(&r.join(".git")).work_tree(&r);
+        std::fs::write(r.join(".env"), "TOKEN=tracked-value\n").unwrap();
+        g.run("add", ["add", ".env"]).unwrap();
+        g.run("commit", ["commit", "-q", "-m", "tracked env"]).unwrap();
+        std::fs::create_dir_all(r.join("config")).unwrap();
+        std::fs::create_dir_all(r.join("deploy")).unwrap();
+        std::fs::write(r.join("config/.env"), "API_KEY=untracked-real-value\n").unwrap();
+        std::fs::write(r.join("config/.env.example"), "API_KEY=\n").unwrap();
+        std::fs::write(r.join("deploy/id_rsa"), "-----BEGIN OPENSSH PRIVATE KEY-----\n").unwrap();
+        std::fs::write(r.join("deploy/id_rsa.pub"), "ssh-ed25519 AAAA\n").unwrap();
+        std::fs::write(r.join("staged.pem"), "key\n").unwrap();
+        g.run("add", ["add", "staged.pem"]).unwrap();
+        let repo = HostRepo::discover(&r).unwrap().unwrap();
+        let snap = Snapshot::take(&repo).unwrap();
+        let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
+        assert_eq!(
+            String::from_utf8(files).unwrap(),
+            ".env\n.gitignore\na.txt\nconfig/.env.example\ndeploy/id_rsa.pub\nnew.txt\nsub/b.txt\n"
+        );
+        let mut out = snap.left_out.clone();
+        out.sort();
+        assert_eq!(out, [b"config/.env".to_vec(), b"deploy/id_rsa".to_vec(), b"staged.pem".to_vec()], "a staged file is not history");
+        assert_eq!(snap.tracked_credentials, [b".env".to_vec()]);
+        // The workspace tar has none of them either.
+        let tar = std::fs::read(&snap.workspace).unwrap();
+        let mut a = tar::Archive::new(&tar[..]);
+        let names: Vec<String> = a.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned()).collect();
+        assert!(names.iter().any(|n| n.ends_with("config/.env.example")), "{names:?}");
+        assert!(!names.iter().any(|n| n.ends_with("config/.env") || n.ends_with("deploy/id_rsa") || n.ends_with("staged.pem")), "{names:?}");
+        assert!(!tar.windows(b"untracked-real-value".len()).any(|w| w == b"untracked-real-value"));
+        // The user's index still has the staged file.
+        let staged = Git::at(&r.join(".git")).work_tree(&r).run("ls-files", ["ls-files", "staged.pem"]).unwrap();
+        assert_eq!(staged, b"staged.pem\n");
+
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let user = CredentialRules::parse(&s(&["*.txt"]), &s(&["id_rsa"]), "test").unwrap();
+        let snap = Snapshot::take_filtered(&repo, &CredentialFilter::new(vec![user])).unwrap();
+        let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
+        let files = String::from_utf8(files).unwrap();
+        assert!(files.contains("deploy/id_rsa\n") && !files.contains("new.txt") && files.contains("a.txt"), "{files}");
+        assert!(!files.contains("config/.env\n"), "{files}");
     }
 
     #[test]
