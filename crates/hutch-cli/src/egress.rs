@@ -116,6 +116,45 @@ mod tests {
         }
     }
 
+    /// Class 12: every env-file key must be a bound secret with a usable value; refusals name the file, line and
+    /// key, never the value.
+    #[test]
+    fn class_12_env_file_keys_must_be_bound_and_values_never_shown() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let f = t.path().join(".env");
+        let g = t.path().join("other.env");
+        std::fs::write(&f, "# keys\nAPI_KEY=value-xyz-123456\nDB_URL='value-xyz-654321'\n").expect("write");
+        std::fs::write(&g, "DB_URL=value-xyz-777777\n").expect("write");
+        let none = UserConfig::default();
+        let args = |files: &[&std::path::Path], secrets: &[&str], allow: &[&str]| EgressArgs {
+            env_file: files.iter().map(|p| p.to_path_buf()).collect(),
+            secret: secrets.iter().map(|s| s.to_string()).collect(),
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let e = err(build(&args(&[&f], &["API_KEY@api.example.com"], &["api.example.com"]), &none, None, false));
+        assert!(e.contains("line 3): DB_URL is not bound to any host") && e.contains("--secret DB_URL@HOST"), "{e}");
+        assert!(!e.contains("value-xyz"), "{e}");
+        let both = args(&[&f], &["API_KEY@api.example.com", "DB_URL@db.example.com"], &["api.example.com", "db.example.com"]);
+        build(&both, &none, None, false).expect("every key bound");
+        // Bound only for a setup phase that does not run is not bound.
+        let mut setup_only = args(&[&f], &["API_KEY@api.example.com"], &["api.example.com"]);
+        setup_only.setup_secret = vec!["DB_URL@db.example.com".into()];
+        setup_only.setup_allow = vec!["db.example.com".into()];
+        build(&setup_only, &none, None, true).expect("bound in the setup phase, which runs");
+        let mut two = both.clone();
+        two.env_file.push(g.clone());
+        let e = err(build(&two, &none, None, false));
+        assert!(e.contains("DB_URL is set in both") && e.contains("other.env (line 1)") && !e.contains("value-xyz"), "{e}");
+        std::fs::write(&f, "API_KEY=short\n").expect("write");
+        let e = err(build(&args(&[&f], &["API_KEY@api.example.com"], &["api.example.com"]), &none, None, false));
+        assert!(e.contains("line 1: the value of API_KEY is shorter than 8"), "{e}");
+        let user = UserConfig { env_file: Some(g.clone()), ..Default::default() };
+        let e = err(build(&EgressArgs::default(), &user, None, false));
+        assert!(e.contains("other.env (line 1): DB_URL is not bound"), "[secrets] from_env_file is read too: {e}");
+        assert!(!e.contains("value-xyz"), "{e}");
+    }
+
     #[test]
     fn setup_rules_need_a_setup_script_and_its_secrets_load_only_with_one() {
         let none = UserConfig::default();

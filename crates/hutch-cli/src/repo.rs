@@ -205,13 +205,15 @@ fn trust(a: TrustArgs) -> anyhow::Result<i32> {
     }
     let asks = cfg.asks();
     println!("{} asks for:", cfg.file.display());
-    if asks.is_empty() {
+    let out = cfg.leaves_out();
+    if asks.is_empty() && out.is_empty() {
         println!("  nothing (it is ignored until it asks for something)");
+    } else if asks.is_empty() {
+        println!("  nothing that needs approval");
     }
     for ask in &asks {
         println!("  - {ask}");
     }
-    let out = cfg.leaves_out();
     if !out.is_empty() {
         println!("and, without needing approval, leaves out:");
         for o in &out {
