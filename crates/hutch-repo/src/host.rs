@@ -196,6 +196,9 @@ impl Snapshot {
     }
 }
 
+/// Repository-relative paths as git spells them (bytes, maybe not UTF-8).
+type Paths = Vec<Vec<u8>>;
+
 /// Removes untracked credential files from the snapshot's index (`wt`); returns them, and the credential files
 /// kept because `head` tracks them. "Tracked" means in HEAD's tree: only then is the content already in the
 /// history that goes into the VM (a file merely staged is not).
@@ -204,7 +207,7 @@ fn leave_out_credentials(
     wt: &Git,
     head: Option<&Oid>,
     credentials: &CredentialFilter,
-) -> Result<(Vec<Vec<u8>>, Vec<Vec<u8>>), RepoError> {
+) -> Result<(Paths, Paths), RepoError> {
     let listed = wt.run("ls-files (credential files)", ["ls-files", "-z", "--cached"])?;
     let found: Vec<&[u8]> = listed.split(|&b| b == 0).filter(|p| !p.is_empty() && credentials.is_credential(p)).collect();
     if found.is_empty() {
