@@ -464,10 +464,16 @@ impl RunRepo {
             eprintln!("{}", stored.meta.stat);
         }
         let short = &id[..id.len().min(8)];
+        // With sensitive paths a plain `hutch apply` would refuse: name the flag it needs, after a review.
+        let (apply_cmd, after) = if stored.meta.sensitive.is_empty() {
+            (format!("hutch apply {short}"), "")
+        } else {
+            (format!("hutch apply --allow-sensitive {short}"), " (after reviewing the sensitive paths above)")
+        };
         if !self.apply {
-            eprintln!("hutch: review with `hutch diff {short}`, apply with `hutch apply {short}`");
+            eprintln!("hutch: review with `hutch diff {short}`, apply with `{apply_cmd}`{after}");
         } else if code != 0 {
-            eprintln!("hutch: not applied because the command exited with {code}; `hutch apply {short}` applies them");
+            eprintln!("hutch: not applied because the command exited with {code}; `{apply_cmd}` applies them{after}");
         } else {
             apply_stored(&act.repo, &stored, self.allow_sensitive)?;
         }
