@@ -496,10 +496,12 @@ fn report_credentials(w: &mut dyn Write, snap: &Snapshot) {
             let _ = writeln!(w, "hutch: warning: {} more tracked credential files went into the VM", snap.tracked_credentials.len() - MAX_NAMED);
             break;
         }
+        let held = snap.held_back_changes.contains(p);
         let p = show(p);
+        let which = if held { "HEAD's version of it went into the VM, without your uncommitted changes" } else { "it went into the VM" };
         let _ = writeln!(
             w,
-            "hutch: warning: {p} looks like a credential file and git tracks it, so it went into the VM (it is in the history \
+            "hutch: warning: {p} looks like a credential file and git tracks it, so {which} (it is in the history \
              anyway); to stop tracking it: `git rm --cached -- '{p}'`, add it to .gitignore, and rotate what it held"
         );
     }

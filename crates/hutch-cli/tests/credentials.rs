@@ -52,6 +52,8 @@ impl Repo {
         git(&dir, &["commit", "-q", "-m", "first"]);
         let marker = format!("sk-live-marker-{}", std::process::id());
         std::fs::write(dir.join("config/.env"), format!("API_KEY={marker}\n")).unwrap();
+        // A real key put into the committed .env: not history, so it stays out too.
+        std::fs::write(dir.join(".env"), format!("TRACKED=tracked-in-history\nLOCAL={marker}\n")).unwrap();
         std::fs::write(dir.join("config/.env.example"), "API_KEY=\n").unwrap();
         std::fs::write(dir.join("deploy/id_rsa"), format!("-----BEGIN OPENSSH PRIVATE KEY-----\n{marker}\n")).unwrap();
         std::fs::write(dir.join("deploy/id_rsa.pub"), "ssh-ed25519 AAAA user@host\n").unwrap();
@@ -91,7 +93,7 @@ const LEFT_OUT_ENV: &str = "hutch: left out of the VM: config/.env (credential f
 const LEFT_OUT_KEY: &str = "hutch: left out of the VM: deploy/id_rsa (credential file; --include PATH to send it)\n";
 
 /// Class 12: the default list keeps untracked credential files out of the VM and says which; examples and
-/// public keys go in; a tracked `.env` goes in with a warning; `--include` and the user's config let files
+/// public keys go in; a tracked `.env` goes in with a warning, at HEAD's version; `--include` and the user's config let files
 /// through; a `.env` the VM creates comes back like any other file.
 #[test]
 fn class_12_untracked_credential_files_stay_out_of_the_vm_and_are_named() {
@@ -105,8 +107,10 @@ fn class_12_untracked_credential_files_stay_out_of_the_vm_and_are_named() {
     assert!(se.contains(LEFT_OUT_ENV) && se.contains(LEFT_OUT_KEY), "{se}");
     assert!(!se.contains("left out of the VM: config/.env.example") && !se.contains("id_rsa.pub"), "{se}");
     assert!(
-        se.contains("hutch: warning: .env looks like a credential file and git tracks it, so it went into the VM")
-            && se.contains("git rm --cached -- '.env'"),
+        se.contains(
+            "hutch: warning: .env looks like a credential file and git tracks it, so HEAD's version of it went into the VM, \
+             without your uncommitted changes"
+        ) && se.contains("git rm --cached -- '.env'"),
         "{se}"
     );
     assert!(!se.contains(&r.marker), "the value is never printed: {se}");

@@ -104,6 +104,8 @@ pub struct Snapshot {
     pub left_out: Vec<Vec<u8>>,
     /// Credential files that went in because HEAD tracks them (their content is in the history anyway).
     pub tracked_credentials: Vec<Vec<u8>>,
+    /// Those of them whose uncommitted changes were held back: the VM has HEAD's version.
+    pub held_back_changes: Vec<Vec<u8>>,
 }
 
 impl Snapshot {
@@ -145,7 +147,7 @@ impl Snapshot {
             };
             wt.run("add -A (working tree snapshot)", ["add", "-A"])?;
         }
-        let (left_out, tracked_credentials) = leave_out_credentials(&git, &wt, repo.head.as_ref(), credentials)?;
+        let CredentialOutcome { left_out, tracked: tracked_credentials, held_back_changes } = leave_out_credentials(&git, &wt, repo.head.as_ref(), credentials)?;
         let tree = wt.line("write-tree", ["write-tree"])?;
         let empty = tree == git.line("hash-object", ["hash-object", "-t", "tree", "/dev/null"])?;
         let _ = std::fs::remove_file(&index);
@@ -187,6 +189,7 @@ impl Snapshot {
             scratch,
             left_out,
             tracked_credentials,
+            held_back_changes,
         })
     }
 
@@ -199,26 +202,47 @@ impl Snapshot {
 /// Repository-relative paths as git spells them (bytes, maybe not UTF-8).
 type Paths = Vec<Vec<u8>>;
 
-/// Removes untracked credential files from the snapshot's index (`wt`); returns them, and the credential files
-/// kept because `head` tracks them. "Tracked" means in HEAD's tree: only then is the content already in the
-/// history that goes into the VM (a file merely staged is not).
-fn leave_out_credentials(
-    scratch: &Git,
-    wt: &Git,
-    head: Option<&Oid>,
-    credentials: &CredentialFilter,
-) -> Result<(Paths, Paths), RepoError> {
-    let listed = wt.run("ls-files (credential files)", ["ls-files", "-z", "--cached"])?;
-    let found: Vec<&[u8]> = listed.split(|&b| b == 0).filter(|p| !p.is_empty() && credentials.is_credential(p)).collect();
+/// What the credential filter did to a snapshot.
+struct CredentialOutcome {
+    left_out: Paths,
+    tracked: Paths,
+    held_back_changes: Paths,
+}
+
+/// Entries of `ls-files -s -z` or `ls-tree -r -z`: path -> (mode, object id). The field before the tab holds the
+/// mode first and the object id among the rest (stage or type besides it).
+fn entries(out: &[u8], id_field: usize) -> std::collections::HashMap<&[u8], (&[u8], &[u8])> {
+    out.split(|&b| b == 0)
+        .filter_map(|rec| {
+            let tab = rec.iter().position(|&b| b == b'\t')?;
+            let mut meta = rec[..tab].split(|&b| b == b' ');
+            let mode = meta.next()?;
+            let id = meta.nth(id_field - 1)?;
+            Some((&rec[tab + 1..], (mode, id)))
+        })
+        .collect()
+}
+
+/// Applies the credential filter to the snapshot's index (`wt`): untracked credential files are removed; tracked
+/// ones stay, at HEAD's version. "Tracked" means in HEAD's tree: only that content is already in the history that
+/// goes into the VM, so a file merely staged stays out, and uncommitted changes to a tracked one (a real key put
+/// into a committed template, say) are held back.
+fn leave_out_credentials(scratch: &Git, wt: &Git, head: Option<&Oid>, credentials: &CredentialFilter) -> Result<CredentialOutcome, RepoError> {
+    let listed = wt.run("ls-files (credential files)", ["ls-files", "-s", "-z"])?;
+    let index = entries(&listed, 1);
+    let mut found: Vec<&[u8]> = index.keys().copied().filter(|p| credentials.is_credential(p)).collect();
+    found.sort_unstable();
+    let none = CredentialOutcome { left_out: vec![], tracked: vec![], held_back_changes: vec![] };
     if found.is_empty() {
-        return Ok((vec![], vec![]));
+        return Ok(none);
     }
     let in_head = match head {
-        Some(h) => scratch.run("ls-tree (tracked files)", ["ls-tree", "-r", "-z", "--name-only", "--full-tree", h.as_str()])?,
+        Some(h) => scratch.run("ls-tree (tracked files)", ["ls-tree", "-r", "-z", "--full-tree", h.as_str()])?,
         None => vec![],
     };
-    let tracked: std::collections::HashSet<&[u8]> = in_head.split(|&b| b == 0).filter(|p| !p.is_empty()).collect();
-    let (kept, out): (Vec<&[u8]>, Vec<&[u8]>) = found.into_iter().partition(|p| tracked.contains(p));
+    let tracked = entries(&in_head, 2);
+    let (kept, out): (Vec<&[u8]>, Vec<&[u8]>) = found.into_iter().partition(|p| tracked.contains_key(p));
+    let held_back: Vec<&[u8]> = kept.iter().copied().filter(|p| index.get(p) != tracked.get(p)).collect();
     if !out.is_empty() {
         let mut stdin = Vec::new();
         for p in &out {
@@ -227,8 +251,22 @@ fn leave_out_credentials(
         }
         wt.run_input("update-index (leave out credential files)", ["update-index", "--force-remove", "-z", "--stdin"], Some(&stdin))?;
     }
+    let mut stdin = Vec::new();
+    for p in &held_back {
+        if let Some((mode, id)) = tracked.get(p) {
+            stdin.extend_from_slice(mode);
+            stdin.push(b' ');
+            stdin.extend_from_slice(id);
+            stdin.push(b'\t');
+            stdin.extend_from_slice(p);
+            stdin.push(0);
+        }
+    }
+    if !stdin.is_empty() {
+        wt.run_input("update-index (HEAD's version of tracked credential files)", ["update-index", "-z", "--index-info"], Some(&stdin))?;
+    }
     let owned = |v: Vec<&[u8]>| v.into_iter().map(<[u8]>::to_vec).collect();
-    Ok((owned(out), owned(kept)))
+    Ok(CredentialOutcome { left_out: owned(out), tracked: owned(kept), held_back_changes: owned(held_back) })
 }
 
 /// Makes the VM's `/workspace` on the host and packs it as a tar. Under emulation every git process in the VM
@@ -415,6 +453,7 @@ pub(crate) mod tests {
         std::fs::write(r.join("deploy/id_rsa.pub"), "ssh-ed25519 AAAA\n").unwrap();
         std::fs::write(r.join("staged.pem"), "key\n").unwrap();
         g.run("add", ["add", "staged.pem"]).unwrap();
+        std::fs::write(r.join(".env"), "TOKEN=tracked-value\nNEW=uncommitted-real-value\n").unwrap();
         let repo = HostRepo::discover(&r).unwrap().unwrap();
         let snap = Snapshot::take(&repo).unwrap();
         let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
@@ -426,13 +465,18 @@ pub(crate) mod tests {
         out.sort();
         assert_eq!(out, [b"config/.env".to_vec(), b"deploy/id_rsa".to_vec(), b"staged.pem".to_vec()], "a staged file is not history");
         assert_eq!(snap.tracked_credentials, [b".env".to_vec()]);
+        assert_eq!(snap.held_back_changes, [b".env".to_vec()], "an uncommitted change to a tracked one is held back");
+        let env = snap.git.run("show", ["show", &format!("{}:.env", snap.commit)]).unwrap();
+        assert_eq!(env, b"TOKEN=tracked-value\n", "HEAD's version went in");
         // The workspace tar has none of them either.
         let tar = std::fs::read(&snap.workspace).unwrap();
         let mut a = tar::Archive::new(&tar[..]);
         let names: Vec<String> = a.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned()).collect();
         assert!(names.iter().any(|n| n.ends_with("config/.env.example")), "{names:?}");
         assert!(!names.iter().any(|n| n.ends_with("config/.env") || n.ends_with("deploy/id_rsa") || n.ends_with("staged.pem")), "{names:?}");
-        assert!(!tar.windows(b"untracked-real-value".len()).any(|w| w == b"untracked-real-value"));
+        for v in ["untracked-real-value", "uncommitted-real-value"] {
+            assert!(!tar.windows(v.len()).any(|w| w == v.as_bytes()), "{v}");
+        }
         // The user's index still has the staged file.
         let staged = Git::at(&r.join(".git")).work_tree(&r).run("ls-files", ["ls-files", "staged.pem"]).unwrap();
         assert_eq!(staged, b"staged.pem\n");
