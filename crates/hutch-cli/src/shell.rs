@@ -1,6 +1,6 @@
 //! `hutch shell ID` (and `hutch exec --tty`): a terminal session in a sandbox. The local terminal goes raw, so
 //! every key (Ctrl-C included) reaches the guest's terminal as bytes and the guest decides what they mean;
-//! SIGWINCH becomes a resize; the terminal is restored however the session ends.
+//! SIGWINCH becomes a resize; `Enter ~ .` ends the client; the terminal is restored however the session ends.
 
 use std::collections::BTreeMap;
 
@@ -8,11 +8,11 @@ use anyhow::{bail, Context};
 use clap::Args;
 use futures::{SinkExt, StreamExt};
 use hutch_daemon::model::{ClientMsg, ServerMsg, StreamExec, TtySize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::remote::{parse_id, Api, Conn};
+use crate::term::Key;
 
 #[derive(Debug, Args)]
 pub struct ShellArgs {
@@ -31,25 +31,9 @@ pub async fn shell(a: ShellArgs) -> anyhow::Result<i32> {
     interactive(&api, &a.id, cmd, BTreeMap::new(), None).await
 }
 
-/// Puts the terminal in raw mode for its lifetime.
-struct RawMode;
-
-impl RawMode {
-    fn enter() -> anyhow::Result<RawMode> {
-        crossterm::terminal::enable_raw_mode().context("cannot put the terminal in raw mode")?;
-        Ok(RawMode)
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        let _ = crossterm::terminal::disable_raw_mode();
-    }
-}
-
 fn size() -> TtySize {
-    let (cols, rows) = crossterm::terminal::size().unwrap_or((80, 24));
-    TtySize { rows: rows.max(1), cols: cols.max(1) }
+    let s = crate::term::size();
+    TtySize { rows: s.rows, cols: s.cols }
 }
 
 pub async fn interactive(api: &Api, id: &str, argv: Vec<String>, env: BTreeMap<String, String>, cwd: Option<String>) -> anyhow::Result<i32> {
@@ -58,24 +42,14 @@ pub async fn interactive(api: &Api, id: &str, argv: Vec<String>, env: BTreeMap<S
         bail!("a terminal session needs a terminal on stdin and stdout; use `hutch exec` without --tty for pipes");
     }
     let mut env = env;
-    if let Ok(term) = std::env::var("TERM") {
-        env.entry("TERM".into()).or_insert(term);
+    for (k, v) in crate::term::user_env() {
+        env.entry(k).or_insert(v);
     }
     let spec = StreamExec { argv, env, cwd, tty: Some(size()), stdin: None };
     let ws = api.exec_ws(id, &spec).await?;
     let (mut tx, mut rx) = ws.split();
-    let raw = RawMode::enter()?;
-    let mut winch = signal(SignalKind::window_change()).context("watch terminal size")?;
-    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-    let reader = tokio::spawn(async move {
-        let mut stdin = tokio::io::stdin();
-        let mut buf = vec![0u8; 16 << 10];
-        while let Ok(n) = stdin.read(&mut buf).await {
-            if n == 0 || in_tx.send(buf[..n].to_vec()).await.is_err() {
-                return;
-            }
-        }
-    });
+    let raw = crate::term::RawMode::enter()?;
+    let mut keys = crate::term::Keyboard::start()?;
     let mut stdout = tokio::io::stdout();
     let mut stdin_open = true;
     let code = loop {
@@ -89,8 +63,7 @@ pub async fn interactive(api: &Api, id: &str, argv: Vec<String>, env: BTreeMap<S
                     Ok(ServerMsg::Exit { exit_code, .. }) => break exit_code,
                     Ok(ServerMsg::Error { message }) => {
                         drop(raw);
-                        eprintln!("hutch: {message}");
-                        reader.abort();
+                        eprintln!("hutch: {}", crate::term::escape_controls(&message));
                         return Ok(125);
                     }
                     _ => {}
@@ -98,27 +71,37 @@ pub async fn interactive(api: &Api, id: &str, argv: Vec<String>, env: BTreeMap<S
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break 125,
                 Some(Ok(_)) => {}
             },
-            b = in_rx.recv(), if stdin_open => match b {
-                Some(b) => {
+            k = keys.next() => match k {
+                Key::Input(b) => {
                     if tx.send(Message::Binary(b.into())).await.is_err() {
                         break 125;
                     }
                 }
-                None => {
-                    stdin_open = false;
-                    let eof = serde_json::to_string(&ClientMsg::StdinEof).unwrap_or_default();
-                    let _ = tx.send(Message::Text(eof.into())).await;
+                Key::Eof => {
+                    if stdin_open {
+                        stdin_open = false;
+                        let eof = serde_json::to_string(&ClientMsg::StdinEof).unwrap_or_default();
+                        let _ = tx.send(Message::Text(eof.into())).await;
+                    }
+                }
+                Key::Resize(s) => {
+                    let msg = serde_json::to_string(&ClientMsg::Resize { rows: s.rows, cols: s.cols }).unwrap_or_default();
+                    let _ = tx.send(Message::Text(msg.into())).await;
+                }
+                Key::Help => {
+                    stdout.write_all(crate::term::ESCAPE_HELP.as_bytes()).await.ok();
+                    stdout.flush().await.ok();
+                }
+                Key::End => {
+                    drop(raw);
+                    let _ = tx.close().await;
+                    eprintln!("hutch: session ended with ~.");
+                    return Ok(255);
                 }
             },
-            _ = winch.recv() => {
-                let s = size();
-                let msg = serde_json::to_string(&ClientMsg::Resize { rows: s.rows, cols: s.cols }).unwrap_or_default();
-                let _ = tx.send(Message::Text(msg.into())).await;
-            }
         }
     };
     drop(raw);
-    reader.abort();
     let _ = tx.close().await;
     Ok(code)
 }
