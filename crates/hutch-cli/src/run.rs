@@ -18,6 +18,7 @@ enum Ending {
     SpawnFailed { message: String, not_found: bool },
     Timeout(Duration),
     Signal(&'static str, i32),
+    /// The VM went away; the guest's last console lines (escaped), read before the VM is destroyed.
     VmGone(String),
     /// The user typed `Enter ~ .` in a terminal session.
     Escaped,
@@ -92,7 +93,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
             _ = sigint.recv() => Ok(Ending::Signal("SIGINT", 130)),
             _ = sigterm.recv() => Ok(Ending::Signal("SIGTERM", 143)),
             _ = sighup.recv() => Ok(Ending::Signal("SIGHUP", 129)),
-            _ = vm_gone => Ok(Ending::VmGone(crate::term::escape_controls(&hutch_sandbox::console_tail(sandbox.console_log())))),
+            _ = vm_gone => Ok(Ending::VmGone(String::new())),
         }
     };
 
@@ -107,8 +108,18 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
             }
         }
     }
+    // The console is the guest's: read while the sandbox directory still exists, and escaped.
+    let ending = ending.map(|e| match e {
+        Ending::VmGone(_) => Ending::VmGone(crate::term::escape_controls(&hutch_sandbox::console_tail(sandbox.console_log()))),
+        e => e,
+    });
     let denied = sandbox.gateway().summary();
     sandbox.destroy().await;
+    // A program can leave the cursor anywhere (raw output stops at any column): hutch's own messages after an
+    // ending the program did not choose start on a line of their own.
+    if tty && !matches!(ending, Ok(Ending::Exited(_) | Ending::SpawnFailed { .. })) {
+        eprintln!();
+    }
     crate::egress::print_denials(&denied);
 
     let code = match ending? {
@@ -181,7 +192,7 @@ async fn exec(sandbox: &Sandbox, a: &RunArgs) -> anyhow::Result<Ending> {
             }
             Some(ExecEvent::Exited(st)) => break Ending::Exited(st.as_shell_code()),
             Some(ExecEvent::SpawnFailed { message, not_found }) => break Ending::SpawnFailed { message, not_found },
-            None => break Ending::VmGone("(the agent channel closed)".into()),
+            None => break Ending::VmGone(String::new()),
         }
     };
     stdin_task.abort();
@@ -235,7 +246,7 @@ async fn exec_tty(sandbox: &Sandbox, a: &RunArgs) -> anyhow::Result<Ending> {
                 }
                 Some(ExecEvent::Exited(st)) => break Ending::Exited(st.as_shell_code()),
                 Some(ExecEvent::SpawnFailed { message, not_found }) => break Ending::SpawnFailed { message, not_found },
-                None => break Ending::VmGone("(the agent channel closed)".into()),
+                None => break Ending::VmGone(String::new()),
             },
             k = local_rx.recv() => match k {
                 Some(crate::term::Key::End) => break Ending::Escaped,

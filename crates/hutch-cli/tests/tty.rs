@@ -25,7 +25,7 @@ const WAIT: u64 = 180;
 
 /// The pane's terminal settings after hutch returned: cooked (canonical input, echo, signals from keys).
 fn assert_cooked(t: &Tmux) {
-    t.line("stty -a | tr ' ' '\\n' | grep -E '^-?(icanon|echo|isig|opost)$' | tr '\\n' ' '; echo STTY-END");
+    t.line("stty -a | tr ' ' '\\n' | grep -E '^-?(icanon|echo|isig|opost)$' | tr '\\n' ' '; echo STTY-\"\"END");
     let h = t.wait_for("STTY-END\n", WAIT);
     let line = h.lines().rev().find(|l| l.contains("icanon") && !l.contains("grep")).unwrap_or_default().to_string();
     for flag in ["icanon", "echo", "isig", "opost"] {
@@ -43,13 +43,13 @@ fn assert_plain_line(h: &str, prefix: &str) {
 fn a_terminal_sized_like_the_pane_with_its_term_that_follows_resizes() {
     let _l = lock();
     let Some(t) = Tmux::start(100, 40) else { return };
-    t.line("echo PANE_TERM=$TERM");
+    t.line("echo PANE_\"\"TERM=$TERM");
     let h = t.wait_for("PANE_TERM=", WAIT);
     let pane_term = h.lines().find_map(|l| l.strip_prefix("PANE_TERM=")).unwrap_or_default().trim().to_string();
     assert!(!pane_term.is_empty(), "{h}");
 
     t.line(&format!(
-        "{} run -- sh -c 'tty; stty size; echo \"TERM=$TERM\"; trap \"stty size\" WINCH; echo READY; while :; do sleep 1; done'; echo EXIT=$?",
+        "{} run -- sh -c 'tty; stty size; echo \"TERM=$TERM\"; trap \"stty size\" WINCH; echo RE\"\"ADY; while :; do sleep 1; done'; echo EXIT=$?",
         t.hutch
     ));
     let h = t.wait_for("READY", WAIT);
@@ -74,7 +74,7 @@ fn typed_input_reaches_the_program_and_ctrl_c_interrupts_it_with_130() {
     let _l = lock();
     let Some(t) = Tmux::start(100, 40) else { return };
     t.line(&format!(
-        "{} run -- python3 -c 'import time; s = input(\"name? \"); print(\"got <%s>\" % s, flush=True); time.sleep(1000)'; echo EXIT=$?",
+        "{} run -- python3 -c 'import time; s = input(\"na\" + \"me? \"); print(\"got <%s>\" % s, flush=True); time.sleep(1000)'; echo EXIT=$?",
         t.hutch
     ));
     t.wait_for("name? ", WAIT);
@@ -93,17 +93,51 @@ fn tilde_dot_ends_a_session_whose_program_ignores_every_key() {
     let _l = lock();
     let Some(t) = Tmux::start(100, 40) else { return };
     t.line(&format!(
-        "{} run -- sh -c 'trap \"\" INT QUIT TSTP; echo STUCK; while :; do sleep 1; done'; echo EXIT=$?",
+        "{} run -- sh -c 'trap \"\" INT QUIT TSTP; echo ST\"\"UCK; while :; do sleep 1; done'; echo EXIT=$?",
         t.hutch
     ));
     t.wait_for("STUCK", WAIT);
     t.keys(&["C-c", "C-z", "C-\\", "C-d", "q", "Enter"]);
     // The program is still there: nothing ended the session.
     std::thread::sleep(Duration::from_secs(2));
-    assert!(!t.history().contains("EXIT="), "the program ignores keys; the session must go on:\n{}", t.history());
+    let h = t.history();
+    assert!(!h.lines().any(|l| l.starts_with("EXIT=")), "the program ignores keys; the session must go on:\n{h}");
     t.type_text("~.");
     let h = t.wait_for("EXIT=255", WAIT);
     assert_plain_line(&h, "hutch: session ended with ~.");
+    assert_cooked(&t);
+}
+
+/// The VM dies under a program that put the guest's terminal in raw mode: hutch says so on a plain line and the
+/// user's terminal is cooked again.
+#[test]
+fn the_vm_dying_mid_session_restores_the_terminal() {
+    let _l = lock();
+    let Some(t) = Tmux::start(100, 40) else { return };
+    t.line(&format!("{} run -- sh -c 'stty raw -echo; echo DY\"\"ING; sleep 1; echo o > /proc/sysrq-trigger; sleep 100'; echo EXIT=$?", t.hutch));
+    t.wait_for("DYING", WAIT);
+    let h = t.wait_for("EXIT=125", WAIT);
+    assert_plain_line(&h, "hutch: the VM stopped unexpectedly");
+    assert_cooked(&t);
+}
+
+/// SIGTERM to hutch in the middle of a terminal session: the VM is destroyed, exit 143, the terminal cooked.
+#[test]
+fn sigterm_mid_session_restores_the_terminal() {
+    let _l = lock();
+    let Some(t) = Tmux::start(100, 40) else { return };
+    t.line(&format!("{} run -- sh -c 'echo RUN\"\"NING; sleep 1000'; echo EXIT=$?", t.hutch));
+    t.wait_for("RUNNING", WAIT);
+    let exe = env!("CARGO_BIN_EXE_hutch");
+    let pids: Vec<u32> = processes_mentioning(exe)
+        .into_iter()
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.starts_with(exe.as_bytes())))
+        .collect();
+    assert_eq!(pids.len(), 1, "one hutch of this build runs: {pids:?}");
+    let out = std::process::Command::new("kill").args(["-TERM", &pids[0].to_string()]).output().expect("spawn kill");
+    assert!(out.status.success());
+    let h = t.wait_for("EXIT=143", WAIT);
+    assert_plain_line(&h, "hutch: SIGTERM received; the VM was destroyed");
     assert_cooked(&t);
 }
 
@@ -115,7 +149,7 @@ fn keystroke_echo_latency_is_measured_and_output_is_byte_for_byte() {
     let Some(t) = Tmux::start(100, 40) else { return };
     // Guest output with escape sequences and multi-byte characters split across writes arrives whole.
     t.line(&format!(
-        "{} run -- sh -c 'printf \"\\033[1mBO\"; sleep 0.2; printf \"LD\\033[0m \\342\\202\"; sleep 0.2; printf \"\\254 euro\\n\"; echo READY; exec cat'; echo EXIT=$?",
+        "{} run -- sh -c 'printf \"\\033[1mBO\"; sleep 0.2; printf \"LD\\033[0m \\342\\202\"; sleep 0.2; printf \"\\254 euro\\n\"; echo RE\"\"ADY; exec cat'; echo EXIT=$?",
         t.hutch
     ));
     let h = t.wait_for("READY", WAIT);
