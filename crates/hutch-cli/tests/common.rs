@@ -67,9 +67,10 @@ pub fn sandbox_dirs() -> Vec<String> {
 
 /// A tmux server of the test's own (its own socket), with one window of a given size running a plain bash, to
 /// drive `hutch` on a real terminal: keys go in with `send-keys`, the screen comes out with `capture-pane`.
-/// The server is killed when this is dropped.
+/// The server is killed when this is dropped (its socket is in a temporary directory of its own).
 pub struct Tmux {
-    socket: String,
+    /// In the temporary directory, so nothing is left behind.
+    socket: PathBuf,
     _dir: tempfile::TempDir,
     /// A script that runs the `hutch` under test from a temporary directory, with the test's environment.
     pub hutch: String,
@@ -86,7 +87,7 @@ impl Tmux {
         let hutch = dir.path().join("h");
         std::fs::write(&hutch, format!("#!/bin/sh\ncd {}\nexec env HUTCH_LOG=warn {} \"$@\"\n", std::env::temp_dir().display(), env!("CARGO_BIN_EXE_hutch"))).unwrap();
         std::fs::set_permissions(&hutch, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let socket = format!("hutch-test-{}-{}", std::process::id(), dir.path().file_name().unwrap().to_string_lossy());
+        let socket = dir.path().join("tmux.sock");
         let t = Tmux { socket, hutch: hutch.display().to_string(), _dir: dir };
         let size = (cols.to_string(), rows.to_string());
         let out = t.cmd(&["-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", &size.0, "-y", &size.1, "env PS1='$ ' bash --norc --noprofile"]);
@@ -97,7 +98,7 @@ impl Tmux {
     }
 
     pub fn cmd(&self, args: &[&str]) -> Output {
-        Command::new("tmux").arg("-L").arg(&self.socket).args(args).stdin(Stdio::null()).output().expect("spawn tmux")
+        Command::new("tmux").arg("-S").arg(&self.socket).args(args).stdin(Stdio::null()).output().expect("spawn tmux")
     }
 
     /// Types `s` literally (no key names).
