@@ -194,3 +194,36 @@ fn forcing_a_terminal_without_one_on_stdin_is_an_error_before_any_vm() {
     let out = hutch().args(["run", "-t", "-T", "--", "true"]).stdin(Stdio::null()).output().expect("spawn hutch");
     assert_eq!(out.status.code(), Some(2), "-t and -T conflict: {}", text(&out.stderr));
 }
+
+/// A large paste reaches the program whole and in order (the guest's terminal in raw mode, so no line limit).
+#[test]
+fn a_large_paste_arrives_whole() {
+    let _l = lock();
+    let Some(t) = Tmux::start(100, 40) else { return };
+    // Printable, no newline (tmux turns pasted newlines into carriage returns), not starting a line with ~.
+    let paste: String = (0..150_000u32).map(|i| char::from(b'a' + ((i * 7 + i / 13) % 26) as u8)).collect();
+    let want = {
+        let out = std::process::Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("sha256sum");
+        use std::io::Write;
+        let mut child = out;
+        child.stdin.take().expect("stdin").write_all(paste.as_bytes()).expect("write");
+        let o = child.wait_with_output().expect("sha256sum");
+        text(&o.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    };
+    let file = tempfile::NamedTempFile::new().expect("tempfile");
+    std::fs::write(file.path(), &paste).expect("write");
+    t.line(&format!(
+        "{} run -- sh -c 'stty raw -echo; echo RE\"\"ADY; head -c {} | sha256sum | sed s/^/SUM=/; stty sane'; echo EXIT=$?",
+        t.hutch,
+        paste.len()
+    ));
+    t.wait_for("READY", WAIT);
+    let out = t.cmd(&["load-buffer", &file.path().display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = t.cmd(&["paste-buffer", "-t", "t"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let h = t.wait_for("EXIT=0", WAIT);
+    let got = h.lines().find_map(|l| l.trim().strip_prefix("SUM=")).unwrap_or_default().split_whitespace().next().unwrap_or_default().to_string();
+    assert_eq!(got, want, "the paste's digest in the guest:\n{h}");
+    assert_cooked(&t);
+}

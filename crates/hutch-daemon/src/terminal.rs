@@ -31,8 +31,9 @@ use crate::model::{ClientMsg, ServerMsg, StreamExec, TtySize, WS_STDOUT};
 /// Output kept for a client that attaches later: several screens of a full-screen program, bounded because the
 /// guest decides how much it writes.
 pub const RING_MAX: usize = 256 << 10;
-/// Output chunks an attached client may fall behind by before it is told to attach again.
-const CLIENT_LAG: usize = 1024;
+/// Output chunks an attached client may fall behind by before it is told to attach again. A chunk is at most
+/// `hutch_proto::CHUNK` (64 KiB), so a session holds at most 8 MiB for its slowest client.
+const CLIENT_LAG: usize = 128;
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 const WS_MESSAGE_MAX: usize = 1 << 20;
 
