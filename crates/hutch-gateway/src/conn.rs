@@ -142,7 +142,7 @@ pub(crate) async fn carry<S>(
     rec.addr = Some(addr);
     rec.rule = Some(decided.rule.to_string());
     let limits = inner.limits.clone();
-    let inspect = inner.must_intercept(&decided);
+    let inspect = inner.must_intercept(&phase, &decided);
     let work = async {
         match sniff(&mut io, decided.port, inspect, limits.handshake_timeout).await {
             Sniffed::Tls { sni, buf } => match check_sni(sni.as_deref(), &decided.name) {
