@@ -927,11 +927,21 @@ fn parse_pin(s: &str) -> Result<Pin, String> {
 /// The request header a secret is swapped in when its binding names none.
 pub const DEFAULT_SECRET_HEADER: &str = "authorization";
 
-/// `NAME@HOST[:PORT][/PREFIX][,...]`, value from `$NAME`, swapped in the Authorization header only.
+/// `NAME[:HEADER]@HOST[:PORT][/PREFIX][,...]`, value from `$NAME`, swapped in HEADER only
+/// (default: Authorization).
 fn parse_secret_flag(s: &str) -> Result<SecretSpec, String> {
-    let (name, targets) = s
-        .split_once('@')
-        .ok_or("expected NAME@HOST[:PORT][/PREFIX][,HOST...] (or --secret-preset PRESET)")?;
+    let (name, targets) = s.split_once('@').ok_or(
+        "expected NAME[:HEADER]@HOST[:PORT][/PREFIX][,HOST...] (or --secret-preset PRESET)",
+    )?;
+    let (name, header) = match name.split_once(':') {
+        Some((n, h)) => {
+            if h.is_empty() || !h.bytes().all(crate::rule::is_token_byte) {
+                return Err(format!("{h:?} is not an HTTP header name"));
+            }
+            (n, h.to_ascii_lowercase())
+        }
+        None => (name, DEFAULT_SECRET_HEADER.to_string()),
+    };
     let name = SecretName::parse(name)?;
     let targets = targets
         .split(',')
@@ -945,7 +955,7 @@ fn parse_secret_flag(s: &str) -> Result<SecretSpec, String> {
         source,
         inject: None,
         swap: SwapScope {
-            header: DEFAULT_SECRET_HEADER.into(),
+            header,
             body: false,
             query: false,
             any_header: false,
@@ -1413,7 +1423,10 @@ mod tests {
     fn class_17_secret_scopes_from_flags_presets_and_files() {
         let p = CheckedPolicy::from_input(&PolicyInput {
             allow: vec!["api.test".into(), "api.anthropic.com".into(), "git.test:8443".into()],
-            secrets: vec!["TOKEN@api.test:443/v1/,git.test:8443".into()],
+            secrets: vec![
+                "TOKEN@api.test:443/v1/,git.test:8443".into(),
+                "KEY:X-Api-Key@api.test".into(),
+            ],
             secret_presets: vec!["anthropic".into()],
             ..Default::default()
         })
@@ -1430,7 +1443,8 @@ mod tests {
         assert!(!token.swap().widened());
         assert!(token.is_bound_to(&api) && !token.is_bound_to(&name("other.test")));
 
-        let claude = &p.secrets()[1];
+        assert_eq!(p.secrets()[1].swap().header, "x-api-key");
+        let claude = &p.secrets()[2];
         assert_eq!(claude.name().as_str(), "ANTHROPIC_API_KEY");
         assert_eq!(claude.swap().header, "x-api-key");
         let a = name("api.anthropic.com");
