@@ -196,7 +196,7 @@ pub(crate) async fn carry<S>(
                 } else if inspect {
                     deny(
                         &mut rec,
-                        "secrets are bound to this host, but the traffic is neither TLS nor HTTP"
+                        "this host is inspected (secrets or --inspect-all), but the traffic is neither TLS nor HTTP"
                             .into(),
                     )
                 } else {
