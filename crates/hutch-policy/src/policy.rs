@@ -1170,7 +1170,7 @@ mod tests {
         let err = CheckedPolicy::from_input(&bad)
             .expect_err("no hosts")
             .to_string();
-        assert!(err.contains("NAME@HOST"), "{err}");
+        assert!(err.contains("NAME[:HEADER]@HOST"), "{err}");
     }
 
     #[test]
