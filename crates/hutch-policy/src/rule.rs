@@ -327,7 +327,7 @@ pub enum DenyReason {
     PathNotAllowed { path: String, rule: String },
     #[error("path {path} has dot-segments (also with ;parameters), backslashes or encoded separators that path rules can't judge")]
     PathAmbiguous { path: String },
-    #[error("method override ({how}) refused by {rule}, which limits methods")]
+    #[error("method override ({how}) not allowed by {rule}")]
     MethodOverride { how: String, rule: String },
 }
 
@@ -358,7 +358,7 @@ mod tests {
         ] {
             let mut r = rule(Some(&["GET"]), Some(&["/ok/"]));
             r.origin = origin.into();
-            for e in [r.check_request("POST", "/ok/x"), r.check_request("GET", "/no")] {
+            for e in [r.check_request("POST", "/ok/x", &[]), r.check_request("GET", "/no", &[]), r.check_request("GET", "/ok/x", &["x-http-method"])] {
                 let msg = e.expect_err("denied").to_string();
                 assert!(msg.ends_with(want) && !msg.contains("/home") && !msg.contains("/srv"), "{msg}");
             }
