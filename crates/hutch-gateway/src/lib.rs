@@ -16,6 +16,7 @@ mod conn;
 mod forward;
 mod http;
 mod io;
+mod mask;
 mod proxy;
 mod secrets;
 mod upstream;
@@ -216,9 +217,12 @@ impl Inner {
     }
 
     /// Hosts any phase binds a secret to (so a placeholder of another phase is seen and
-    /// flagged), and hosts whose rule limits methods or paths, are always inspected.
-    pub(crate) fn must_intercept(&self, d: &Decided) -> bool {
-        self.state().secrets.any_bound_to(&d.name) || d.rule.restricts_requests()
+    /// flagged), and hosts whose rule limits methods or paths, are always inspected; with
+    /// `inspect_all`, every host is.
+    pub(crate) fn must_intercept(&self, phase: &PhaseState, d: &Decided) -> bool {
+        phase.policy.inspect_all()
+            || self.state().secrets.any_bound_to(&d.name)
+            || d.rule.restricts_requests()
     }
 
     pub(crate) fn try_slot(&self, phase: Phase, via: Via) -> Option<OwnedSemaphorePermit> {
@@ -336,7 +340,7 @@ impl Gateway {
                 p.policy
                     .rules()
                     .iter()
-                    .filter(|r| r.restricts_requests())
+                    .filter(|r| p.policy.inspect_all() || r.restricts_requests())
                     .map(|r| r.pattern().clone()),
             );
         }

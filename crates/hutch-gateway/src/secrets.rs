@@ -7,12 +7,14 @@ use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use base64::Engine;
+use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame};
 use hutch_policy::{HostName, InjectTemplate, LoadedSecret, Phase, SecretValue};
 use memchr::memmem;
 
+use crate::mask::Masker;
 use crate::GatewayError;
 
 pub(crate) struct Secret {
@@ -102,7 +104,7 @@ impl SecretTable {
     pub(crate) fn bound_patterns(&self) -> Vec<hutch_policy::HostPattern> {
         self.secrets
             .iter()
-            .flat_map(|s| s.spec.hosts().iter().cloned())
+            .flat_map(|s| s.spec.hosts().cloned())
             .collect()
     }
 
@@ -110,101 +112,149 @@ impl SecretTable {
         self.secrets.iter().any(|s| s.spec.is_bound_to(host))
     }
 
-    /// True when request bodies to `host` must be buffered to swap placeholders.
-    pub(crate) fn body_swap_for(&self, host: &HostName) -> bool {
+    /// True when a held secret may be swapped outside its one header (body, query, other
+    /// headers): then a host that stores what it is sent can hand the value back, and every
+    /// inspected response is treated as possibly carrying it.
+    pub(crate) fn any_widened(&self) -> bool {
         self.secrets
             .iter()
-            .any(|s| self.usable(s).is_some() && s.spec.in_body() && s.spec.is_bound_to(host))
+            .any(|s| s.value.is_some() && s.spec.swap().widened())
     }
 
-    /// The value to put in place of `s`'s placeholder on a request to `host`, if any.
-    fn swaps<'a>(
-        &self,
-        s: &'a Secret,
-        host: &HostName,
-        channel: Channel,
-    ) -> Option<&'a SecretValue> {
-        self.usable(s)
-            .filter(|_| channel == Channel::Tls && s.spec.is_bound_to(host))
+    pub(crate) fn is_empty(&self) -> bool {
+        self.secrets.is_empty()
     }
 
-    fn flag_unswapped(&self, s: &Secret, host: &HostName, channel: Channel, report: &mut Report) {
-        let kind = if s.phase != self.current {
+    /// True when any real value is held (of any phase), so responses must be masked.
+    pub(crate) fn holds_values(&self) -> bool {
+        self.secrets.iter().any(|s| s.value.is_some())
+    }
+
+    /// The value to put in place of `s`'s placeholder on this request, if its binding covers it.
+    fn applies<'a>(&self, s: &'a Secret, ctx: &ReqCtx<'_>) -> Option<&'a SecretValue> {
+        self.usable(s).filter(|_| {
+            ctx.channel == Channel::Tls
+                && s.spec
+                    .applies(ctx.host, ctx.port, ctx.method, ctx.target, ctx.header_names)
+        })
+    }
+
+    /// Why `s`'s placeholder is left as it is on this request; `here` names the place when the
+    /// binding covers the request but not that part of it.
+    fn unswapped_kind(&self, s: &Secret, ctx: &ReqCtx<'_>, here: &'static str) -> &'static str {
+        if s.phase != self.current {
             "placeholder_out_of_phase"
-        } else if s.spec.is_bound_to(host) && channel == Channel::Plaintext {
-            "placeholder_over_plaintext"
-        } else {
+        } else if !s.spec.is_bound_to(ctx.host) {
             "possible_exfiltration"
-        };
+        } else if ctx.channel == Channel::Plaintext {
+            "placeholder_over_plaintext"
+        } else if self.applies(s, ctx).is_none() {
+            "placeholder_out_of_scope"
+        } else {
+            here
+        }
+    }
+
+    fn flag(&self, s: &Secret, ctx: &ReqCtx<'_>, here: &'static str, report: &mut Report) {
+        let kind = self.unswapped_kind(s, ctx, here);
         report.flags.insert(format!("{kind}:{}", s.name));
     }
 
-    /// Swaps placeholders in header values where allowed; flags every other placeholder.
+    /// Swaps placeholders in the one header each binding names (also inside `Basic`
+    /// credentials), or in any header for bindings that opt in; flags every other placeholder.
     pub(crate) fn rewrite_headers(
         &self,
         headers: &mut HeaderMap,
-        host: &HostName,
-        channel: Channel,
+        ctx: &ReqCtx<'_>,
         report: &mut Report,
     ) {
-        for value in headers.values_mut() {
-            let mut bytes: Option<Vec<u8>> = None;
+        for (name, value) in headers.iter_mut() {
+            let mut plain: Option<Vec<u8>> = None;
+            let mut basic: Option<Vec<u8>> = decode_basic(value.as_bytes());
+            let mut basic_changed = false;
             for s in &self.secrets {
-                let current = bytes.as_deref().unwrap_or(value.as_bytes());
-                if memmem::find(current, s.placeholder.as_bytes()).is_none() {
+                let ph = s.placeholder.as_bytes();
+                let cur = plain.as_deref().unwrap_or(value.as_bytes());
+                let in_plain = memmem::find(cur, ph).is_some();
+                let in_basic = basic.as_deref().is_some_and(|b| memmem::find(b, ph).is_some());
+                if !in_plain && !in_basic {
                     continue;
                 }
-                if let Some(value) = self.swaps(s, host, channel) {
-                    bytes = Some(replace_all(
-                        current,
-                        s.placeholder.as_bytes(),
-                        value.expose().as_bytes(),
-                    ));
-                    report.used.insert(s.name.clone());
-                } else {
-                    self.flag_unswapped(s, host, channel, report);
+                let here = name.as_str() == s.spec.swap().header || s.spec.swap().any_header;
+                match self.applies(s, ctx) {
+                    Some(v) if here => {
+                        if in_plain {
+                            plain = Some(replace_all(cur, ph, v.expose().as_bytes()));
+                        }
+                        if let Some(b) = basic.as_mut().filter(|_| in_basic) {
+                            *b = replace_all(b, ph, v.expose().as_bytes());
+                            basic_changed = true;
+                        }
+                        report.used.insert(s.name.clone());
+                    }
+                    _ => self.flag(s, ctx, "placeholder_in_header_not_swapped", report),
                 }
             }
-            if let Some(b) = bytes {
+            let rebuilt = match (basic, basic_changed) {
+                (Some(b), true) => Some(
+                    format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(b)
+                    )
+                    .into_bytes(),
+                ),
+                _ => plain,
+            };
+            if let Some(b) = rebuilt {
                 // Values were checked to be header-safe when loaded, so this cannot fail.
-                if let Ok(v) = HeaderValue::from_bytes(&b) {
+                if let Ok(mut v) = HeaderValue::from_bytes(&b) {
+                    v.set_sensitive(true);
                     *value = v;
                 }
             }
         }
     }
 
-    /// Placeholders in the request target are never swapped (URLs end up in logs): flagged only.
-    pub(crate) fn scan_target(
-        &self,
-        target: &str,
-        host: &HostName,
-        channel: Channel,
-        report: &mut Report,
-    ) {
+    /// Placeholders in the request target: swapped in the query for bindings that opt in
+    /// (`in_query`), otherwise flagged only (URLs end up in logs). Returns the new target.
+    pub(crate) fn rewrite_target(&self, ctx: &ReqCtx<'_>, report: &mut Report) -> Option<String> {
+        let (path, query) = match ctx.target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (ctx.target, None),
+        };
+        let mut new_query: Option<String> = None;
         for s in &self.secrets {
-            if target.contains(&s.placeholder) {
-                if self.swaps(s, host, channel).is_some() {
-                    report
-                        .flags
-                        .insert(format!("placeholder_in_url_not_swapped:{}", s.name));
-                } else {
-                    self.flag_unswapped(s, host, channel, report);
+            let ph = s.placeholder.as_str();
+            let q = new_query.as_deref().or(query).unwrap_or("");
+            let in_path = path.contains(ph);
+            let in_query = q.contains(ph);
+            if !in_path && !in_query {
+                continue;
+            }
+            match self.applies(s, ctx) {
+                Some(v) if in_query && s.spec.swap().query => {
+                    new_query = Some(q.replace(ph, v.expose()));
+                    report.used.insert(s.name.clone());
+                    if in_path {
+                        self.flag(s, ctx, "placeholder_in_url_not_swapped", report);
+                    }
                 }
+                _ => self.flag(s, ctx, "placeholder_in_url_not_swapped", report),
             }
         }
+        new_query.map(|q| format!("{path}?{q}"))
     }
 
     /// Adds templated headers for bound secrets the client sent no header for.
-    pub(crate) fn inject(&self, headers: &mut HeaderMap, host: &HostName, report: &mut Report) {
+    pub(crate) fn inject(&self, headers: &mut HeaderMap, ctx: &ReqCtx<'_>, report: &mut Report) {
         for s in &self.secrets {
             let Some(t): Option<&InjectTemplate> = s.spec.inject() else {
                 continue;
             };
-            let Some(secret) = self.usable(s) else {
+            let Some(secret) = self.applies(s, ctx) else {
                 continue;
             };
-            if !s.spec.is_bound_to(host) || headers.contains_key(t.header()) {
+            if headers.contains_key(t.header()) {
                 continue;
             }
             let (Ok(name), Ok(mut value)) = (
@@ -219,12 +269,19 @@ impl SecretTable {
         }
     }
 
-    /// Swaps placeholders of bound `in_body` secrets in a buffered body; flags the rest.
+    /// True when this request's body must be buffered to swap placeholders.
+    pub(crate) fn body_swap_for(&self, ctx: &ReqCtx<'_>) -> bool {
+        self.secrets
+            .iter()
+            .any(|s| s.spec.in_body() && self.applies(s, ctx).is_some())
+    }
+
+    /// Swaps placeholders of `in_body` bindings that cover the request in a buffered body; flags
+    /// the rest.
     pub(crate) fn rewrite_body(
         &self,
         body: &[u8],
-        host: &HostName,
-        channel: Channel,
+        ctx: &ReqCtx<'_>,
         report: &mut Report,
     ) -> Option<Vec<u8>> {
         let mut out: Option<Vec<u8>> = None;
@@ -233,73 +290,69 @@ impl SecretTable {
             if memmem::find(current, s.placeholder.as_bytes()).is_none() {
                 continue;
             }
-            let Some(value) = self.swaps(s, host, channel) else {
-                self.flag_unswapped(s, host, channel, report);
-                continue;
-            };
-            if s.spec.in_body() {
-                out = Some(replace_all(
-                    current,
-                    s.placeholder.as_bytes(),
-                    value.expose().as_bytes(),
-                ));
-                report.used.insert(s.name.clone());
-            } else {
-                report
-                    .flags
-                    .insert(format!("placeholder_in_body_not_swapped:{}", s.name));
-            }
-        }
-        out
-    }
-
-    /// Replaces real values in response header values with placeholders.
-    pub(crate) fn mask_headers(&self, headers: &mut HeaderMap, report: &mut Report) {
-        for value in headers.values_mut() {
-            if let Some(masked) = self.mask(value.as_bytes(), report) {
-                if let Ok(v) = HeaderValue::from_bytes(&masked) {
-                    *value = v;
+            match self.applies(s, ctx) {
+                Some(value) if s.spec.in_body() => {
+                    out = Some(replace_all(
+                        current,
+                        s.placeholder.as_bytes(),
+                        value.expose().as_bytes(),
+                    ));
+                    report.used.insert(s.name.clone());
                 }
-            }
-        }
-    }
-
-    /// Replaces real values (of every phase whose values are still held) with placeholders in a
-    /// buffered response body.
-    pub(crate) fn mask(&self, data: &[u8], report: &mut Report) -> Option<Vec<u8>> {
-        let mut out: Option<Vec<u8>> = None;
-        for s in &self.secrets {
-            let Some(value) = &s.value else { continue };
-            let current = out.as_deref().unwrap_or(data);
-            if memmem::find(current, value.expose().as_bytes()).is_some() {
-                out = Some(replace_all(
-                    current,
-                    value.expose().as_bytes(),
-                    s.placeholder.as_bytes(),
-                ));
-                report
-                    .flags
-                    .insert(format!("masked_in_response:{}", s.name));
+                _ => self.flag(s, ctx, "placeholder_in_body_not_swapped", report),
             }
         }
         out
     }
 
-    /// Needles for streaming masks: each value and a same-length stand-in, so that a body's
-    /// declared length stays true.
-    pub(crate) fn stream_needles(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// For a body that streams through unbuffered: each placeholder and the flag it gets there.
+    pub(crate) fn body_watch(&self, ctx: &ReqCtx<'_>) -> Vec<(Vec<u8>, String)> {
         self.secrets
             .iter()
-            .filter_map(|s| {
-                let value = s.value.as_ref()?;
-                let len = value.expose().len();
-                let mut stand_in: Vec<u8> =
-                    s.placeholder.as_bytes().iter().copied().take(len).collect();
-                stand_in.resize(len, b'x');
-                Some((value.expose().as_bytes().to_vec(), stand_in))
+            .map(|s| {
+                let kind = self.unswapped_kind(s, ctx, "placeholder_in_body_not_swapped");
+                (s.placeholder.as_bytes().to_vec(), format!("{kind}:{}", s.name))
             })
             .collect()
     }
+
+    /// A masker for every value still held (of every phase).
+    pub(crate) fn masker(&self) -> Masker {
+        Masker::new(
+            self.secrets
+                .iter()
+                .filter_map(|s| {
+                    let v = s.value.as_ref()?;
+                    Some((
+                        s.name.clone(),
+                        v.expose().as_bytes().to_vec(),
+                        s.placeholder.as_bytes().to_vec(),
+                    ))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The decoded user:password of a `Basic` credential, if `value` is one.
+fn decode_basic(value: &[u8]) -> Option<Vec<u8>> {
+    let rest = value
+        .get(..6)
+        .filter(|p| p.eq_ignore_ascii_case(b"basic "))
+        .map(|_| &value[6..])?;
+    let rest = std::str::from_utf8(rest).ok()?.trim();
+    base64::engine::general_purpose::STANDARD.decode(rest).ok()
+}
+
+/// What the gateway knows about one request when it decides where placeholders may be swapped.
+pub(crate) struct ReqCtx<'a> {
+    pub(crate) host: &'a HostName,
+    pub(crate) port: u16,
+    pub(crate) method: &'a str,
+    /// Path and query as sent.
+    pub(crate) target: &'a str,
+    pub(crate) header_names: &'a [&'a str],
+    pub(crate) channel: Channel,
 }
 
 fn replace_all(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
@@ -314,84 +367,38 @@ fn replace_all(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A response body with secret values replaced on the fly, holding back just enough bytes to
-/// catch a value split across frames.
-pub(crate) struct MaskingBody<B> {
+/// A request body streamed upstream unchanged while placeholders in it are noted (also when
+/// split across frames), so the audit line can flag them.
+pub(crate) struct WatchBody<B> {
     inner: B,
-    needles: Vec<(memmem::Finder<'static>, Vec<u8>)>,
+    needles: Vec<(memmem::Finder<'static>, String)>,
+    tail: Vec<u8>,
     keep: usize,
-    pending: BytesMut,
-    trailers: Option<Frame<Bytes>>,
-    done: bool,
-    pub(crate) hits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) seen: std::sync::Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
-impl<B> MaskingBody<B> {
-    pub(crate) fn new(inner: B, needles: Vec<(Vec<u8>, Vec<u8>)>) -> MaskingBody<B> {
-        let keep = needles
+impl<B> WatchBody<B> {
+    pub(crate) fn new(inner: B, watch: Vec<(Vec<u8>, String)>) -> WatchBody<B> {
+        let keep = watch
             .iter()
-            .map(|(v, _)| v.len())
+            .map(|(n, _)| n.len())
             .max()
             .unwrap_or(1)
             .saturating_sub(1);
-        let needles = needles
-            .into_iter()
-            .map(|(v, r)| (memmem::Finder::new(&v).into_owned(), r))
-            .collect();
-        MaskingBody {
+        WatchBody {
             inner,
-            needles,
+            needles: watch
+                .into_iter()
+                .map(|(n, f)| (memmem::Finder::new(&n).into_owned(), f))
+                .collect(),
+            tail: Vec::new(),
             keep,
-            pending: BytesMut::new(),
-            trailers: None,
-            done: false,
-            hits: Default::default(),
+            seen: Default::default(),
         }
-    }
-
-    /// Emits everything that can no longer be the start of a value (all of it at the end).
-    fn drain(&mut self, at_end: bool) -> Option<Bytes> {
-        let safe_end = if at_end {
-            self.pending.len()
-        } else {
-            self.pending.len().saturating_sub(self.keep)
-        };
-        if safe_end == 0 {
-            return None;
-        }
-        let mut out = Vec::with_capacity(safe_end);
-        let mut i = 0;
-        loop {
-            let next = self
-                .needles
-                .iter()
-                .filter_map(|(f, r)| {
-                    f.find(&self.pending[i..])
-                        .map(|m| (i + m, f.needle().len(), r))
-                })
-                .filter(|(m, _, _)| *m < safe_end)
-                .min_by_key(|(m, _, _)| *m);
-            match next {
-                Some((m, len, replacement)) => {
-                    out.extend_from_slice(&self.pending[i..m]);
-                    out.extend_from_slice(replacement);
-                    i = m + len;
-                    self.hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                None => {
-                    let end = safe_end.max(i);
-                    out.extend_from_slice(&self.pending[i..end]);
-                    i = end;
-                    break;
-                }
-            }
-        }
-        let _ = self.pending.split_to(i);
-        (!out.is_empty()).then(|| Bytes::from(out))
     }
 }
 
-impl<B> Body for MaskingBody<B>
+impl<B> Body for WatchBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
 {
@@ -402,59 +409,43 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = &mut *self;
-        loop {
-            if this.done {
-                if let Some(b) = this.drain(true) {
-                    return Poll::Ready(Some(Ok(Frame::data(b))));
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                let this = &mut *self;
+                let mut window = std::mem::take(&mut this.tail);
+                window.extend_from_slice(d);
+                for (finder, flag) in &this.needles {
+                    if finder.find(&window).is_some() {
+                        this.seen
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(flag.clone());
+                    }
                 }
-                return Poll::Ready(this.trailers.take().map(Ok));
-            }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => this.done = true,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
-                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                    Ok(data) => {
-                        this.pending.extend_from_slice(&data);
-                        if let Some(b) = this.drain(false) {
-                            return Poll::Ready(Some(Ok(Frame::data(b))));
-                        }
-                    }
-                    Err(trailers) => {
-                        // Trailers end the body: what is held back goes out first.
-                        this.trailers = Some(trailers);
-                        this.done = true;
-                    }
-                },
+                let from = window.len().saturating_sub(this.keep);
+                this.tail = window.split_off(from);
             }
         }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.pending.is_empty() && self.trailers.is_none()
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        // Replacements keep the length, so the inner hint still holds.
-        let mut h = self.inner.size_hint();
-        let held = self.pending.len() as u64;
-        h.set_lower(h.lower() + held);
-        if let Some(u) = h.upper() {
-            h.set_upper(u + held);
-        }
-        h
+        self.inner.size_hint()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{BodyExt, StreamBody};
 
     fn table() -> SecretTable {
         let policy = hutch_policy::CheckedPolicy::from_toml_str(
-            "allow = [\"a.test\", \"b.test\"]\n[secrets.A]\nhosts=[\"a.test\"]\nin_body=true\n[secrets.B]\nhosts=[\"b.test\"]\ninject={header=\"x-key\", value=\"K {value}\"}\n",
+            "allow = [\"a.test\", \"b.test\"]\n[secrets.A]\nhosts=[\"a.test\"]\nin_body=true\n[secrets.B]\nhosts=[\"b.test:443/v1/\"]\ninject={header=\"x-key\", value=\"K {value}\"}\n",
             std::path::Path::new("t.toml"),
         )
         .expect("policy");
@@ -478,64 +469,116 @@ mod tests {
         HostName::parse(s).expect("host")
     }
 
-    /// Threat 6 (credential laundering): a placeholder is swapped only for its own host over TLS.
+    fn ctx<'a>(host: &'a HostName, target: &'a str, channel: Channel) -> ReqCtx<'a> {
+        ReqCtx {
+            host,
+            port: 443,
+            method: "GET",
+            target,
+            header_names: &[],
+            channel,
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).expect("hv"));
+        }
+        h
+    }
+
+    /// Class 6 (credential laundering): a placeholder is swapped only for its own host over TLS,
+    /// and only in the one header its binding names.
     #[test]
-    fn threat6_swap_only_for_bound_host_over_tls() {
+    fn class_6_swap_only_for_bound_host_over_tls_in_its_header() {
         let t = table();
         let ph = t.placeholders(Phase::Agent);
         let a_ph = &ph[0].1;
         assert!(a_ph.starts_with("hutch-ph-A-") && a_ph.len() == "hutch-ph-A-".len() + 32);
-        let mut h = HeaderMap::new();
-        h.insert(
-            "authorization",
-            HeaderValue::from_str(&format!("Bearer {a_ph}")).expect("hv"),
-        );
+        let a = host("a.test");
+        let mut h = headers(&[
+            ("authorization", &format!("Bearer {a_ph}")),
+            ("x-other", a_ph),
+        ]);
         let mut r = Report::default();
-        t.rewrite_headers(&mut h, &host("a.test"), Channel::Tls, &mut r);
+        t.rewrite_headers(&mut h, &ctx(&a, "/", Channel::Tls), &mut r);
         assert_eq!(h["authorization"], "Bearer AAAA-real-value");
-        assert!(r.used.contains("A") && r.flags.is_empty());
+        assert_eq!(h["x-other"], a_ph.as_str(), "only the named header");
+        assert!(r.used.contains("A"));
+        assert!(r.flags.contains("placeholder_in_header_not_swapped:A"), "{r:?}");
 
-        let mut h = HeaderMap::new();
-        h.insert(
-            "authorization",
-            HeaderValue::from_str(&format!("Bearer {a_ph}")).expect("hv"),
-        );
+        let b = host("b.test");
+        let mut h = headers(&[("authorization", &format!("Bearer {a_ph}"))]);
         let mut r = Report::default();
-        t.rewrite_headers(&mut h, &host("b.test"), Channel::Tls, &mut r);
+        t.rewrite_headers(&mut h, &ctx(&b, "/", Channel::Tls), &mut r);
         assert_eq!(h["authorization"], format!("Bearer {a_ph}").as_str());
         assert!(r.flags.contains("possible_exfiltration:A"), "{r:?}");
 
         let mut r = Report::default();
-        let mut h = HeaderMap::new();
-        h.insert("authorization", HeaderValue::from_str(a_ph).expect("hv"));
-        t.rewrite_headers(&mut h, &host("a.test"), Channel::Plaintext, &mut r);
+        let mut h = headers(&[("authorization", a_ph)]);
+        t.rewrite_headers(&mut h, &ctx(&a, "/", Channel::Plaintext), &mut r);
         assert_eq!(h["authorization"], a_ph.as_str());
         assert!(r.flags.contains("placeholder_over_plaintext:A"), "{r:?}");
     }
 
+    /// Class 17: `Basic` credentials carry the placeholder inside base64 (git, twine); it is
+    /// swapped there too, and flagged there when sent elsewhere.
     #[test]
-    fn threat6_inject_and_body() {
+    fn class_17_basic_credentials_are_swapped_inside() {
+        let t = table();
+        let a_ph = t.placeholders(Phase::Agent)[0].1.clone();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let basic = format!("Basic {}", b64.encode(format!("x-access-token:{a_ph}")));
+        let a = host("a.test");
+        let mut h = headers(&[("authorization", &basic)]);
+        let mut r = Report::default();
+        t.rewrite_headers(&mut h, &ctx(&a, "/", Channel::Tls), &mut r);
+        let sent = decode_basic(h["authorization"].as_bytes()).expect("basic");
+        assert_eq!(sent, b"x-access-token:AAAA-real-value");
+        let mut h = headers(&[("authorization", &basic)]);
+        let mut r = Report::default();
+        t.rewrite_headers(&mut h, &ctx(&host("b.test"), "/", Channel::Tls), &mut r);
+        assert_eq!(h["authorization"], basic.as_str());
+        assert!(r.flags.contains("possible_exfiltration:A"), "{r:?}");
+    }
+
+    /// Class 17: a binding scoped to a path prefix is swapped (and injected) only there.
+    #[test]
+    fn class_17_scope_by_path_and_inject() {
         let t = table();
         let ph = t.placeholders(Phase::Agent);
+        let b = host("b.test");
         let mut h = HeaderMap::new();
         let mut r = Report::default();
-        t.inject(&mut h, &host("b.test"), &mut r);
+        t.inject(&mut h, &ctx(&b, "/v1/x", Channel::Tls), &mut r);
         assert_eq!(h["x-key"], "K BBBB-real-value");
-        let mut h2 = HeaderMap::new();
-        h2.insert("x-key", HeaderValue::from_static("client-chose"));
-        t.inject(&mut h2, &host("b.test"), &mut Report::default());
+        let mut h = HeaderMap::new();
+        t.inject(&mut h, &ctx(&b, "/v2/x", Channel::Tls), &mut Report::default());
+        assert!(h.is_empty(), "no injection outside the path scope");
+        let mut h = headers(&[("x-key", &ph[1].1)]);
+        let mut r = Report::default();
+        t.rewrite_headers(&mut h, &ctx(&b, "/v2/x", Channel::Tls), &mut r);
+        assert_eq!(h["x-key"], ph[1].1.as_str());
+        assert!(r.flags.contains("placeholder_out_of_scope:B"), "{r:?}");
+        let mut h2 = headers(&[("x-key", "client-chose")]);
+        t.inject(&mut h2, &ctx(&b, "/v1/x", Channel::Tls), &mut Report::default());
         assert_eq!(h2["x-key"], "client-chose");
+
+        let a = host("a.test");
         let body = format!("{{\"token\":\"{}\",\"other\":\"{}\"}}", ph[0].1, ph[1].1);
         let mut r = Report::default();
         let out = t
-            .rewrite_body(body.as_bytes(), &host("a.test"), Channel::Tls, &mut r)
+            .rewrite_body(body.as_bytes(), &ctx(&a, "/", Channel::Tls), &mut r)
             .expect("changed");
         let out = String::from_utf8(out).expect("utf8");
-        assert!(
-            out.contains("AAAA-real-value") && out.contains(&ph[1].1),
-            "{out}"
-        );
+        assert!(out.contains("AAAA-real-value") && out.contains(&ph[1].1), "{out}");
         assert!(r.flags.contains("possible_exfiltration:B"));
+        // Not in the query unless the binding opts in.
+        let target = format!("/x?k={}", ph[0].1);
+        let mut r = Report::default();
+        assert!(t.rewrite_target(&ctx(&a, &target, Channel::Tls), &mut r).is_none());
+        assert!(r.flags.contains("placeholder_in_url_not_swapped:A"), "{r:?}");
     }
 
     /// A setup-phase secret is swapped only during setup; afterwards its value is gone and its
@@ -570,15 +613,15 @@ mod tests {
         );
         let a = host("a.test");
         let send = |t: &SecretTable, ph: &str| {
-            let mut h = HeaderMap::new();
-            h.insert("authorization", HeaderValue::from_str(ph).expect("hv"));
+            let c = ctx(&a, "/", Channel::Tls);
+            let mut h = headers(&[("x-key", ph)]);
             let mut r = Report::default();
-            t.rewrite_headers(&mut h, &a, Channel::Tls, &mut r);
-            let body = t.rewrite_body(ph.as_bytes(), &a, Channel::Tls, &mut r);
+            t.rewrite_headers(&mut h, &c, &mut r);
+            let body = t.rewrite_body(ph.as_bytes(), &c, &mut r);
             let mut injected = HeaderMap::new();
-            t.inject(&mut injected, &a, &mut r);
+            t.inject(&mut injected, &c, &mut r);
             (
-                h["authorization"].to_str().expect("ascii").to_string(),
+                h["x-key"].to_str().expect("ascii").to_string(),
                 body,
                 injected,
                 r,
@@ -619,27 +662,6 @@ mod tests {
                 .all(|s| s.value.is_none()),
             "the setup value is dropped"
         );
-        assert_eq!(t.stream_needles().len(), 1);
-    }
-
-    /// Threat 6 (reflection): real values echoed back are masked, also across frame boundaries.
-    #[tokio::test]
-    async fn threat6_streaming_mask_across_frames() {
-        let t = table();
-        let text = b"xxAAAA-real-valueyyBBBB-real-valuezzAAAA-real-value".to_vec();
-        for split in 1..text.len() {
-            let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = text
-                .chunks(split)
-                .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
-                .collect();
-            let body = MaskingBody::new(
-                StreamBody::new(futures::stream::iter(frames)),
-                t.stream_needles(),
-            );
-            let out = body.collect().await.expect("collect").to_bytes();
-            assert_eq!(out.len(), text.len(), "length preserved at split {split}");
-            let s = String::from_utf8_lossy(&out);
-            assert!(!s.contains("real-value"), "split {split}: {s}");
-        }
+        assert!(!t.masker().is_empty());
     }
 }

@@ -32,6 +32,7 @@ upstream_ca = ["CA_FILE"]
 [secrets.TOKEN]
 hosts = ["api.test", "plain.test"]
 inject = { header = "x-api-key", value = "key={value}" }
+in_headers = true
 
 [secrets.OTHER]
 hosts = ["other.test"]
@@ -230,7 +231,7 @@ async fn threat6_upstream_gets_real_secret_client_sent_placeholder() {
         "query values dropped on secret hosts"
     );
     assert!(
-        rec.flags.iter().any(|f| f == "masked_in_response:TOKEN"),
+        rec.flags.iter().any(|f| f == "masked_in_response:TOKEN:literal"),
         "{rec:?}"
     );
 }

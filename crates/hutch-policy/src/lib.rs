@@ -6,6 +6,7 @@ mod addr;
 mod envfile;
 mod name;
 mod policy;
+mod preset;
 mod rule;
 mod secret;
 
@@ -14,8 +15,14 @@ pub use envfile::{EnvEntry, EnvFile, EnvFileError};
 pub use name::{parse_ipv4_loose, HostName, HostPattern, NameError, NameErrorKind, PatternError};
 pub use policy::{
     CheckedPolicy, Phase, PhasedPolicy, Pin, PolicyError, PolicyInput, PolicyLayer, UpstreamCa,
+    DEFAULT_SECRET_HEADER,
 };
-pub use rule::{AllowRule, DenyReason, Method, PathPrefix, RuleId, DEFAULT_PORTS};
+pub use preset::{preset, Preset, PRESETS};
+pub use rule::{
+    method_override, AllowRule, DenyReason, JudgedPath, Method, PathPrefix, RuleId, DEFAULT_PORTS,
+    METHOD_OVERRIDE_HEADERS,
+};
 pub use secret::{
-    InjectTemplate, LoadedSecret, SecretName, SecretSource, SecretSpec, SecretValue, MIN_SECRET_LEN,
+    InjectTemplate, LoadedSecret, SecretName, SecretSource, SecretSpec, SecretTarget, SecretValue,
+    SwapScope, MIN_SECRET_LEN,
 };

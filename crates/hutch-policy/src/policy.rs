@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::name::{HostName, HostPattern};
 use crate::rule::{best_rule, AllowRule, DenyReason, Method, PathPrefix, RuleId, DEFAULT_PORTS};
+use crate::preset::{preset, Preset};
 use crate::secret::{
-    InjectTemplate, LoadedSecret, SecretName, SecretSource, SecretSpec, SecretValue,
+    InjectTemplate, LoadedSecret, SecretName, SecretSource, SecretSpec, SecretTarget, SecretValue,
+    SwapScope,
 };
 
 /// The phases of a `hutch run` with a setup script: the script first, then the command (the agent). Each phase
@@ -60,6 +62,13 @@ pub struct PolicyInput {
     pub setup_allow: Vec<String>,
     /// `--setup-secret NAME@HOST[,HOST...]`: like `secrets`, for the setup phase only.
     pub setup_secrets: Vec<String>,
+    /// `--secret-preset PRESET[:NAME]`, repeatable.
+    pub secret_presets: Vec<String>,
+    /// `--setup-secret-preset PRESET[:NAME]`: like `secret_presets`, for the setup phase only.
+    pub setup_secret_presets: Vec<String>,
+    /// `--inspect-all`: terminate TLS for every allowed host, not only secret-bearing and
+    /// rule-restricted ones.
+    pub inspect_all: bool,
 }
 
 /// A policy input that can't be used, naming the field and what is wrong with it.
@@ -111,6 +120,7 @@ pub struct CheckedPolicy {
     pins: Vec<Pin>,
     upstream_ca: Vec<UpstreamCa>,
     secrets: Vec<SecretSpec>,
+    inspect_all: bool,
 }
 
 impl CheckedPolicy {
@@ -158,6 +168,11 @@ impl CheckedPolicy {
 
     pub fn secrets(&self) -> &[SecretSpec] {
         &self.secrets
+    }
+
+    /// True when every allowed TLS connection is to be terminated and inspected.
+    pub fn inspect_all(&self) -> bool {
+        self.inspect_all
     }
 
     /// Loads every secret's value from the host environment and files.
@@ -220,6 +235,7 @@ pub struct PolicyLayer {
     setup: PhaseRules,
     pins: Vec<(Pin, String)>,
     upstream_ca: Vec<UpstreamCa>,
+    inspect_all: bool,
 }
 
 #[derive(Deserialize)]
@@ -234,6 +250,8 @@ struct RawFile {
     #[serde(default)]
     secrets: BTreeMap<String, RawSecret>,
     setup: Option<RawSetup>,
+    #[serde(default)]
+    inspect_all: bool,
 }
 
 /// The `[setup]` table: what the setup phase may reach, in the same format.
@@ -258,12 +276,20 @@ struct RawAllow {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSecret {
-    hosts: Vec<String>,
+    preset: Option<String>,
+    hosts: Option<Vec<String>>,
+    paths: Option<Vec<String>>,
+    methods: Option<Vec<String>>,
+    header: Option<String>,
     from_env: Option<String>,
     from_file: Option<PathBuf>,
     inject: Option<RawInject>,
     #[serde(default)]
     in_body: bool,
+    #[serde(default)]
+    in_query: bool,
+    #[serde(default)]
+    in_headers: bool,
 }
 
 #[derive(Deserialize)]
@@ -320,6 +346,17 @@ impl PolicyLayer {
                 l.phase_mut(phase).add_secret(spec, field)?;
             }
         }
+        for (phase, list, flag) in [
+            (Phase::Agent, &input.secret_presets, "--secret-preset"),
+            (Phase::Setup, &input.setup_secret_presets, "--setup-secret-preset"),
+        ] {
+            for s in list {
+                let field = format!("{flag} {s:?}");
+                let spec = parse_preset_flag(s).map_err(|p| invalid(&field, p))?;
+                l.phase_mut(phase).add_secret(spec, field)?;
+            }
+        }
+        l.inspect_all |= input.inspect_all;
         Ok(l)
     }
 
@@ -358,6 +395,7 @@ impl PolicyLayer {
     pub fn is_empty(&self) -> bool {
         self.pins.is_empty()
             && self.upstream_ca.is_empty()
+            && !self.inspect_all
             && Phase::ALL.iter().all(|p| {
                 let r = self.phase(*p);
                 r.rules.is_empty() && r.secrets.is_empty()
@@ -430,6 +468,7 @@ impl PolicyLayer {
     }
 
     fn add_raw(&mut self, raw: RawFile, file: &str, base: &Path) -> Result<(), PolicyError> {
+        self.inspect_all |= raw.inspect_all;
         self.agent
             .add_allow_values(raw.allow, &format!("{file}: allow"))?;
         for (i, r) in raw.resolve.iter().enumerate() {
@@ -538,21 +577,80 @@ impl PhaseRules {
                 (None, Some(f)) => SecretSource::File(base.join(f)),
                 (None, None) => SecretSource::Env(name.clone()),
             };
-            if s.hosts.is_empty() {
-                return Err(invalid(
-                    format!("{field}.hosts"),
-                    "is empty; a secret must be bound to at least one host",
-                ));
+            let preset = match &s.preset {
+                Some(p) => Some(preset(p).map_err(|e| invalid(format!("{field}.preset"), e))?),
+                None => None,
+            };
+            let mut targets = match (&s.hosts, preset) {
+                (Some(h), _) if h.is_empty() => {
+                    return Err(invalid(
+                        format!("{field}.hosts"),
+                        "is empty; a secret must be bound to at least one host",
+                    ))
+                }
+                (Some(h), _) => h
+                    .iter()
+                    .enumerate()
+                    .map(|(j, t)| {
+                        SecretTarget::parse(t).map_err(|e| invalid(format!("{field}.hosts[{j}]"), e))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+                (None, Some(p)) => preset_targets(p),
+                (None, None) => {
+                    return Err(invalid(
+                        format!("{field}.hosts"),
+                        "is missing; bind the secret to hosts (\"HOST[:PORT][/PREFIX]\") or name a preset",
+                    ))
+                }
+            };
+            if let Some(paths) = &s.paths {
+                if paths.is_empty() {
+                    return Err(invalid(
+                        format!("{field}.paths"),
+                        "is empty, which would allow the secret nowhere; leave it out for every path",
+                    ));
+                }
+                let prefixes = paths
+                    .iter()
+                    .enumerate()
+                    .map(|(j, p)| {
+                        PathPrefix::parse(p).map_err(|e| invalid(format!("{field}.paths[{j}]"), e))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if let Some(t) = targets.iter().find(|t| t.path.is_some()) {
+                    return Err(invalid(
+                        format!("{field}.paths"),
+                        format!("host {t} has a path of its own; give paths in one place"),
+                    ));
+                }
+                targets = targets
+                    .iter()
+                    .flat_map(|t| {
+                        prefixes.iter().map(move |p| SecretTarget {
+                            path: Some(p.clone()),
+                            ..t.clone()
+                        })
+                    })
+                    .collect();
             }
-            let hosts = s
-                .hosts
-                .iter()
-                .enumerate()
-                .map(|(j, h)| {
-                    HostPattern::parse(h)
-                        .map_err(|e| invalid(format!("{field}.hosts[{j}]"), e.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let methods = match (&s.methods, preset) {
+                (Some(m), _) if m.is_empty() => {
+                    return Err(invalid(
+                        format!("{field}.methods"),
+                        "is empty, which would allow the secret on no request; leave it out for every method",
+                    ))
+                }
+                (Some(m), _) => Some(
+                    m.iter()
+                        .enumerate()
+                        .map(|(j, x)| {
+                            Method::parse(x).map_err(|e| invalid(format!("{field}.methods[{j}]"), e))
+                        })
+                        .collect::<Result<BTreeSet<_>, _>>()?,
+                ),
+                (None, Some(p)) => preset_methods(p),
+                (None, None) => None,
+            };
             let inject = match s.inject {
                 None => None,
                 Some(t) => Some(
@@ -560,12 +658,44 @@ impl PhaseRules {
                         .map_err(|p| invalid(format!("{field}.inject"), p))?,
                 ),
             };
+            let header = match (&s.header, &inject, preset) {
+                (Some(h), _, _) => {
+                    if h.is_empty() || !h.bytes().all(crate::rule::is_token_byte) {
+                        return Err(invalid(
+                            format!("{field}.header"),
+                            format!("{h:?} is not an HTTP header name"),
+                        ));
+                    }
+                    h.to_ascii_lowercase()
+                }
+                (None, Some(t), _) => t.header().to_string(),
+                (None, None, Some(p)) => p.header.to_string(),
+                (None, None, None) => DEFAULT_SECRET_HEADER.to_string(),
+            };
+            if let Some(t) = &inject {
+                if t.header() != header {
+                    return Err(invalid(
+                        format!("{field}.inject"),
+                        format!(
+                            "adds header {}, but the secret's header is {header}; they must be the same",
+                            t.header()
+                        ),
+                    ));
+                }
+            }
             let spec = SecretSpec {
                 name: sname,
-                hosts,
+                targets,
+                methods,
                 source,
                 inject,
-                in_body: s.in_body,
+                swap: SwapScope {
+                    header,
+                    body: s.in_body,
+                    query: s.in_query,
+                    any_header: s.in_headers,
+                },
+                preset: preset.map(|p| p.name),
             };
             self.add_secret(spec, field)?;
         }
@@ -688,11 +818,13 @@ impl PhasedPolicy {
                 }
             }
         }
+        let inspect_all = layers.iter().any(|l| l.inspect_all);
         let finish = |rules: PhaseRules| CheckedPolicy {
             rules: rules.rules,
             pins: pins.iter().map(|(p, _)| p.clone()).collect(),
             upstream_ca: upstream_ca.clone(),
             secrets: rules.secrets.into_iter().map(|(s, _)| s).collect(),
+            inspect_all,
         };
         for (pin, origin) in &pins {
             let used = [&setup, &agent]
@@ -707,8 +839,12 @@ impl PhasedPolicy {
         }
         for (phase, rules) in [(Phase::Setup, &setup), (Phase::Agent, &agent)] {
             for (s, origin) in &rules.secrets {
-                for h in &s.hosts {
-                    if !rules.rules.iter().any(|r| r.pattern.covers(h)) {
+                for t in &s.targets {
+                    let h = &t.pattern;
+                    let covered = rules.rules.iter().any(|r| {
+                        r.pattern.covers(h) && t.port.map_or(true, |p| r.ports.contains(&p))
+                    });
+                    if !covered {
                         let which = if phase == Phase::Setup {
                             "no setup-phase allow rule"
                         } else {
@@ -717,8 +853,12 @@ impl PhasedPolicy {
                         return Err(invalid(
                             format!("secret {} ({origin})", s.name),
                             format!(
-                                "is bound to {h}, which {which} permits; add {} {h}",
-                                phase.allow_flag()
+                                "is bound to {t}, which {which} permits; add {} {}",
+                                phase.allow_flag(),
+                                match t.port {
+                                    Some(p) => format!("{h}:{p}"),
+                                    None => h.to_string(),
+                                }
                             ),
                         ));
                     }
@@ -784,22 +924,83 @@ fn parse_pin(s: &str) -> Result<Pin, String> {
     Ok(Pin { name, port, addrs })
 }
 
-/// `NAME@HOST[,HOST...]`, value from `$NAME`.
+/// The request header a secret is swapped in when its binding names none.
+pub const DEFAULT_SECRET_HEADER: &str = "authorization";
+
+/// `NAME[:HEADER]@HOST[:PORT][/PREFIX][,...]`, value from `$NAME`, swapped in HEADER only
+/// (default: Authorization).
 fn parse_secret_flag(s: &str) -> Result<SecretSpec, String> {
-    let (name, hosts) = s.split_once('@').ok_or("expected NAME@HOST[,HOST...]")?;
+    let (name, targets) = s.split_once('@').ok_or(
+        "expected NAME[:HEADER]@HOST[:PORT][/PREFIX][,HOST...] (or --secret-preset PRESET)",
+    )?;
+    let (name, header) = match name.split_once(':') {
+        Some((n, h)) => {
+            if h.is_empty() || !h.bytes().all(crate::rule::is_token_byte) {
+                return Err(format!("{h:?} is not an HTTP header name"));
+            }
+            (n, h.to_ascii_lowercase())
+        }
+        None => (name, DEFAULT_SECRET_HEADER.to_string()),
+    };
     let name = SecretName::parse(name)?;
-    let hosts = hosts
+    let targets = targets
         .split(',')
-        .map(|h| HostPattern::parse(h).map_err(|e| e.to_string()))
+        .map(SecretTarget::parse)
         .collect::<Result<Vec<_>, _>>()?;
     let source = SecretSource::Env(name.as_str().to_string());
     Ok(SecretSpec {
         name,
-        hosts,
+        targets,
+        methods: None,
         source,
         inject: None,
-        in_body: false,
+        swap: SwapScope {
+            header,
+            body: false,
+            query: false,
+            any_header: false,
+        },
+        preset: None,
     })
+}
+
+/// `PRESET[:NAME]`: the preset's scope, value from `$NAME` (default: the preset's usual variable).
+fn parse_preset_flag(s: &str) -> Result<SecretSpec, String> {
+    let (p, name) = match s.split_once(':') {
+        Some((p, n)) => (preset(p)?, n),
+        None => {
+            let p = preset(s)?;
+            (p, p.default_name)
+        }
+    };
+    let name = SecretName::parse(name)?;
+    let source = SecretSource::Env(name.as_str().to_string());
+    Ok(SecretSpec {
+        name,
+        targets: preset_targets(p),
+        methods: preset_methods(p),
+        source,
+        inject: None,
+        swap: SwapScope {
+            header: p.header.to_string(),
+            body: false,
+            query: false,
+            any_header: false,
+        },
+        preset: Some(p.name),
+    })
+}
+
+fn preset_targets(p: &Preset) -> Vec<SecretTarget> {
+    p.targets
+        .iter()
+        .filter_map(|t| SecretTarget::parse(t).ok())
+        .collect()
+}
+
+fn preset_methods(p: &Preset) -> Option<BTreeSet<Method>> {
+    p.methods
+        .map(|m| m.iter().filter_map(|x| Method::parse(x).ok()).collect())
 }
 
 fn read_ca(path: &Path, shown: &Path) -> Result<UpstreamCa, PolicyError> {
@@ -969,7 +1170,7 @@ mod tests {
         let err = CheckedPolicy::from_input(&bad)
             .expect_err("no hosts")
             .to_string();
-        assert!(err.contains("NAME@HOST"), "{err}");
+        assert!(err.contains("NAME[:HEADER]@HOST"), "{err}");
     }
 
     #[test]
@@ -1213,6 +1414,106 @@ mod tests {
             err.contains("resolve pkgs.test:8443 (--resolve") && err.contains("never be used"),
             "{err}"
         );
+    }
+
+    /// Class 17 (secret laundering through the bound host): a secret is usable only where its
+    /// binding says (host, port, path prefix, method) and only in its one header unless the policy
+    /// opts in, from flags, presets and the file format alike.
+    #[test]
+    fn class_17_secret_scopes_from_flags_presets_and_files() {
+        let p = CheckedPolicy::from_input(&PolicyInput {
+            allow: vec!["api.test".into(), "api.anthropic.com".into(), "git.test:8443".into()],
+            secrets: vec![
+                "TOKEN@api.test:443/v1/,git.test:8443".into(),
+                "KEY:X-Api-Key@api.test".into(),
+            ],
+            secret_presets: vec!["anthropic".into()],
+            ..Default::default()
+        })
+        .expect("valid");
+        let token = &p.secrets()[0];
+        let api = name("api.test");
+        assert!(token.applies(&api, 443, "POST", "/v1/messages?x=1", &[]));
+        assert!(!token.applies(&api, 80, "POST", "/v1/messages", &[]), "port");
+        assert!(!token.applies(&api, 443, "POST", "/v2/x", &[]), "path");
+        assert!(!token.applies(&api, 443, "GET", "/v1/../v2/x", &[]), "dot segments");
+        assert!(!token.applies(&api, 443, "GET", "/v1/..;/v2", &[]), ";parameters");
+        assert!(token.applies(&name("git.test"), 8443, "GET", "/anything", &[]));
+        assert_eq!(token.swap().header, "authorization");
+        assert!(!token.swap().widened());
+        assert!(token.is_bound_to(&api) && !token.is_bound_to(&name("other.test")));
+
+        assert_eq!(p.secrets()[1].swap().header, "x-api-key");
+        let claude = &p.secrets()[2];
+        assert_eq!(claude.name().as_str(), "ANTHROPIC_API_KEY");
+        assert_eq!(claude.swap().header, "x-api-key");
+        let a = name("api.anthropic.com");
+        assert!(claude.applies(&a, 443, "POST", "/v1/messages", &[]));
+        assert!(!claude.applies(&a, 443, "DELETE", "/v1/messages", &[]), "method");
+        assert!(
+            !claude.applies(&a, 443, "POST", "/v1/messages", &["X-HTTP-Method-Override"]),
+            "an override leaves the method scope"
+        );
+        assert!(!claude.applies(&a, 443, "POST", "/v2/x", &[]));
+
+        let p = CheckedPolicy::from_input(&PolicyInput {
+            allow: vec!["api.openai.com".into()],
+            secret_presets: vec!["openai:CODEX_API_KEY".into()],
+            ..Default::default()
+        })
+        .expect("named preset");
+        assert_eq!(p.secrets()[0].name().as_str(), "CODEX_API_KEY");
+        assert_eq!(p.secrets()[0].preset(), Some("openai"));
+
+        let f = toml_ok(
+            r#"
+            allow = ["api.test", "store.test"]
+            [secrets.A]
+            hosts = ["api.test"]
+            paths = ["/v1/", "/v2/"]
+            methods = ["POST"]
+            header = "X-Key"
+            [secrets.B]
+            hosts = ["store.test"]
+            in_body = true
+            in_query = true
+            in_headers = true
+            [secrets.C]
+            preset = "github"
+            hosts = ["api.test"]
+            "#,
+        );
+        let a = &f.secrets()[0];
+        assert_eq!(a.swap().header, "x-key");
+        assert!(a.applies(&api, 443, "POST", "/v2/x", &[]));
+        assert!(!a.applies(&api, 443, "GET", "/v2/x", &[]));
+        assert!(!a.applies(&api, 443, "POST", "/v3/x", &[]));
+        assert!(f.secrets()[1].swap().widened());
+        assert_eq!(f.secrets()[2].preset(), Some("github"));
+
+        let cases: &[(&str, &[&str])] = &[
+            ("allow=[\"a.com\"]\n[secrets.A]\npreset = \"nope\"", &["secrets.A.preset", "no secret preset", "anthropic"]),
+            ("allow=[\"a.com\"]\n[secrets.A]\nfrom_env = \"A\"", &["secrets.A.hosts", "is missing"]),
+            ("allow=[\"a.com\"]\n[secrets.A]\nhosts = [\"a.com/v1/\"]\npaths = [\"/v2/\"]", &["secrets.A.paths", "a path of its own"]),
+            ("allow=[\"a.com\"]\n[secrets.A]\nhosts = [\"a.com\"]\nmethods = []", &["secrets.A.methods", "empty"]),
+            ("allow=[\"a.com\"]\n[secrets.A]\nhosts = [\"a.com\"]\nheader = \"x key\"", &["secrets.A.header", "not an HTTP header name"]),
+            ("allow=[\"a.com\"]\n[secrets.A]\nhosts = [\"a.com\"]\nheader = \"x-key\"\ninject = { header = \"authorization\", value = \"{value}\" }", &["secrets.A.inject", "must be the same"]),
+            ("allow=[\"a.com\"]\n[secrets.A]\nhosts = [\"a.com:8443\"]", &["bound to a.com:8443", "--allow a.com:8443"]),
+            ("allow=[\"a.com\"]\n[secrets.A]\nhosts = [\"a.com/../x\"]", &["secrets.A.hosts[0]", "'.'/'..' segments"]),
+        ];
+        for (text, wants) in cases {
+            let err = toml_err(text);
+            for want in *wants {
+                assert!(err.contains(want), "error for {text:?} should mention {want:?}, got: {err}");
+            }
+        }
+        let err = CheckedPolicy::from_input(&PolicyInput {
+            secret_presets: vec!["anthropic".into()],
+            ..Default::default()
+        })
+        .expect_err("not allowed")
+        .to_string();
+        assert!(err.contains("--allow api.anthropic.com:443"), "{err}");
     }
 
     /// Threat 15 (agent switching off its guardrails): the serialized policy carries no secret

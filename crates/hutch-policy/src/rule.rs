@@ -70,7 +70,7 @@ impl PathPrefix {
         &self.0
     }
 
-    fn matches(&self, path: &str) -> bool {
+    pub(crate) fn matches(&self, path: &str) -> bool {
         let p = self.0.as_str();
         path == p
             || (path.starts_with(p)
@@ -82,9 +82,13 @@ fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
+/// Encoded dots, slashes, backslashes and semicolons, double encoding (`%25`) and overlong UTF-8
+/// (`%c0`, `%c1`): servers decode these differently, so a path rule can't judge a path holding them.
 fn has_encoded_separator(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
-    ["%2e", "%2f", "%5c"].iter().any(|e| lower.contains(e))
+    ["%2e", "%2f", "%5c", "%3b", "%25", "%c0", "%c1", "%00"]
+        .iter()
+        .any(|e| lower.contains(e))
 }
 
 /// Identifies a rule for audit lines.
@@ -128,9 +132,15 @@ impl AllowRule {
         self.methods.is_some() || self.paths.is_some()
     }
 
-    /// Decides one HTTP request on a connection this rule allowed. `path` is the request
-    /// target's path with or without a query.
-    pub fn check_request(&self, method: &str, path: &str) -> Result<(), DenyReason> {
+    /// Decides one HTTP request on a connection this rule allowed. `target` is the request
+    /// target's path with or without a query; `header_names` are the request's header names (any
+    /// case), so that method overrides can be seen.
+    pub fn check_request(
+        &self,
+        method: &str,
+        target: &str,
+        header_names: &[&str],
+    ) -> Result<(), DenyReason> {
         if let Some(methods) = &self.methods {
             if !methods.iter().any(|m| m.as_str() == method) {
                 return Err(DenyReason::MethodNotAllowed {
@@ -138,28 +148,117 @@ impl AllowRule {
                     rule: self.public(),
                 });
             }
-        }
-        if let Some(paths) = &self.paths {
-            let path_only = path.split(['?', '#']).next().unwrap_or(path);
-            if !path_only.starts_with('/')
-                || path_only
-                    .bytes()
-                    .any(|b| b == b'\\' || b.is_ascii_control())
-                || has_dot_segment(path_only)
-                || has_encoded_separator(path_only)
-            {
-                return Err(DenyReason::PathAmbiguous {
-                    path: path_only.to_string(),
+            if let Some(how) = method_override(target, header_names) {
+                return Err(DenyReason::MethodOverride {
+                    how,
+                    rule: self.public(),
                 });
             }
-            if !paths.iter().any(|p| p.matches(path_only)) {
+        }
+        if let Some(paths) = &self.paths {
+            let judged = JudgedPath::new(target)?;
+            if !paths.iter().any(|p| judged.under(p)) {
                 return Err(DenyReason::PathNotAllowed {
-                    path: path_only.to_string(),
+                    path: judged.raw.to_string(),
                     rule: self.public(),
                 });
             }
         }
         Ok(())
+    }
+}
+
+/// Headers that servers and frameworks read as "treat this request as method X".
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] =
+    ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// Query parameters with the same meaning (Rails, Laravel, Symfony, ...).
+const METHOD_OVERRIDE_PARAMS: [&str; 4] = [
+    "_method",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// How `target` and `header_names` ask the server to use another method than the request line's, if they do.
+pub fn method_override(target: &str, header_names: &[&str]) -> Option<String> {
+    if let Some(h) = header_names
+        .iter()
+        .find(|h| METHOD_OVERRIDE_HEADERS.iter().any(|o| h.eq_ignore_ascii_case(o)))
+    {
+        return Some(format!("header {}", h.to_ascii_lowercase()));
+    }
+    let query = target.split_once('?').map(|(_, q)| q)?;
+    let query = query.split('#').next().unwrap_or(query);
+    for pair in query.split(['&', ';']) {
+        let name = pair.split('=').next().unwrap_or(pair);
+        let decoded = percent_decode_lossy(name).to_ascii_lowercase();
+        // `_method[]` and similar spellings are read the same way by some frameworks.
+        let base = decoded.trim_end_matches("[]");
+        if METHOD_OVERRIDE_PARAMS.contains(&base) {
+            return Some(format!("query parameter {base}"));
+        }
+    }
+    None
+}
+
+fn percent_decode_lossy(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex_val(b[i + 1]), hex_val(b[i + 2])) {
+                out.push(h * 16 + l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// A request path as path rules judge it: the path as sent, and the same path with `;`
+/// parameters removed from every segment (as Tomcat, Jetty and Spring read it). Both readings
+/// must be free of dot segments and encoded separators, and both must fall under a prefix.
+#[derive(Debug)]
+pub struct JudgedPath<'a> {
+    raw: &'a str,
+    stripped: String,
+}
+
+impl<'a> JudgedPath<'a> {
+    /// `target` may carry a query; it is not part of the path.
+    pub fn new(target: &'a str) -> Result<JudgedPath<'a>, DenyReason> {
+        let raw = target.split(['?', '#']).next().unwrap_or(target);
+        let stripped = raw
+            .split('/')
+            .map(|seg| seg.split(';').next().unwrap_or(seg))
+            .collect::<Vec<_>>()
+            .join("/");
+        let ambiguous = |p: &str| {
+            !p.starts_with('/')
+                || p.bytes().any(|b| b == b'\\' || b.is_ascii_control())
+                || has_dot_segment(p)
+                || has_encoded_separator(p)
+        };
+        if ambiguous(raw) || ambiguous(&stripped) {
+            return Err(DenyReason::PathAmbiguous {
+                path: raw.to_string(),
+            });
+        }
+        Ok(JudgedPath { raw, stripped })
+    }
+
+    /// True when both readings are under `prefix`.
+    pub fn under(&self, prefix: &PathPrefix) -> bool {
+        prefix.matches(self.raw) && prefix.matches(&self.stripped)
     }
 }
 
@@ -226,8 +325,10 @@ pub enum DenyReason {
     MethodNotAllowed { method: String, rule: String },
     #[error("path {path} not allowed by {rule}")]
     PathNotAllowed { path: String, rule: String },
-    #[error("path {path} has dot-segments, backslashes or encoded separators that path rules can't judge")]
+    #[error("path {path} has dot-segments (also with ;parameters), backslashes or encoded separators that path rules can't judge")]
     PathAmbiguous { path: String },
+    #[error("method override ({how}) not allowed by {rule}")]
+    MethodOverride { how: String, rule: String },
 }
 
 /// The most specific rule covering `name` on `port` (exact beats wildcard, longer suffix beats
@@ -257,7 +358,7 @@ mod tests {
         ] {
             let mut r = rule(Some(&["GET"]), Some(&["/ok/"]));
             r.origin = origin.into();
-            for e in [r.check_request("POST", "/ok/x"), r.check_request("GET", "/no")] {
+            for e in [r.check_request("POST", "/ok/x", &[]), r.check_request("GET", "/no", &[]), r.check_request("GET", "/ok/x", &["x-http-method"])] {
                 let msg = e.expect_err("denied").to_string();
                 assert!(msg.ends_with(want) && !msg.contains("/home") && !msg.contains("/srv"), "{msg}");
             }
@@ -287,32 +388,32 @@ mod tests {
     #[test]
     fn threat7_method_and_path_rules() {
         let r = rule(Some(&["get", "HEAD"]), Some(&["/repos", "/users/"]));
-        assert!(r.check_request("GET", "/repos").is_ok());
-        assert!(r.check_request("GET", "/repos/a/b?x=1").is_ok());
-        assert!(r.check_request("HEAD", "/users/x").is_ok());
+        assert!(r.check_request("GET", "/repos", &[]).is_ok());
+        assert!(r.check_request("GET", "/repos/a/b?x=1", &[]).is_ok());
+        assert!(r.check_request("HEAD", "/users/x", &[]).is_ok());
         assert!(matches!(
-            r.check_request("POST", "/repos"),
+            r.check_request("POST", "/repos", &[]),
             Err(DenyReason::MethodNotAllowed { .. })
         ));
         assert!(matches!(
-            r.check_request("get", "/repos"),
+            r.check_request("get", "/repos", &[]),
             Err(DenyReason::MethodNotAllowed { .. })
         ));
         assert!(matches!(
-            r.check_request("GET", "/reposx"),
+            r.check_request("GET", "/reposx", &[]),
             Err(DenyReason::PathNotAllowed { .. })
         ));
         assert!(matches!(
-            r.check_request("GET", "/users"),
+            r.check_request("GET", "/users", &[]),
             Err(DenyReason::PathNotAllowed { .. })
         ));
         assert!(matches!(
-            r.check_request("GET", "/gists"),
+            r.check_request("GET", "/gists", &[]),
             Err(DenyReason::PathNotAllowed { .. })
         ));
         // The query is not part of the path match.
         assert!(matches!(
-            r.check_request("GET", "/x?/repos/"),
+            r.check_request("GET", "/x?/repos/", &[]),
             Err(DenyReason::PathNotAllowed { .. })
         ));
     }
@@ -332,14 +433,75 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    r.check_request("GET", p),
+                    r.check_request("GET", p, &[]),
                     Err(DenyReason::PathAmbiguous { .. })
                 ),
                 "{p}"
             );
         }
         // Without path rules the gateway does not judge paths.
-        assert!(rule(None, None).check_request("GET", "/a/../b").is_ok());
+        assert!(rule(None, None).check_request("GET", "/a/../b", &[]).is_ok());
+    }
+
+    /// Class 19 (request-semantics bypasses): on a method-restricted rule, method-override headers and
+    /// parameters are refused; `;` parameters in dot segments and encoded dots, slashes and semicolons
+    /// do not escape a path prefix, while `;` parameters in ordinary segments are judged both ways.
+    #[test]
+    fn class_19_method_overrides_and_path_parameters() {
+        let r = rule(Some(&["GET"]), Some(&["/ok/"]));
+        assert!(r.check_request("GET", "/ok/x", &["accept", "user-agent"]).is_ok());
+        for h in ["X-HTTP-Method-Override", "x-http-method", "X-Method-Override"] {
+            assert!(
+                matches!(
+                    r.check_request("GET", "/ok/x", &["accept", h]),
+                    Err(DenyReason::MethodOverride { .. })
+                ),
+                "{h}"
+            );
+        }
+        for q in [
+            "/ok/x?_method=DELETE",
+            "/ok/x?a=1&_METHOD=delete",
+            "/ok/x?%5fmethod=DELETE",
+            "/ok/x?_method[]=DELETE",
+            "/ok/x?x-http-method-override=PUT",
+            "/ok/x?a=1;_method=DELETE",
+        ] {
+            assert!(
+                matches!(
+                    r.check_request("GET", q, &[]),
+                    Err(DenyReason::MethodOverride { .. })
+                ),
+                "{q}"
+            );
+        }
+        // Without a method limit, overrides are the server's business.
+        assert!(rule(None, Some(&["/ok/"]))
+            .check_request("GET", "/ok/x?_method=DELETE", &["x-http-method-override"])
+            .is_ok());
+        for p in [
+            "/ok/..;/secret",
+            "/ok/..;jsessionid=1/secret",
+            "/ok/.;x/../secret",
+            "/ok/%2e%2e;/secret",
+            "/ok/..%3b/secret",
+            "/ok/%252e%252e/secret",
+            "/ok/%c0%ae%c0%ae/secret",
+        ] {
+            assert!(
+                matches!(
+                    r.check_request("GET", p, &[]),
+                    Err(DenyReason::PathAmbiguous { .. })
+                ),
+                "{p}"
+            );
+        }
+        assert!(r.check_request("GET", "/ok/a;jsessionid=1/b", &[]).is_ok());
+        // `/ok;x/` is `/ok/` to a server that drops parameters but not to one that keeps them.
+        assert!(matches!(
+            r.check_request("GET", "/ok;x/secret", &[]),
+            Err(DenyReason::PathNotAllowed { .. })
+        ));
     }
 
     #[test]

@@ -7,9 +7,11 @@ use std::path::PathBuf;
 use serde::Serialize;
 use zeroize::Zeroize;
 
+use std::collections::BTreeSet;
+
 use crate::name::HostName;
 use crate::name::HostPattern;
-use crate::rule::is_token_byte;
+use crate::rule::{is_token_byte, method_override, JudgedPath, Method, PathPrefix};
 
 /// Shortest value accepted: masking a very short value in responses would corrupt them.
 pub const MIN_SECRET_LEN: usize = 8;
@@ -110,16 +112,116 @@ fn is_header_value_byte(b: u8) -> bool {
     b == b'\t' || (0x20..0x7f).contains(&b)
 }
 
+/// Where a secret may be used: a host pattern, optionally one port and one path prefix
+/// (`HOST[:PORT][/PREFIX]`, e.g. `api.anthropic.com:443/v1/`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SecretTarget {
+    pub(crate) pattern: HostPattern,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) path: Option<PathPrefix>,
+}
+
+impl SecretTarget {
+    /// `HOST[:PORT][/PREFIX]`.
+    pub(crate) fn parse(s: &str) -> Result<SecretTarget, String> {
+        let (hostport, path) = match s.find('/') {
+            Some(i) => (&s[..i], Some(PathPrefix::parse(&s[i..])?)),
+            None => (s, None),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => {
+                let port = match p.parse::<u16>() {
+                    Ok(0) | Err(_) => {
+                        return Err(format!("port {p:?} is not a number from 1 to 65535"))
+                    }
+                    Ok(n) => n,
+                };
+                (h, Some(port))
+            }
+            None => (hostport, None),
+        };
+        let pattern = HostPattern::parse(host).map_err(|e| e.to_string())?;
+        Ok(SecretTarget {
+            pattern,
+            port,
+            path,
+        })
+    }
+
+    pub fn pattern(&self) -> &HostPattern {
+        &self.pattern
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
+    pub fn path(&self) -> Option<&PathPrefix> {
+        self.path.as_ref()
+    }
+
+    fn matches(&self, host: &HostName, port: u16, path: Option<&JudgedPath<'_>>) -> bool {
+        self.pattern.matches(host)
+            && self.port.map_or(true, |p| p == port)
+            && match (&self.path, path) {
+                (None, _) => true,
+                (Some(prefix), Some(judged)) => judged.under(prefix),
+                (Some(_), None) => false,
+            }
+    }
+}
+
+impl fmt::Display for SecretTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.pattern)?;
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        if let Some(p) = &self.path {
+            f.write_str(p.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+/// Where in a request a secret's placeholder is put in place of the value. The default is one
+/// named header; the rest are opt-ins, because a host that stores or reflects what it is sent
+/// can give a value swapped there back to the sandbox.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SwapScope {
+    /// The request header (lowercase) whose value may carry the placeholder.
+    pub header: String,
+    /// Also in request bodies (buffered, up to the body cap).
+    pub body: bool,
+    /// Also in the query string.
+    pub query: bool,
+    /// Also in every other request header.
+    pub any_header: bool,
+}
+
+impl SwapScope {
+    /// True when the secret may be swapped anywhere but its one header.
+    pub fn widened(&self) -> bool {
+        self.body || self.query || self.any_header
+    }
+}
+
 /// One secret binding in checked form (no value: values are loaded separately).
 #[derive(Clone, Debug, Serialize)]
 pub struct SecretSpec {
     pub(crate) name: SecretName,
-    pub(crate) hosts: Vec<HostPattern>,
+    pub(crate) targets: Vec<SecretTarget>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) methods: Option<BTreeSet<Method>>,
     #[serde(skip)]
     pub(crate) source: SecretSource,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) inject: Option<InjectTemplate>,
-    pub(crate) in_body: bool,
+    pub(crate) swap: SwapScope,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) preset: Option<&'static str>,
 }
 
 impl SecretSpec {
@@ -127,8 +229,18 @@ impl SecretSpec {
         &self.name
     }
 
-    pub fn hosts(&self) -> &[HostPattern] {
-        &self.hosts
+    /// Every place the secret may be used.
+    pub fn targets(&self) -> &[SecretTarget] {
+        &self.targets
+    }
+
+    /// The host patterns of its targets (a pattern may repeat).
+    pub fn hosts(&self) -> impl Iterator<Item = &HostPattern> {
+        self.targets.iter().map(|t| &t.pattern)
+    }
+
+    pub fn methods(&self) -> Option<&BTreeSet<Method>> {
+        self.methods.as_ref()
     }
 
     pub fn source(&self) -> &SecretSource {
@@ -139,13 +251,72 @@ impl SecretSpec {
         self.inject.as_ref()
     }
 
-    pub fn in_body(&self) -> bool {
-        self.in_body
+    pub fn swap(&self) -> &SwapScope {
+        &self.swap
     }
 
-    /// True when requests to `name` may carry this secret.
+    pub fn in_body(&self) -> bool {
+        self.swap.body
+    }
+
+    /// The preset the binding came from, if any.
+    pub fn preset(&self) -> Option<&'static str> {
+        self.preset
+    }
+
+    /// True when some request to `name` may carry this secret (on any port, path or method):
+    /// such hosts are always inspected.
     pub fn is_bound_to(&self, name: &HostName) -> bool {
-        self.hosts.iter().any(|p| p.matches(name))
+        self.targets.iter().any(|t| t.pattern.matches(name))
+    }
+
+    /// True when a request `method target` to `host:port` may carry this secret. `target` may
+    /// carry a query; a path that path prefixes can't judge is in no prefix. A method override
+    /// (header or parameter) puts the request outside any method limit.
+    pub fn applies(
+        &self,
+        host: &HostName,
+        port: u16,
+        method: &str,
+        target: &str,
+        header_names: &[&str],
+    ) -> bool {
+        if let Some(methods) = &self.methods {
+            if !methods.iter().any(|m| m.as_str() == method)
+                || method_override(target, header_names).is_some()
+            {
+                return false;
+            }
+        }
+        let judged = JudgedPath::new(target).ok();
+        self.targets
+            .iter()
+            .any(|t| t.matches(host, port, judged.as_ref()))
+    }
+
+    /// The scope in words, for error messages and listings: `api.test:443/v1/ methods GET,POST header x-api-key`.
+    pub fn describe(&self) -> String {
+        let mut s = self
+            .targets
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        if let Some(m) = &self.methods {
+            let m: Vec<&str> = m.iter().map(Method::as_str).collect();
+            s.push_str(&format!(" methods {}", m.join(",")));
+        }
+        s.push_str(&format!(" header {}", self.swap.header));
+        for (on, what) in [
+            (self.swap.body, "body"),
+            (self.swap.query, "query"),
+            (self.swap.any_header, "any header"),
+        ] {
+            if on {
+                s.push_str(&format!(" +{what}"));
+            }
+        }
+        s
     }
 }
 
@@ -211,10 +382,17 @@ mod tests {
         let loaded = LoadedSecret {
             spec: SecretSpec {
                 name: SecretName::parse("GH").expect("name"),
-                hosts: vec![],
+                targets: vec![],
+                methods: None,
                 source: SecretSource::Env("GH".into()),
                 inject: None,
-                in_body: false,
+                swap: SwapScope {
+                    header: "authorization".into(),
+                    body: false,
+                    query: false,
+                    any_header: false,
+                },
+                preset: None,
             },
             value: v,
         };

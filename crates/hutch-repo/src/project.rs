@@ -161,8 +161,7 @@ impl ProjectConfig {
             for phase in Phase::ALL {
                 let mut parts: Vec<String> = p.rules(phase).iter().map(|r| r.describe()).collect();
                 parts.extend(p.secrets(phase).map(|s| {
-                    let hosts: Vec<String> = s.hosts().iter().map(|h| h.to_string()).collect();
-                    format!("secret {} (from {}) sent to {}", s.name(), s.source(), hosts.join(", "))
+                    format!("secret {} (from {}) sent to {}", s.name(), s.source(), s.describe())
                 }));
                 if parts.is_empty() {
                     continue;
@@ -315,7 +314,7 @@ mod tests {
         assert!(all.contains("scripts/setup.sh") && all.contains("2048 MiB"), "{all}");
         assert!(asks.contains(&"egress for the command: api.example.com:80,443".to_string()), "{all}");
         assert!(
-            asks.contains(&"egress for the setup script: pkgs.example.com:443; secret REPO_TOKEN (from $AWS_SECRET_ACCESS_KEY) sent to pkgs.example.com".to_string()),
+            asks.contains(&"egress for the setup script: pkgs.example.com:443; secret REPO_TOKEN (from $AWS_SECRET_ACCESS_KEY) sent to pkgs.example.com header authorization".to_string()),
             "what a secret is read from is shown: {all}"
         );
         assert!(asks.contains(&"pkgs.example.com:443 pinned to 10.0.0.5".to_string()), "{all}");

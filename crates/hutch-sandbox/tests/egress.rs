@@ -85,7 +85,7 @@ async fn threat12_secret_value_is_nowhere_in_the_guest_its_disk_console_memory_o
     let use_it = format!(
         "cat /root/testnet-ca.pem >> /etc/ssl/certs/ca-certificates.crt && \
          curl -sS --fail -H \"Authorization: Bearer $API_KEY\" https://{API}:{p}/v1/use > /root/response.json && \
-         curl -sS --fail --noproxy '*' -H \"X-Key: $API_KEY\" https://{API}:{p}/reflect/x-key >> /root/response.json && \
+         curl -sS --fail --noproxy '*' -H \"Authorization: $API_KEY\" https://{API}:{p}/reflect/authorization >> /root/response.json && \
          echo \"$API_KEY\" > /root/placeholder.txt && echo {decoy} > /root/decoy.txt && sync && \
          grep -c '^API_KEY=hutch-ph-API_KEY-' /proc/1/environ /proc/self/environ"
     );
@@ -108,7 +108,7 @@ async fn threat12_secret_value_is_nowhere_in_the_guest_its_disk_console_memory_o
         "the upstream got the real value"
     );
     assert_eq!(
-        net.requests_to("/reflect/x-key")[0].header("x-key"),
+        net.requests_to("/reflect/authorization")[0].header("authorization"),
         Some(real.as_str())
     );
 

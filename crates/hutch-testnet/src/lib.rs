@@ -10,6 +10,7 @@ mod body;
 mod git;
 pub mod model_api;
 mod pki;
+mod reflect;
 mod routes;
 mod server;
 
@@ -177,6 +178,7 @@ impl TestNet {
         let routes = routes::Routes {
             git_root: git_root.clone(),
             files_root,
+            store: Default::default(),
         };
         let server = server::Running::start(pki.server_config.clone(), routes, log.clone())?;
         Ok(TestNet {

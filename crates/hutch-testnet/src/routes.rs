@@ -2,8 +2,9 @@
 //! (302 to URL), `/reflect/HEADER` (the value of a request header, back in the body and in
 //! `x-reflected`), `/NAME.git/...` (git smart HTTP for repositories the test created),
 //! `/files/PATH` (a file the test put in [`crate::TestNet::files_dir`], 404 when there is none:
-//! a static site such as a package repository), and anything else an echo of the request as
-//! JSON. Every request is recorded first.
+//! a static site such as a package repository), the laundering routes of [`crate::reflect`]
+//! (`/reflect-enc/ENC/HEADER`, `/reflect-status/HEADER`, `/reflect-name/HEADER`, `/store/KEY`),
+//! and anything else an echo of the request as JSON. Every request is recorded first.
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +24,7 @@ const MAX_GENERATED: u64 = 16 << 30;
 pub(crate) struct Routes {
     pub(crate) git_root: PathBuf,
     pub(crate) files_root: PathBuf,
+    pub(crate) store: crate::reflect::Store,
 }
 
 /// The connection a request came in on.
@@ -138,6 +140,19 @@ where
         }
         return r;
     }
+    if let Some(rest) = route.strip_prefix("/reflect-enc/") {
+        return crate::reflect::reflect_encoded(rest, parts.uri.query(), &seen);
+    }
+    if let Some(name) = route.strip_prefix("/reflect-status/") {
+        return crate::reflect::reflect_status(name, &seen);
+    }
+    if let Some(name) = route.strip_prefix("/reflect-name/") {
+        return crate::reflect::reflect_name(name, &seen);
+    }
+    if let Some(key) = route.strip_prefix("/store/") {
+        let range = parts.headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+        return crate::reflect::store(&routes.store, key, &parts.method, range, &body);
+    }
     if let Some(rel) = route.strip_prefix("/files/") {
         return serve_file(&routes.files_root, rel).await;
     }
@@ -211,6 +226,7 @@ mod tests {
         let routes = Routes {
             git_root: dir.path().to_path_buf(),
             files_root: dir.path().join("files"),
+            store: Default::default(),
         };
         let log = Log::default();
         let conn = Conn {
