@@ -378,7 +378,7 @@ fn interactive(agent: Agent) {
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
     let mut argv: Vec<String> = vec![env!("CARGO_BIN_EXE_hutch").into(), "run".into(), "--image".into(), "agents".into()];
     argv.extend(fake.hutch_args(host));
-    argv.extend(["--secret".into(), format!("{var}@{host}")]);
+    argv.extend(["--secret".into(), agent.secret_flag()]);
     let start = match agent {
         Agent::Claude => {
             argv.extend(["--env".into(), format!("ANTHROPIC_BASE_URL={}", fake.anthropic_base_url())]);
