@@ -89,7 +89,7 @@ pub async fn interactive(api: &Api, id: &str, argv: Vec<String>, env: BTreeMap<S
                     Ok(ServerMsg::Exit { exit_code, .. }) => break exit_code,
                     Ok(ServerMsg::Error { message }) => {
                         drop(raw);
-                        eprintln!("hutch: {message}");
+                        eprintln!("hutch: {}", hutch_text::escape_lines(message.as_bytes()));
                         reader.abort();
                         return Ok(125);
                     }

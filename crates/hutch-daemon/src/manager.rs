@@ -39,6 +39,9 @@ pub struct Limits {
     pub exec_output_max: usize,
     /// Largest file upload.
     pub upload_max: u64,
+    /// (cpus, MiB) sizes an ordinary token may ask for; only these get boot snapshots. Admin tokens may ask for
+    /// any size within the maxima (booted cold when not listed).
+    pub sizes: Vec<(u32, u32)>,
 }
 
 impl Default for Limits {
@@ -54,9 +57,13 @@ impl Default for Limits {
             max_memory_mib: 4096,
             exec_output_max: 16 << 20,
             upload_max: 1 << 30,
+            sizes: vec![(1, 512)],
         }
     }
 }
+
+/// A file in a snapshot directory saying the daemon made it (for its size set), so it may prune it.
+const DAEMON_MARK: &str = "made-by-daemon";
 
 /// Errors with the HTTP status they become.
 #[derive(Debug, thiserror::Error)]
@@ -285,16 +292,51 @@ impl Manager {
         *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool);
     }
 
+    fn sizes_text(&self) -> String {
+        self.limits.sizes.iter().map(|(c, m)| format!("{c}x{m}")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Removes the boot snapshots this daemon (or an earlier one) made for sizes no longer offered. Snapshots
+    /// without the daemon's mark (made by `hutch run` or `hutch image build`) are left alone.
+    pub fn prune_snapshots(&self) -> Vec<std::path::PathBuf> {
+        let mut removed = Vec::new();
+        let Ok(rd) = std::fs::read_dir(self.host.image.dir.join("snapshots")) else { return removed };
+        for e in rd.flatten() {
+            let dir = e.path();
+            if !dir.join(DAEMON_MARK).is_file() {
+                continue;
+            }
+            let size = std::fs::read_to_string(dir.join("meta.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<hutch_sandbox::snapshot::Meta>(&t).ok())
+                .map(|m| (m.cpus, m.memory_mib));
+            if size.is_some_and(|s| self.limits.sizes.contains(&s)) {
+                continue;
+            }
+            if std::fs::remove_dir_all(&dir).is_ok() {
+                removed.push(dir);
+            }
+        }
+        removed
+    }
+
     /// Makes the missing snapshot for `cfg`'s size in the background, once at a time, so that later creates
-    /// restore instead of booting.
+    /// restore instead of booting. Only for the configured sizes.
     fn rebuild_snapshot(&self, cfg: &SandboxConfig) {
+        if !self.limits.sizes.contains(&(cfg.cpus, cfg.memory_mib)) {
+            return;
+        }
         if self.rebuilding.swap(true, Ordering::SeqCst) {
             return;
         }
         let (host, cfg, flag) = (self.host.clone(), cfg.clone(), self.rebuilding.clone());
         self.tasks.spawn(async move {
             match hutch_sandbox::snapshot::ensure(&host, &cfg).await {
-                Ok(s) => tracing::info!("snapshot {} rebuilt", s.meta.key),
+                Ok(s) => {
+                    // Marked as the daemon's, so that a later daemon with other sizes can prune it.
+                    let _ = std::fs::write(s.dir.join(DAEMON_MARK), b"");
+                    tracing::info!("snapshot {} rebuilt", s.meta.key)
+                }
                 Err(e) => tracing::warn!("cannot rebuild the snapshot: {}", hutch_sandbox::error_chain(&e)),
             }
             flag.store(false, Ordering::SeqCst);
@@ -315,7 +357,7 @@ impl Manager {
     }
 
     /// Parses a create request into a [`CheckedCreate`]; every problem is named.
-    pub fn check_create(&self, req: &CreateSandbox) -> Result<CheckedCreate, ManagerError> {
+    pub fn check_create(&self, who: &Principal, req: &CreateSandbox) -> Result<CheckedCreate, ManagerError> {
         let bad = ManagerError::BadInput;
         let image = match req.image.as_deref() {
             None | Some("default") => self.image_name(),
@@ -329,6 +371,14 @@ impl Manager {
         let memory_mib = req.memory_mib.unwrap_or(self.limits.default_memory_mib);
         if memory_mib < 128 || memory_mib > self.limits.max_memory_mib {
             return Err(bad(format!("memory_mib must be 128 to {}, got {memory_mib}", self.limits.max_memory_mib)));
+        }
+        // Each size needs its own boot snapshot (~130 MiB on disk, minutes of CPU to make): ordinary tokens pick
+        // from the configured set, so no client can make the host build and keep one per size it invents.
+        if !who.admin && !self.limits.sizes.contains(&(cpus, memory_mib)) {
+            return Err(bad(format!(
+                "size {cpus} vCPU x {memory_mib} MiB is not offered by this daemon; offered: {} (cpus x MiB; an admin can offer more with `hutch serve --sizes`)",
+                self.sizes_text()
+            )));
         }
         let max_ttl = self.limits.max_ttl.as_secs();
         let ttl_secs = req.ttl_secs.unwrap_or(self.limits.default_ttl.as_secs());
@@ -416,7 +466,7 @@ impl Manager {
 
     /// Creates and starts a sandbox; returns once the guest answers (or the start failed and left nothing).
     pub async fn create(self: &Arc<Self>, who: &Principal, req: &CreateSandbox) -> Result<SandboxInfo, ManagerError> {
-        let spec = self.check_create(req)?;
+        let spec = self.check_create(who, req)?;
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ManagerError::Unavailable("the daemon is shutting down".into()));
         }
