@@ -379,7 +379,6 @@ impl Sandbox {
         qemu_img_overlay(&host.image.rootfs, "raw", &disk)?;
         let vmcfg = Self::vm_config(host, cfg, accel, dir.path(), disk, Memory::Anonymous);
         let vm = host.qemu.boot(&vmcfg).await?;
-        dir.record_vmm(vm.pid());
         Self::attach(id, dir, vm, cfg, accel, StartMode::Cold, cfg.boot_timeout).await
     }
 
@@ -398,7 +397,6 @@ impl Sandbox {
         let vmcfg = Self::vm_config(host, cfg, accel, dir.path(), disk, memory);
         let vm = host.qemu.restore(&vmcfg, &snap.files).await?;
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: VMM restored");
-        dir.record_vmm(vm.pid());
         // A restored guest answers in milliseconds; waiting long would only delay the cold-boot fallback.
         Attached::connect(id, dir, vm, accel, StartMode::Restored, Duration::from_secs(5)).await
     }

@@ -150,7 +150,6 @@ async fn make(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Snapshot
     let memory = Memory::File { path: files.memory.clone(), shared: true };
     let vmcfg = crate::Sandbox::vm_config(host, cfg, accel, rundir.path(), disk, memory);
     let mut vm = host.qemu.boot(&vmcfg).await?;
-    rundir.record_vmm(vm.pid());
     let ready = async {
         let mut stream = vm.connect_agent().await?;
         loop {
