@@ -98,10 +98,11 @@ pub async fn get(mut framed: Framed<Stream>, path: &str) {
             return;
         }
     };
+    let size = meta.size;
     if framed.send(&Ok::<FileMeta, String>(meta)).await.is_err() {
         return;
     }
-    let _ = send_contents(&mut framed, &mut file, meta.size).await;
+    let _ = send_contents(&mut framed, &mut file, size).await;
 }
 
 /// Sends the file's data regions as chunks and its holes as [`FileChunk::Hole`], so a sparse file costs the

@@ -308,8 +308,11 @@ fn full_lifecycle_exec_stdin_signals_extend_delete() {
     let r = post(&d, &t, &format!("/v1/sandboxes/{}/exec", sb.id), json!({"argv": ["true"]}));
     assert_eq!(r.status, 409);
     assert!(r.error().contains("destroyed"));
-    // metrics reflect it
-    let m = text(&get(&d, &t, "/metrics").body);
+    // metrics reflect it (class 20: for an admin token only)
+    let r = get(&d, &t, "/metrics");
+    assert_eq!(r.status, 403, "an ordinary token does not read metrics: {}", text(&r.body));
+    let admin = d.token("ops", &["--admin"]);
+    let m = text(&get(&d, &admin, "/metrics").body);
     assert!(m.contains("hutch_sandboxes{state=\"destroyed\"} 1"), "{m}");
     assert!(m.contains("hutch_sandbox_creates_total 1"), "{m}");
     assert!(m.contains("hutch_sandbox_restore_seconds_count 1") || m.contains("hutch_sandbox_boot_seconds_count 1"), "{m}");
@@ -603,7 +606,8 @@ fn secrets_are_referenced_by_name_and_never_returned() {
     assert_eq!(log["gateway_attached"], true);
     let all = log.to_string();
     assert!(!all.contains(value));
-    let m = text(&get(&d, &t, "/metrics").body);
+    let admin = d.token("ops", &["--admin"]);
+    let m = text(&get(&d, &admin, "/metrics").body);
     assert!(m.contains("hutch_gateway_denials_total"), "{m}");
     eprintln!("egress log: {all}");
 }
@@ -743,8 +747,8 @@ fn pool_ready(d: &Daemon, token: &str) -> i64 {
 fn warm_pool_serves_creates_refills_and_leaves_nothing_behind() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let mut d = Daemon::start_in(&data, &["--pool", "1"]);
-    let t = d.token("p", &[]);
+    let mut d = Daemon::start_in(&data, &["--pool", "1", "--sizes", "1x256"]);
+    let t = d.token("p", &["--admin"]);
     assert!(wait_until(Duration::from_secs(120), || pool_ready(&d, &t) == 1), "the pool did not fill: {}", d.log());
     let pooled = dirs_owned_by(d.pid());
     assert_eq!(pooled.len(), 1, "one pooled VM: {pooled:?}");
@@ -764,7 +768,7 @@ fn warm_pool_serves_creates_refills_and_leaves_nothing_behind() {
     let left = dirs_owned_by(old);
     assert_eq!(left.len(), 3, "two sandboxes and one pooled VM: {left:?}");
     d.kill9();
-    let mut d2 = Daemon::start_in(&data, &["--pool", "1"]);
+    let mut d2 = Daemon::start_in(&data, &["--pool", "1", "--sizes", "1x256"]);
     for dir in &left {
         assert_vm_gone(dir, None);
     }
