@@ -173,7 +173,7 @@ async fn exec(sandbox: &Sandbox, a: &RunArgs) -> anyhow::Result<Ending> {
             }
             Some(ExecEvent::Exited(st)) => break Ending::Exited(st.as_shell_code()),
             Some(ExecEvent::SpawnFailed { message, not_found }) => break Ending::SpawnFailed { message, not_found },
-            None => break Ending::VmGone("(the agent channel closed)".into()),
+            None => break Ending::VmGone(hutch_sandbox::console_tail(sandbox.console_log())),
         }
     };
     stdin_task.abort();
