@@ -235,17 +235,29 @@ fn checked_policy(p: Option<&PolicySpec>, secrets: &[(String, Vec<String>)]) -> 
 }
 
 /// Audit records of one sandbox's gateway, handed to a writer task (the gateway's data path must not wait on
-/// the database) that appends them to the sandbox's egress log.
+/// the database) that appends them to the sandbox's egress log. At most [`AUDIT_ROWS_MAX`] per sandbox: a guest
+/// that makes millions of attempts must not fill the host's disk (the denial metric still counts every one).
 struct DbAuditSink {
     sandbox: String,
     tx: mpsc::UnboundedSender<(String, String)>,
     metrics: Arc<Metrics>,
+    stored: std::sync::atomic::AtomicU64,
 }
+
+/// Egress records kept in the database per sandbox; the API returns up to this many.
+const AUDIT_ROWS_MAX: u64 = 100_000;
 
 impl hutch_gateway::AuditSink for DbAuditSink {
     fn record(&self, record: &hutch_gateway::AuditRecord) {
         if record.decision == hutch_gateway::Verdict::Deny {
             self.metrics.gateway_denials.inc();
+        }
+        let n = self.stored.fetch_add(1, Ordering::Relaxed);
+        if n == AUDIT_ROWS_MAX {
+            tracing::warn!(sandbox = %self.sandbox, "egress log full ({AUDIT_ROWS_MAX} records); later records are not stored");
+        }
+        if n >= AUDIT_ROWS_MAX {
+            return;
         }
         if let Ok(line) = serde_json::to_string(record) {
             let _ = self.tx.send((self.sandbox.clone(), line));
@@ -429,7 +441,7 @@ impl Manager {
     /// built (they live in the host-side gateway, never in the guest), and its audit records into the database.
     fn egress(&self, id: &str, spec: &CheckedCreate) -> Result<Egress, ManagerError> {
         let policy = checked_policy(spec.policy.as_ref(), &self.secret_hosts(&spec.secrets)?).map_err(ManagerError::BadInput)?;
-        let sink = DbAuditSink { sandbox: id.to_string(), tx: self.audit_tx.clone(), metrics: self.metrics.clone() };
+        let sink = DbAuditSink { sandbox: id.to_string(), tx: self.audit_tx.clone(), metrics: self.metrics.clone(), stored: Default::default() };
         let store = self.store.clone();
         let key = self.key.clone();
         Ok(Egress::new(policy, Arc::new(sink)).with_secret_loader(move |p| {
