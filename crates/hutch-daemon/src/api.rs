@@ -621,18 +621,16 @@ async fn upload(
     if mode & 0o400 == 0 {
         return Err(ApiError::bad(format!("mode {:o} leaves the file unreadable to its owner; give permission bits such as 644 or 600", mode)));
     }
-    // The guest is told the size before the first byte; a body of unknown length (chunked) cannot say it, and
-    // a request with no body at all is a mistake, not an empty file (send `Content-Length: 0` for that).
+    // The guest is told the size before the first byte; a body of unknown length (chunked) cannot say it. A
+    // request without a body is an empty file (HTTP clients send an empty PUT without a Content-Length), with the
+    // mode checked above like any other.
     let declared = headers.get(header::CONTENT_LENGTH).map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
     let len = match declared {
         Some(Some(n)) => n,
         Some(None) => return Err(ApiError::bad("Content-Length is not a number")),
-        None => {
-            return Err(ApiError::new(
-                StatusCode::LENGTH_REQUIRED,
-                "Content-Length is required for uploads (send the file with a known size; Content-Length: 0 for an empty file)",
-            ))
-        }
+        None => axum::body::HttpBody::size_hint(&body)
+            .exact()
+            .ok_or_else(|| ApiError::new(StatusCode::LENGTH_REQUIRED, "Content-Length is required for uploads (send the file with a known size)"))?,
     };
     let max = st.mgr.limits.upload_max;
     if len > max {
