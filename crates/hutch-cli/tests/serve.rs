@@ -946,7 +946,6 @@ fn class_20_sizes_are_a_configured_set_and_stray_snapshots_are_pruned() {
 
     assert_eq!(get(&d, &t, "/metrics").status, 403);
     assert_eq!(get(&d, &admin, "/metrics").status, 200);
-    let files = format!("{}/v1/sandboxes/{}/files?path=/root/empty", d.url, sb.id);
     // No body and no Content-Length (sent by hand): an empty file with a sane mode (it used to get mode 0 when
     // asked); a mode its owner cannot read is refused.
     let put_raw = |query: &str| {
