@@ -84,7 +84,9 @@ pub fn reap_stale(root: &Path) -> Vec<String> {
         }
         if !dir.exists() {
             tracing::warn!(pid, id = %id, "killing a VMM whose sandbox directory is gone");
-            reaped.push(id);
+            if !reaped.contains(&id) {
+                reaped.push(id);
+            }
         }
         kill_and_wait(pid);
     }
@@ -215,6 +217,15 @@ mod tests {
         let gone = root.path().join("sandboxes/0123456789ab");
         let mut orphan = spawn(&gone);
         let mut live_vmm = spawn(kept.path());
+        // Both must have exec'd (a process between fork and exec still shows the test's command line).
+        for pid in [orphan.id(), live_vmm.id()] {
+            for _ in 0..500 {
+                if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"qemu-system")) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let reaped = reap_stale(root.path());
         assert_eq!(reaped, vec!["0123456789ab".to_string()]);
         assert!(!orphan.wait().unwrap().success(), "the VMM of a vanished directory was killed");
