@@ -534,7 +534,7 @@ mod tests {
         let mut out = Vec::new();
         report_credentials(&mut out, &snap);
         let out = String::from_utf8(out).expect("utf-8");
-        assert!(out.contains("left out of the VM: a\\u{1b}]0;x\\u{7}.pem (credential file; --include PATH to send it)"), "{out}");
+        assert!(out.contains("left out of the VM: a\\x1b]0;x\\x07.pem (credential file; --include PATH to send it)"), "{out}");
         assert!(!out.contains('\x1b'));
         assert_eq!(out.lines().count(), MAX_NAMED + 1, "{out}");
         assert!(out.ends_with("left out of the VM: 6 more credential files\n"), "{out}");
