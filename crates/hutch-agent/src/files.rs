@@ -98,21 +98,53 @@ pub async fn get(mut framed: Framed<Stream>, path: &str) {
             return;
         }
     };
+    let size = meta.size;
     if framed.send(&Ok::<FileMeta, String>(meta)).await.is_err() {
         return;
     }
+    let _ = send_contents(&mut framed, &mut file, size).await;
+}
+
+/// Sends the file's data regions as chunks and its holes as [`FileChunk::Hole`], so a sparse file costs the
+/// channel and the host only its data. Ends with `End`; a read error ends without it, which the host reports as
+/// a truncated download.
+async fn send_contents(framed: &mut Framed<Stream>, file: &mut tokio::fs::File, size: u64) -> Result<(), ()> {
+    use std::os::fd::AsRawFd;
+    use tokio::io::AsyncSeekExt;
+    let fd = file.as_raw_fd();
     let mut buf = vec![0u8; CHUNK];
-    loop {
-        match file.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => {
-                if framed.send(&FileChunk::Data(buf[..n].to_vec())).await.is_err() {
-                    return;
-                }
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on a descriptor this function's `file` owns; no memory is passed. The tokio file has no
+        // operation in flight (every one below is awaited), so moving the offset races with nothing.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        // No data after `pos` (ENXIO), or a file system without hole reporting (then the whole file is data).
+        let data = if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) { size } else { pos }
+        } else {
+            (data as u64).min(size)
+        };
+        if data > pos {
+            framed.send(&FileChunk::Hole(data - pos)).await.map_err(|_| ())?;
+            pos = data;
+            if pos >= size {
+                break;
             }
-            // A read error mid-file: end without `End`, which the host reports as a truncated download.
-            Err(_) => return,
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_HOLE) };
+        let end = if hole < 0 { size } else { (hole as u64).min(size) };
+        file.seek(std::io::SeekFrom::Start(pos)).await.map_err(|_| ())?;
+        while pos < end {
+            let want = ((end - pos) as usize).min(CHUNK);
+            let n = file.read(&mut buf[..want]).await.map_err(|_| ())?;
+            if n == 0 {
+                // Shorter than it said: the host sees fewer bytes than announced.
+                return Err(());
+            }
+            framed.send(&FileChunk::Data(buf[..n].to_vec())).await.map_err(|_| ())?;
+            pos += n as u64;
         }
     }
-    let _ = framed.send(&FileChunk::End).await;
+    framed.send(&FileChunk::End).await.map_err(|_| ())
 }

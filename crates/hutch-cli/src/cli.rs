@@ -126,6 +126,10 @@ pub struct RunArgs {
     /// Copy a VM file out to the host after the command ends (repeatable).
     #[arg(long = "copy-out", value_name = "GUEST:HOST", value_parser = parse_copy_out)]
     pub copy_out: Vec<CopyOut>,
+    /// Largest file --copy-out takes from the VM (bytes, or with K, M, G, T: binary units). A larger file is
+    /// refused and nothing is written; holes stay holes on the host.
+    #[arg(long = "copy-out-max", value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+    pub copy_out_max: u64,
     /// Working directory in the VM.
     #[arg(long, short = 'w', value_parser = parse_guest_path)]
     pub workdir: Option<String>,
@@ -237,6 +241,23 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
+/// `N`, `NK`, `NM`, `NG` or `NT` (binary units; an optional `i`/`iB`/`B` after the letter).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size (e.g. 1G, 512M, 4096)"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "ki" | "kib" => 10,
+        "m" | "mb" | "mi" | "mib" => 20,
+        "g" | "gb" | "gi" | "gib" => 30,
+        "t" | "tb" | "ti" | "tib" => 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
+
 fn parse_env(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
     let valid = !k.is_empty()
@@ -318,6 +339,11 @@ mod tests {
         assert!(parse_guest_path("relative").unwrap_err().contains("absolute"));
         assert!(parse_copy_in("/nonexistent-hutch-file:/x").unwrap_err().contains("not a readable file"));
         assert!(parse_copy_out("/x:/nonexistent-dir/y").unwrap_err().contains("does not exist"));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("1X").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("G").is_err());
         assert!(parse_secs("0").is_err());
         assert!(parse_secs("abc").is_err());
         assert_eq!(parse_secs("1.5").unwrap(), Duration::from_millis(1500));

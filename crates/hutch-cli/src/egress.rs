@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use hutch_gateway::{AuditSink, DenialSummary, FileAuditSink, MemoryAuditSink};
+use hutch_gateway::{AuditSink, CountingAuditSink, DenialSummary, FileAuditSink};
 use hutch_policy::{CheckedPolicy, EnvFile, LoadedSecret, PhasedPolicy, PolicyInput, PolicyLayer, SecretSource};
 use hutch_repo::ProjectConfig;
 use hutch_sandbox::egress::Egress;
@@ -51,7 +51,9 @@ pub fn build(a: &EgressArgs, user: &UserConfig, project: Option<&ProjectConfig>,
     }
     let audit: Arc<dyn AuditSink> = match &a.audit {
         Some(path) => Arc::new(FileAuditSink::create(path).with_context(|| format!("cannot open audit log {}", path.display()))?),
-        None => Arc::new(MemoryAuditSink::new()),
+        // No file: no record is kept at all (a guest can make millions); the end-of-run summary comes from the
+        // gateway's bounded tally of denials.
+        None => Arc::new(CountingAuditSink::new()),
     };
     let PhasedPolicy { setup, agent } = phased;
     let egress = Egress::new(agent, audit).with_secret_loader(move |p| load(p).map_err(|e| e.to_string()));

@@ -31,7 +31,8 @@ fn main() {
         match cli::dispatch(args).await {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("hutch: error: {e:#}");
+                // Errors can quote guest-chosen names (file names, agent messages) or a daemon's words.
+                eprintln!("hutch: error: {}", hutch_text::escape_lines(format!("{e:#}").as_bytes()));
                 1
             }
         }

@@ -407,7 +407,7 @@ async fn exec(a: ExecArgs) -> anyhow::Result<i32> {
             Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMsg>(&t) {
                 Ok(ServerMsg::Exit { exit_code, .. }) => break exit_code,
                 Ok(ServerMsg::Error { message }) => {
-                    eprintln!("hutch: {message}");
+                    eprintln!("hutch: {}", hutch_text::escape_lines(message.as_bytes()));
                 }
                 _ => {}
             },
@@ -438,6 +438,9 @@ pub struct CpArgs {
     pub src: String,
     /// LOCAL or ID:/path.
     pub dst: String,
+    /// Largest file taken from a sandbox (K, M, G, T: binary units); a larger one is refused and nothing is left.
+    #[arg(long = "max-size", value_name = "SIZE", default_value = "1G", value_parser = crate::cli::parse_size)]
+    pub max_size: u64,
 }
 
 fn remote_path(s: &str) -> Option<(String, String)> {
@@ -477,8 +480,14 @@ async fn cp(a: CpArgs) -> anyhow::Result<i32> {
             let r = async {
                 let mut f = tokio::fs::File::create(&tmp).await.with_context(|| format!("cannot create {}", tmp.display()))?;
                 let mut body = resp.bytes_stream();
+                let mut got = 0u64;
                 while let Some(chunk) = body.next().await {
                     let chunk = chunk.map_err(|e| anyhow!("the download of {guest} broke off: {}", hutch_sandbox::error_chain(&e)))?;
+                    got += chunk.len() as u64;
+                    // The sandbox chose the file: its size is hostile to this host's disk.
+                    if got > a.max_size {
+                        bail!("{guest} is larger than --max-size ({} bytes); nothing was written (raise --max-size to take it)", a.max_size);
+                    }
                     f.write_all(&chunk).await?;
                 }
                 f.flush().await?;
@@ -516,7 +525,11 @@ async fn logs(a: LogsArgs) -> anyhow::Result<i32> {
     }
     let mut out = std::io::stdout().lock();
     for r in &log.records {
-        let f = |k: &str| r.get(k).and_then(|v| v.as_str().map(str::to_string).or_else(|| Some(v.to_string()))).unwrap_or_default();
+        // Each field escaped: names and paths in the log were chosen by the guest.
+        let f = |k: &str| {
+            let v = r.get(k).and_then(|v| v.as_str().map(str::to_string).or_else(|| Some(v.to_string()))).unwrap_or_default();
+            hutch_text::escape(&v).into_owned()
+        };
         writeln!(out, "{} {:<5} {:<10} {} {} {} {}", f("time"), f("decision"), f("event"), f("dest"), f("method"), f("path"), f("reason")).ok();
     }
     Ok(0)
@@ -537,7 +550,7 @@ async fn rm(a: RmArgs) -> anyhow::Result<i32> {
         match api.json::<SandboxInfo>(reqwest::Method::DELETE, &format!("/v1/sandboxes/{id}"), None::<&()>).await {
             Ok(_) => println!("destroyed {id}"),
             Err(e) => {
-                eprintln!("hutch: {id}: {e:#}");
+                eprintln!("hutch: {id}: {}", hutch_text::escape_lines(format!("{e:#}").as_bytes()));
                 code = 1;
             }
         }

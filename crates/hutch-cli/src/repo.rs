@@ -270,24 +270,10 @@ fn age(created: u64) -> String {
     }
 }
 
-/// Patch text for a terminal: control characters other than newline and tab, and bidi controls, escaped, so
-/// file contents from the VM cannot drive the terminal.
+/// Patch text for a terminal: every line escaped by the shared rules (controls other than newline and tab,
+/// bidirectional and invisible format characters), so file contents from the VM cannot drive the terminal.
 fn for_terminal(b: &[u8]) -> Vec<u8> {
-    let mut out = String::with_capacity(b.len());
-    for chunk in b.utf8_chunks() {
-        for ch in chunk.valid().chars() {
-            let bidi = ('\u{202a}'..='\u{202e}').contains(&ch) || ('\u{2066}'..='\u{2069}').contains(&ch);
-            if (ch.is_control() && ch != '\n' && ch != '\t') || bidi {
-                out.extend(ch.escape_default());
-            } else {
-                out.push(ch);
-            }
-        }
-        for x in chunk.invalid() {
-            out.push_str(&format!("\\x{x:02x}"));
-        }
-    }
-    out.into_bytes()
+    hutch_text::escape_lines(b).into_bytes()
 }
 
 struct Active {
@@ -461,7 +447,7 @@ impl RunRepo {
         let mut err = std::io::stderr();
         summary(&mut err, &stored)?;
         if !stored.meta.stat.is_empty() {
-            eprintln!("{}", stored.meta.stat);
+            eprintln!("{}", hutch_text::escape_lines(stored.meta.stat.as_bytes()));
         }
         let short = &id[..id.len().min(8)];
         // With sensitive paths a plain `hutch apply` would refuse: name the flag it needs, after a review.
@@ -548,7 +534,7 @@ mod tests {
         let mut out = Vec::new();
         report_credentials(&mut out, &snap);
         let out = String::from_utf8(out).expect("utf-8");
-        assert!(out.contains("left out of the VM: a\\u{1b}]0;x\\u{7}.pem (credential file; --include PATH to send it)"), "{out}");
+        assert!(out.contains("left out of the VM: a\\x1b]0;x\\x07.pem (credential file; --include PATH to send it)"), "{out}");
         assert!(!out.contains('\x1b'));
         assert_eq!(out.lines().count(), MAX_NAMED + 1, "{out}");
         assert!(out.ends_with("left out of the VM: 6 more credential files\n"), "{out}");
@@ -557,6 +543,6 @@ mod tests {
     #[test]
     fn terminal_output_escapes_control_characters() {
         let out = for_terminal(b"+ok\tline\n+\x1b]0;title\x07\x1b[2J\n+\xff\xfe\n+\xe2\x80\xaeevil\n");
-        assert_eq!(String::from_utf8_lossy(&out), "+ok\tline\n+\\u{1b}]0;title\\u{7}\\u{1b}[2J\n+\\xff\\xfe\n+\\u{202e}evil\n");
+        assert_eq!(String::from_utf8_lossy(&out), "+ok\tline\n+\\x1b]0;title\\x07\\x1b[2J\n+\\xff\\xfe\n+\\u{202e}evil\n");
     }
 }

@@ -54,7 +54,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
 
     let sandbox = tokio::select! {
-        r = Sandbox::create_with_notes(&host, &cfg, &|n| eprintln!("hutch: warning: {n}")) => r?,
+        r = Sandbox::create_with_notes(&host, &cfg, &|n| eprintln!("hutch: warning: {}", hutch_text::escape_lines(n.as_bytes()))) => r?,
         _ = sigint.recv() => return Ok(130),
         _ = sigterm.recv() => return Ok(143),
         _ = sighup.recv() => return Ok(129),
@@ -102,7 +102,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     if matches!(ending, Ok(Ending::Exited(_))) {
         repo.collect(sandbox.client(), &sandbox.id).await;
         for c in &a.copy_out {
-            if let Err(e) = copy_out(&sandbox, &c.guest, &c.host).await {
+            if let Err(e) = copy_out(&sandbox, &c.guest, &c.host, a.copy_out_max).await {
                 copy_err = Some(e.context(format!("copy-out {} -> {}", c.guest, c.host.display())));
                 break;
             }
@@ -110,7 +110,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     }
     // The console is the guest's: read while the sandbox directory still exists, and escaped.
     let ending = ending.map(|e| match e {
-        Ending::VmGone(_) => Ending::VmGone(crate::term::escape_controls(&hutch_sandbox::console_tail(sandbox.console_log()))),
+        Ending::VmGone(_) => Ending::VmGone(hutch_sandbox::console_tail(sandbox.console_log())),
         e => e,
     });
     let denied = sandbox.gateway().summary();
@@ -125,7 +125,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     let code = match ending? {
         Ending::Exited(c) => c,
         Ending::SpawnFailed { message, not_found } => {
-            eprintln!("hutch: {}", crate::term::escape_controls(&message));
+            eprintln!("hutch: {}", hutch_text::escape_lines(message.as_bytes()));
             if not_found {
                 127
             } else {
@@ -263,12 +263,12 @@ async fn exec_tty(sandbox: &Sandbox, a: &RunArgs) -> anyhow::Result<Ending> {
     Ok(result)
 }
 
-async fn copy_out(sandbox: &Sandbox, guest: &str, host: &std::path::Path) -> anyhow::Result<()> {
+async fn copy_out(sandbox: &Sandbox, guest: &str, host: &std::path::Path, max: u64) -> anyhow::Result<()> {
     // Written next to the destination and renamed into place, so a failed copy never leaves a partial file.
     let dir = host.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     let tmp = dir.join(format!(".hutch-copy-{}", hutch_sandbox::new_id()));
     let mut f = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).await.with_context(|| format!("create {}", tmp.display()))?;
-    let r = sandbox.client().get_file(guest, &mut f).await;
+    let r = sandbox.client().get_file_sparse(guest, &mut f, max).await;
     drop(f);
     match r {
         Ok(meta) => {
@@ -279,6 +279,9 @@ async fn copy_out(sandbox: &Sandbox, guest: &str, host: &std::path::Path) -> any
         }
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
+            if matches!(e, hutch_sandbox::SandboxError::TooLarge { .. }) {
+                return Err(anyhow::anyhow!("{e} (the limit is --copy-out-max; raise it, e.g. --copy-out-max 8G, to take the file)"));
+            }
             Err(e.into())
         }
     }

@@ -54,6 +54,38 @@ pub struct ServeArgs {
     /// Largest file upload, in MiB.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub max_upload_mib: u64,
+    /// Sandbox sizes ordinary tokens may ask for, as CPUSxMIB (e.g. 1x512,2x2048); the default size is always one
+    /// of them. Only these get a boot snapshot; an admin token may ask for any size within --max-cpus and
+    /// --max-memory, which boots cold when it is not listed.
+    #[arg(long, value_delimiter = ',', value_parser = parse_vm_size)]
+    pub sizes: Vec<(u32, u32)>,
+    /// Open connections in all.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(16..=100_000))]
+    pub max_connections: u32,
+    /// Open connections from one client address that have not yet carried an authenticated request; the oldest
+    /// of them is closed to make room for a new one.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub conn_per_address: u32,
+    /// Seconds a connection that has not carried an authenticated request may wait for one (headers included).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub unauthenticated_timeout: u64,
+    /// Seconds an authenticated connection may sit with no request in progress.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub idle_timeout: u64,
+    /// Seconds the daemon waits for the next piece of a request body before failing the request.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_timeout: u64,
+}
+
+/// `CPUSxMIB`, e.g. `2x2048`.
+fn parse_vm_size(s: &str) -> Result<(u32, u32), String> {
+    let (c, m) = s.split_once(['x', 'X']).ok_or_else(|| format!("{s:?} is not CPUSxMIB (e.g. 1x512)"))?;
+    let cpus: u32 = c.trim().parse().map_err(|_| format!("{s:?}: {c:?} is not a number of vCPUs"))?;
+    let mem: u32 = m.trim().parse().map_err(|_| format!("{s:?}: {m:?} is not a number of MiB"))?;
+    if cpus == 0 || mem < 128 {
+        return Err(format!("{s:?}: at least 1 vCPU and 128 MiB"));
+    }
+    Ok((cpus, mem))
 }
 
 /// Holds the data directory's lock for the daemon's lifetime: two daemons on one database would each
@@ -94,7 +126,12 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
     let (cache, image) = crate::image::ensure_image().await?;
     let host = Host::new(image, cache.root().to_path_buf())?;
     crate::image::warn_if_tcg(&host, &SandboxConfig::default())?;
-    let limits = Limits {
+    for &(c, m) in &a.sizes {
+        if c > a.max_cpus || m > a.max_memory {
+            bail!("--sizes {c}x{m} is larger than --max-cpus {} / --max-memory {}", a.max_cpus, a.max_memory);
+        }
+    }
+    let mut limits = Limits {
         max_sandboxes: a.max_sandboxes as usize,
         per_token: a.per_token.unwrap_or(a.max_sandboxes) as usize,
         default_ttl: Duration::from_secs(a.default_ttl),
@@ -104,9 +141,25 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
         upload_max: a.max_upload_mib << 20,
         ..Limits::default()
     };
+    limits.sizes = a.sizes.clone();
+    limits.sizes.push((limits.default_cpus, limits.default_memory_mib));
+    limits.sizes.sort();
+    limits.sizes.dedup();
+    let conn_limits = hutch_daemon::server::ConnLimits {
+        max_connections: a.max_connections as usize,
+        per_address: a.conn_per_address as usize,
+        unauthenticated_idle: Duration::from_secs(a.unauthenticated_timeout),
+        idle: Duration::from_secs(a.idle_timeout),
+        body: Duration::from_secs(a.body_timeout),
+    };
+    hutch_daemon::server::raise_fd_limit();
     let metrics = Arc::new(hutch_daemon::metrics::Metrics::new());
     let mgr = Manager::new(store, key, host, limits, metrics);
     let rec = mgr.reconcile()?;
+    let pruned = mgr.prune_snapshots();
+    if !pruned.is_empty() {
+        eprintln!("hutch: removed {} boot snapshot(s) of sizes no longer in --sizes", pruned.len());
+    }
     mgr.start_pool(a.pool as usize);
     if !rec.marked_destroyed.is_empty() || !rec.reaped.is_empty() {
         eprintln!(
@@ -134,7 +187,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
         }
         eprintln!("hutch: shutting down: finishing requests and destroying sandboxes");
     };
-    hutch_daemon::server::serve(listener, tls, router, shutdown).await;
+    hutch_daemon::server::serve(listener, tls, router, conn_limits, shutdown).await;
     let n = mgr.live_count();
     mgr.shutdown().await;
     eprintln!("hutch: stopped ({n} sandbox(es) destroyed)");

@@ -83,7 +83,7 @@ pub async fn attach(a: AttachArgs) -> anyhow::Result<i32> {
                     eprintln!("hutch: started in sandbox {id}; `hutch attach {id}` joins it", id = a.id);
                     Ok(0)
                 }
-                Ok(ServerMsg::Error { message }) => bail!("{}", crate::term::escape_controls(&message)),
+                Ok(ServerMsg::Error { message }) => bail!("{}", hutch_text::escape_lines(message.as_bytes())),
                 _ => bail!("the daemon answered something unexpected"),
             },
             _ => bail!("the daemon closed the session without an answer"),
@@ -140,7 +140,7 @@ async fn drive(ws: Ws, escape: Escape<'_>) -> anyhow::Result<i32> {
                     Ok(ServerMsg::Exit { exit_code, .. }) => break exit_code,
                     Ok(ServerMsg::Error { message }) => {
                         drop(raw);
-                        eprintln!("\nhutch: {}", crate::term::escape_controls(&message));
+                        eprintln!("\nhutch: {}", hutch_text::escape_lines(message.as_bytes()));
                         return Ok(125);
                     }
                     _ => {}

@@ -271,22 +271,6 @@ fn read_keys(stop: OwnedFd, tx: mpsc::Sender<Key>) {
     }
 }
 
-/// Text that came from a guest (an error message, console lines) for the user's terminal: control characters
-/// other than newline and tab, and bidi controls, escaped, so the guest cannot drive the terminal through hutch's
-/// own messages.
-pub fn escape_controls(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for ch in s.chars() {
-        let bidi = ('\u{202a}'..='\u{202e}').contains(&ch) || ('\u{2066}'..='\u{2069}').contains(&ch);
-        if (ch.is_control() && ch != '\n' && ch != '\t') || bidi {
-            out.extend(ch.escape_default());
-        } else {
-            out.push(ch);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,10 +332,5 @@ mod tests {
         assert!(is_locale_var("LC_CTYPE") && is_locale_var("LANG") && is_locale_var("LC_ALL"));
         assert!(!is_locale_var("LC_") && !is_locale_var("LC_x") && !is_locale_var("LANGUAGE"));
         assert!(!plain("xterm\x1b]0;") && plain("xterm-256color") && !plain(""));
-    }
-
-    #[test]
-    fn guest_text_is_escaped_for_the_terminal() {
-        assert_eq!(escape_controls("a\x1b[2Jb\n\tc\u{202e}"), "a\\u{1b}[2Jb\n\tc\\u{202e}");
     }
 }

@@ -308,8 +308,11 @@ fn full_lifecycle_exec_stdin_signals_extend_delete() {
     let r = post(&d, &t, &format!("/v1/sandboxes/{}/exec", sb.id), json!({"argv": ["true"]}));
     assert_eq!(r.status, 409);
     assert!(r.error().contains("destroyed"));
-    // metrics reflect it
-    let m = text(&get(&d, &t, "/metrics").body);
+    // metrics reflect it (class 20: for an admin token only)
+    let r = get(&d, &t, "/metrics");
+    assert_eq!(r.status, 403, "an ordinary token does not read metrics: {}", text(&r.body));
+    let admin = d.token("ops", &["--admin"]);
+    let m = text(&get(&d, &admin, "/metrics").body);
     assert!(m.contains("hutch_sandboxes{state=\"destroyed\"} 1"), "{m}");
     assert!(m.contains("hutch_sandbox_creates_total 1"), "{m}");
     assert!(m.contains("hutch_sandbox_restore_seconds_count 1") || m.contains("hutch_sandbox_boot_seconds_count 1"), "{m}");
@@ -603,7 +606,8 @@ fn secrets_are_referenced_by_name_and_never_returned() {
     assert_eq!(log["gateway_attached"], true);
     let all = log.to_string();
     assert!(!all.contains(value));
-    let m = text(&get(&d, &t, "/metrics").body);
+    let admin = d.token("ops", &["--admin"]);
+    let m = text(&get(&d, &admin, "/metrics").body);
     assert!(m.contains("hutch_gateway_denials_total"), "{m}");
     eprintln!("egress log: {all}");
 }
@@ -743,8 +747,8 @@ fn pool_ready(d: &Daemon, token: &str) -> i64 {
 fn warm_pool_serves_creates_refills_and_leaves_nothing_behind() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let mut d = Daemon::start_in(&data, &["--pool", "1"]);
-    let t = d.token("p", &[]);
+    let mut d = Daemon::start_in(&data, &["--pool", "1", "--sizes", "1x256"]);
+    let t = d.token("p", &["--admin"]);
     assert!(wait_until(Duration::from_secs(120), || pool_ready(&d, &t) == 1), "the pool did not fill: {}", d.log());
     let pooled = dirs_owned_by(d.pid());
     assert_eq!(pooled.len(), 1, "one pooled VM: {pooled:?}");
@@ -764,7 +768,7 @@ fn warm_pool_serves_creates_refills_and_leaves_nothing_behind() {
     let left = dirs_owned_by(old);
     assert_eq!(left.len(), 3, "two sandboxes and one pooled VM: {left:?}");
     d.kill9();
-    let mut d2 = Daemon::start_in(&data, &["--pool", "1"]);
+    let mut d2 = Daemon::start_in(&data, &["--pool", "1", "--sizes", "1x256"]);
     for dir in &left {
         assert_vm_gone(dir, None);
     }
@@ -833,4 +837,249 @@ fn terminal_session_outlives_its_clients_replays_and_is_shared() {
     a.keys(&["Enter"]);
     a.wait_for("EXIT=3", 120);
     b.wait_for("EXIT=3", 120);
+}
+
+/// Raises this test process's open-file limit (the flood tests hold over a thousand sockets).
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < hard.min(8192) {
+        setrlimit(Resource::RLIMIT_NOFILE, hard.min(8192), hard).unwrap();
+    }
+}
+
+/// Whether the daemon closed `s` (end of file or reset), without waiting.
+fn closed_by_peer(s: &std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 512];
+    let mut reader = s;
+    let r = match reader.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(_) => true,
+    };
+    s.set_nonblocking(false).unwrap();
+    r
+}
+
+/// Class 20: 1,100 connections without a token (half idle, half stuck in the middle of their headers) cannot
+/// lock token holders out: the daemon closes the oldest unauthenticated ones beyond its per-address allowance
+/// at once and the rest after the unauthenticated timeout, while a request with a token gets in. An
+/// authenticated request whose declared body never arrives fails after the body timeout instead of waiting
+/// forever.
+#[test]
+fn class_20_unauthenticated_connection_flood_does_not_lock_out_token_holders() {
+    use std::io::{Read, Write};
+    raise_nofile();
+    let d = Daemon::start(&["--pool", "0", "--unauthenticated-timeout", "3", "--body-timeout", "2"]);
+    let t = d.token("holder", &[]);
+    let addr = d.url.trim_start_matches("http://").to_string();
+    let mut flood = Vec::new();
+    for i in 0..1100 {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        if i % 2 == 1 {
+            s.write_all(b"GET /v1/sandboxes HTTP/1.1\r\nHost: flood\r\nX-Slow: ").unwrap();
+        }
+        flood.push(s);
+    }
+    let r = get(&d, &t, "/v1/sandboxes");
+    assert_eq!(r.status, 200, "a token holder gets in during the flood: {}", text(&r.body));
+    // The flood is held: beyond the per-address allowance (64) connections are closed at once...
+    let mut closed = 0;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            closed = flood.iter().filter(|s| closed_by_peer(s)).count();
+            closed >= 1100 - 64
+        }),
+        "only {closed} of 1100 flood connections were closed"
+    );
+    // ...and the rest once they have been idle past the unauthenticated timeout.
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            closed = flood.iter().filter(|s| closed_by_peer(s)).count();
+            closed == 1100
+        }),
+        "{closed} of 1100 flood connections were closed after the timeout"
+    );
+    println!("flood of 1100 unauthenticated connections: all closed; the token holder got in");
+
+    // A declared body that never comes: answered (4xx) after the body timeout, not held forever.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(s, "POST /v1/sandboxes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{").unwrap();
+    let mut resp = Vec::new();
+    let mut b = [0u8; 4096];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => break,
+            Ok(n) => {
+                resp.extend_from_slice(&b[..n]);
+                if resp.windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            Err(e) => panic!("no answer to a stalled body: {e}"),
+        }
+    }
+    let head = text(&resp);
+    assert!(head.starts_with("HTTP/1.1 4"), "a stalled body gets a 4xx: {head:?}");
+    assert_eq!(get(&d, &t, "/v1/sandboxes").status, 200, "the daemon keeps serving");
+}
+
+/// Class 20: a plain `POST /exec` whose client hangs up stops its command (as WebSocket and SSE sessions do):
+/// the guest process is gone after the disconnect.
+#[test]
+fn class_20_plain_exec_is_cancelled_when_its_client_disconnects() {
+    use std::io::Write;
+    let d = Daemon::start(&["--pool", "0"]);
+    let t = d.token("hangup", &[]);
+    let sb = create(&d, &t, json!({}));
+    let exec_path = format!("/v1/sandboxes/{}/exec", sb.id);
+    let body = json!({"argv": ["sh", "-c", "echo $$ > /tmp/cmd.pid; exec sleep 1000"]}).to_string();
+    let mut s = std::net::TcpStream::connect(d.url.trim_start_matches("http://")).unwrap();
+    write!(s, "POST {exec_path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let pid = {
+        let mut pid = String::new();
+        assert!(
+            wait_until(Duration::from_secs(60), || {
+                let r = post(&d, &t, &exec_path, json!({"argv": ["cat", "/tmp/cmd.pid"]})).json();
+                pid = r["stdout"].as_str().unwrap_or_default().trim().to_string();
+                !pid.is_empty()
+            }),
+            "the command did not start"
+        );
+        pid
+    };
+    let alive = |d: &Daemon| post(d, &t, &exec_path, json!({"argv": ["kill", "-0", &pid]})).json()["exit_code"] == 0;
+    assert!(alive(&d), "the command runs while its client is connected");
+    drop(s);
+    assert!(wait_until(Duration::from_secs(30), || !alive(&d)), "process {pid} still runs after its client disconnected");
+}
+
+/// Class 20: an ordinary token cannot make the daemon build and keep a boot snapshot per size it invents: only
+/// the configured sizes are offered (an admin may ask for others, which boot cold), and snapshots the daemon
+/// made for sizes no longer offered are pruned when it starts. Also: `/metrics` needs an admin token, and an
+/// upload without a body (no Content-Length) or with a mode its owner cannot read is refused.
+#[test]
+fn class_20_sizes_are_a_configured_set_and_stray_snapshots_are_pruned() {
+    // A snapshot directory a daemon made for a size it no longer offers (the daemon's mark and a meta).
+    let images = runtime_root().join("images");
+    let stray: Vec<PathBuf> = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("snapshots").join("0000stray-test"))
+        .filter(|p| p.parent().is_some_and(|s| s.is_dir()))
+        .collect();
+    assert!(!stray.is_empty(), "no image with snapshots under {}", images.display());
+    for p in &stray {
+        std::fs::create_dir_all(p).unwrap();
+        std::fs::write(p.join("made-by-daemon"), b"").unwrap();
+        std::fs::write(p.join("meta.json"), r#"{"key":"0000stray-test","image_key":"x","cpus":3,"memory_mib":777,"accel":"tcg","state_sha256":"","memory_bytes":0,"created_unix":0,"boot_ms":0}"#).unwrap();
+    }
+    let d = Daemon::start(&["--pool", "0", "--sizes", "1x384"]);
+    assert!(d.log().contains("boot snapshot(s) of sizes no longer in --sizes"), "{}", d.log());
+    // Only the daemon's own image is pruned; the strays put beside other images are removed here.
+    let pruned = stray.iter().filter(|p| !p.exists()).count();
+    for p in &stray {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    assert_eq!(pruned, 1, "the stray snapshot of the daemon's image was pruned, and only that: {}", d.log());
+
+    let t = d.token("plain", &[]);
+    let admin = d.token("root", &["--admin"]);
+    let r = post(&d, &t, "/v1/sandboxes", json!({"memory_mib": 1024}));
+    assert_eq!(r.status, 400, "{}", text(&r.body));
+    assert!(r.error().contains("not offered") && r.error().contains("1x384") && r.error().contains("1x512"), "{}", r.error());
+    let r = post(&d, &t, "/v1/sandboxes", json!({"cpus": 2, "memory_mib": 512}));
+    assert_eq!(r.status, 400, "{}", text(&r.body));
+    // An admin may ask for another size; it is not given a snapshot (it boots cold, and stays without one).
+    let odd = create(&d, &admin, json!({"memory_mib": 320}));
+    assert_eq!(odd.start_mode.as_deref(), Some("cold boot"), "{odd:?}");
+    // An offered size works for anyone.
+    let sb = create(&d, &t, json!({"memory_mib": 384}));
+    assert_eq!(sb.memory_mib, 384);
+
+    assert_eq!(get(&d, &t, "/metrics").status, 403);
+    assert_eq!(get(&d, &admin, "/metrics").status, 200);
+    // No body and no Content-Length (sent by hand): an empty file with a sane mode (it used to get mode 0 when
+    // asked); a mode its owner cannot read is refused.
+    let put_raw = |query: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(d.url.trim_start_matches("http://")).unwrap();
+        write!(s, "PUT /v1/sandboxes/{}/files?{query} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nConnection: close\r\n\r\n", sb.id).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let raw = put_raw("path=/root/empty&mode=0");
+    assert!(raw.starts_with("HTTP/1.1 400") && raw.contains("unreadable"), "mode 0 is refused: {raw}");
+    let raw = put_raw("path=/root/empty");
+    assert!(raw.starts_with("HTTP/1.1 200"), "an upload without a body is an empty file: {raw}");
+    let stat: Value = serde_json::from_str(raw.split("\r\n\r\n").nth(1).unwrap_or_default()).unwrap_or_default();
+    assert_eq!(stat["mode"], "644", "{raw}");
+    assert_eq!(stat["size"].as_u64(), Some(0), "{raw}");
+
+    // No snapshot was made for the admin's odd size.
+    std::thread::sleep(Duration::from_secs(2));
+    let odd_snaps: Vec<PathBuf> = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_dir(e.path().join("snapshots")).ok())
+        .flat_map(|rd| rd.flatten().map(|e| e.path()))
+        .filter(|p| std::fs::read_to_string(p.join("meta.json")).is_ok_and(|m| m.contains("\"memory_mib\": 320") || m.contains("\"memory_mib\":320")))
+        .collect();
+    assert!(odd_snaps.is_empty(), "a snapshot for an unlisted size: {odd_snaps:?}");
+}
+
+/// The QEMU processes whose command line names a sandbox directory owned (per its owner record, read while it
+/// existed) by process `pid`.
+fn qemu_of_owner(pid: u32) -> Vec<(u32, PathBuf)> {
+    dirs_owned_by(pid)
+        .into_iter()
+        .flat_map(|dir| processes_mentioning(&dir.to_string_lossy()).into_iter().map(move |p| (p, dir.clone())))
+        .filter(|(p, _)| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.starts_with(b"qemu-system") || c.windows(12).any(|w| w == b"/qemu-system")))
+        .collect()
+}
+
+/// Class 20: a daemon killed with -9 while a VM is being created (cold boot), restored, or made for the warm
+/// pool leaves QEMU running only until the next daemon starts: the VMM's pid is recorded the moment it is
+/// spawned, and a VMM whose directory is gone is found by the directory its command line names.
+#[test]
+fn class_20_kill_9_at_every_start_phase_leaves_no_vmm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let phases: [(&str, &[&str], Option<Value>); 3] = [
+        ("restore", &["--pool", "0"], Some(json!({}))),
+        ("cold boot (a size without a snapshot)", &["--pool", "0"], Some(json!({"memory_mib": 272}))),
+        ("warm pool refill", &["--pool", "1"], None),
+    ];
+    for (phase, args, create_body) in phases {
+        let mut d = Daemon::start_in(&data, args);
+        let admin = d.token(&format!("k{}", phase.len()), &["--admin"]);
+        let daemon_pid = d.pid();
+        let creating = create_body.map(|body| {
+            let url = format!("{}/v1/sandboxes", d.url);
+            std::thread::spawn(move || client().send("POST", &url, Some(&admin), Some(("application/json", body.to_string().into_bytes()))).status)
+        });
+        // Kill the daemon as soon as its QEMU exists: mid-start.
+        let mut seen = Vec::new();
+        assert!(wait_until(Duration::from_secs(120), || { seen = qemu_of_owner(daemon_pid); !seen.is_empty() }), "{phase}: no QEMU appeared: {}", d.log());
+        d.kill9();
+        if let Some(c) = creating {
+            let _ = c.join();
+        }
+        let still: Vec<u32> = seen.iter().map(|(p, _)| *p).filter(|p| Path::new(&format!("/proc/{p}")).exists()).collect();
+        println!("{phase}: killed the daemon with QEMU {seen:?} starting; {} still running before the restart", still.len());
+        let d2 = Daemon::start_in(&data, &["--pool", "0"]);
+        for (p, dir) in &seen {
+            let gone = wait_until(Duration::from_secs(20), || {
+                std::fs::read(format!("/proc/{p}/cmdline")).map(|c| !c.windows(dir.as_os_str().len()).any(|w| w == dir.as_os_str().as_encoded_bytes())).unwrap_or(true)
+            });
+            assert!(gone, "{phase}: QEMU {p} of {} survived the next daemon's start: {}", dir.display(), d2.log());
+            assert!(!dir.exists(), "{phase}: {} left behind", dir.display());
+        }
+        drop(d2);
+    }
 }

@@ -200,6 +200,10 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
     };
     match crate::auth::authenticate(&st.mgr.store, token.trim()) {
         Ok(Some(p)) => {
+            // The connection has shown a token: it is no longer one an unauthenticated flood can be made of.
+            if let Some(c) = req.extensions().get::<Arc<crate::server::ConnState>>() {
+                c.mark_authenticated();
+            }
             req.extensions_mut().insert(p);
             next.run(req).await
         }
@@ -229,8 +233,13 @@ async fn openapi_json() -> Response {
     responses(
         (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain"),
         (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
     ))]
-async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
+async fn metrics(State(st): State<AppState>, Extension(who): Extension<Principal>) -> Result<Response, ApiError> {
+    // Counts across every token's sandboxes: not for an ordinary token.
+    if !who.admin {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "/metrics needs an admin token (make one with `hutch token create --name NAME --admin`)"));
+    }
     st.mgr.metrics.pool_ready.set(st.mgr.pool_ready() as i64);
     let text = st.mgr.metrics.render(&st.mgr.store)?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
@@ -397,6 +406,9 @@ async fn exec(
     let handle = live.client.exec(req).await.map_err(|e| ManagerError::Conflict(format!("sandbox {id} did not answer: {}", hutch_sandbox::error_chain(&e))))?;
     let mut events = handle.events;
     let (go, sig_tx, feeder) = feed_input(handle.input, stdin);
+    // If the client goes away, this handler is dropped mid-await: the guard then aborts the feeder, which
+    // closes the command's stream, and the agent kills the command's process group.
+    let feeder = AbortOnDrop(feeder);
     let mut go = Some(go);
     let (mut out, mut err, mut truncated, mut timed_out) = (Vec::new(), Vec::new(), false, false);
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
@@ -434,12 +446,11 @@ async fn exec(
                 break ExitStatus::Code(if not_found { 127 } else { 126 });
             }
             None => {
-                feeder.abort();
                 return Err(ManagerError::Conflict(format!("sandbox {id} stopped while the command ran")).into());
             }
         }
     };
-    feeder.abort();
+    drop(feeder);
     let (encoding, stdout, stderr) = match (std::str::from_utf8(&out), std::str::from_utf8(&err)) {
         (Ok(o), Ok(e)) => ("utf8", o.to_string(), e.to_string()),
         _ => {
@@ -493,6 +504,15 @@ pub(crate) fn feed_input(
         std::future::pending::<()>().await;
     });
     (go_tx, sig_tx, task)
+}
+
+/// Aborts a task when dropped (also when the future holding it is cancelled).
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn append(buf: &mut Vec<u8>, b: &[u8], limit: usize, truncated: &mut bool) {
@@ -599,7 +619,12 @@ async fn upload(
         return Err(ApiError::bad("path / is a directory; give a file path"));
     }
     let mode = parse_mode(q.mode.as_deref())?;
-    // The guest is told the size before the first byte; a body of unknown length (chunked) cannot say it.
+    if mode & 0o400 == 0 {
+        return Err(ApiError::bad(format!("mode {:o} leaves the file unreadable to its owner; give permission bits such as 644 or 600", mode)));
+    }
+    // The guest is told the size before the first byte; a body of unknown length (chunked) cannot say it. A
+    // request without a body is an empty file (HTTP clients send an empty PUT without a Content-Length), with the
+    // mode checked above like any other.
     let declared = headers.get(header::CONTENT_LENGTH).map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
     let len = match declared {
         Some(Some(n)) => n,

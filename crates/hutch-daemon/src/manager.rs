@@ -39,6 +39,9 @@ pub struct Limits {
     pub exec_output_max: usize,
     /// Largest file upload.
     pub upload_max: u64,
+    /// (cpus, MiB) sizes an ordinary token may ask for; only these get boot snapshots. Admin tokens may ask for
+    /// any size within the maxima (booted cold when not listed).
+    pub sizes: Vec<(u32, u32)>,
 }
 
 impl Default for Limits {
@@ -54,9 +57,13 @@ impl Default for Limits {
             max_memory_mib: 4096,
             exec_output_max: 16 << 20,
             upload_max: 1 << 30,
+            sizes: vec![(1, 512)],
         }
     }
 }
+
+/// A file in a snapshot directory saying the daemon made it (for its size set), so it may prune it.
+const DAEMON_MARK: &str = "made-by-daemon";
 
 /// Errors with the HTTP status they become.
 #[derive(Debug, thiserror::Error)]
@@ -230,17 +237,29 @@ fn checked_policy(p: Option<&PolicySpec>, secrets: &[(String, Vec<String>)]) -> 
 }
 
 /// Audit records of one sandbox's gateway, handed to a writer task (the gateway's data path must not wait on
-/// the database) that appends them to the sandbox's egress log.
+/// the database) that appends them to the sandbox's egress log. At most [`AUDIT_ROWS_MAX`] per sandbox: a guest
+/// that makes millions of attempts must not fill the host's disk (the denial metric still counts every one).
 struct DbAuditSink {
     sandbox: String,
     tx: mpsc::UnboundedSender<(String, String)>,
     metrics: Arc<Metrics>,
+    stored: std::sync::atomic::AtomicU64,
 }
+
+/// Egress records kept in the database per sandbox; the API returns up to this many.
+const AUDIT_ROWS_MAX: u64 = 100_000;
 
 impl hutch_gateway::AuditSink for DbAuditSink {
     fn record(&self, record: &hutch_gateway::AuditRecord) {
         if record.decision == hutch_gateway::Verdict::Deny {
             self.metrics.gateway_denials.inc();
+        }
+        let n = self.stored.fetch_add(1, Ordering::Relaxed);
+        if n == AUDIT_ROWS_MAX {
+            tracing::warn!(sandbox = %self.sandbox, "egress log full ({AUDIT_ROWS_MAX} records); later records are not stored");
+        }
+        if n >= AUDIT_ROWS_MAX {
+            return;
         }
         if let Ok(line) = serde_json::to_string(record) {
             let _ = self.tx.send((self.sandbox.clone(), line));
@@ -287,16 +306,51 @@ impl Manager {
         *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool);
     }
 
+    fn sizes_text(&self) -> String {
+        self.limits.sizes.iter().map(|(c, m)| format!("{c}x{m}")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Removes the boot snapshots this daemon (or an earlier one) made for sizes no longer offered. Snapshots
+    /// without the daemon's mark (made by `hutch run` or `hutch image build`) are left alone.
+    pub fn prune_snapshots(&self) -> Vec<std::path::PathBuf> {
+        let mut removed = Vec::new();
+        let Ok(rd) = std::fs::read_dir(self.host.image.dir.join("snapshots")) else { return removed };
+        for e in rd.flatten() {
+            let dir = e.path();
+            if !dir.join(DAEMON_MARK).is_file() {
+                continue;
+            }
+            let size = std::fs::read_to_string(dir.join("meta.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<hutch_sandbox::snapshot::Meta>(&t).ok())
+                .map(|m| (m.cpus, m.memory_mib));
+            if size.is_some_and(|s| self.limits.sizes.contains(&s)) {
+                continue;
+            }
+            if std::fs::remove_dir_all(&dir).is_ok() {
+                removed.push(dir);
+            }
+        }
+        removed
+    }
+
     /// Makes the missing snapshot for `cfg`'s size in the background, once at a time, so that later creates
-    /// restore instead of booting.
+    /// restore instead of booting. Only for the configured sizes.
     fn rebuild_snapshot(&self, cfg: &SandboxConfig) {
+        if !self.limits.sizes.contains(&(cfg.cpus, cfg.memory_mib)) {
+            return;
+        }
         if self.rebuilding.swap(true, Ordering::SeqCst) {
             return;
         }
         let (host, cfg, flag) = (self.host.clone(), cfg.clone(), self.rebuilding.clone());
         self.tasks.spawn(async move {
             match hutch_sandbox::snapshot::ensure(&host, &cfg).await {
-                Ok(s) => tracing::info!("snapshot {} rebuilt", s.meta.key),
+                Ok(s) => {
+                    // Marked as the daemon's, so that a later daemon with other sizes can prune it.
+                    let _ = std::fs::write(s.dir.join(DAEMON_MARK), b"");
+                    tracing::info!("snapshot {} rebuilt", s.meta.key)
+                }
                 Err(e) => tracing::warn!("cannot rebuild the snapshot: {}", hutch_sandbox::error_chain(&e)),
             }
             flag.store(false, Ordering::SeqCst);
@@ -317,7 +371,7 @@ impl Manager {
     }
 
     /// Parses a create request into a [`CheckedCreate`]; every problem is named.
-    pub fn check_create(&self, req: &CreateSandbox) -> Result<CheckedCreate, ManagerError> {
+    pub fn check_create(&self, who: &Principal, req: &CreateSandbox) -> Result<CheckedCreate, ManagerError> {
         let bad = ManagerError::BadInput;
         let image = match req.image.as_deref() {
             None | Some("default") => self.image_name(),
@@ -331,6 +385,14 @@ impl Manager {
         let memory_mib = req.memory_mib.unwrap_or(self.limits.default_memory_mib);
         if memory_mib < 128 || memory_mib > self.limits.max_memory_mib {
             return Err(bad(format!("memory_mib must be 128 to {}, got {memory_mib}", self.limits.max_memory_mib)));
+        }
+        // Each size needs its own boot snapshot (~130 MiB on disk, minutes of CPU to make): ordinary tokens pick
+        // from the configured set, so no client can make the host build and keep one per size it invents.
+        if !who.admin && !self.limits.sizes.contains(&(cpus, memory_mib)) {
+            return Err(bad(format!(
+                "size {cpus} vCPU x {memory_mib} MiB is not offered by this daemon; offered: {} (cpus x MiB; an admin can offer more with `hutch serve --sizes`)",
+                self.sizes_text()
+            )));
         }
         let max_ttl = self.limits.max_ttl.as_secs();
         let ttl_secs = req.ttl_secs.unwrap_or(self.limits.default_ttl.as_secs());
@@ -381,7 +443,7 @@ impl Manager {
     /// built (they live in the host-side gateway, never in the guest), and its audit records into the database.
     fn egress(&self, id: &str, spec: &CheckedCreate) -> Result<Egress, ManagerError> {
         let policy = checked_policy(spec.policy.as_ref(), &self.secret_hosts(&spec.secrets)?).map_err(ManagerError::BadInput)?;
-        let sink = DbAuditSink { sandbox: id.to_string(), tx: self.audit_tx.clone(), metrics: self.metrics.clone() };
+        let sink = DbAuditSink { sandbox: id.to_string(), tx: self.audit_tx.clone(), metrics: self.metrics.clone(), stored: Default::default() };
         let store = self.store.clone();
         let key = self.key.clone();
         Ok(Egress::new(policy, Arc::new(sink)).with_secret_loader(move |p| {
@@ -418,7 +480,7 @@ impl Manager {
 
     /// Creates and starts a sandbox; returns once the guest answers (or the start failed and left nothing).
     pub async fn create(self: &Arc<Self>, who: &Principal, req: &CreateSandbox) -> Result<SandboxInfo, ManagerError> {
-        let spec = self.check_create(req)?;
+        let spec = self.check_create(who, req)?;
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ManagerError::Unavailable("the daemon is shutting down".into()));
         }

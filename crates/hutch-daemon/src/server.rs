@@ -1,25 +1,235 @@
 //! Listening: plain HTTP on loopback, HTTPS (rustls) anywhere else, HTTP/1.1 with upgrades (WebSocket) and
-//! HTTP/2, a cap on open connections, and graceful shutdown (stop accepting, let requests finish, bounded).
+//! HTTP/2, and graceful shutdown (stop accepting, let requests finish, bounded). Connections are held to
+//! [`ConnLimits`]: a client without a token cannot exhaust them, because a connection that has not carried an
+//! authenticated request is closed when idle for a few seconds, and is the first to go (oldest first, per client
+//! address and overall) when a new connection needs its place. Request bodies must keep moving.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::DaemonError;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7707";
-const MAX_CONNECTIONS: usize = 1024;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many connections the daemon holds, and for how long it waits on a client.
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    /// Open connections in all.
+    pub max_connections: usize,
+    /// Open connections from one client address that have not carried an authenticated request.
+    pub per_address: usize,
+    /// How long a connection without an authenticated request may sit without a request in progress (a request
+    /// whose headers are still arriving counts as none).
+    pub unauthenticated_idle: Duration,
+    /// How long an authenticated connection may sit with no request in progress.
+    pub idle: Duration,
+    /// Longest wait for the next piece of a request body.
+    pub body: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            max_connections: 1024,
+            per_address: 64,
+            unauthenticated_idle: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+            body: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One open connection, as the request handlers see it (a request extension).
+#[derive(Debug)]
+pub struct ConnState {
+    id: u64,
+    addr: IpAddr,
+    authenticated: AtomicBool,
+    in_flight: AtomicUsize,
+    last_active: Mutex<Instant>,
+    close: CancellationToken,
+}
+
+impl ConnState {
+    /// Called once a request on this connection carried a valid token: from then on the connection is not
+    /// evicted for newcomers and gets the longer idle timeout.
+    pub fn mark_authenticated(&self) {
+        self.authenticated.store(true, Ordering::SeqCst);
+    }
+
+    fn is_authenticated(&self) -> bool {
+        self.authenticated.load(Ordering::SeqCst)
+    }
+
+    fn touch(&self) {
+        *self.last_active.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    fn last_active(&self) -> Instant {
+        *self.last_active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Every open connection, oldest first (ids grow).
+struct Registry {
+    limits: ConnLimits,
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<ConnState>>>,
+}
+
+impl Registry {
+    /// Makes room for a connection from `addr` and registers it; `None` when every open connection is an
+    /// authenticated one and the cap is reached.
+    fn admit(&self, addr: IpAddr) -> Option<Arc<ConnState>> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let unauth_here: Vec<u64> = open.values().filter(|c| c.addr == addr && !c.is_authenticated()).map(|c| c.id).collect();
+        if unauth_here.len() >= self.limits.per_address {
+            for id in &unauth_here[..=unauth_here.len() - self.limits.per_address] {
+                if let Some(c) = open.remove(id) {
+                    c.close.cancel();
+                }
+            }
+        }
+        if open.len() >= self.limits.max_connections {
+            let oldest = open.values().find(|c| !c.is_authenticated()).map(|c| c.id);
+            match oldest.and_then(|id| open.remove(&id)) {
+                Some(c) => c.close.cancel(),
+                None => return None,
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        let c = Arc::new(ConnState {
+            id,
+            addr,
+            authenticated: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            last_active: Mutex::new(Instant::now()),
+            close: CancellationToken::new(),
+        });
+        open.insert(id, c.clone());
+        Some(c)
+    }
+
+    fn remove(&self, id: u64) {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+}
+
+/// Resolves when the connection should be closed: evicted, or idle past its limit with no request in progress.
+async fn idle_watch(c: Arc<ConnState>, limits: ConnLimits) {
+    loop {
+        let limit = if c.is_authenticated() { limits.idle } else { limits.unauthenticated_idle };
+        let deadline = if c.in_flight.load(Ordering::SeqCst) > 0 {
+            Instant::now() + Duration::from_secs(1)
+        } else {
+            let at = c.last_active() + limit;
+            if at <= Instant::now() {
+                return;
+            }
+            at
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = c.close.cancelled() => return,
+        }
+    }
+}
+
+/// Counts a request as in progress until its response body is done (or dropped).
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn start(c: Arc<ConnState>) -> InFlight {
+        c.in_flight.fetch_add(1, Ordering::SeqCst);
+        c.touch();
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted as in progress.
+struct TrackedBody {
+    inner: axum::body::Body,
+    _flight: InFlight,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body that fails when the client sends nothing for `limit` (a declared size that never arrives).
+struct TimeoutBody {
+    inner: hyper::body::Incoming,
+    limit: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stalled: nothing arrived for {0:?}")]
+struct BodyStalled(Duration);
+
+impl http_body::Body for TimeoutBody {
+    type Data = axum::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                let limit = self.limit;
+                self.timer.as_mut().reset(Instant::now() + limit);
+                Poll::Ready(r.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(self.limit))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -65,20 +275,25 @@ pub fn tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, DaemonE
     Ok(Arc::new(cfg))
 }
 
+/// Raises this process's soft limit on open files to its hard limit (at most 65536), so that the connection
+/// cap, not the descriptor table, is what bounds clients.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = hard.min(65536);
+        if soft < want {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, want, hard);
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then drains open requests (bounded).
-pub async fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, router: Router, shutdown: impl Future<Output = ()>) {
+pub async fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>, router: Router, limits: ConnLimits, shutdown: impl Future<Output = ()>) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let registry = Arc::new(Registry { limits: limits.clone(), next: AtomicU64::new(0), open: Mutex::new(BTreeMap::new()) });
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = &mut shutdown => break,
-        };
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -91,27 +306,52 @@ pub async fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>
             },
             _ = &mut shutdown => break,
         };
+        let Some(conn) = registry.admit(peer.ip()) else {
+            tracing::debug!(%peer, "refused a connection: every connection is taken by authenticated clients");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        let svc = TowerToHyperService::new(router.clone());
+        let (c, body_limit) = (conn.clone(), limits.body);
+        let router = router.clone();
+        let svc = tower::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let flight = InFlight::start(c.clone());
+            let mut req = req.map(|inner| axum::body::Body::new(TimeoutBody { inner, limit: body_limit, timer: Box::pin(tokio::time::sleep(body_limit)) }));
+            req.extensions_mut().insert(c.clone());
+            let mut router = router.clone();
+            async move {
+                let resp = tower::Service::call(&mut router, req).await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|inner| axum::body::Body::new(TrackedBody { inner, _flight: flight })))
+            }
+        });
+        let svc = TowerToHyperService::new(svc);
         let watcher = graceful.watcher();
         let acceptor = acceptor.clone();
+        let (registry, limits) = (registry.clone(), limits.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let r = match acceptor {
-                Some(acc) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(tcp)).await {
-                    Ok(Ok(tls)) => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).into_owned()).await,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, "TLS handshake: {e}");
-                        return;
-                    }
-                    Err(_) => return,
-                },
-                None => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).into_owned()).await,
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.unauthenticated_idle);
+            let serve = async {
+                match acceptor {
+                    Some(acc) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(tcp)).await {
+                        Ok(Ok(tls)) => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).into_owned()).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, "TLS handshake: {e}");
+                            Ok(())
+                        }
+                        Err(_) => Ok(()),
+                    },
+                    None => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).into_owned()).await,
+                }
             };
-            if let Err(e) = r {
-                tracing::debug!(%peer, "connection: {e}");
+            tokio::select! {
+                r = serve => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, "connection: {e}");
+                    }
+                }
+                _ = idle_watch(conn.clone(), limits) => tracing::debug!(%peer, "closed an idle or evicted connection"),
             }
+            registry.remove(conn.id);
         });
     }
     drop(listener);

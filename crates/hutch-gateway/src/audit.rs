@@ -129,18 +129,36 @@ fn now_rfc3339() -> String {
         .unwrap_or_else(|_| now.unix_timestamp().to_string())
 }
 
-/// Shortens and cleans a string the sandbox chose before it goes into a record or message.
+/// Shortens and escapes a string the sandbox chose before it goes into a record or message (see
+/// [`hutch_text::is_unsafe`]: controls, bidirectional and invisible format characters).
 pub(crate) fn sanitize(s: &str) -> String {
-    let cleaned: String = s
-        .chars()
-        .take(256)
-        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
-        .collect();
-    if s.chars().count() > 256 {
-        format!("{cleaned}...")
-    } else {
-        cleaned
+    hutch_text::shorten(s, 256)
+}
+
+/// `s`, shortened and escaped if it holds anything a terminal must not see as it is.
+fn clean_field(s: &mut String) {
+    if s.chars().count() > 1024 || s.chars().any(hutch_text::is_unsafe) {
+        *s = hutch_text::shorten(s, 1024);
     }
+}
+
+/// Every text field of a record escaped: a guest-chosen host name, path or method, or an error message that
+/// quotes one, is shown on the user's terminal (summary), in the audit file, and in the daemon's API.
+fn cleaned(record: &AuditRecord) -> std::borrow::Cow<'_, AuditRecord> {
+    let dirty = |s: &String| s.len() > 1024 || s.chars().any(hutch_text::is_unsafe);
+    let fields = [&record.method, &record.path, &record.rule, &record.reason];
+    if !dirty(&record.dest) && !fields.into_iter().flatten().any(dirty) && !record.secrets.iter().chain(&record.flags).any(dirty) {
+        return std::borrow::Cow::Borrowed(record);
+    }
+    let mut r = record.clone();
+    clean_field(&mut r.dest);
+    for f in [&mut r.method, &mut r.path, &mut r.rule, &mut r.reason].into_iter().flatten() {
+        clean_field(f);
+    }
+    for f in r.secrets.iter_mut().chain(r.flags.iter_mut()) {
+        clean_field(f);
+    }
+    std::borrow::Cow::Owned(r)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -180,25 +198,75 @@ impl AuditSink for FileAuditSink {
     }
 }
 
-/// Keeps records in memory, for tests and for callers that ship them elsewhere.
-#[derive(Default)]
+/// Keeps records in memory, at most a fixed number (the first ones; later ones are only counted), so a guest
+/// that makes millions of attempts cannot grow the host's memory. For tests and for callers that ship records
+/// elsewhere; a run without an audit file keeps none at all ([`CountingAuditSink`]).
 pub struct MemoryAuditSink {
     records: Mutex<Vec<AuditRecord>>,
+    cap: usize,
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl Default for MemoryAuditSink {
+    fn default() -> Self {
+        MemoryAuditSink::with_capacity(MemoryAuditSink::DEFAULT_CAP)
+    }
 }
 
 impl MemoryAuditSink {
+    /// Records kept by [`MemoryAuditSink::new`].
+    pub const DEFAULT_CAP: usize = 10_000;
+
     pub fn new() -> MemoryAuditSink {
         MemoryAuditSink::default()
     }
 
+    /// Keeps at most `cap` records.
+    pub fn with_capacity(cap: usize) -> MemoryAuditSink {
+        MemoryAuditSink { records: Mutex::new(Vec::new()), cap, seen: std::sync::atomic::AtomicU64::new(0) }
+    }
+
+    /// The records kept (the first [`MemoryAuditSink::DEFAULT_CAP`], or the capacity given).
     pub fn records(&self) -> Vec<AuditRecord> {
         lock(&self.records).clone()
+    }
+
+    /// Every record received, kept or not.
+    pub fn seen(&self) -> u64 {
+        self.seen.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
 impl AuditSink for MemoryAuditSink {
     fn record(&self, record: &AuditRecord) {
-        lock(&self.records).push(record.clone());
+        self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut r = lock(&self.records);
+        if r.len() < self.cap {
+            r.push(record.clone());
+        }
+    }
+}
+
+/// Keeps no record, only their number: for a run without an audit file, whose end-of-run summary comes from
+/// the gateway's bounded tally of denials.
+#[derive(Default)]
+pub struct CountingAuditSink {
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl CountingAuditSink {
+    pub fn new() -> CountingAuditSink {
+        CountingAuditSink::default()
+    }
+
+    pub fn seen(&self) -> u64 {
+        self.seen.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl AuditSink for CountingAuditSink {
+    fn record(&self, _record: &AuditRecord) {
+        self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -232,12 +300,18 @@ impl fmt::Display for DenialSummary {
             return writeln!(f, "hutch: no egress was denied");
         }
         writeln!(f, "hutch: {} denied egress attempt(s):", self.total())?;
-        for e in &self.entries {
+        for e in self.entries.iter().take(SUMMARY_LINES) {
             let during = match e.phase {
                 Phase::Setup => "; during setup",
                 Phase::Agent => "",
             };
-            writeln!(f, "  {:>5}x {}  ({}{during})", e.count, e.dest, e.reason)?;
+            // Escaped again here: the summary is printed to the user's terminal.
+            writeln!(f, "  {:>5}x {}  ({}{during})", e.count, hutch_text::escape(&e.dest), hutch_text::escape(&e.reason))?;
+        }
+        if self.entries.len() > SUMMARY_LINES {
+            let rest = &self.entries[SUMMARY_LINES..];
+            let n: u64 = rest.iter().map(|e| e.count).sum();
+            writeln!(f, "  {n:>5}x to {} other destination(s) (every one is in the audit log: --audit FILE)", rest.len())?;
         }
         Ok(())
     }
@@ -248,6 +322,9 @@ pub(crate) struct Auditor {
     sink: std::sync::Arc<dyn AuditSink>,
     denials: Mutex<BTreeMap<(Phase, String, String), u64>>,
 }
+
+/// Lines of the printed summary; the rest are counted on one line.
+const SUMMARY_LINES: usize = 20;
 
 /// Distinct (destination, reason) pairs kept for the summary; later ones are counted together.
 const MAX_SUMMARY_KEYS: usize = 1000;
@@ -261,6 +338,7 @@ impl Auditor {
     }
 
     pub(crate) fn emit(&self, record: &AuditRecord) {
+        let record = &*cleaned(record);
         if record.decision == Verdict::Deny {
             let mut d = lock(&self.denials);
             let mut key = (

@@ -34,7 +34,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 pub use audit::{
-    AuditEvent, AuditRecord, AuditSink, DenialEntry, DenialSummary, FileAuditSink, MemoryAuditSink,
+    AuditEvent, AuditRecord, AuditSink, DenialEntry, DenialSummary, FileAuditSink, MemoryAuditSink, CountingAuditSink,
     Mode, Verdict, Via,
 };
 pub use upstream::{BoxFuture, Resolver, SystemResolver};

@@ -141,6 +141,8 @@ pub struct FileMeta {
 pub enum FileChunk {
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     End,
+    /// This many zero bytes, not sent: a hole in a sparse file (guest to host only). The host keeps it a hole.
+    Hole(u64),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

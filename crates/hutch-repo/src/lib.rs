@@ -52,7 +52,8 @@ impl Default for Limits {
 pub enum RepoError {
     #[error("cannot run git (install it with `apt-get install git`)")]
     GitMissing(#[source] std::io::Error),
-    #[error("git {action} failed: {stderr}")]
+    // Text that can quote VM-chosen names is escaped where it is shown (`hutch_text`).
+    #[error("git {action} failed: {}", hutch_text::escape_lines(stderr.as_bytes()))]
     Git { action: String, stderr: String },
     #[error("{what}")]
     Io {
@@ -61,9 +62,9 @@ pub enum RepoError {
         source: std::io::Error,
     },
     /// VM output that fails a check. Nothing from it reached the user's repository.
-    #[error("refused the VM's changes: {0}; the host repository was not changed")]
+    #[error("refused the VM's changes: {}; the host repository was not changed", hutch_text::escape_lines(.0.as_bytes()))]
     Refused(String),
-    #[error("in the sandbox: {0}")]
+    #[error("in the sandbox: {}", hutch_text::escape_lines(.0.as_bytes()))]
     Guest(String),
     #[error(transparent)]
     Sandbox(#[from] hutch_sandbox::SandboxError),

@@ -171,23 +171,10 @@ fn push_target<'a>(todo: &mut VecDeque<&'a [u8]>, target: &'a [u8]) -> Result<()
     Ok(())
 }
 
-/// A path for messages: printable as is, control characters and invalid UTF-8 escaped, so VM-chosen names
-/// cannot drive the user's terminal.
+/// A path for messages: printable as is, control, bidirectional and invisible format characters and invalid
+/// UTF-8 escaped (the shared [`hutch_text`] rules), so VM-chosen names cannot drive or mislead the user's terminal.
 pub fn show(p: &[u8]) -> String {
-    let mut s = String::new();
-    for chunk in p.utf8_chunks() {
-        for ch in chunk.valid().chars() {
-            if ch.is_control() || ('\u{200b}'..='\u{200f}').contains(&ch) || ('\u{202a}'..='\u{202e}').contains(&ch) {
-                s.extend(ch.escape_default());
-            } else {
-                s.push(ch);
-            }
-        }
-        for b in chunk.invalid() {
-            s.push_str(&format!("\\x{b:02x}"));
-        }
-    }
-    s
+    hutch_text::escape_bytes(p)
 }
 
 #[cfg(test)]
@@ -256,7 +243,7 @@ mod tests {
     #[test]
     fn shown_paths_cannot_carry_terminal_escapes() {
         assert_eq!(show(b"ok/file.txt"), "ok/file.txt");
-        assert_eq!(show(b"evil\x1b]0;pwned\x07name"), "evil\\u{1b}]0;pwned\\u{7}name");
+        assert_eq!(show(b"evil\x1b]0;pwned\x07name"), "evil\\x1b]0;pwned\\x07name");
         assert_eq!(show(b"bad\xffutf8"), "bad\\xffutf8");
         assert_eq!(show("caf\u{e9}".as_bytes()), "caf\u{e9}");
     }

@@ -140,19 +140,84 @@ impl AgentClient {
         self.put_file(guest_path, meta.permissions().mode(), meta.len(), file).await
     }
 
-    /// Streams a guest file into `out`; returns its metadata.
+    /// Streams a guest file into `out`; returns its metadata. Holes arrive as zeros.
     pub async fn get_file<W: AsyncWrite + Unpin>(&self, guest_path: &str, out: &mut W) -> Result<FileMeta, SandboxError> {
         let mut f = self.request(&Request::GetFile { path: guest_path.to_string() }).await?;
         let meta = f.recv::<Result<FileMeta, String>>().await.map_err(SandboxError::Channel)?.map_err(SandboxError::Guest)?;
+        let werr = |e| SandboxError::HostIo { what: "write download".into(), source: e };
         let mut got = 0u64;
-        while let FileChunk::Data(b) = f.recv::<FileChunk>().await.map_err(SandboxError::Channel)? {
-            got += b.len() as u64;
-            out.write_all(&b).await.map_err(|e| SandboxError::HostIo { what: "write download".into(), source: e })?;
+        loop {
+            let n = match f.recv::<FileChunk>().await.map_err(SandboxError::Channel)? {
+                FileChunk::Data(b) => {
+                    check_room(guest_path, got, b.len() as u64, meta.size)?;
+                    out.write_all(&b).await.map_err(werr)?;
+                    b.len() as u64
+                }
+                FileChunk::Hole(n) => {
+                    check_room(guest_path, got, n, meta.size)?;
+                    let zeros = vec![0u8; CHUNK];
+                    let mut left = n;
+                    while left > 0 {
+                        let k = left.min(CHUNK as u64) as usize;
+                        out.write_all(&zeros[..k]).await.map_err(werr)?;
+                        left -= k as u64;
+                    }
+                    n
+                }
+                FileChunk::End => break,
+            };
+            got += n;
         }
         if got != meta.size {
             return Err(SandboxError::Guest(format!("{guest_path} changed size while copying ({got} of {} bytes)", meta.size)));
         }
-        out.flush().await.map_err(|e| SandboxError::HostIo { what: "write download".into(), source: e })?;
+        out.flush().await.map_err(werr)?;
+        Ok(meta)
+    }
+
+    /// Copies a guest file into the host file `out` (empty, just created), refusing it before any byte is written
+    /// if the guest says it is larger than `max`, and failing as soon as more than it said arrives. Holes, and
+    /// blocks of zeros, are skipped with a seek, so the host file is as sparse as the guest's (or sparser).
+    pub async fn get_file_sparse(&self, guest_path: &str, out: &mut tokio::fs::File, max: u64) -> Result<FileMeta, SandboxError> {
+        use tokio::io::AsyncSeekExt;
+        let mut f = self.request(&Request::GetFile { path: guest_path.to_string() }).await?;
+        let meta = f.recv::<Result<FileMeta, String>>().await.map_err(SandboxError::Channel)?.map_err(SandboxError::Guest)?;
+        if meta.size > max {
+            return Err(SandboxError::TooLarge { what: guest_path.to_string(), size: meta.size, max });
+        }
+        let werr = |e| SandboxError::HostIo { what: "write download".into(), source: e };
+        // `got`: bytes of the file received so far; `cursor`: where the host file's offset is.
+        let (mut got, mut cursor) = (0u64, 0u64);
+        loop {
+            match f.recv::<FileChunk>().await.map_err(SandboxError::Channel)? {
+                FileChunk::Data(b) => {
+                    check_room(guest_path, got, b.len() as u64, meta.size)?;
+                    for (i, block) in b.chunks(SPARSE_BLOCK).enumerate() {
+                        if block.iter().all(|&x| x == 0) {
+                            continue;
+                        }
+                        let at = got + (i * SPARSE_BLOCK) as u64;
+                        if cursor != at {
+                            out.seek(std::io::SeekFrom::Start(at)).await.map_err(werr)?;
+                        }
+                        out.write_all(block).await.map_err(werr)?;
+                        cursor = at + block.len() as u64;
+                    }
+                    got += b.len() as u64;
+                }
+                FileChunk::Hole(n) => {
+                    check_room(guest_path, got, n, meta.size)?;
+                    got += n;
+                }
+                FileChunk::End => break,
+            }
+        }
+        if got != meta.size {
+            return Err(SandboxError::Guest(format!("{guest_path} changed size while copying ({got} of {} bytes)", meta.size)));
+        }
+        out.flush().await.map_err(werr)?;
+        // The length, trailing holes included, without writing them.
+        out.set_len(meta.size).await.map_err(werr)?;
         Ok(meta)
     }
 
@@ -160,6 +225,17 @@ impl AgentClient {
         let mut f = self.request(&Request::PowerOff).await?;
         Self::reply(&mut f, "power off").await
     }
+}
+
+/// The granularity at which zero blocks of a download become holes on the host (a file system block).
+const SPARSE_BLOCK: usize = 4096;
+
+/// A guest that sends more than the size it announced is refused at the first byte too many.
+fn check_room(path: &str, got: u64, more: u64, size: u64) -> Result<(), SandboxError> {
+    if got.saturating_add(more) > size {
+        return Err(SandboxError::Guest(format!("{path}: the guest sent more than the {size} bytes it announced")));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Default)]

@@ -1,5 +1,7 @@
 //! Per-sandbox runtime directories and the reaping of leftovers: a directory records who owns it (hutch's pid
-//! and start time) and which VMM runs in it; a later run kills and removes whatever a dead owner left behind.
+//! and start time) and which VMM runs in it (written by the VMM backend the moment it spawns one); a later run
+//! kills and removes whatever a dead owner left behind, and kills any VMM whose command line names a
+//! directory that is gone or whose owner is dead, so a VMM is found even when its directory is not.
 //! Sockets may live apart, under a runtime root (`$XDG_RUNTIME_DIR/hutch` for a user), in a directory of the same
 //! id. Directories are private to their owner (0700); root's `sandboxes/` is searchable but not listable (0711)
 //! so that QEMU, dropped to its own account, reaches its directory.
@@ -76,12 +78,6 @@ impl SandboxDir {
     pub fn sockets(&self) -> &Path {
         self.sockets.as_deref().unwrap_or(&self.path)
     }
-
-    pub fn record_vmm(&self, pid: Option<u32>) {
-        if let Some(pid) = pid {
-            let _ = std::fs::write(self.path.join("vmm.pid"), pid.to_string());
-        }
-    }
 }
 
 impl Drop for SandboxDir {
@@ -93,12 +89,8 @@ impl Drop for SandboxDir {
     }
 }
 
-/// The kernel's start time of `pid` (clock ticks since boot), to tell a live owner from a reused pid.
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may contain spaces and parentheses: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    hutch_vmm::qemu::process_start_time(pid)
 }
 
 fn owner_alive(dir: &Path) -> bool {
@@ -114,7 +106,9 @@ fn owner_alive(dir: &Path) -> bool {
     start_time(pid) == Some(start)
 }
 
-/// Kills and removes what dead owners left under `root/sandboxes`. Returns the ids reaped.
+/// Kills and removes what dead owners left under `root/sandboxes`, and kills every VMM whose directory there is
+/// gone or has a dead owner. Returns the ids reaped (directories removed, or VMMs killed whose directory was
+/// already gone).
 pub fn reap_stale(root: &Path) -> Vec<String> {
     reap_stale_in(root, None)
 }
@@ -143,23 +137,98 @@ pub fn reap_stale_in(root: &Path, runtime: Option<&Path>) -> Vec<String> {
 }
 
 fn reap_dirs(root: &Path) -> Vec<String> {
+    let sandboxes = root.join("sandboxes");
     let mut reaped = Vec::new();
-    let Ok(entries) = std::fs::read_dir(root.join("sandboxes")) else {
-        return reaped;
-    };
-    for e in entries.flatten() {
-        let dir = e.path();
-        if !dir.is_dir() || owner_alive(&dir) {
-            continue;
-        }
-        if let Some(pid) = std::fs::read_to_string(dir.join("vmm.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
-            kill_if_ours(pid, &dir);
-        }
-        if std::fs::remove_dir_all(&dir).is_ok() {
-            reaped.push(e.file_name().to_string_lossy().into_owned());
+    if let Ok(entries) = std::fs::read_dir(&sandboxes) {
+        for e in entries.flatten() {
+            let dir = e.path();
+            if !dir.is_dir() || owner_alive(&dir) {
+                continue;
+            }
+            kill_recorded_vmm(&dir);
+            for (pid, _) in vmm_processes(&sandboxes).into_iter().filter(|(_, id)| dir.file_name() == Some(std::ffi::OsStr::new(id))) {
+                kill_and_wait(pid);
+            }
+            if std::fs::remove_dir_all(&dir).is_ok() {
+                reaped.push(e.file_name().to_string_lossy().into_owned());
+            }
         }
     }
+    // VMMs whose directory is already gone: a host killed between spawning one and recording it (older hutch
+    // versions recorded the pid only after a restore finished), or a directory removed by hand.
+    for (pid, id) in vmm_processes(&sandboxes) {
+        let dir = sandboxes.join(&id);
+        if dir.is_dir() && owner_alive(&dir) {
+            continue;
+        }
+        if !dir.exists() {
+            tracing::warn!(pid, id = %id, "killing a VMM whose sandbox directory is gone");
+            if !reaped.contains(&id) {
+                reaped.push(id);
+            }
+        }
+        kill_and_wait(pid);
+    }
     reaped
+}
+
+/// Kills the VMM named in `dir`'s `vmm.pid`: only the process with that pid and start time (so a reused pid is
+/// never hit). A record without a start time falls back to the command line naming `dir`.
+fn kill_recorded_vmm(dir: &Path) {
+    let Ok(rec) = std::fs::read_to_string(dir.join(hutch_vmm::qemu::VMM_PID_FILE)) else { return };
+    let mut it = rec.split_whitespace();
+    let Some(pid) = it.next().and_then(|p| p.parse::<i32>().ok()).filter(|p| *p > 0) else { return };
+    match it.next().and_then(|s| s.parse::<u64>().ok()).filter(|s| *s > 0) {
+        Some(start) => {
+            if start_time(pid as u32) == Some(start) {
+                kill_and_wait(pid);
+            }
+        }
+        None => kill_if_ours(pid, dir),
+    }
+}
+
+/// Running VMMs (`qemu-system-*`) whose command line names a directory under `sandboxes`, with that
+/// directory's name.
+fn vmm_processes(sandboxes: &Path) -> Vec<(i32, String)> {
+    let mut needle = sandboxes.as_os_str().as_encoded_bytes().to_vec();
+    needle.push(b'/');
+    let mut found = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return found };
+    let me = std::process::id() as i32;
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+        let name = argv0.rsplit(|&b| b == b'/').next().unwrap_or_default();
+        if !name.starts_with(b"qemu-system") {
+            continue;
+        }
+        let Some(at) = cmdline.windows(needle.len()).position(|w| w == needle.as_slice()) else { continue };
+        let rest = &cmdline[at + needle.len()..];
+        let id: Vec<u8> = rest.iter().take_while(|&&b| b != b'/' && b != 0 && b != b',').copied().collect();
+        if id.is_empty() || !id.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_' || *b == b'.') || id.starts_with(b".") {
+            continue;
+        }
+        found.push((pid, String::from_utf8_lossy(&id).into_owned()));
+    }
+    found
+}
+
+fn kill_and_wait(pid: i32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    for _ in 0..200 {
+        // Gone, or a zombie of some other parent (it no longer runs anything).
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return,
+            Ok(s) if s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')) => return,
+            Ok(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Kills `pid` only if its command line names `dir` (so a reused pid is never hit). A command line that does
@@ -167,26 +236,15 @@ fn reap_dirs(root: &Path) -> Vec<String> {
 /// stand-in VMM survived a reap, so a single read is not trusted.
 fn kill_if_ours(pid: i32, dir: &Path) {
     let needle = dir.as_os_str().as_encoded_bytes();
-    let mut ours = false;
     for _ in 0..100 {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             return;
         };
         if cmdline.windows(needle.len()).any(|w| w == needle) {
-            ours = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    if !ours {
-        return;
-    }
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    for _ in 0..200 {
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+            kill_and_wait(pid);
             return;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -222,5 +280,36 @@ mod tests {
         let p = live.path().to_path_buf();
         drop(live);
         assert!(!p.exists());
+    }
+
+    /// Class 20: a host killed before it recorded its VMM, or a directory removed with its VMM still running,
+    /// must not leave the VMM running forever: it is found by the directory its command line names.
+    #[test]
+    fn class_20_a_vmm_whose_directory_is_gone_is_found_and_killed() {
+        let root = tempfile::tempdir().unwrap();
+        let kept = SandboxDir::create(root.path(), "kept").unwrap();
+        let spawn = |dir: &Path| {
+            let mut c = std::process::Command::new("sh");
+            std::os::unix::process::CommandExt::arg0(&mut c, "qemu-system-x86_64");
+            c.args(["-c", "sleep 60; :", "sh"]).arg(format!("file,id=con,path={}/console.log", dir.display())).spawn().unwrap()
+        };
+        let gone = root.path().join("sandboxes/0123456789ab");
+        let mut orphan = spawn(&gone);
+        let mut live_vmm = spawn(kept.path());
+        // Both must have exec'd (a process between fork and exec still shows the test's command line).
+        for pid in [orphan.id(), live_vmm.id()] {
+            for _ in 0..500 {
+                if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"qemu-system")) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let reaped = reap_stale(root.path());
+        assert_eq!(reaped, vec!["0123456789ab".to_string()]);
+        assert!(!orphan.wait().unwrap().success(), "the VMM of a vanished directory was killed");
+        assert!(live_vmm.try_wait().unwrap().is_none(), "a live owner's VMM is left alone");
+        let _ = live_vmm.kill();
+        let _ = live_vmm.wait();
     }
 }

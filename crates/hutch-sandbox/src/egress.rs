@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use hutch_gateway::{AuditSink, DnsAnswer, Gateway, GatewayConfig, MemoryAuditSink, Phase, PhaseEgress};
+use hutch_gateway::{AuditSink, CountingAuditSink, DnsAnswer, Gateway, GatewayConfig, Phase, PhaseEgress};
 use hutch_policy::{CheckedPolicy, LoadedSecret, PolicyInput};
 use hutch_proto::frame::{read_header, write_header};
 use hutch_proto::mux::Stream;
@@ -57,10 +57,10 @@ impl Egress {
         self
     }
 
-    /// No allow rules: every connection and lookup is denied (and audited in memory).
+    /// No allow rules: every connection and lookup is denied (and counted; no record is kept).
     pub fn deny_all() -> Self {
         let policy = CheckedPolicy::from_input(&PolicyInput::default()).unwrap_or_else(|_| unreachable_empty_policy());
-        Self::new(policy, Arc::new(MemoryAuditSink::new()))
+        Self::new(policy, Arc::new(CountingAuditSink::new()))
     }
 
     pub(crate) fn gateway(&self, sandbox_id: &str) -> Result<Gateway, SandboxError> {

@@ -31,10 +31,14 @@ pub enum SandboxError {
     Mux(#[source] hutch_proto::MuxError),
     #[error("agent handshake")]
     Handshake(#[source] hutch_proto::HandshakeError),
-    #[error("in the guest: {0}")]
+    /// The agent's words, which can quote guest file names: escaped when shown.
+    #[error("in the guest: {}", hutch_text::escape_lines(.0.as_bytes()))]
     Guest(String),
     #[error("{0}")]
     BadInput(String),
+    /// A guest file larger than the caller allows; nothing of it was written.
+    #[error("{} is {size} bytes, more than the limit of {max} bytes; nothing was written", hutch_text::escape(what))]
+    TooLarge { what: String, size: u64, max: u64 },
     #[error("the guest did not come up within {timeout:?} ({mode}); last console lines:\n{console}")]
     BootTimeout { timeout: Duration, mode: &'static str, console: String },
     #[error("the VM exited while starting ({mode}); last console lines:\n{console}")]
@@ -298,15 +302,31 @@ pub(crate) fn qemu_img_overlay(backing: &Path, backing_fmt: &str, out: &Path) ->
     Ok(())
 }
 
+/// The last lines of a VM's console, escaped: the guest writes whatever it likes there, and the tail is
+/// printed to the user's terminal and stored in the daemon's database.
 pub fn console_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // Only the end of the file is read: a guest can write gigabytes to its console.
+    let bytes = read_tail(path, 16 << 10);
+    let text = hutch_text::escape_lines(&bytes);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let tail = lines[lines.len().saturating_sub(8)..].join("\n");
+    let tail = lines[lines.len().saturating_sub(8)..].iter().map(|l| hutch_text::shorten(l, 300)).collect::<Vec<_>>().join("\n");
     if tail.is_empty() {
         "(the console is empty)".into()
     } else {
         tail
     }
+}
+
+fn read_tail(path: &Path, max: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return Vec::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > max && f.seek(SeekFrom::Start(len - max)).is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(max).read_to_end(&mut buf);
+    buf
 }
 
 impl Sandbox {
@@ -386,7 +406,6 @@ impl Sandbox {
         qemu_img_overlay(&host.image.rootfs, "raw", &disk)?;
         let vmcfg = Self::vm_config(host, cfg, accel, &dir, disk, Memory::Anonymous);
         let vm = host.qemu.boot(&vmcfg).await?;
-        dir.record_vmm(vm.pid());
         Self::attach(id, dir, vm, cfg, accel, StartMode::Cold, cfg.boot_timeout).await
     }
 
@@ -405,7 +424,6 @@ impl Sandbox {
         let vmcfg = Self::vm_config(host, cfg, accel, &dir, disk, memory);
         let vm = host.qemu.restore(&vmcfg, &snap.files).await?;
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: VMM restored");
-        dir.record_vmm(vm.pid());
         // A restored guest answers in milliseconds; waiting long would only delay the cold-boot fallback.
         Attached::connect(id, dir, vm, accel, StartMode::Restored, Duration::from_secs(5)).await
     }

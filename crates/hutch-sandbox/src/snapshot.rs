@@ -208,11 +208,23 @@ pub async fn ensure(host: &Host, cfg: &SandboxConfig) -> Result<Snapshot, Sandbo
     }
 }
 
+/// Work directories of snapshot builds whose process was killed (a build takes minutes at most).
+fn remove_stale_work_dirs(parent: &Path) {
+    let Ok(rd) = std::fs::read_dir(parent) else { return };
+    for e in rd.flatten() {
+        let old = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok()).is_some_and(|a| a > std::time::Duration::from_secs(3600));
+        if old && e.file_name().to_string_lossy().starts_with(".tmp-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 async fn make(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Snapshot, SandboxError> {
     let t0 = std::time::Instant::now();
     let key = key(host, cfg, accel);
     let parent = snapshots_dir(host);
     std::fs::create_dir_all(&parent).map_err(|e| SandboxError::HostIo { what: format!("cannot create {}", parent.display()), source: e })?;
+    remove_stale_work_dirs(&parent);
     let tmp = TmpDir(parent.join(format!(".tmp-{key}-{}", crate::new_id())));
     std::fs::create_dir(&tmp.0).map_err(|e| SandboxError::HostIo { what: format!("cannot create {}", tmp.0.display()), source: e })?;
     let disk = tmp.0.join("disk.qcow2");
@@ -225,7 +237,6 @@ async fn make(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Snapshot
     let memory = Memory::File { path: files.memory.clone(), shared: true };
     let vmcfg = crate::Sandbox::vm_config(host, cfg, accel, &rundir, disk, memory);
     let mut vm = host.qemu.boot(&vmcfg).await?;
-    rundir.record_vmm(vm.pid());
     let ready = async {
         let mut stream = vm.connect_agent().await?;
         loop {

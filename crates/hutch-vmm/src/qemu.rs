@@ -66,6 +66,10 @@ impl Qemu {
         let sock_dir = &cfg.sock_dir;
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: String| a.push(s.into());
+        // A marker in the process list (`ps`) naming the VM's directory; the reaper also finds a VMM by its
+        // directory in the command line when the directory itself is gone.
+        push("-name".into());
+        push(format!("hutch-{}", dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().replace(',', "_")));
         let mem_backend = !matches!(cfg.memory, Memory::Anonymous);
         let mut machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on".to_string();
         if mem_backend {
@@ -187,6 +191,12 @@ impl Qemu {
             });
         }
         let child = cmd.spawn().map_err(VmmError::Spawn)?;
+        // Recorded before anything can fail or wait: a host killed from here on leaves a directory that names
+        // its VMM (pid and start time), so the next run or daemon finds and kills it.
+        if let Some(pid) = child.id() {
+            let start = process_start_time(pid).unwrap_or(0);
+            let _ = std::fs::write(cfg.dir.join(VMM_PID_FILE), format!("{pid} {start}"));
+        }
         let mut vm = QemuVm {
             child,
             dir: cfg.sock_dir.clone(),
@@ -204,6 +214,18 @@ impl Qemu {
         }
         Ok(vm)
     }
+}
+
+/// The file in a VM's directory that names its VMM: `<pid> <start time>`.
+pub const VMM_PID_FILE: &str = "vmm.pid";
+
+/// The kernel's start time of `pid` (clock ticks since boot): with the pid, it names one process, never a
+/// later one that reused the pid.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 pub fn agent_socket(dir: &Path) -> PathBuf {
