@@ -1,7 +1,7 @@
-//! The guest's side, driven from the host over the agent: unpack the snapshot into `/workspace` as a fresh
-//! repository (neutral identity, no remotes, the working tree as the user had it), run a setup script, and
-//! at the end pack the VM's new commits into a bundle and its uncommitted changes into a patch and download
-//! them under size caps. Everything the guest reports back is treated as hostile by the host.
+//! The guest's side, driven from the host over the agent: mount the snapshot's image at `/workspace` under a
+//! writable overlay (a fresh repository: neutral identity, no remotes, the working tree as the user had it), run
+//! a setup script, and at the end pack the VM's new commits into a bundle and the paths the overlay says changed
+//! into a patch and download them under size caps. Everything the guest reports back is treated as hostile by the host.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,10 +20,21 @@ use crate::{io_err, Limits, RepoError};
 pub const WORKSPACE: &str = "/workspace";
 const STAGING: &str = "/var/tmp/hutch";
 
-/// Arguments: workspace, staging directory, base commit (or empty). Writes `<staging>/out/changes.patch` and,
+/// The agent binary in the guest (it lists the overlay's changes).
+const AGENT: &str = "/run/hutch-agent";
+/// The overlay's upper layer and the mounted image in the guest (see `hutch-agent`'s `workspace` module).
+const UPPER: &str = "/var/tmp/hutch/overlay/upper";
+const LOWER: &str = "/run/hutch/workspace-image";
+
+/// Arguments: workspace, staging directory, base commit (or empty), the snapshot's tree, and the overlay's upper
+/// and lower directories (or empty: then the whole tree is scanned). Writes `<staging>/out/changes.patch` and,
 /// when there are new commits, `<staging>/out/commits.bundle`; prints the report [`parse_report`] reads.
+///
+/// The working tree's final state is the snapshot's tree with every path the overlay says changed added again
+/// (`git add -A` limited to those paths, in a private index): work proportional to the change, not to the tree.
+/// Files rewritten with the same content hash to the same blobs, so they are no change.
 pub(crate) const COLLECT: &str = r#"set -eu
-ws=$1 base=$3 out=$2/out
+ws=$1 base=$3 tree=$4 upper=$5 lower=$6 out=$2/out
 cd "$ws"
 rm -rf "$out" .git/index.lock
 mkdir -p "$out"
@@ -33,8 +44,14 @@ if [ -n "$head" ] && [ "$head" != "$base" ]; then
   if [ -n "$base" ]; then n=$(git rev-list --count "$head" "^$base"); else n=1; fi
   if [ "$n" -gt 0 ]; then git bundle create -q "$out/commits.bundle" HEAD ${base:+"^$base"}; bundle=yes; fi
 fi
-# The VM is about to be destroyed, so its own index may take the final state (and its stat data saves hashing).
-git add -A
+export GIT_INDEX_FILE="$out/index" GIT_LITERAL_PATHSPECS=1
+git read-tree "$tree"
+if [ -n "$upper" ]; then
+  "$AGENT" workspace-changes "$upper" "$lower" > "$out/paths"
+  if [ -s "$out/paths" ]; then git add -A --pathspec-from-file="$out/paths" --pathspec-file-nul; fi
+else
+  git add -A
+fi
 git diff --cached --binary --full-index --no-renames --no-ext-diff --no-textconv --no-color "${head:-$(git hash-object -t tree /dev/null)}" > "$out/changes.patch"
 echo "head ${head:--}"
 echo "bundle $bundle"
@@ -45,6 +62,11 @@ cd .git && sha256sum config hooks/* info/* 2>/dev/null || true
 #[derive(Debug, Clone)]
 pub struct Workspace {
     pub base: Option<Oid>,
+    /// The snapshot's tree: what the working tree held when the VM started.
+    pub tree: Oid,
+    /// The workspace is an overlay over the image (the collection reads its upper layer); `false` only where
+    /// no overlay exists (tests standing in for the VM).
+    pub overlay: bool,
     /// The directory the command starts in: `/workspace` plus where the user was in the work tree.
     pub cwd: String,
     /// Digests of the VM's `.git/config`, hooks and `info/` right after setup, to tell the user later what the
@@ -55,7 +77,7 @@ pub struct Workspace {
 impl Workspace {
     /// The VM's starting point: the snapshot's base and the digests of the git metadata it was given.
     pub(crate) fn new(snap: &Snapshot, cwd: String) -> Workspace {
-        Workspace { base: snap.base.clone(), cwd, git_meta: snap.git_meta.clone() }
+        Workspace { base: snap.base.clone(), tree: snap.tree.clone(), overlay: true, cwd, git_meta: snap.git_meta.clone() }
     }
 }
 
@@ -156,10 +178,10 @@ pub fn guest_cwd(prefix: &Path) -> String {
     }
 }
 
-/// Uploads the snapshot and unpacks it into `/workspace`.
+/// Mounts the snapshot's image (attached to the sandbox as its workspace drive) with a writable overlay at
+/// `/workspace`. Nothing is copied or unpacked: the guest reads the image's blocks as it needs them.
 pub async fn setup_workspace(client: &AgentClient, snap: &Snapshot, prefix: &Path) -> Result<Workspace, RepoError> {
-    // Unpacked by the agent itself: a shell and `tar` would cost a fraction of a second each under emulation.
-    client.put_host_archive(&snap.workspace, WORKSPACE).await?;
+    client.mount_workspace(WORKSPACE).await?;
     Ok(Workspace::new(snap, guest_cwd(prefix)))
 }
 
@@ -181,9 +203,8 @@ pub async fn run_setup(
 
 /// Packs and downloads what the VM changed into `dest` (a host directory that exists).
 pub async fn collect(client: &AgentClient, ws: &Workspace, dest: &Path, limits: &Limits) -> Result<Collected, RepoError> {
-    let base = ws.base.as_ref().map(|o| o.to_string()).unwrap_or_default();
-    let argv = vec!["sh".into(), "-c".into(), COLLECT.into(), "hutch-collect".into(), WORKSPACE.into(), STAGING.into(), base];
-    let r = exec(client, argv, Some("/"), 1 << 20, None).await?;
+    let argv = collect_argv(ws, WORKSPACE, STAGING);
+    let r = exec_with_env(client, argv, vec![("AGENT".into(), AGENT.into())], Some("/"), 1 << 20, None).await?;
     if r.status != ExitStatus::Code(0) {
         return Err(failed("collecting the changes in /workspace", &r));
     }
@@ -198,6 +219,15 @@ pub async fn collect(client: &AgentClient, ws: &Workspace, dest: &Path, limits: 
         None
     };
     Ok(Collected { head, bundle, patch, git_meta_changed })
+}
+
+/// The collection step's command line.
+pub(crate) fn collect_argv(ws: &Workspace, workspace: &str, staging: &str) -> Vec<String> {
+    let base = ws.base.as_ref().map(|o| o.to_string()).unwrap_or_default();
+    let (upper, lower) = if ws.overlay { (UPPER, LOWER) } else { ("", "") };
+    let mut argv = vec!["sh".to_string(), "-c".to_string()];
+    argv.extend([COLLECT, "hutch-collect", workspace, staging, &base, ws.tree.as_str(), upper, lower].map(str::to_string));
+    argv
 }
 
 /// Reads the collect step's report: the VM's HEAD, whether a bundle was made, and digests of its git

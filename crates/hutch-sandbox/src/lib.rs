@@ -64,11 +64,13 @@ pub struct SandboxConfig {
     pub egress: egress::Egress,
     /// The VM powers itself off when its host session ends (default). Off only for hosts that re-attach.
     pub exit_on_disconnect: bool,
+    /// A read-only filesystem image for the workspace drive slot (the guest mounts it at `/workspace` on request).
+    pub workspace_image: Option<PathBuf>,
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![], extra_kernel_args: vec![], egress: egress::Egress::deny_all(), exit_on_disconnect: true }
+        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![], extra_kernel_args: vec![], egress: egress::Egress::deny_all(), exit_on_disconnect: true, workspace_image: None }
     }
 }
 
@@ -349,6 +351,7 @@ impl Sandbox {
             accel,
             memory,
             dir: dir.to_path_buf(),
+            workspace: cfg.workspace_image.clone(),
         }
     }
 

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::{qemu_img_overlay, Host, SandboxConfig, SandboxDir, SandboxError};
 
 /// Bumped when the way snapshots are made changes.
-const RECIPE: u32 = 1;
+const RECIPE: u32 = 2;
 
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -148,6 +148,8 @@ async fn make(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Snapshot
     let id = crate::new_id();
     let rundir = SandboxDir::create(&host.root, &id)?;
     let memory = Memory::File { path: files.memory.clone(), shared: true };
+    // The workspace slot holds its placeholder in the snapshot; restores put the real image there.
+    let cfg = &SandboxConfig { workspace_image: None, ..cfg.clone() };
     let vmcfg = crate::Sandbox::vm_config(host, cfg, accel, rundir.path(), disk, memory);
     let mut vm = host.qemu.boot(&vmcfg).await?;
     rundir.record_vmm(vm.pid());
