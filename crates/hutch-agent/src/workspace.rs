@@ -80,7 +80,7 @@ pub fn changes_main(args: &[String]) -> i32 {
             return 1;
         }
     };
-    let kept = match without_ignored(paths) {
+    let kept = match without_ignored(Path::new("."), paths) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("hutch-agent: git check-ignore: {e}");
@@ -186,32 +186,46 @@ fn opaque(dir: &Path) -> bool {
 }
 
 /// Drops the paths git ignores (tracked files are never ignored, so changes to them stay).
-fn without_ignored(paths: BTreeSet<Vec<u8>>) -> std::io::Result<Vec<Vec<u8>>> {
+fn without_ignored(repo: &Path, paths: BTreeSet<Vec<u8>>) -> std::io::Result<Vec<Vec<u8>>> {
     if paths.is_empty() {
         return Ok(vec![]);
     }
+    // `check-ignore` takes no pathspec magic (so not `GIT_LITERAL_PATHSPECS`); a leading `./` keeps a name that
+    // starts with `:` from being read as magic. One verbose record per path, in order, says which rule decided.
     let mut input = Vec::new();
     for p in &paths {
+        input.extend_from_slice(b"./");
         input.extend_from_slice(p);
         input.push(0);
     }
     let mut child = std::process::Command::new("git")
-        .args(["check-ignore", "-z", "--stdin"])
+        .args(["check-ignore", "-z", "--stdin", "--verbose", "--non-matching"])
+        .env_remove("GIT_LITERAL_PATHSPECS")
+        .current_dir(repo)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let mut stdin = child.stdin.take().ok_or_else(|| std::io::Error::other("no stdin"))?;
     let writer = std::thread::spawn(move || stdin.write_all(&input));
-    let mut ignored = Vec::new();
-    child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?.read_to_end(&mut ignored)?;
+    let mut out = Vec::new();
+    child.stdout.take().ok_or_else(|| std::io::Error::other("no stdout"))?.read_to_end(&mut out)?;
     let status = child.wait()?;
     let _ = writer.join();
     // 0: some paths are ignored; 1: none is.
     if !matches!(status.code(), Some(0 | 1)) {
         return Err(std::io::Error::other(format!("exited with {status}")));
     }
-    let ignored: BTreeSet<&[u8]> = ignored.split(|&b| b == 0).filter(|p| !p.is_empty()).collect();
-    Ok(paths.into_iter().filter(|p| !ignored.contains(p.as_slice())).collect())
+    // `<source> NUL <line> NUL <pattern> NUL <path> NUL`; a `!pattern` re-includes.
+    let fields: Vec<&[u8]> = out.strip_suffix(b"\0").unwrap_or(&out).split(|&b| b == 0).collect();
+    if fields.len() != paths.len() * 4 {
+        return Err(std::io::Error::other(format!("{} fields for {} paths", fields.len(), paths.len())));
+    }
+    Ok(paths
+        .into_iter()
+        .zip(fields.chunks(4))
+        .filter(|(_, rec)| rec[2].is_empty() || rec[2].starts_with(b"!"))
+        .map(|(p, _)| p)
+        .collect())
 }
 
 #[cfg(test)]
@@ -227,6 +241,24 @@ mod tests {
         let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
         // SAFETY: NUL-terminated strings and a buffer of the given length, all alive during the call.
         unsafe { libc::lsetxattr(c.as_ptr(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0) == 0 }
+    }
+
+    #[test]
+    fn ignored_paths_are_dropped_but_tracked_ones_stay() {
+        let t = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let st = std::process::Command::new("git").args(args).current_dir(t.path()).env("GIT_CONFIG_GLOBAL", "/dev/null").output().unwrap();
+            assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        };
+        git(&["init", "-q"]);
+        std::fs::write(t.path().join(".gitignore"), "*.o\n!keep.o\nbuild/\n").unwrap();
+        std::fs::write(t.path().join("tracked.o"), "x").unwrap();
+        git(&["add", "-f", "tracked.o"]);
+        let paths: BTreeSet<Vec<u8>> =
+            ["a.c", "b.o", "keep.o", "tracked.o", ":odd.o", ":(top)x", "build/out", "dir/c.o"].iter().map(|p| p.as_bytes().to_vec()).collect();
+        let kept = without_ignored(t.path(), paths).unwrap();
+        let kept: Vec<String> = kept.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+        assert_eq!(kept, [":(top)x", "a.c", "keep.o", "tracked.o"]);
     }
 
     #[test]
