@@ -24,8 +24,9 @@ pub fn mount_workspace(req: &MountWorkspace) -> Result<(), String> {
     flush_buffers(&dev)?;
     std::fs::create_dir_all(LOWER).map_err(|e| format!("cannot create {LOWER}: {e}"))?;
     let ro = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
-    mount(Some(dev.as_path()), LOWER, Some("erofs"), ro, None::<&str>)
-        .map_err(|e| format!("cannot mount the workspace image {} (erofs) on {LOWER}: {e}", dev.display()))?;
+    let (fstype, data) = image_type(&dev)?;
+    mount(Some(dev.as_path()), LOWER, Some(fstype), ro, data)
+        .map_err(|e| format!("cannot mount the workspace image {} ({fstype}) on {LOWER}: {e}", dev.display()))?;
     let upper = format!("{OVERLAY}/upper");
     let work = format!("{OVERLAY}/work");
     for d in [upper.as_str(), work.as_str(), req.target.as_str()] {
@@ -36,6 +37,20 @@ pub fn mount_workspace(req: &MountWorkspace) -> Result<(), String> {
     let opts = format!("lowerdir={LOWER},upperdir={upper},workdir={work},redirect_dir=off,metacopy=off,index=off,xino=off");
     mount(Some("overlay"), req.target.as_str(), Some("overlay"), MsFlags::MS_NODEV | MsFlags::MS_NOSUID, Some(opts.as_str()))
         .map_err(|e| format!("cannot mount the workspace overlay on {}: {e}", req.target))
+}
+
+/// The image's filesystem by its superblock magic: erofs (what hutch makes), or ext4 (read-only, no journal
+/// replay), so that either can be measured.
+fn image_type(dev: &Path) -> Result<(&'static str, Option<&'static str>), String> {
+    let mut sb = [0u8; 2048];
+    std::fs::File::open(dev).and_then(|mut f| f.read_exact(&mut sb)).map_err(|e| format!("cannot read {}: {e}", dev.display()))?;
+    if sb[1024..1028] == 0xE0F5_E1E2u32.to_le_bytes() {
+        Ok(("erofs", None))
+    } else if sb[1024 + 0x38..1024 + 0x3a] == 0xEF53u16.to_le_bytes() {
+        Ok(("ext4", Some("noload")))
+    } else {
+        Err(format!("{} holds neither an erofs nor an ext4 filesystem", dev.display()))
+    }
 }
 
 /// The block device whose virtio serial number is `serial`.

@@ -368,7 +368,7 @@ async fn time_run_in(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<(D
     let wall = t0.elapsed();
     anyhow::ensure!(out.status.success(), "hutch run in {} failed: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
     let mut phases = std::collections::BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stderr).lines() {
+    for line in strip_ansi(&String::from_utf8_lossy(&out.stderr)).lines() {
         for msg in ["run: working tree snapshot taken", "run: image found", "repo: workspace mounted", "repo: changes collected", "repo: changes imported", "sandbox started"] {
             if line.contains(msg) {
                 let ms = line.split_whitespace().find_map(|w| w.strip_prefix("ms=").or_else(|| w.strip_prefix("took_ms="))).and_then(|v| v.parse::<f64>().ok());
@@ -419,6 +419,24 @@ async fn bench_repo(files: u32, runs: u32, vm_flags: &[&str]) -> anyhow::Result<
     }
     println!("{:<46} {:.2}x (p50)\n", "ratio repository / --no-repo", wall.pct(50.0) / no_repo.pct(50.0));
     Ok(())
+}
+
+/// Log text without its colour sequences (`ESC [ ... m`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c2 in chars.by_ref() {
+                if c2.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn dir_size(dir: &std::path::Path) -> u64 {

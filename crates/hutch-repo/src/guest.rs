@@ -26,15 +26,16 @@ const AGENT: &str = "/run/hutch-agent";
 const UPPER: &str = "/var/tmp/hutch/overlay/upper";
 const LOWER: &str = "/run/hutch/workspace-image";
 
-/// Arguments: workspace, staging directory, base commit (or empty), the snapshot's tree, and the overlay's upper
-/// and lower directories (or empty: then the whole tree is scanned). Writes `<staging>/out/changes.patch` and,
+/// Arguments: workspace, staging directory, base commit (or empty), and the overlay's upper and lower directories
+/// (or empty: then the whole tree is scanned). Writes `<staging>/out/changes.patch` and,
 /// when there are new commits, `<staging>/out/commits.bundle`; prints the report [`parse_report`] reads.
 ///
-/// The working tree's final state is the snapshot's tree with every path the overlay says changed added again
-/// (`git add -A` limited to those paths, in a private index): work proportional to the change, not to the tree.
+/// The working tree's final state is the snapshot's index (made on the host, in the image) with every path the
+/// overlay says changed added again (`git add -A` limited to those paths): work proportional to the change, not
+/// to the tree.
 /// Files rewritten with the same content hash to the same blobs, so they are no change.
 pub(crate) const COLLECT: &str = r#"set -eu
-ws=$1 base=$3 tree=$4 upper=$5 lower=$6 out=$2/out
+ws=$1 base=$3 upper=$4 lower=$5 out=$2/out
 cd "$ws"
 rm -rf "$out" .git/index.lock
 mkdir -p "$out"
@@ -44,8 +45,7 @@ if [ -n "$head" ] && [ "$head" != "$base" ]; then
   if [ -n "$base" ]; then n=$(git rev-list --count "$head" "^$base"); else n=1; fi
   if [ "$n" -gt 0 ]; then git bundle create -q "$out/commits.bundle" HEAD ${base:+"^$base"}; bundle=yes; fi
 fi
-export GIT_INDEX_FILE="$out/index" GIT_LITERAL_PATHSPECS=1
-git read-tree "$tree"
+export GIT_INDEX_FILE="$ws/.git/$SNAPSHOT_INDEX" GIT_LITERAL_PATHSPECS=1
 if [ -n "$upper" ]; then
   "$AGENT" workspace-changes "$upper" "$lower" > "$out/paths"
   if [ -s "$out/paths" ]; then git add -A --pathspec-from-file="$out/paths" --pathspec-file-nul; fi
@@ -62,8 +62,6 @@ cd .git && sha256sum config hooks/* info/* 2>/dev/null || true
 #[derive(Debug, Clone)]
 pub struct Workspace {
     pub base: Option<Oid>,
-    /// The snapshot's tree: what the working tree held when the VM started.
-    pub tree: Oid,
     /// The workspace is an overlay over the image (the collection reads its upper layer); `false` only where
     /// no overlay exists (tests standing in for the VM).
     pub overlay: bool,
@@ -77,7 +75,7 @@ pub struct Workspace {
 impl Workspace {
     /// The VM's starting point: the snapshot's base and the digests of the git metadata it was given.
     pub(crate) fn new(snap: &Snapshot, cwd: String) -> Workspace {
-        Workspace { base: snap.base.clone(), tree: snap.tree.clone(), overlay: true, cwd, git_meta: snap.git_meta.clone() }
+        Workspace { base: snap.base.clone(), overlay: true, cwd, git_meta: snap.git_meta.clone() }
     }
 }
 
@@ -204,7 +202,8 @@ pub async fn run_setup(
 /// Packs and downloads what the VM changed into `dest` (a host directory that exists).
 pub async fn collect(client: &AgentClient, ws: &Workspace, dest: &Path, limits: &Limits) -> Result<Collected, RepoError> {
     let argv = collect_argv(ws, WORKSPACE, STAGING);
-    let r = exec_with_env(client, argv, vec![("AGENT".into(), AGENT.into())], Some("/"), 1 << 20, None).await?;
+    let env = vec![("AGENT".into(), AGENT.into()), ("SNAPSHOT_INDEX".into(), crate::host::SNAPSHOT_INDEX.into())];
+    let r = exec_with_env(client, argv, env, Some("/"), 1 << 20, None).await?;
     if r.status != ExitStatus::Code(0) {
         return Err(failed("collecting the changes in /workspace", &r));
     }
@@ -226,7 +225,7 @@ pub(crate) fn collect_argv(ws: &Workspace, workspace: &str, staging: &str) -> Ve
     let base = ws.base.as_ref().map(|o| o.to_string()).unwrap_or_default();
     let (upper, lower) = if ws.overlay { (UPPER, LOWER) } else { ("", "") };
     let mut argv = vec!["sh".to_string(), "-c".to_string()];
-    argv.extend([COLLECT, "hutch-collect", workspace, staging, &base, ws.tree.as_str(), upper, lower].map(str::to_string));
+    argv.extend([COLLECT, "hutch-collect", workspace, staging, &base, upper, lower].map(str::to_string));
     argv
 }
 

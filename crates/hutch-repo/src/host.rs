@@ -105,7 +105,9 @@ pub struct Snapshot {
 }
 
 /// Bumped when the layout of workspace images changes.
-const IMAGE_RECIPE: u32 = 1;
+const IMAGE_RECIPE: u32 = 2;
+/// Under `.git` in the image: an index of the snapshot's tree (git ignores files it does not know there).
+pub(crate) const SNAPSHOT_INDEX: &str = "hutch-snapshot-index";
 /// The workspace image cache keeps at most this many bytes (least recently used images go first).
 const IMAGE_CACHE_BYTES: u64 = 8 << 30;
 
@@ -254,7 +256,9 @@ fn workspace_image(
 /// stat data matches them), no extended attributes from the host.
 fn mkfs_erofs(dir: &Path, out: &Path) -> Result<(), RepoError> {
     let o = std::process::Command::new("mkfs.erofs")
-        .args(["--quiet", "--all-root", "--preserve-mtime", "-x-1"])
+        // Without tail packing the inodes lie together instead of one per block beside each file's last bytes:
+        // a cold `git status` over 10,000 files in the VM reads ~250 blocks instead of ~5,000.
+        .args(["--quiet", "--all-root", "--preserve-mtime", "-x-1", "-Enoinline_data"])
         .arg(out)
         .arg(dir)
         .env_clear()
@@ -348,6 +352,9 @@ fn prepare_workspace(ws: &Path, scratch: &Git, spec: &WorkspaceSpec<'_>) -> Resu
     // has unchanged (a one-tree `read-tree -m`).
     g.run("read-tree (workspace)", ["read-tree", spec.tree.as_str()])?;
     g.run("checkout-index (workspace)", ["checkout-index", "-a", "-f", "-u"])?;
+    // The snapshot's own index, stat data included: the VM's collection starts from it instead of reading the
+    // tree again (a second or more of emulated git for a large tree).
+    std::fs::copy(ws.join(".git/index"), ws.join(".git").join(SNAPSHOT_INDEX)).map_err(io_err("cannot write the workspace's snapshot index"))?;
     match spec.base {
         Some(b) => g.run("read-tree -m (workspace)", ["read-tree", "-m", b.as_str()])?,
         None => g.run("read-tree (workspace)", ["read-tree", "--empty"])?,

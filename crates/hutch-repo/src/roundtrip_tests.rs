@@ -39,6 +39,7 @@ impl FakeVm {
             .current_dir(self.staging.parent().unwrap())
             .env("HOME", &self.home)
             .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("SNAPSHOT_INDEX", crate::host::SNAPSHOT_INDEX)
             .env_remove("GIT_DIR")
             .output()
             .unwrap();
