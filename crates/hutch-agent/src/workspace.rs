@@ -79,39 +79,83 @@ fn flush_buffers(dev: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// `hutch-agent workspace-changes UPPER LOWER`, run from the workspace with git's environment: prints the paths
-/// the overlay's upper layer says changed (NUL-separated, relative), less those git ignores, for `git add -A
-/// --pathspec-from-file`. Only files are named (never directories), so git never meets an ignored directory
-/// named exactly.
+/// `hutch-agent workspace-changes UPPER LOWER OUT`, run from the workspace with git's environment: one process
+/// for what the host's collection step needs to know (under emulation each process costs a tenth of a second or
+/// more). Makes `OUT` afresh and writes there `paths`: the paths the overlay's upper layer says changed
+/// (NUL-separated, relative), less those git ignores, for `git add -A --pathspec-from-file`; only files are
+/// named (never directories), so git never meets an ignored directory named exactly. Prints `<count> <moved|same>`
+/// (whether anything that can move HEAD was written under `.git`), then the SHA-256 of `.git/config`, `hooks/*`
+/// and `info/*` as `sha256sum` prints them.
 pub fn changes_main(args: &[String]) -> i32 {
-    let (Some(upper), Some(lower)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: hutch-agent workspace-changes UPPER LOWER");
+    let (Some(upper), Some(lower), Some(out)) = (args.first(), args.get(1), args.get(2)) else {
+        eprintln!("usage: hutch-agent workspace-changes UPPER LOWER OUT");
         return 2;
     };
-    let paths = match changed_paths(Path::new(upper), Path::new(lower)) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("hutch-agent: reading the overlay: {e}");
-            return 1;
+    match changes(Path::new(upper), Path::new(lower), Path::new(out)) {
+        Ok(report) => {
+            let mut so = std::io::stdout().lock();
+            if so.write_all(report.as_bytes()).and_then(|()| so.flush()).is_err() {
+                return 1;
+            }
+            0
         }
-    };
-    let kept = match without_ignored(Path::new("."), paths) {
-        Ok(p) => p,
         Err(e) => {
-            eprintln!("hutch-agent: git check-ignore: {e}");
-            return 1;
-        }
-    };
-    let mut out = std::io::stdout().lock();
-    for p in kept {
-        if out.write_all(&p).and_then(|()| out.write_all(b"\0")).is_err() {
-            return 1;
+            eprintln!("hutch-agent: workspace-changes: {e}");
+            1
         }
     }
-    if out.flush().is_err() {
-        return 1;
+}
+
+fn changes(upper: &Path, lower: &Path, out: &Path) -> Result<String, String> {
+    match std::fs::remove_dir_all(out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove {}: {e}", out.display())),
     }
-    0
+    std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    let paths = changed_paths(upper, lower).map_err(|e| format!("reading the overlay: {e}"))?;
+    let kept = without_ignored(Path::new("."), paths).map_err(|e| format!("git check-ignore: {e}"))?;
+    let mut list = Vec::new();
+    for p in &kept {
+        list.extend_from_slice(p);
+        list.push(0);
+    }
+    std::fs::write(out.join("paths"), list).map_err(|e| format!("cannot write {}: {e}", out.join("paths").display()))?;
+    let refs = if refs_written(upper) { "moved" } else { "same" };
+    let mut report = format!("{} {refs}\n", kept.len());
+    report.push_str(&git_meta_digests(Path::new(".git")));
+    Ok(report)
+}
+
+/// Whether the VM wrote anything under `.git` that can change what HEAD names: HEAD itself, a ref, packed refs,
+/// or the whole directory replaced. Unwritten, HEAD is still the snapshot's base.
+fn refs_written(upper: &Path) -> bool {
+    let g = upper.join(".git");
+    match std::fs::symlink_metadata(&g) {
+        Err(_) => false,
+        Ok(m) if !m.is_dir() => true,
+        Ok(_) => opaque(&g) || ["HEAD", "packed-refs", "refs"].iter().any(|n| std::fs::symlink_metadata(g.join(n)).is_ok()),
+    }
+}
+
+fn git_meta_digests(git_dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut files = vec!["config".to_string()];
+    for d in ["hooks", "info"] {
+        if let Ok(rd) = std::fs::read_dir(git_dir.join(d)) {
+            let mut names: Vec<String> = rd.flatten().map(|e| format!("{d}/{}", e.file_name().to_string_lossy())).collect();
+            names.sort();
+            files.extend(names);
+        }
+    }
+    let mut out = String::new();
+    for f in files {
+        if let Ok(bytes) = std::fs::read(git_dir.join(&f)) {
+            let hex: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+            out.push_str(&format!("{hex}  {f}\n"));
+        }
+    }
+    out
 }
 
 /// Every path under the overlay that may differ from the image: non-directories of the upper layer, whiteouts,

@@ -360,7 +360,7 @@ async fn time_run_in(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<(D
         .args(extra)
         .args(["--", "true"])
         .current_dir(dir)
-        .env("HUTCH_LOG", "hutch_cli=debug")
+        .env("HUTCH_LOG", "hutch=debug")
         .stdin(std::process::Stdio::null())
         .output()
         .await

@@ -27,35 +27,53 @@ const UPPER: &str = "/var/tmp/hutch/overlay/upper";
 const LOWER: &str = "/run/hutch/workspace-image";
 
 /// Arguments: workspace, staging directory, base commit (or empty), and the overlay's upper and lower directories
-/// (or empty: then the whole tree is scanned). Writes `<staging>/out/changes.patch` and,
-/// when there are new commits, `<staging>/out/commits.bundle`; prints the report [`parse_report`] reads.
+/// (or empty: then the whole tree is scanned). Writes `<staging>/out/changes.patch` (unless the working tree is
+/// the snapshot's and HEAD did not move) and, when there are new commits, `<staging>/out/commits.bundle`; prints
+/// the report [`parse_report`] reads.
 ///
-/// The working tree's final state is the snapshot's index (made on the host, in the image) with every path the
-/// overlay says changed added again (`git add -A` limited to those paths): work proportional to the change, not
-/// to the tree.
-/// Files rewritten with the same content hash to the same blobs, so they are no change.
+/// With an overlay, one agent process reads its upper layer: the changed paths (into `out/paths`), whether
+/// anything under `.git` that can move HEAD was written, and the digests of the git metadata. The working tree's
+/// final state is then the snapshot's index (made on the host, in the image) with only those paths added again
+/// (`git add -A` limited to them): work proportional to the change, not to the tree, and no git process at all
+/// when nothing changed. Files rewritten with the same content hash to the same blobs, so they are no change.
 pub(crate) const COLLECT: &str = r#"set -eu
 ws=$1 base=$3 upper=$4 lower=$5 out=$2/out
 cd "$ws"
-rm -rf "$out" .git/index.lock
-mkdir -p "$out"
-head=$(git rev-parse -q --verify 'HEAD^{commit}' || true)
-bundle=no
-if [ -n "$head" ] && [ "$head" != "$base" ]; then
-  if [ -n "$base" ]; then n=$(git rev-list --count "$head" "^$base"); else n=1; fi
-  if [ "$n" -gt 0 ]; then git bundle create -q "$out/commits.bundle" HEAD ${base:+"^$base"}; bundle=yes; fi
-fi
-export GIT_INDEX_FILE="$ws/.git/$SNAPSHOT_INDEX" GIT_LITERAL_PATHSPECS=1
 if [ -n "$upper" ]; then
-  "$AGENT" workspace-changes "$upper" "$lower" > "$out/paths"
-  if [ -s "$out/paths" ]; then git add -A --pathspec-from-file="$out/paths" --pathspec-file-nul; fi
+  "$AGENT" workspace-changes "$upper" "$lower" "$out" > "$out.report"
+  { read -r npaths refs; } < "$out.report"
 else
-  git add -A
+  rm -rf "$out"
+  mkdir -p "$out"
+  npaths=all refs=moved
 fi
-git diff --cached --binary --full-index --no-renames --no-ext-diff --no-textconv --no-color "${head:-$(git hash-object -t tree /dev/null)}" > "$out/changes.patch"
+head=$base bundle=no
+if [ "$refs" = moved ]; then
+  head=$(git rev-parse -q --verify 'HEAD^{commit}' || true)
+  if [ -n "$head" ] && [ "$head" != "$base" ]; then
+    if [ -n "$base" ]; then n=$(git rev-list --count "$head" "^$base"); else n=1; fi
+    if [ "$n" -gt 0 ]; then git bundle create -q "$out/commits.bundle" HEAD ${base:+"^$base"}; bundle=yes; fi
+  fi
+fi
+patch=unchanged
+if [ "$npaths" != 0 ] || [ "$refs" = moved ]; then
+  export GIT_INDEX_FILE="$ws/.git/$SNAPSHOT_INDEX" GIT_LITERAL_PATHSPECS=1
+  case $npaths in
+    0) ;;
+    all) git add -A ;;
+    *) git add -A --pathspec-from-file="$out/paths" --pathspec-file-nul ;;
+  esac
+  git diff --cached --binary --full-index --no-renames --no-ext-diff --no-textconv --no-color "${head:-$(git hash-object -t tree /dev/null)}" > "$out/changes.patch"
+  patch=yes
+fi
 echo "head ${head:--}"
 echo "bundle $bundle"
-cd .git && sha256sum config hooks/* info/* 2>/dev/null || true
+echo "patch $patch"
+if [ -n "$upper" ]; then
+  { read -r _; while IFS= read -r l; do echo "$l"; done; } < "$out.report"
+else
+  cd .git && sha256sum config hooks/* info/* 2>/dev/null || true
+fi
 "#;
 
 /// The repository as set up in the VM.
@@ -85,7 +103,8 @@ pub struct Collected {
     /// The VM's HEAD as it reported it.
     pub head: Option<Oid>,
     pub bundle: Option<PathBuf>,
-    pub patch: PathBuf,
+    /// The VM's uncommitted changes against its HEAD; `None`: its working tree is the snapshot's, unchanged.
+    pub patch: Option<PathBuf>,
     /// `.git/...` files the VM added, changed or removed (informational; never exported).
     pub git_meta_changed: Vec<String>,
 }
@@ -207,9 +226,14 @@ pub async fn collect(client: &AgentClient, ws: &Workspace, dest: &Path, limits: 
     if r.status != ExitStatus::Code(0) {
         return Err(failed("collecting the changes in /workspace", &r));
     }
-    let (head, bundle, git_meta_changed) = parse_report(ws, &r.stdout)?;
-    let patch = dest.join("changes.patch");
-    download(client, &format!("{STAGING}/out/changes.patch"), &patch, limits.max_patch, "patch of uncommitted changes").await?;
+    let (head, bundle, patch, git_meta_changed) = parse_report(ws, &r.stdout)?;
+    let patch = if patch {
+        let p = dest.join("changes.patch");
+        download(client, &format!("{STAGING}/out/changes.patch"), &p, limits.max_patch, "patch of uncommitted changes").await?;
+        Some(p)
+    } else {
+        None
+    };
     let bundle = if bundle {
         let b = dest.join("commits.bundle");
         download(client, &format!("{STAGING}/out/commits.bundle"), &b, limits.max_bundle, "bundle of new commits").await?;
@@ -229,9 +253,9 @@ pub(crate) fn collect_argv(ws: &Workspace, workspace: &str, staging: &str) -> Ve
     argv
 }
 
-/// Reads the collect step's report: the VM's HEAD, whether a bundle was made, and digests of its git
-/// metadata (compared with those taken at setup).
-pub(crate) fn parse_report(ws: &Workspace, stdout: &[u8]) -> Result<(Option<Oid>, bool, Vec<String>), RepoError> {
+/// Reads the collect step's report: the VM's HEAD, whether a bundle and a patch were made, and digests of its
+/// git metadata (compared with those taken at setup).
+pub(crate) fn parse_report(ws: &Workspace, stdout: &[u8]) -> Result<(Option<Oid>, bool, bool, Vec<String>), RepoError> {
     let text = String::from_utf8_lossy(stdout);
     let mut lines = text.lines();
     let head =
@@ -247,6 +271,11 @@ pub(crate) fn parse_report(ws: &Workspace, stdout: &[u8]) -> Result<(Option<Oid>
         Some("bundle no") => false,
         _ => return Err(RepoError::Refused("the VM's report has no bundle line".into())),
     };
+    let patch = match lines.next() {
+        Some("patch yes") => true,
+        Some("patch unchanged") => false,
+        _ => return Err(RepoError::Refused("the VM's report has no patch line".into())),
+    };
     let after = parse_meta(lines.collect::<Vec<_>>().join("\n").as_bytes());
     let mut changed: Vec<String> = ws
         .git_meta
@@ -258,7 +287,7 @@ pub(crate) fn parse_report(ws: &Workspace, stdout: &[u8]) -> Result<(Option<Oid>
         .collect();
     changed.sort();
     changed.dedup();
-    Ok((head, bundle, changed))
+    Ok((head, bundle, patch, changed))
 }
 
 fn parse_meta(out: &[u8]) -> BTreeMap<String, String> {

@@ -76,9 +76,10 @@ impl FakeVm {
     fn collect(&self, ws: &Workspace, snap: &Snapshot) -> Collected {
         let argv = collect_argv(ws, self.ws.to_str().unwrap(), self.staging.to_str().unwrap());
         let out = self.sh(&argv[2], &argv[4..].iter().map(String::as_str).collect::<Vec<_>>());
-        let (head, bundle, git_meta_changed) = parse_report(ws, &out).unwrap();
+        let (head, bundle, patch, git_meta_changed) = parse_report(ws, &out).unwrap();
         let dest = snap.dir().join("dl");
         std::fs::create_dir_all(&dest).unwrap();
+        assert!(patch, "without an overlay the whole tree is scanned and a patch made");
         let patch = dest.join("changes.patch");
         std::fs::copy(self.staging.join("out/changes.patch"), &patch).unwrap();
         let bundle = bundle.then(|| {
@@ -86,7 +87,7 @@ impl FakeVm {
             std::fs::copy(self.staging.join("out/commits.bundle"), &b).unwrap();
             b
         });
-        Collected { head, bundle, patch, git_meta_changed }
+        Collected { head, bundle, patch: Some(patch), git_meta_changed }
     }
 }
 
@@ -252,7 +253,7 @@ fn hostile_patches_are_refused_and_change_nothing() {
     let ws = vm.setup(&snap);
     let c = vm.collect(&ws, &snap);
     let with_patch = |text: &str| {
-        std::fs::write(&c.patch, text).unwrap();
+        std::fs::write(c.patch.as_ref().unwrap(), text).unwrap();
         Collected { head: c.head.clone(), bundle: None, patch: c.patch.clone(), git_meta_changed: vec![] }
     };
     let new_file = |p: &str| {
