@@ -153,7 +153,7 @@ impl Snapshot {
             prefix: &repo.prefix,
         };
         let (image, git_meta, image_reused) = workspace_image(scratch.path(), &git, &spec, image_cache)?;
-        tracing::debug!(ms = t0.elapsed().as_millis() as u64, reused = image_reused, "snapshot: workspace image ready");
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, reused = image_reused, image = %image.display(), "snapshot: workspace image ready");
         Ok(Snapshot { git, base: repo.head.clone(), commit, tree, empty, branch: repo.branch.clone(), image, image_reused, git_meta, scratch })
     }
 
