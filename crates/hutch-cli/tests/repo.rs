@@ -207,7 +207,8 @@ fn hostile_output_is_refused_and_the_host_repository_is_unchanged() {
     };
     let serve_patch = |patch: &str| {
         let p = patch.replace('\n', "\\n");
-        with_fake_git(&format!("if [ \"$1\" = diff ]; then printf '{p}'; exit 0; fi"), "true")
+        // A changed file, so that the collection runs git at all (with nothing changed it runs none).
+        with_fake_git(&format!("if [ \"$1\" = diff ]; then printf '{p}'; exit 0; fi"), "echo x > trigger.txt")
     };
     let cases: Vec<(&str, String, &str)> = vec![
         ("dotdot", serve_patch(&new_file("../../tmp/hutch-escape")), "`..` component"),
@@ -216,7 +217,7 @@ fn hostile_output_is_refused_and_the_host_repository_is_unchanged() {
         ("symlink out", "cd /workspace && ln -s /etc/passwd evil && mkdir d && ln -s .. d/up && ln -s d/up/.. b".into(), "symlink"),
         (
             "huge patch",
-            with_fake_git("if [ \"$1\" = diff ]; then head -c 70000000 /dev/zero | tr '\\0' x; exit 0; fi", "true"),
+            with_fake_git("if [ \"$1\" = diff ]; then head -c 70000000 /dev/zero | tr '\\0' x; exit 0; fi", "echo x > trigger.txt"),
             "larger than the limit of 64 MiB",
         ),
         (
