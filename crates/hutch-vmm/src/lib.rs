@@ -56,8 +56,11 @@ pub struct VmConfig {
     pub memory_mib: u32,
     pub accel: Accel,
     pub memory: Memory,
-    /// Per-VM directory for sockets and logs; owned and removed by the caller.
+    /// Per-VM directory for logs; owned and removed by the caller.
     pub dir: PathBuf,
+    /// Per-VM directory for unix sockets (the agent channel, QMP, migration): `dir` itself, or one under the
+    /// user's runtime directory; owned and removed by the caller.
+    pub sock_dir: PathBuf,
     /// What the workspace drive slot holds: a read-only filesystem image, or (`None`) an empty placeholder. The
     /// slot exists in every VM, so a snapshot made without a workspace restores with one.
     pub workspace: Option<PathBuf>,
