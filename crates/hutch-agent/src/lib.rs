@@ -8,5 +8,6 @@ pub mod init;
 pub mod net;
 pub mod port;
 pub mod serve;
+pub mod workspace;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -77,6 +77,12 @@ async fn handle(stream: Stream, state: State) {
         Request::Exec(req) => crate::exec::run(framed, req, state.base_env()).await,
         Request::PutFile(put) => crate::files::put(framed, put).await,
         Request::PutArchive(put) => crate::files::put_archive(framed, put).await,
+        Request::MountWorkspace(m) => {
+            let r = tokio::task::spawn_blocking(move || crate::workspace::mount_workspace(&m))
+                .await
+                .unwrap_or_else(|e| Err(format!("mounting the workspace failed: {e}")));
+            let _ = framed.send(&Reply::from_result(r)).await;
+        }
         Request::GetFile { path } => crate::files::get(framed, &path).await,
         Request::Ping => {
             let _ = framed.send(&Reply::Ok).await;

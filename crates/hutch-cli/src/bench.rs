@@ -102,6 +102,7 @@ async fn time_bare(host: &Host, cfg: &hutch_sandbox::SandboxConfig, snap: Option
         memory,
         dir: dir.path().to_path_buf(),
         sock_dir: dir.sockets().to_path_buf(),
+        workspace: None,
     };
     let t0 = Instant::now();
     let mut vm = match snap {
@@ -182,6 +183,12 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
     let snap = hutch_sandbox::snapshot::ensure(&host, &cfg).await?;
     let vm_flags = [format!("--cpus={}", a.vm.cpus), format!("--memory={}", a.vm.memory), format!("--image={}", a.vm.image.name())];
     let vm_flags: Vec<&str> = vm_flags.iter().map(String::as_str).collect();
+    if !a.repo.is_empty() {
+        for &files in &a.repo {
+            bench_repo(files, a.runs, &vm_flags).await?;
+        }
+        return Ok(0);
+    }
     println!("hutch bench: accel={accel}, {} vCPU, {} MiB, {} runs each\n", cfg.cpus, cfg.memory_mib, a.runs);
 
     let mut restore_wall = Samples::new("hutch run -- true (restore), wall");
@@ -297,4 +304,148 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
         println!("{:<46} ~{:.0} idle sandboxes ({} runs out first)", "host capacity", n.min(by_cpu), if n < by_cpu { "memory" } else { "CPU" });
     }
     Ok(0)
+}
+
+/// A generated repository of `files` files (~12 KiB of text each, in directories of 25, one commit, packed as a
+/// real repository's objects are), kept in the temporary directory for the next bench.
+fn bench_repository(files: u32) -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("hutch-bench-repo-{files}"));
+    if dir.join(".git/hutch-bench-ready").is_file() {
+        return Ok(dir);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let git = |args: &[&str]| -> anyhow::Result<()> {
+        let st = std::process::Command::new("git")
+            .args(["-c", "user.name=bench", "-c", "user.email=bench@hutch.invalid", "-c", "gc.auto=0"])
+            .args(args)
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        anyhow::ensure!(st.success(), "git {args:?} failed in {}", dir.display());
+        Ok(())
+    };
+    git(&["init", "-q", "-b", "main"])?;
+    // A small deterministic generator: the same repository on every machine.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..files {
+        let d = dir.join(format!("src/m{:03}/p{:02}", i / 1000, (i / 25) % 40));
+        std::fs::create_dir_all(&d)?;
+        let len = 2048 + (next() % 20480) as usize;
+        let mut body = String::with_capacity(len + 64);
+        while body.len() < len {
+            body.push_str(&format!("{:016x} {:016x}\n", next(), next()));
+        }
+        std::fs::write(d.join(format!("f{i:06}.txt")), body)?;
+    }
+    std::fs::write(dir.join(".gitignore"), "target/\n")?;
+    git(&["add", "-A"])?;
+    git(&["commit", "-qm", "generated"])?;
+    git(&["gc", "-q"])?;
+    std::fs::write(dir.join(".git/hutch-bench-ready"), "")?;
+    Ok(dir)
+}
+
+/// `hutch run -- true` in the directory `dir`: wall time and the debug log's phase times (ms) by message.
+async fn time_run_in(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<(Duration, std::collections::BTreeMap<String, f64>)> {
+    let exe = std::env::current_exe()?;
+    let t0 = Instant::now();
+    let out = tokio::process::Command::new(exe)
+        .arg("run")
+        .args(extra)
+        .args(["--", "true"])
+        .current_dir(dir)
+        .env("HUTCH_LOG", "hutch=debug")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .context("spawn hutch run")?;
+    let wall = t0.elapsed();
+    anyhow::ensure!(out.status.success(), "hutch run in {} failed: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    let mut phases = std::collections::BTreeMap::new();
+    for line in strip_ansi(&String::from_utf8_lossy(&out.stderr)).lines() {
+        for msg in ["run: working tree snapshot taken", "run: image found", "repo: workspace mounted", "repo: changes collected", "repo: changes imported", "sandbox started"] {
+            if line.contains(msg) {
+                let ms = line.split_whitespace().find_map(|w| w.strip_prefix("ms=").or_else(|| w.strip_prefix("took_ms="))).and_then(|v| v.parse::<f64>().ok());
+                if let Some(ms) = ms {
+                    phases.insert(msg.to_string(), ms);
+                }
+            }
+        }
+    }
+    Ok((wall, phases))
+}
+
+/// The repository case: the first run (the workspace image is made), then `runs` runs of the same tree and of
+/// `--no-repo`, alternating, with the split of the repository runs.
+async fn bench_repo(files: u32, runs: u32, vm_flags: &[&str]) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let dir = tokio::task::spawn_blocking(move || bench_repository(files)).await??;
+    let size = dir_size(&dir);
+    println!("repository case: {files} files, {} MiB of working tree + .git ({}; ready in {:.1} s)", size >> 20, dir.display(), t.elapsed().as_secs_f64());
+    // A fresh tree for the first run: an untracked file with a new name makes a new image.
+    let marker = dir.join(format!("bench-{}.txt", hutch_sandbox::new_id()));
+    std::fs::write(&marker, "first run\n")?;
+    let first = time_run_in(&dir, vm_flags).await;
+    let _ = std::fs::remove_file(&marker);
+    let (first, first_phases) = first?;
+    println!("{:<46} {:>8.1} ms   (snapshot + image made: {:.0} ms)", "first run of a new tree (image made), wall", first.as_secs_f64() * 1e3, first_phases.get("run: working tree snapshot taken").copied().unwrap_or(f64::NAN) - first_phases.get("run: image found").copied().unwrap_or(0.0));
+    // Warm the image cache for the unchanged tree, then measure.
+    time_run_in(&dir, vm_flags).await?;
+    let mut wall = Samples::new(format!("hutch run -- true, {files}-file repo, wall"));
+    let mut no_repo = Samples::new("hutch run --no-repo -- true, same dir, wall");
+    let (mut host, mut start, mut mount, mut collect, mut import) =
+        (Samples::new("  host: snapshot (image cached)"), Samples::new("  VM start (restore)"), Samples::new("  into the VM: mount image + overlay"), Samples::new("  collection in the VM + download"), Samples::new("  import on the host"));
+    let mut no_repo_flags = vm_flags.to_vec();
+    no_repo_flags.push("--no-repo");
+    for _ in 0..runs {
+        let (w, p) = time_run_in(&dir, vm_flags).await?;
+        wall.push(w);
+        let ms = |k: &str| p.get(k).copied().unwrap_or(f64::NAN);
+        host.ms.push(ms("run: working tree snapshot taken") - ms("run: image found"));
+        start.ms.push(ms("sandbox started"));
+        mount.ms.push(ms("repo: workspace mounted"));
+        collect.ms.push(ms("repo: changes collected"));
+        import.ms.push(ms("repo: changes imported"));
+        no_repo.push(time_run_in(&dir, &no_repo_flags).await?.0);
+    }
+    for s in [&wall, &host, &start, &mount, &collect, &import, &no_repo] {
+        s.print();
+    }
+    println!("{:<46} {:.2}x (p50)\n", "ratio repository / --no-repo", wall.pct(50.0) / no_repo.pct(50.0));
+    Ok(())
+}
+
+/// Log text without its colour sequences (`ESC [ ... m`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c2 in chars.by_ref() {
+                if c2.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
 }

@@ -219,6 +219,11 @@ pub struct BenchArgs {
     /// Also measure cold boots (slow under TCG).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub cold: bool,
+    /// Only the repository case: `hutch run -- true` in a generated repository of this many files (~12 KiB each),
+    /// against `--no-repo` in the same directory, with the split (host preparation, into the VM, collection).
+    /// Repeatable (e.g. `--repo 10000 --repo 50000`).
+    #[arg(long, value_name = "FILES", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub repo: Vec<u32>,
 }
 
 #[derive(Debug, Clone)]

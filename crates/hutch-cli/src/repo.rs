@@ -365,9 +365,10 @@ impl RunRepo {
 
     /// After every input was checked: takes the working-tree snapshot and points the command's working directory
     /// into /workspace.
-    pub fn snapshot(&mut self, a: &mut RunArgs) -> anyhow::Result<()> {
+    /// `image_cache` keeps workspace images by content, so another run of the same tree reuses its image.
+    pub fn snapshot(&mut self, a: &mut RunArgs, image_cache: &Path) -> anyhow::Result<()> {
         let Some(repo) = self.found.take() else { return Ok(()) };
-        let snap = Snapshot::take_filtered(&repo, &self.credentials).context("taking a snapshot of the working tree")?;
+        let snap = Snapshot::take_filtered(&repo, image_cache, &self.credentials).context("taking a snapshot of the working tree")?;
         report_credentials(&mut std::io::stderr(), &snap);
         if a.workdir.is_none() {
             a.workdir = Some(guest_cwd(&repo.prefix));
@@ -376,12 +377,19 @@ impl RunRepo {
         Ok(())
     }
 
+    /// The workspace image the sandbox must be started with, if any.
+    pub fn workspace_image(&self) -> Option<std::path::PathBuf> {
+        self.active.as_ref().map(|a| a.snap.image.clone())
+    }
+
     /// In the fresh VM, first: the repository into /workspace.
     pub async fn enter_workspace(&mut self, client: &AgentClient) -> anyhow::Result<()> {
         if let Some(act) = &self.active {
+            let t0 = std::time::Instant::now();
             let ws =
-                hutch_repo::setup_workspace(client, &act.snap, &act.repo.prefix).await.context("copying the repository into the VM")?;
+                hutch_repo::setup_workspace(client, &act.snap, &act.repo.prefix).await.context("mounting the repository in the VM")?;
             self.ws = Some(ws);
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "repo: workspace mounted");
         }
         Ok(())
     }
@@ -419,6 +427,7 @@ impl RunRepo {
     pub async fn collect(&mut self, client: &AgentClient, sandbox_id: &str) {
         let (Some(act), Some(ws)) = (&self.active, &self.ws) else { return };
         let dest = act.snap.dir().join("out");
+        let t0 = std::time::Instant::now();
         let r: anyhow::Result<Collected> = async {
             std::fs::create_dir_all(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
             // The VM controls how long its side takes; a hung collection must not hang hutch.
@@ -428,6 +437,7 @@ impl RunRepo {
             }
         }
         .await;
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "repo: changes collected");
         self.collected = Some((sandbox_id.to_string(), r));
     }
 
@@ -436,7 +446,9 @@ impl RunRepo {
         let (Some(act), Some((id, collected))) = (self.active, self.collected) else { return Ok(code) };
         let collected = collected.context("collecting the VM's changes")?;
         eprintln!("hutch: ── changes from sandbox {id} ──");
+        let t0 = std::time::Instant::now();
         let stored = hutch_repo::import(&act.repo, &act.snap, &id, &collected, &self.limits)?;
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "repo: changes imported");
         let Some(stored) = stored else {
             if !collected.git_meta_changed.is_empty() {
                 eprintln!("hutch: the VM changed its own {}; git metadata never leaves the VM", collected.git_meta_changed.join(", "));
@@ -530,7 +542,8 @@ mod tests {
             std::fs::write(r.join(format!("k{i}.key")), "k").expect("write");
         }
         let repo = HostRepo::discover(&r).expect("discover").expect("repo");
-        let snap = Snapshot::take(&repo).expect("snapshot");
+        let cache = tempfile::tempdir().expect("tempdir");
+        let snap = Snapshot::take(&repo, cache.path()).expect("snapshot");
         let mut out = Vec::new();
         report_credentials(&mut out, &snap);
         let out = String::from_utf8(out).expect("utf-8");

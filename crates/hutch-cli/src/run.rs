@@ -34,10 +34,11 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     crate::config::apply_resources(&mut a, explicit, &user, repo.project());
     a.env.splice(0..0, crate::image::default_env(a.vm.image));
     let egress = crate::egress::build(&a.egress, &user, repo.project(), repo.has_setup())?;
-    repo.snapshot(&mut a)?;
     let t0 = std::time::Instant::now();
     let (cache, image) = crate::image::ensure_named(a.vm.image).await?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: image found");
+    repo.snapshot(&mut a, &cache.root().join("workspaces"))?;
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: working tree snapshot taken");
     let host = Host::new(image, cache.root().to_path_buf())?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: host capabilities detected");
     let mut cfg = crate::image::sandbox_config(&a.vm);
@@ -46,6 +47,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     cfg.extra_kernel_args = a.kernel_args.clone();
     cfg.egress = egress;
     cfg.env = a.env.clone();
+    cfg.workspace_image = repo.workspace_image();
     crate::image::warn_if_tcg(&host, &cfg)?;
 
     // Signals are watched from before the VM exists, so a Ctrl-C during start-up also cleans up.

@@ -24,6 +24,8 @@ pub const WANTED_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
     "overlay",
+    // The workspace drive's read-only filesystem.
+    "erofs",
     // For the egress gateway: nftables with NAT redirection inside the guest.
     "nf_tables",
     "nft_chain_nat",

@@ -20,6 +20,9 @@ pub enum Request {
     /// Unpack a tar archive into a directory (created if missing): then [`FileChunk`]s host->guest, then one
     /// [`Reply`]. Saves a shell and `tar` process, each a fraction of a second in an emulated guest.
     PutArchive(PutArchive),
+    /// Mount the workspace drive (a read-only filesystem image) with a writable overlay at `target`; one
+    /// [`Reply`]. Nothing is copied: the guest reads the image through the block device.
+    MountWorkspace(MountWorkspace),
 }
 
 /// Sent by the host at the start of each session: everything that must differ between sandboxes made from the
@@ -129,6 +132,14 @@ pub struct PutFile {
 pub struct PutArchive {
     pub dir: String,
     pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountWorkspace {
+    /// Where the merged view goes (`/workspace`).
+    pub target: String,
+    /// The serial number of the drive to mount.
+    pub serial: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
-//! The guest's side, driven from the host over the agent: unpack the snapshot into `/workspace` as a fresh
-//! repository (neutral identity, no remotes, the working tree as the user had it), run a setup script, and
-//! at the end pack the VM's new commits into a bundle and its uncommitted changes into a patch and download
-//! them under size caps. Everything the guest reports back is treated as hostile by the host.
+//! The guest's side, driven from the host over the agent: mount the snapshot's image at `/workspace` under a
+//! writable overlay (a fresh repository: neutral identity, no remotes, the working tree as the user had it), run
+//! a setup script, and at the end pack the VM's new commits into a bundle and the paths the overlay says changed
+//! into a patch and download them under size caps. Everything the guest reports back is treated as hostile by the host.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,31 +20,69 @@ use crate::{io_err, Limits, RepoError};
 pub const WORKSPACE: &str = "/workspace";
 const STAGING: &str = "/var/tmp/hutch";
 
-/// Arguments: workspace, staging directory, base commit (or empty). Writes `<staging>/out/changes.patch` and,
-/// when there are new commits, `<staging>/out/commits.bundle`; prints the report [`parse_report`] reads.
+/// The agent binary in the guest (it lists the overlay's changes).
+const AGENT: &str = "/run/hutch-agent";
+/// The overlay's upper layer and the mounted image in the guest (see `hutch-agent`'s `workspace` module).
+const UPPER: &str = "/var/tmp/hutch/overlay/upper";
+const LOWER: &str = "/run/hutch/workspace-image";
+
+/// Arguments: workspace, staging directory, base commit (or empty), and the overlay's upper and lower directories
+/// (or empty: then the whole tree is scanned). Writes `<staging>/out/changes.patch` (unless the working tree is
+/// the snapshot's and HEAD did not move) and, when there are new commits, `<staging>/out/commits.bundle`; prints
+/// the report [`parse_report`] reads.
+///
+/// With an overlay, one agent process reads its upper layer: the changed paths (into `out/paths`), whether
+/// anything under `.git` that can move HEAD was written, and the digests of the git metadata. The working tree's
+/// final state is then the snapshot's index (made on the host, in the image) with only those paths added again
+/// (`git add -A` limited to them): work proportional to the change, not to the tree, and no git process at all
+/// when nothing changed. Files rewritten with the same content hash to the same blobs, so they are no change.
 pub(crate) const COLLECT: &str = r#"set -eu
-ws=$1 base=$3 out=$2/out
+ws=$1 base=$3 upper=$4 lower=$5 out=$2/out
 cd "$ws"
-rm -rf "$out" .git/index.lock
-mkdir -p "$out"
-head=$(git rev-parse -q --verify 'HEAD^{commit}' || true)
-bundle=no
-if [ -n "$head" ] && [ "$head" != "$base" ]; then
-  if [ -n "$base" ]; then n=$(git rev-list --count "$head" "^$base"); else n=1; fi
-  if [ "$n" -gt 0 ]; then git bundle create -q "$out/commits.bundle" HEAD ${base:+"^$base"}; bundle=yes; fi
+if [ -n "$upper" ]; then
+  "$AGENT" workspace-changes "$upper" "$lower" "$out" > "$out.report"
+  { read -r npaths refs; } < "$out.report"
+else
+  rm -rf "$out"
+  mkdir -p "$out"
+  npaths=all refs=moved
 fi
-# The VM is about to be destroyed, so its own index may take the final state (and its stat data saves hashing).
-git add -A
-git diff --cached --binary --full-index --no-renames --no-ext-diff --no-textconv --no-color "${head:-$(git hash-object -t tree /dev/null)}" > "$out/changes.patch"
+head=$base bundle=no
+if [ "$refs" = moved ]; then
+  head=$(git rev-parse -q --verify 'HEAD^{commit}' || true)
+  if [ -n "$head" ] && [ "$head" != "$base" ]; then
+    if [ -n "$base" ]; then n=$(git rev-list --count "$head" "^$base"); else n=1; fi
+    if [ "$n" -gt 0 ]; then git bundle create -q "$out/commits.bundle" HEAD ${base:+"^$base"}; bundle=yes; fi
+  fi
+fi
+patch=unchanged
+if [ "$npaths" != 0 ] || [ "$refs" = moved ]; then
+  export GIT_INDEX_FILE="$ws/.git/$SNAPSHOT_INDEX" GIT_LITERAL_PATHSPECS=1
+  case $npaths in
+    0) ;;
+    all) git add -A ;;
+    *) git add -A --pathspec-from-file="$out/paths" --pathspec-file-nul ;;
+  esac
+  git diff --cached --binary --full-index --no-renames --no-ext-diff --no-textconv --no-color "${head:-$(git hash-object -t tree /dev/null)}" > "$out/changes.patch"
+  patch=yes
+fi
 echo "head ${head:--}"
 echo "bundle $bundle"
-cd .git && sha256sum config hooks/* info/* 2>/dev/null || true
+echo "patch $patch"
+if [ -n "$upper" ]; then
+  { read -r _; while IFS= read -r l; do echo "$l"; done; } < "$out.report"
+else
+  cd .git && sha256sum config hooks/* info/* 2>/dev/null || true
+fi
 "#;
 
 /// The repository as set up in the VM.
 #[derive(Debug, Clone)]
 pub struct Workspace {
     pub base: Option<Oid>,
+    /// The workspace is an overlay over the image (the collection reads its upper layer); `false` only where
+    /// no overlay exists (tests standing in for the VM).
+    pub overlay: bool,
     /// The directory the command starts in: `/workspace` plus where the user was in the work tree.
     pub cwd: String,
     /// Digests of the VM's `.git/config`, hooks and `info/` right after setup, to tell the user later what the
@@ -55,7 +93,7 @@ pub struct Workspace {
 impl Workspace {
     /// The VM's starting point: the snapshot's base and the digests of the git metadata it was given.
     pub(crate) fn new(snap: &Snapshot, cwd: String) -> Workspace {
-        Workspace { base: snap.base.clone(), cwd, git_meta: snap.git_meta.clone() }
+        Workspace { base: snap.base.clone(), overlay: true, cwd, git_meta: snap.git_meta.clone() }
     }
 }
 
@@ -65,7 +103,8 @@ pub struct Collected {
     /// The VM's HEAD as it reported it.
     pub head: Option<Oid>,
     pub bundle: Option<PathBuf>,
-    pub patch: PathBuf,
+    /// The VM's uncommitted changes against its HEAD; `None`: its working tree is the snapshot's, unchanged.
+    pub patch: Option<PathBuf>,
     /// `.git/...` files the VM added, changed or removed (informational; never exported).
     pub git_meta_changed: Vec<String>,
 }
@@ -156,10 +195,10 @@ pub fn guest_cwd(prefix: &Path) -> String {
     }
 }
 
-/// Uploads the snapshot and unpacks it into `/workspace`.
+/// Mounts the snapshot's image (attached to the sandbox as its workspace drive) with a writable overlay at
+/// `/workspace`. Nothing is copied or unpacked: the guest reads the image's blocks as it needs them.
 pub async fn setup_workspace(client: &AgentClient, snap: &Snapshot, prefix: &Path) -> Result<Workspace, RepoError> {
-    // Unpacked by the agent itself: a shell and `tar` would cost a fraction of a second each under emulation.
-    client.put_host_archive(&snap.workspace, WORKSPACE).await?;
+    client.mount_workspace(WORKSPACE).await?;
     Ok(Workspace::new(snap, guest_cwd(prefix)))
 }
 
@@ -181,15 +220,20 @@ pub async fn run_setup(
 
 /// Packs and downloads what the VM changed into `dest` (a host directory that exists).
 pub async fn collect(client: &AgentClient, ws: &Workspace, dest: &Path, limits: &Limits) -> Result<Collected, RepoError> {
-    let base = ws.base.as_ref().map(|o| o.to_string()).unwrap_or_default();
-    let argv = vec!["sh".into(), "-c".into(), COLLECT.into(), "hutch-collect".into(), WORKSPACE.into(), STAGING.into(), base];
-    let r = exec(client, argv, Some("/"), 1 << 20, None).await?;
+    let argv = collect_argv(ws, WORKSPACE, STAGING);
+    let env = vec![("AGENT".into(), AGENT.into()), ("SNAPSHOT_INDEX".into(), crate::host::SNAPSHOT_INDEX.into())];
+    let r = exec_with_env(client, argv, env, Some("/"), 1 << 20, None).await?;
     if r.status != ExitStatus::Code(0) {
         return Err(failed("collecting the changes in /workspace", &r));
     }
-    let (head, bundle, git_meta_changed) = parse_report(ws, &r.stdout)?;
-    let patch = dest.join("changes.patch");
-    download(client, &format!("{STAGING}/out/changes.patch"), &patch, limits.max_patch, "patch of uncommitted changes").await?;
+    let (head, bundle, patch, git_meta_changed) = parse_report(ws, &r.stdout)?;
+    let patch = if patch {
+        let p = dest.join("changes.patch");
+        download(client, &format!("{STAGING}/out/changes.patch"), &p, limits.max_patch, "patch of uncommitted changes").await?;
+        Some(p)
+    } else {
+        None
+    };
     let bundle = if bundle {
         let b = dest.join("commits.bundle");
         download(client, &format!("{STAGING}/out/commits.bundle"), &b, limits.max_bundle, "bundle of new commits").await?;
@@ -200,9 +244,18 @@ pub async fn collect(client: &AgentClient, ws: &Workspace, dest: &Path, limits: 
     Ok(Collected { head, bundle, patch, git_meta_changed })
 }
 
-/// Reads the collect step's report: the VM's HEAD, whether a bundle was made, and digests of its git
-/// metadata (compared with those taken at setup).
-pub(crate) fn parse_report(ws: &Workspace, stdout: &[u8]) -> Result<(Option<Oid>, bool, Vec<String>), RepoError> {
+/// The collection step's command line.
+pub(crate) fn collect_argv(ws: &Workspace, workspace: &str, staging: &str) -> Vec<String> {
+    let base = ws.base.as_ref().map(|o| o.to_string()).unwrap_or_default();
+    let (upper, lower) = if ws.overlay { (UPPER, LOWER) } else { ("", "") };
+    let mut argv = vec!["sh".to_string(), "-c".to_string()];
+    argv.extend([COLLECT, "hutch-collect", workspace, staging, &base, upper, lower].map(str::to_string));
+    argv
+}
+
+/// Reads the collect step's report: the VM's HEAD, whether a bundle and a patch were made, and digests of its
+/// git metadata (compared with those taken at setup).
+pub(crate) fn parse_report(ws: &Workspace, stdout: &[u8]) -> Result<(Option<Oid>, bool, bool, Vec<String>), RepoError> {
     let text = String::from_utf8_lossy(stdout);
     let mut lines = text.lines();
     let head =
@@ -218,6 +271,11 @@ pub(crate) fn parse_report(ws: &Workspace, stdout: &[u8]) -> Result<(Option<Oid>
         Some("bundle no") => false,
         _ => return Err(RepoError::Refused("the VM's report has no bundle line".into())),
     };
+    let patch = match lines.next() {
+        Some("patch yes") => true,
+        Some("patch unchanged") => false,
+        _ => return Err(RepoError::Refused("the VM's report has no patch line".into())),
+    };
     let after = parse_meta(lines.collect::<Vec<_>>().join("\n").as_bytes());
     let mut changed: Vec<String> = ws
         .git_meta
@@ -229,7 +287,7 @@ pub(crate) fn parse_report(ws: &Workspace, stdout: &[u8]) -> Result<(Option<Oid>
         .collect();
     changed.sort();
     changed.dedup();
-    Ok((head, bundle, changed))
+    Ok((head, bundle, patch, changed))
 }
 
 fn parse_meta(out: &[u8]) -> BTreeMap<String, String> {

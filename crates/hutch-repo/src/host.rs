@@ -89,14 +89,17 @@ pub struct Snapshot {
     pub base: Option<Oid>,
     /// The working-tree commit (parent: `base`).
     pub commit: Oid,
+    /// Its tree: the VM's collection step starts from it.
+    pub tree: Oid,
     /// The working tree has no files at all.
     pub empty: bool,
     pub branch: Option<String>,
-    /// A bundle of `refs/hutch/base` (when there is a HEAD) and `refs/hutch/snapshot`.
-    pub bundle: PathBuf,
-    /// The VM's `/workspace`, ready made: a tar of a fresh repository holding the bundle's objects, HEAD checked
-    /// out and the user's working tree over it.
-    pub workspace: PathBuf,
+    /// The VM's `/workspace` as a read-only erofs image: a fresh repository holding HEAD's history and the
+    /// snapshot's objects, HEAD checked out in its index and the user's working tree over it. Shared by every
+    /// run of the same tree (cached by content key), never written after it is made.
+    pub image: PathBuf,
+    /// The image was already in the cache.
+    pub image_reused: bool,
     /// SHA-256 of the workspace repository's `config`, `hooks/*` and `info/*`, by path under `.git`: what the VM
     /// starts with, to tell the user later what it changed there.
     pub(crate) git_meta: std::collections::BTreeMap<String, String>,
@@ -108,15 +111,23 @@ pub struct Snapshot {
     pub held_back_changes: Vec<Vec<u8>>,
 }
 
+/// Bumped when the layout of workspace images changes.
+const IMAGE_RECIPE: u32 = 2;
+/// Under `.git` in the image: an index of the snapshot's tree (git ignores files it does not know there).
+pub(crate) const SNAPSHOT_INDEX: &str = "hutch-snapshot-index";
+/// The workspace image cache keeps at most this many bytes (least recently used images go first).
+const IMAGE_CACHE_BYTES: u64 = 8 << 30;
+
 impl Snapshot {
     /// Takes the snapshot with the built-in credential list. Reads the user's work tree and objects; writes only
-    /// in a scratch directory.
-    pub fn take(repo: &HostRepo) -> Result<Snapshot, RepoError> {
-        Self::take_filtered(repo, &CredentialFilter::default())
+    /// in a scratch directory and, for a tree not seen before, a new image in `image_cache`.
+    pub fn take(repo: &HostRepo, image_cache: &Path) -> Result<Snapshot, RepoError> {
+        Self::take_filtered(repo, image_cache, &CredentialFilter::default())
     }
 
     /// Takes the snapshot; untracked files that `credentials` calls credentials are left out.
-    pub fn take_filtered(repo: &HostRepo, credentials: &CredentialFilter) -> Result<Snapshot, RepoError> {
+    pub fn take_filtered(repo: &HostRepo, image_cache: &Path, credentials: &CredentialFilter) -> Result<Snapshot, RepoError> {
+        let t0 = std::time::Instant::now();
         let scratch = tempfile::Builder::new().prefix("hutch-repo-").tempdir().map_err(io_err("cannot create a scratch directory"))?;
         let gd = scratch.path().join("git");
         let git = init_scratch(&gd, &repo.object_format)?;
@@ -133,24 +144,10 @@ impl Snapshot {
             std::fs::write(gd.join("info/exclude"), ex).map_err(io_err("cannot write the scratch repository"))?;
         }
         let index = scratch.path().join("index");
-        let wt = git.clone().work_tree(&repo.top).index(&index).excludes(user_excludes_file());
-        // A copy of the user's index brings its stat data (only changed files are hashed) and its sparse-checkout
-        // bits; an index git cannot use from here (a split index, say) falls back to HEAD's tree.
-        let copied = std::fs::symlink_metadata(repo.git_dir.join("index")).is_ok_and(|m| m.is_file())
-            && std::fs::copy(repo.git_dir.join("index"), &index).is_ok()
-            && wt.ok(["add", "-A"]);
-        if !copied {
-            let _ = std::fs::remove_file(&index);
-            match &repo.head {
-                Some(h) => wt.run("read-tree", ["read-tree", h.as_str()])?,
-                None => wt.run("read-tree", ["read-tree", "--empty"])?,
-            };
-            wt.run("add -A (working tree snapshot)", ["add", "-A"])?;
-        }
-        let CredentialOutcome { left_out, tracked: tracked_credentials, held_back_changes } = leave_out_credentials(&git, &wt, repo.head.as_ref(), credentials)?;
-        let tree = wt.line("write-tree", ["write-tree"])?;
-        let empty = tree == git.line("hash-object", ["hash-object", "-t", "tree", "/dev/null"])?;
+        let (tree, CredentialOutcome { left_out, tracked: tracked_credentials, held_back_changes }) =
+            select_files(&git, repo, &index, credentials)?;
         let _ = std::fs::remove_file(&index);
+        let empty = tree == git.line("hash-object", ["hash-object", "-t", "tree", "/dev/null"])?;
         let mut args: Vec<&str> = vec!["commit-tree", "-m", "hutch: working tree snapshot"];
         if let Some(h) = &repo.head {
             args.extend(["-p", h.as_str()]);
@@ -158,33 +155,27 @@ impl Snapshot {
         args.push(&tree);
         let commit = git.line("commit-tree", &args)?;
         let commit = Oid::parse(&commit).ok_or_else(|| RepoError::Git { action: "commit-tree".into(), stderr: commit.clone() })?;
+        let tree = Oid::parse(&tree).ok_or_else(|| RepoError::Git { action: "write-tree".into(), stderr: tree.clone() })?;
         git.run("update-ref", ["update-ref", "refs/hutch/snapshot", commit.as_str()])?;
-        let mut refs = vec!["refs/hutch/snapshot"];
-        if let Some(h) = &repo.head {
-            git.run("update-ref", ["update-ref", "refs/hutch/base", h.as_str()])?;
-            refs.push("refs/hutch/base");
-        }
-        let bundle = scratch.path().join("in.bundle");
-        let mut args: Vec<&OsStr> = vec![OsStr::new("bundle"), OsStr::new("create"), OsStr::new("-q"), bundle.as_os_str()];
-        args.extend(refs.iter().map(OsStr::new));
-        git.run("bundle create (repository upload)", args)?;
-        let (workspace, git_meta) = prepare_workspace(
-            scratch.path(),
-            &repo.object_format,
-            &bundle,
-            repo.head.as_ref(),
-            (!empty).then_some(&commit),
-            repo.branch.as_deref(),
-            &repo.prefix,
-        )?;
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "snapshot: working tree committed");
+        let spec = WorkspaceSpec {
+            object_format: &repo.object_format,
+            base: repo.head.as_ref(),
+            tree: &tree,
+            branch: repo.branch.as_deref(),
+            prefix: &repo.prefix,
+        };
+        let (image, git_meta, image_reused) = workspace_image(scratch.path(), &git, &spec, image_cache)?;
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, reused = image_reused, image = %image.display(), "snapshot: workspace image ready");
         Ok(Snapshot {
             git,
             base: repo.head.clone(),
             commit,
+            tree,
             empty,
             branch: repo.branch.clone(),
-            bundle,
-            workspace,
+            image,
+            image_reused,
             git_meta,
             scratch,
             left_out,
@@ -193,10 +184,34 @@ impl Snapshot {
         })
     }
 
-    /// The scratch directory (bundle, downloads, temporary indexes).
+    /// The scratch directory (downloads, temporary indexes).
     pub fn dir(&self) -> &Path {
         self.scratch.path()
     }
+}
+
+/// Which files of the work tree go into the VM, as a tree in the scratch repository: `git add -A` (tracked files
+/// and untracked ones that are not ignored) over a temporary index, less the credential files `credentials`
+/// leaves out. The one place that decides it.
+///
+/// A copy of the user's index brings its stat data (only files changed since git last looked are hashed) and its
+/// sparse-checkout bits; the user's index itself is never written. An index git cannot use from here (a split
+/// index, say) falls back to HEAD's tree.
+fn select_files(git: &Git, repo: &HostRepo, index: &Path, credentials: &CredentialFilter) -> Result<(String, CredentialOutcome), RepoError> {
+    let wt = git.clone().work_tree(&repo.top).index(index).excludes(user_excludes_file());
+    let copied = std::fs::symlink_metadata(repo.git_dir.join("index")).is_ok_and(|m| m.is_file())
+        && std::fs::copy(repo.git_dir.join("index"), index).is_ok()
+        && wt.ok(["add", "-A"]);
+    if !copied {
+        let _ = std::fs::remove_file(index);
+        match &repo.head {
+            Some(h) => wt.run("read-tree", ["read-tree", h.as_str()])?,
+            None => wt.run("read-tree", ["read-tree", "--empty"])?,
+        };
+        wt.run("add -A (working tree snapshot)", ["add", "-A"])?;
+    }
+    let outcome = leave_out_credentials(git, &wt, repo.head.as_ref(), credentials)?;
+    Ok((wt.line("write-tree", ["write-tree"])?, outcome))
 }
 
 /// Repository-relative paths as git spells them (bytes, maybe not UTF-8).
@@ -269,22 +284,132 @@ fn leave_out_credentials(scratch: &Git, wt: &Git, head: Option<&Oid>, credential
     Ok(CredentialOutcome { left_out: owned(out), tracked: owned(kept), held_back_changes: owned(held_back) })
 }
 
-/// Makes the VM's `/workspace` on the host and packs it as a tar. Under emulation every git process in the VM
-/// costs ~0.1-0.4 s and indexing the pack most of a second; here they take milliseconds, and the VM only
-/// unpacks. The repository is new (no hooks, no host config, no remotes): only the bundle's objects, HEAD as
-/// the user had it (branch, detached, or unborn), the index at HEAD and the user's working tree over it, so
-/// their uncommitted changes show as changes. Host-side git here runs hardened like everywhere else.
-fn prepare_workspace(
+/// What a workspace image holds; equal specs make equal images, so the image is cached by its digest.
+struct WorkspaceSpec<'a> {
+    object_format: &'a str,
+    base: Option<&'a Oid>,
+    tree: &'a Oid,
+    branch: Option<&'a str>,
+    prefix: &'a Path,
+}
+
+impl WorkspaceSpec<'_> {
+    fn key(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(format!(
+            "recipe={IMAGE_RECIPE}\nformat={}\nbase={}\ntree={}\nbranch={}\nprefix=",
+            self.object_format,
+            self.base.map(Oid::as_str).unwrap_or("-"),
+            self.tree,
+            self.branch.unwrap_or("-"),
+        ));
+        h.update(self.prefix.as_os_str().as_bytes());
+        hex::encode(h.finalize())[..32].to_string()
+    }
+}
+
+/// The image for `spec` from the cache, or made and added to it. Returns (image, git metadata digests, reused).
+fn workspace_image(
     scratch: &Path,
-    object_format: &str,
-    bundle: &Path,
-    base: Option<&Oid>,
-    snapshot: Option<&Oid>,
-    branch: Option<&str>,
-    prefix: &Path,
-) -> Result<(PathBuf, std::collections::BTreeMap<String, String>), RepoError> {
+    git: &Git,
+    spec: &WorkspaceSpec<'_>,
+    cache: &Path,
+) -> Result<(PathBuf, std::collections::BTreeMap<String, String>, bool), RepoError> {
+    let key = spec.key();
+    let image = cache.join(format!("ws-{key}.erofs"));
+    let meta = cache.join(format!("ws-{key}.json"));
+    if let (true, Ok(text)) = (image.is_file(), std::fs::read_to_string(&meta)) {
+        if let Ok(git_meta) = serde_json::from_str(&text) {
+            // Recently used images stay in the cache longest.
+            if let Ok(f) = std::fs::File::open(&image) {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
+            return Ok((image, git_meta, true));
+        }
+    }
+    std::fs::create_dir_all(cache).map_err(io_err(format!("cannot create the workspace image cache {}", cache.display())))?;
     let ws = scratch.join("ws");
-    Git::discover(scratch).run(
+    let git_meta = prepare_workspace(&ws, git, spec)?;
+    // Made under private names and renamed, so concurrent runs of the same tree never see a half-made image;
+    // the JSON goes first because a lookup trusts an image only with its JSON beside it.
+    let nonce = format!("{}-{}", std::process::id(), scratch.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let tmp_image = cache.join(format!(".ws-{key}.erofs.{nonce}"));
+    let tmp_meta = cache.join(format!(".ws-{key}.json.{nonce}"));
+    let made = (|| {
+        mkfs_erofs(&ws, &tmp_image)?;
+        let json = serde_json::to_string(&git_meta).map_err(|e| RepoError::Project(e.to_string()))?;
+        std::fs::write(&tmp_meta, json).map_err(io_err("cannot write the workspace image's metadata"))?;
+        std::fs::rename(&tmp_meta, &meta).map_err(io_err("cannot install the workspace image"))?;
+        std::fs::rename(&tmp_image, &image).map_err(io_err("cannot install the workspace image"))
+    })();
+    let _ = std::fs::remove_file(&tmp_image);
+    let _ = std::fs::remove_file(&tmp_meta);
+    let _ = std::fs::remove_dir_all(&ws);
+    made?;
+    evict(cache, &image);
+    Ok((image, git_meta, false))
+}
+
+/// Packs `dir` into a read-only erofs image at `out`: files owned by root, modification times kept (the index's
+/// stat data matches them), no extended attributes from the host.
+fn mkfs_erofs(dir: &Path, out: &Path) -> Result<(), RepoError> {
+    let o = std::process::Command::new("mkfs.erofs")
+        // Without tail packing the inodes lie together instead of one per block beside each file's last bytes:
+        // a cold `git status` over 10,000 files in the VM reads ~250 blocks instead of ~5,000.
+        .args(["--quiet", "--all-root", "--preserve-mtime", "-x-1", "-Enoinline_data"])
+        .arg(out)
+        .arg(dir)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| RepoError::Io { what: "cannot run mkfs.erofs (install it with `apt-get install erofs-utils`)".into(), source: e })?;
+    if !o.status.success() {
+        return Err(RepoError::Project(format!("mkfs.erofs failed: {}", crate::git::stderr_text(&o.stderr))));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    // Readable by the unprivileged VMM, writable by nobody.
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o444)).map_err(io_err("cannot protect the workspace image"))
+}
+
+/// Removes the least recently used images while the cache holds more than its budget (never `keep`).
+fn evict(cache: &Path, keep: &Path) {
+    let Ok(rd) = std::fs::read_dir(cache) else { return };
+    let mut images: Vec<(std::time::SystemTime, u64, PathBuf)> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ws-") && e.file_name().to_string_lossy().ends_with(".erofs"))
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((m.modified().ok()?, m.len(), e.path()))
+        })
+        .collect();
+    images.sort();
+    let mut total: u64 = images.iter().map(|i| i.1).sum();
+    for (_, len, path) in images {
+        if total <= IMAGE_CACHE_BYTES {
+            break;
+        }
+        if path == keep {
+            continue;
+        }
+        // A VMM that has the image open keeps reading it after the unlink.
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(path.with_extension("json"));
+        total = total.saturating_sub(len);
+    }
+}
+
+/// Makes the VM's `/workspace` on the host. Under emulation every git process in the VM costs ~0.1-0.4 s and
+/// indexing a pack most of a second; here they take milliseconds. The repository is new (no hooks, no host
+/// config, no remotes): one pack written straight from the scratch repository (HEAD's history and the snapshot
+/// tree, so no index-pack), HEAD as the user had it (branch, detached, or unborn), the index at HEAD and the
+/// user's working tree over it, so their uncommitted changes show as changes. The index keeps the stat data of
+/// the files as written here, and the image keeps their times: with `core.checkStat=minimal` git in the VM
+/// trusts it and `git status` hashes nothing. Host-side git here runs hardened like everywhere else.
+fn prepare_workspace(ws: &Path, scratch: &Git, spec: &WorkspaceSpec<'_>) -> Result<std::collections::BTreeMap<String, String>, RepoError> {
+    let parent = ws.parent().unwrap_or(ws);
+    Git::discover(parent).run(
         "init (workspace)",
         [
             OsStr::new("-c"),
@@ -292,52 +417,63 @@ fn prepare_workspace(
             OsStr::new("init"),
             OsStr::new("-q"),
             OsStr::new("--template="),
-            OsStr::new(&format!("--object-format={object_format}")),
+            OsStr::new(&format!("--object-format={}", spec.object_format)),
             ws.as_os_str(),
         ],
     )?;
     // Without templates: no sample hooks, but the directories a clone has, so tools in the VM find them.
-    for d in ["hooks", "info"] {
+    for d in ["hooks", "info", "objects/pack"] {
         std::fs::create_dir_all(ws.join(".git").join(d)).map_err(io_err("cannot create the workspace repository"))?;
     }
-    let g = Git::at(&ws.join(".git")).work_tree(&ws).index(&ws.join(".git/index"));
-    let mut fetch: Vec<&OsStr> = ["fetch", "-q", "--no-tags", "--no-write-fetch-head"].map(OsStr::new).to_vec();
-    fetch.push(bundle.as_os_str());
-    fetch.push(OsStr::new("refs/hutch/snapshot"));
-    if base.is_some() {
-        fetch.push(OsStr::new("refs/hutch/base"));
+    let mut wants = String::new();
+    if let Some(b) = spec.base {
+        wants.push_str(&format!("{b}\n"));
     }
-    g.run("fetch (workspace)", fetch)?;
-    match (base, branch) {
-        (Some(b), Some(br)) => g.run("checkout (workspace)", ["checkout", "-q", "-B", br, b.as_str()])?,
-        (Some(b), None) => g.run("checkout (workspace)", ["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", b.as_str()])?,
-        (None, Some(br)) => g.run("symbolic-ref (workspace)", ["symbolic-ref", "HEAD", format!("refs/heads/{br}").as_str()])?,
-        (None, None) => vec![],
+    wants.push_str(&format!("{}\n", spec.tree));
+    let pack = ws.join(".git/objects/pack/pack");
+    scratch.run_input("pack-objects (workspace)", [OsStr::new("pack-objects"), OsStr::new("-q"), OsStr::new("--revs"), pack.as_os_str()], Some(wants.as_bytes()))?;
+    let g = Git::at(&ws.join(".git")).work_tree(ws).index(&ws.join(".git/index"));
+    match (spec.base, spec.branch) {
+        (Some(b), Some(br)) => {
+            let r = format!("refs/heads/{br}");
+            g.run("update-ref (workspace)", ["update-ref", r.as_str(), b.as_str()])?;
+            g.run("symbolic-ref (workspace)", ["symbolic-ref", "HEAD", r.as_str()])?;
+        }
+        (Some(b), None) => {
+            g.run("update-ref (workspace)", ["update-ref", "--no-deref", "HEAD", b.as_str()])?;
+        }
+        (None, Some(br)) => {
+            g.run("symbolic-ref (workspace)", ["symbolic-ref", "HEAD", format!("refs/heads/{br}").as_str()])?;
+        }
+        (None, None) => {}
     };
-    if let Some(snap) = snapshot {
-        let source = format!("--source={}", snap.as_str());
-        g.run("restore (workspace)", ["restore", source.as_str(), "--worktree", "--", ":/"])?;
-    }
+    // The snapshot's files, written once; then the index moves to HEAD keeping the stat data of every file HEAD
+    // has unchanged (a one-tree `read-tree -m`).
+    g.run("read-tree (workspace)", ["read-tree", spec.tree.as_str()])?;
+    g.run("checkout-index (workspace)", ["checkout-index", "-a", "-f", "-u"])?;
+    // The snapshot's own index, stat data included: the VM's collection starts from it instead of reading the
+    // tree again (a second or more of emulated git for a large tree).
+    std::fs::copy(ws.join(".git/index"), ws.join(".git").join(SNAPSHOT_INDEX)).map_err(io_err("cannot write the workspace's snapshot index"))?;
+    match spec.base {
+        Some(b) => g.run("read-tree -m (workspace)", ["read-tree", "-m", b.as_str()])?,
+        None => g.run("read-tree (workspace)", ["read-tree", "--empty"])?,
+    };
     let config = ws.join(".git/config");
     let mut text = std::fs::read_to_string(&config).map_err(io_err("cannot read the workspace's git config"))?;
-    text.push_str("[user]\n\tname = Hutch Sandbox\n\temail = sandbox@hutch.invalid\n");
+    // Inode numbers, devices and change times differ between this directory and the image in the VM; sizes and
+    // modification times do not.
+    text.push_str("[core]\n\tcheckStat = minimal\n\ttrustctime = false\n[user]\n\tname = Hutch Sandbox\n\temail = sandbox@hutch.invalid\n");
     std::fs::write(&config, text).map_err(io_err("cannot write the workspace's git config"))?;
     // The directory the command starts in exists even when it holds only ignored files on the host.
-    std::fs::create_dir_all(ws.join(prefix)).map_err(io_err("cannot create the start directory in the workspace"))?;
-    let git_meta = git_meta_digests(&ws.join(".git")).map_err(io_err("cannot read the workspace's git metadata"))?;
-    let tar_path = scratch.join("workspace.tar");
-    let file = std::fs::File::create(&tar_path).map_err(io_err("cannot create the workspace archive"))?;
-    let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
-    // Links are archived as links: the VM gets the tree exactly as git describes it.
-    tar.follow_symlinks(false);
-    tar.append_dir_all(".", &ws).map_err(io_err("cannot pack the workspace"))?;
-    tar.into_inner().and_then(|w| w.into_inner().map_err(|e| e.into_error())).map_err(io_err("cannot pack the workspace"))?;
-    std::fs::remove_dir_all(&ws).map_err(io_err("cannot remove the workspace staging directory"))?;
-    Ok((tar_path, git_meta))
+    std::fs::create_dir_all(ws.join(spec.prefix)).map_err(io_err("cannot create the start directory in the workspace"))?;
+    // An index no newer than its files makes git in the VM re-read them ("racily clean"); this one is dated
+    // after every file it describes.
+    if let Ok(f) = std::fs::File::options().append(true).open(ws.join(".git/index")) {
+        let _ = f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(2));
+    }
+    git_meta_digests(&ws.join(".git")).map_err(io_err("cannot read the workspace's git metadata"))
 }
 
-/// Digests of a repository's `config` and the regular files directly in `hooks/` and `info/`, keyed by path
-/// relative to the git directory (the form the VM reports them in at the end).
 pub(crate) fn git_meta_digests(git_dir: &Path) -> std::io::Result<std::collections::BTreeMap<String, String>> {
     use sha2::{Digest, Sha256};
     let mut out = std::collections::BTreeMap::new();
@@ -362,6 +498,12 @@ pub(crate) fn git_meta_digests(git_dir: &Path) -> std::io::Result<std::collectio
 pub(crate) mod tests {
     use super::*;
     use crate::credentials::CredentialRules;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Where tests keep workspace images (shared, like the real cache).
+    pub(crate) fn test_cache() -> PathBuf {
+        std::env::temp_dir().join("hutch-test-workspace-images")
+    }
 
     /// A real repository with one commit, an uncommitted change, an untracked file and an ignored one.
     pub(crate) fn sample_repo() -> (tempfile::TempDir, PathBuf) {
@@ -403,7 +545,7 @@ pub(crate) mod tests {
         let repo = HostRepo::discover(&r).unwrap().unwrap();
         let index_before = std::fs::read(r.join(".git/index")).unwrap();
         let refs_before = Git::at(&repo.git_dir).run("show-ref", ["show-ref"]).unwrap();
-        let snap = Snapshot::take(&repo).unwrap();
+        let snap = Snapshot::take(&repo, &test_cache()).unwrap();
         let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
         assert_eq!(String::from_utf8(files).unwrap(), ".gitignore\na.txt\nnew.txt\nsub/b.txt\n");
         let a = snap.git.run("show", ["show", &format!("{}:a.txt", snap.commit)]).unwrap();
@@ -412,13 +554,23 @@ pub(crate) mod tests {
         assert_eq!(Some(parent.as_str()), repo.head.as_ref().map(Oid::as_str));
         assert_eq!(std::fs::read(r.join(".git/index")).unwrap(), index_before, "the user's index is untouched");
         assert_eq!(Git::at(&repo.git_dir).run("show-ref", ["show-ref"]).unwrap(), refs_before, "no refs were added");
-        let heads = snap.git.run("bundle", ["bundle", "list-heads", snap.bundle.to_str().unwrap()]).unwrap();
-        let heads = String::from_utf8(heads).unwrap();
-        assert!(heads.contains("refs/hutch/base") && heads.contains("refs/hutch/snapshot"), "{heads}");
-        // The bundle is self-contained: a fresh repository can fetch it.
-        let t2 = tempfile::tempdir().unwrap();
-        let g2 = init_scratch(&t2.path().join("x"), "sha1").unwrap();
-        g2.run("fetch", ["fetch", "-q", snap.bundle.to_str().unwrap(), "refs/hutch/*:refs/hutch/*"]).unwrap();
+        // The image is a complete repository: HEAD's history, its index at HEAD (stat data kept), the snapshot's
+        // tree over it; it is read-only and a second snapshot of the same tree reuses it untouched.
+        let x = tempfile::tempdir().unwrap();
+        let ws = x.path().join("ws");
+        let out = std::process::Command::new("fsck.erofs").arg(format!("--extract={}", ws.display())).arg(&snap.image).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let g = Git::at(&ws.join(".git")).work_tree(&ws).index(&ws.join(".git/index"));
+        g.run("fsck", ["fsck", "--no-dangling", "--connectivity-only"]).unwrap();
+        assert_eq!(g.line("rev-parse", ["rev-parse", "HEAD"]).unwrap(), repo.head.as_ref().unwrap().as_str());
+        g.run("cat-file", ["cat-file", "-e", snap.tree.as_str()]).unwrap();
+        assert_eq!(std::fs::metadata(&snap.image).unwrap().permissions().mode() & 0o222, 0, "the image is read-only");
+        let digest = |p: &Path| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(std::fs::read(p).unwrap()));
+        let before = digest(&snap.image);
+        let again = Snapshot::take(&repo, &test_cache()).unwrap();
+        assert!(again.image_reused);
+        assert_eq!(again.image, snap.image);
+        assert_eq!(digest(&again.image), before);
     }
 
     #[test]
@@ -431,7 +583,7 @@ pub(crate) mod tests {
         g.run("update-index", ["update-index", "--skip-worktree", "sub/b.txt"]).unwrap();
         std::fs::remove_file(r.join("sub/b.txt")).unwrap();
         let repo = HostRepo::discover(&r).unwrap().unwrap();
-        let snap = Snapshot::take(&repo).unwrap();
+        let snap = Snapshot::take(&repo, &test_cache()).unwrap();
         let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
         assert_eq!(String::from_utf8(files).unwrap(), ".gitignore\na.txt\nnew.txt\nstaged.txt\nsub/b.txt\n");
     }
@@ -455,7 +607,7 @@ pub(crate) mod tests {
         g.run("add", ["add", "staged.pem"]).unwrap();
         std::fs::write(r.join(".env"), "TOKEN=tracked-value\nNEW=uncommitted-real-value\n").unwrap();
         let repo = HostRepo::discover(&r).unwrap().unwrap();
-        let snap = Snapshot::take(&repo).unwrap();
+        let snap = Snapshot::take(&repo, &test_cache()).unwrap();
         let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
         assert_eq!(
             String::from_utf8(files).unwrap(),
@@ -468,14 +620,16 @@ pub(crate) mod tests {
         assert_eq!(snap.held_back_changes, [b".env".to_vec()], "an uncommitted change to a tracked one is held back");
         let env = snap.git.run("show", ["show", &format!("{}:.env", snap.commit)]).unwrap();
         assert_eq!(env, b"TOKEN=tracked-value\n", "HEAD's version went in");
-        // The workspace tar has none of them either.
-        let tar = std::fs::read(&snap.workspace).unwrap();
-        let mut a = tar::Archive::new(&tar[..]);
-        let names: Vec<String> = a.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned()).collect();
-        assert!(names.iter().any(|n| n.ends_with("config/.env.example")), "{names:?}");
-        assert!(!names.iter().any(|n| n.ends_with("config/.env") || n.ends_with("deploy/id_rsa") || n.ends_with("staged.pem")), "{names:?}");
+        // The workspace image has none of them either.
+        let x = tempfile::tempdir().unwrap();
+        let ws = x.path().join("ws");
+        let out = std::process::Command::new("fsck.erofs").arg(format!("--extract={}", ws.display())).arg(&snap.image).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(ws.join("config/.env.example").is_file());
+        assert!(!ws.join("config/.env").exists() && !ws.join("deploy/id_rsa").exists() && !ws.join("staged.pem").exists());
+        let image = std::fs::read(&snap.image).unwrap();
         for v in ["untracked-real-value", "uncommitted-real-value"] {
-            assert!(!tar.windows(v.len()).any(|w| w == v.as_bytes()), "{v}");
+            assert!(!image.windows(v.len()).any(|w| w == v.as_bytes()), "{v}");
         }
         // The user's index still has the staged file.
         let staged = Git::at(&r.join(".git")).work_tree(&r).run("ls-files", ["ls-files", "staged.pem"]).unwrap();
@@ -483,7 +637,7 @@ pub(crate) mod tests {
 
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let user = CredentialRules::parse(&s(&["*.txt"]), &s(&["id_rsa"]), "test").unwrap();
-        let snap = Snapshot::take_filtered(&repo, &CredentialFilter::new(vec![user])).unwrap();
+        let snap = Snapshot::take_filtered(&repo, &test_cache(), &CredentialFilter::new(vec![user])).unwrap();
         let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
         let files = String::from_utf8(files).unwrap();
         assert!(files.contains("deploy/id_rsa\n") && !files.contains("new.txt") && files.contains("a.txt"), "{files}");
@@ -500,7 +654,7 @@ pub(crate) mod tests {
         let repo = HostRepo::discover(&r).unwrap().unwrap();
         assert_eq!(repo.head, None);
         assert_eq!(repo.branch.as_deref(), Some("trunk"));
-        let snap = Snapshot::take(&repo).unwrap();
+        let snap = Snapshot::take(&repo, &test_cache()).unwrap();
         assert_eq!(snap.base, None);
         let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
         assert_eq!(files, b"f\n");

@@ -88,31 +88,18 @@ pub fn import(repo: &HostRepo, snap: &Snapshot, id: &str, c: &Collected, limits:
     }
 
     // Uncommitted changes: parsed strictly, compared with git's reading, applied to the VM's HEAD in a
-    // temporary index (no work tree anywhere), and the resulting tree checked like a commit.
-    let size = std::fs::metadata(&c.patch).map_err(crate::io_err("cannot read the downloaded patch"))?.len();
-    if size > limits.max_patch {
-        return Err(RepoError::Refused(format!(
-            "the VM's patch of uncommitted changes is larger than the limit of {}",
-            crate::size(limits.max_patch)
-        )));
-    }
-    let patch_bytes = store::read_capped(&c.patch, limits.max_patch)?;
-    let parsed = patch::parse(&patch_bytes).map_err(|e| RepoError::Refused(format!("the VM's patch is malformed or unsafe: {e}")))?;
-    same_paths_as_git(g, &patch_bytes, &parsed).map_err(|e| refused(e, "the VM's patch"))?;
+    // temporary index (no work tree anywhere), and the resulting tree checked like a commit. A VM that reports
+    // its working tree unchanged ends at the snapshot's tree, which is the user's own.
     let head_tree = c.head.as_ref().map(Oid::to_string).unwrap_or_else(|| empty_tree.clone());
-    let index = snap.dir().join("vm.index");
-    let gi = g.clone().index(&index);
-    match &c.head {
-        Some(h) => gi.run("read-tree", ["read-tree", h.as_str()])?,
-        None => gi.run("read-tree", ["read-tree", "--empty"])?,
+    let (final_tree, patch_bytes) = match &c.patch {
+        Some(p) => vm_patch_tree(g, snap, c, p, &head_tree, limits)?,
+        None => {
+            if c.head.as_ref().map(Oid::as_str) != base {
+                check_change(g, &head_tree, snap.tree.as_str(), "the VM's uncommitted changes")?;
+            }
+            (snap.tree.to_string(), vec![])
+        }
     };
-    if !parsed.is_empty() {
-        gi.run_input("apply --cached", ["apply", "--cached", "--whitespace=nowarn", "-"], Some(&patch_bytes))
-            .map_err(|e| refused(e, "the VM's patch does not apply to its own HEAD"))?;
-    }
-    let final_tree = gi.line("write-tree", ["write-tree"])?;
-    let _ = std::fs::remove_file(&index);
-    check_change(g, &head_tree, &final_tree, "the VM's uncommitted changes")?;
 
     // What `apply` will apply: from the snapshot the VM started with to its final tree.
     let apply_patch = g.run(
@@ -186,6 +173,34 @@ pub fn import(repo: &HostRepo, snap: &Snapshot, id: &str, c: &Collected, limits:
         vm_git_metadata: c.git_meta_changed.clone(),
     };
     store::save(&repo.results_dir(), &meta, &apply_patch, &patch_bytes).map(Some)
+}
+
+/// The VM's final tree from its patch (checked), and the patch's bytes.
+fn vm_patch_tree(g: &Git, snap: &Snapshot, c: &Collected, path: &std::path::Path, head_tree: &str, limits: &Limits) -> Result<(String, Vec<u8>), RepoError> {
+    let size = std::fs::metadata(path).map_err(crate::io_err("cannot read the downloaded patch"))?.len();
+    if size > limits.max_patch {
+        return Err(RepoError::Refused(format!(
+            "the VM's patch of uncommitted changes is larger than the limit of {}",
+            crate::size(limits.max_patch)
+        )));
+    }
+    let patch_bytes = store::read_capped(path, limits.max_patch)?;
+    let parsed = patch::parse(&patch_bytes).map_err(|e| RepoError::Refused(format!("the VM's patch is malformed or unsafe: {e}")))?;
+    same_paths_as_git(g, &patch_bytes, &parsed).map_err(|e| refused(e, "the VM's patch"))?;
+    let index = snap.dir().join("vm.index");
+    let gi = g.clone().index(&index);
+    match &c.head {
+        Some(h) => gi.run("read-tree", ["read-tree", h.as_str()])?,
+        None => gi.run("read-tree", ["read-tree", "--empty"])?,
+    };
+    if !parsed.is_empty() {
+        gi.run_input("apply --cached", ["apply", "--cached", "--whitespace=nowarn", "-"], Some(&patch_bytes))
+            .map_err(|e| refused(e, "the VM's patch does not apply to its own HEAD"))?;
+    }
+    let final_tree = gi.line("write-tree", ["write-tree"])?;
+    let _ = std::fs::remove_file(&index);
+    check_change(g, head_tree, &final_tree, "the VM's uncommitted changes")?;
+    Ok((final_tree, patch_bytes))
 }
 
 /// Text from git for display: control characters escaped, lines kept.

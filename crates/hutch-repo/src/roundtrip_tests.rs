@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::git::Git;
-use crate::guest::{parse_report, Collected, Workspace, COLLECT};
-use crate::host::tests::sample_repo;
+use crate::guest::{collect_argv, parse_report, Collected, Workspace};
+use crate::host::tests::{sample_repo, test_cache};
 use crate::host::{HostRepo, Snapshot};
 use crate::{apply, import, store, Limits, RepoError, SensitiveKind};
 
@@ -39,6 +39,7 @@ impl FakeVm {
             .current_dir(self.staging.parent().unwrap())
             .env("HOME", &self.home)
             .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("SNAPSHOT_INDEX", crate::host::SNAPSHOT_INDEX)
             .env_remove("GIT_DIR")
             .output()
             .unwrap();
@@ -63,21 +64,22 @@ impl FakeVm {
         assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
-    /// What the agent does with the workspace archive.
+    /// The workspace image's content as the VM sees it (without an overlay: the collection scans the whole tree).
     fn setup(&self, snap: &Snapshot) -> Workspace {
-        std::fs::create_dir_all(&self.ws).unwrap();
-        let mut a = tar::Archive::new(std::fs::File::open(&snap.workspace).unwrap());
-        a.set_preserve_permissions(true);
-        a.unpack(&self.ws).unwrap();
-        Workspace::new(snap, "/workspace".into())
+        let out = Command::new("fsck.erofs").arg(format!("--extract={}", self.ws.display())).arg(&snap.image).output().unwrap();
+        assert!(out.status.success(), "fsck.erofs --extract: {}", String::from_utf8_lossy(&out.stderr));
+        let mut ws = Workspace::new(snap, "/workspace".into());
+        ws.overlay = false;
+        ws
     }
 
     fn collect(&self, ws: &Workspace, snap: &Snapshot) -> Collected {
-        let base = ws.base.as_ref().map(|o| o.to_string()).unwrap_or_default();
-        let out = self.sh(COLLECT, &[self.ws.to_str().unwrap(), self.staging.to_str().unwrap(), &base]);
-        let (head, bundle, git_meta_changed) = parse_report(ws, &out).unwrap();
+        let argv = collect_argv(ws, self.ws.to_str().unwrap(), self.staging.to_str().unwrap());
+        let out = self.sh(&argv[2], &argv[4..].iter().map(String::as_str).collect::<Vec<_>>());
+        let (head, bundle, patch, git_meta_changed) = parse_report(ws, &out).unwrap();
         let dest = snap.dir().join("dl");
         std::fs::create_dir_all(&dest).unwrap();
+        assert!(patch, "without an overlay the whole tree is scanned and a patch made");
         let patch = dest.join("changes.patch");
         std::fs::copy(self.staging.join("out/changes.patch"), &patch).unwrap();
         let bundle = bundle.then(|| {
@@ -85,7 +87,7 @@ impl FakeVm {
             std::fs::copy(self.staging.join("out/commits.bundle"), &b).unwrap();
             b
         });
-        Collected { head, bundle, patch, git_meta_changed }
+        Collected { head, bundle, patch: Some(patch), git_meta_changed }
     }
 }
 
@@ -131,7 +133,7 @@ fn hutch_refs(repo: &HostRepo) -> String {
 fn commits_and_edits_come_back_and_apply_exactly() {
     let (_t, r) = sample_repo();
     let repo = HostRepo::discover(&r).unwrap().unwrap();
-    let snap = Snapshot::take(&repo).unwrap();
+    let snap = Snapshot::take(&repo, &test_cache()).unwrap();
     let vm = FakeVm::new();
     let ws = vm.setup(&snap);
     // The VM sees the user's uncommitted state: modified, untracked, deleted; not the ignored file.
@@ -171,7 +173,7 @@ fn commits_and_edits_come_back_and_apply_exactly() {
 fn nothing_changed_means_nothing_stored() {
     let (_t, r) = sample_repo();
     let repo = HostRepo::discover(&r).unwrap().unwrap();
-    let snap = Snapshot::take(&repo).unwrap();
+    let snap = Snapshot::take(&repo, &test_cache()).unwrap();
     let vm = FakeVm::new();
     let ws = vm.setup(&snap);
     let c = vm.collect(&ws, &snap);
@@ -187,7 +189,7 @@ fn unborn_branch_round_trip() {
     Git::discover(&r).run("init", ["init", "-q", "-b", "main"]).unwrap();
     std::fs::write(r.join("f"), "x\n").unwrap();
     let repo = HostRepo::discover(&r).unwrap().unwrap();
-    let snap = Snapshot::take(&repo).unwrap();
+    let snap = Snapshot::take(&repo, &test_cache()).unwrap();
     let vm = FakeVm::new();
     let ws = vm.setup(&snap);
     vm.run("git add f && git commit -qm init && echo y > g");
@@ -202,7 +204,7 @@ fn sensitive_changes_need_the_flag_and_vm_git_metadata_never_leaves() {
     let (_t, r) = sample_repo();
     let repo = HostRepo::discover(&r).unwrap().unwrap();
     let config_before = std::fs::read(repo.git_dir.join("config")).unwrap();
-    let snap = Snapshot::take(&repo).unwrap();
+    let snap = Snapshot::take(&repo, &test_cache()).unwrap();
     let vm = FakeVm::new();
     let ws = vm.setup(&snap);
     vm.run(
@@ -246,12 +248,12 @@ fn refused(repo: &HostRepo, snap: &Snapshot, c: &Collected, limits: &Limits, wan
 fn hostile_patches_are_refused_and_change_nothing() {
     let (_t, r) = sample_repo();
     let repo = HostRepo::discover(&r).unwrap().unwrap();
-    let snap = Snapshot::take(&repo).unwrap();
+    let snap = Snapshot::take(&repo, &test_cache()).unwrap();
     let vm = FakeVm::new();
     let ws = vm.setup(&snap);
     let c = vm.collect(&ws, &snap);
     let with_patch = |text: &str| {
-        std::fs::write(&c.patch, text).unwrap();
+        std::fs::write(c.patch.as_ref().unwrap(), text).unwrap();
         Collected { head: c.head.clone(), bundle: None, patch: c.patch.clone(), git_meta_changed: vec![] }
     };
     let new_file = |p: &str| {
@@ -283,7 +285,7 @@ fn symlinks_out_of_the_tree_are_refused() {
     ] {
         let (_t, r) = sample_repo();
         let repo = HostRepo::discover(&r).unwrap().unwrap();
-        let snap = Snapshot::take(&repo).unwrap();
+        let snap = Snapshot::take(&repo, &test_cache()).unwrap();
         let vm = FakeVm::new();
         let ws = vm.setup(&snap);
         vm.run(script);
@@ -304,7 +306,7 @@ fn symlinks_out_of_the_tree_are_refused() {
 fn hostile_bundles_are_refused_and_change_nothing() {
     let (_t, r) = sample_repo();
     let repo = HostRepo::discover(&r).unwrap().unwrap();
-    let snap = Snapshot::take(&repo).unwrap();
+    let snap = Snapshot::take(&repo, &test_cache()).unwrap();
     let vm = FakeVm::new();
     let ws = vm.setup(&snap);
     vm.run("echo more >> a.txt && git commit -qam more && git tag -a -m t v1");
@@ -363,7 +365,7 @@ fn type_changes_in_the_working_tree_arrive() {
     std::fs::write(r.join("a.txt/inner"), "inside\n").unwrap();
     std::os::unix::fs::symlink("a.txt/inner", r.join("ln")).unwrap();
     let repo = HostRepo::discover(&r).unwrap().unwrap();
-    let snap = Snapshot::take(&repo).unwrap();
+    let snap = Snapshot::take(&repo, &test_cache()).unwrap();
     let vm = FakeVm::new();
     vm.setup(&snap);
     let mut want = listing(&r);
@@ -378,7 +380,7 @@ fn an_empty_repository_round_trips() {
     std::fs::create_dir(&r).unwrap();
     Git::discover(&r).run("init", ["init", "-q", "-b", "main"]).unwrap();
     let repo = HostRepo::discover(&r).unwrap().unwrap();
-    let snap = Snapshot::take(&repo).unwrap();
+    let snap = Snapshot::take(&repo, &test_cache()).unwrap();
     assert!(snap.empty);
     let vm = FakeVm::new();
     let ws = vm.setup(&snap);
@@ -394,7 +396,7 @@ fn an_empty_repository_round_trips() {
 fn apply_is_all_or_nothing_when_the_working_tree_moved_on() {
     let (_t, r) = sample_repo();
     let repo = HostRepo::discover(&r).unwrap().unwrap();
-    let snap = Snapshot::take(&repo).unwrap();
+    let snap = Snapshot::take(&repo, &test_cache()).unwrap();
     let vm = FakeVm::new();
     let ws = vm.setup(&snap);
     vm.run("echo vm >> a.txt && echo c > c.txt && echo d > sub/d.txt");

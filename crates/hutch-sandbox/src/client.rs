@@ -4,7 +4,7 @@ use std::path::Path;
 
 use hutch_proto::frame::{FramedRecv, FramedSend};
 use hutch_proto::mux::Stream;
-use hutch_proto::{ExecEvent, ExecInput, ExecRequest, FileChunk, FileMeta, Framed, Identity, PutArchive, PutFile, Reply, Request, Session, CHUNK};
+use hutch_proto::{ExecEvent, ExecInput, ExecRequest, FileChunk, FileMeta, Framed, Identity, MountWorkspace, PutArchive, PutFile, Reply, Request, Session, CHUNK};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::SandboxError;
@@ -107,6 +107,13 @@ impl AgentClient {
         let mut f = self.request(&Request::PutFile(put)).await?;
         Self::send_chunks(&mut f, size, data).await?;
         Self::reply(&mut f, &format!("writing {guest_path}")).await
+    }
+
+    /// Mounts the workspace drive (the sandbox's `workspace_image`) read-only with a writable overlay at `target`.
+    pub async fn mount_workspace(&self, target: &str) -> Result<(), SandboxError> {
+        let m = MountWorkspace { target: target.to_string(), serial: hutch_vmm::WORKSPACE_SERIAL.to_string() };
+        let mut f = self.request(&Request::MountWorkspace(m)).await?;
+        Self::reply(&mut f, &format!("mounting the workspace at {target}")).await
     }
 
     /// Unpacks the tar archive at `host` into the guest directory `dir` (created if missing), inside the agent.

@@ -68,11 +68,13 @@ pub struct SandboxConfig {
     pub egress: egress::Egress,
     /// The VM powers itself off when its host session ends (default). Off only for hosts that re-attach.
     pub exit_on_disconnect: bool,
+    /// A read-only filesystem image for the workspace drive slot (the guest mounts it at `/workspace` on request).
+    pub workspace_image: Option<PathBuf>,
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![], extra_kernel_args: vec![], egress: egress::Egress::deny_all(), exit_on_disconnect: true }
+        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![], extra_kernel_args: vec![], egress: egress::Egress::deny_all(), exit_on_disconnect: true, workspace_image: None }
     }
 }
 
@@ -396,6 +398,7 @@ impl Sandbox {
             memory,
             dir: dir.path().to_path_buf(),
             sock_dir: dir.sockets().to_path_buf(),
+            workspace: cfg.workspace_image.clone(),
         }
     }
 

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::{qemu_img_overlay, Host, SandboxConfig, SandboxError};
 
 /// Bumped when the way snapshots are made changes.
-const RECIPE: u32 = 1;
+const RECIPE: u32 = 2;
 
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -235,6 +235,8 @@ async fn make(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Snapshot
     let id = crate::new_id();
     let rundir = host.sandbox_dir(&id)?;
     let memory = Memory::File { path: files.memory.clone(), shared: true };
+    // The workspace slot holds its placeholder in the snapshot; restores put the real image there.
+    let cfg = &SandboxConfig { workspace_image: None, ..cfg.clone() };
     let vmcfg = crate::Sandbox::vm_config(host, cfg, accel, &rundir, disk, memory);
     let mut vm = host.qemu.boot(&vmcfg).await?;
     let ready = async {

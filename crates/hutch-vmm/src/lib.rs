@@ -61,7 +61,17 @@ pub struct VmConfig {
     /// Per-VM directory for unix sockets (the agent channel, QMP, migration): `dir` itself, or one under the
     /// user's runtime directory; owned and removed by the caller.
     pub sock_dir: PathBuf,
+    /// What the workspace drive slot holds: a read-only filesystem image, or (`None`) an empty placeholder. The
+    /// slot exists in every VM, so a snapshot made without a workspace restores with one.
+    pub workspace: Option<PathBuf>,
 }
+
+/// The serial number of the workspace drive, by which the guest finds it.
+pub const WORKSPACE_SERIAL: &str = "hutch-workspace";
+/// The capacity of the empty placeholder in the workspace slot. A guest restored from a snapshot keeps the
+/// capacity it read at boot, so the placeholder is larger than any workspace image: the guest's filesystem
+/// reads only the blocks its superblock names, and QEMU refuses reads past the real image's end.
+pub const WORKSPACE_PLACEHOLDER_BYTES: u64 = 1 << 40;
 
 /// The files of a snapshot besides the disk layer: device state (migration stream) and guest RAM.
 #[derive(Debug, Clone)]

@@ -127,6 +127,17 @@ impl Qemu {
         push(format!("file={},format=qcow2,if=none,id=root,cache=unsafe,discard=unmap", cfg.disk.display()));
         push("-device".into());
         push("virtio-blk-device,drive=root".into());
+        // The workspace slot, second in device order in every VM (cold, snapshotted, restored), read-only.
+        push("-blockdev".into());
+        push(match &cfg.workspace {
+            Some(img) => format!(
+                "driver=raw,node-name=ws,read-only=on,file.driver=file,file.filename={},file.locking=off",
+                qemu_opt_escape(&img.display().to_string())
+            ),
+            None => format!("driver=null-co,node-name=ws,read-only=on,read-zeroes=on,size={}", crate::WORKSPACE_PLACEHOLDER_BYTES),
+        });
+        push("-device".into());
+        push(format!("virtio-blk-device,drive=ws,serial={}", crate::WORKSPACE_SERIAL));
         push("-device".into());
         push("virtio-rng-device".into());
         // The only channel to the host: one virtio-serial port, host end a unix socket in the VM's private dir.
@@ -226,6 +237,11 @@ pub fn process_start_time(pid: u32) -> Option<u64> {
     // The command name may contain spaces and parentheses: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A value inside a QEMU option list: a comma is written twice.
+fn qemu_opt_escape(s: &str) -> String {
+    s.replace(',', ",,")
 }
 
 pub fn agent_socket(dir: &Path) -> PathBuf {
