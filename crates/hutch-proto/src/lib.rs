@@ -14,7 +14,7 @@ pub use msg::*;
 pub use mux::{MuxError, Session};
 
 /// Bumped on any incompatible change to the messages below; both ends refuse a mismatch at the handshake.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Name of the virtio-serial port (and, later, the vsock port's purpose) that carries the protocol.
 pub const AGENT_PORT_NAME: &str = "hutch.agent";
