@@ -20,6 +20,10 @@ pub enum Request {
     /// Unpack a tar archive into a directory (created if missing): then [`FileChunk`]s host->guest, then one
     /// [`Reply`]. Saves a shell and `tar` process, each a fraction of a second in an emulated guest.
     PutArchive(PutArchive),
+    /// Forget this sandbox: the agent resets the trust store, answers, and exits; PID 1 starts a fresh agent
+    /// (new address space, nothing of the old one's memory) that announces `Ready` as after a boot. The state an
+    /// environment snapshot is taken in.
+    Respawn,
 }
 
 /// Sent by the host at the start of each session: everything that must differ between sandboxes made from the
