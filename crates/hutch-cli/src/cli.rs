@@ -22,6 +22,9 @@ pub enum Command {
     /// Build, list and remove guest images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Environment snapshots (the state after a setup script): list, remove, prune.
+    #[command(subcommand)]
+    Cache(crate::envcache::CacheCmd),
     /// Tell what this host can do and how to fix what is missing.
     Doctor,
     /// Measure start-up time and memory (percentiles and ratios).
@@ -125,6 +128,8 @@ pub struct RunArgs {
     pub egress: EgressArgs,
     #[command(flatten)]
     pub repo: crate::repo::RepoArgs,
+    #[command(flatten)]
+    pub cache: crate::envcache::CacheArgs,
     /// User configuration file [default: $XDG_CONFIG_HOME/hutch/config.toml or ~/.config/hutch/config.toml].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -261,6 +266,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
         Command::Run(a) => crate::run::run(a).await,
         Command::Image(c) => crate::image::cmd(c).await,
+        Command::Cache(c) => crate::envcache::cmd(c).await,
         Command::Doctor => crate::doctor::doctor().await,
         Command::Bench(a) => crate::bench::bench(a).await,
         Command::Repo(c) => crate::repo::dispatch(c).await,

@@ -27,6 +27,7 @@ struct RawConfig {
     image: Option<String>,
     resources: Option<hutch_repo::project::RawResources>,
     policy: Option<toml::Table>,
+    cache: Option<hutch_repo::project::RawCache>,
 }
 
 /// The user's config in checked form; empty when there is none.
@@ -37,6 +38,11 @@ pub struct UserConfig {
     pub memory: Option<u32>,
     /// `[policy]`, in the `--policy` format; its `[policy.setup]` is the setup script's.
     pub policy: Option<PolicyLayer>,
+    /// `[cache] inputs`: paths (relative to the repository's top) whose content keys the environment cache.
+    pub cache_inputs: Vec<String>,
+    /// `[cache] max_age_hours` and `max_size_gib`.
+    pub cache_max_age_hours: Option<u64>,
+    pub cache_max_size_gib: Option<u64>,
 }
 
 /// `$XDG_CONFIG_HOME/hutch/config.toml`, else `$HOME/.config/hutch/config.toml`; `None` when neither variable
@@ -115,7 +121,27 @@ fn parse(path: &Path, text: &str) -> Result<UserConfig, Problem> {
             Some(PolicyLayer::from_table(t, &origin, base).map_err(|e| Problem::Policy(e.to_string()))?)
         }
     };
-    Ok(UserConfig { image, cpus, memory, policy })
+    let cache = raw.cache.unwrap_or_default();
+    if let Some(h) = cache.max_age_hours.filter(|h| !(1..=24 * 365).contains(h)) {
+        return Err(Problem::Key(format!("cache.max_age_hours = {h}: must be 1 to 8760")));
+    }
+    if let Some(g) = cache.max_size_gib.filter(|g| !(1..=1 << 20).contains(g)) {
+        return Err(Problem::Key(format!("cache.max_size_gib = {g}: must be at least 1")));
+    }
+    for i in &cache.inputs {
+        if i.is_empty() || i.contains('\0') {
+            return Err(Problem::Key(format!("cache.inputs: {i:?} is not a path")));
+        }
+    }
+    Ok(UserConfig {
+        image,
+        cpus,
+        memory,
+        policy,
+        cache_inputs: cache.inputs,
+        cache_max_age_hours: cache.max_age_hours,
+        cache_max_size_gib: cache.max_size_gib,
+    })
 }
 
 /// Which run settings were given as flags (the rest may come from config files).
