@@ -45,18 +45,10 @@ pub const CA_FILE: &str = "/etc/hutch/ca.crt";
 pub const CA_DIR: &str = "/etc/hutch";
 pub const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// The system bundle as the image has it, kept at boot (tmpfs), so that each identity's CA replaces the previous
-/// one instead of adding to it: a VM restored from an environment snapshot trusts only its own gateway's CA.
-pub const PRISTINE_BUNDLE: &str = "/etc/hutch/system-bundle.pem";
-
 fn install_ca(pem: &str) -> Result<(), String> {
     use std::io::Write;
     std::fs::create_dir_all(CA_DIR).map_err(|e| format!("cannot create {CA_DIR}: {e}"))?;
     std::fs::write(CA_FILE, pem).map_err(|e| format!("cannot write {CA_FILE}: {e}"))?;
-    if let Ok(mut bundle) = std::fs::read(PRISTINE_BUNDLE) {
-        bundle.extend_from_slice(format!("\n{pem}\n").as_bytes());
-        return std::fs::write(SYSTEM_BUNDLE, bundle).map_err(|e| format!("cannot write {SYSTEM_BUNDLE}: {e}"));
-    }
     let mut bundle = std::fs::OpenOptions::new()
         .append(true)
         .create(true)
@@ -67,11 +59,18 @@ fn install_ca(pem: &str) -> Result<(), String> {
 
 /// Undoes [`install_ca`]: the sandbox CA leaves `/etc/hutch` and the system bundle (before an environment
 /// snapshot, whose later sandboxes each bring their own CA).
+/// Only that certificate goes: what a setup script added to the bundle stays, as it would for the command.
 pub fn forget_ca() {
-    let _ = std::fs::remove_file(CA_FILE);
-    if let Ok(bundle) = std::fs::read(PRISTINE_BUNDLE) {
-        let _ = std::fs::write(SYSTEM_BUNDLE, bundle);
+    let Ok(pem) = std::fs::read_to_string(CA_FILE) else { return };
+    if let Ok(bundle) = std::fs::read_to_string(SYSTEM_BUNDLE) {
+        let block = format!("\n{pem}\n");
+        if let Some(at) = bundle.rfind(&block) {
+            let mut kept = bundle[..at].to_string();
+            kept.push_str(&bundle[at + block.len()..]);
+            let _ = std::fs::write(SYSTEM_BUNDLE, kept);
+        }
     }
+    let _ = std::fs::remove_file(CA_FILE);
 }
 
 fn set_clock(secs: i64, nanos: u32) -> Result<(), String> {

@@ -84,9 +84,7 @@ fn trust_store_in_memory() -> std::io::Result<()> {
         mount(Some("tmpfs"), dir, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")).map_err(std::io::Error::from)?;
     }
     let base = std::path::Path::new(CERTS);
-    if let Some((_, Entry::File(bytes, _))) = entries.iter().find(|(n, _)| n == "ca-certificates.crt") {
-        std::fs::write(crate::identity::PRISTINE_BUNDLE, bytes)?;
-    }
+
     for (name, entry) in entries {
         match entry {
             Entry::Link(target) => std::os::unix::fs::symlink(target, base.join(name))?,

@@ -64,7 +64,14 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
         Some(p) if p.refresh => Start::Fresh { lock: builder_lock(p, &warn) },
         Some(p) => match p.store.lookup(&p.key, Some(p.max_age)) {
             Ok(Some(e)) => Start::Cached { entry: e, just_made: false },
-            Ok(None) => Start::Fresh { lock: builder_lock(p, &warn) },
+            Ok(None) => {
+                let lock = builder_lock(p, &warn);
+                // Another run may have finished building between the lookup and the lock.
+                match (lock.is_some(), p.store.lookup(&p.key, Some(p.max_age))) {
+                    (true, Ok(Some(e))) => Start::Cached { entry: e, just_made: false },
+                    _ => Start::Fresh { lock },
+                }
+            }
             Err(e) => {
                 warn(&format!("the cached environment {} is unusable ({}); running the setup", p.short_key(), hutch_sandbox::error_chain(&e)));
                 p.store.discard(&p.key);

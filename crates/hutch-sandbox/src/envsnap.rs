@@ -347,6 +347,42 @@ fn sparse_copy(src: &Path, dst: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// Turns the all-zero pages of a RAM file back into holes: the guest's free memory was zeroed before the capture,
+/// which allocated it in the file; as holes it costs no disk, and a restore maps it without reading anything.
+fn punch_zero_pages(path: &Path) -> Result<(), SandboxError> {
+    use std::io::Read;
+    const PAGE: usize = 4096;
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io(format!("cannot open {}", path.display())))?;
+    let fd = f.as_raw_fd();
+    let mut buf = vec![0u8; 1 << 21];
+    let mut off: u64 = 0;
+    let mut run_start: Option<u64> = None;
+    let punch = |start: u64, end: u64| {
+        // SAFETY: fallocate on our own open fd; PUNCH_HOLE with KEEP_SIZE only deallocates the range, whose
+        // content reads back as zeros (which it was).
+        unsafe { libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, start as i64, (end - start) as i64) };
+    };
+    loop {
+        let n = f.read(&mut buf).map_err(io(format!("cannot read {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+            let at = off + (i * PAGE) as u64;
+            if page.iter().all(|&b| b == 0) {
+                run_start.get_or_insert(at);
+            } else if let Some(s) = run_start.take() {
+                punch(s, at);
+            }
+        }
+        off += n as u64;
+    }
+    if let Some(s) = run_start {
+        punch(s, off);
+    }
+    Ok(())
+}
+
 struct TmpDir(PathBuf);
 
 impl Drop for TmpDir {
@@ -446,6 +482,7 @@ impl Sandbox {
         let memory = tmp.0.join("memory");
         std::fs::rename(self.dir.path().join("disk.qcow2"), &disk).map_err(io("move the disk layer into the entry"))?;
         std::fs::rename(&base.memory, &memory).map_err(io("move the RAM file into the entry"))?;
+        punch_zero_pages(&memory)?;
         // The VMM may have run as another user and owned these: the entry belongs to the cache's owner, and
         // nothing writes it again (a VMM that could write it would reach every later sandbox).
         let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
