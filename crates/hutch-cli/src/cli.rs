@@ -188,6 +188,15 @@ pub struct BenchArgs {
     /// Also measure cold boots (slow under TCG).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub cold: bool,
+    /// Measure the environment cache instead: `hutch run RUN-ARGS` with the setup run and stored
+    /// (--refresh-cache) against the same run from the cache, to the command's first output. RUN-ARGS must give a
+    /// setup script (--setup FILE ...); `hutch-testnet`'s `envcache-bench` example passes one that installs a
+    /// package from a local registry.
+    #[arg(long)]
+    pub env_cache: bool,
+    /// `hutch run` arguments for --env-cache.
+    #[arg(last = true, value_name = "RUN-ARGS")]
+    pub run_args: Vec<String>,
 }
 
 #[derive(Debug, Clone)]

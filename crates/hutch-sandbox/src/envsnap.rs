@@ -24,6 +24,11 @@ use crate::{Attached, Host, Sandbox, SandboxConfig, SandboxDir, SandboxError, St
 /// Bumped when the layout of an entry or the way it is made changes.
 const FORMAT: u32 = 1;
 
+/// Sent through the agent channel before a capture: many times the guest's receive buffers for the port
+/// (a virtqueue of 128 pages).
+const FLUSH_BYTES: usize = 8 << 20;
+const FLUSH_FILE: &str = "/tmp/.hutch-channel-flush";
+
 /// How long the respawned agent may take to announce itself (it zeroes the guest's free memory first).
 const RESPAWN_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -393,8 +398,8 @@ impl Drop for TmpDir {
 
 impl Sandbox {
     /// Restores the image snapshot like [`Sandbox::create`], but with the VM's RAM in a shared file of its own, so
-    /// that [`Sandbox::capture`] can take an environment snapshot of it later. Errors when there is no usable
-    /// image snapshot (the caller then creates an ordinary sandbox and stores nothing).
+    /// that [`Sandbox::capture`] can take an environment snapshot of it later. Makes the image snapshot when it is
+    /// missing; errors when that fails (the caller then creates an ordinary sandbox and stores nothing).
     pub async fn create_capturable(host: &Host, cfg: &SandboxConfig) -> Result<Sandbox, SandboxError> {
         let t0 = Instant::now();
         crate::reap_stale(&host.root);
@@ -402,7 +407,9 @@ impl Sandbox {
         if cfg.cold {
             return Err(env_err("a cold boot was asked for"));
         }
-        let snap = snapshot::lookup(host, cfg, accel)?.ok_or_else(|| env_err("no image snapshot for this image and size"))?;
+        // The entry is layered on the image snapshot: make that first if it is missing (one boot, which the setup
+        // about to run dwarfs).
+        let snap = snapshot::ensure(host, cfg).await?;
         let id = crate::new_id();
         let dir = SandboxDir::create(&host.root, &id)?;
         let disk = dir.path().join("disk.qcow2");
@@ -447,6 +454,16 @@ impl Sandbox {
         let raw = self.raw.take().ok_or_else(|| env_err("no second handle on the agent channel"))?;
         let key = lock.key.clone();
         let t0 = Instant::now();
+        // The guest driver's receive buffers for the agent port are allocated once and reused, so the last
+        // requests (the setup's exec with its placeholders, the identity) would stay in guest memory. Enough
+        // bytes through the channel to cycle through all of them many times over overwrite them; the file itself
+        // is zeros and goes at once.
+        let flush = vec![0u8; FLUSH_BYTES];
+        self.client.put_file(FLUSH_FILE, 0o600, flush.len() as u64, &flush[..]).await?;
+        let out = self.client.run(&["rm", "-f", FLUSH_FILE]).await?;
+        if out.status != Some(hutch_proto::ExitStatus::Code(0)) {
+            return Err(env_err("could not remove the channel flush file"));
+        }
         self.client.respawn().await?;
         // From here on the channel belongs to the fresh agent: the old session must not read its `Ready`.
         self.driver.abort();
