@@ -26,7 +26,7 @@ pub enum Command {
     #[command(subcommand)]
     Cache(crate::envcache::CacheCmd),
     /// Tell what this host can do and how to fix what is missing.
-    Doctor,
+    Doctor(DoctorArgs),
     /// Measure start-up time and memory (percentiles and ratios).
     Bench(BenchArgs),
     /// Review and apply what sandboxes changed in this repository; approve its hutch.toml.
@@ -35,6 +35,14 @@ pub enum Command {
     /// Sandboxes as a service: `serve`, `token`, `secret`, and the client commands.
     #[command(flatten)]
     Service(crate::remote::ServiceCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Check only the host (programs, versions, KVM), not the agent binary or the image cache: what
+    /// `scripts/setup` runs before anything is built.
+    #[arg(long)]
+    pub host: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,6 +181,11 @@ pub struct EgressArgs {
     /// swapping it when the setup script ends.
     #[arg(long = "setup-secret", value_name = "NAME@HOST[,HOST...]")]
     pub setup_secret: Vec<String>,
+    /// Read KEY=value lines from FILE (a .env) as secrets: the VM sees a placeholder in $KEY, and the gateway
+    /// puts the value in place of it only on requests to the hosts bound with --secret KEY@HOST. A key without
+    /// a binding stops the run before the VM starts (repeatable).
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
     /// Append the egress audit log (JSON lines) to FILE.
     #[arg(long, value_name = "FILE")]
     pub audit: Option<PathBuf>,
@@ -276,7 +289,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(a) => crate::run::run(a).await,
         Command::Image(c) => crate::image::cmd(c).await,
         Command::Cache(c) => crate::envcache::cmd(c).await,
-        Command::Doctor => crate::doctor::doctor().await,
+        Command::Doctor(a) => crate::doctor::doctor(a).await,
         Command::Bench(a) => crate::bench::bench(a).await,
         Command::Repo(c) => crate::repo::dispatch(c).await,
         Command::Service(c) => crate::remote::dispatch(c).await,

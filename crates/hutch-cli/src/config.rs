@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::bail;
 use clap::ValueEnum;
 use hutch_policy::PolicyLayer;
-use hutch_repo::ProjectConfig;
+use hutch_repo::{CredentialRules, ProjectConfig};
 use serde::Deserialize;
 
 use crate::cli::{ImageName, RunArgs};
@@ -28,6 +28,15 @@ struct RawConfig {
     resources: Option<hutch_repo::project::RawResources>,
     policy: Option<toml::Table>,
     cache: Option<hutch_repo::project::RawCache>,
+    credentials: Option<hutch_repo::credentials::RawCredentials>,
+    secrets: Option<RawSecrets>,
+}
+
+/// `[secrets]`: where values come from besides the host's environment.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecrets {
+    from_env_file: Option<PathBuf>,
 }
 
 /// The user's config in checked form; empty when there is none.
@@ -43,6 +52,11 @@ pub struct UserConfig {
     /// `[cache] max_age_hours` and `max_size_gib`.
     pub cache_max_age_hours: Option<u64>,
     pub cache_max_size_gib: Option<u64>,
+    /// `[credentials]`: patterns to leave out of the VM besides the built-in list, and files to send anyway.
+    pub credentials: CredentialRules,
+    /// `[secrets] from_env_file`: an env file whose keys are secrets, like `--env-file` (relative to the config's
+    /// directory).
+    pub env_file: Option<PathBuf>,
 }
 
 /// `$XDG_CONFIG_HOME/hutch/config.toml`, else `$HOME/.config/hutch/config.toml`; `None` when neither variable
@@ -133,11 +147,19 @@ fn parse(path: &Path, text: &str) -> Result<UserConfig, Problem> {
             return Err(Problem::Key(format!("cache.inputs: {i:?} is not a path")));
         }
     }
+    let credentials = match &raw.credentials {
+        None => CredentialRules::default(),
+        Some(c) => CredentialRules::from_raw(c, "[credentials]").map_err(Problem::Key)?,
+    };
+    let base = path.parent().unwrap_or(Path::new("/"));
+    let env_file = raw.secrets.and_then(|s| s.from_env_file).map(|f| base.join(f));
     Ok(UserConfig {
         image,
         cpus,
         memory,
         policy,
+        credentials,
+        env_file,
         cache_inputs: cache.inputs,
         cache_max_age_hours: cache.max_age_hours,
         cache_max_size_gib: cache.max_size_gib,
@@ -219,6 +241,9 @@ mod tests {
         assert!(p.has_setup());
         assert!(p.rules(hutch_policy::Phase::Agent)[0].origin().starts_with("/cfg/hutch/config.toml [policy]"));
         assert!(config("").expect("empty").policy.is_none());
+        let c = config("[credentials]\nexclude = [\"*.secret\"]\ninclude = [\"*.pem\"]\n[secrets]\nfrom_env_file = \"work.env\"\n").expect("valid");
+        assert_eq!(c.credentials.exclude[0].as_str(), "*.secret");
+        assert_eq!(c.env_file.as_deref(), Some(Path::new("/cfg/hutch/work.env")), "relative to the config's directory");
     }
 
     /// Bad values name the key and what is allowed.
@@ -234,6 +259,9 @@ mod tests {
             ("[policy]\nalow = []\n", "/cfg/hutch/config.toml [policy]: unknown field `alow`"),
             ("[policy.setup]\nallow = [\"10.0.0.1\"]\n", "[policy]: setup.allow[0]"),
             ("not toml", "expected"),
+            ("[credentials]\nexclude = [\"a//b\"]\n", "[credentials]: exclude[0] = \"a//b\": has an empty component"),
+            ("[credentials]\nexclude = \"*.pem\"\n", "invalid type"),
+            ("[secrets]\nfrom_env = \"x\"\n", "unknown field `from_env`"),
         ];
         for (text, want) in cases {
             let e = config(text).expect_err(text);

@@ -1,33 +1,150 @@
-//! `hutch doctor`: what this host can do, and how to fix each problem found.
+//! `hutch doctor`: what this host can do, and how to fix each problem found. The host programs it checks come
+//! from `scripts/host-tools`, the same list `scripts/deps` installs and verifies, so the two never disagree.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use hutch_vmm::{HostCaps, KvmKind};
 
-pub async fn doctor() -> anyhow::Result<i32> {
+use crate::cli::DoctorArgs;
+
+/// The manifest shared with `scripts/deps`.
+const HOST_TOOLS: &str = include_str!("../../../scripts/host-tools");
+
+/// One line of `scripts/host-tools`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HostTool {
+    program: String,
+    package: String,
+    /// Needed by `hutch run`/`hutch image build`, not only by the tests.
+    required: bool,
+    version_args: Vec<String>,
+}
+
+fn host_tools() -> Vec<HostTool> {
+    HOST_TOOLS
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let program = f.next()?.to_string();
+            let package = f.next()?.to_string();
+            let required = f.next()? == "required";
+            Some(HostTool { program, package, required, version_args: f.map(str::to_string).collect() })
+        })
+        .collect()
+}
+
+/// Where a program is, searching the sbin directories too (a non-root PATH often lacks them).
+fn locate(program: &str) -> Option<PathBuf> {
+    hutch_vmm::host::find_in_path(program)
+        .or_else(|| ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"].iter().map(|d| Path::new(d).join(program)).find(|p| p.is_file()))
+}
+
+/// What running a tool told us: the first line of its output, or why it did not run.
+enum Probe {
+    Ran(String),
+    Missing,
+    Broken(String),
+}
+
+fn probe(tool: &HostTool) -> (Option<PathBuf>, Probe) {
+    let Some(path) = locate(&tool.program) else { return (None, Probe::Missing) };
+    let out = Command::new(&path).args(&tool.version_args).stdin(Stdio::null()).env("LC_ALL", "C").output();
+    let probe = match out {
+        Ok(o) if o.status.success() => {
+            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+            Probe::Ran(String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().chars().take(80).collect())
+        }
+        Ok(o) => Probe::Broken(format!("`{} {}` exited with {}", tool.program, tool.version_args.join(" "), o.status)),
+        Err(e) => Probe::Broken(format!("cannot run it: {e}")),
+    };
+    (Some(path), probe)
+}
+
+/// The major version in a `... version 7.2.22 ...` line.
+fn major_version(line: &str) -> Option<u32> {
+    let rest = &line[line.find("version ")? + "version ".len()..];
+    rest.split('.').next()?.trim().parse().ok()
+}
+
+/// A dynamically linked busybox cannot run in the initramfs, which has no libc.
+fn is_static_elf(path: &Path) -> Option<bool> {
+    let bytes = std::fs::read(path).ok()?;
+    // An ELF with a PT_INTERP program header is dynamically linked.
+    if bytes.get(..4)? != b"\x7fELF" || *bytes.get(4)? != 2 {
+        return None;
+    }
+    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u64_at = |o: usize| bytes.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let phentsize = usize::from(u16_at(0x36)?);
+    let phnum = usize::from(u16_at(0x38)?);
+    for i in 0..phnum {
+        let p_type = bytes.get(phoff + i * phentsize..phoff + i * phentsize + 4)?;
+        if u32::from_le_bytes(p_type.try_into().ok()?) == 3 {
+            return Some(false);
+        }
+    }
+    Some(true)
+}
+
+pub async fn doctor(args: DoctorArgs) -> anyhow::Result<i32> {
     let caps = HostCaps::detect();
     let mut problems = 0;
     let mut line = |ok: bool, what: &str, detail: String| {
         if !ok {
             problems += 1;
         }
-        println!("{} {:<14} {}", if ok { "ok  " } else { "FIX " }, what, detail);
+        println!("{} {:<18} {}", if ok { "ok  " } else { "FIX " }, what, detail);
     };
     match &caps.kvm {
         KvmKind::Hardware => line(true, "kvm", "hardware KVM: guests run at native speed behind a hardware boundary".into()),
-        other => println!("warn {:<14} {} -> guests run under QEMU TCG (software emulation: slow, and not a hardened boundary)", "kvm", other.explain()),
+        other => println!("warn {:<18} {} -> guests run under QEMU TCG (software emulation: slow, and not a hardened boundary)", "kvm", other.explain()),
     }
-    match (&caps.qemu, &caps.qemu_version()) {
-        (Some(p), Some(v)) => line(true, "qemu", format!("{v} ({})", p.display())),
-        _ => line(false, "qemu", "qemu-system-x86_64 not found: apt-get install qemu-system-x86".into()),
-    }
-    for (tool, pkg) in [("qemu-img", "qemu-utils"), ("mmdebstrap", "mmdebstrap"), ("mkfs.ext4", "e2fsprogs"), ("cpio", "cpio"), ("busybox", "busybox-static")] {
-        let found = hutch_vmm::host::find_in_path(tool).or_else(|| {
-            ["/usr/sbin", "/sbin", "/bin"].iter().map(|d| std::path::Path::new(d).join(tool)).find(|p| p.is_file())
-        });
-        match found {
-            Some(p) => line(true, tool, p.display().to_string()),
-            None => line(false, tool, format!("not found: apt-get install {pkg}")),
+
+    let mut versions: Vec<(&str, u32, String)> = Vec::new();
+    for tool in host_tools() {
+        let (path, probe) = probe(&tool);
+        let name = if tool.required { tool.program.clone() } else { format!("{} (tests)", tool.program) };
+        match probe {
+            Probe::Ran(first) => {
+                if let Some(major) = major_version(&first).filter(|_| tool.program.starts_with("qemu")) {
+                    versions.push((if tool.program == "qemu-img" { "qemu-img" } else { "qemu-system-x86_64" }, major, first.clone()));
+                }
+                let path = path.map(|p| p.display().to_string()).unwrap_or_default();
+                if tool.program == "busybox" && is_static_elf(Path::new(&path)) == Some(false) {
+                    line(false, &name, format!("{path} is dynamically linked: apt-get install {}", tool.package));
+                } else {
+                    line(true, &name, format!("{path}: {first}"));
+                }
+            }
+            Probe::Missing => line(false, &name, format!("not found: apt-get install {} (or run scripts/deps)", tool.package)),
+            Probe::Broken(why) => line(false, &name, format!("{why}: apt-get install --reinstall {}", tool.package)),
         }
     }
+    if let [(_, a, la), (_, b, lb)] = versions.as_slice() {
+        if a != b {
+            line(
+                false,
+                "qemu versions",
+                format!("QEMU and qemu-img come from different releases ({la} / {lb}): run scripts/deps, which installs both from one"),
+            );
+        }
+    }
+    if nix::unistd::geteuid().is_root() {
+        let vmm_user = nix::unistd::User::from_name("hutch-vmm").ok().flatten();
+        line(
+            vmm_user.is_some(),
+            "hutch-vmm user",
+            if vmm_user.is_some() { "QEMU drops to it after opening its files".into() } else { "missing (QEMU would drop to nobody): run scripts/deps".into() },
+        );
+    }
+    if args.host {
+        return Ok(verdict(problems, "host ready: next `scripts/build`, then `hutch image build`"));
+    }
+
     match crate::agent::locate() {
         Ok(p) => line(true, "agent", p.display().to_string()),
         Err(e) => line(false, "agent", format!("{e:#}")),
@@ -40,7 +157,7 @@ pub async fn doctor() -> anyhow::Result<i32> {
             } else {
                 line(true, "image", format!("{} image(s) in {}", images.len(), cache.root().display()));
             }
-            let root = if cache.root().exists() { cache.root().to_path_buf() } else { std::path::PathBuf::from("/") };
+            let root = if cache.root().exists() { cache.root().to_path_buf() } else { PathBuf::from("/") };
             if let Ok(st) = nix::sys::statvfs::statvfs(&root) {
                 let free_gb = st.blocks_available() as f64 * st.fragment_size() as f64 / 1e9;
                 line(free_gb > 5.0, "disk", format!("{free_gb:.1} GB free at {}{}", root.display(), if free_gb > 5.0 { "" } else { ": free some space (images need ~2 GB, each sandbox its writes)" }));
@@ -48,11 +165,44 @@ pub async fn doctor() -> anyhow::Result<i32> {
         }
         Err(e) => line(false, "cache", format!("{e}")),
     }
+    Ok(verdict(problems, "ready: try `hutch run -- uname -a`"))
+}
+
+fn verdict(problems: usize, ready: &str) -> i32 {
     if problems == 0 {
-        println!("\nready: try `hutch run -- uname -a`");
-        Ok(0)
+        println!("\n{ready}");
+        0
     } else {
         println!("\n{problems} problem(s) to fix (see FIX lines)");
-        Ok(1)
+        1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_parses_and_names_what_hutch_runs() {
+        let tools = host_tools();
+        for needed in ["qemu-system-x86_64", "qemu-img", "mmdebstrap", "mkfs.ext4", "cpio", "busybox"] {
+            assert!(tools.iter().any(|t| t.program == needed && t.required), "{needed} missing from scripts/host-tools");
+        }
+        assert!(tools.iter().all(|t| !t.package.is_empty()));
+    }
+
+    #[test]
+    fn major_versions_are_read_from_version_lines() {
+        assert_eq!(major_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"), Some(7));
+        assert_eq!(major_version("qemu-img version 10.0.2 (Debian 1:10.0.2+ds-2)"), Some(10));
+        assert_eq!(major_version("no number here"), None);
+    }
+
+    #[test]
+    fn static_and_dynamic_elves_are_told_apart() {
+        // The test binary itself is dynamically linked.
+        let me = std::env::current_exe().expect("exe");
+        assert_eq!(is_static_elf(&me), Some(false));
+        assert_eq!(is_static_elf(Path::new("/etc/hostname")), None);
     }
 }

@@ -1233,6 +1233,9 @@ p git-push sh -c 'cd /root/repo && git -c user.name=a -c user.email=a@example.te
     assert!(o.ok("get-ok-tunnel").contains("/allowed/y"));
     for probe in ["post", "post-tunnel", "put"] {
         o.refused_with(probe, "not allowed");
+        // The VM learns which rule refused it, by source kind and index, never the host's path of the file.
+        let out = o.refused(probe);
+        assert!(out.contains("(policy file allow[0])") && !out.contains(&policy_arg), "probe {probe}: {out}");
     }
     for probe in [
         "other-path",

@@ -177,6 +177,8 @@ fn sensitive_paths_are_flagged_and_not_applied_without_the_flag() {
     assert!(stderr.contains(".vscode/tasks.json (editor config)"), "{stderr}");
     assert!(stderr.contains("the VM changed its own .git/config, .git/hooks/post-checkout; git metadata never leaves the VM"), "{stderr}");
     let id = sandbox_id(&stderr);
+    // The end-of-run hint names the command that will work for this change, not one that refuses.
+    assert!(stderr.contains(&format!("apply with `hutch apply --allow-sensitive {}`", &id[..id.len().min(8)])), "{stderr}");
 
     let listing = r.listing();
     let a = r.hutch(&r.dir, &["apply", &id]);

@@ -135,7 +135,7 @@ impl AllowRule {
             if !methods.iter().any(|m| m.as_str() == method) {
                 return Err(DenyReason::MethodNotAllowed {
                     method: method.to_string(),
-                    rule: self.to_string(),
+                    rule: self.public(),
                 });
             }
         }
@@ -155,7 +155,7 @@ impl AllowRule {
             if !paths.iter().any(|p| p.matches(path_only)) {
                 return Err(DenyReason::PathNotAllowed {
                     path: path_only.to_string(),
-                    rule: self.to_string(),
+                    rule: self.public(),
                 });
             }
         }
@@ -164,6 +164,12 @@ impl AllowRule {
 }
 
 impl AllowRule {
+    /// The rule as a sandbox may be told it (in a denial): what it allows and the kind of source and field it came
+    /// from, never a host path (`allow pypi.org:443 methods GET (policy file allow[2])`).
+    pub fn public(&self) -> String {
+        format!("allow {} ({})", self.describe(), public_origin(&self.origin))
+    }
+
     /// What the rule allows, without where it came from: `pypi.org:443,80 methods GET`.
     pub fn describe(&self) -> String {
         let mut s = self.to_string();
@@ -189,6 +195,23 @@ impl fmt::Display for AllowRule {
         }
         write!(f, " ({})", self.origin)
     }
+}
+
+/// An origin (`/home/me/p.toml: allow[2]`, `/repo/hutch.toml [policy]: setup.allow[0]`, `--allow "a.com"`)
+/// reduced to its source kind and field: the file's path stays on the host.
+fn public_origin(origin: &str) -> String {
+    if origin.starts_with("--") {
+        return origin.to_string();
+    }
+    let (source, field) = origin.rsplit_once(": ").unwrap_or(("", origin));
+    let kind = if source.ends_with("hutch.toml [policy]") {
+        "hutch.toml [policy]"
+    } else if source.ends_with("[policy]") {
+        "user config [policy]"
+    } else {
+        "policy file"
+    };
+    format!("{kind} {field}")
 }
 
 /// Why a destination or request is refused. The Display text is what the sandbox is told.
@@ -223,6 +246,23 @@ pub(crate) fn best_rule<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn denials_name_the_source_kind_never_a_host_path() {
+        for (origin, want) in [
+            ("/home/me/secret-dir/p.toml: allow[2]", "(policy file allow[2])"),
+            ("/srv/repo/hutch.toml [policy]: setup.allow[0]", "(hutch.toml [policy] setup.allow[0])"),
+            ("/home/me/.config/hutch/config.toml [policy]: allow[1]", "(user config [policy] allow[1])"),
+            ("--allow \"a.com\"", "(--allow \"a.com\")"),
+        ] {
+            let mut r = rule(Some(&["GET"]), Some(&["/ok/"]));
+            r.origin = origin.into();
+            for e in [r.check_request("POST", "/ok/x"), r.check_request("GET", "/no")] {
+                let msg = e.expect_err("denied").to_string();
+                assert!(msg.ends_with(want) && !msg.contains("/home") && !msg.contains("/srv"), "{msg}");
+            }
+        }
+    }
 
     fn rule(methods: Option<&[&str]>, paths: Option<&[&str]>) -> AllowRule {
         AllowRule {
