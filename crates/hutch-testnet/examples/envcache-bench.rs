@@ -56,7 +56,7 @@ fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let hutch = match a.hutch {
         Some(h) => h,
-        None => PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("release/hutch"),
+        None => std::path::absolute(PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("release/hutch"))?,
     };
     let net = TestNet::start().context("test net")?;
     publish(&net)?;
