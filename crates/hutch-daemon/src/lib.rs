@@ -12,6 +12,7 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 mod stream;
+pub mod terminal;
 
 use std::path::{Path, PathBuf};
 

@@ -416,7 +416,7 @@ impl Sandbox {
         snap.new_overlay(&disk)?;
         let memory = dir.path().join("memory");
         sparse_copy(&snap.files.memory, &memory)?;
-        let vmcfg = Sandbox::vm_config(host, cfg, accel, dir.path(), disk, Memory::File { path: memory.clone(), shared: true });
+        let vmcfg = Sandbox::vm_config(host, cfg, accel, &dir, disk, Memory::File { path: memory.clone(), shared: true });
         let vm = host.qemu.restore(&vmcfg, &snap.files).await?;
         dir.record_vmm(vm.pid());
         let attached = Attached::connect(id, dir, vm, accel, StartMode::Restored, Duration::from_secs(10)).await?;
