@@ -57,6 +57,22 @@ fn install_ca(pem: &str) -> Result<(), String> {
     bundle.write_all(format!("\n{pem}\n").as_bytes()).map_err(|e| format!("cannot extend {SYSTEM_BUNDLE}: {e}"))
 }
 
+/// Undoes [`install_ca`]: the sandbox CA leaves `/etc/hutch` and the system bundle (before an environment
+/// snapshot, whose later sandboxes each bring their own CA).
+/// Only that certificate goes: what a setup script added to the bundle stays, as it would for the command.
+pub fn forget_ca() {
+    let Ok(pem) = std::fs::read_to_string(CA_FILE) else { return };
+    if let Ok(bundle) = std::fs::read_to_string(SYSTEM_BUNDLE) {
+        let block = format!("\n{pem}\n");
+        if let Some(at) = bundle.rfind(&block) {
+            let mut kept = bundle[..at].to_string();
+            kept.push_str(&bundle[at + block.len()..]);
+            let _ = std::fs::write(SYSTEM_BUNDLE, kept);
+        }
+    }
+    let _ = std::fs::remove_file(CA_FILE);
+}
+
 fn set_clock(secs: i64, nanos: u32) -> Result<(), String> {
     let ts = nix::sys::time::TimeSpec::new(secs, i64::from(nanos));
     nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(|e| format!("cannot set the clock: {e}"))

@@ -13,16 +13,24 @@ pub fn run() -> i32 {
         eprintln!("hutch-agent: cannot bring up lo: {e}");
     }
     let _ = nix::unistd::sethostname("hutch");
-    // SAFETY: no threads exist yet in this process (no runtime has been built), so fork is sound.
-    match unsafe { fork() } {
-        Ok(ForkResult::Child) => std::process::exit(agent_main()),
-        Ok(ForkResult::Parent { child }) => reap_until(child),
-        Err(e) => {
-            eprintln!("hutch-agent: fork failed: {e}");
-            power_off()
+    let mut respawned = false;
+    loop {
+        // SAFETY: PID 1 never builds a runtime or starts a thread (the agent runs only in the child), so it is
+        // single-threaded at every fork.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => std::process::exit(agent_main(respawned)),
+            Ok(ForkResult::Parent { child }) => reap_until(child),
+            Err(e) => {
+                eprintln!("hutch-agent: fork failed: {e}");
+                power_off()
+            }
         }
+        respawned = true;
     }
 }
+
+/// The agent's exit code that asks PID 1 for a fresh agent instead of a power-off ([`hutch_proto::Request::Respawn`]).
+pub const RESPAWN_CODE: i32 = 75;
 
 fn setup_filesystems() {
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
@@ -76,6 +84,7 @@ fn trust_store_in_memory() -> std::io::Result<()> {
         mount(Some("tmpfs"), dir, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")).map_err(std::io::Error::from)?;
     }
     let base = std::path::Path::new(CERTS);
+
     for (name, entry) in entries {
         match entry {
             Entry::Link(target) => std::os::unix::fs::symlink(target, base.join(name))?,
@@ -117,9 +126,11 @@ fn loopback_up() -> std::io::Result<()> {
     Ok(())
 }
 
-fn reap_until(agent: Pid) -> i32 {
+/// Reaps orphans until the agent ends: then powers off, or returns when the agent asked to be started again.
+fn reap_until(agent: Pid) {
     loop {
         match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, RESPAWN_CODE)) if pid == agent => return,
             Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _)) if pid == agent => power_off(),
             Ok(_) => {}
             Err(nix::errno::Errno::ECHILD) => power_off(),
@@ -136,7 +147,41 @@ fn power_off() -> ! {
     std::process::exit(1)
 }
 
-fn agent_main() -> i32 {
+/// Zeroes the guest's free memory, before an environment snapshot: the previous agent and the processes of the
+/// ended phase freed their pages without clearing them, and those pages held the old identity's environment and
+/// requests (placeholders included). The kernel hands anonymous memory out zeroed, so taking (almost) every free
+/// page once and giving it back leaves zeros behind; the page cache and live processes are untouched.
+fn scrub_free_memory() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let free_kib: usize = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemFree:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // A margin above the kernel's watermarks: the point is to recycle free pages, not to push out the page cache.
+    let len = free_kib.saturating_sub(32 * 1024) * 1024;
+    if len == 0 {
+        return;
+    }
+    // SAFETY: an anonymous private mapping of `len` bytes at an address the kernel chooses; nothing aliases it,
+    // and it is unmapped below before anything could use it.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if p != libc::MAP_FAILED {
+            libc::munmap(p, len);
+        }
+    }
+}
+
+fn agent_main(respawned: bool) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -144,6 +189,9 @@ fn agent_main() -> i32 {
             return 1;
         }
     };
+    if respawned {
+        scrub_free_memory();
+    }
     rt.block_on(async {
         let path = match crate::port::find(hutch_proto::AGENT_PORT_NAME, Duration::from_secs(10)) {
             Ok(p) => p,
@@ -160,7 +208,10 @@ fn agent_main() -> i32 {
             }
         };
         let state = crate::serve::State::default();
-        crate::net::setup_routing();
+        // Routes and nft rules live in the kernel: a respawned agent finds them in place.
+        if !respawned {
+            crate::net::setup_routing();
+        }
         if let Err(e) = crate::net::start(state.session.clone()).await {
             eprintln!("hutch-agent: egress listeners: {e}");
         }

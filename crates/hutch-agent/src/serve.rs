@@ -87,6 +87,14 @@ async fn handle(stream: Stream, state: State) {
         Request::Ping => {
             let _ = framed.send(&Reply::Ok).await;
         }
+        Request::Respawn => {
+            crate::identity::forget_ca();
+            nix::unistd::sync();
+            let _ = framed.send(&Reply::Ok).await;
+            // Let the reply leave before the port closes with this process.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            std::process::exit(crate::init::RESPAWN_CODE);
+        }
         Request::PowerOff => {
             nix::unistd::sync();
             let _ = framed.send(&Reply::Ok).await;

@@ -21,6 +21,20 @@ pub const OVERLAY: &str = "/var/tmp/hutch/overlay";
 /// Finds the drive, drops whatever the kernel cached of it, and mounts image and overlay.
 pub fn mount_workspace(req: &MountWorkspace) -> Result<(), String> {
     let dev = find_drive(&req.serial)?;
+    // In a VM restored from an environment snapshot the setup run's workspace is still mounted, over the image
+    // that was in the slot then: detach both (a process the setup left behind may still hold them) and start
+    // from an empty upper layer, so the new image is seen whole and nothing of the old tree survives.
+    for m in [req.target.as_str(), LOWER] {
+        match nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(format!("cannot detach the previous workspace at {m}: {e}")),
+        }
+    }
+    match std::fs::remove_dir_all(OVERLAY) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove the previous overlay {OVERLAY}: {e}")),
+    }
     flush_buffers(&dev)?;
     std::fs::create_dir_all(LOWER).map_err(|e| format!("cannot create {LOWER}: {e}"))?;
     let ro = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;

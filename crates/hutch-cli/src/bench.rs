@@ -175,7 +175,34 @@ fn mem_available_kib() -> Option<u64> {
     text.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// First run (setup, capture, restore) against a cached run, each to the command's first output.
+async fn bench_env_cache(a: &BenchArgs) -> anyhow::Result<i32> {
+    if !a.run_args.iter().any(|x| x == "--setup" || x.starts_with("--setup=")) {
+        anyhow::bail!("--env-cache needs a setup script: hutch bench --env-cache -- --setup FILE [other hutch run flags]");
+    }
+    println!("hutch bench --env-cache: {} runs each; hutch run {}\n", a.runs, a.run_args.join(" "));
+    let args: Vec<&str> = a.run_args.iter().map(String::as_str).collect();
+    let mut first = Samples::new("first run (setup + store), first byte");
+    let mut cached = Samples::new("cached run (restore + workspace), first byte");
+    for _ in 0..a.runs {
+        let mut with = args.clone();
+        with.push("--refresh-cache");
+        let (_, f) = time_hutch_run(&with, &["echo", "ready"]).await?;
+        first.push(f.context("the first run printed nothing")?);
+        let (_, f) = time_hutch_run(&args, &["echo", "ready"]).await?;
+        cached.push(f.context("the cached run printed nothing")?);
+    }
+    first.print();
+    cached.print();
+    let ratio = cached.pct(50.0) / first.pct(50.0);
+    println!("\ncached / first (p50): {ratio:.3} (1/{:.1}; target <= 1/10)", 1.0 / ratio);
+    Ok(0)
+}
+
 pub async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
+    if a.env_cache {
+        return bench_env_cache(&a).await;
+    }
     let (cache, image) = crate::image::ensure_named(a.vm.image).await?;
     let host = Host::new(image, cache.root().to_path_buf())?;
     let cfg = crate::image::sandbox_config(&a.vm);

@@ -22,6 +22,9 @@ pub enum Command {
     /// Build, list and remove guest images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Environment snapshots (the state after a setup script): list, remove, prune.
+    #[command(subcommand)]
+    Cache(crate::envcache::CacheCmd),
     /// Tell what this host can do and how to fix what is missing.
     Doctor(DoctorArgs),
     /// Measure start-up time and memory (percentiles and ratios).
@@ -144,6 +147,8 @@ pub struct RunArgs {
     pub egress: EgressArgs,
     #[command(flatten)]
     pub repo: crate::repo::RepoArgs,
+    #[command(flatten)]
+    pub cache: crate::envcache::CacheArgs,
     /// User configuration file [default: $XDG_CONFIG_HOME/hutch/config.toml or ~/.config/hutch/config.toml].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -224,6 +229,15 @@ pub struct BenchArgs {
     /// Repeatable (e.g. `--repo 10000 --repo 50000`).
     #[arg(long, value_name = "FILES", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub repo: Vec<u32>,
+    /// Measure the environment cache instead: `hutch run RUN-ARGS` with the setup run and stored
+    /// (--refresh-cache) against the same run from the cache, to the command's first output. RUN-ARGS must give a
+    /// setup script (--setup FILE ...); `hutch-testnet`'s `envcache-bench` example passes one that installs a
+    /// package from a local registry.
+    #[arg(long)]
+    pub env_cache: bool,
+    /// `hutch run` arguments for --env-cache.
+    #[arg(last = true, value_name = "RUN-ARGS")]
+    pub run_args: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -319,6 +333,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
         Command::Run(a) => crate::run::run(a).await,
         Command::Image(c) => crate::image::cmd(c).await,
+        Command::Cache(c) => crate::envcache::cmd(c).await,
         Command::Doctor(a) => crate::doctor::doctor(a).await,
         Command::Bench(a) => crate::bench::bench(a).await,
         Command::Repo(c) => crate::repo::dispatch(c).await,

@@ -27,6 +27,7 @@ struct RawConfig {
     image: Option<String>,
     resources: Option<hutch_repo::project::RawResources>,
     policy: Option<toml::Table>,
+    cache: Option<hutch_repo::project::RawCache>,
     credentials: Option<hutch_repo::credentials::RawCredentials>,
     secrets: Option<RawSecrets>,
 }
@@ -46,6 +47,11 @@ pub struct UserConfig {
     pub memory: Option<u32>,
     /// `[policy]`, in the `--policy` format; its `[policy.setup]` is the setup script's.
     pub policy: Option<PolicyLayer>,
+    /// `[cache] inputs`: paths (relative to the repository's top) whose content keys the environment cache.
+    pub cache_inputs: Vec<String>,
+    /// `[cache] max_age_hours` and `max_size_gib`.
+    pub cache_max_age_hours: Option<u64>,
+    pub cache_max_size_gib: Option<u64>,
     /// `[credentials]`: patterns to leave out of the VM besides the built-in list, and files to send anyway.
     pub credentials: CredentialRules,
     /// `[secrets] from_env_file`: an env file whose keys are secrets, like `--env-file` (relative to the config's
@@ -129,13 +135,35 @@ fn parse(path: &Path, text: &str) -> Result<UserConfig, Problem> {
             Some(PolicyLayer::from_table(t, &origin, base).map_err(|e| Problem::Policy(e.to_string()))?)
         }
     };
+    let cache = raw.cache.unwrap_or_default();
+    if let Some(h) = cache.max_age_hours.filter(|h| !(1..=24 * 365).contains(h)) {
+        return Err(Problem::Key(format!("cache.max_age_hours = {h}: must be 1 to 8760")));
+    }
+    if let Some(g) = cache.max_size_gib.filter(|g| !(1..=1 << 20).contains(g)) {
+        return Err(Problem::Key(format!("cache.max_size_gib = {g}: must be at least 1")));
+    }
+    for i in &cache.inputs {
+        if i.is_empty() || i.contains('\0') {
+            return Err(Problem::Key(format!("cache.inputs: {i:?} is not a path")));
+        }
+    }
     let credentials = match &raw.credentials {
         None => CredentialRules::default(),
         Some(c) => CredentialRules::from_raw(c, "[credentials]").map_err(Problem::Key)?,
     };
     let base = path.parent().unwrap_or(Path::new("/"));
     let env_file = raw.secrets.and_then(|s| s.from_env_file).map(|f| base.join(f));
-    Ok(UserConfig { image, cpus, memory, policy, credentials, env_file })
+    Ok(UserConfig {
+        image,
+        cpus,
+        memory,
+        policy,
+        credentials,
+        env_file,
+        cache_inputs: cache.inputs,
+        cache_max_age_hours: cache.max_age_hours,
+        cache_max_size_gib: cache.max_size_gib,
+    })
 }
 
 /// Which run settings were given as flags (the rest may come from config files).

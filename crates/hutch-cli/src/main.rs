@@ -6,6 +6,7 @@ mod cli;
 mod config;
 mod doctor;
 mod egress;
+mod envcache;
 mod image;
 mod remote;
 mod repo;

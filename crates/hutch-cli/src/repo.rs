@@ -29,7 +29,7 @@ pub struct RepoArgs {
     /// Run FILE as root in the VM before the command (from /workspace when in a repository); its output is shown
     /// under a `setup` header, and if it fails the command does not run. It reaches only what --setup-allow and
     /// --setup-secret (or a [setup] policy table) give it.
-    #[arg(long, value_name = "FILE", value_parser = parse_setup)]
+    #[arg(long, value_name = "FILE", value_parser = parse_script)]
     pub setup: Option<SetupFile>,
     /// When the command exits 0, apply the VM's changes to the working tree after showing their diffstat.
     #[arg(long)]
@@ -63,15 +63,15 @@ pub struct SetupFile {
     pub bytes: Vec<u8>,
 }
 
-fn parse_setup(s: &str) -> Result<SetupFile, String> {
-    let meta = std::fs::metadata(s).map_err(|e| format!("cannot read setup script {s}: {e}"))?;
+pub(crate) fn parse_script(s: &str) -> Result<SetupFile, String> {
+    let meta = std::fs::metadata(s).map_err(|e| format!("cannot read script {s}: {e}"))?;
     if !meta.is_file() {
-        return Err(format!("setup script {s} is not a regular file"));
+        return Err(format!("script {s} is not a regular file"));
     }
     if meta.len() > MAX_SETUP {
-        return Err(format!("setup script {s} is larger than 1 MiB"));
+        return Err(format!("script {s} is larger than 1 MiB"));
     }
-    let bytes = std::fs::read(s).map_err(|e| format!("cannot read setup script {s}: {e}"))?;
+    let bytes = std::fs::read(s).map_err(|e| format!("cannot read script {s}: {e}"))?;
     Ok(SetupFile { name: s.to_string(), bytes })
 }
 
@@ -289,6 +289,8 @@ pub struct RunRepo {
     /// The repository's hutch.toml, when it asks for something and the user approved this version.
     project: Option<ProjectConfig>,
     setup: Option<SetupFile>,
+    /// Runs instead of the setup when the VM starts from a cached environment.
+    maintenance: Option<SetupFile>,
     /// Which working-tree files stay out of the VM as credentials.
     credentials: CredentialFilter,
     apply: bool,
@@ -311,6 +313,7 @@ impl RunRepo {
             active: None,
             project: None,
             setup: r.setup.clone(),
+            maintenance: a.cache.maintenance.clone(),
             credentials: CredentialFilter::default(),
             apply: r.apply,
             allow_sensitive: r.allow_sensitive,
@@ -340,6 +343,9 @@ impl RunRepo {
                             if let (None, Some(s)) = (&rr.setup, &cfg.setup) {
                                 rr.setup = Some(SetupFile { name: s.path.clone(), bytes: s.bytes.clone() });
                             }
+                            if let (None, Some(s)) = (&rr.maintenance, &cfg.maintenance) {
+                                rr.maintenance = Some(SetupFile { name: s.path.clone(), bytes: s.bytes.clone() });
+                            }
                             project_credentials.include = cfg.credentials.include.clone();
                             rr.project = Some(cfg);
                         }
@@ -361,6 +367,54 @@ impl RunRepo {
     /// Whether a setup script runs before the command (`--setup` or an approved hutch.toml's).
     pub fn has_setup(&self) -> bool {
         self.setup.is_some()
+    }
+
+    /// The setup script that runs (its bytes key the environment cache).
+    pub fn setup_script(&self) -> Option<&SetupFile> {
+        self.setup.as_ref()
+    }
+
+    /// The work tree's top directory, once found (before or after the snapshot).
+    pub fn top(&self) -> Option<&Path> {
+        self.found.as_ref().map(|r| r.top.as_path()).or(self.active.as_ref().map(|a| a.repo.top.as_path()))
+    }
+
+    /// In a VM restored from an environment snapshot: the `/workspace` it has is the one of the run that made
+    /// the snapshot. It goes, and the current working-tree snapshot enters the usual way, so that files deleted
+    /// or changed on the host since then are deleted or changed in the VM too.
+    pub async fn replace_workspace(&mut self, client: &AgentClient) -> anyhow::Result<()> {
+        // The workspace drive now holds this run's image; mounting it detaches the setup run's workspace and
+        // starts a fresh overlay, so a file deleted on the host is gone in the VM.
+        self.enter_workspace(client).await
+    }
+
+    /// In a VM restored from an environment snapshot, instead of the setup: the maintenance script, if any, with
+    /// the setup phase's egress and placeholders; then the gateway moves to the agent phase.
+    pub async fn maintenance(&mut self, client: &AgentClient, gateway: &Gateway, command: &[String]) -> anyhow::Result<()> {
+        if let Some(s) = &self.maintenance {
+            let cwd = if self.ws.is_some() { WORKSPACE } else { "/root" };
+            eprintln!("hutch: ── maintenance: {} ──", s.name);
+            let mut tee = |b: &[u8]| {
+                let mut e = std::io::stderr();
+                let _ = e.write_all(b);
+                let _ = e.flush();
+            };
+            let env = hutch_sandbox::egress::setup_env(gateway);
+            let r = run_setup(client, &s.bytes, cwd, env, &mut tee).await.context("running the maintenance script")?;
+            if r.status != ExitStatus::Code(0) {
+                let text = String::from_utf8_lossy(&for_terminal(&r.tail)).into_owned();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                bail!(
+                    "maintenance {} failed with exit code {}; the command did not run. Its last output:\n{tail}",
+                    s.name,
+                    r.status.as_shell_code()
+                );
+            }
+        }
+        gateway.enter_phase(Phase::Agent).context("ending the setup phase")?;
+        eprintln!("hutch: ── command: {} ──", command.join(" "));
+        Ok(())
     }
 
     /// After every input was checked: takes the working-tree snapshot and points the command's working directory

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hutch_proto::{ExecEvent, ExecInput, ExecRequest};
+use hutch_sandbox::envsnap::{BuilderLock, Entry};
 use hutch_sandbox::{Host, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
@@ -14,6 +15,8 @@ use crate::cli::RunArgs;
 
 /// How the command ended, as hutch's exit code.
 enum Ending {
+    /// Not ended: the start-up steps are done and the command comes next.
+    Continue,
     Exited(i32),
     SpawnFailed { message: String, not_found: bool },
     Timeout(Duration),
@@ -50,53 +53,124 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     cfg.workspace_image = repo.workspace_image();
     crate::image::warn_if_tcg(&host, &cfg)?;
 
+    let plan = crate::envcache::plan(&a, &user, &repo, &cfg.egress, &host.image.key, cache.root())?;
+
     // Signals are watched from before the VM exists, so a Ctrl-C during start-up also cleans up.
-    let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut sighup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
-
-    let sandbox = tokio::select! {
-        r = Sandbox::create_with_notes(&host, &cfg, &|n| eprintln!("hutch: warning: {}", hutch_text::escape_lines(n.as_bytes()))) => r?,
-        _ = sigint.recv() => return Ok(130),
-        _ = sigterm.recv() => return Ok(143),
-        _ = sighup.recv() => return Ok(129),
+    let mut sigs = Signals {
+        int: signal(SignalKind::interrupt()).context("install SIGINT handler")?,
+        term: signal(SignalKind::terminate()).context("install SIGTERM handler")?,
+        hup: signal(SignalKind::hangup()).context("install SIGHUP handler")?,
     };
-    tracing::info!(id = %sandbox.id, mode = ?sandbox.start.mode, took_ms = sandbox.start.took.as_millis() as u64, "sandbox started");
-    if sandbox.start.snapshot_wanted {
-        rebuild_snapshot_in_background(&a.vm, cache.root());
-    }
-
     let deadline = a.timeout.map(|t| tokio::time::Instant::now() + t);
-    let ending = {
-        let work = async {
-            repo.enter_workspace(sandbox.client()).await?;
-            // Copied-in files are in place before the setup script runs.
-            for c in &a.copy_in {
-                sandbox
-                    .client()
-                    .put_host_file(&c.host, &c.guest)
-                    .await
-                    .with_context(|| format!("copy-in {} -> {}", c.host.display(), c.guest))?;
+    let warn = |n: &str| eprintln!("hutch: warning: {}", hutch_text::escape_lines(n.as_bytes()));
+
+    // Where the VM comes from: an environment snapshot (the setup's result), or the image snapshot followed by the
+    // setup (captured afterwards when this run builds the entry for its key).
+    let mut start = match &plan {
+        None => Start::Fresh { lock: None },
+        Some(p) if p.refresh => Start::Fresh { lock: builder_lock(p, &warn) },
+        Some(p) => match p.store.lookup(&p.key, Some(p.max_age)) {
+            Ok(Some(e)) => Start::Cached { entry: e, just_made: false },
+            Ok(None) => {
+                let lock = builder_lock(p, &warn);
+                // Another run may have finished building between the lookup and the lock.
+                match (lock.is_some(), p.store.lookup(&p.key, Some(p.max_age))) {
+                    (true, Ok(Some(e))) => Start::Cached { entry: e, just_made: false },
+                    _ => Start::Fresh { lock },
+                }
             }
-            repo.setup(sandbox.client(), sandbox.gateway(), &a.command).await?;
-            let ending = if tty { exec_tty(&sandbox, &a).await? } else { exec(&sandbox, &a).await? };
-            anyhow::Ok(ending)
-        };
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
+            Err(e) => {
+                warn(&format!("the cached environment {} is unusable ({}); running the setup", p.short_key(), hutch_sandbox::error_chain(&e)));
+                p.store.discard(&p.key);
+                Start::Fresh { lock: builder_lock(p, &warn) }
             }
+        },
+    };
+    let (sandbox, ending) = loop {
+        let created = tokio::select! {
+            r = create(&host, &cfg, &mut start, plan.as_ref(), &warn) => r?,
+            _ = sigs.int.recv() => return Ok(130),
+            _ = sigs.term.recv() => return Ok(143),
+            _ = sigs.hup.recv() => return Ok(129),
         };
-        let vm_gone = sandbox.channel_closed();
-        tokio::select! {
-            r = work => r,
-            _ = sleep => Ok(Ending::Timeout(a.timeout.unwrap_or_default())),
-            _ = sigint.recv() => Ok(Ending::Signal("SIGINT", 130)),
-            _ = sigterm.recv() => Ok(Ending::Signal("SIGTERM", 143)),
-            _ = sighup.recv() => Ok(Ending::Signal("SIGHUP", 129)),
-            _ = vm_gone => Ok(Ending::VmGone(String::new())),
+        let sandbox = created;
+        tracing::info!(id = %sandbox.id, mode = ?sandbox.start.mode, took_ms = sandbox.start.took.as_millis() as u64, "sandbox started");
+        if sandbox.start.snapshot_wanted {
+            rebuild_snapshot_in_background(&a.vm, cache.root());
         }
+        let setup_t0 = std::time::Instant::now();
+        let prepared = {
+            let prep = async {
+                match &start {
+                    Start::Cached { entry, just_made } => {
+                        if !*just_made {
+                            eprintln!(
+                                "hutch: setup: cached (key {}…, made {} ago)",
+                                &entry.meta.key[..8],
+                                crate::envcache::age(entry.age_secs())
+                            );
+                        }
+                        // Also in the VM just restored from the entry this run made: the command starts from the
+                        // same state every later run of this key will (a fresh /workspace over the current tree,
+                        // the copy-ins), whatever the setup wrote into /workspace.
+                        repo.replace_workspace(sandbox.client()).await?;
+                        copy_in(&sandbox, &a).await?;
+                        if *just_made {
+                            sandbox.gateway().enter_phase(hutch_gateway::Phase::Agent).context("ending the setup phase")?;
+                        } else {
+                            repo.maintenance(sandbox.client(), sandbox.gateway(), &a.command).await?;
+                        }
+                    }
+                    Start::Fresh { .. } => {
+                        repo.enter_workspace(sandbox.client()).await?;
+                        // Copied-in files are in place before the setup script runs.
+                        copy_in(&sandbox, &a).await?;
+                        repo.setup(sandbox.client(), sandbox.gateway(), &a.command).await?;
+                    }
+                }
+                anyhow::Ok(None)
+            };
+            guard(prep, &sandbox, deadline, a.timeout, &mut sigs).await
+        };
+        match prepared {
+            Ok(None) => {}
+            Ok(Some(stop)) => break (sandbox, Ok(stop)),
+            Err(e) => break (sandbox, Err(e)),
+        }
+        let Start::Fresh { lock } = &mut start else { break (sandbox, Ok(Ending::Continue)) };
+        let (Some(l), Some(p)) = (lock.take(), &plan) else { break (sandbox, Ok(Ending::Continue)) };
+        if !sandbox.capturable() {
+            break (sandbox, Ok(Ending::Continue));
+        }
+        let setup_ms = setup_t0.elapsed().as_millis() as u64;
+        // The setup succeeded and its connections are cut: the VM becomes the entry, and the command runs in a VM
+        // restored from it (which also proves the entry restores).
+        let captured = tokio::select! {
+            r = sandbox.capture(&p.store, &l, &p.label, setup_ms) => r,
+            _ = sigs.int.recv() => return Ok(130),
+            _ = sigs.term.recv() => return Ok(143),
+            _ = sigs.hup.recv() => return Ok(129),
+        };
+        drop(l);
+        match captured {
+            Ok(entry) => {
+                eprintln!("hutch: setup: stored in the environment cache (key {}…)", &entry.meta.key[..8]);
+                let _ = p.store.prune(Some(p.max_age), Some(p.max_bytes));
+                start = Start::Cached { entry, just_made: true };
+            }
+            Err(e) => {
+                warn(&format!("cannot store the environment ({}); running the setup again without storing", hutch_sandbox::error_chain(&e)));
+                start = Start::Fresh { lock: None };
+            }
+        }
+    };
+
+    let ending = match ending {
+        Ok(Ending::Continue) => guard(async { if tty { exec_tty(&sandbox, &a).await.map(Some) } else { exec(&sandbox, &a).await.map(Some) } }, &sandbox, deadline, a.timeout, &mut sigs).await.and_then(|r| match r {
+            Some(stop) => Ok(stop),
+            None => Err(anyhow::anyhow!("the command ended without a status")),
+        }),
+        other => other,
     };
 
     // Copy-out happens for any ending where the VM is still there to answer.
@@ -125,6 +199,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     crate::egress::print_denials(&denied);
 
     let code = match ending? {
+        Ending::Continue => 0,
         Ending::Exited(c) => c,
         Ending::SpawnFailed { message, not_found } => {
             eprintln!("hutch: {}", hutch_text::escape_lines(message.as_bytes()));
@@ -155,6 +230,103 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
         return Err(e);
     }
     repo.finish(code)
+}
+
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+/// Where this run's VM comes from.
+enum Start {
+    /// The image snapshot, then the setup; `lock` when this run builds the environment entry for its key.
+    Fresh { lock: Option<BuilderLock> },
+    /// An environment snapshot; `just_made` by this run (its workspace and copy-ins are current already).
+    Cached { entry: Entry, just_made: bool },
+}
+
+/// The builder's lock for the plan's key; `None` (with a note) when another run holds it: this run then runs the
+/// setup itself and stores nothing, and never waits.
+fn builder_lock(p: &crate::envcache::Plan, warn: &dyn Fn(&str)) -> Option<BuilderLock> {
+    match p.store.try_lock(&p.key) {
+        Ok(Some(l)) => Some(l),
+        Ok(None) => {
+            eprintln!("hutch: setup: another run is building the cached environment {}; running the setup without storing", p.short_key());
+            None
+        }
+        Err(e) => {
+            warn(&format!("environment cache: {}", hutch_sandbox::error_chain(&e)));
+            None
+        }
+    }
+}
+
+/// The VM for `start`, falling back (with a warning) from an unusable entry to a fresh start, and from a VM that
+/// cannot be captured to an ordinary one.
+async fn create(host: &Host, cfg: &hutch_sandbox::SandboxConfig, start: &mut Start, plan: Option<&crate::envcache::Plan>, warn: &(dyn Fn(&str) + Sync)) -> anyhow::Result<Sandbox> {
+    if let Start::Cached { entry, .. } = start {
+        match Sandbox::restore_env(host, cfg, entry).await {
+            Ok(sb) => {
+                if let Some(p) = plan {
+                    p.store.touch(&p.key);
+                }
+                return Ok(sb);
+            }
+            Err(e) => {
+                warn(&format!("cannot restore the cached environment {}… ({}); running the setup", &entry.meta.key[..8], hutch_sandbox::error_chain(&e)));
+                let lock = plan.and_then(|p| {
+                    p.store.discard(&p.key);
+                    builder_lock(p, warn)
+                });
+                *start = Start::Fresh { lock };
+            }
+        }
+    }
+    if let Start::Fresh { lock } = start {
+        if lock.is_some() {
+            match Sandbox::create_capturable(host, cfg).await {
+                Ok(sb) => return Ok(sb),
+                Err(e) => {
+                    warn(&format!("cannot prepare a VM for the environment cache ({}); running without storing", hutch_sandbox::error_chain(&e)));
+                    *lock = None;
+                }
+            }
+        }
+    }
+    Ok(Sandbox::create_with_notes(host, cfg, warn).await?)
+}
+
+async fn copy_in(sandbox: &Sandbox, a: &RunArgs) -> anyhow::Result<()> {
+    for c in &a.copy_in {
+        sandbox.client().put_host_file(&c.host, &c.guest).await.with_context(|| format!("copy-in {} -> {}", c.host.display(), c.guest))?;
+    }
+    Ok(())
+}
+
+/// Runs `work` unless the deadline passes, a signal arrives or the VM goes away first: `Ok(None)` when `work`
+/// finished (its own ending, if any, is returned as `Some`).
+async fn guard(
+    work: impl std::future::Future<Output = anyhow::Result<Option<Ending>>>,
+    sandbox: &Sandbox,
+    deadline: Option<tokio::time::Instant>,
+    timeout: Option<Duration>,
+    sigs: &mut Signals,
+) -> anyhow::Result<Option<Ending>> {
+    let sleep = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = work => r,
+        _ = sleep => Ok(Some(Ending::Timeout(timeout.unwrap_or_default()))),
+        _ = sigs.int.recv() => Ok(Some(Ending::Signal("SIGINT", 130))),
+        _ = sigs.term.recv() => Ok(Some(Ending::Signal("SIGTERM", 143))),
+        _ = sigs.hup.recv() => Ok(Some(Ending::Signal("SIGHUP", 129))),
+        _ = sandbox.channel_closed() => Ok(Some(Ending::VmGone(String::new()))),
+    }
 }
 
 async fn exec(sandbox: &Sandbox, a: &RunArgs) -> anyhow::Result<Ending> {

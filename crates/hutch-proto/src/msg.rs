@@ -23,6 +23,10 @@ pub enum Request {
     /// Mount the workspace drive (a read-only filesystem image) with a writable overlay at `target`; one
     /// [`Reply`]. Nothing is copied: the guest reads the image through the block device.
     MountWorkspace(MountWorkspace),
+    /// Forget this sandbox: the agent resets the trust store, answers, and exits; PID 1 starts a fresh agent
+    /// (new address space, nothing of the old one's memory) that announces `Ready` as after a boot. The state an
+    /// environment snapshot is taken in.
+    Respawn,
 }
 
 /// Sent by the host at the start of each session: everything that must differ between sandboxes made from the

@@ -22,9 +22,23 @@ const MAX_SCRIPT: u64 = 1024 * 1024;
 #[serde(deny_unknown_fields)]
 struct RawProject {
     setup: Option<String>,
+    maintenance: Option<String>,
     resources: Option<RawResources>,
     policy: Option<toml::Table>,
     credentials: Option<RawCredentials>,
+    cache: Option<RawCache>,
+}
+
+/// The `[cache]` table of `hutch.toml` and of the user's config: files whose content keys the environment cache.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    /// Hours an environment snapshot is used after it was made (user config only).
+    pub max_age_hours: Option<u64>,
+    /// GiB all environment snapshots may take together (user config only).
+    pub max_size_gib: Option<u64>,
 }
 
 /// The `[resources]` table of `hutch.toml` and of the user's config, as written.
@@ -50,6 +64,10 @@ pub struct ProjectConfig {
     /// SHA-256 over the file and its setup script: what an approval is pinned to.
     pub digest: String,
     pub setup: Option<SetupScript>,
+    /// Run instead of the setup when a run starts from a cached environment (`maintenance = "..."`).
+    pub maintenance: Option<SetupScript>,
+    /// `[cache] inputs`: repository paths whose content is part of the environment cache's key.
+    pub cache_inputs: Vec<String>,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u32>,
     /// The `[policy]` table (its `[policy.setup]` is the setup phase's), parsed and checked; relative paths in it
@@ -90,21 +108,28 @@ impl ProjectConfig {
 
     fn parse(top: &Path, file: &Path, text: &str) -> Result<ProjectConfig, RepoError> {
         let raw: RawProject = toml::from_str(text).map_err(|e| bad(file, e.message().trim_end()))?;
-        let setup = match &raw.setup {
-            None => None,
-            Some(p) => {
-                check_path(p.as_bytes()).map_err(|problem| bad(file, format!("setup = {p:?}: the path {problem}")))?;
-                let full = top.join(p);
-                // Resolved, it must still be inside the repository.
-                let real =
-                    full.canonicalize().map_err(io_err(format!("{}: setup script {} does not exist", file.display(), full.display())))?;
-                let top_real = top.canonicalize().map_err(io_err(format!("cannot resolve {}", top.display())))?;
-                if !real.starts_with(&top_real) {
-                    return Err(bad(file, format!("setup = {p:?} resolves outside the repository")));
-                }
-                Some(SetupScript { path: p.clone(), bytes: read_capped(&real, MAX_SCRIPT, "setup script")? })
+        let script = |key: &str, p: &Option<String>| -> Result<Option<SetupScript>, RepoError> {
+            let Some(p) = p else { return Ok(None) };
+            check_path(p.as_bytes()).map_err(|problem| bad(file, format!("{key} = {p:?}: the path {problem}")))?;
+            let full = top.join(p);
+            // Resolved, it must still be inside the repository.
+            let real =
+                full.canonicalize().map_err(io_err(format!("{}: {key} script {} does not exist", file.display(), full.display())))?;
+            let top_real = top.canonicalize().map_err(io_err(format!("cannot resolve {}", top.display())))?;
+            if !real.starts_with(&top_real) {
+                return Err(bad(file, format!("{key} = {p:?} resolves outside the repository")));
             }
+            Ok(Some(SetupScript { path: p.clone(), bytes: read_capped(&real, MAX_SCRIPT, &format!("{key} script"))? }))
         };
+        let setup = script("setup", &raw.setup)?;
+        let maintenance = script("maintenance", &raw.maintenance)?;
+        let cache_inputs = raw.cache.as_ref().map(|c| c.inputs.clone()).unwrap_or_default();
+        for i in &cache_inputs {
+            check_path(i.as_bytes()).map_err(|problem| bad(file, format!("cache.inputs: {i:?}: the path {problem}")))?;
+        }
+        if raw.cache.as_ref().is_some_and(|c| c.max_age_hours.is_some() || c.max_size_gib.is_some()) {
+            return Err(bad(file, "cache.max_age_hours and cache.max_size_gib belong in your own config, not in the repository"));
+        }
         let (cpus, memory_mib) = match &raw.resources {
             None => (None, None),
             Some(r) => {
@@ -137,7 +162,12 @@ impl ProjectConfig {
             h.update((s.bytes.len() as u64).to_le_bytes());
             h.update(&s.bytes);
         }
-        Ok(ProjectConfig { file: file.to_path_buf(), digest: hex::encode(h.finalize()), setup, cpus, memory_mib, policy, credentials })
+        if let Some(s) = &maintenance {
+            h.update(b"maintenance\0");
+            h.update((s.bytes.len() as u64).to_le_bytes());
+            h.update(&s.bytes);
+        }
+        Ok(ProjectConfig { file: file.to_path_buf(), digest: hex::encode(h.finalize()), setup, maintenance, cache_inputs, cpus, memory_mib, policy, credentials })
     }
 
     /// What the file asks for, one line each; empty when it asks for nothing.
@@ -146,6 +176,13 @@ impl ProjectConfig {
         if let Some(s) = &self.setup {
             v.push(format!(
                 "a setup script, {} ({} bytes), run as root in the VM before the command",
+                show(s.path.as_bytes()),
+                s.bytes.len()
+            ));
+        }
+        if let Some(s) = &self.maintenance {
+            v.push(format!(
+                "a maintenance script, {} ({} bytes), run as root in the VM when it starts from a cached environment",
                 show(s.path.as_bytes()),
                 s.bytes.len()
             ));

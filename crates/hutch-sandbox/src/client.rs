@@ -228,6 +228,12 @@ impl AgentClient {
         Ok(meta)
     }
 
+    /// Asks the agent to forget this sandbox and restart itself ([`Request::Respawn`]); the session ends.
+    pub async fn respawn(&self) -> Result<(), SandboxError> {
+        let mut f = self.request(&Request::Respawn).await?;
+        Self::reply(&mut f, "respawn").await
+    }
+
     pub async fn power_off(&self) -> Result<(), SandboxError> {
         let mut f = self.request(&Request::PowerOff).await?;
         Self::reply(&mut f, "power off").await

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod dirs;
 pub mod egress;
+pub mod envsnap;
 pub mod pool;
 pub mod snapshot;
 
@@ -45,6 +46,8 @@ pub enum SandboxError {
     VmExited { mode: &'static str, console: String },
     #[error("egress gateway: {0}")]
     Gateway(String),
+    #[error("environment snapshot: {0}")]
+    Env(String),
     #[error("{tool} failed: {message}")]
     Tool { tool: &'static str, message: String },
 }
@@ -161,6 +164,11 @@ pub struct Sandbox {
     driver: tokio::task::JoinHandle<Result<(), hutch_proto::MuxError>>,
     egress_task: tokio::task::JoinHandle<()>,
     gateway: hutch_gateway::Gateway,
+    /// A second handle on the agent channel's socket: after a respawn the host reads the fresh agent's `Ready`
+    /// on it, with the session's own handle gone (so the channel never closes in between).
+    raw: Option<std::os::fd::OwnedFd>,
+    /// Set when the VM's RAM is a shared file of its own (an environment snapshot can then be taken of it).
+    capture: Option<envsnap::CaptureBase>,
     // Last: dropped after the VM is killed.
     dir: SandboxDir,
 }
@@ -175,6 +183,7 @@ pub(crate) struct Attached {
     pub(crate) session: Session,
     pub(crate) inbound: tokio::sync::mpsc::Receiver<hutch_proto::mux::Stream>,
     pub(crate) driver: tokio::task::JoinHandle<Result<(), hutch_proto::MuxError>>,
+    pub(crate) raw: Option<std::os::fd::OwnedFd>,
 }
 
 impl Attached {
@@ -209,13 +218,17 @@ impl Attached {
             }
         };
         tracing::debug!(id = %id, "attach: handshake done");
+        let raw = {
+            use std::os::fd::AsFd;
+            stream.as_fd().try_clone_to_owned().ok()
+        };
         let (session, inbound, driver) = Session::start(stream, Role::Client);
-        Ok(Attached { id, dir, vm, accel, mode, session, inbound, driver })
+        Ok(Attached { id, dir, vm, accel, mode, session, inbound, driver, raw })
     }
 
     /// Gives the VM its identity and egress; kills it on failure.
     pub(crate) async fn finish(self, cfg: &SandboxConfig) -> Result<Sandbox, SandboxError> {
-        let Attached { id, dir, mut vm, accel, mode, session, inbound, driver } = self;
+        let Attached { id, dir, mut vm, accel, mode, session, inbound, driver, raw } = self;
         let t0 = Instant::now();
         let fail = |vm: QemuVm, driver: tokio::task::JoinHandle<_>| async move {
             let mut vm = vm;
@@ -256,7 +269,7 @@ impl Attached {
         }
         tracing::debug!(id = %id, ms = t0.elapsed().as_secs_f64() * 1e3, "attach: identity applied");
         let start = StartInfo { mode, accel, took: Duration::ZERO, notes: vec![], snapshot_wanted: false };
-        Ok(Sandbox { id, start, client, vm, driver, egress_task, gateway, dir })
+        Ok(Sandbox { id, start, client, vm, driver, egress_task, gateway, raw, capture: None, dir })
     }
 
     pub(crate) async fn discard(mut self) {
@@ -412,7 +425,7 @@ impl Sandbox {
         Self::attach(id, dir, vm, cfg, accel, StartMode::Cold, cfg.boot_timeout).await
     }
 
-    async fn restore(host: &Host, cfg: &SandboxConfig, accel: Accel, snap: &snapshot::Snapshot) -> Result<Sandbox, SandboxError> {
+    pub(crate) async fn restore(host: &Host, cfg: &SandboxConfig, accel: Accel, snap: &snapshot::Snapshot) -> Result<Sandbox, SandboxError> {
         Self::restore_attached(host, cfg, accel, snap).await?.finish(cfg).await
     }
 
