@@ -82,6 +82,30 @@ def main():
     expect(not sbx.commands.kill(h.pid), "killing a gone pid returned True")
     ok("background command + kill")
 
+    # commands.connect: a second stream on a running process sees its later output and its end.
+    h = sbx.commands.run("read go; echo after:$go", background=True, stdin=True)
+    h2 = sbx.commands.connect(h.pid)
+    sbx.commands.send_stdin(h.pid, "yes\n")
+    r2 = h2.wait()
+    expect(r2.stdout == "after:yes\n", f"connect stream {r2.stdout!r}")
+    expect(h.wait().stdout == "after:yes\n", "the starter's stream")
+    ok("commands.connect")
+
+    # PTY: an interactive bash on a terminal; input, resize, output.
+    from e2b import PtySize
+    data = []
+    term = sbx.pty.create(PtySize(rows=24, cols=80))
+    sbx.pty.resize(term.pid, PtySize(rows=30, cols=100))
+    sbx.pty.send_stdin(term.pid, b"stty size; echo pty-$((6*7)); exit 5\n")
+    try:
+        term.wait(on_pty=lambda b: data.append(bytes(b)))
+        raise AssertionError("the pty shell's exit 5 did not raise")
+    except CommandExitException as e:
+        expect(e.exit_code == 5, f"pty exit {e.exit_code}")
+    out = b"".join(data).decode(errors="replace")
+    expect("pty-42" in out and "30 100" in out, f"pty output {out!r}")
+    ok("pty create/input/resize")
+
     # Files: text, 5 MiB binary, list, exists, info, make_dir, rename, remove.
     info = sbx.files.write("/home/user/dir/hello.txt", "hi there\n")
     expect(info.path == "/home/user/dir/hello.txt", f"write info {info}")
@@ -173,8 +197,33 @@ def main():
             s.kill()
             time.sleep(1.5)  # let the warm pool refill, as between real creates
         times.sort()
-        print(f"bench: Sandbox.create() + first commands.run('echo') output p50 {times[len(times) // 2]:.0f} ms "
+        print(f"bench: E2B SDK Sandbox.create() + first commands.run('echo') output p50 {times[len(times) // 2]:.0f} ms "
               f"(min {times[0]:.0f}, max {times[-1]:.0f}, n={runs})", flush=True)
+        # The native API, same daemon and pool: create, then a one-shot exec of echo.
+        import json
+        import urllib.request
+        key = os.environ["E2B_API_KEY"]
+        token = f"hutch_{key[4:16]}_{key[16:]}"
+        base = os.environ["E2B_API_URL"]
+
+        def call(method, path, body=None):
+            req = urllib.request.Request(base + path, method=method, data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+            with urllib.request.urlopen(req) as r:
+                return json.loads(r.read() or b"null")
+
+        native = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            sb = call("POST", "/v1/sandboxes", {"ttl_secs": 60})
+            out = call("POST", f"/v1/sandboxes/{sb['id']}/exec", {"argv": ["echo", "bench"]})
+            native.append((time.perf_counter() - t0) * 1000)
+            expect(out["stdout"] == "bench\n", f"native exec {out}")
+            call("DELETE", f"/v1/sandboxes/{sb['id']}")
+            time.sleep(1.5)
+        native.sort()
+        print(f"bench: native API create + exec echo p50 {native[len(native) // 2]:.0f} ms "
+              f"(min {native[0]:.0f}, max {native[-1]:.0f}, n={runs})", flush=True)
 
     print("ALL OK", flush=True)
 

@@ -167,12 +167,17 @@ pub fn router<S: Clone + Send + Sync + 'static>(mgr: Arc<Manager>) -> Result<Rou
         .route("/sandboxes/{id}/connect", post(control::connect))
         .route("/sandboxes/{id}/resume", post(control::connect))
         .route("/sandboxes/{id}/pause", post(control::pause))
+        .route("/v2/{*rest}", axum::routing::any(no_such_endpoint))
         .route("/health", get(envd::health))
         .route("/envs", get(envd::envs))
         .route("/files", get(envd::download).post(envd::upload).layer(DefaultBodyLimit::disable()))
         .route("/process.Process/{method}", post(envd::process_rpc))
         .route("/filesystem.Filesystem/{method}", post(envd::filesystem_rpc))
         .with_state(st))
+}
+
+async fn no_such_endpoint() -> E2bError {
+    E2bError::not_found("no such endpoint in this daemon's E2B API")
 }
 
 /// Milliseconds since the epoch as RFC 3339 (UTC), as E2B's timestamps are.
