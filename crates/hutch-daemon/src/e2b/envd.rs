@@ -115,6 +115,8 @@ impl From<crate::manager::ManagerError> for RpcError {
 /// The sandbox an envd request is for, or the answer E2B's proxy gives for a sandbox that is not there: 502
 /// with "was not found" (the SDK turns that into `SandboxNotRunningException`). A wrong access token gets the
 /// same answer, so a caller learns nothing about sandboxes that are not theirs.
+// The error is the finished early answer, built once per failed request: its size does not matter.
+#[allow(clippy::result_large_err)]
 fn target(st: &Shared, headers: &HeaderMap) -> Result<Arc<Live>, Response> {
     let id = headers.get("e2b-sandbox-id").and_then(|v| v.to_str().ok()).unwrap_or("");
     if id.is_empty() {
