@@ -176,6 +176,11 @@ pub struct EgressArgs {
     /// swapping it when the setup script ends.
     #[arg(long = "setup-secret", value_name = "NAME@HOST[,HOST...]")]
     pub setup_secret: Vec<String>,
+    /// Read KEY=value lines from FILE (a .env) as secrets: the VM sees a placeholder in $KEY, and the gateway
+    /// puts the value in place of it only on requests to the hosts bound with --secret KEY@HOST. A key without
+    /// a binding stops the run before the VM starts (repeatable).
+    #[arg(long = "env-file", value_name = "FILE")]
+    pub env_file: Vec<PathBuf>,
     /// Append the egress audit log (JSON lines) to FILE.
     #[arg(long, value_name = "FILE")]
     pub audit: Option<PathBuf>,

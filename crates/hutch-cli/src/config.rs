@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::bail;
 use clap::ValueEnum;
 use hutch_policy::PolicyLayer;
-use hutch_repo::ProjectConfig;
+use hutch_repo::{CredentialRules, ProjectConfig};
 use serde::Deserialize;
 
 use crate::cli::{ImageName, RunArgs};
@@ -27,6 +27,15 @@ struct RawConfig {
     image: Option<String>,
     resources: Option<hutch_repo::project::RawResources>,
     policy: Option<toml::Table>,
+    credentials: Option<hutch_repo::credentials::RawCredentials>,
+    secrets: Option<RawSecrets>,
+}
+
+/// `[secrets]`: where values come from besides the host's environment.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecrets {
+    from_env_file: Option<PathBuf>,
 }
 
 /// The user's config in checked form; empty when there is none.
@@ -37,6 +46,11 @@ pub struct UserConfig {
     pub memory: Option<u32>,
     /// `[policy]`, in the `--policy` format; its `[policy.setup]` is the setup script's.
     pub policy: Option<PolicyLayer>,
+    /// `[credentials]`: patterns to leave out of the VM besides the built-in list, and files to send anyway.
+    pub credentials: CredentialRules,
+    /// `[secrets] from_env_file`: an env file whose keys are secrets, like `--env-file` (relative to the config's
+    /// directory).
+    pub env_file: Option<PathBuf>,
 }
 
 /// `$XDG_CONFIG_HOME/hutch/config.toml`, else `$HOME/.config/hutch/config.toml`; `None` when neither variable
@@ -115,7 +129,13 @@ fn parse(path: &Path, text: &str) -> Result<UserConfig, Problem> {
             Some(PolicyLayer::from_table(t, &origin, base).map_err(|e| Problem::Policy(e.to_string()))?)
         }
     };
-    Ok(UserConfig { image, cpus, memory, policy })
+    let credentials = match &raw.credentials {
+        None => CredentialRules::default(),
+        Some(c) => CredentialRules::from_raw(c, "[credentials]").map_err(Problem::Key)?,
+    };
+    let base = path.parent().unwrap_or(Path::new("/"));
+    let env_file = raw.secrets.and_then(|s| s.from_env_file).map(|f| base.join(f));
+    Ok(UserConfig { image, cpus, memory, policy, credentials, env_file })
 }
 
 /// Which run settings were given as flags (the rest may come from config files).
@@ -193,6 +213,9 @@ mod tests {
         assert!(p.has_setup());
         assert!(p.rules(hutch_policy::Phase::Agent)[0].origin().starts_with("/cfg/hutch/config.toml [policy]"));
         assert!(config("").expect("empty").policy.is_none());
+        let c = config("[credentials]\nexclude = [\"*.secret\"]\ninclude = [\"*.pem\"]\n[secrets]\nfrom_env_file = \"work.env\"\n").expect("valid");
+        assert_eq!(c.credentials.exclude[0].as_str(), "*.secret");
+        assert_eq!(c.env_file.as_deref(), Some(Path::new("/cfg/hutch/work.env")), "relative to the config's directory");
     }
 
     /// Bad values name the key and what is allowed.
@@ -208,6 +231,9 @@ mod tests {
             ("[policy]\nalow = []\n", "/cfg/hutch/config.toml [policy]: unknown field `alow`"),
             ("[policy.setup]\nallow = [\"10.0.0.1\"]\n", "[policy]: setup.allow[0]"),
             ("not toml", "expected"),
+            ("[credentials]\nexclude = [\"a//b\"]\n", "[credentials]: exclude[0] = \"a//b\": has an empty component"),
+            ("[credentials]\nexclude = \"*.pem\"\n", "invalid type"),
+            ("[secrets]\nfrom_env = \"x\"\n", "unknown field `from_env`"),
         ];
         for (text, want) in cases {
             let e = config(text).expect_err(text);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use hutch_gateway::{AuditSink, DenialSummary, FileAuditSink, MemoryAuditSink};
-use hutch_policy::{PhasedPolicy, PolicyInput, PolicyLayer};
+use hutch_policy::{CheckedPolicy, EnvFile, LoadedSecret, PhasedPolicy, PolicyInput, PolicyLayer, SecretSource};
 use hutch_repo::ProjectConfig;
 use hutch_sandbox::egress::Egress;
 
@@ -35,17 +35,68 @@ pub fn build(a: &EgressArgs, user: &UserConfig, project: Option<&ProjectConfig>,
     layers.extend(user.policy.clone());
     layers.extend(project.and_then(|p| p.policy.clone()));
     let phased = PhasedPolicy::merge(&layers).context("egress policy")?;
-    phased.agent.load_secrets().context("egress secrets")?;
+    let env_files = read_env_files(a, user, &phased, setup_runs)?;
+    let load = move |p: &CheckedPolicy| -> Result<Vec<LoadedSecret>, hutch_policy::PolicyError> {
+        p.load_secrets_with(|var| match env_files.iter().find_map(|f| f.get(var)) {
+            Some(e) => Some(e.expose().to_string()),
+            None => std::env::var(var).ok(),
+        })
+    };
+    load(&phased.agent).context("egress secrets")?;
     if setup_runs {
-        phased.setup.load_secrets().context("egress secrets of the setup phase")?;
+        load(&phased.setup).context("egress secrets of the setup phase")?;
     }
     let audit: Arc<dyn AuditSink> = match &a.audit {
         Some(path) => Arc::new(FileAuditSink::create(path).with_context(|| format!("cannot open audit log {}", path.display()))?),
         None => Arc::new(MemoryAuditSink::new()),
     };
     let PhasedPolicy { setup, agent } = phased;
-    let egress = Egress::new(agent, audit);
+    let egress = Egress::new(agent, audit).with_secret_loader(move |p| load(p).map_err(|e| e.to_string()));
     Ok(if setup_runs { egress.with_setup_phase(setup) } else { egress })
+}
+
+/// `--env-file` and `[secrets] from_env_file`, read and checked: every key must be a secret that a phase which
+/// runs binds to hosts (a `--secret KEY@HOST`, or a policy secret read from `$KEY`), and every value must be
+/// usable as one. Their values then stand in for hutch's environment when secrets are loaded. A key without a
+/// binding is refused rather than passed in as it is: the VM gets placeholders, never values.
+fn read_env_files(a: &EgressArgs, user: &UserConfig, phased: &PhasedPolicy, setup_runs: bool) -> anyhow::Result<Vec<EnvFile>> {
+    let mut files: Vec<EnvFile> = Vec::new();
+    for path in a.env_file.iter().chain(user.env_file.as_ref()) {
+        let f = EnvFile::read(path)?;
+        for e in &f.entries {
+            if let Some(other) = files.iter().find(|o| o.get(e.key.as_str()).is_some()) {
+                bail!(
+                    "{} is set in both {} and {} (line {}); keep it in one of them",
+                    e.key,
+                    other.path.display(),
+                    f.path.display(),
+                    e.line
+                );
+            }
+        }
+        files.push(f);
+    }
+    let mut phases = vec![&phased.agent];
+    if setup_runs {
+        phases.push(&phased.setup);
+    }
+    for f in &files {
+        for e in &f.entries {
+            let key = e.key.as_str();
+            let bound = phases.iter().any(|p| p.secrets().iter().any(|s| matches!(s.source(), SecretSource::Env(v) if v == key)));
+            if !bound {
+                bail!(
+                    "{} (line {}): {key} is not bound to any host, so its value would have nowhere to go; bind it with \
+                     --secret {key}@HOST (and --allow HOST) to have the gateway send it to HOST only, pass it with --env \
+                     {key}=VALUE if it is not secret, or remove the line. No VM was started",
+                    f.path.display(),
+                    e.line
+                );
+            }
+            e.secret_value(&f.path)?;
+        }
+    }
+    Ok(files)
 }
 
 pub fn print_denials(s: &DenialSummary) {
@@ -63,6 +114,45 @@ mod tests {
             Ok(_) => panic!("should fail"),
             Err(e) => format!("{e:#}"),
         }
+    }
+
+    /// Class 12: every env-file key must be a bound secret with a usable value; refusals name the file, line and
+    /// key, never the value.
+    #[test]
+    fn class_12_env_file_keys_must_be_bound_and_values_never_shown() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let f = t.path().join(".env");
+        let g = t.path().join("other.env");
+        std::fs::write(&f, "# keys\nAPI_KEY=value-xyz-123456\nDB_URL='value-xyz-654321'\n").expect("write");
+        std::fs::write(&g, "DB_URL=value-xyz-777777\n").expect("write");
+        let none = UserConfig::default();
+        let args = |files: &[&std::path::Path], secrets: &[&str], allow: &[&str]| EgressArgs {
+            env_file: files.iter().map(|p| p.to_path_buf()).collect(),
+            secret: secrets.iter().map(|s| s.to_string()).collect(),
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let e = err(build(&args(&[&f], &["API_KEY@api.example.com"], &["api.example.com"]), &none, None, false));
+        assert!(e.contains("line 3): DB_URL is not bound to any host") && e.contains("--secret DB_URL@HOST"), "{e}");
+        assert!(!e.contains("value-xyz"), "{e}");
+        let both = args(&[&f], &["API_KEY@api.example.com", "DB_URL@db.example.com"], &["api.example.com", "db.example.com"]);
+        build(&both, &none, None, false).expect("every key bound");
+        // Bound only for a setup phase that does not run is not bound.
+        let mut setup_only = args(&[&f], &["API_KEY@api.example.com"], &["api.example.com"]);
+        setup_only.setup_secret = vec!["DB_URL@db.example.com".into()];
+        setup_only.setup_allow = vec!["db.example.com".into()];
+        build(&setup_only, &none, None, true).expect("bound in the setup phase, which runs");
+        let mut two = both.clone();
+        two.env_file.push(g.clone());
+        let e = err(build(&two, &none, None, false));
+        assert!(e.contains("DB_URL is set in both") && e.contains("other.env (line 1)") && !e.contains("value-xyz"), "{e}");
+        std::fs::write(&f, "API_KEY=short\n").expect("write");
+        let e = err(build(&args(&[&f], &["API_KEY@api.example.com"], &["api.example.com"]), &none, None, false));
+        assert!(e.contains("line 1: the value of API_KEY is shorter than 8"), "{e}");
+        let user = UserConfig { env_file: Some(g.clone()), ..Default::default() };
+        let e = err(build(&EgressArgs::default(), &user, None, false));
+        assert!(e.contains("other.env (line 1): DB_URL is not bound"), "[secrets] from_env_file is read too: {e}");
+        assert!(!e.contains("value-xyz"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,11 @@ use hutch_proto::ExitStatus;
 use hutch_repo::guest::{guest_cwd, run_setup, WORKSPACE};
 use hutch_repo::project::Trust;
 use hutch_gateway::{Gateway, Phase};
-use hutch_repo::{store, Collected, HostRepo, Limits, ProjectConfig, Snapshot, Stored, TrustStore, Workspace};
+use hutch_repo::path::show;
+use hutch_repo::{
+    store, Collected, CredentialFilter, CredentialRules, HostRepo, Limits, PathPattern, ProjectConfig, Snapshot, Stored, TrustStore,
+    Workspace,
+};
 use hutch_sandbox::AgentClient;
 
 use crate::cli::RunArgs;
@@ -39,7 +43,18 @@ pub struct RepoArgs {
     /// Ignore the repository's hutch.toml.
     #[arg(long)]
     pub no_project_config: bool,
+    /// Send credential files matching PATH into the VM although they look like credentials (.env, keys, ...):
+    /// a path from the repository's top, as hutch names it, or a pattern (`*.pem`, `config/`). Repeatable.
+    #[arg(long = "include", value_name = "PATH", value_parser = parse_include, conflicts_with = "no_repo")]
+    pub include: Vec<PathPattern>,
 }
+
+fn parse_include(s: &str) -> Result<PathPattern, String> {
+    PathPattern::parse(s)
+}
+
+/// Paths named per kind of message before the rest are counted instead.
+const MAX_NAMED: usize = 20;
 
 /// A setup script given with `--setup`, read once: these bytes are the ones that run.
 #[derive(Debug, Clone)]
@@ -190,11 +205,20 @@ fn trust(a: TrustArgs) -> anyhow::Result<i32> {
     }
     let asks = cfg.asks();
     println!("{} asks for:", cfg.file.display());
-    if asks.is_empty() {
+    let out = cfg.leaves_out();
+    if asks.is_empty() && out.is_empty() {
         println!("  nothing (it is ignored until it asks for something)");
+    } else if asks.is_empty() {
+        println!("  nothing that needs approval");
     }
     for ask in &asks {
         println!("  - {ask}");
+    }
+    if !out.is_empty() {
+        println!("and, without needing approval, leaves out:");
+        for o in &out {
+            println!("  - {o}");
+        }
     }
     if a.show {
         let status = match store.check(&cfg) {
@@ -279,6 +303,8 @@ pub struct RunRepo {
     /// The repository's hutch.toml, when it asks for something and the user approved this version.
     project: Option<ProjectConfig>,
     setup: Option<SetupFile>,
+    /// Which working-tree files stay out of the VM as credentials.
+    credentials: CredentialFilter,
     apply: bool,
     allow_sensitive: bool,
     limits: Limits,
@@ -290,13 +316,16 @@ impl RunRepo {
     /// Before anything starts, reading only: finds the repository and checks its hutch.toml against the user's
     /// approvals. An unapproved one that asks for anything is refused here; an approved one is kept for
     /// [`RunRepo::project`], and its setup script is used unless `--setup` gave one.
-    pub fn prepare(a: &RunArgs) -> anyhow::Result<RunRepo> {
+    /// The credential filter is built here too, from `--include`, the user's `[credentials]` and the hutch.toml's
+    /// (its `exclude` always, its `include` only once approved).
+    pub fn prepare(a: &RunArgs, user_credentials: &CredentialRules) -> anyhow::Result<RunRepo> {
         let r = &a.repo;
         let mut rr = RunRepo {
             found: None,
             active: None,
             project: None,
             setup: r.setup.clone(),
+            credentials: CredentialFilter::default(),
             apply: r.apply,
             allow_sensitive: r.allow_sensitive,
             limits: Limits::default(),
@@ -313,8 +342,11 @@ impl RunRepo {
             }
             return Ok(rr);
         };
+        let flags = CredentialRules { exclude: vec![], include: r.include.clone() };
+        let mut project_credentials = CredentialRules::default();
         if !r.no_project_config {
             if let Some(cfg) = ProjectConfig::load(&repo.top)? {
+                project_credentials.exclude = cfg.credentials.exclude.clone();
                 if !cfg.asks().is_empty() {
                     let store = TrustStore::from_env()?;
                     match store.check(&cfg) {
@@ -322,6 +354,7 @@ impl RunRepo {
                             if let (None, Some(s)) = (&rr.setup, &cfg.setup) {
                                 rr.setup = Some(SetupFile { name: s.path.clone(), bytes: s.bytes.clone() });
                             }
+                            project_credentials.include = cfg.credentials.include.clone();
                             rr.project = Some(cfg);
                         }
                         t => bail!(untrusted(&cfg, t)),
@@ -329,6 +362,7 @@ impl RunRepo {
                 }
             }
         }
+        rr.credentials = CredentialFilter::new(vec![flags, user_credentials.clone(), project_credentials]);
         rr.found = Some(repo);
         Ok(rr)
     }
@@ -347,7 +381,8 @@ impl RunRepo {
     /// into /workspace.
     pub fn snapshot(&mut self, a: &mut RunArgs) -> anyhow::Result<()> {
         let Some(repo) = self.found.take() else { return Ok(()) };
-        let snap = Snapshot::take(&repo).context("taking a snapshot of the working tree")?;
+        let snap = Snapshot::take_filtered(&repo, &self.credentials).context("taking a snapshot of the working tree")?;
+        report_credentials(&mut std::io::stderr(), &snap);
         if a.workdir.is_none() {
             a.workdir = Some(guest_cwd(&repo.prefix));
         }
@@ -446,6 +481,32 @@ impl RunRepo {
     }
 }
 
+/// Names the credential files left out and the tracked ones that went in. Paths are the user's file names but
+/// may hold any byte, so they are escaped for the terminal.
+fn report_credentials(w: &mut dyn Write, snap: &Snapshot) {
+    for (i, p) in snap.left_out.iter().enumerate() {
+        if i == MAX_NAMED {
+            let _ = writeln!(w, "hutch: left out of the VM: {} more credential files", snap.left_out.len() - MAX_NAMED);
+            break;
+        }
+        let _ = writeln!(w, "hutch: left out of the VM: {} (credential file; --include PATH to send it)", show(p));
+    }
+    for (i, p) in snap.tracked_credentials.iter().enumerate() {
+        if i == MAX_NAMED {
+            let _ = writeln!(w, "hutch: warning: {} more tracked credential files went into the VM", snap.tracked_credentials.len() - MAX_NAMED);
+            break;
+        }
+        let held = snap.held_back_changes.contains(p);
+        let p = show(p);
+        let which = if held { "HEAD's version of it went into the VM, without your uncommitted changes" } else { "it went into the VM" };
+        let _ = writeln!(
+            w,
+            "hutch: warning: {p} looks like a credential file and git tracks it, so {which} (it is in the history \
+             anyway); to stop tracking it: `git rm --cached -- '{p}'`, add it to .gitignore, and rotate what it held"
+        );
+    }
+}
+
 fn untrusted(cfg: &ProjectConfig, t: Trust) -> String {
     let why = if t == Trust::Changed { "it changed since you approved it" } else { "you have not approved it" };
     let asks: String = cfg.asks().iter().map(|a| format!("\n  - {a}")).collect();
@@ -459,6 +520,39 @@ fn untrusted(cfg: &ProjectConfig, t: Trust) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Class 18 (guest-chosen bytes on the terminal; here the user's own file names, which a repository chose):
+    /// names are escaped, and long lists are counted, not printed.
+    #[test]
+    fn class_18_credential_reports_escape_names_and_stay_bounded() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let r = t.path().join("repo");
+        std::fs::create_dir(&r).expect("mkdir");
+        let git = |args: &[&str]| {
+            let o = std::process::Command::new("git")
+                .args(args)
+                .current_dir(&r)
+                .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .output()
+                .expect("git");
+            assert!(o.status.success(), "{o:?}");
+        };
+        git(&["init", "-q"]);
+        std::fs::write(r.join("a\x1b]0;x\x07.pem"), "k").expect("write");
+        for i in 0..25 {
+            std::fs::write(r.join(format!("k{i}.key")), "k").expect("write");
+        }
+        let repo = HostRepo::discover(&r).expect("discover").expect("repo");
+        let snap = Snapshot::take(&repo).expect("snapshot");
+        let mut out = Vec::new();
+        report_credentials(&mut out, &snap);
+        let out = String::from_utf8(out).expect("utf-8");
+        assert!(out.contains("left out of the VM: a\\u{1b}]0;x\\u{7}.pem (credential file; --include PATH to send it)"), "{out}");
+        assert!(!out.contains('\x1b'));
+        assert_eq!(out.lines().count(), MAX_NAMED + 1, "{out}");
+        assert!(out.ends_with("left out of the VM: 6 more credential files\n"), "{out}");
+    }
 
     #[test]
     fn terminal_output_escapes_control_characters() {

@@ -25,7 +25,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     // secrets.
     let explicit = crate::config::Explicit::from_command_line();
     let user = crate::config::UserConfig::load(a.config.as_deref())?;
-    let mut repo = crate::repo::RunRepo::prepare(&a)?;
+    let mut repo = crate::repo::RunRepo::prepare(&a, &user.credentials)?;
     crate::config::apply_resources(&mut a, explicit, &user, repo.project());
     a.env.splice(0..0, crate::image::default_env(a.vm.image));
     let egress = crate::egress::build(&a.egress, &user, repo.project(), repo.has_setup())?;

@@ -3,12 +3,14 @@
 //! gateway decision is made with. Pure: the only I/O is reading the files the user names.
 
 mod addr;
+mod envfile;
 mod name;
 mod policy;
 mod rule;
 mod secret;
 
 pub use addr::{classify, AddrClass};
+pub use envfile::{EnvEntry, EnvFile, EnvFileError};
 pub use name::{parse_ipv4_loose, HostName, HostPattern, NameError, NameErrorKind, PatternError};
 pub use policy::{
     CheckedPolicy, Phase, PhasedPolicy, Pin, PolicyError, PolicyInput, PolicyLayer, UpstreamCa,

@@ -6,6 +6,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use crate::credentials::CredentialFilter;
 use crate::git::{init_scratch, path_from_output, user_excludes_file, Git, Oid};
 use crate::{io_err, RepoError};
 
@@ -99,11 +100,23 @@ pub struct Snapshot {
     /// SHA-256 of the workspace repository's `config`, `hooks/*` and `info/*`, by path under `.git`: what the VM
     /// starts with, to tell the user later what it changed there.
     pub(crate) git_meta: std::collections::BTreeMap<String, String>,
+    /// Untracked credential files that were left out (repository-relative paths, as git spells them).
+    pub left_out: Vec<Vec<u8>>,
+    /// Credential files that went in because HEAD tracks them (their content is in the history anyway).
+    pub tracked_credentials: Vec<Vec<u8>>,
+    /// Those of them whose uncommitted changes were held back: the VM has HEAD's version.
+    pub held_back_changes: Vec<Vec<u8>>,
 }
 
 impl Snapshot {
-    /// Takes the snapshot. Reads the user's work tree and objects; writes only in a scratch directory.
+    /// Takes the snapshot with the built-in credential list. Reads the user's work tree and objects; writes only
+    /// in a scratch directory.
     pub fn take(repo: &HostRepo) -> Result<Snapshot, RepoError> {
+        Self::take_filtered(repo, &CredentialFilter::default())
+    }
+
+    /// Takes the snapshot; untracked files that `credentials` calls credentials are left out.
+    pub fn take_filtered(repo: &HostRepo, credentials: &CredentialFilter) -> Result<Snapshot, RepoError> {
         let scratch = tempfile::Builder::new().prefix("hutch-repo-").tempdir().map_err(io_err("cannot create a scratch directory"))?;
         let gd = scratch.path().join("git");
         let git = init_scratch(&gd, &repo.object_format)?;
@@ -134,6 +147,7 @@ impl Snapshot {
             };
             wt.run("add -A (working tree snapshot)", ["add", "-A"])?;
         }
+        let CredentialOutcome { left_out, tracked: tracked_credentials, held_back_changes } = leave_out_credentials(&git, &wt, repo.head.as_ref(), credentials)?;
         let tree = wt.line("write-tree", ["write-tree"])?;
         let empty = tree == git.line("hash-object", ["hash-object", "-t", "tree", "/dev/null"])?;
         let _ = std::fs::remove_file(&index);
@@ -163,13 +177,96 @@ impl Snapshot {
             repo.branch.as_deref(),
             &repo.prefix,
         )?;
-        Ok(Snapshot { git, base: repo.head.clone(), commit, empty, branch: repo.branch.clone(), bundle, workspace, git_meta, scratch })
+        Ok(Snapshot {
+            git,
+            base: repo.head.clone(),
+            commit,
+            empty,
+            branch: repo.branch.clone(),
+            bundle,
+            workspace,
+            git_meta,
+            scratch,
+            left_out,
+            tracked_credentials,
+            held_back_changes,
+        })
     }
 
     /// The scratch directory (bundle, downloads, temporary indexes).
     pub fn dir(&self) -> &Path {
         self.scratch.path()
     }
+}
+
+/// Repository-relative paths as git spells them (bytes, maybe not UTF-8).
+type Paths = Vec<Vec<u8>>;
+
+/// What the credential filter did to a snapshot.
+struct CredentialOutcome {
+    left_out: Paths,
+    tracked: Paths,
+    held_back_changes: Paths,
+}
+
+/// Entries of `ls-files -s -z` or `ls-tree -r -z`: path -> (mode, object id). The field before the tab holds the
+/// mode first and the object id among the rest (stage or type besides it).
+fn entries(out: &[u8], id_field: usize) -> std::collections::HashMap<&[u8], (&[u8], &[u8])> {
+    out.split(|&b| b == 0)
+        .filter_map(|rec| {
+            let tab = rec.iter().position(|&b| b == b'\t')?;
+            let mut meta = rec[..tab].split(|&b| b == b' ');
+            let mode = meta.next()?;
+            let id = meta.nth(id_field - 1)?;
+            Some((&rec[tab + 1..], (mode, id)))
+        })
+        .collect()
+}
+
+/// Applies the credential filter to the snapshot's index (`wt`): untracked credential files are removed; tracked
+/// ones stay, at HEAD's version. "Tracked" means in HEAD's tree: only that content is already in the history that
+/// goes into the VM, so a file merely staged stays out, and uncommitted changes to a tracked one (a real key put
+/// into a committed template, say) are held back.
+fn leave_out_credentials(scratch: &Git, wt: &Git, head: Option<&Oid>, credentials: &CredentialFilter) -> Result<CredentialOutcome, RepoError> {
+    let listed = wt.run("ls-files (credential files)", ["ls-files", "-s", "-z"])?;
+    let index = entries(&listed, 1);
+    let mut found: Vec<&[u8]> = index.keys().copied().filter(|p| credentials.is_credential(p)).collect();
+    found.sort_unstable();
+    let none = CredentialOutcome { left_out: vec![], tracked: vec![], held_back_changes: vec![] };
+    if found.is_empty() {
+        return Ok(none);
+    }
+    let in_head = match head {
+        Some(h) => scratch.run("ls-tree (tracked files)", ["ls-tree", "-r", "-z", "--full-tree", h.as_str()])?,
+        None => vec![],
+    };
+    let tracked = entries(&in_head, 2);
+    let (kept, out): (Vec<&[u8]>, Vec<&[u8]>) = found.into_iter().partition(|p| tracked.contains_key(p));
+    let held_back: Vec<&[u8]> = kept.iter().copied().filter(|p| index.get(p) != tracked.get(p)).collect();
+    if !out.is_empty() {
+        let mut stdin = Vec::new();
+        for p in &out {
+            stdin.extend_from_slice(p);
+            stdin.push(0);
+        }
+        wt.run_input("update-index (leave out credential files)", ["update-index", "--force-remove", "-z", "--stdin"], Some(&stdin))?;
+    }
+    let mut stdin = Vec::new();
+    for p in &held_back {
+        if let Some((mode, id)) = tracked.get(p) {
+            stdin.extend_from_slice(mode);
+            stdin.push(b' ');
+            stdin.extend_from_slice(id);
+            stdin.push(b'\t');
+            stdin.extend_from_slice(p);
+            stdin.push(0);
+        }
+    }
+    if !stdin.is_empty() {
+        wt.run_input("update-index (HEAD's version of tracked credential files)", ["update-index", "-z", "--index-info"], Some(&stdin))?;
+    }
+    let owned = |v: Vec<&[u8]>| v.into_iter().map(<[u8]>::to_vec).collect();
+    Ok(CredentialOutcome { left_out: owned(out), tracked: owned(kept), held_back_changes: owned(held_back) })
 }
 
 /// Makes the VM's `/workspace` on the host and packs it as a tar. Under emulation every git process in the VM
@@ -264,6 +361,7 @@ pub(crate) fn git_meta_digests(git_dir: &Path) -> std::io::Result<std::collectio
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::credentials::CredentialRules;
 
     /// A real repository with one commit, an uncommitted change, an untracked file and an ignored one.
     pub(crate) fn sample_repo() -> (tempfile::TempDir, PathBuf) {
@@ -336,6 +434,60 @@ pub(crate) mod tests {
         let snap = Snapshot::take(&repo).unwrap();
         let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
         assert_eq!(String::from_utf8(files).unwrap(), ".gitignore\na.txt\nnew.txt\nstaged.txt\nsub/b.txt\n");
+    }
+
+    /// Class 12: untracked credential files stay out of the snapshot (and so of the VM's workspace); tracked
+    /// ones stay in and are reported; the user's rules decide before the built-in list.
+    #[test]
+    fn class_12_untracked_credential_files_are_left_out() {
+        let (_t, r) = sample_repo();
+        let g = Git::at(&r.join(".git")).work_tree(&r);
+        std::fs::write(r.join(".env"), "TOKEN=tracked-value\n").unwrap();
+        g.run("add", ["add", ".env"]).unwrap();
+        g.run("commit", ["commit", "-q", "-m", "tracked env"]).unwrap();
+        std::fs::create_dir_all(r.join("config")).unwrap();
+        std::fs::create_dir_all(r.join("deploy")).unwrap();
+        std::fs::write(r.join("config/.env"), "API_KEY=untracked-real-value\n").unwrap();
+        std::fs::write(r.join("config/.env.example"), "API_KEY=\n").unwrap();
+        std::fs::write(r.join("deploy/id_rsa"), "-----BEGIN OPENSSH PRIVATE KEY-----\n").unwrap();
+        std::fs::write(r.join("deploy/id_rsa.pub"), "ssh-ed25519 AAAA\n").unwrap();
+        std::fs::write(r.join("staged.pem"), "key\n").unwrap();
+        g.run("add", ["add", "staged.pem"]).unwrap();
+        std::fs::write(r.join(".env"), "TOKEN=tracked-value\nNEW=uncommitted-real-value\n").unwrap();
+        let repo = HostRepo::discover(&r).unwrap().unwrap();
+        let snap = Snapshot::take(&repo).unwrap();
+        let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
+        assert_eq!(
+            String::from_utf8(files).unwrap(),
+            ".env\n.gitignore\na.txt\nconfig/.env.example\ndeploy/id_rsa.pub\nnew.txt\nsub/b.txt\n"
+        );
+        let mut out = snap.left_out.clone();
+        out.sort();
+        assert_eq!(out, [b"config/.env".to_vec(), b"deploy/id_rsa".to_vec(), b"staged.pem".to_vec()], "a staged file is not history");
+        assert_eq!(snap.tracked_credentials, [b".env".to_vec()]);
+        assert_eq!(snap.held_back_changes, [b".env".to_vec()], "an uncommitted change to a tracked one is held back");
+        let env = snap.git.run("show", ["show", &format!("{}:.env", snap.commit)]).unwrap();
+        assert_eq!(env, b"TOKEN=tracked-value\n", "HEAD's version went in");
+        // The workspace tar has none of them either.
+        let tar = std::fs::read(&snap.workspace).unwrap();
+        let mut a = tar::Archive::new(&tar[..]);
+        let names: Vec<String> = a.entries().unwrap().map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned()).collect();
+        assert!(names.iter().any(|n| n.ends_with("config/.env.example")), "{names:?}");
+        assert!(!names.iter().any(|n| n.ends_with("config/.env") || n.ends_with("deploy/id_rsa") || n.ends_with("staged.pem")), "{names:?}");
+        for v in ["untracked-real-value", "uncommitted-real-value"] {
+            assert!(!tar.windows(v.len()).any(|w| w == v.as_bytes()), "{v}");
+        }
+        // The user's index still has the staged file.
+        let staged = Git::at(&r.join(".git")).work_tree(&r).run("ls-files", ["ls-files", "staged.pem"]).unwrap();
+        assert_eq!(staged, b"staged.pem\n");
+
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let user = CredentialRules::parse(&s(&["*.txt"]), &s(&["id_rsa"]), "test").unwrap();
+        let snap = Snapshot::take_filtered(&repo, &CredentialFilter::new(vec![user])).unwrap();
+        let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
+        let files = String::from_utf8(files).unwrap();
+        assert!(files.contains("deploy/id_rsa\n") && !files.contains("new.txt") && files.contains("a.txt"), "{files}");
+        assert!(!files.contains("config/.env\n"), "{files}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod apply;
+pub mod credentials;
 pub mod git;
 pub mod guest;
 pub mod host;
@@ -20,6 +21,7 @@ pub mod store;
 mod roundtrip_tests;
 
 pub use apply::{apply, Applied};
+pub use credentials::{CredentialFilter, CredentialKind, CredentialRules, PathPattern};
 pub use git::Oid;
 pub use guest::{collect, setup_workspace, Collected, Workspace};
 pub use host::{HostRepo, Snapshot};

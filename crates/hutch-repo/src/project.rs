@@ -10,6 +10,7 @@ use hutch_policy::{Phase, PolicyLayer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::credentials::{CredentialRules, RawCredentials};
 use crate::path::{check_path, show};
 use crate::{io_err, RepoError};
 
@@ -23,6 +24,7 @@ struct RawProject {
     setup: Option<String>,
     resources: Option<RawResources>,
     policy: Option<toml::Table>,
+    credentials: Option<RawCredentials>,
 }
 
 /// The `[resources]` table of `hutch.toml` and of the user's config, as written.
@@ -53,6 +55,10 @@ pub struct ProjectConfig {
     /// The `[policy]` table (its `[policy.setup]` is the setup phase's), parsed and checked; relative paths in it
     /// are relative to the repository.
     pub policy: Option<PolicyLayer>,
+    /// `[credentials]`: files the repository asks to send although they look like credentials (`include`, an
+    /// ask that needs approval), and more files to leave out (`exclude`, applied without approval: it only
+    /// narrows what goes in).
+    pub credentials: CredentialRules,
 }
 
 fn bad(file: &Path, msg: impl std::fmt::Display) -> RepoError {
@@ -118,6 +124,10 @@ impl ProjectConfig {
                 Some(PolicyLayer::from_table(t, &origin, top).map_err(|e| RepoError::Project(e.to_string()))?)
             }
         };
+        let credentials = match &raw.credentials {
+            None => CredentialRules::default(),
+            Some(c) => CredentialRules::from_raw(c, &format!("{} [credentials]", file.display())).map_err(RepoError::Project)?,
+        };
         let mut h = Sha256::new();
         h.update(b"hutch.toml\0");
         h.update((text.len() as u64).to_le_bytes());
@@ -127,7 +137,7 @@ impl ProjectConfig {
             h.update((s.bytes.len() as u64).to_le_bytes());
             h.update(&s.bytes);
         }
-        Ok(ProjectConfig { file: file.to_path_buf(), digest: hex::encode(h.finalize()), setup, cpus, memory_mib, policy })
+        Ok(ProjectConfig { file: file.to_path_buf(), digest: hex::encode(h.finalize()), setup, cpus, memory_mib, policy, credentials })
     }
 
     /// What the file asks for, one line each; empty when it asks for nothing.
@@ -174,7 +184,15 @@ impl ProjectConfig {
                 v.push("an egress policy that allows nothing".into());
             }
         }
+        for p in &self.credentials.include {
+            v.push(format!("credential files matching {} sent into the VM (left out by default)", show(p.as_str().as_bytes())));
+        }
         v
+    }
+
+    /// What the file leaves out of the VM besides the built-in credential list (needs no approval), one line each.
+    pub fn leaves_out(&self) -> Vec<String> {
+        self.credentials.exclude.iter().map(|p| format!("files matching {} left out of the VM", show(p.as_str().as_bytes()))).collect()
     }
 }
 
@@ -319,6 +337,8 @@ mod tests {
             ("[policy]\nbogus = 1\n", "[policy]"),
             ("[policy.setup]\nallow = [\"*.com\"]\n", "[policy]: setup.allow[0]"),
             ("[policy.setup]\nresolve = []\n", "unknown field `resolve`"),
+            ("[credentials]\ninclude = [\"../x\"]\n", "[credentials]: include[0]"),
+            ("[credentials]\nsend = []\n", "unknown field `send`"),
         ];
         for (text, want) in cases {
             let t = repo_with(text);
@@ -331,6 +351,18 @@ mod tests {
         assert!(ProjectConfig::load(t.path()).unwrap_err().to_string().contains("outside the repository"));
         assert!(ProjectConfig::load(tempfile::tempdir().unwrap().path()).unwrap().is_none());
         assert!(ProjectConfig::load(repo_with("").path()).unwrap().unwrap().asks().is_empty());
+    }
+
+    /// Class 15 (guardrails switched off from the repository): asking to send a credential file is an ask, shown
+    /// and pinned like any other; leaving more out is not.
+    #[test]
+    fn class_15_credential_includes_are_asks_and_excludes_are_not() {
+        let t = repo_with("[credentials]\ninclude = [\"config/.env\"]\nexclude = [\"private/\"]\n");
+        let cfg = ProjectConfig::load(t.path()).unwrap().unwrap();
+        assert_eq!(cfg.asks(), ["credential files matching config/.env sent into the VM (left out by default)"]);
+        assert_eq!(cfg.leaves_out(), ["files matching private/ left out of the VM"]);
+        let t = repo_with("[credentials]\nexclude = [\"private/\"]\n");
+        assert!(ProjectConfig::load(t.path()).unwrap().unwrap().asks().is_empty());
     }
 
     #[test]
