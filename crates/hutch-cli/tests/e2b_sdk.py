@@ -141,6 +141,19 @@ def main():
         pass
     ok("list/exists/info/make_dir/rename/remove files")
 
+    # watch_dir (the SDK's polling form): creates, writes and removes since the last poll.
+    sbx.files.make_dir("/home/user/watched")
+    w = sbx.files.watch_dir("/home/user/watched")
+    sbx.files.write("/home/user/watched/a.txt", "1")
+    sbx.commands.run("mkdir /home/user/watched/sub")
+    got = {(e.name, e.type.value) for e in w.get_new_events()}
+    expect(("a.txt", "create") in got and ("sub", "create") in got, f"watch create events {got}")
+    sbx.commands.run("sleep 1; echo more >> /home/user/watched/a.txt; rm -r /home/user/watched/sub")
+    got = {(e.name, e.type.value) for e in w.get_new_events()}
+    expect(("a.txt", "write") in got and ("sub", "remove") in got, f"watch write/remove events {got}")
+    w.stop()
+    ok("watch_dir")
+
     # Isolation: the other key does not see this sandbox.
     try:
         Sandbox.connect(sbx.sandbox_id, api_key=other_key)

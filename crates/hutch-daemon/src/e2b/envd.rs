@@ -679,6 +679,129 @@ struct MoveRequest {
     destination: String,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateWatcherRequest {
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    recursive: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WatcherIdRequest {
+    #[serde(default, alias = "watcher_id")]
+    watcher_id: String,
+}
+
+/// Watchers per sandbox, and in all (ones whose sandbox ended are dropped when a new one is made).
+const MAX_WATCHERS_PER_SANDBOX: usize = 64;
+const MAX_WATCHERS: usize = 4096;
+/// Entries a watcher remembers; a bigger tree is watched only up to this many.
+const MAX_WATCHED_ENTRIES: usize = 20_000;
+
+/// A polling watcher: the directory's last listing (path -> type, size, mtime); each poll lists again and
+/// reports the difference as create, remove and write events (the guest has no inotify tool, and the SDK's
+/// synchronous `watch_dir` polls anyway).
+pub struct Watcher {
+    sandbox: String,
+    root: GuestPath,
+    recursive: bool,
+    seen: HashMap<String, (String, String, String)>,
+}
+
+async fn snapshot(c: &AgentClient, root: &GuestPath, recursive: bool) -> Result<HashMap<String, (String, String, String)>, RpcError> {
+    let mut argv = vec!["find", root.as_str(), "-mindepth", "1"];
+    if !recursive {
+        argv.extend(["-maxdepth", "1"]);
+    }
+    argv.extend(["-printf", "%y\t%s\t%T@\t%P\\0"]);
+    let (ok, out, err) = run(c, &argv).await?;
+    if !ok {
+        return Err(fs_error(root.as_str(), &err));
+    }
+    let mut m = HashMap::new();
+    for rec in out.split(|b| *b == 0).filter(|r| !r.is_empty()).take(MAX_WATCHED_ENTRIES) {
+        let text = String::from_utf8_lossy(rec);
+        let f: Vec<&str> = text.splitn(4, '\t').collect();
+        if let [ty, size, mtime, rel] = f.as_slice() {
+            m.insert(rel.to_string(), (ty.to_string(), size.to_string(), mtime.to_string()));
+        }
+    }
+    Ok(m)
+}
+
+fn diff_events(old: &HashMap<String, (String, String, String)>, new: &HashMap<String, (String, String, String)>) -> Vec<Value> {
+    let mut ev = Vec::new();
+    let mut names: Vec<&String> = new.keys().chain(old.keys()).collect();
+    names.sort();
+    names.dedup();
+    for n in names {
+        let t = match (old.get(n), new.get(n)) {
+            (None, Some(_)) => "EVENT_TYPE_CREATE",
+            (Some(_), None) => "EVENT_TYPE_REMOVE",
+            (Some(a), Some(b)) if a.0 != "d" && (a.1 != b.1 || a.2 != b.2) => "EVENT_TYPE_WRITE",
+            _ => continue,
+        };
+        ev.push(json!({ "name": n, "type": t }));
+    }
+    ev
+}
+
+async fn create_watcher(st: &Shared, live: &Live, msg: Value) -> Result<Value, RpcError> {
+    let r: CreateWatcherRequest = parse(msg)?;
+    let root = guest_path(&r.path)?;
+    let entry = stat(&live.client, &root).await?;
+    if entry["type"] != "FILE_TYPE_DIRECTORY" {
+        return Err(RpcError::invalid(format!("{} is not a directory", root.as_str())));
+    }
+    let seen = snapshot(&live.client, &root, r.recursive).await?;
+    let mut raw = [0u8; 12];
+    getrandom::getrandom(&mut raw).map_err(|e| RpcError::new("internal", format!("no host randomness: {e}")))?;
+    let id = hex::encode(raw);
+    let mut w = st.watchers.lock().unwrap_or_else(|p| p.into_inner());
+    if w.len() >= MAX_WATCHERS {
+        let live_ids: std::collections::HashSet<String> =
+            w.values().map(|x| x.sandbox.clone()).filter(|s| st.mgr.store.sandbox(s).ok().flatten().is_some_and(|r| r.state == "running")).collect();
+        w.retain(|_, x| live_ids.contains(&x.sandbox));
+    }
+    if w.len() >= MAX_WATCHERS || w.values().filter(|x| x.sandbox == live.id).count() >= MAX_WATCHERS_PER_SANDBOX {
+        return Err(RpcError::new("resource_exhausted", "too many directory watchers; stop some first"));
+    }
+    w.insert(id.clone(), Watcher { sandbox: live.id.clone(), root, recursive: r.recursive, seen });
+    Ok(json!({ "watcherId": id }))
+}
+
+async fn watcher_events(st: &Shared, live: &Live, msg: Value) -> Result<Value, RpcError> {
+    let r: WatcherIdRequest = parse(msg)?;
+    let (root, recursive, old) = {
+        let w = st.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        match w.get(&r.watcher_id) {
+            Some(x) if x.sandbox == live.id => (x.root.clone(), x.recursive, x.seen.clone()),
+            _ => return Err(RpcError::new("not_found", "watcher not found (stopped, or never made in this sandbox)")),
+        }
+    };
+    let new = snapshot(&live.client, &root, recursive).await?;
+    let events = diff_events(&old, &new);
+    if let Some(x) = st.watchers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&r.watcher_id) {
+        x.seen = new;
+    }
+    Ok(json!({ "events": events }))
+}
+
+fn remove_watcher(st: &Shared, live: &Live, msg: Value) -> Result<Value, RpcError> {
+    let r: WatcherIdRequest = parse(msg)?;
+    let mut w = st.watchers.lock().unwrap_or_else(|p| p.into_inner());
+    match w.get(&r.watcher_id) {
+        Some(x) if x.sandbox == live.id => {
+            w.remove(&r.watcher_id);
+            Ok(json!({}))
+        }
+        _ => Err(RpcError::new("not_found", "watcher not found")),
+    }
+}
+
 /// type, size, mode (octal), mtime, owner, group, link target, depth, path; NUL-terminated records.
 const FIND_FORMAT: &str = "%y\t%s\t%m\t%T@\t%u\t%g\t%l\t%d\t%p\\0";
 
@@ -864,6 +987,9 @@ pub async fn filesystem_rpc(State(st): State<Shared>, Path(method): Path<String>
             Ok(json!({}))
         }
         .await,
+        "CreateWatcher" => create_watcher(&st, &live, msg).await,
+        "GetWatcherEvents" => watcher_events(&st, &live, msg).await,
+        "RemoveWatcher" => remove_watcher(&st, &live, msg),
         other => {
             let shown: String = other.chars().take(40).collect();
             Err(RpcError::new("unimplemented", format!("filesystem.Filesystem/{shown} is not implemented by this daemon")))
@@ -1152,5 +1278,14 @@ mod tests {
         assert_eq!(v["permissions"], "drwxr-xr-x");
         assert_eq!(guest_path("x/y").unwrap().as_str(), "/home/user/x/y");
         assert!(guest_path("../etc").is_err());
+    }
+
+    #[test]
+    fn watcher_polls_diff_into_events() {
+        let e = |t: &str, s: &str, m: &str| (t.to_string(), s.to_string(), m.to_string());
+        let old: HashMap<String, _> = [("a".to_string(), e("f", "1", "1.0")), ("gone".to_string(), e("f", "1", "1.0")), ("d".to_string(), e("d", "4096", "1.0"))].into();
+        let new: HashMap<String, _> = [("a".to_string(), e("f", "2", "2.0")), ("new".to_string(), e("f", "0", "3.0")), ("d".to_string(), e("d", "4096", "5.0"))].into();
+        let ev = diff_events(&old, &new);
+        assert_eq!(ev, vec![json!({"name": "a", "type": "EVENT_TYPE_WRITE"}), json!({"name": "gone", "type": "EVENT_TYPE_REMOVE"}), json!({"name": "new", "type": "EVENT_TYPE_CREATE"})]);
     }
 }

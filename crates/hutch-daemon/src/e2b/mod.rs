@@ -38,6 +38,8 @@ pub struct E2bState {
     /// Keys the per-sandbox envd access tokens. Random per daemon process: sandboxes do not outlive it.
     token_key: [u8; 32],
     pub(crate) procs: Mutex<HashMap<String, envd::Procs>>,
+    /// Polling directory watchers (`watch_dir`), by watcher id.
+    pub(crate) watchers: Mutex<HashMap<String, envd::Watcher>>,
 }
 
 pub type Shared = Arc<E2bState>;
@@ -46,7 +48,7 @@ impl E2bState {
     pub fn new(mgr: Arc<Manager>) -> Result<Shared, crate::DaemonError> {
         let mut token_key = [0u8; 32];
         getrandom::getrandom(&mut token_key).map_err(|e| crate::DaemonError::Internal(format!("no host randomness: {e}")))?;
-        Ok(Arc::new(E2bState { mgr, token_key, procs: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(E2bState { mgr, token_key, procs: Mutex::new(HashMap::new()), watchers: Mutex::new(HashMap::new()) }))
     }
 
     /// The sandbox's envd access token: HMAC-SHA256 of its id under the process key, so nothing is stored and
