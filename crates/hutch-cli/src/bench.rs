@@ -75,7 +75,7 @@ async fn time_hutch_run(extra: &[&str], cmd: &[&str]) -> anyhow::Result<(Duratio
 async fn time_bare(host: &Host, cfg: &hutch_sandbox::SandboxConfig, snap: Option<&hutch_sandbox::snapshot::Snapshot>) -> anyhow::Result<Duration> {
     let accel = host.caps.choose(cfg.accel)?;
     let id = hutch_sandbox::new_id();
-    let dir = hutch_sandbox::SandboxDir::create(&host.root, &id)?;
+    let dir = host.sandbox_dir(&id)?;
     let disk = dir.path().join("disk.qcow2");
     let (backing, fmt) = match snap {
         Some(s) => (s.disk.clone(), "qcow2"),
@@ -101,6 +101,7 @@ async fn time_bare(host: &Host, cfg: &hutch_sandbox::SandboxConfig, snap: Option
         accel,
         memory,
         dir: dir.path().to_path_buf(),
+        sock_dir: dir.sockets().to_path_buf(),
     };
     let t0 = Instant::now();
     let mut vm = match snap {

@@ -129,6 +129,13 @@ pub struct RunArgs {
     /// Working directory in the VM.
     #[arg(long, short = 'w', value_parser = parse_guest_path)]
     pub workdir: Option<String>,
+    /// Run the command on a terminal even if stdout is not one (stdin must be) [default: a terminal when stdin
+    /// and stdout are terminals].
+    #[arg(long, short = 't', conflicts_with = "no_tty")]
+    pub tty: bool,
+    /// Never run the command on a terminal: separate stdout and stderr, stdin as a stream.
+    #[arg(long = "no-tty", short = 'T')]
+    pub no_tty: bool,
     #[command(flatten)]
     pub egress: EgressArgs,
     #[command(flatten)]

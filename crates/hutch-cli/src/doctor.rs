@@ -101,7 +101,10 @@ pub async fn doctor(args: DoctorArgs) -> anyhow::Result<i32> {
     };
     match &caps.kvm {
         KvmKind::Hardware => line(true, "kvm", "hardware KVM: guests run at native speed behind a hardware boundary".into()),
-        other => println!("warn {:<18} {} -> guests run under QEMU TCG (software emulation: slow, and not a hardened boundary)", "kvm", other.explain()),
+        other => match hutch_vmm::host::kvm_access_advice(Path::new("/")) {
+            Some(advice) => println!("warn {:<18} {advice}", "kvm"),
+            None => println!("warn {:<18} {} -> guests run under QEMU TCG (software emulation: slow, and not a hardened boundary)", "kvm", other.explain()),
+        },
     }
 
     let mut versions: Vec<(&str, u32, String)> = Vec::new();
@@ -133,7 +136,11 @@ pub async fn doctor(args: DoctorArgs) -> anyhow::Result<i32> {
             );
         }
     }
-    if nix::unistd::geteuid().is_root() {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        line(true, "vmm user", "QEMU runs as you (no privilege to drop); seccomp on, empty environment".into());
+    }
+    if root {
         let vmm_user = nix::unistd::User::from_name("hutch-vmm").ok().flatten();
         line(
             vmm_user.is_some(),
@@ -151,16 +158,29 @@ pub async fn doctor(args: DoctorArgs) -> anyhow::Result<i32> {
     }
     match hutch_image::Cache::from_env() {
         Ok(cache) => {
-            let images = cache.list().unwrap_or_default();
-            if images.is_empty() {
-                line(false, "image", format!("none in {}: run `hutch image build`", cache.root().display()));
-            } else {
-                line(true, "image", format!("{} image(s) in {}", images.len(), cache.root().display()));
+            let own = cache.list().unwrap_or_default();
+            let shared = cache.list_shared().unwrap_or_default();
+            let own_desc = format!("{} image(s) in {}", own.len(), cache.root().display());
+            match (own.is_empty(), shared.is_empty(), cache.shared()) {
+                (true, true, _) if root => line(false, "image", format!("none in {}: run `hutch image build`", cache.root().display())),
+                (true, true, _) => line(
+                    false,
+                    "image",
+                    format!(
+                        "none in {} nor in the system cache {}: an administrator runs `hutch image build` as root once, \
+                         and every user shares it",
+                        cache.root().display(),
+                        cache.shared().map_or("(none)".into(), |p| p.display().to_string())
+                    ),
+                ),
+                (_, false, Some(dir)) => line(true, "image", format!("{own_desc}; {} shared read-only in {}", shared.len(), dir.display())),
+                _ => line(true, "image", own_desc),
             }
-            let root = if cache.root().exists() { cache.root().to_path_buf() } else { PathBuf::from("/") };
-            if let Ok(st) = nix::sys::statvfs::statvfs(&root) {
+            build_line(&cache, root, &mut line);
+            let disk_root = if cache.root().exists() { cache.root().to_path_buf() } else { PathBuf::from("/") };
+            if let Ok(st) = nix::sys::statvfs::statvfs(&disk_root) {
                 let free_gb = st.blocks_available() as f64 * st.fragment_size() as f64 / 1e9;
-                line(free_gb > 5.0, "disk", format!("{free_gb:.1} GB free at {}{}", root.display(), if free_gb > 5.0 { "" } else { ": free some space (images need ~2 GB, each sandbox its writes)" }));
+                line(free_gb > 5.0, "disk", format!("{free_gb:.1} GB free at {}{}", disk_root.display(), if free_gb > 5.0 { "" } else { ": free some space (images need ~2 GB, each sandbox its writes)" }));
             }
         }
         Err(e) => line(false, "cache", format!("{e}")),
@@ -205,4 +225,28 @@ mod tests {
         assert_eq!(is_static_elf(&me), Some(false));
         assert_eq!(is_static_elf(Path::new("/etc/hostname")), None);
     }
+}
+
+/// Which way this host builds images for this user: as root; or, for a user, the shared images root built, and
+/// whether a rootless build could work here and what it needs.
+fn build_line(cache: &hutch_image::Cache, root: bool, line: &mut impl FnMut(bool, &str, String)) {
+    if root {
+        line(true, "build", format!("as root (mmdebstrap, `mkfs.ext4 -d`): images go to {} and every user shares them read-only", cache.root().display()));
+        return;
+    }
+    let me = nix::unistd::User::from_uid(nix::unistd::geteuid()).ok().flatten();
+    let (name, uid) = me.map_or((String::from("?"), nix::unistd::geteuid().as_raw()), |u| (u.name, u.uid.as_raw()));
+    let blockers = hutch_image::rootless_build_blockers(std::path::Path::new("/"), &name, uid);
+    let host = if blockers.is_empty() {
+        "this host would allow a rootless build (user namespaces, uidmap, subordinate ids)".to_string()
+    } else {
+        let list: Vec<String> = blockers.iter().map(|b| format!("{} ({})", b.what, b.fix)).collect();
+        format!("a rootless build would need: {}", list.join("; "))
+    };
+    // A warning, not a problem: runs need no build when root's shared image is there.
+    println!(
+        "warn {:<18} building a root filesystem needs root in this version of hutch (mmdebstrap and `mkfs.ext4 -d` keep \
+         file ownership); use the shared image (`hutch image build` as root) or `hutch serve`'s; {host}",
+        "build"
+    );
 }

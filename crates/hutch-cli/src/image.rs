@@ -33,6 +33,8 @@ pub async fn ensure_named(name: ImageName) -> anyhow::Result<(Cache, Image)> {
     })
     .await
     .context("image build task")??;
+    // Runs write only here (sandboxes, snapshots of a shared image): the user's own, private directory.
+    cache.create_root()?;
     Ok((cache, image))
 }
 
@@ -77,6 +79,22 @@ fn image_name(r: &hutch_image::RootfsInputs) -> &'static str {
     }
 }
 
+fn print_images(list: &[hutch_image::Manifest]) {
+    println!("{:<18} {:<8} {:<28} {:>10} {:>10}", "KEY", "IMAGE", "KERNEL", "ROOTFS MB", "AGE");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    for m in list {
+        let age_h = now.saturating_sub(m.created_unix) as f64 / 3600.0;
+        println!(
+            "{:<18} {:<8} {:<28} {:>10} {:>9.1}h",
+            &m.key[..16.min(m.key.len())],
+            image_name(&m.rootfs.inputs),
+            m.kernel.release,
+            m.rootfs.allocated_bytes / 1_000_000,
+            age_h
+        );
+    }
+}
+
 pub async fn cmd(c: ImageCmd) -> anyhow::Result<i32> {
     match c {
         ImageCmd::Build(a) => {
@@ -96,23 +114,16 @@ pub async fn cmd(c: ImageCmd) -> anyhow::Result<i32> {
         ImageCmd::Ls { json } => {
             let cache = Cache::from_env()?;
             let list = cache.list()?;
+            let shared = cache.list_shared()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
-            } else if list.is_empty() {
+            } else if list.is_empty() && shared.is_empty() {
                 println!("no images in {} (build one with `hutch image build`)", cache.root().display());
             } else {
-                println!("{:<18} {:<8} {:<28} {:>10} {:>10}", "KEY", "IMAGE", "KERNEL", "ROOTFS MB", "AGE");
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-                for m in list {
-                    let age_h = now.saturating_sub(m.created_unix) as f64 / 3600.0;
-                    println!(
-                        "{:<18} {:<8} {:<28} {:>10} {:>9.1}h",
-                        &m.key[..16.min(m.key.len())],
-                        image_name(&m.rootfs.inputs),
-                        m.kernel.release,
-                        m.rootfs.allocated_bytes / 1_000_000,
-                        age_h
-                    );
+                print_images(&list);
+                if let (false, Some(dir)) = (shared.is_empty(), cache.shared()) {
+                    println!("shared, read-only ({}):", dir.display());
+                    print_images(&shared);
                 }
             }
             Ok(0)

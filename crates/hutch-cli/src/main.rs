@@ -12,6 +12,7 @@ mod repo;
 mod run;
 mod serve;
 mod shell;
+mod term;
 mod tokens;
 
 use clap::Parser;

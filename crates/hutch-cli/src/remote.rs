@@ -33,6 +33,8 @@ pub enum ServiceCmd {
     Exec(ExecArgs),
     /// Open an interactive terminal in a sandbox on a daemon.
     Shell(crate::shell::ShellArgs),
+    /// Join a sandbox's terminal session, which outlives its clients (`-- CMD` starts one; `~.` detaches).
+    Attach(crate::shell::AttachArgs),
     /// Copy a file into or out of a sandbox: `hutch cp LOCAL ID:/path` or `hutch cp ID:/path LOCAL`.
     Cp(CpArgs),
     /// Show a sandbox's egress audit log.
@@ -52,6 +54,7 @@ pub async fn dispatch(c: ServiceCmd) -> anyhow::Result<i32> {
         ServiceCmd::Ls(a) => ls(a).await,
         ServiceCmd::Exec(a) => exec(a).await,
         ServiceCmd::Shell(a) => crate::shell::shell(a).await,
+        ServiceCmd::Attach(a) => crate::shell::attach(a).await,
         ServiceCmd::Cp(a) => cp(a).await,
         ServiceCmd::Logs(a) => logs(a).await,
         ServiceCmd::Rm(a) => rm(a).await,
@@ -87,7 +90,7 @@ pub fn parse_id(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_kv(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_kv(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
     if k.is_empty() {
         return Err(format!("{s:?} has an empty key"));
@@ -179,8 +182,13 @@ impl Api {
 
     /// Opens an exec WebSocket and sends the StreamExec.
     pub async fn exec_ws(&self, id: &str, spec: &StreamExec) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+        self.ws(&format!("/v1/sandboxes/{id}/exec/ws"), spec).await
+    }
+
+    /// A WebSocket to `path`, whose first text frame is `first` as JSON.
+    pub async fn ws(&self, path: &str, first: &impl serde::Serialize) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let url = format!("{}/v1/sandboxes/{id}/exec/ws", self.base.replacen("http", "ws", 1));
+        let url = format!("{}{path}", self.base.replacen("http", "ws", 1));
         let mut req = url.as_str().into_client_request().context("WebSocket request")?;
         req.headers_mut().insert("authorization", format!("Bearer {}", self.token).parse().context("token header")?);
         let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
@@ -193,7 +201,7 @@ impl Api {
             }
             Err(e) => bail!("cannot open a session with the daemon at {}: {e}", self.base),
         };
-        ws.send(Message::Text(serde_json::to_string(spec)?.into())).await.context("send the command")?;
+        ws.send(Message::Text(serde_json::to_string(first)?.into())).await.context("send the command")?;
         Ok(ws)
     }
 }

@@ -1,5 +1,6 @@
 //! `hutch run`: one command in a fresh sandbox, output streamed live, its exit code returned, the VM destroyed
-//! whatever happens (normal end, error, timeout, Ctrl-C, SIGTERM, VM crash).
+//! whatever happens (normal end, error, timeout, Ctrl-C, SIGTERM, VM crash). On a terminal the command gets a
+//! pseudo-terminal in the VM and hutch's terminal goes raw for as long as it runs (see `term`).
 
 use std::time::Duration;
 
@@ -17,12 +18,16 @@ enum Ending {
     SpawnFailed { message: String, not_found: bool },
     Timeout(Duration),
     Signal(&'static str, i32),
+    /// The VM went away; the guest's last console lines (escaped), read before the VM is destroyed.
     VmGone(String),
+    /// The user typed `Enter ~ .` in a terminal session.
+    Escaped,
 }
 
 pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     // Every input is read and checked before anything is created: flags, the user's config, hutch.toml, policies,
     // secrets.
+    let tty = crate::term::wanted(a.tty, a.no_tty)?;
     let explicit = crate::config::Explicit::from_command_line();
     let user = crate::config::UserConfig::load(a.config.as_deref())?;
     let mut repo = crate::repo::RunRepo::prepare(&a, &user.credentials)?;
@@ -72,7 +77,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
                     .with_context(|| format!("copy-in {} -> {}", c.host.display(), c.guest))?;
             }
             repo.setup(sandbox.client(), sandbox.gateway(), &a.command).await?;
-            let ending = exec(&sandbox, &a).await?;
+            let ending = if tty { exec_tty(&sandbox, &a).await? } else { exec(&sandbox, &a).await? };
             anyhow::Ok(ending)
         };
         let sleep = async {
@@ -88,7 +93,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
             _ = sigint.recv() => Ok(Ending::Signal("SIGINT", 130)),
             _ = sigterm.recv() => Ok(Ending::Signal("SIGTERM", 143)),
             _ = sighup.recv() => Ok(Ending::Signal("SIGHUP", 129)),
-            _ = vm_gone => Ok(Ending::VmGone(hutch_sandbox::console_tail(sandbox.console_log()))),
+            _ = vm_gone => Ok(Ending::VmGone(String::new())),
         }
     };
 
@@ -103,14 +108,24 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
             }
         }
     }
+    // The console is the guest's: read while the sandbox directory still exists, and escaped.
+    let ending = ending.map(|e| match e {
+        Ending::VmGone(_) => Ending::VmGone(crate::term::escape_controls(&hutch_sandbox::console_tail(sandbox.console_log()))),
+        e => e,
+    });
     let denied = sandbox.gateway().summary();
     sandbox.destroy().await;
+    // A program can leave the cursor anywhere (raw output stops at any column): hutch's own messages after an
+    // ending the program did not choose start on a line of their own.
+    if tty && !matches!(ending, Ok(Ending::Exited(_) | Ending::SpawnFailed { .. })) {
+        eprintln!();
+    }
     crate::egress::print_denials(&denied);
 
     let code = match ending? {
         Ending::Exited(c) => c,
         Ending::SpawnFailed { message, not_found } => {
-            eprintln!("hutch: {message}");
+            eprintln!("hutch: {}", crate::term::escape_controls(&message));
             if not_found {
                 127
             } else {
@@ -128,6 +143,10 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
         Ending::VmGone(console) => {
             eprintln!("hutch: the VM stopped unexpectedly; last console lines:\n{console}");
             125
+        }
+        Ending::Escaped => {
+            eprintln!("hutch: session ended with ~.; the VM was destroyed");
+            255
         }
     };
     if let Some(e) = copy_err {
@@ -173,10 +192,74 @@ async fn exec(sandbox: &Sandbox, a: &RunArgs) -> anyhow::Result<Ending> {
             }
             Some(ExecEvent::Exited(st)) => break Ending::Exited(st.as_shell_code()),
             Some(ExecEvent::SpawnFailed { message, not_found }) => break Ending::SpawnFailed { message, not_found },
-            None => break Ending::VmGone("(the agent channel closed)".into()),
+            None => break Ending::VmGone(String::new()),
         }
     };
     stdin_task.abort();
+    Ok(result)
+}
+
+/// The command on a pseudo-terminal in the VM, sized like the user's, with the user's terminal raw: every key
+/// (Ctrl-C, Ctrl-Z, Ctrl-\\ included) goes to the guest as bytes and the guest's terminal decides what it means;
+/// the guest's output goes to the terminal byte for byte. Keys are forwarded by a task of their own, so a guest
+/// that does not read its input never stops its output from being shown (nor the other way round).
+async fn exec_tty(sandbox: &Sandbox, a: &RunArgs) -> anyhow::Result<Ending> {
+    // The terminal's variables come first, so `--env` and the image's defaults win over them.
+    let mut env = crate::term::user_env();
+    env.extend(a.env.iter().cloned());
+    let req = ExecRequest { argv: a.command.clone(), env, cwd: a.workdir.clone(), stdin: true, tty: Some(crate::term::size()) };
+    let handle = sandbox.client().exec(req).await?;
+    let mut input = handle.input;
+    let mut events = handle.events;
+    let raw = crate::term::RawMode::enter()?;
+    let mut keys = crate::term::Keyboard::start()?;
+    let (local_tx, mut local_rx) = tokio::sync::mpsc::channel::<crate::term::Key>(1);
+    let forward = tokio::spawn(async move {
+        use crate::term::Key;
+        loop {
+            let sent = match keys.next().await {
+                Key::Input(b) => input.send(ExecInput::Stdin(b)).await,
+                Key::Resize(s) => input.send(ExecInput::Resize(s)).await,
+                // A terminal has no end of input but the user's ^D, which is a byte; stdin closing (the terminal
+                // went away) leaves the program running, as it would in ssh until its next read fails.
+                Key::Eof => continue,
+                k @ (Key::End | Key::Help) => {
+                    if local_tx.send(k).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    let mut stdout = tokio::io::stdout();
+    let result = loop {
+        tokio::select! {
+            ev = events.next() => match ev {
+                Some(ExecEvent::Started { .. }) => {}
+                Some(ExecEvent::Stdout(b)) | Some(ExecEvent::Stderr(b)) => {
+                    stdout.write_all(&b).await.context("write to the terminal")?;
+                    stdout.flush().await.context("write to the terminal")?;
+                }
+                Some(ExecEvent::Exited(st)) => break Ending::Exited(st.as_shell_code()),
+                Some(ExecEvent::SpawnFailed { message, not_found }) => break Ending::SpawnFailed { message, not_found },
+                None => break Ending::VmGone(String::new()),
+            },
+            k = local_rx.recv() => match k {
+                Some(crate::term::Key::End) => break Ending::Escaped,
+                Some(_) => {
+                    stdout.write_all(crate::term::ESCAPE_HELP.as_bytes()).await.context("write to the terminal")?;
+                    stdout.flush().await.context("write to the terminal")?;
+                }
+                None => {}
+            },
+        }
+    };
+    forward.abort();
+    drop(raw);
     Ok(result)
 }
 

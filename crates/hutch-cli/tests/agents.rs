@@ -318,3 +318,147 @@ fn codex_runs_a_command_in_the_vm_with_the_key_injected_and_the_commit_comes_bac
         }
     }
 }
+
+/// Claude Code's own first-run state, written in the VM before it starts, so that its interface opens on the
+/// prompt instead of the onboarding screens (theme, the API key question, folder trust, the bypass-permissions
+/// warning) every fresh VM would otherwise show. The key it approves is the VM's placeholder (its last 20
+/// characters, as Claude Code records it).
+const CLAUDE_SEED: &str = r#"import json, os
+os.makedirs("/root/.claude", exist_ok=True)
+key = os.environ["ANTHROPIC_API_KEY"]
+json.dump({"hasCompletedOnboarding": True, "theme": "dark", "bypassPermissionsModeAccepted": True,
+           "customApiKeyResponses": {"approved": [key[-20:]], "rejected": []},
+           "projects": {"/workspace": {"hasTrustDialogAccepted": True, "hasCompletedProjectOnboarding": True}}},
+          open("/root/.claude.json", "w"))
+json.dump({"skipDangerousModePermissionPrompt": True}, open("/root/.claude/settings.json", "w"))"#;
+
+/// Codex's own first-run state: the key (the VM's placeholder) as its stored API key, the fake's URL, and
+/// `/workspace` trusted, so that its interface opens on the prompt.
+const CODEX_SEED: &str = r#"import json, os, sys
+os.makedirs("/root/.codex", exist_ok=True)
+json.dump({"OPENAI_API_KEY": os.environ["CODEX_API_KEY"]}, open("/root/.codex/auth.json", "w"))
+open("/root/.codex/config.toml", "w").write('openai_base_url = "%s"\npreferred_auth_method = "apikey"\n[projects."/workspace"]\ntrust_level = "trusted"\n' % sys.argv[1])"#;
+
+/// The real Claude Code interface on a real terminal (a tmux pane): `hutch run` gives it a terminal, its prompt
+/// comes up, a typed prompt goes to the (fake) model, the tool call runs in the VM, the answer is shown, `/exit`
+/// ends it, and the commit comes back. Prints the time from `hutch run` to the prompt on screen.
+#[test]
+fn claude_code_interactive_on_a_terminal_takes_a_typed_prompt_and_exits() {
+    need_agents_image!();
+    interactive(Agent::Claude);
+}
+
+/// The same for Codex's interface (`/quit` ends it).
+#[test]
+fn codex_interactive_on_a_terminal_takes_a_typed_prompt_and_exits() {
+    need_agents_image!();
+    interactive(Agent::Codex);
+}
+
+fn interactive(agent: Agent) {
+    let Some(t) = Tmux::start(120, 40) else { return };
+    let name = agent.name();
+    let (host, var) = agent.api();
+    let script = Script { api_key: REAL_KEY.into(), command: command(name), final_text: FINAL.into() };
+    let fake = FakeModelApi::start(script).expect("start the fake API");
+    let (tmp, dir) = repo();
+    let head_before = git(&dir, &["rev-parse", "HEAD"]);
+    // The key goes through a script, so it is never typed on the screen whose contents are checked for it.
+    let run = tmp.path().join("run-agent");
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut argv: Vec<String> = vec![env!("CARGO_BIN_EXE_hutch").into(), "run".into(), "--image".into(), "agents".into()];
+    argv.extend(fake.hutch_args(host));
+    argv.extend(["--secret".into(), format!("{var}@{host}")]);
+    let start = match agent {
+        Agent::Claude => {
+            argv.extend(["--env".into(), format!("ANTHROPIC_BASE_URL={}", fake.anthropic_base_url())]);
+            format!("python3 -c {} && exec claude --dangerously-skip-permissions", quote(CLAUDE_SEED))
+        }
+        Agent::Codex => format!("python3 -c {} {} && exec codex --dangerously-bypass-approvals-and-sandbox", quote(CODEX_SEED), quote(&fake.openai_base_url())),
+    };
+    argv.extend(["--".into(), "sh".into(), "-c".into(), start]);
+    let body = format!(
+        "#!/bin/sh\ncd {}\nexport HUTCH_LOG=warn XDG_DATA_HOME={} {var}={}\nexec {}\n",
+        quote(&dir.display().to_string()),
+        quote(&tmp.path().join("data").display().to_string()),
+        quote(REAL_KEY),
+        argv.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" ")
+    );
+    std::fs::write(&run, body).expect("write the run script");
+    std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+
+    let t0 = Instant::now();
+    t.line(&format!("{}; echo EXIT=$?", run.display()));
+    // The prompt is up when the input box's hint shows; print each new screen on the way, for whoever debugs.
+    let mut last = String::new();
+    let ready = wait_until(std::time::Duration::from_secs(300), || {
+        let s = t.screen();
+        if s != last {
+            eprintln!("--- screen at {:.1}s:\n{}", t0.elapsed().as_secs_f64(), s.trim_end());
+            last = s;
+        }
+        match agent {
+            Agent::Claude => last.contains("? for shortcuts") || last.contains("bypass permissions on"),
+            Agent::Codex => last.contains("Ask Codex to do anything") && last.contains("? for shortcuts"),
+        }
+    });
+    assert!(ready, "{name}'s prompt never came up; the screen:\n{last}");
+    let to_prompt = t0.elapsed();
+    eprintln!("hutch run -> {name}'s prompt on screen: {:.1}s", to_prompt.as_secs_f64());
+
+    // Typed key by key, as a person would: Claude Code takes a burst of input for a paste, and an Enter inside a
+    // paste for a new line instead of a submit.
+    for ch in PROMPT.chars() {
+        t.type_text(&ch.to_string());
+    }
+    // (The input box puts a no-break space after its ❯, so the text is looked for alone.)
+    t.wait_for(PROMPT, 300);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    t.keys(&["Enter"]);
+    let t1 = Instant::now();
+    let mut last = String::new();
+    let mut unchanged_since = Instant::now();
+    let answered = wait_until(std::time::Duration::from_secs(300), || {
+        let s = t.screen();
+        if s != last {
+            eprintln!("--- screen at {:.1}s after Enter:\n{}", t1.elapsed().as_secs_f64(), s.trim_end());
+            last = s;
+            unchanged_since = Instant::now();
+        } else if agent == Agent::Claude && last.contains(PROMPT) && unchanged_since.elapsed() > std::time::Duration::from_secs(20) {
+            // Still sitting in Claude Code's input box: the Enter was taken as part of the typing. Press it again.
+            // (Codex shows the prompt there while it waits for its start-up; a second Enter would queue it twice.)
+            eprintln!("(Enter again)");
+            t.keys(&["Enter"]);
+            unchanged_since = Instant::now();
+        }
+        t.history().contains(FINAL)
+    });
+    assert!(answered, "the answer never showed; the screen:\n{last}");
+    eprintln!("typed prompt -> answer on screen: {:.1}s\n--- screen:\n{}", t1.elapsed().as_secs_f64(), t.screen().trim_end());
+    let calls = fake.calls();
+    assert!(calls.iter().any(|c| c.answer == Answer::ToolUse && c.tools.iter().any(|x| x == agent.tool())), "{calls:?}");
+    let result = calls.iter().find_map(|c| c.tool_result.clone()).unwrap_or_else(|| panic!("no tool result came back: {calls:?}"));
+    assert!(result.contains("committed ") && result.contains(" as root"), "the command ran in the VM: {result:?}");
+    for c in calls.iter().filter(|c| c.path.starts_with("/v1/")) {
+        assert_eq!(c.key.as_deref(), Some(REAL_KEY), "the gateway put the real key on {} {}", c.method, c.path);
+    }
+
+    let quit = match agent {
+        Agent::Claude => "/exit",
+        Agent::Codex => "/quit",
+    };
+    for ch in quit.chars() {
+        t.type_text(&ch.to_string());
+    }
+    t.wait_for(quit, 300);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    t.keys(&["Enter"]);
+    let h = t.wait_for("EXIT=0", 300);
+    assert!(!h.contains(REAL_KEY), "the real key is on the screen");
+    let id = sandbox_id(&h);
+    let hutch_ref = format!("refs/hutch/{id}");
+    assert_eq!(git(&dir, &["show", &format!("{hutch_ref}:proof.txt")]), format!("hello from {name}\n"));
+    assert_eq!(git(&dir, &["rev-parse", &format!("{hutch_ref}~1")]), head_before);
+    // hutch's summary is written after the terminal is restored: plain lines at the left margin.
+    assert!(h.lines().any(|l| l.starts_with("hutch: ── changes from sandbox")), "{h}");
+}

@@ -777,3 +777,60 @@ fn warm_pool_serves_creates_refills_and_leaves_nothing_behind() {
         assert_vm_gone(dir, None);
     }
 }
+
+/// The highest `tick N` the screen shows.
+fn last_tick(screen: &str) -> u32 {
+    screen.lines().filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok()).max().unwrap_or(0)
+}
+
+/// Detach and re-attach through the daemon, in two tmux panes: a counter started with `hutch attach --detach`
+/// runs with no client; a client joins and sees it (the replayed output, then live), detaches with `~.`; another
+/// pane joins and sees it still counting; with both attached, what one types reaches the program and both see
+/// it; the program's exit reaches both.
+#[test]
+fn terminal_session_outlives_its_clients_replays_and_is_shared() {
+    let Some(a) = Tmux::start(100, 30) else { return };
+    let Some(b) = Tmux::start(100, 30) else { return };
+    let d = Daemon::start(&[]);
+    let tok = d.token("attach", &[]);
+    let sb = create(&d, &tok, json!({}));
+    let prog = r#"i=0; while :; do i=$((i+1)); echo "tick $i"; if read -t 1 l; then echo "typed <$l>"; [ "$l" = quit ] && exit 3; fi; done"#;
+    let out = d.cli(&tok).args(["attach", "--detach", &sb.id, "--", "bash", "-c", prog]).stdin(Stdio::null()).output().expect("hutch attach");
+    assert!(out.status.success() && text(&out.stderr).contains("started in sandbox"), "{}", text(&out.stderr));
+    let started = Instant::now();
+    for t in [&a, &b] {
+        t.line(&format!("export HUTCH_URL={} HUTCH_TOKEN={}", d.url, tok));
+    }
+    // Nobody is attached; it counts anyway, and the first client is shown what it missed.
+    std::thread::sleep(Duration::from_secs(4));
+    let attach = |t: &Tmux| t.line(&format!("{} attach {}; echo EXIT=$?", t.hutch, sb.id));
+    attach(&a);
+    let h = a.wait_for("tick 3\n", 120);
+    assert!(h.contains("tick 1\n"), "the output from before the attach is replayed:\n{h}");
+    let seen = last_tick(&a.wait_for(&format!("tick {}\n", last_tick(&h) + 1), 120));
+    eprintln!("after {:.1}s, the first client saw tick {seen}", started.elapsed().as_secs_f64());
+
+    // Detach: the client ends (exit 0), the program does not.
+    a.keys(&["Enter"]);
+    a.type_text("~.");
+    let h = a.wait_for("EXIT=0", 120);
+    assert!(h.lines().any(|l| l.starts_with("hutch: detached")), "{h}");
+    std::thread::sleep(Duration::from_secs(2));
+    attach(&b);
+    let hb = b.wait_for(&format!("tick {}\n", seen + 2), 120);
+    assert!(hb.contains("typed <>"), "the Enter typed before the detach reached the program:\n{hb}");
+
+    // Two clients at once: both see the same output, either can type.
+    a.cmd(&["send-keys", "-t", "t", "clear", "Enter"]);
+    attach(&a);
+    let now = last_tick(&b.history());
+    a.wait_for(&format!("tick {}\n", now + 1), 120);
+    b.type_text("hello");
+    b.keys(&["Enter"]);
+    a.wait_for("typed <hello>", 120);
+    b.wait_for("typed <hello>", 120);
+    a.type_text("quit");
+    a.keys(&["Enter"]);
+    a.wait_for("EXIT=3", 120);
+    b.wait_for("EXIT=3", 120);
+}

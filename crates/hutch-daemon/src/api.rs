@@ -169,6 +169,7 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(crate::stream::sse))
         .route("/v1/sandboxes/{id}/exec/ws", get(crate::stream::ws))
+        .route("/v1/sandboxes/{id}/terminal/ws", get(crate::terminal::ws))
         .route(
             "/v1/sandboxes/{id}/files",
             get(download).put(upload).delete(remove_file).layer(DefaultBodyLimit::disable()),

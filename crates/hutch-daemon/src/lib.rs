@@ -13,6 +13,7 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 mod stream;
+pub mod terminal;
 
 use std::path::{Path, PathBuf};
 

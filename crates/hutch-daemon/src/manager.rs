@@ -95,6 +95,8 @@ pub struct Live {
     pub owner: String,
     pub client: AgentClient,
     pub console: std::path::PathBuf,
+    /// The sandbox's terminal session (`hutch attach`), which outlives its clients.
+    pub terminal: tokio::sync::Mutex<Option<Arc<crate::terminal::Terminal>>>,
     stop: mpsc::Sender<String>,
     done: watch::Receiver<bool>,
 }
@@ -502,6 +504,7 @@ impl Manager {
             owner,
             client: sb.client().clone(),
             console: sb.console_log().to_path_buf(),
+            terminal: Default::default(),
             stop: stop_tx,
             done: done_rx,
         });
@@ -672,7 +675,7 @@ impl Manager {
             self.metrics.destroyed("daemon_restart");
             out.marked_destroyed.push(row.id);
         }
-        out.reaped = hutch_sandbox::reap_stale(&self.host.root);
+        out.reaped = self.host.reap_stale();
         Ok(out)
     }
 

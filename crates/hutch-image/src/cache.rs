@@ -13,6 +13,12 @@
 //! ```
 //! A component directory appears by one rename of a finished build, so a directory present
 //! under its key is complete.
+//!
+//! Two caches take part for an ordinary user: the system cache ([`SYSTEM_CACHE`], filled by
+//! root, world-readable, never written by users) and the user's own (mode 0700), which holds
+//! everything the user's runs write. A user's lookup tries the own cache, then the system cache
+//! without taking any lock there (its entries appear by rename, so one that is present is
+//! complete); a component the system cache has is linked from the user's cache, not rebuilt.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -95,15 +101,26 @@ pub struct Image {
     /// Raw ext4 root disk; shared and read-only: use it only as the backing file of a
     /// per-sandbox copy-on-write overlay, never write to it.
     pub rootfs: PathBuf,
+    /// Where this process makes and keeps boot snapshots of this image: `dir/snapshots`, or,
+    /// for an image from the shared cache, the same place in the user's own cache.
+    pub snapshots: PathBuf,
+    /// The shared cache's snapshots of this image (read-only), when the image came from there.
+    pub shared_snapshots: Option<PathBuf>,
     /// `uname -r` in the guest.
     pub kernel_release: String,
     pub manifest: Manifest,
 }
 
+/// Where root builds the images every user shares.
+pub const SYSTEM_CACHE: &str = "/var/lib/hutch";
+
 /// A cache directory of images and their components.
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    /// Another cache (the system cache, for an ordinary user) read for images and components,
+    /// never written to.
+    shared: Option<PathBuf>,
 }
 
 /// Everything an image's keys depend on, gathered and checked before anything is built.
@@ -122,33 +139,67 @@ struct Plan {
 }
 
 impl Cache {
-    /// `$HUTCH_CACHE_DIR` if set; else `/var/lib/hutch` for root; else
-    /// `$XDG_CACHE_HOME/hutch` or `~/.cache/hutch`.
+    /// The own cache: `$HUTCH_CACHE_DIR` if set; else [`SYSTEM_CACHE`] for root; else
+    /// `$XDG_CACHE_HOME/hutch` or `~/.cache/hutch`. For a user who is not root, the system
+    /// cache (`$HUTCH_SYSTEM_CACHE_DIR` if set, empty for none) is read as well, never written;
+    /// a `HUTCH_CACHE_DIR` naming the system cache means just that.
     pub fn from_env() -> Result<Cache, ImageError> {
         let var = |name: &str| {
             std::env::var_os(name)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         };
-        let root = if let Some(dir) = var("HUTCH_CACHE_DIR") {
-            std::path::absolute(&dir).ctx("resolving HUTCH_CACHE_DIR", dir)?
-        } else if nix::unistd::geteuid().is_root() {
-            PathBuf::from("/var/lib/hutch")
-        } else if let Some(xdg) = var("XDG_CACHE_HOME").filter(|p| p.is_absolute()) {
-            xdg.join("hutch")
-        } else if let Some(home) = var("HOME").filter(|p| p.is_absolute()) {
-            home.join(".cache/hutch")
-        } else {
-            return Err(ImageError::NoCacheDir(
-                "neither XDG_CACHE_HOME nor HOME is set",
-            ));
+        let is_root = nix::unistd::geteuid().is_root();
+        let system = match std::env::var_os("HUTCH_SYSTEM_CACHE_DIR") {
+            Some(v) if v.is_empty() => None,
+            Some(v) => Some(std::path::absolute(&v).ctx("resolving HUTCH_SYSTEM_CACHE_DIR", v)?),
+            None => Some(PathBuf::from(SYSTEM_CACHE)),
         };
-        Ok(Cache { root })
+        let user_default = || {
+            if let Some(xdg) = var("XDG_CACHE_HOME").filter(|p| p.is_absolute()) {
+                Ok(xdg.join("hutch"))
+            } else if let Some(home) = var("HOME").filter(|p| p.is_absolute()) {
+                Ok(home.join(".cache/hutch"))
+            } else {
+                Err(ImageError::NoCacheDir(
+                    "neither XDG_CACHE_HOME nor HOME is set",
+                ))
+            }
+        };
+        let explicit = match var("HUTCH_CACHE_DIR") {
+            Some(dir) => Some(std::path::absolute(&dir).ctx("resolving HUTCH_CACHE_DIR", dir)?),
+            None => None,
+        };
+        if is_root {
+            let root = explicit.unwrap_or_else(|| PathBuf::from(SYSTEM_CACHE));
+            return Ok(Cache { root, shared: None });
+        }
+        let same = |a: &Path, b: &Path| match (fs::canonicalize(a), fs::canonicalize(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        let root = match explicit {
+            Some(dir) if !system.as_deref().is_some_and(|s| same(&dir, s)) => dir,
+            _ => user_default()?,
+        };
+        let shared = system.filter(|s| !same(&root, s));
+        Ok(Cache { root, shared })
     }
 
     /// A cache at `root` (created when first built into).
     pub fn at(root: impl Into<PathBuf>) -> Cache {
-        Cache { root: root.into() }
+        Cache { root: root.into(), shared: None }
+    }
+
+    /// This cache, also reading images and components from `shared` (never writing there).
+    pub fn with_shared(mut self, shared: Option<PathBuf>) -> Cache {
+        self.shared = shared;
+        self
+    }
+
+    /// The read-only cache images are also taken from, if any.
+    pub fn shared(&self) -> Option<&Path> {
+        self.shared.as_deref()
     }
 
     pub fn root(&self) -> &Path {
@@ -156,14 +207,22 @@ impl Cache {
     }
 
     /// The cached image for `spec`, if all of it is built; builds nothing. Asks apt which
-    /// kernel is current (answer remembered while apt's lists are unchanged).
+    /// kernel is current (answer remembered while apt's lists are unchanged). The own cache is
+    /// tried first, then the shared one.
     pub fn lookup(&self, spec: &ImageSpec) -> Result<Option<Image>, ImageError> {
-        if !self.root.join(IMAGES).is_dir() {
+        let own = self.root.join(IMAGES).is_dir();
+        let shared = self.shared.as_ref().is_some_and(|s| s.join(IMAGES).is_dir());
+        if !own && !shared {
             return Ok(None);
         }
         let plan = self.plan(spec)?;
-        let _shared = self.cache_lock(LockKind::Shared)?;
-        self.load_image(&plan.image_key)
+        if own {
+            let _shared = self.cache_lock(LockKind::Shared)?;
+            if let Some(image) = self.load_image(&plan.image_key)? {
+                return Ok(Some(image));
+            }
+        }
+        self.load_shared_image(&plan.image_key)
     }
 
     /// The image for `spec`, building whichever of its components are not cached yet.
@@ -174,6 +233,7 @@ impl Cache {
     }
 
     fn ensure_inner(&self, spec: &ImageSpec, progress: &dyn Progress) -> Result<Image, ImageError> {
+        self.create_root()?;
         for dir in [IMAGES, LOCKS, TMP, STATE] {
             let path = self.root.join(dir);
             fs::create_dir_all(&path).ctx("creating cache directory", path)?;
@@ -181,6 +241,9 @@ impl Cache {
         let plan = self.plan(spec)?;
         let _shared = self.cache_lock(LockKind::Shared)?;
         if let Some(image) = self.load_image(&plan.image_key)? {
+            return Ok(image);
+        }
+        if let Some(image) = self.load_shared_image(&plan.image_key)? {
             return Ok(image);
         }
         let _building = Lock::acquire(
@@ -197,11 +260,15 @@ impl Cache {
             (&INITRD, &plan.initrd_key),
             (&ROOTFS, &plan.rootfs_key),
         ] {
-            if kind.is_complete(&self.root.join(kind.dir).join(key)) {
+            if kind.is_complete(&self.root.join(kind.dir).join(key))
+                || self.shared_component(kind, key).is_some()
+            {
                 continue;
             }
             if kind.needs_root && !nix::unistd::geteuid().is_root() {
-                return Err(ImageError::NeedsRoot);
+                return Err(ImageError::NeedsRoot {
+                    shared: self.shared.clone(),
+                });
             }
             for tool in (kind.tools)() {
                 tool.find()?;
@@ -250,6 +317,7 @@ impl Cache {
             self.discard(&dest)?;
         }
         build.persist(&dest)?;
+        self.publish(&dest)?;
         self.load_image(&plan.image_key)?.ok_or_else(|| {
             ImageError::io(
                 "reading back the image just built in",
@@ -271,6 +339,14 @@ impl Cache {
         Ok(manifests)
     }
 
+    /// Manifests of the shared cache's images (read-only here), oldest first.
+    pub fn list_shared(&self) -> Result<Vec<Manifest>, ImageError> {
+        match &self.shared {
+            Some(shared) => Cache::at(shared).list(),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Removes the image whose key starts with `key_prefix`, with its snapshots, and then
     /// every component no remaining image uses. Returns what was removed (paths relative to
     /// the cache root). Waits for builds in progress to finish first.
@@ -284,7 +360,7 @@ impl Cache {
             return Err(ImageError::BadKeyPrefix(key_prefix.to_owned()));
         }
         if !self.root.join(IMAGES).is_dir() {
-            return Err(ImageError::UnknownImage(key_prefix.to_owned()));
+            return Err(self.not_found(key_prefix));
         }
         let _exclusive = self.cache_lock(LockKind::Exclusive)?;
         let matches: Vec<String> = self
@@ -293,7 +369,7 @@ impl Cache {
             .filter(|k| k.starts_with(key_prefix))
             .collect();
         let key = match matches.as_slice() {
-            [] => return Err(ImageError::UnknownImage(key_prefix.to_owned())),
+            [] => return Err(self.not_found(key_prefix)),
             [one] => one.clone(),
             _ => {
                 return Err(ImageError::AmbiguousImage {
@@ -327,12 +403,60 @@ impl Cache {
         Ok(removed)
     }
 
-    /// `images/<key>/snapshots`, created if missing: where artifacts derived from a booted
-    /// image (VM snapshots) live, so that removing the image removes them too.
+    /// No own image starts with `key_prefix`: says so, or that the image is a shared one.
+    fn not_found(&self, key_prefix: &str) -> ImageError {
+        let shared = self.list_shared().unwrap_or_default();
+        match &self.shared {
+            Some(dir) if shared.iter().any(|m| m.key.starts_with(key_prefix)) => ImageError::SharedImage {
+                prefix: key_prefix.to_owned(),
+                cache: dir.clone(),
+            },
+            _ => ImageError::UnknownImage(key_prefix.to_owned()),
+        }
+    }
+
+    /// `images/<key>/snapshots` of the own cache, created if missing: where artifacts derived
+    /// from a booted image (VM snapshots) live, so that removing the image removes them too.
     pub fn snapshot_dir(&self, image: &Image) -> Result<PathBuf, ImageError> {
-        let dir = image.dir.join(SNAPSHOTS);
-        fs::create_dir_all(&dir).ctx("creating directory", &dir)?;
-        Ok(dir)
+        self.create_root()?;
+        let dir = &image.snapshots;
+        fs::create_dir_all(dir).ctx("creating directory", dir)?;
+        Ok(dir.clone())
+    }
+
+    /// Creates the own cache's top directory: private (0700) for a user's cache, so that no
+    /// other user reaches its sandboxes, locks or snapshots; world-readable for the system
+    /// cache root builds, whose images every user reads.
+    pub fn create_root(&self) -> Result<(), ImageError> {
+        use std::os::unix::fs::DirBuilderExt;
+        if self.root.is_dir() {
+            return Ok(());
+        }
+        if let Some(parent) = self.root.parent() {
+            fs::create_dir_all(parent).ctx("creating directory", parent)?;
+        }
+        let mode = if nix::unistd::geteuid().is_root() { 0o755 } else { 0o700 };
+        match fs::DirBuilder::new().mode(mode).create(&self.root) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                Err(ImageError::io("creating cache directory", &self.root, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes a finished entry of a cache root builds readable by every user and writable by
+    /// none but its owner, whatever root's umask was.
+    fn publish(&self, path: &Path) -> Result<(), ImageError> {
+        if nix::unistd::geteuid().is_root() {
+            fsutil::publish_tree(path)?;
+        }
+        Ok(())
+    }
+
+    /// The shared cache's complete `kind` component under `key`, if there is one.
+    fn shared_component(&self, kind: &ComponentKind, key: &str) -> Option<PathBuf> {
+        let dir = self.shared.as_ref()?.join(kind.dir).join(key);
+        kind.is_complete(&dir).then_some(dir)
     }
 
     /// Gathers and checks all inputs and computes every key; builds nothing.
@@ -348,7 +472,11 @@ impl Cache {
                 sources.path.display()
             )));
         }
-        let kernel_package = kernel::resolve(&self.root.join(STATE).join("kernel-package.json"))?;
+        let memo = |root: &Path| root.join(STATE).join("kernel-package.json");
+        let kernel_package = kernel::resolve(
+            &memo(&self.root),
+            self.shared.as_deref().map(memo).as_deref(),
+        )?;
         let kernel_key = key_of(&kernel_package.inputs());
         let rootfs_inputs = sources.inputs(&spec);
         let rootfs_key = key_of(&rootfs_inputs);
@@ -391,13 +519,26 @@ impl Cache {
         if kind.is_complete(&dest) {
             return Ok(dest);
         }
-        if dest.exists() {
+        if dest.exists() || dest.is_symlink() {
             // Only a hand-made deletion inside the cache gets here; build it afresh.
             self.discard(&dest)?;
+        }
+        if let Some(shared) = self.shared_component(kind, key) {
+            // Built already where this user may read but not write: linked, not rebuilt. The
+            // link appears by one rename, like a build.
+            let tmp = BuildDir::create(&self.root.join(TMP), kind.lock)?;
+            let link = tmp.path().join("link");
+            std::os::unix::fs::symlink(&shared, &link).ctx("linking", &link)?;
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent).ctx("creating directory", parent)?;
+            }
+            fs::rename(&link, &dest).ctx("moving link into place at", &dest)?;
+            return Ok(dest);
         }
         let tmp = BuildDir::create(&self.root.join(TMP), kind.lock)?;
         build(tmp.path())?;
         tmp.persist(&dest)?;
+        self.publish(&dest)?;
         Ok(dest)
     }
 
@@ -455,24 +596,16 @@ impl Cache {
 
     /// The image with this key if its manifest and all its files are present.
     fn load_image(&self, key: &str) -> Result<Option<Image>, ImageError> {
-        let Some(manifest) = self.read_manifest(key)? else {
+        load_image_in(&self.root, key, None)
+    }
+
+    /// The shared cache's image with this key, read without any lock: its entries appear by
+    /// rename and are removed by rename, so one whose files are all present is complete.
+    fn load_shared_image(&self, key: &str) -> Result<Option<Image>, ImageError> {
+        let Some(shared) = &self.shared else {
             return Ok(None);
         };
-        let kernel = self.root.join(&manifest.kernel.path);
-        let initrd = self.root.join(&manifest.initrd.path);
-        let rootfs = self.root.join(&manifest.rootfs.path);
-        if ![&kernel, &initrd, &rootfs].iter().all(|p| p.is_file()) {
-            return Ok(None);
-        }
-        Ok(Some(Image {
-            key: key.to_owned(),
-            dir: self.image_dir(key),
-            kernel,
-            initrd,
-            rootfs,
-            kernel_release: manifest.kernel.release.clone(),
-            manifest,
-        }))
+        load_image_in(shared, key, Some(self.image_dir(key).join(SNAPSHOTS)))
     }
 
     fn read_manifest(&self, key: &str) -> Result<Option<Manifest>, ImageError> {
@@ -534,6 +667,42 @@ impl Cache {
         drop(trash);
         Ok(())
     }
+}
+
+/// The image `key` of the cache at `root`. `own_snapshots`: for an image of a shared cache,
+/// where this user's snapshots of it go.
+fn load_image_in(
+    root: &Path,
+    key: &str,
+    own_snapshots: Option<PathBuf>,
+) -> Result<Option<Image>, ImageError> {
+    let dir = root.join(IMAGES).join(key);
+    let path = dir.join(MANIFEST);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let manifest: Manifest = read_json(&path)?;
+    let kernel = root.join(&manifest.kernel.path);
+    let initrd = root.join(&manifest.initrd.path);
+    let rootfs = root.join(&manifest.rootfs.path);
+    if ![&kernel, &initrd, &rootfs].iter().all(|p| p.is_file()) {
+        return Ok(None);
+    }
+    let (snapshots, shared_snapshots) = match own_snapshots {
+        Some(own) => (own, Some(dir.join(SNAPSHOTS))),
+        None => (dir.join(SNAPSHOTS), None),
+    };
+    Ok(Some(Image {
+        key: key.to_owned(),
+        dir,
+        kernel,
+        initrd,
+        rootfs,
+        snapshots,
+        shared_snapshots,
+        kernel_release: manifest.kernel.release.clone(),
+        manifest,
+    }))
 }
 
 fn initrd_inputs(kernel_key: &str, spec: &CheckedSpec, busybox: &[u8]) -> InitrdInputs {

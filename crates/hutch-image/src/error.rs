@@ -42,9 +42,11 @@ pub enum ImageError {
 
     #[error(
         "building the root filesystem needs root (mmdebstrap and `mkfs.ext4 -d` must keep file \
-         ownership); run as root, or point HUTCH_CACHE_DIR at a cache a root build filled"
+         ownership), and {}: ask an administrator to run `hutch image build` (with this --image) \
+         as root once, which every user then shares; `hutch doctor` says more",
+        shared.as_ref().map_or("there is no system cache to take it from".to_owned(), |p| format!("the system cache {} has none for these inputs", p.display()))
     )]
-    NeedsRoot,
+    NeedsRoot { shared: Option<PathBuf> },
 
     #[error("no apt sources file: neither {} nor {} exists", .0[0].display(), .0[1].display())]
     NoAptSources([PathBuf; 2]),
@@ -72,6 +74,12 @@ pub enum ImageError {
         .0.display()
     )]
     MountedBelow(PathBuf),
+
+    #[error(
+        "the image `{prefix}` is in the shared cache {}, which only root changes (`hutch image rm` as root)",
+        cache.display()
+    )]
+    SharedImage { prefix: String, cache: PathBuf },
 
     #[error(
         "bad image key prefix `{0}`: give one or more hex digits of a key from the image list"

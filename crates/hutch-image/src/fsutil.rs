@@ -356,6 +356,29 @@ pub(crate) fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).ctx("changing mode of", path)
 }
 
+/// Makes `path` and everything below it readable by all and writable by its owner alone:
+/// group and other lose write, gain read (and search on directories and programs). Symbolic
+/// links are not followed.
+pub(crate) fn publish_tree(path: &Path) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::symlink_metadata(path).ctx("inspecting", path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    let exec = meta.is_dir() || mode & 0o100 != 0;
+    let wanted = (mode & !0o022) | 0o444 | if exec { 0o111 } else { 0 };
+    if wanted != mode {
+        set_mode(path, wanted)?;
+    }
+    if meta.is_dir() {
+        for entry in fs::read_dir(path).ctx("listing", path)? {
+            publish_tree(&entry.ctx("listing", path)?.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Makes a rename in `dir` durable; best effort (a crash before it only loses the entry,
 /// which the next `ensure` builds again).
 fn sync_dir(dir: &Path) {
@@ -367,6 +390,27 @@ fn sync_dir(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn published_trees_are_readable_by_all_and_writable_by_the_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().expect("tempdir");
+        let top = root.path().join("entry");
+        fs::create_dir_all(top.join("sub")).expect("mkdir");
+        fs::write(top.join("sub/data"), b"x").expect("write");
+        fs::write(top.join("prog"), b"x").expect("write");
+        std::os::unix::fs::symlink("/etc/hostname", top.join("link")).expect("symlink");
+        set_mode(&top.join("sub"), 0o700).expect("chmod");
+        set_mode(&top.join("sub/data"), 0o662).expect("chmod");
+        set_mode(&top.join("prog"), 0o700).expect("chmod");
+        publish_tree(&top).expect("publish");
+        let mode = |p: &str| {
+            fs::metadata(top.join(p)).expect("stat").permissions().mode() & 0o7777
+        };
+        assert_eq!(mode("sub"), 0o755);
+        assert_eq!(mode("sub/data"), 0o644);
+        assert_eq!(mode("prog"), 0o755);
+    }
 
     #[test]
     fn build_dirs_persist_or_vanish() {

@@ -67,13 +67,16 @@ struct Resolved {
 
 /// The kernel package the metapackage currently points at. `memo` is a file where the
 /// answer is remembered for as long as apt's lists do not change.
-pub(crate) fn resolve(memo: &Path) -> Result<KernelPackage, ImageError> {
+/// `shared_memo`: another cache's memo, read (never written) when `memo` has no answer.
+pub(crate) fn resolve(memo: &Path, shared_memo: Option<&Path>) -> Result<KernelPackage, ImageError> {
     let fingerprint = lists_fingerprint();
     if let Some(fp) = &fingerprint {
-        if let Ok(text) = fs::read(memo) {
-            if let Ok(r) = serde_json::from_slice::<Resolved>(&text) {
-                if &r.lists_fingerprint == fp {
-                    return Ok(r.package);
+        for path in std::iter::once(memo).chain(shared_memo) {
+            if let Ok(text) = fs::read(path) {
+                if let Ok(r) = serde_json::from_slice::<Resolved>(&text) {
+                    if &r.lists_fingerprint == fp {
+                        return Ok(r.package);
+                    }
                 }
             }
         }
@@ -324,7 +327,7 @@ mod tests {
     fn resolves_current_kernel_with_apt() {
         let dir = tempfile::tempdir().expect("tempdir");
         let memo = dir.path().join("memo.json");
-        let pkg = match resolve(&memo) {
+        let pkg = match resolve(&memo, None) {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("SKIP: apt cannot resolve the cloud kernel here: {e}");
@@ -336,7 +339,7 @@ mod tests {
         // Answered from the memo the second time, with the same result.
         if lists_fingerprint().is_some() {
             assert!(memo.exists());
-            assert_eq!(resolve(&memo).expect("memo"), pkg);
+            assert_eq!(resolve(&memo, None).expect("memo"), pkg);
         }
     }
 }

@@ -359,7 +359,7 @@ mod tests {
     #[test]
     fn real_kernel_plan_loads_dependencies_first() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let package = match crate::kernel::resolve(&dir.path().join("memo.json")) {
+        let package = match crate::kernel::resolve(&dir.path().join("memo.json"), None) {
             Ok(p) => p,
             Err(e) => {
                 eprintln!("SKIP: cannot resolve the Debian cloud kernel with apt: {e}");

@@ -133,7 +133,7 @@ pub(crate) fn build(
     progress: &dyn Progress,
 ) -> Result<RootfsInfo, ImageError> {
     if !nix::unistd::geteuid().is_root() {
-        return Err(ImageError::NeedsRoot);
+        return Err(ImageError::NeedsRoot { shared: None });
     }
     let mmdebstrap = MMDEBSTRAP.find()?;
     let unshare = UNSHARE.find()?;

@@ -79,7 +79,10 @@ pub fn check_id(id: &str) -> Result<(), RepoError> {
 /// Writes a result atomically: into a temporary directory next to it, then renamed into place.
 pub(crate) fn save(results: &Path, meta: &ResultMeta, apply_patch: &[u8], changes_patch: &[u8]) -> Result<Stored, RepoError> {
     check_id(&meta.id)?;
-    std::fs::create_dir_all(results).map_err(io_err(format!("cannot create {}", results.display())))?;
+    // Results are the user's alone, whoever else may read the repository (each result directory is 0700 too).
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(results)
+        .map_err(io_err(format!("cannot create {}", results.display())))?;
     let tmp =
         tempfile::Builder::new().prefix(".tmp-").tempdir_in(results).map_err(io_err(format!("cannot write in {}", results.display())))?;
     let w = |name: &str, data: &[u8]| std::fs::write(tmp.path().join(name), data).map_err(io_err(format!("cannot write {name}")));

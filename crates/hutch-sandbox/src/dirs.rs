@@ -1,31 +1,80 @@
 //! Per-sandbox runtime directories and the reaping of leftovers: a directory records who owns it (hutch's pid
 //! and start time) and which VMM runs in it; a later run kills and removes whatever a dead owner left behind.
+//! Sockets may live apart, under a runtime root (`$XDG_RUNTIME_DIR/hutch` for a user), in a directory of the same
+//! id. Directories are private to their owner (0700); root's `sandboxes/` is searchable but not listable (0711)
+//! so that QEMU, dropped to its own account, reaches its directory.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::SandboxError;
 
-/// A sandbox's directory, removed (with everything in it) when dropped.
+/// A sandbox's directory (and its sockets' directory, when apart), removed with everything in it when dropped.
 #[derive(Debug)]
 pub struct SandboxDir {
     path: PathBuf,
+    sockets: Option<PathBuf>,
+}
+
+/// `dir` (and its parents) created if missing, then given `mode`.
+fn private_dir(dir: &Path, mode: u32) -> Result<(), SandboxError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)))
+        .map_err(|e| SandboxError::HostIo { what: format!("cannot create {}", dir.display()), source: e })
+}
+
+fn sandboxes_mode() -> u32 {
+    if nix::unistd::geteuid().is_root() {
+        0o711
+    } else {
+        0o700
+    }
 }
 
 impl SandboxDir {
     pub fn create(root: &Path, id: &str) -> Result<Self, SandboxError> {
+        Self::create_in(root, None, id)
+    }
+
+    /// `root/sandboxes/<id>`, with the sockets in `runtime/sandboxes/<id>` when a runtime root is given.
+    pub fn create_in(root: &Path, runtime: Option<&Path>, id: &str) -> Result<Self, SandboxError> {
         let sandboxes = root.join("sandboxes");
-        std::fs::create_dir_all(&sandboxes).map_err(|e| SandboxError::HostIo { what: format!("cannot create {}", sandboxes.display()), source: e })?;
+        private_dir(&sandboxes, sandboxes_mode())?;
         let path = sandboxes.join(id);
-        std::fs::create_dir(&path).map_err(|e| SandboxError::HostIo { what: format!("cannot create {}", path.display()), source: e })?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| SandboxError::HostIo { what: format!("cannot create {}", path.display()), source: e })?;
+        let mut dir = Self { path, sockets: None };
         let me = std::process::id();
         let owner = format!("{me} {}", start_time(me).unwrap_or(0));
-        std::fs::write(path.join("owner"), owner).map_err(|e| SandboxError::HostIo { what: "cannot write the owner file".into(), source: e })?;
-        Ok(Self { path })
+        std::fs::write(dir.path.join("owner"), owner).map_err(|e| SandboxError::HostIo { what: "cannot write the owner file".into(), source: e })?;
+        if let Some(runtime) = runtime {
+            private_dir(runtime, 0o700)?;
+            let parent = runtime.join("sandboxes");
+            private_dir(&parent, 0o700)?;
+            let sockets = parent.join(id);
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&sockets)
+                .map_err(|e| SandboxError::HostIo { what: format!("cannot create {}", sockets.display()), source: e })?;
+            dir.sockets = Some(sockets);
+        }
+        Ok(dir)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where the VM's unix sockets go.
+    pub fn sockets(&self) -> &Path {
+        self.sockets.as_deref().unwrap_or(&self.path)
     }
 
     pub fn record_vmm(&self, pid: Option<u32>) {
@@ -37,6 +86,9 @@ impl SandboxDir {
 
 impl Drop for SandboxDir {
     fn drop(&mut self) {
+        if let Some(s) = &self.sockets {
+            let _ = std::fs::remove_dir_all(s);
+        }
         let _ = std::fs::remove_dir_all(&self.path);
     }
 }
@@ -64,6 +116,33 @@ fn owner_alive(dir: &Path) -> bool {
 
 /// Kills and removes what dead owners left under `root/sandboxes`. Returns the ids reaped.
 pub fn reap_stale(root: &Path) -> Vec<String> {
+    reap_stale_in(root, None)
+}
+
+/// [`reap_stale`], also removing the socket directories under `runtime/sandboxes` of the sandboxes reaped, and
+/// those whose sandbox directory is gone (a crash between the two removals).
+pub fn reap_stale_in(root: &Path, runtime: Option<&Path>) -> Vec<String> {
+    let reaped = reap_dirs(root);
+    if let Some(runtime) = runtime {
+        if let Ok(entries) = std::fs::read_dir(runtime.join("sandboxes")) {
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let state = root.join("sandboxes").join(&name);
+                // A socket directory is made after its sandbox directory and removed before it, so one without is
+                // left over.
+                if !state.exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        for id in &reaped {
+            let _ = std::fs::remove_dir_all(runtime.join("sandboxes").join(id));
+        }
+    }
+    reaped
+}
+
+fn reap_dirs(root: &Path) -> Vec<String> {
     let mut reaped = Vec::new();
     let Ok(entries) = std::fs::read_dir(root.join("sandboxes")) else {
         return reaped;

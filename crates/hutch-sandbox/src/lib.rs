@@ -17,7 +17,7 @@ use hutch_vmm::qemu::{Qemu, QemuVm};
 use hutch_vmm::{Accel, Backend, HostCaps, Memory, Vm, VmConfig, VmmError};
 
 pub use client::{AgentClient, ExecHandle, Output};
-pub use dirs::{reap_stale, SandboxDir};
+pub use dirs::{reap_stale, reap_stale_in, SandboxDir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -78,16 +78,42 @@ pub struct Host {
     pub caps: HostCaps,
     pub qemu: Qemu,
     pub image: Image,
-    /// `<root>/sandboxes/<id>` holds each sandbox's disk layer, sockets and logs.
+    /// `<root>/sandboxes/<id>` holds each sandbox's disk layer, logs and (without `runtime`) sockets.
     pub root: PathBuf,
+    /// `<runtime>/sandboxes/<id>` holds each sandbox's sockets: `$XDG_RUNTIME_DIR/hutch` for a user who has one.
+    pub runtime: Option<PathBuf>,
 }
 
 impl Host {
     pub fn new(image: Image, root: PathBuf) -> Result<Self, SandboxError> {
         let caps = HostCaps::detect();
         let qemu = Qemu::new(caps.qemu()?.to_path_buf());
-        Ok(Self { caps, qemu, image, root })
+        Ok(Self { caps, qemu, image, root, runtime: runtime_root() })
     }
+
+    /// A new sandbox directory (and socket directory) for `id`.
+    pub fn sandbox_dir(&self, id: &str) -> Result<SandboxDir, SandboxError> {
+        SandboxDir::create_in(&self.root, self.runtime.as_deref(), id)
+    }
+
+    /// Kills and removes what dead owners left behind; returns the ids reaped.
+    pub fn reap_stale(&self) -> Vec<String> {
+        reap_stale_in(&self.root, self.runtime.as_deref())
+    }
+}
+
+/// `$XDG_RUNTIME_DIR/hutch` for a user who is not root and whose runtime directory is theirs alone (the
+/// directory pam_systemd makes at login: owned by the user, mode 0700). Root keeps sockets beside the rest.
+fn runtime_root() -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid();
+    if me.is_root() {
+        return None;
+    }
+    let dir = PathBuf::from(std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty())?);
+    let meta = std::fs::metadata(&dir).ok()?;
+    let private = dir.is_absolute() && meta.is_dir() && meta.uid() == me.as_raw() && meta.mode() & 0o077 == 0;
+    private.then(|| dir.join("hutch"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,7 +319,7 @@ impl Sandbox {
     /// As [`Sandbox::create`], telling `notify` about each fallback or retry as it happens.
     pub async fn create_with_notes(host: &Host, cfg: &SandboxConfig, notify: &(dyn Fn(&str) + Sync)) -> Result<Sandbox, SandboxError> {
         let t0 = Instant::now();
-        reap_stale(&host.root);
+        host.reap_stale();
         let accel = host.caps.choose(cfg.accel)?;
         let mut notes = Vec::new();
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, "create: reaped leftovers");
@@ -338,7 +364,7 @@ impl Sandbox {
         Ok(sb)
     }
 
-    pub(crate) fn vm_config(host: &Host, cfg: &SandboxConfig, accel: Accel, dir: &Path, disk: PathBuf, memory: Memory) -> VmConfig {
+    pub(crate) fn vm_config(host: &Host, cfg: &SandboxConfig, accel: Accel, dir: &SandboxDir, disk: PathBuf, memory: Memory) -> VmConfig {
         VmConfig {
             kernel: host.image.kernel.clone(),
             initrd: host.image.initrd.clone(),
@@ -348,16 +374,17 @@ impl Sandbox {
             memory_mib: cfg.memory_mib,
             accel,
             memory,
-            dir: dir.to_path_buf(),
+            dir: dir.path().to_path_buf(),
+            sock_dir: dir.sockets().to_path_buf(),
         }
     }
 
     async fn boot_cold(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Sandbox, SandboxError> {
         let id = new_id();
-        let dir = SandboxDir::create(&host.root, &id)?;
+        let dir = host.sandbox_dir(&id)?;
         let disk = dir.path().join("disk.qcow2");
         qemu_img_overlay(&host.image.rootfs, "raw", &disk)?;
-        let vmcfg = Self::vm_config(host, cfg, accel, dir.path(), disk, Memory::Anonymous);
+        let vmcfg = Self::vm_config(host, cfg, accel, &dir, disk, Memory::Anonymous);
         let vm = host.qemu.boot(&vmcfg).await?;
         dir.record_vmm(vm.pid());
         Self::attach(id, dir, vm, cfg, accel, StartMode::Cold, cfg.boot_timeout).await
@@ -370,12 +397,12 @@ impl Sandbox {
     pub(crate) async fn restore_attached(host: &Host, cfg: &SandboxConfig, accel: Accel, snap: &snapshot::Snapshot) -> Result<Attached, SandboxError> {
         let t0 = Instant::now();
         let id = new_id();
-        let dir = SandboxDir::create(&host.root, &id)?;
+        let dir = host.sandbox_dir(&id)?;
         let disk = dir.path().join("disk.qcow2");
         snap.new_overlay(&disk)?;
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: overlay created");
         let memory = Memory::File { path: snap.files.memory.clone(), shared: false };
-        let vmcfg = Self::vm_config(host, cfg, accel, dir.path(), disk, memory);
+        let vmcfg = Self::vm_config(host, cfg, accel, &dir, disk, memory);
         let vm = host.qemu.restore(&vmcfg, &snap.files).await?;
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, "restore: VMM restored");
         dir.record_vmm(vm.pid());

@@ -1,6 +1,10 @@
 //! Snapshots of a booted guest, kept with the image: made once (boot, wait for the agent's `Ready`, pause, save
 //! device state; RAM is already in its file), restored by every sandbox with its own disk layer on top.
 //! Nothing per-sandbox or secret is ever in a snapshot: identity arrives after restore.
+//!
+//! A user who is not root restores snapshots from their own cache only: QEMU maps the RAM file of a restore
+//! privately but opens it for writing, which the system cache's files do not allow. A snapshot root made there is
+//! copied (sparse) into the user's cache on first use and checked like any other.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +13,7 @@ use hutch_vmm::{Accel, Backend, Memory, SnapshotFiles, Vm};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::{qemu_img_overlay, Host, SandboxConfig, SandboxDir, SandboxError};
+use crate::{qemu_img_overlay, Host, SandboxConfig, SandboxError};
 
 /// Bumped when the way snapshots are made changes.
 const RECIPE: u32 = 1;
@@ -50,7 +54,7 @@ fn key(host: &Host, cfg: &SandboxConfig, accel: Accel) -> String {
 }
 
 fn snapshots_dir(host: &Host) -> PathBuf {
-    host.image.dir.join("snapshots")
+    host.image.snapshots.clone()
 }
 
 fn sha256_file(path: &Path) -> Result<String, std::io::Error> {
@@ -62,14 +66,85 @@ fn bad(reason: impl Into<String>) -> SandboxError {
     SandboxError::Vmm(hutch_vmm::VmmError::Snapshot { what: "invalid", reason: reason.into() })
 }
 
-/// The snapshot for this image and size, if one exists and passes its checks.
+/// The snapshot for this image and size, if one exists and passes its checks: this user's own, else a copy of
+/// the shared cache's.
 pub fn lookup(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Option<Snapshot>, SandboxError> {
-    let dir = snapshots_dir(host).join(key(host, cfg, accel));
-    if !dir.exists() {
-        return Ok(None);
+    let key = key(host, cfg, accel);
+    let dir = snapshots_dir(host).join(&key);
+    if dir.exists() {
+        return open(&dir).map(Some);
     }
-    let snap = open(&dir)?;
-    Ok(Some(snap))
+    let Some(shared) = host.image.shared_snapshots.as_ref().map(|s| s.join(&key)).filter(|d| d.is_dir()) else {
+        return Ok(None);
+    };
+    let theirs = open(&shared)?;
+    import(host, &theirs, &key).map(Some)
+}
+
+/// Copies a shared snapshot into this user's cache (under a private name, then one rename), so that QEMU may open
+/// its RAM file for the private mapping of a restore. The copy is checked as the original was.
+fn import(host: &Host, theirs: &Snapshot, key: &str) -> Result<Snapshot, SandboxError> {
+    let parent = snapshots_dir(host);
+    std::fs::create_dir_all(&parent).map_err(|e| SandboxError::HostIo { what: format!("cannot create {}", parent.display()), source: e })?;
+    let tmp = TmpDir(parent.join(format!(".tmp-{key}-{}", crate::new_id())));
+    std::fs::create_dir(&tmp.0).map_err(|e| SandboxError::HostIo { what: format!("cannot create {}", tmp.0.display()), source: e })?;
+    for name in ["meta.json", "state", "disk.qcow2", "memory"] {
+        let (from, to) = (theirs.dir.join(name), tmp.0.join(name));
+        copy_sparse(&from, &to).map_err(|e| SandboxError::HostIo { what: format!("copy {} to {}", from.display(), to.display()), source: e })?;
+    }
+    let final_dir = parent.join(key);
+    if let Err(e) = std::fs::rename(&tmp.0, &final_dir) {
+        // Another run of this user imported it first.
+        if !final_dir.is_dir() {
+            return Err(SandboxError::HostIo { what: "install the imported snapshot".into(), source: e });
+        }
+    } else {
+        std::mem::forget(tmp);
+    }
+    open(&final_dir)
+}
+
+/// Copies `from` to a new file `to`, writing only the data regions (holes stay holes, and so do all-zero blocks):
+/// a guest RAM file is mostly untouched pages.
+fn copy_sparse(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let src = std::fs::File::open(from)?;
+    let len = src.metadata()?.len();
+    let dst = std::fs::OpenOptions::new().write(true).create_new(true).open(to)?;
+    dst.set_len(len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: u64 = 0;
+    while pos < len {
+        // SAFETY: lseek on a file descriptor this function owns (`src` lives until the end); no memory is passed.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole from `pos` to the end
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (mut at, end) = (data as u64, (hole as u64).min(len));
+        while at < end {
+            let want = ((end - at) as usize).min(buf.len());
+            let n = src.read_at(&mut buf[..want], at)?;
+            if n == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the file shrank while copied"));
+            }
+            if buf[..n].iter().any(|&b| b != 0) {
+                dst.write_all_at(&buf[..n], at)?;
+            }
+            at += n as u64;
+        }
+        pos = end;
+    }
+    dst.sync_all()
 }
 
 fn open(dir: &Path) -> Result<Snapshot, SandboxError> {
@@ -146,9 +221,9 @@ async fn make(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Snapshot
 
     // Sockets and logs go to a short runtime dir (unix socket paths are limited to 108 bytes).
     let id = crate::new_id();
-    let rundir = SandboxDir::create(&host.root, &id)?;
+    let rundir = host.sandbox_dir(&id)?;
     let memory = Memory::File { path: files.memory.clone(), shared: true };
-    let vmcfg = crate::Sandbox::vm_config(host, cfg, accel, rundir.path(), disk, memory);
+    let vmcfg = crate::Sandbox::vm_config(host, cfg, accel, &rundir, disk, memory);
     let mut vm = host.qemu.boot(&vmcfg).await?;
     rundir.record_vmm(vm.pid());
     let ready = async {
@@ -198,11 +273,30 @@ async fn make(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Snapshot
     };
     let meta_json = serde_json::to_string_pretty(&meta).map_err(|e| bad(e.to_string()))?;
     std::fs::write(tmp.0.join("meta.json"), meta_json).map_err(|e| SandboxError::HostIo { what: "write snapshot meta".into(), source: e })?;
+    if nix::unistd::geteuid().is_root() {
+        // QEMU ran as the VMM account and was given the disk layer; a snapshot every user reads belongs to root,
+        // readable by all and writable by no VMM.
+        publish(&tmp.0).map_err(|e| SandboxError::HostIo { what: format!("make {} readable by all", tmp.0.display()), source: e })?;
+    }
     let final_dir = parent.join(&key);
     let _ = std::fs::remove_dir_all(&final_dir);
     std::fs::rename(&tmp.0, &final_dir).map_err(|e| SandboxError::HostIo { what: "install the snapshot".into(), source: e })?;
     std::mem::forget(tmp);
     open(&final_dir)
+}
+
+/// Owner root, mode 0644 (0755 for the directory), for every entry of a snapshot directory.
+fn publish(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        std::os::unix::fs::lchown(&path, Some(0), Some(0))?;
+        if !path.is_symlink() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        }
+    }
+    std::os::unix::fs::lchown(dir, Some(0), Some(0))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
 }
 
 struct TmpDir(PathBuf);

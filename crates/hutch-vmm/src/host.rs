@@ -121,6 +121,58 @@ pub fn detect_kvm(root: &Path) -> KvmKind {
     }
 }
 
+/// For a hardware `/dev/kvm` below `root` that this process may not open: how to get access. `None` when it opens,
+/// is absent or is not hardware KVM (PVM, no CPU support): then there is nothing a group would change.
+pub fn kvm_access_advice(root: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = root.join("dev/kvm");
+    let meta = std::fs::metadata(&dev).ok()?;
+    if root.join("sys/module/kvm_pvm").exists() {
+        return None;
+    }
+    let cpuinfo = std::fs::read_to_string(root.join("proc/cpuinfo")).unwrap_or_default();
+    let hw = cpuinfo.lines().filter(|l| l.starts_with("flags")).any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if !hw {
+        return None;
+    }
+    match std::fs::OpenOptions::new().read(true).write(true).open(&dev) {
+        Ok(_) => return None,
+        Err(e) if e.kind() != std::io::ErrorKind::PermissionDenied => return None,
+        Err(_) => {}
+    }
+    let gid = nix::unistd::Gid::from_raw(meta.gid());
+    let group = nix::unistd::Group::from_gid(gid).ok().flatten();
+    let me = nix::unistd::User::from_uid(nix::unistd::geteuid()).ok().flatten();
+    let in_db = match (&group, &me) {
+        (Some(g), Some(u)) => u.gid == g.gid || g.mem.contains(&u.name),
+        _ => false,
+    };
+    let in_session = nix::unistd::getgroups().map(|gs| gs.contains(&gid)).unwrap_or(false) || nix::unistd::getegid() == gid;
+    Some(kvm_advice_text(group.as_ref().map(|g| g.name.as_str()), meta.mode() & 0o777, in_db, in_session))
+}
+
+/// The advice of [`kvm_access_advice`] from what it found: the device's group and mode, whether the account is a
+/// member of that group, and whether this login session already has it.
+pub fn kvm_advice_text(group: Option<&str>, mode: u32, in_db: bool, in_session: bool) -> String {
+    let tail = "until then guests run under TCG (no setup needed, but slower and not a hardened boundary)";
+    match group {
+        Some(g) if mode & 0o060 == 0o060 && in_db && !in_session => format!(
+            "/dev/kvm is hardware KVM for group `{g}`, which your account is in, but this login began before you \
+             joined it: log out and in again (or run `newgrp {g}`); {tail}"
+        ),
+        Some(g) if mode & 0o060 == 0o060 && !in_db => format!(
+            "/dev/kvm is hardware KVM for group `{g}` (mode {mode:o}), and you are not in it: `sudo usermod -aG {g} \
+             $USER`, then log out and in again (groups are read at login); {tail}"
+        ),
+        _ => format!(
+            "/dev/kvm is hardware KVM but no group may use it (mode {mode:o}{}): ask an administrator for a udev \
+             rule such as `KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\"` and membership of `kvm`, then log in again; \
+             {tail}",
+            group.map(|g| format!(", group {g}")).unwrap_or_default()
+        ),
+    }
+}
+
 pub fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
@@ -167,6 +219,21 @@ mod tests {
         assert_eq!(caps.choose(None).unwrap(), Accel::Tcg);
         let err = caps.choose(Some(Accel::Kvm)).unwrap_err().to_string();
         assert!(err.contains("PVM"), "{err}");
+    }
+
+    #[test]
+    fn kvm_group_advice_says_what_to_do_and_that_it_needs_a_new_login() {
+        let join = kvm_advice_text(Some("kvm"), 0o660, false, false);
+        assert!(join.contains("usermod -aG kvm") && join.contains("log out and in again") && join.contains("TCG"), "{join}");
+        let relogin = kvm_advice_text(Some("kvm"), 0o660, true, false);
+        assert!(relogin.contains("newgrp kvm") && !relogin.contains("usermod"), "{relogin}");
+        let closed = kvm_advice_text(Some("root"), 0o600, false, false);
+        assert!(closed.contains("udev") && closed.contains("600"), "{closed}");
+        // A PVM or CPU-less /dev/kvm gets no group advice: a group would not make it usable.
+        let t = tree(&["dev/kvm", "sys/module/kvm_pvm/"], "vmx");
+        assert_eq!(kvm_access_advice(t.path()), None);
+        let t = tree(&["dev/kvm"], "");
+        assert_eq!(kvm_access_advice(t.path()), None);
     }
 
     #[test]

@@ -56,8 +56,11 @@ pub struct VmConfig {
     pub memory_mib: u32,
     pub accel: Accel,
     pub memory: Memory,
-    /// Per-VM directory for sockets and logs; owned and removed by the caller.
+    /// Per-VM directory for logs; owned and removed by the caller.
     pub dir: PathBuf,
+    /// Per-VM directory for unix sockets (the agent channel, QMP, migration): `dir` itself, or one under the
+    /// user's runtime directory; owned and removed by the caller.
+    pub sock_dir: PathBuf,
 }
 
 /// The files of a snapshot besides the disk layer: device state (migration stream) and guest RAM.

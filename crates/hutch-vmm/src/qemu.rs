@@ -63,6 +63,7 @@ impl Qemu {
     /// The full command line for `cfg`. Public so that benchmarks can run the same VM by hand.
     pub fn args(&self, cfg: &VmConfig, incoming: bool) -> Vec<OsString> {
         let dir = &cfg.dir;
+        let sock_dir = &cfg.sock_dir;
         let mut a: Vec<OsString> = Vec::new();
         let mut push = |s: String| a.push(s.into());
         let mem_backend = !matches!(cfg.memory, Memory::Anonymous);
@@ -128,12 +129,12 @@ impl Qemu {
         push("-device".into());
         push("virtio-serial-device,max_ports=2".into());
         push("-chardev".into());
-        push(format!("socket,id=agent,path={},server=on,wait=off", agent_socket(dir).display()));
+        push(format!("socket,id=agent,path={},server=on,wait=off", agent_socket(sock_dir).display()));
         push("-device".into());
         push(format!("virtserialport,chardev=agent,name={}", hutch_proto::AGENT_PORT_NAME));
         // The monitor is a host-side unix socket; no guest device reaches it.
         push("-qmp".into());
-        push(format!("unix:{},server=on,wait=off", qmp_socket(dir).display()));
+        push(format!("unix:{},server=on,wait=off", qmp_socket(sock_dir).display()));
         if incoming {
             push("-incoming".into());
             push("defer".into());
@@ -154,7 +155,7 @@ impl Qemu {
             let gid = nix::unistd::Gid::from_raw(r.gid);
             // After dropping privileges QEMU still creates sockets in the directory (incoming migration) and
             // reopens the disk layer (when an incoming migration completes).
-            for path in [&cfg.dir, &cfg.disk] {
+            for path in [&cfg.dir, &cfg.sock_dir, &cfg.disk] {
                 nix::unistd::chown(path, Some(uid), Some(gid))
                     .map_err(|e| VmmError::Io { what: format!("chown {} to {}", path.display(), r.name), source: e.into() })?;
             }
@@ -174,8 +175,9 @@ impl Qemu {
             .process_group(0)
             .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal so that QEMU dies
-        // with hutch even when hutch is SIGKILLed. The kernel clears it when QEMU drops privileges (-runas); from
-        // then on the guest powers itself off when its host session goes away, and the next run reaps leftovers.
+        // with hutch even when hutch is SIGKILLed. Run by an ordinary user, QEMU keeps it for its whole life (no
+        // privilege change clears it). Started by root, the kernel clears it when QEMU drops privileges (-runas);
+        // from then on the guest powers itself off when its host session goes away, and the next run reaps.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -187,12 +189,12 @@ impl Qemu {
         let child = cmd.spawn().map_err(VmmError::Spawn)?;
         let mut vm = QemuVm {
             child,
-            dir: cfg.dir.clone(),
+            dir: cfg.sock_dir.clone(),
             console: cfg.dir.join("console.log"),
             log: log_path,
             qmp: None,
         };
-        match Qmp::connect(&qmp_socket(&cfg.dir), START_TIMEOUT).await {
+        match Qmp::connect(&qmp_socket(&cfg.sock_dir), START_TIMEOUT).await {
             Ok(q) => vm.qmp = Some(q),
             Err(e) => {
                 let why = vm.early_exit_reason().await;
@@ -238,6 +240,7 @@ impl Backend for Qemu {
 
 pub struct QemuVm {
     child: tokio::process::Child,
+    /// Where its sockets are.
     dir: PathBuf,
     console: PathBuf,
     log: PathBuf,
