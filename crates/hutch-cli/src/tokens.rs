@@ -41,6 +41,9 @@ pub enum TokenCmd {
         /// This token's own limit on concurrent sandboxes (default: the daemon's --per-token).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10000))]
         max_sandboxes: Option<u32>,
+        /// Print the token as an E2B API key (`e2b_…`, for E2B_API_KEY); the same token either way.
+        #[arg(long)]
+        e2b: bool,
         #[command(flatten)]
         dir: DataDirArg,
     },
@@ -87,11 +90,15 @@ pub enum SecretCmd {
 
 pub fn token(c: TokenCmd) -> anyhow::Result<i32> {
     match c {
-        TokenCmd::Create { name, admin, max_sandboxes, dir } => {
+        TokenCmd::Create { name, admin, max_sandboxes, e2b, dir } => {
             let store = dir.resolve()?.open_store()?;
             let t = hutch_daemon::auth::create_token(&store, &name, admin, max_sandboxes)?;
-            eprintln!("hutch: token {:?} created{}; it is shown only now: export HUTCH_TOKEN=<it>", t.name, if admin { " (admin)" } else { "" });
-            println!("{}", t.token);
+            let (shown, var) = match e2b {
+                true => (hutch_daemon::auth::to_e2b_key(&t.token).context("the new token has an unexpected shape")?, "E2B_API_KEY"),
+                false => (t.token.clone(), "HUTCH_TOKEN"),
+            };
+            eprintln!("hutch: token {:?} created{}; it is shown only now: export {var}=<it>", t.name, if admin { " (admin)" } else { "" });
+            println!("{shown}");
             Ok(0)
         }
         TokenCmd::Ls { json, dir } => {

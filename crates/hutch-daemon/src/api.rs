@@ -180,8 +180,17 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route("/v1/sandboxes/{id}/egress", get(egress))
         .route("/metrics", get(metrics))
         .route_layer(from_fn_with_state(state.clone(), authenticate));
+    // E2B's control plane and envd (crate::e2b): their own paths, auth and error shape.
+    let e2b = match crate::e2b::router(state.mgr.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("the E2B routes are off: {e}");
+            Router::new()
+        }
+    };
     Router::new()
         .route("/healthz", get(health))
+        .merge(e2b)
         .route("/openapi.json", get(openapi_json))
         .merge(authed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint (the API is described at /openapi.json)") })

@@ -60,6 +60,22 @@ pub fn create_token(store: &Store, name: &str, admin: bool, max_sandboxes: Optio
     Ok(NewToken { id, name: name.to_string(), token })
 }
 
+/// The E2B spelling of a token, `e2b_<id><secret>` (hex), for `X-API-Key`: the same secret, so the same
+/// token, hash, quota and isolation.
+pub fn to_e2b_key(token: &str) -> Option<String> {
+    let (id, secret) = token.strip_prefix("hutch_")?.split_once('_')?;
+    Some(format!("e2b_{id}{secret}"))
+}
+
+/// The token an `e2b_…` key spells, or `None` for anything not of that shape.
+pub fn from_e2b_key(key: &str) -> Option<String> {
+    let rest = key.strip_prefix("e2b_")?;
+    if rest.len() != 12 + 64 || !rest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(format!("hutch_{}_{}", &rest[..12], &rest[12..]))
+}
+
 /// The principal behind a bearer token, or `None` for anything unknown, malformed or revoked (one answer for
 /// all, so a caller learns nothing about which).
 pub fn authenticate(store: &Store, token: &str) -> Result<Option<Principal>, DaemonError> {
@@ -100,6 +116,10 @@ mod tests {
         assert!(authenticate(&store, "hutch_zz_zz").unwrap().is_none());
         assert!(create_token(&store, "alice", false, None).unwrap_err().to_string().contains("already exists"));
         assert!(create_token(&store, "has space", false, None).is_err());
+        let e2b = to_e2b_key(&t.token).unwrap();
+        assert!(e2b.starts_with("e2b_") && !e2b.contains("hutch"));
+        assert_eq!(from_e2b_key(&e2b).as_deref(), Some(t.token.as_str()));
+        assert!(from_e2b_key("e2b_123").is_none());
         assert!(store.revoke_token("alice").unwrap());
         assert!(authenticate(&store, &t.token).unwrap().is_none(), "revoked");
     }

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod e2b;
 pub mod files;
 pub mod manager;
 pub mod metrics;

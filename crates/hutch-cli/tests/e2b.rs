@@ -1,0 +1,207 @@
+//! The stock E2B SDK (PyPI `e2b`, pinned; scripts/test installs it) against a real `hutch serve` with real VMs:
+//! tests/e2b_sdk.py drives create, list, commands, files, isolation, timeouts and kill through the SDK's own
+//! clients (REST and Connect RPC), and the raw wire checks here hold the E2B error shape for bad input.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SDK_VERSION: &str = "2.63.0";
+
+struct Daemon {
+    child: Option<Child>,
+    addr: String,
+    data: PathBuf,
+    _tmp: tempfile::TempDir,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let mut child = hutch()
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .args(args)
+            .env("HUTCH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hutch serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    if let Some(t) = tx.take() {
+                        let _ = t.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                    }
+                }
+                log2.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(120)).unwrap_or_else(|_| panic!("the daemon did not start; log:\n{}", log.lock().unwrap()));
+        Daemon { child: Some(child), addr, data, _tmp: tmp, log }
+    }
+
+    /// A new token, printed in its E2B spelling.
+    fn e2b_key(&self, name: &str) -> String {
+        let out = hutch().args(["token", "create", "--name", name, "--e2b", "--data-dir"]).arg(&self.data).output().expect("token create");
+        assert!(out.status.success(), "token create: {}", text(&out.stderr));
+        let key = text(&out.stdout).trim().to_string();
+        assert!(key.starts_with("e2b_") && key.len() == 4 + 76, "an e2b_<hex> key: {key}");
+        key
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The Python that has the pinned SDK, or why there is none.
+fn sdk_python() -> Result<String, String> {
+    let py = std::env::var("HUTCH_E2B_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&py)
+        .args(["-c", "import importlib.metadata as m; print(m.version('e2b'))"])
+        .output()
+        .map_err(|e| format!("{py} cannot run: {e}"))?;
+    let v = text(&out.stdout).trim().to_string();
+    if !out.status.success() {
+        return Err(format!("the e2b SDK is not installed for {py} (pip install e2b=={SDK_VERSION})"));
+    }
+    if v != SDK_VERSION {
+        return Err(format!("{py} has e2b {v}, not the pinned {SDK_VERSION} (pip install e2b=={SDK_VERSION})"));
+    }
+    Ok(py)
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2b_sdk.py")
+}
+
+/// Isolation between tenants too: one key's sandbox is invisible (404) to another key through connect, kill and
+/// list, and envd answers only to the sandbox's own access token.
+#[test]
+fn stock_e2b_sdk_drives_sandboxes_commands_files_timeouts_and_isolation() {
+    let py = match sdk_python() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIP: {why}; the E2B SDK test needs the stock SDK");
+            return;
+        }
+    };
+    let d = Daemon::start(&["--pool", "2", "--max-sandboxes", "6"]);
+    let (k1, k2) = (d.e2b_key("e2b-one"), d.e2b_key("e2b-two"));
+    let runs = std::env::var("E2B_BENCH_RUNS").unwrap_or_else(|_| "0".into());
+    let out = Command::new(py)
+        .arg(script())
+        .env("E2B_API_URL", d.url())
+        .env("E2B_SANDBOX_URL", d.url())
+        .env("E2B_API_KEY", &k1)
+        .env("OTHER_KEY", &k2)
+        .env("E2B_BENCH_RUNS", runs)
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_ACCESS_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the SDK script");
+    let so = text(&out.stdout);
+    eprintln!("{so}{}", text(&out.stderr));
+    assert!(out.status.success() && so.contains("ALL OK"), "the SDK script failed; daemon log:\n{}", d.log());
+    for step in ["list by metadata", "non-zero exit raises CommandExitException", "5 MiB binary", "isolation between keys", "set_timeout ends the sandbox"] {
+        assert!(so.contains(step), "step {step:?} did not run");
+    }
+}
+
+/// A raw HTTP/1.1 exchange (Connection: close): status and body.
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Bad input through the E2B surface: a 4xx whose body is E2B's `{code, message}` JSON (the SDK crashes on a
+/// text body), never a 5xx; envd for a sandbox that is not there (or a wrong access token) is E2B's 502 "was
+/// not found", which the SDK turns into SandboxNotRunningException.
+#[test]
+fn bad_input_gets_e2b_shaped_4xx_errors() {
+    let d = Daemon::start(&["--pool", "0"]);
+    let key = d.e2b_key("e2b-bad");
+    let k = ("X-API-KEY", key.as_str());
+    let json = ("Content-Type", "application/json");
+    let cases: Vec<(&str, String, Vec<(&str, &str)>, &[u8], u16)> = vec![
+        ("POST", "/v2/sandboxes".into(), vec![k, json], b"[1]", 400),
+        ("POST", "/v2/sandboxes".into(), vec![k, json], b"{\"templateID\": 5}", 400),
+        ("POST", "/v2/sandboxes".into(), vec![k, json], b"{\"templateID\": \"base\", \"timeout\": -1}", 400),
+        ("POST", "/v2/sandboxes".into(), vec![k, json], b"{\"templateID\": \"base\", \"timeout\": 99999999}", 400),
+        ("POST", "/v2/sandboxes".into(), vec![k, json], b"{\"templateID\": \"base\", \"envVars\": {\"1x\": \"y\"}}", 400),
+        ("POST", "/v2/sandboxes".into(), vec![k, json], b"{\"templateID\": \"base\", \"metadata\": {\"e2b.dev/template\": \"y\"}}", 400),
+        ("POST", "/v2/sandboxes".into(), vec![k, json], b"{\"templateID\": \"no-such\"}", 404),
+        ("POST", "/v2/sandboxes".into(), vec![("X-API-KEY", "e2b_0000")], b"{}", 401),
+        ("POST", "/v2/sandboxes".into(), vec![], b"{}", 401),
+        ("GET", "/v2/sandboxes?limit=abc".into(), vec![k], b"", 400),
+        ("GET", "/v2/sandboxes?state=zombie".into(), vec![k], b"", 400),
+        ("GET", "/v2/sandboxes?nextToken=%ff".into(), vec![k], b"", 400),
+        ("GET", format!("/sandboxes/{}", "x".repeat(5000)), vec![k], b"", 404),
+        ("DELETE", "/sandboxes/aaaaaaaaaaaa".into(), vec![k], b"", 404),
+        ("POST", "/sandboxes/aaaaaaaaaaaa/timeout".into(), vec![k, json], b"{\"timeout\": \"x\"}", 400),
+        ("POST", "/v2/sandboxes/aaaaaaaaaaaa/connect".into(), vec![k, json], b"{}", 404),
+        ("POST", "/process.Process/List".into(), vec![json], b"{}", 400),
+        ("POST", "/process.Process/List".into(), vec![json, ("E2b-Sandbox-Id", "aaaaaaaaaaaa")], b"{}", 502),
+        ("GET", "/files?path=/etc/passwd".into(), vec![("E2b-Sandbox-Id", "aaaaaaaaaaaa"), ("X-Access-Token", "guess")], b"", 502),
+    ];
+    for (method, path, headers, body, want) in cases {
+        let (status, text) = http(&d.addr, method, &path, &headers, body);
+        let shown: String = path.chars().take(60).collect();
+        assert_eq!(status, want, "{method} {shown}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {shown}: not JSON ({e}): {text}"));
+        assert_eq!(v["code"].as_u64(), Some(want as u64), "{method} {shown}: {text}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {shown}: {text}");
+        if want == 502 {
+            assert!(v["message"].as_str().unwrap().contains("was not found"), "the SDK's not-found marker: {text}");
+        }
+    }
+    assert!(!d.log().contains("panicked"), "{}", d.log());
+}
