@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::snapshot::{self, Snapshot};
-use crate::{Attached, Host, Sandbox, SandboxConfig, SandboxDir, SandboxError, StartMode};
+use crate::{Attached, Host, Sandbox, SandboxConfig, SandboxError, StartMode};
 
 /// Bumped when the layout of an entry or the way it is made changes.
 const FORMAT: u32 = 1;
