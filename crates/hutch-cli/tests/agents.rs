@@ -260,8 +260,7 @@ impl AgentRun {
 
         // The turn: a tool call, the command ran in the VM and its output went back, then the answer.
         assert!(calls.iter().any(|c| c.answer == Answer::ToolUse && c.tools.iter().any(|t| t == self.agent.tool())), "{calls:?}");
-        let result = calls.iter().find_map(|c| c.tool_result.clone()).unwrap_or_else(|| panic!("no tool result came back: {calls:?}"));
-        assert!(result.contains("committed ") && result.contains(" as root"), "the command's output: {result:?}");
+        assert_a_tool_call_ran_in_the_vm(&calls);
         assert!(calls.iter().any(|c| c.answer == Answer::FinalText), "{calls:?}");
         assert!(stdout.contains(FINAL), "{name} printed the final answer: {}", self.dump());
 
@@ -447,8 +446,7 @@ fn interactive(agent: Agent) {
     eprintln!("typed prompt -> answer on screen: {:.1}s\n--- screen:\n{}", t1.elapsed().as_secs_f64(), t.screen().trim_end());
     let calls = fake.calls();
     assert!(calls.iter().any(|c| c.answer == Answer::ToolUse && c.tools.iter().any(|x| x == agent.tool())), "{calls:?}");
-    let result = calls.iter().find_map(|c| c.tool_result.clone()).unwrap_or_else(|| panic!("no tool result came back: {calls:?}"));
-    assert!(result.contains("committed ") && result.contains(" as root"), "the command ran in the VM: {result:?}");
+    assert_a_tool_call_ran_in_the_vm(&calls);
     for c in calls.iter().filter(|c| c.path.starts_with("/v1/")) {
         assert_eq!(c.key.as_deref(), Some(REAL_KEY), "the gateway put the real key on {} {}", c.method, c.path);
     }
@@ -471,4 +469,12 @@ fn interactive(agent: Agent) {
     assert_eq!(git(&dir, &["rev-parse", &format!("{hutch_ref}~1")]), head_before);
     // hutch's summary is written after the terminal is restored: plain lines at the left margin.
     assert!(h.lines().any(|l| l.starts_with("hutch: ── changes from sandbox")), "{h}");
+}
+
+/// One of the tool results the agent sent back shows the command ran in the VM. An agent may retry a tool call
+/// in another form first (Codex's code mode sometimes tries a helper that does not exist), so not only the first.
+fn assert_a_tool_call_ran_in_the_vm(calls: &[hutch_testnet::model_api::Call]) {
+    let results: Vec<String> = calls.iter().filter_map(|c| c.tool_result.clone()).collect();
+    assert!(!results.is_empty(), "no tool result came back: {calls:?}");
+    assert!(results.iter().any(|r| r.contains("committed ") && r.contains(" as root")), "the command ran in the VM: {results:?}");
 }

@@ -1597,6 +1597,7 @@ fn threat14_no_side_channels_to_the_host() {
 p ports ls /sys/class/virtio-ports
 p port-names sh -c 'cat /sys/class/virtio-ports/*/name'
 p virtio-devices sh -c 'cat /sys/bus/virtio/devices/*/device | sort'
+p block-ro sh -c 'for d in /sys/block/vd*; do cat $d/ro; done | sort | tr "\n" " "'
 p links ip -o link
 p vsock-host probe vsock 2 1024
 p vsock-any probe vsock 1 1024
@@ -1614,13 +1615,16 @@ p unix-sockets sh -c 'ss -xlH | wc -l'
         o.ok("ports")
     );
     assert_eq!(o.ok("port-names").trim(), "hutch.agent");
-    // 0x0002 block, 0x0003 console (the serial port), 0x0004 entropy; no net (1), 9p (9), vsock (0x13).
+    // 0x0002 block (the root disk, and the read-only workspace drive slot), 0x0003 console (the serial port),
+    // 0x0004 entropy; no net (1), 9p (9), vsock (0x13).
     assert_eq!(
         o.ok("virtio-devices")
             .split_whitespace()
             .collect::<Vec<_>>(),
-        vec!["0x0002", "0x0003", "0x0004"]
+        vec!["0x0002", "0x0002", "0x0003", "0x0004"]
     );
+    // Of the two drives only the root disk is writable: the workspace slot is read-only to the guest.
+    assert_eq!(o.ok("block-ro").trim(), "0 1", "{}", o.ok("block-ro"));
     assert_eq!(o.ok("links").lines().count(), 1);
     o.refused("vsock-host");
     o.refused("vsock-any");
@@ -1853,10 +1857,13 @@ echo "$SETUP_TOKEN" > /root/setup-token
 "#
         ),
     );
+    // One VM for setup and command (no environment cache): with a cache entry made, the command would run in a
+    // VM restored from it, under a new gateway with placeholders of its own.
     let o = Vm::new(&net)
         .https(TOKEN_HOST)
         .upstream_ca()
         .args(&[
+            "--no-cache",
             "--setup",
             &setup,
             "--setup-allow",

@@ -67,17 +67,21 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The HTTP status of a manager error, the same on every API surface (native and E2B).
+pub(crate) fn manager_status(e: &ManagerError) -> StatusCode {
+    match e {
+        ManagerError::BadInput(_) => StatusCode::BAD_REQUEST,
+        ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
+        ManagerError::Conflict(_) => StatusCode::CONFLICT,
+        ManagerError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+        ManagerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ManagerError::Failed(_) | ManagerError::Daemon(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl From<ManagerError> for ApiError {
     fn from(e: ManagerError) -> ApiError {
-        let status = match &e {
-            ManagerError::BadInput(_) => StatusCode::BAD_REQUEST,
-            ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
-            ManagerError::Conflict(_) => StatusCode::CONFLICT,
-            ManagerError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
-            ManagerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ManagerError::Failed(_) | ManagerError::Daemon(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, hutch_sandbox::error_chain(&e))
+        ApiError::new(manager_status(&e), hutch_sandbox::error_chain(&e))
     }
 }
 
@@ -553,36 +557,10 @@ async fn download(
 ) -> Result<Response, ApiError> {
     let path = guest_path(&q.path)?;
     let live = st.mgr.running(&who, &id)?;
-    let (w, r) = tokio::io::duplex(256 << 10);
-    let client = live.client.clone();
-    let p = path.as_str().to_string();
-    let task = tokio::spawn(async move {
-        let mut w = w;
-        client.get_file(&p, &mut w).await
-    });
-    let mut reader = tokio::io::BufReader::with_capacity(256 << 10, r);
-    // The agent answers with the file's metadata or an error before any byte: an error ends the download (and
-    // the writer) before data, so "no data yet and EOF" means the task has its answer.
-    let has_data = matches!(reader.fill_buf().await, Ok(b) if !b.is_empty());
-    if !has_data {
-        return match task.await {
-            Ok(Ok(_)) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::empty()).into_response()),
-            Ok(Err(e)) => Err(guest_error(path.as_str(), e)),
-            Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("download task: {e}"))),
-        };
-    }
-    // A failure after the first byte can only cut the body short: the stream ends with an error, so the client
-    // sees an incomplete response, never a silently truncated file.
-    let tail = futures::stream::once(async move {
-        match task.await {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(Err(std::io::Error::other(hutch_sandbox::error_chain(&e)))),
-            Err(e) => Some(Err(std::io::Error::other(e.to_string()))),
-        }
+    files::stream_download(live.client.clone(), &path).await.map_err(|e| match e {
+        files::DownloadError::Guest(e) => guest_error(path.as_str(), e),
+        files::DownloadError::Task(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m),
     })
-    .filter_map(|x| async move { x });
-    let body = tokio_util::io::ReaderStream::new(reader).chain(tail);
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(body)).into_response())
 }
 
 fn guest_error(path: &str, e: hutch_sandbox::SandboxError) -> ApiError {

@@ -189,6 +189,52 @@ fn strip_tool(stderr: &str) -> &str {
     line.rsplit(": ").next().unwrap_or(line)
 }
 
+/// Why a download produced no body.
+#[derive(Debug)]
+pub enum DownloadError {
+    /// The agent refused (no such file, not a regular file, ...) or its channel failed.
+    Guest(hutch_sandbox::SandboxError),
+    /// The download task itself died.
+    Task(String),
+}
+
+/// A guest file as a streamed `application/octet-stream` response, for every API surface. The agent answers
+/// with the file's metadata or an error before any byte: an error ends the download (and the writer) before
+/// data, so "no data yet and EOF" means the task has its answer, which becomes an `Err`. A failure after the
+/// first byte can only cut the body short: the stream ends with an error, so the client sees an incomplete
+/// response, never a silently truncated file.
+pub async fn stream_download(client: AgentClient, path: &GuestPath) -> Result<axum::response::Response, DownloadError> {
+    use axum::response::IntoResponse;
+    use futures::StreamExt;
+    use tokio::io::AsyncBufReadExt;
+    let octets = [(axum::http::header::CONTENT_TYPE, "application/octet-stream")];
+    let (w, r) = tokio::io::duplex(256 << 10);
+    let p = path.as_str().to_string();
+    let task = tokio::spawn(async move {
+        let mut w = w;
+        client.get_file(&p, &mut w).await
+    });
+    let mut reader = tokio::io::BufReader::with_capacity(256 << 10, r);
+    let has_data = matches!(reader.fill_buf().await, Ok(b) if !b.is_empty());
+    if !has_data {
+        return match task.await {
+            Ok(Ok(_)) => Ok((octets, axum::body::Body::empty()).into_response()),
+            Ok(Err(e)) => Err(DownloadError::Guest(e)),
+            Err(e) => Err(DownloadError::Task(format!("download task: {e}"))),
+        };
+    }
+    let tail = futures::stream::once(async move {
+        match task.await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(Err(std::io::Error::other(hutch_sandbox::error_chain(&e)))),
+            Err(e) => Some(Err(std::io::Error::other(e.to_string()))),
+        }
+    })
+    .filter_map(|x| async move { x });
+    let body = tokio_util::io::ReaderStream::new(reader).chain(tail);
+    Ok((octets, axum::body::Body::from_stream(body)).into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -314,7 +314,7 @@ impl Manager {
     /// without the daemon's mark (made by `hutch run` or `hutch image build`) are left alone.
     pub fn prune_snapshots(&self) -> Vec<std::path::PathBuf> {
         let mut removed = Vec::new();
-        let Ok(rd) = std::fs::read_dir(self.host.image.dir.join("snapshots")) else { return removed };
+        let Ok(rd) = std::fs::read_dir(&self.host.image.snapshots) else { return removed };
         for e in rd.flatten() {
             let dir = e.path();
             if !dir.join(DAEMON_MARK).is_file() {

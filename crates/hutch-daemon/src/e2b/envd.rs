@@ -1053,34 +1053,11 @@ pub async fn download(State(st): State<Shared>, headers: HeaderMap, query: Resul
         Ok(p) => p,
         Err(e) => return file_error(e),
     };
-    let (w, r) = tokio::io::duplex(256 << 10);
-    let client = live.client.clone();
-    let p = path.as_str().to_string();
-    let task = tokio::spawn(async move {
-        let mut w = w;
-        client.get_file(&p, &mut w).await
-    });
-    let mut reader = tokio::io::BufReader::with_capacity(256 << 10, r);
-    // The agent answers with an error before any byte, so "no data yet and EOF" means the task has its answer.
-    let has_data = matches!(reader.fill_buf().await, Ok(b) if !b.is_empty());
-    if !has_data {
-        return match task.await {
-            Ok(Ok(_)) => ([(header::CONTENT_TYPE, "application/octet-stream")], Body::empty()).into_response(),
-            Ok(Err(e)) => file_error(guest_file_error(path.as_str(), e)),
-            Err(e) => E2bError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("download task: {e}")).into_response(),
-        };
+    match crate::files::stream_download(live.client.clone(), &path).await {
+        Ok(r) => r,
+        Err(crate::files::DownloadError::Guest(e)) => file_error(guest_file_error(path.as_str(), e)),
+        Err(crate::files::DownloadError::Task(m)) => E2bError::new(StatusCode::INTERNAL_SERVER_ERROR, m).into_response(),
     }
-    // A failure after the first byte cuts the body short with an error: never a silently truncated file.
-    let tail = futures::stream::once(async move {
-        match task.await {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(Err(std::io::Error::other(hutch_sandbox::error_chain(&e)))),
-            Err(e) => Some(Err(std::io::Error::other(e.to_string()))),
-        }
-    })
-    .filter_map(|x| async move { x });
-    let body = tokio_util::io::ReaderStream::new(reader).chain(tail);
-    ([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(body)).into_response()
 }
 
 /// One part of a multipart/form-data body: its file name (the SDK puts the target path there) and bytes.

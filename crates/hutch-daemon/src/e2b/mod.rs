@@ -107,15 +107,7 @@ impl IntoResponse for E2bError {
 
 impl From<ManagerError> for E2bError {
     fn from(e: ManagerError) -> E2bError {
-        let status = match &e {
-            ManagerError::BadInput(_) => StatusCode::BAD_REQUEST,
-            ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
-            ManagerError::Conflict(_) => StatusCode::CONFLICT,
-            ManagerError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
-            ManagerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ManagerError::Failed(_) | ManagerError::Daemon(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        E2bError::new(status, hutch_sandbox::error_chain(&e))
+        E2bError::new(crate::api::manager_status(&e), hutch_sandbox::error_chain(&e))
     }
 }
 
