@@ -979,7 +979,8 @@ fn class_20_sizes_are_a_configured_set_and_stray_snapshots_are_pruned() {
         std::fs::write(p.join("meta.json"), r#"{"key":"0000stray-test","image_key":"x","cpus":3,"memory_mib":777,"accel":"tcg","state_sha256":"","memory_bytes":0,"created_unix":0,"boot_ms":0}"#).unwrap();
     }
     let d = Daemon::start(&["--pool", "0", "--sizes", "1x384"]);
-    assert!(d.log().contains("boot snapshot(s) of sizes no longer in --sizes"), "{}", d.log());
+    // Every daemon prunes at start, so one started by a test running beside this one may have pruned it first:
+    // what counts is that exactly the stray of the daemons' image is gone.
     // Only the daemon's own image is pruned; the strays put beside other images are removed here.
     let pruned = stray.iter().filter(|p| !p.exists()).count();
     for p in &stray {

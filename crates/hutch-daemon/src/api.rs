@@ -17,7 +17,6 @@ use axum::{Extension, Json, Router};
 use base64::Engine;
 use futures::StreamExt;
 use hutch_proto::{ExecEvent, ExecInput, ExecRequest, ExitStatus};
-use tokio::io::AsyncBufReadExt;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 

@@ -17,12 +17,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use futures::StreamExt;
 use hutch_proto::{ExecEvent, ExecInput, ExecRequest, ExitStatus, TtySize};
 use hutch_sandbox::AgentClient;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
 use super::{owner_principal, rfc3339, E2bError, Shared, HOME};
