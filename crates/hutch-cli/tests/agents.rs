@@ -260,7 +260,7 @@ impl AgentRun {
 
         // The turn: a tool call, the command ran in the VM and its output went back, then the answer.
         assert!(calls.iter().any(|c| c.answer == Answer::ToolUse && c.tools.iter().any(|t| t == self.agent.tool())), "{calls:?}");
-        assert_a_tool_call_ran_in_the_vm(&calls);
+        let result = assert_a_tool_call_ran_in_the_vm(&calls).join("\n");
         assert!(calls.iter().any(|c| c.answer == Answer::FinalText), "{calls:?}");
         assert!(stdout.contains(FINAL), "{name} printed the final answer: {}", self.dump());
 
@@ -473,8 +473,9 @@ fn interactive(agent: Agent) {
 
 /// One of the tool results the agent sent back shows the command ran in the VM. An agent may retry a tool call
 /// in another form first (Codex's code mode sometimes tries a helper that does not exist), so not only the first.
-fn assert_a_tool_call_ran_in_the_vm(calls: &[hutch_testnet::model_api::Call]) {
+fn assert_a_tool_call_ran_in_the_vm(calls: &[Call]) -> Vec<String> {
     let results: Vec<String> = calls.iter().filter_map(|c| c.tool_result.clone()).collect();
     assert!(!results.is_empty(), "no tool result came back: {calls:?}");
     assert!(results.iter().any(|r| r.contains("committed ") && r.contains(" as root")), "the command ran in the VM: {results:?}");
+    results
 }
