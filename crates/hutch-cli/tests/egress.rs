@@ -1666,60 +1666,6 @@ fn setup_file(dir: &std::path::Path, body: &str) -> String {
     path.display().to_string()
 }
 
-fn sha256_hex(path: &std::path::Path) -> String {
-    let o = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    text(&o.stdout)
-        .split_whitespace()
-        .next()
-        .expect("a digest")
-        .to_string()
-}
-
-/// A Debian package repository (flat: `deb URI ./`) served by the test net at
-/// `/files/debian/`: one package, `hutch-demo`, built here with dpkg-deb, with its `Packages`
-/// index and a `Release` file listing the index's digest.
-fn publish_debian_repo(net: &TestNet) -> PathBuf {
-    let work = net.dir().join("deb-build");
-    let bin = work.join("pkg/usr/bin");
-    std::fs::create_dir_all(&bin).expect("mkdir");
-    std::fs::create_dir_all(work.join("pkg/DEBIAN")).expect("mkdir");
-    std::fs::write(
-        work.join("pkg/DEBIAN/control"),
-        "Package: hutch-demo\nVersion: 1.0\nArchitecture: all\nMaintainer: Hutch Tests <tests@hutch.invalid>\nDescription: a package served by the test registry\n",
-    )
-    .expect("control");
-    std::fs::write(bin.join("hutch-demo"), "#!/bin/sh\necho hutch-demo 1.0 from the test registry\n").expect("script");
-    std::process::Command::new("chmod").arg("755").arg(bin.join("hutch-demo")).status().expect("chmod");
-    let repo = net.files_dir().join("debian");
-    std::fs::create_dir_all(&repo).expect("mkdir");
-    let deb = repo.join("hutch-demo_1.0_all.deb");
-    let o = std::process::Command::new("dpkg-deb")
-        .args(["--root-owner-group", "--build"])
-        .arg(work.join("pkg"))
-        .arg(&deb)
-        .output()
-        .expect("dpkg-deb");
-    assert!(o.status.success(), "dpkg-deb: {}", text(&o.stderr));
-    let size = std::fs::metadata(&deb).expect("deb").len();
-    let packages = format!(
-        "Package: hutch-demo\nVersion: 1.0\nArchitecture: all\nMaintainer: Hutch Tests <tests@hutch.invalid>\nInstalled-Size: 1\nFilename: hutch-demo_1.0_all.deb\nSize: {size}\nSHA256: {}\nDescription: a package served by the test registry\n",
-        sha256_hex(&deb)
-    );
-    std::fs::write(repo.join("Packages"), &packages).expect("Packages");
-    let date = std::process::Command::new("date").arg("-Ru").output().expect("date");
-    let release = format!(
-        "Origin: hutch-test\nLabel: hutch-test\nSuite: stable\nCodename: hutch\nDate: {}\nArchitectures: all amd64\nSHA256:\n {} {} Packages\n",
-        text(&date.stdout).trim(),
-        sha256_hex(&repo.join("Packages")),
-        packages.len()
-    );
-    std::fs::write(repo.join("Release"), release).expect("Release");
-    deb
-}
-
 /// Python that keeps one HTTPS connection to URL's host open, one request every 0.3 s, until it
 /// breaks; then tries a new connection once. Its log says which requests got through.
 const KEEPALIVE: &str = r#"
@@ -1753,7 +1699,7 @@ except Exception as e:
 #[test]
 fn setup_phase_installs_from_its_registry_and_the_command_cannot_reach_it() {
     let net = TestNet::start().expect("testnet");
-    publish_debian_repo(&net);
+    net.publish_demo_debian_repo();
     let p = net.https_port();
     let keepalive = net.dir().join("keepalive.py");
     std::fs::write(&keepalive, KEEPALIVE).expect("keepalive script");

@@ -96,38 +96,6 @@ fn cached(o: &Output) -> bool {
     text(&o.stderr).contains("hutch: setup: cached (key ")
 }
 
-/// A flat Debian repository on the test net with one package, `hutch-demo` (as in the egress tests).
-fn publish_debian_repo(net: &TestNet) {
-    let work = net.dir().join("deb-build");
-    let bin = work.join("pkg/usr/bin");
-    std::fs::create_dir_all(&bin).expect("mkdir");
-    std::fs::create_dir_all(work.join("pkg/DEBIAN")).expect("mkdir");
-    std::fs::write(
-        work.join("pkg/DEBIAN/control"),
-        "Package: hutch-demo\nVersion: 1.0\nArchitecture: all\nMaintainer: Hutch Tests <tests@hutch.invalid>\nDescription: test\n",
-    )
-    .expect("control");
-    std::fs::write(bin.join("hutch-demo"), "#!/bin/sh\necho hutch-demo 1.0 from the test registry\n").expect("script");
-    std::process::Command::new("chmod").arg("755").arg(bin.join("hutch-demo")).status().expect("chmod");
-    let repo = net.files_dir().join("debian");
-    std::fs::create_dir_all(&repo).expect("mkdir");
-    let deb = repo.join("hutch-demo_1.0_all.deb");
-    let o = std::process::Command::new("dpkg-deb")
-        .args(["--root-owner-group", "--build"])
-        .arg(work.join("pkg"))
-        .arg(&deb)
-        .output()
-        .expect("dpkg-deb");
-    assert!(o.status.success(), "dpkg-deb: {}", text(&o.stderr));
-    let sha = text(&std::process::Command::new("sha256sum").arg(&deb).output().expect("sha256sum").stdout);
-    let packages = format!(
-        "Package: hutch-demo\nVersion: 1.0\nArchitecture: all\nMaintainer: Hutch Tests <tests@hutch.invalid>\nInstalled-Size: 1\nFilename: hutch-demo_1.0_all.deb\nSize: {}\nSHA256: {}\nDescription: test\n",
-        std::fs::metadata(&deb).expect("deb").len(),
-        sha.split_whitespace().next().expect("digest")
-    );
-    std::fs::write(repo.join("Packages"), packages).expect("Packages");
-}
-
 fn deb_downloads(net: &TestNet) -> usize {
     net.requests().iter().filter(|r| r.path == "/files/debian/hutch-demo_1.0_all.deb").count()
 }
@@ -140,7 +108,7 @@ fn deb_downloads(net: &TestNet) -> usize {
 #[test]
 fn class_6_second_run_restores_the_setup_and_sees_the_current_tree_without_secrets_in_the_entry() {
     let net = TestNet::start().expect("testnet");
-    publish_debian_repo(&net);
+    net.publish_demo_debian_repo();
     let p = net.https_port();
     let t = tempfile::tempdir().expect("tempdir");
     let dir = repo(t.path(), "project");

@@ -229,6 +229,49 @@ impl TestNet {
         self.dir.path().join("files")
     }
 
+    /// Publishes a flat Debian repository under `/files/debian/` with one package, `hutch-demo` (a script that
+    /// prints `hutch-demo 1.0 from the test registry`): the `.deb`, a `Packages` index and a `Release` file
+    /// listing the index's digest. For `deb [trusted=yes] https://HOST:PORT/files/debian ./`. Returns the `.deb`.
+    pub fn publish_demo_debian_repo(&self) -> PathBuf {
+        use std::process::Command;
+        let sha256 = |p: &Path| {
+            let o = Command::new("sha256sum").arg(p).output().expect("sha256sum");
+            String::from_utf8_lossy(&o.stdout).split_whitespace().next().expect("digest").to_string()
+        };
+        let work = self.dir().join("deb-build");
+        let bin = work.join("pkg/usr/bin");
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        std::fs::create_dir_all(work.join("pkg/DEBIAN")).expect("mkdir");
+        std::fs::write(
+            work.join("pkg/DEBIAN/control"),
+            "Package: hutch-demo\nVersion: 1.0\nArchitecture: all\nMaintainer: Hutch Tests <tests@hutch.invalid>\nDescription: a package served by the test registry\n",
+        )
+        .expect("control");
+        let script = bin.join("hutch-demo");
+        std::fs::write(&script, "#!/bin/sh\necho hutch-demo 1.0 from the test registry\n").expect("script");
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let repo = self.files_dir().join("debian");
+        std::fs::create_dir_all(&repo).expect("mkdir");
+        let deb = repo.join("hutch-demo_1.0_all.deb");
+        let o = Command::new("dpkg-deb").args(["--root-owner-group", "--build"]).arg(work.join("pkg")).arg(&deb).output().expect("dpkg-deb");
+        assert!(o.status.success(), "dpkg-deb: {}", String::from_utf8_lossy(&o.stderr));
+        let size = std::fs::metadata(&deb).expect("deb").len();
+        let packages = format!(
+            "Package: hutch-demo\nVersion: 1.0\nArchitecture: all\nMaintainer: Hutch Tests <tests@hutch.invalid>\nInstalled-Size: 1\nFilename: hutch-demo_1.0_all.deb\nSize: {size}\nSHA256: {}\nDescription: a package served by the test registry\n",
+            sha256(&deb)
+        );
+        std::fs::write(repo.join("Packages"), &packages).expect("Packages");
+        let date = Command::new("date").arg("-Ru").output().expect("date");
+        let release = format!(
+            "Origin: hutch-test\nLabel: hutch-test\nSuite: stable\nCodename: hutch\nDate: {}\nArchitectures: all amd64\nSHA256:\n {} {} Packages\n",
+            String::from_utf8_lossy(&date.stdout).trim(),
+            sha256(&repo.join("Packages")),
+            packages.len()
+        );
+        std::fs::write(repo.join("Release"), release).expect("Release");
+        deb
+    }
+
     /// `https://NAME:PORT/PATH` on the HTTPS server (`path` starts with '/').
     pub fn https_url(&self, name: &str, path: &str) -> String {
         format!("https://{name}:{}{path}", self.https.port())
