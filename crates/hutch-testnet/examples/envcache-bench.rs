@@ -25,33 +25,6 @@ struct Args {
 
 const REGISTRY: &str = "pkgs.example.test";
 
-fn publish(net: &TestNet) -> anyhow::Result<()> {
-    let work = net.dir().join("deb-build");
-    let bin = work.join("pkg/usr/bin");
-    std::fs::create_dir_all(&bin)?;
-    std::fs::create_dir_all(work.join("pkg/DEBIAN"))?;
-    std::fs::write(
-        work.join("pkg/DEBIAN/control"),
-        "Package: hutch-demo\nVersion: 1.0\nArchitecture: all\nMaintainer: Hutch <bench@hutch.invalid>\nDescription: bench\n",
-    )?;
-    std::fs::write(bin.join("hutch-demo"), "#!/bin/sh\necho hutch-demo 1.0\n")?;
-    Command::new("chmod").arg("755").arg(bin.join("hutch-demo")).status()?;
-    let repo = net.files_dir().join("debian");
-    std::fs::create_dir_all(&repo)?;
-    let deb = repo.join("hutch-demo_1.0_all.deb");
-    let o = Command::new("dpkg-deb").args(["--root-owner-group", "--build"]).arg(work.join("pkg")).arg(&deb).output().context("dpkg-deb")?;
-    if !o.status.success() {
-        bail!("dpkg-deb: {}", String::from_utf8_lossy(&o.stderr));
-    }
-    let sha = String::from_utf8_lossy(&Command::new("sha256sum").arg(&deb).output()?.stdout).split_whitespace().next().unwrap_or("").to_string();
-    let packages = format!(
-        "Package: hutch-demo\nVersion: 1.0\nArchitecture: all\nMaintainer: Hutch <bench@hutch.invalid>\nInstalled-Size: 1\nFilename: hutch-demo_1.0_all.deb\nSize: {}\nSHA256: {sha}\nDescription: bench\n",
-        std::fs::metadata(&deb)?.len()
-    );
-    std::fs::write(repo.join("Packages"), packages)?;
-    Ok(())
-}
-
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let hutch = match a.hutch {
@@ -59,7 +32,7 @@ fn main() -> anyhow::Result<()> {
         None => std::path::absolute(PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("release/hutch"))?,
     };
     let net = TestNet::start().context("test net")?;
-    publish(&net)?;
+    net.publish_demo_debian_repo();
     let p = net.https_port();
     let setup = net.dir().join("setup.sh");
     std::fs::write(
