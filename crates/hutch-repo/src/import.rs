@@ -23,107 +23,60 @@ fn refused(e: RepoError, what: &str) -> RepoError {
     }
 }
 
+/// Where the VM started: its HEAD (`None`: an unborn branch) and the commit and tree its working tree held.
+#[derive(Debug, Clone, Copy)]
+pub struct Start<'a> {
+    pub base: Option<&'a Oid>,
+    /// A commit whose tree is `tree` (the snapshot commit; the base itself when the VM started from a clean
+    /// checkout).
+    pub commit: &'a Oid,
+    pub tree: &'a Oid,
+}
+
+/// The VM's output after every check passed, in the repository the checks ran in.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    /// The VM's new commits (in the checking repository as `refs/hutch/vm` when they came in a bundle), newest
+    /// first, each with its first parent.
+    pub commits: Vec<(String, Option<String>)>,
+    /// The tree the VM ended with: its HEAD plus its uncommitted changes.
+    pub final_tree: String,
+    /// `start.commit` to `final_tree` as a binary patch, and its strict parse (paths, sensitivity).
+    pub apply_patch: Vec<u8>,
+    pub applied: Patch,
+    /// `git diff --stat` of `apply_patch`, control characters escaped.
+    pub stat: String,
+    /// The VM's patch of uncommitted changes as it sent it (empty when there was none).
+    pub patch_bytes: Vec<u8>,
+    /// The VM's HEAD is not where it started.
+    pub head_moved: bool,
+}
+
+impl Checked {
+    /// Nothing to import or deliver.
+    pub fn is_empty(&self) -> bool {
+        self.commits.is_empty() && self.applied.is_empty() && !self.head_moved
+    }
+}
+
 /// Checks and imports the VM's output. `Ok(None)`: the VM changed nothing.
 pub fn import(repo: &HostRepo, snap: &Snapshot, id: &str, c: &Collected, limits: &Limits) -> Result<Option<Stored>, RepoError> {
     store::check_id(id)?;
     let g = &snap.git;
-    let empty_tree = g.line("hash-object", ["hash-object", "-t", "tree", "/dev/null"])?;
     let base = snap.base.as_ref().map(Oid::as_str);
-
-    // Commits: from a verified bundle into the scratch repository, or an existing commit.
-    if let Some(bundle) = &c.bundle {
-        let head = c.head.as_ref().ok_or_else(|| RepoError::Refused("a commit bundle without a HEAD".into()))?;
-        let b = bundle.as_os_str();
-        g.run("bundle verify", [OsStr::new("bundle"), OsStr::new("verify"), OsStr::new("-q"), b])
-            .map_err(|e| refused(e, "the VM's commit bundle is corrupt or incomplete"))?;
-        let heads = g
-            .run("bundle list-heads", [OsStr::new("bundle"), OsStr::new("list-heads"), b])
-            .map_err(|e| refused(e, "the VM's commit bundle is unreadable"))?;
-        let heads = String::from_utf8_lossy(&heads);
-        let want = format!("{head} HEAD");
-        let lines: Vec<&str> = heads.lines().collect();
-        if lines != [want.as_str()] {
-            let got: Vec<String> = lines.iter().map(|l| show(l.as_bytes())).collect();
-            return Err(RepoError::Refused(format!(
-                "the VM's commit bundle should hold exactly its HEAD {head}, it holds [{}]",
-                got.join(", ")
-            )));
-        }
-        g.run(
-            "fetch (VM commits into scratch)",
-            [
-                OsStr::new("fetch"),
-                OsStr::new("-q"),
-                OsStr::new("--no-tags"),
-                OsStr::new("--no-write-fetch-head"),
-                b,
-                OsStr::new("+HEAD:refs/hutch/vm"),
-            ],
-        )
-        .map_err(|e| refused(e, "the VM's commits failed git's checks"))?;
-    } else if let Some(head) = &c.head {
-        if !repo.git().ok(["cat-file", "-e", &format!("{head}^{{commit}}")]) {
-            return Err(RepoError::Refused(format!("the VM's HEAD {head} is neither in its bundle nor in this repository")));
-        }
-    }
-
-    let mut commits: Vec<(String, Option<String>)> = vec![];
-    if let Some(head) = &c.head {
-        let mut args = vec!["rev-list", "--parents", head.as_str()];
-        if let Some(b) = base {
-            args.extend(["--not", b]);
-        }
-        let out = g.line("rev-list", &args)?;
-        for l in out.lines() {
-            let mut it = l.split(' ');
-            let c = it.next().unwrap_or_default().to_string();
-            commits.push((c, it.next().map(str::to_string)));
-            if commits.len() > limits.max_commits {
-                return Err(RepoError::Refused(format!("the VM made more than {} commits", limits.max_commits)));
+    if c.bundle.is_none() {
+        if let Some(head) = &c.head {
+            if !repo.git().ok(["cat-file", "-e", &format!("{head}^{{commit}}")]) {
+                return Err(RepoError::Refused(format!("the VM's HEAD {head} is neither in its bundle nor in this repository")));
             }
         }
     }
-    for (c, parent) in &commits {
-        check_change(g, parent.as_deref().unwrap_or(&empty_tree), c, &format!("commit {}", &c[..12.min(c.len())]))?;
-    }
-
-    // Uncommitted changes: parsed strictly, compared with git's reading, applied to the VM's HEAD in a
-    // temporary index (no work tree anywhere), and the resulting tree checked like a commit. A VM that reports
-    // its working tree unchanged ends at the snapshot's tree, which is the user's own.
-    let head_tree = c.head.as_ref().map(Oid::to_string).unwrap_or_else(|| empty_tree.clone());
-    let (final_tree, patch_bytes) = match &c.patch {
-        Some(p) => vm_patch_tree(g, snap, c, p, &head_tree, limits)?,
-        None => {
-            if c.head.as_ref().map(Oid::as_str) != base {
-                check_change(g, &head_tree, snap.tree.as_str(), "the VM's uncommitted changes")?;
-            }
-            (snap.tree.to_string(), vec![])
-        }
-    };
-
-    // What `apply` will apply: from the snapshot the VM started with to its final tree.
-    let apply_patch = g.run(
-        "diff-tree (snapshot to final tree)",
-        [
-            "diff-tree",
-            "-p",
-            "--binary",
-            "--full-index",
-            "--no-renames",
-            "--no-ext-diff",
-            "--no-textconv",
-            "--no-color",
-            snap.commit.as_str(),
-            &final_tree,
-        ],
-    )?;
-    let applied = patch::parse(&apply_patch).map_err(|e| RepoError::Refused(format!("the combined patch is unsafe: {e}")))?;
-    let stat = g.run("diff-tree --stat", ["diff-tree", "--stat=100", "--no-color", snap.commit.as_str(), &final_tree])?;
-
-    let head_moved = c.head.as_ref().map(Oid::as_str) != base;
-    if commits.is_empty() && applied.is_empty() && !head_moved {
+    let start = Start { base: snap.base.as_ref(), commit: &snap.commit, tree: &snap.tree };
+    let checked = check(g, start, snap.dir(), c, limits)?;
+    if checked.is_empty() {
         return Ok(None);
     }
+    let Checked { commits, apply_patch, applied, stat, patch_bytes, .. } = checked;
 
     let mut lines = vec![];
     if let Some(head) = &c.head {
@@ -167,7 +120,7 @@ pub fn import(repo: &HostRepo, snap: &Snapshot, id: &str, c: &Collected, limits:
         reference: c.head.as_ref().map(|_| reference.clone()),
         commits: lines,
         commit_count: commits.len(),
-        stat: show_keep_lines(&stat),
+        stat,
         files: applied.files.len(),
         sensitive: applied.sensitive(),
         vm_git_metadata: c.git_meta_changed.clone(),
@@ -175,8 +128,110 @@ pub fn import(repo: &HostRepo, snap: &Snapshot, id: &str, c: &Collected, limits:
     store::save(&repo.results_dir(), &meta, &apply_patch, &patch_bytes).map(Some)
 }
 
+/// Every check of the VM's output, run in `g` (a scratch repository that holds, or borrows, the objects of
+/// `start`): the bundle verified, holding exactly the VM's HEAD, and fetched to `refs/hutch/vm`; every new
+/// commit's changes checked; the patch parsed strictly, compared with git's reading and applied to the VM's HEAD
+/// in a temporary index under `scratch`; the combined change from `start.commit` parsed again. Nothing outside
+/// `g` is written.
+pub fn check(g: &Git, start: Start<'_>, scratch: &std::path::Path, c: &Collected, limits: &Limits) -> Result<Checked, RepoError> {
+    let empty_tree = g.line("hash-object", ["hash-object", "-t", "tree", "/dev/null"])?;
+    let base = start.base.map(Oid::as_str);
+
+    // Commits: from a verified bundle into the scratch repository, or an existing commit.
+    if let Some(bundle) = &c.bundle {
+        let head = c.head.as_ref().ok_or_else(|| RepoError::Refused("a commit bundle without a HEAD".into()))?;
+        let b = bundle.as_os_str();
+        g.run("bundle verify", [OsStr::new("bundle"), OsStr::new("verify"), OsStr::new("-q"), b])
+            .map_err(|e| refused(e, "the VM's commit bundle is corrupt or incomplete"))?;
+        let heads = g
+            .run("bundle list-heads", [OsStr::new("bundle"), OsStr::new("list-heads"), b])
+            .map_err(|e| refused(e, "the VM's commit bundle is unreadable"))?;
+        let heads = String::from_utf8_lossy(&heads);
+        let want = format!("{head} HEAD");
+        let lines: Vec<&str> = heads.lines().collect();
+        if lines != [want.as_str()] {
+            let got: Vec<String> = lines.iter().map(|l| show(l.as_bytes())).collect();
+            return Err(RepoError::Refused(format!(
+                "the VM's commit bundle should hold exactly its HEAD {head}, it holds [{}]",
+                got.join(", ")
+            )));
+        }
+        g.run(
+            "fetch (VM commits into scratch)",
+            [
+                OsStr::new("fetch"),
+                OsStr::new("-q"),
+                OsStr::new("--no-tags"),
+                OsStr::new("--no-write-fetch-head"),
+                b,
+                OsStr::new("+HEAD:refs/hutch/vm"),
+            ],
+        )
+        .map_err(|e| refused(e, "the VM's commits failed git's checks"))?;
+    } else if let Some(head) = &c.head {
+        if !g.ok(["cat-file", "-e", &format!("{head}^{{commit}}")]) {
+            return Err(RepoError::Refused(format!("the VM's HEAD {head} is neither in its bundle nor in this repository")));
+        }
+    }
+
+    let mut commits: Vec<(String, Option<String>)> = vec![];
+    if let Some(head) = &c.head {
+        let mut args = vec!["rev-list", "--parents", head.as_str()];
+        if let Some(b) = base {
+            args.extend(["--not", b]);
+        }
+        let out = g.line("rev-list", &args)?;
+        for l in out.lines() {
+            let mut it = l.split(' ');
+            let c = it.next().unwrap_or_default().to_string();
+            commits.push((c, it.next().map(str::to_string)));
+            if commits.len() > limits.max_commits {
+                return Err(RepoError::Refused(format!("the VM made more than {} commits", limits.max_commits)));
+            }
+        }
+    }
+    for (c, parent) in &commits {
+        check_change(g, parent.as_deref().unwrap_or(&empty_tree), c, &format!("commit {}", &c[..12.min(c.len())]))?;
+    }
+
+    // Uncommitted changes: parsed strictly, compared with git's reading, applied to the VM's HEAD in a
+    // temporary index (no work tree anywhere), and the resulting tree checked like a commit. A VM that reports
+    // its working tree unchanged ends at the tree it started with.
+    let head_tree = c.head.as_ref().map(Oid::to_string).unwrap_or_else(|| empty_tree.clone());
+    let (final_tree, patch_bytes) = match &c.patch {
+        Some(p) => vm_patch_tree(g, scratch, c, p, &head_tree, limits)?,
+        None => {
+            if c.head.as_ref().map(Oid::as_str) != base {
+                check_change(g, &head_tree, start.tree.as_str(), "the VM's uncommitted changes")?;
+            }
+            (start.tree.to_string(), vec![])
+        }
+    };
+
+    // The combined change: from the commit the VM started with to its final tree.
+    let apply_patch = g.run(
+        "diff-tree (snapshot to final tree)",
+        [
+            "diff-tree",
+            "-p",
+            "--binary",
+            "--full-index",
+            "--no-renames",
+            "--no-ext-diff",
+            "--no-textconv",
+            "--no-color",
+            start.commit.as_str(),
+            &final_tree,
+        ],
+    )?;
+    let applied = patch::parse(&apply_patch).map_err(|e| RepoError::Refused(format!("the combined patch is unsafe: {e}")))?;
+    let stat = g.run("diff-tree --stat", ["diff-tree", "--stat=100", "--no-color", start.commit.as_str(), &final_tree])?;
+    let head_moved = c.head.as_ref().map(Oid::as_str) != base;
+    Ok(Checked { commits, final_tree, apply_patch, applied, stat: show_keep_lines(&stat), patch_bytes, head_moved })
+}
+
 /// The VM's final tree from its patch (checked), and the patch's bytes.
-fn vm_patch_tree(g: &Git, snap: &Snapshot, c: &Collected, path: &std::path::Path, head_tree: &str, limits: &Limits) -> Result<(String, Vec<u8>), RepoError> {
+fn vm_patch_tree(g: &Git, scratch: &std::path::Path, c: &Collected, path: &std::path::Path, head_tree: &str, limits: &Limits) -> Result<(String, Vec<u8>), RepoError> {
     let size = std::fs::metadata(path).map_err(crate::io_err("cannot read the downloaded patch"))?.len();
     if size > limits.max_patch {
         return Err(RepoError::Refused(format!(
@@ -187,7 +242,7 @@ fn vm_patch_tree(g: &Git, snap: &Snapshot, c: &Collected, path: &std::path::Path
     let patch_bytes = store::read_capped(path, limits.max_patch)?;
     let parsed = patch::parse(&patch_bytes).map_err(|e| RepoError::Refused(format!("the VM's patch is malformed or unsafe: {e}")))?;
     same_paths_as_git(g, &patch_bytes, &parsed).map_err(|e| refused(e, "the VM's patch"))?;
-    let index = snap.dir().join("vm.index");
+    let index = scratch.join("vm.index");
     let gi = g.clone().index(&index);
     match &c.head {
         Some(h) => gi.run("read-tree", ["read-tree", h.as_str()])?,

@@ -25,7 +25,7 @@ pub use credentials::{CredentialFilter, CredentialKind, CredentialRules, PathPat
 pub use git::Oid;
 pub use guest::{collect, setup_workspace, Collected, Workspace};
 pub use host::{HostRepo, Snapshot};
-pub use import::import;
+pub use import::{check, import, Checked, Start};
 pub use patch::Sensitive;
 pub use project::{ProjectConfig, Trust, TrustStore};
 pub use sensitive::SensitiveKind;

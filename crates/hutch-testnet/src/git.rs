@@ -123,6 +123,12 @@ pub(crate) fn refs(root: &Path, name: &str, home: &Path) -> Result<String, TestN
     run(c)
 }
 
+pub(crate) fn in_repo(dir: &Path, args: &[&str], home: &Path) -> Result<String, TestNetError> {
+    let mut c = git(home);
+    c.arg("-C").arg(dir).args(args);
+    run(c)
+}
+
 fn fail(status: StatusCode, msg: String) -> Response<RespBody> {
     let mut r = Response::new(full(msg));
     *r.status_mut() = status;

@@ -7,6 +7,8 @@
 mod procmem;
 pub use procmem::process_memory_contains;
 mod body;
+mod forge;
+pub use forge::{ForgeRecord, ForgeRequest, ForgeRoute, IssueComment, PullRequest, PushedRef};
 mod git;
 pub mod model_api;
 mod pki;
@@ -135,6 +137,7 @@ pub struct TestNet {
     ca_pem: String,
     ca_file: PathBuf,
     git_root: PathBuf,
+    forge: forge::Forge,
     log: Arc<Log>,
     server: server::Running,
     dir: tempfile::TempDir,
@@ -175,10 +178,12 @@ impl TestNet {
         std::fs::create_dir(&files_root)
             .map_err(io_err(format!("cannot create {}", files_root.display())))?;
         let log = Arc::new(Log::default());
+        let forge = forge::Forge::new(dir.path().join("forge"));
         let routes = routes::Routes {
             git_root: git_root.clone(),
             files_root,
             store: Default::default(),
+            forge: forge.clone(),
         };
         let server = server::Running::start(pki.server_config.clone(), routes, log.clone())?;
         Ok(TestNet {
@@ -189,6 +194,7 @@ impl TestNet {
             ca_pem: pki.ca_pem,
             ca_file,
             git_root,
+            forge,
             log,
             server,
             dir,
@@ -388,6 +394,45 @@ impl TestNet {
         files: &[(&str, &str)],
     ) -> Result<PathBuf, TestNetError> {
         git::create_repo(&self.git_root, name, files, self.dir.path())
+    }
+
+    /// Creates a private repository `OWNER/NAME` on the forge with one commit on `main` holding `files`:
+    /// git at `/OWNER/NAME.git` (fetch and push) and the REST API at `/repos/OWNER/NAME/...`, each request
+    /// only with `token` (the forge module says how it is checked). Returns the bare repository's directory.
+    pub fn create_forge_repo(
+        &self,
+        owner: &str,
+        name: &str,
+        files: &[(&str, &str)],
+        token: &str,
+    ) -> Result<PathBuf, TestNetError> {
+        self.forge.create_repo(owner, name, files, token, self.dir.path())
+    }
+
+    /// `https://HOST:PORT/OWNER/NAME.git`, the forge repository's clone URL under the name `host`.
+    pub fn forge_clone_url(&self, host: &str, owner: &str, name: &str) -> String {
+        self.https_url(host, &format!("/{owner}/{name}.git"))
+    }
+
+    /// `https://HOST:PORT`, the forge's REST API root under the name `host`.
+    pub fn forge_api_base(&self, host: &str) -> String {
+        self.https_url(host, "")
+    }
+
+    /// Everything the forge received so far.
+    pub fn forge_record(&self) -> ForgeRecord {
+        self.forge.record()
+    }
+
+    /// The next `times` requests of kind `route` (after a good token) are answered with `status`.
+    pub fn forge_inject_failure(&self, route: ForgeRoute, status: u16, times: u32) {
+        self.forge.inject(route, status, times)
+    }
+
+    /// Runs git with `args` in the forge repository `OWNER/NAME` (no configuration read) and returns its
+    /// stdout, to look at what was pushed (`log`, `show BRANCH:PATH`, `for-each-ref`).
+    pub fn forge_git(&self, owner: &str, name: &str, args: &[&str]) -> Result<String, TestNetError> {
+        git::in_repo(&self.forge.repo_dir(owner, name), args, self.dir.path())
     }
 
     /// The branch heads of repository `name` (`git for-each-ref` output), to check pushes.
