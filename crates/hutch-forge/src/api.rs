@@ -94,14 +94,23 @@ impl<'a> Api<'a> {
         Ok(c.id)
     }
 
+    /// The open pull request whose head is `branch` of `owner`, if there is one.
+    pub(crate) async fn find_pull(&self, owner: &str, branch: &str, policy: RetryPolicy) -> Result<Option<(u64, String)>, ForgeError> {
+        let what = "looking up the pull request";
+        let url = format!("{}?state=open&head={owner}:{branch}", self.url("pulls"));
+        let list: Vec<Pull> = retry::run(policy, what, || self.send(what, self.http.get(url.clone()))).await?;
+        Ok(list.into_iter().next().map(|p| (p.number, hutch_text::escape(&p.html_url).into_owned())))
+    }
+
     async fn post<T: serde::de::DeserializeOwned>(&self, what: &str, url: String, json: &serde_json::Value) -> Result<T, Failure> {
-        let sent = self
-            .http
-            .post(url)
+        self.send(what, self.http.post(url).json(json)).await
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(&self, what: &str, rb: reqwest::RequestBuilder) -> Result<T, Failure> {
+        let sent = rb
             .bearer_auth(self.token.expose())
             .header(reqwest::header::ACCEPT, "application/vnd.github+json")
             .header("X-GitHub-Api-Version", "2022-11-28")
-            .json(json)
             .send()
             .await;
         let mut resp = match sent {

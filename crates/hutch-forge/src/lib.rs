@@ -69,7 +69,9 @@ pub struct DeliveryPlan {
     pub base_commit: Oid,
     /// The VM's HEAD as `hutch_repo::collect` reported it (`Collected::head`).
     pub vm_head: Option<Oid>,
-    /// The directory `hutch_repo::collect` downloaded into: `commits.bundle` and `changes.patch` when present.
+    /// The directory `hutch_repo::collect` downloaded into, as it left it: `commits.bundle` and `changes.patch`
+    /// when present. No `changes.patch` means the VM's working tree is the one it started with (collect always
+    /// writes one, maybe empty, when HEAD moved).
     pub result_dir: PathBuf,
     pub open_pull_request: bool,
     /// Post the summary as a comment on this issue or pull request.

@@ -99,17 +99,19 @@ pub struct Git {
     index: Option<PathBuf>,
     cwd: PathBuf,
     excludes: Option<PathBuf>,
+    /// HTTPS remotes allowed, with this file as the global configuration (see [`Git::remote_https`]).
+    remote_config: Option<PathBuf>,
 }
 
 impl Git {
     /// Git on the repository at `git_dir` (bare use: no work tree).
     pub fn at(git_dir: &Path) -> Git {
-        Git { git_dir: Some(git_dir.to_path_buf()), work_tree: None, index: None, cwd: git_dir.to_path_buf(), excludes: None }
+        Git { git_dir: Some(git_dir.to_path_buf()), work_tree: None, index: None, cwd: git_dir.to_path_buf(), excludes: None, remote_config: None }
     }
 
     /// Git that finds the repository from `cwd`, as a user's shell would (only for discovery).
     pub fn discover(cwd: &Path) -> Git {
-        Git { git_dir: None, work_tree: None, index: None, cwd: cwd.to_path_buf(), excludes: None }
+        Git { git_dir: None, work_tree: None, index: None, cwd: cwd.to_path_buf(), excludes: None, remote_config: None }
     }
 
     /// Uses `tree` as the work tree and runs from its top.
@@ -128,6 +130,15 @@ impl Git {
     /// An ignore file to honour besides the work tree's `.gitignore` files and `info/exclude`.
     pub fn excludes(mut self, file: Option<PathBuf>) -> Git {
         self.excludes = file;
+        self
+    }
+
+    /// Lets this git fetch from and push to HTTPS remotes (no other protocol), reading `config` as its global
+    /// configuration: a file the caller wrote, mode 0600, that holds what the remote needs (CA file, an
+    /// authorization header scoped to one URL). Secrets stay in that file, never in argv or the environment.
+    /// Everything else stays shut out as for any other git here (hooks, helpers, askpass, prompts).
+    pub fn remote_https(mut self, config: &Path) -> Git {
+        self.remote_config = Some(config.to_path_buf());
         self
     }
 
@@ -150,7 +161,15 @@ impl Git {
         c.env("GIT_OPTIONAL_LOCKS", "0");
         c.env("GIT_PAGER", "cat");
         c.env("GIT_PROTOCOL_FROM_USER", "0");
-        c.env("GIT_ALLOW_PROTOCOL", "file");
+        match &self.remote_config {
+            Some(cfg) => {
+                c.env("GIT_CONFIG_GLOBAL", cfg);
+                c.env("GIT_ALLOW_PROTOCOL", "https");
+            }
+            None => {
+                c.env("GIT_ALLOW_PROTOCOL", "file");
+            }
+        }
         if let Some(d) = &self.git_dir {
             c.env("GIT_DIR", d);
         }
