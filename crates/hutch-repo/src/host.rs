@@ -83,7 +83,7 @@ impl HostRepo {
 /// What goes into the VM, kept until the VM's output has been imported (its objects are needed then).
 #[derive(Debug)]
 pub struct Snapshot {
-    scratch: tempfile::TempDir,
+    pub(crate) scratch: tempfile::TempDir,
     pub(crate) git: Git,
     /// The user's HEAD when the snapshot was taken.
     pub base: Option<Oid>,
@@ -127,17 +127,19 @@ impl Snapshot {
 
     /// Takes the snapshot; untracked files that `credentials` calls credentials are left out.
     pub fn take_filtered(repo: &HostRepo, image_cache: &Path, credentials: &CredentialFilter) -> Result<Snapshot, RepoError> {
+        Self::take_inner(repo, Some(image_cache), credentials)
+    }
+
+    /// Takes the snapshot commit only, without a workspace image (`image` is empty): for a sandbox on a daemon,
+    /// which makes the image itself from the snapshot's bundle (see [`crate::remote`]).
+    pub fn take_commit(repo: &HostRepo, credentials: &CredentialFilter) -> Result<Snapshot, RepoError> {
+        Self::take_inner(repo, None, credentials)
+    }
+
+    fn take_inner(repo: &HostRepo, image_cache: Option<&Path>, credentials: &CredentialFilter) -> Result<Snapshot, RepoError> {
         let t0 = std::time::Instant::now();
-        let scratch = tempfile::Builder::new().prefix("hutch-repo-").tempdir().map_err(io_err("cannot create a scratch directory"))?;
+        let (scratch, git) = scratch_borrowing(repo)?;
         let gd = scratch.path().join("git");
-        let git = init_scratch(&gd, &repo.object_format)?;
-        let objects = repo.common_dir.join("objects");
-        if objects.as_os_str().as_bytes().contains(&b'\n') {
-            return Err(RepoError::Project(format!("the repository path {} contains a newline", objects.display())));
-        }
-        let mut alt = objects.as_os_str().as_bytes().to_vec();
-        alt.push(b'\n');
-        std::fs::write(gd.join("objects/info/alternates"), alt).map_err(io_err("cannot write the scratch repository"))?;
         // The user's own ignore list is data, so it is honoured.
         if let Ok(ex) = std::fs::read(repo.common_dir.join("info/exclude")) {
             std::fs::create_dir_all(gd.join("info")).map_err(io_err("cannot write the scratch repository"))?;
@@ -165,7 +167,10 @@ impl Snapshot {
             branch: repo.branch.as_deref(),
             prefix: &repo.prefix,
         };
-        let (image, git_meta, image_reused) = workspace_image(scratch.path(), &git, &spec, image_cache)?;
+        let (image, git_meta, image_reused) = match image_cache {
+            Some(cache) => workspace_image(scratch.path(), &git, &spec, cache)?,
+            None => (PathBuf::new(), Default::default(), false),
+        };
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, reused = image_reused, image = %image.display(), "snapshot: workspace image ready");
         Ok(Snapshot {
             git,
@@ -188,6 +193,21 @@ impl Snapshot {
     pub fn dir(&self) -> &Path {
         self.scratch.path()
     }
+}
+
+/// A scratch repository (`<tmp>/git`) that borrows the user's objects (read-only, through `alternates`).
+pub(crate) fn scratch_borrowing(repo: &HostRepo) -> Result<(tempfile::TempDir, Git), RepoError> {
+    let scratch = tempfile::Builder::new().prefix("hutch-repo-").tempdir().map_err(io_err("cannot create a scratch directory"))?;
+    let gd = scratch.path().join("git");
+    let git = init_scratch(&gd, &repo.object_format)?;
+    let objects = repo.common_dir.join("objects");
+    if objects.as_os_str().as_bytes().contains(&b'\n') {
+        return Err(RepoError::Project(format!("the repository path {} contains a newline", objects.display())));
+    }
+    let mut alt = objects.as_os_str().as_bytes().to_vec();
+    alt.push(b'\n');
+    std::fs::write(gd.join("objects/info/alternates"), alt).map_err(io_err("cannot write the scratch repository"))?;
+    Ok((scratch, git))
 }
 
 /// Which files of the work tree go into the VM, as a tree in the scratch repository: `git add -A` (tracked files
@@ -285,12 +305,12 @@ fn leave_out_credentials(scratch: &Git, wt: &Git, head: Option<&Oid>, credential
 }
 
 /// What a workspace image holds; equal specs make equal images, so the image is cached by its digest.
-struct WorkspaceSpec<'a> {
-    object_format: &'a str,
-    base: Option<&'a Oid>,
-    tree: &'a Oid,
-    branch: Option<&'a str>,
-    prefix: &'a Path,
+pub(crate) struct WorkspaceSpec<'a> {
+    pub(crate) object_format: &'a str,
+    pub(crate) base: Option<&'a Oid>,
+    pub(crate) tree: &'a Oid,
+    pub(crate) branch: Option<&'a str>,
+    pub(crate) prefix: &'a Path,
 }
 
 impl WorkspaceSpec<'_> {
@@ -310,7 +330,7 @@ impl WorkspaceSpec<'_> {
 }
 
 /// The image for `spec` from the cache, or made and added to it. Returns (image, git metadata digests, reused).
-fn workspace_image(
+pub(crate) fn workspace_image(
     scratch: &Path,
     git: &Git,
     spec: &WorkspaceSpec<'_>,

@@ -78,19 +78,7 @@ pub fn import(repo: &HostRepo, snap: &Snapshot, id: &str, c: &Collected, limits:
     }
     let Checked { commits, apply_patch, applied, stat, patch_bytes, .. } = checked;
 
-    let mut lines = vec![];
-    if let Some(head) = &c.head {
-        let mut args = vec!["log", "--no-show-signature", "--format=%H %s", "-n", "1000", head.as_str()];
-        if let Some(b) = base {
-            args.extend(["--not", b]);
-        }
-        for l in g.run("log", &args)?.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-            let (oid, subject) = l.split_at(l.iter().position(|&b| b == b' ').unwrap_or(l.len()));
-            if let Some(oid) = Oid::parse(&String::from_utf8_lossy(oid)) {
-                lines.push(CommitLine { oid, subject: show(subject.strip_prefix(b" ").unwrap_or(subject)) });
-            }
-        }
-    }
+    let lines = commit_lines(g, c.head.as_ref(), base)?;
 
     // Only now does anything reach the user's repository: the checked commits, under hutch's own ref.
     let reference = format!("refs/hutch/{id}");
@@ -126,6 +114,24 @@ pub fn import(repo: &HostRepo, snap: &Snapshot, id: &str, c: &Collected, limits:
         vm_git_metadata: c.git_meta_changed.clone(),
     };
     store::save(&repo.results_dir(), &meta, &apply_patch, &patch_bytes).map(Some)
+}
+
+/// The VM's new commits for display (at most 1000, newest first), subjects escaped.
+pub(crate) fn commit_lines(g: &Git, head: Option<&Oid>, base: Option<&str>) -> Result<Vec<CommitLine>, RepoError> {
+    let mut lines = vec![];
+    if let Some(head) = head {
+        let mut args = vec!["log", "--no-show-signature", "--format=%H %s", "-n", "1000", head.as_str()];
+        if let Some(b) = base {
+            args.extend(["--not", b]);
+        }
+        for l in g.run("log", &args)?.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let (oid, subject) = l.split_at(l.iter().position(|&b| b == b' ').unwrap_or(l.len()));
+            if let Some(oid) = Oid::parse(&String::from_utf8_lossy(oid)) {
+                lines.push(CommitLine { oid, subject: show(subject.strip_prefix(b" ").unwrap_or(subject)) });
+            }
+        }
+    }
+    Ok(lines)
 }
 
 /// Every check of the VM's output, run in `g` (a scratch repository that holds, or borrows, the objects of

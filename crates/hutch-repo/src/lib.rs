@@ -14,6 +14,7 @@ pub mod import;
 pub mod patch;
 pub mod path;
 pub mod project;
+pub mod remote;
 pub mod sensitive;
 pub mod store;
 
