@@ -143,6 +143,11 @@ pub struct RunArgs {
     /// Never run the command on a terminal: separate stdout and stderr, stdin as a stream.
     #[arg(long = "no-tty", short = 'T')]
     pub no_tty: bool,
+    /// Run the command on a `hutch serve` daemon ($HUTCH_URL, $HUTCH_TOKEN), on a terminal that outlives this
+    /// client: prints the sandbox id and returns. `hutch attach ID` joins it; when it ends, its change is
+    /// collected and `hutch diff --from ID` / `hutch apply --from ID` take it.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
     #[command(flatten)]
     pub egress: EgressArgs,
     #[command(flatten)]

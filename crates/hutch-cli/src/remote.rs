@@ -74,7 +74,7 @@ pub struct Conn {
     pub ca_cert: Option<PathBuf>,
 }
 
-fn parse_url(s: &str) -> Result<String, String> {
+pub(crate) fn parse_url(s: &str) -> Result<String, String> {
     let u: reqwest::Url = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
     if u.scheme() != "http" && u.scheme() != "https" {
         return Err(format!("{s:?}: the daemon URL must be http:// or https://"));
@@ -155,12 +155,12 @@ impl Api {
         Ok(Api { base: conn.url.clone(), token, http, tls })
     }
 
-    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
     }
 
     /// Sends and turns an error response into its message.
-    async fn send(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+    pub(crate) async fn send(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let resp = rb.send().await.map_err(|e| anyhow!("cannot reach the daemon at {}: {}", self.base, hutch_sandbox::error_chain(&e)))?;
         if resp.status().is_success() {
             return Ok(resp);
@@ -235,7 +235,7 @@ pub struct CreateArgs {
     pub json: bool,
 }
 
-fn allow_spec(s: &str) -> anyhow::Result<AllowSpec> {
+pub(crate) fn allow_spec(s: &str) -> anyhow::Result<AllowSpec> {
     match s.rsplit_once(':') {
         Some((h, p)) if !h.contains(':') => {
             let port: u16 = p.parse().map_err(|_| anyhow!("--allow {s:?}: {p:?} is not a port"))?;

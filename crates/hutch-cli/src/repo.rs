@@ -101,6 +101,9 @@ pub struct DiffArgs {
     /// List the stored results of this repository.
     #[arg(long, conflicts_with_all = ["id", "stat"])]
     pub list: bool,
+    /// Fetch the change of sandbox ID from the daemon ($HUTCH_URL, $HUTCH_TOKEN; `hutch run --detach`) first.
+    #[arg(long, value_name = "ID", value_parser = crate::remote::parse_id, conflicts_with_all = ["id", "list"])]
+    pub from: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +114,9 @@ pub struct ApplyArgs {
     /// Also apply changes to paths that can run code on this host later (.vscode/, Makefile, hooks, CI, ...).
     #[arg(long)]
     pub allow_sensitive: bool,
+    /// Fetch the change of sandbox ID from the daemon ($HUTCH_URL, $HUTCH_TOKEN; `hutch run --detach`) first.
+    #[arg(long, value_name = "ID", value_parser = crate::remote::parse_id, conflicts_with = "id")]
+    pub from: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -125,8 +131,15 @@ pub struct TrustArgs {
 
 pub async fn dispatch(c: RepoCmd) -> anyhow::Result<i32> {
     match c {
-        RepoCmd::Diff(a) => diff(a),
-        RepoCmd::Apply(a) => apply(a),
+        // `--from ID`: the daemon's change is fetched into this repository's results, then shown or applied by id.
+        RepoCmd::Diff(mut a) => match a.from.take() {
+            Some(id) if !crate::fetch::fetch(&current_repo()?, &id).await? => Ok(0),
+            from => diff(DiffArgs { id: from.or(a.id.take()), ..a }),
+        },
+        RepoCmd::Apply(mut a) => match a.from.take() {
+            Some(id) if !crate::fetch::fetch(&current_repo()?, &id).await? => Ok(0),
+            from => apply(ApplyArgs { id: from.or(a.id.take()), ..a }),
+        },
         RepoCmd::Trust(a) => trust(a),
     }
 }
@@ -429,6 +442,15 @@ impl RunRepo {
         }
         self.active = Some(Active { repo, snap });
         Ok(())
+    }
+
+    /// For `hutch run --detach`: the snapshot commit alone (the daemon makes the workspace image from its
+    /// bundle), credential files reported as `snapshot` reports them.
+    pub fn snapshot_commit(&mut self) -> anyhow::Result<Option<(HostRepo, Snapshot)>> {
+        let Some(repo) = self.found.take() else { return Ok(None) };
+        let snap = Snapshot::take_commit(&repo, &self.credentials).context("taking a snapshot of the working tree")?;
+        report_credentials(&mut std::io::stderr(), &snap);
+        Ok(Some((repo, snap)))
     }
 
     /// The workspace image the sandbox must be started with, if any.

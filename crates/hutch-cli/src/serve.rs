@@ -155,6 +155,7 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
     hutch_daemon::server::raise_fd_limit();
     let metrics = Arc::new(hutch_daemon::metrics::Metrics::new());
     let mgr = Manager::new(store, key, host, limits, metrics);
+    mgr.set_results_dir(dd.root.join("results"));
     let rec = mgr.reconcile()?;
     let pruned = mgr.prune_snapshots();
     if !pruned.is_empty() {

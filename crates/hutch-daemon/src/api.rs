@@ -181,6 +181,10 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route("/v1/sandboxes/{id}/files/stat", get(stat_file))
         .route("/v1/sandboxes/{id}/files/mkdir", post(mkdir))
         .route("/v1/sandboxes/{id}/egress", get(egress))
+        // Repository sandboxes (crate::repo): create with a snapshot upload; the collected change.
+        .route("/v1/sandboxes/repo", post(crate::repo::create).layer(DefaultBodyLimit::disable()))
+        .route("/v1/sandboxes/{id}/change", get(crate::repo::change))
+        .route("/v1/sandboxes/{id}/change/{file}", get(crate::repo::change_file))
         .route("/metrics", get(metrics))
         .route_layer(from_fn_with_state(state.clone(), authenticate));
     // E2B's control plane and envd (crate::e2b): their own paths, auth and error shape.

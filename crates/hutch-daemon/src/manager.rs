@@ -104,6 +104,9 @@ pub struct Live {
     pub console: std::path::PathBuf,
     /// The sandbox's terminal session (`hutch attach`), which outlives its clients.
     pub terminal: tokio::sync::Mutex<Option<Arc<crate::terminal::Terminal>>>,
+    /// Made by `POST /v1/sandboxes/repo`: the repository in `/workspace` and what happens when a terminal
+    /// command ends (see `crate::repo`).
+    pub session: Option<Arc<crate::repo::Session>>,
     stop: mpsc::Sender<String>,
     done: watch::Receiver<bool>,
 }
@@ -151,6 +154,8 @@ pub struct Manager {
     rebuilding: Arc<AtomicBool>,
     shutting_down: AtomicBool,
     tasks: TaskTracker,
+    /// Where collected changes of repository sandboxes are kept (`<data dir>/results`); unset: none are taken.
+    results: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 /// What startup reconciliation found and did.
@@ -292,7 +297,17 @@ impl Manager {
             rebuilding: Arc::new(AtomicBool::new(false)),
             shutting_down: AtomicBool::new(false),
             tasks: TaskTracker::new(),
+            results: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Keeps the collected changes of repository sandboxes in `dir` (made when first needed).
+    pub fn set_results_dir(&self, dir: std::path::PathBuf) {
+        let _ = self.results.set(dir);
+    }
+
+    pub fn results_dir(&self) -> Option<&Path> {
+        self.results.get().map(|p| p.as_path())
     }
 
     /// Keeps `size` VMs of the default size restored and paused, so that a create answers in tens of
@@ -480,6 +495,13 @@ impl Manager {
 
     /// Creates and starts a sandbox; returns once the guest answers (or the start failed and left nothing).
     pub async fn create(self: &Arc<Self>, who: &Principal, req: &CreateSandbox) -> Result<SandboxInfo, ManagerError> {
+        self.create_with(who, req, None).await
+    }
+
+    /// [`Manager::create`] with a repository session (`crate::repo`): its workspace image in the VM's workspace
+    /// slot (so never from the pool, whose VMs hold the empty placeholder) and `/workspace` mounted before the
+    /// sandbox counts as running.
+    pub async fn create_with(self: &Arc<Self>, who: &Principal, req: &CreateSandbox, pending: Option<crate::repo::Pending>) -> Result<SandboxInfo, ManagerError> {
         let spec = self.check_create(who, req)?;
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ManagerError::Unavailable("the daemon is shutting down".into()));
@@ -508,14 +530,14 @@ impl Manager {
         // The start runs in its own task: a client that hangs up mid-create must not leave a half-made VM.
         let me = self.clone();
         let owner = who.token_id.clone();
-        let task = self.tasks.spawn(async move { me.start(id, owner, spec, slot).await });
+        let task = self.tasks.spawn(async move { me.start(id, owner, spec, slot, pending).await });
         match task.await {
             Ok(r) => r,
             Err(e) => Err(ManagerError::Failed(format!("the start task failed: {e}"))),
         }
     }
 
-    async fn start(self: Arc<Self>, id: String, owner: String, spec: CheckedCreate, slot: Slot) -> Result<SandboxInfo, ManagerError> {
+    async fn start(self: Arc<Self>, id: String, owner: String, spec: CheckedCreate, slot: Slot, pending: Option<crate::repo::Pending>) -> Result<SandboxInfo, ManagerError> {
         let egress = match self.egress(&id, &spec) {
             Ok(e) => e,
             Err(e) => {
@@ -523,13 +545,14 @@ impl Manager {
                 return Err(e);
             }
         };
-        let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env: spec.env.clone().into_iter().collect(), egress, ..SandboxConfig::default() };
+        let workspace_image = pending.as_ref().and_then(|p| p.image());
+        let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env: spec.env.clone().into_iter().collect(), egress, workspace_image, ..SandboxConfig::default() };
         let t0 = Instant::now();
         self.metrics.creates.inc();
         let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let created = match pool {
-            Some(p) => p.take(&cfg).await,
-            None => Sandbox::create(&self.host, &cfg).await,
+            Some(p) if cfg.workspace_image.is_none() => p.take(&cfg).await,
+            _ => Sandbox::create(&self.host, &cfg).await,
         };
         let sb = match created {
             Ok(sb) => sb,
@@ -554,6 +577,17 @@ impl Manager {
             StartMode::Cold => "cold boot",
             StartMode::Pooled => "warm pool",
         };
+        let session = match pending {
+            Some(p) => match p.enter(sb.client()).await {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    sb.destroy().await;
+                    self.store.mark_ended(&id, "failed", &format!("start failed: {e}"))?;
+                    return Err(ManagerError::Failed(format!("the sandbox could not mount the repository: {e}")));
+                }
+            },
+            None => None,
+        };
         if let Err(e) = self.store.mark_running(&id, &sb.id, sb.vmm_pid(), mode, took.as_millis() as i64) {
             sb.destroy().await;
             self.store.mark_ended(&id, "failed", "could not record the start")?;
@@ -567,6 +601,7 @@ impl Manager {
             client: sb.client().clone(),
             console: sb.console_log().to_path_buf(),
             terminal: Default::default(),
+            session,
             stop: stop_tx,
             done: done_rx,
         });
@@ -603,7 +638,7 @@ impl Manager {
         tracing::info!(%id, %reason, "sandbox ended");
     }
 
-    async fn destroy_live(&self, id: &str, reason: &str) -> bool {
+    pub(crate) async fn destroy_live(&self, id: &str, reason: &str) -> bool {
         let Some(live) = self.live_map().get(id).cloned() else { return false };
         let _ = self.store.mark_destroying(id);
         let _ = live.stop.send(reason.to_string()).await;

@@ -128,6 +128,21 @@ impl Terminal {
     pub fn running(&self) -> bool {
         self.ring().exit.is_none()
     }
+
+    /// Waits for the command's exit code.
+    pub async fn wait_exit(&self) -> i32 {
+        let mut rx = self.out.subscribe();
+        loop {
+            if let Some(code) = self.ring().exit {
+                return code;
+            }
+            match rx.recv().await {
+                Ok(Out::Exit(code)) => return code,
+                Ok(Out::Bytes(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return self.ring().exit.unwrap_or(125),
+            }
+        }
+    }
 }
 
 /// `GET /v1/sandboxes/{id}/terminal/ws`.
@@ -139,7 +154,8 @@ pub async fn ws(
 ) -> Result<Response, ApiError> {
     let live = st.mgr.running(&who, &id)?;
     let upgrade = upgrade.map_err(|r| ApiError::new(axum::http::StatusCode::BAD_REQUEST, format!("{} (this endpoint speaks WebSocket)", r.body_text())))?;
-    Ok(upgrade.max_message_size(WS_MESSAGE_MAX).on_upgrade(move |socket| session(socket, live)).into_response())
+    let mgr = st.mgr.clone();
+    Ok(upgrade.max_message_size(WS_MESSAGE_MAX).on_upgrade(move |socket| session(socket, live, mgr)).into_response())
 }
 
 fn text(msg: &ServerMsg) -> Message {
@@ -154,7 +170,7 @@ fn tagged(b: &[u8]) -> Message {
 }
 
 /// The session a client asked for: a new one it starts, or the running one.
-async fn open(live: &Live, first: TerminalAttach) -> Result<Arc<Terminal>, String> {
+async fn open(live: &Arc<Live>, first: TerminalAttach, mgr: &Arc<crate::Manager>) -> Result<Arc<Terminal>, String> {
     let mut slot = live.terminal.lock().await;
     match first.start {
         Some(spec) => {
@@ -167,13 +183,17 @@ async fn open(live: &Live, first: TerminalAttach) -> Result<Arc<Terminal>, Strin
             let req = check_exec(&spec.argv, &spec.env, spec.cwd.as_deref(), true, Some(first.size)).map_err(|e| e.message)?;
             let t = Terminal::start(&live.client, req).await.map_err(|e| format!("sandbox {}: {}", live.id, hutch_sandbox::error_chain(&e)))?;
             *slot = Some(t.clone());
+            // A repository sandbox's change is collected when the command ends, attached clients or not.
+            if live.session.is_some() {
+                tokio::spawn(crate::repo::after_command(mgr.clone(), live.clone(), t.clone()));
+            }
             Ok(t)
         }
         None => slot.clone().ok_or_else(|| format!("sandbox {} has no terminal session; `hutch attach {} -- CMD` starts one", live.id, live.id)),
     }
 }
 
-async fn session(socket: WebSocket, live: Arc<Live>) {
+async fn session(socket: WebSocket, live: Arc<Live>, mgr: Arc<crate::Manager>) {
     let (mut tx, mut rx) = socket.split();
     let first = match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, rx.next()).await {
         Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<TerminalAttach>(&t).map_err(|e| format!("the first message must be a TerminalAttach JSON object: {e}")),
@@ -189,7 +209,7 @@ async fn session(socket: WebSocket, live: Arc<Live>) {
     });
     let (size, detach) = first.as_ref().map(|f| (f.size, f.detach)).unwrap_or((TtySize { rows: 24, cols: 80 }, false));
     let term = match first {
-        Ok(f) => open(&live, f).await,
+        Ok(f) => open(&live, f, &mgr).await,
         Err(e) => Err(e),
     };
     let term = match term {
