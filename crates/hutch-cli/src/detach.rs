@@ -13,6 +13,8 @@ use hutch_daemon::repo::RepoCreate;
 use hutch_daemon::terminal::TerminalAttach;
 use tokio_tungstenite::tungstenite::Message;
 
+use hutch_repo::{HostRepo, Snapshot};
+
 use crate::cli::{ImageName, RunArgs};
 use crate::remote::{Api, Conn};
 
@@ -56,6 +58,40 @@ fn refuse_unsupported(a: &RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `POST /v1/sandboxes/repo`: the request as a JSON line, then the snapshot's bundle (streamed from the
+/// snapshot's own scratch directory, which goes when `snap` does).
+pub async fn create_with_repo(api: &Api, rc: &RepoCreate, snap: Option<&Snapshot>) -> anyhow::Result<SandboxInfo> {
+    let mut line = serde_json::to_vec(rc).context("encode the request")?;
+    line.push(b'\n');
+    let rb = api.req(reqwest::Method::POST, "/v1/sandboxes/repo").header("content-type", "application/octet-stream");
+    let rb = match snap {
+        Some(snap) => {
+            let bundle = snap.dir().join("upload.bundle");
+            let size = snap.write_bundle(&bundle).context("packing the working-tree snapshot")?;
+            let file = tokio::fs::File::open(&bundle).await.with_context(|| format!("open {}", bundle.display()))?;
+            let total = line.len() as u64 + size;
+            let head = futures::stream::once(async move { Ok::<_, std::io::Error>(tokio_util::bytes::Bytes::from(line)) });
+            rb.header("content-length", total).body(reqwest::Body::wrap_stream(head.chain(tokio_util::io::ReaderStream::new(file))))
+        }
+        None => rb.body(line),
+    };
+    api.send(rb).await?.json().await.context("the daemon's answer is not what this hutch expects")
+}
+
+/// `hutch create --repo`: the current work tree's snapshot (credential files left out as by `hutch run`, with
+/// the user's `[credentials]`), for a sandbox that keeps running after its commands.
+pub fn snapshot_here() -> anyhow::Result<(HostRepo, Snapshot)> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let repo = HostRepo::discover(&cwd)?.ok_or_else(|| anyhow::anyhow!("--repo: {} is not inside a git work tree", cwd.display()))?;
+    let user = crate::config::UserConfig::load(None)?;
+    let filter = hutch_repo::CredentialFilter::new(vec![user.credentials.clone()]);
+    let snap = Snapshot::take_commit(&repo, &filter).context("taking a snapshot of the working tree")?;
+    for p in &snap.left_out {
+        eprintln!("hutch: left out of the VM: {} (credential file)", hutch_repo::path::show(p));
+    }
+    Ok((repo, snap))
+}
+
 pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     refuse_unsupported(&a)?;
     let api = Api::new(&conn_from_env()?)?;
@@ -81,26 +117,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         labels: BTreeMap::from([("hutch.run".to_string(), "detach".to_string())]),
     };
     let rc = RepoCreate { sandbox, snapshot: taken.as_ref().map(|(r, s)| s.spec(r)), end_with_command: true };
-    let mut line = serde_json::to_vec(&rc).context("encode the request")?;
-    line.push(b'\n');
     let t0 = std::time::Instant::now();
-    let info: SandboxInfo = match &taken {
-        Some((_, snap)) => {
-            // The bundle is written in the snapshot's own scratch directory, which goes when `snap` does.
-            let bundle = snap.dir().join("upload.bundle");
-            let size = snap.write_bundle(&bundle).context("packing the working-tree snapshot")?;
-            let file = tokio::fs::File::open(&bundle).await.with_context(|| format!("open {}", bundle.display()))?;
-            let total = line.len() as u64 + size;
-            let head = futures::stream::once(async move { Ok::<_, std::io::Error>(tokio_util::bytes::Bytes::from(line)) });
-            let body = reqwest::Body::wrap_stream(head.chain(tokio_util::io::ReaderStream::new(file)));
-            let rb = api.req(reqwest::Method::POST, "/v1/sandboxes/repo").header("content-type", "application/octet-stream").header("content-length", total).body(body);
-            api.send(rb).await?.json().await.context("the daemon's answer is not what this hutch expects")?
-        }
-        None => {
-            let rb = api.req(reqwest::Method::POST, "/v1/sandboxes/repo").header("content-type", "application/octet-stream").body(line);
-            api.send(rb).await?.json().await.context("the daemon's answer is not what this hutch expects")?
-        }
-    };
+    let info = create_with_repo(&api, &rc, taken.as_ref().map(|(_, s)| s)).await?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "detach: sandbox created");
     let id = info.id;
 

@@ -230,6 +230,10 @@ pub struct CreateArgs {
     /// A secret from the daemon's store the sandbox may use on its bound hosts (repeatable).
     #[arg(long = "secret", value_name = "NAME")]
     pub secrets: Vec<String>,
+    /// Put the current git work tree into /workspace (as `hutch run` does); the change of each `hutch attach ID
+    /// -- CMD` session is collected when CMD ends, for `hutch diff/apply --from ID`.
+    #[arg(long)]
+    pub repo: bool,
     /// Print the whole record as JSON instead of the id.
     #[arg(long)]
     pub json: bool,
@@ -258,7 +262,13 @@ async fn create(a: CreateArgs) -> anyhow::Result<i32> {
         secrets: a.secrets,
         labels: a.labels.into_iter().collect(),
     };
-    let info: SandboxInfo = api.json(reqwest::Method::POST, "/v1/sandboxes", Some(&req)).await?;
+    let info: SandboxInfo = if a.repo {
+        let (repo, snap) = crate::detach::snapshot_here()?;
+        let rc = hutch_daemon::repo::RepoCreate { sandbox: req, snapshot: Some(snap.spec(&repo)), end_with_command: false };
+        crate::detach::create_with_repo(&api, &rc, Some(&snap)).await?
+    } else {
+        api.json(reqwest::Method::POST, "/v1/sandboxes", Some(&req)).await?
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {

@@ -100,6 +100,13 @@ pub struct Session {
     state: watch::Sender<Collect>,
 }
 
+impl Session {
+    /// Where a command starts when it names no directory: the workspace, where the user was in the work tree.
+    pub fn workdir(&self) -> Option<String> {
+        self.repo.as_ref().map(|r| r.ws.cwd.clone())
+    }
+}
+
 /// After a terminal command of a repository sandbox ends: its change is collected, checked and kept; then, for
 /// `hutch run --detach`, the sandbox ends.
 pub async fn after_command(mgr: Arc<Manager>, live: Arc<Live>, term: Arc<Terminal>) {

@@ -180,7 +180,9 @@ async fn open(live: &Arc<Live>, first: TerminalAttach, mgr: &Arc<crate::Manager>
             if slot.as_ref().is_some_and(|t| t.running()) {
                 return Err(format!("sandbox {} already has a running terminal session; `hutch attach {}` joins it", live.id, live.id));
             }
-            let req = check_exec(&spec.argv, &spec.env, spec.cwd.as_deref(), true, Some(first.size)).map_err(|e| e.message)?;
+            // In a repository sandbox a command starts where the user was in the work tree, as with `hutch run`.
+            let cwd = spec.cwd.clone().or_else(|| live.session.as_ref().and_then(|s| s.workdir()));
+            let req = check_exec(&spec.argv, &spec.env, cwd.as_deref(), true, Some(first.size)).map_err(|e| e.message)?;
             let t = Terminal::start(&live.client, req).await.map_err(|e| format!("sandbox {}: {}", live.id, hutch_sandbox::error_chain(&e)))?;
             *slot = Some(t.clone());
             // A repository sandbox's change is collected when the command ends, attached clients or not.
