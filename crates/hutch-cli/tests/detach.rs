@@ -161,10 +161,24 @@ fn detached_run_attach_type_then_diff_and_apply_from_the_daemon() {
     let hb = b.wait_for("READY in /workspace with uncommitted on the host", WAIT);
     let attach_took = t1.elapsed();
     assert!(!hb.contains("typed <"), "{hb}");
-    b.type_text("hello from pane b");
+    // Typed key by key, each timed from send-keys to its echo on the screen (the guest terminal echoes it): the
+    // whole path through tmux, the client, the daemon, the agent channel and back. Printed, not asserted.
+    let typed = "hello-from-pane-b";
+    let mut samples = Vec::new();
+    for i in 1..=typed.len() {
+        let t = Instant::now();
+        b.type_text(&typed[i - 1..i]);
+        let seen = wait_until(Duration::from_secs(WAIT), || {
+            let s = b.screen();
+            s.lines().rev().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_end().ends_with(&typed[..i]))
+        });
+        assert!(seen, "keystroke {i} never echoed:\n{}", b.screen());
+        samples.push(t.elapsed());
+    }
+    samples.sort();
     b.keys(&["Enter"]);
     let hb = b.wait_for("EXIT=7", WAIT);
-    assert!(hb.contains("typed <hello from pane b>"), "{hb}");
+    assert!(hb.contains("typed <hello-from-pane-b>"), "{hb}");
 
     // The change, once collected (the request waits for a collection in progress).
     let t2 = Instant::now();
@@ -173,7 +187,7 @@ fn detached_run_attach_type_then_diff_and_apply_from_the_daemon() {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("1 new commit(s)") && stderr.contains("vm edit"), "{stderr}");
-    for want in ["+two", "+made", "+hello from pane b", "b/typed.txt"] {
+    for want in ["+two", "+made", "+hello-from-pane-b", "b/typed.txt"] {
         assert!(stdout.contains(want), "{want} missing from the diff:\n{stdout}");
     }
     assert!(!stdout.contains("notes.txt"), "the host's own uncommitted file is no change:\n{stdout}");
@@ -183,7 +197,7 @@ fn detached_run_attach_type_then_diff_and_apply_from_the_daemon() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(std::fs::read_to_string(repo.join("a.txt")).unwrap(), "one\ntwo\n");
     assert_eq!(std::fs::read_to_string(repo.join("new.txt")).unwrap(), "made\n");
-    assert_eq!(std::fs::read_to_string(repo.join("typed.txt")).unwrap(), "hello from pane b\n");
+    assert_eq!(std::fs::read_to_string(repo.join("typed.txt")).unwrap(), "hello-from-pane-b\n");
     assert_eq!(std::fs::read_to_string(repo.join("notes.txt")).unwrap(), "uncommitted on the host\n");
 
     // Another token's sandbox and an unknown id do not exist.
@@ -213,6 +227,13 @@ fn detached_run_attach_type_then_diff_and_apply_from_the_daemon() {
     };
     assert!(leftovers(&d.data.join("results")).is_empty(), "{:?}", leftovers(&d.data.join("results")));
     assert!(leftovers(&repo.join(".git/hutch")).is_empty(), "{:?}", leftovers(&repo.join(".git/hutch")));
+    eprintln!(
+        "keystroke-to-echo through the daemon over {} keys: p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms (includes tmux send-keys and capture-pane polling)",
+        samples.len(),
+        samples[samples.len() / 2].as_secs_f64() * 1e3,
+        samples[samples.len() * 9 / 10].as_secs_f64() * 1e3,
+        samples[samples.len() - 1].as_secs_f64() * 1e3
+    );
     eprintln!(
         "hutch run --detach returned in {:.2}s; attach to the command's first screen {:.2}s; diff --from after the end (collection + fetch + import) {:.2}s",
         detach_took.as_secs_f64(),
