@@ -255,3 +255,97 @@ fn detach_refuses_flags_it_cannot_honour_before_anything_starts() {
     let e = text(&out.stderr);
     assert!(!out.status.success() && e.contains("--copy-in") && e.contains("--setup") && !e.contains("cannot reach"), "{e}");
 }
+
+/// `hutch create --repo` + `hutch attach --detach ID -- CMD`: the command starts where the user was in the work
+/// tree, and its change is collected when it ends while the sandbox stays (until `hutch rm`).
+#[test]
+fn create_with_repo_then_attach_collects_each_session() {
+    let d = Daemon::start();
+    let tok = d.token("create-repo");
+    let t = tempfile::tempdir().unwrap();
+    let repo = sample_repo(t.path());
+    std::fs::create_dir(repo.join("sub")).unwrap();
+    std::fs::write(repo.join("sub/keep.txt"), "k\n").unwrap();
+    let sub = repo.join("sub");
+    let out = d.cli(&tok, &sub).args(["create", "--repo"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    let out = d.cli(&tok, &sub).args(["attach", "--detach", &id, "--", "sh", "-c", "pwd > where.txt"]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut diff = String::new();
+    let got = wait_until(Duration::from_secs(WAIT), || {
+        let o = d.cli(&tok, &sub).args(["diff", "--from", &id]).output().unwrap();
+        diff = format!("{}{}", text(&o.stdout), text(&o.stderr));
+        o.status.success()
+    });
+    assert!(got, "{diff}");
+    assert!(diff.contains("b/sub/where.txt") && diff.contains("+/workspace/sub"), "{diff}");
+    let ls = d.cli(&tok, &sub).args(["ls", "--json"]).output().unwrap();
+    assert!(text(&ls.stdout).contains(&id), "the sandbox stays after its command: {}", text(&ls.stdout));
+    let out = d.cli(&tok, &sub).args(["rm", &id]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// A raw `POST /v1/sandboxes/repo` (body: a JSON line, then the bundle); returns (status, body).
+fn post_repo(d: &Daemon, token: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = d.url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "POST /v1/sandboxes/repo HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, resp)
+}
+
+/// The daemon checks an upload before it makes anything of it: a start directory that leaves the workspace, a
+/// bundle that is not one or holds another commit than the request names are 400s with the reason, and nothing
+/// is left (no sandbox row, no upload file).
+#[test]
+fn repo_upload_bad_snapshots_are_refused_and_leave_nothing() {
+    let d = Daemon::start();
+    let tok = d.token("uploader");
+    let t = tempfile::tempdir().unwrap();
+    let repo = sample_repo(t.path());
+    let head = git(&repo, &["rev-parse", "HEAD"]).trim().to_string();
+    let tree = git(&repo, &["rev-parse", "HEAD^{tree}"]).trim().to_string();
+    let bundle = t.path().join("b.bundle");
+    git(&repo, &["bundle", "create", "-q", bundle.to_str().unwrap(), "HEAD"]);
+    let bundle = std::fs::read(&bundle).unwrap();
+    let line = |prefix: &str, commit: &str| {
+        let v = serde_json::json!({
+            "sandbox": {},
+            "snapshot": {"object_format": "sha1", "base": null, "commit": commit, "tree": tree, "branch": "main", "prefix": prefix},
+        });
+        let mut b = serde_json::to_vec(&v).unwrap();
+        b.push(b'\n');
+        b
+    };
+    let with = |mut l: Vec<u8>, b: &[u8]| {
+        l.extend_from_slice(b);
+        l
+    };
+    let cases: [(Vec<u8>, &str); 4] = [
+        (with(line("../../etc", &head), &bundle), "not a plain relative path"),
+        (with(line("", &head), b"not a bundle at all"), "the snapshot cannot be used"),
+        // A real bundle, but its ref is not the snapshot ref a client sends, or not the named commit.
+        (with(line("", &head), &bundle), "the snapshot cannot be used"),
+        (b"{\"sandbox\": {}, \"snapshot\": {\"object_format\": \"sha1\"}}\n".to_vec(), "RepoCreate"),
+    ];
+    for (body, want) in cases {
+        let (status, resp) = post_repo(&d, &tok, &body);
+        assert_eq!(status, 400, "{resp}");
+        assert!(resp.contains(want), "{want:?} not in {resp}");
+    }
+    let ls = d.cli(&tok, t.path()).args(["ls", "--all", "--json"]).output().unwrap();
+    assert_eq!(text(&ls.stdout).trim(), "[]", "no sandbox was made");
+    let left: Vec<_> = std::fs::read_dir(d.data.join("results")).map(|rd| rd.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
