@@ -90,6 +90,18 @@ impl Forwarder {
         text(status, refusal.message())
     }
 
+    /// A response that may not reach the sandbox: 502 with the reason, audited.
+    fn refuse_response(&self, mut rec: AuditRecord, up: &AtomicU64, why: String) -> Response<GwBody> {
+        rec.reason = Some(why.clone());
+        rec.status = Some(StatusCode::BAD_GATEWAY.as_u16());
+        rec.bytes_up = up.load(Ordering::Relaxed);
+        self.inner.auditor.emit(&rec);
+        text(
+            StatusCode::BAD_GATEWAY,
+            format!("hutch: response from {} refused: {why}\n", self.decided.dest()),
+        )
+    }
+
     /// Handles one request end to end; never fails (errors become gateway responses).
     pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<GwBody> {
         let d = &self.decided;
@@ -189,8 +201,7 @@ impl Forwarder {
             t
         };
         if masking {
-            // Compressed responses would hide an echoed value from the mask; encoded ones that
-            // come anyway are refused below.
+            // Compressed responses are decoded before masking; asking for identity saves the work.
             parts.headers.insert(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
@@ -306,17 +317,17 @@ impl Forwarder {
         };
         rec.status = Some(resp.status().as_u16());
         let (mut rparts, rbody) = resp.into_parts();
+        let mut codings = Vec::new();
         if masking {
-            if let Some(why) = refused_response(&rparts, secret_host || widened) {
-                rec.flags.push("encoded_response_refused".into());
-                rec.reason = Some(why.clone());
-                rec.status = Some(StatusCode::BAD_GATEWAY.as_u16());
-                rec.bytes_up = up_bytes.load(Ordering::Relaxed);
-                self.inner.auditor.emit(&rec);
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    format!("hutch: response from {} refused: {why}\n", d.dest()),
-                );
+            let refused = refused_response(&rparts, secret_host || widened)
+                .map(Err)
+                .unwrap_or_else(|| crate::decode::codings(&rparts.headers));
+            match refused {
+                Ok(c) => codings = c,
+                Err(why) => {
+                    rec.flags.push("encoded_response_refused".into());
+                    return self.refuse_response(rec, &up_bytes, why);
+                }
             }
         }
         strip_hop_by_hop(&mut rparts.headers);
@@ -326,9 +337,19 @@ impl Forwarder {
             || rparts.status == StatusCode::NO_CONTENT
             || rparts.status == StatusCode::NOT_MODIFIED;
         let stream_log = FoundLog::default();
+        // How masked values are labelled: `literal`, or `literal+gzip` inside a decoded body.
+        let mut coding_label = None;
         let body: GwBody = if masking {
             let masker = self.inner.state().secrets.masker();
             mask_head(&masker, &mut rparts, &mut found);
+            if !codings.is_empty() {
+                // The sandbox gets the decoded body, identity-encoded.
+                let label = crate::decode::label(&codings);
+                rec.flags.push(format!("decoded:{label}"));
+                rparts.headers.remove(header::CONTENT_ENCODING);
+                rparts.headers.remove(header::CONTENT_LENGTH);
+                coding_label = Some(label);
+            }
             let length = rparts
                 .headers
                 .get(header::CONTENT_LENGTH)
@@ -336,6 +357,34 @@ impl Forwarder {
                 .and_then(|v| v.parse::<u64>().ok());
             if no_body {
                 rbody.map_err(BoxError::from).boxed()
+            } else if !codings.is_empty() {
+                let cap = limits.max_decoded_bytes;
+                let mut dec = crate::decode::Decoder::new(rbody, &codings, cap);
+                let buffered = limits.max_mask_bytes.min(usize::try_from(cap).unwrap_or(usize::MAX));
+                match dec.read_prefix(buffered).await {
+                    Ok((data, true)) => {
+                        let mut hits = Vec::new();
+                        let data = match masker.mask_buffer(&data, &mut hits) {
+                            Some(m) => Bytes::from(m),
+                            None => data,
+                        };
+                        for (i, enc) in hits {
+                            found.push((masker.name(i).to_string(), "response", enc));
+                        }
+                        rparts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
+                        full(data)
+                    }
+                    // Too large to hold: masked while streaming, still capped.
+                    Ok((_, false)) => MaskingBody::new(dec.into_body(), masker, stream_log.clone()).boxed(),
+                    Err(e) => {
+                        if matches!(e, crate::decode::DecodeError::Bomb { .. }) {
+                            rec.flags.push("decompression_bomb".into());
+                        }
+                        return self.refuse_response(rec, &up_bytes, e.to_string());
+                    }
+                }
             } else if length.is_some_and(|n| n <= limits.max_mask_bytes as u64) {
                 match Limited::new(rbody, limits.max_mask_bytes).collect().await {
                     Ok(c) => {
@@ -372,7 +421,10 @@ impl Forwarder {
             rbody.map_err(BoxError::from).boxed()
         };
         for (name, place, enc) in found {
-            let flag = format!("masked_in_{place}:{name}:{}", enc.as_str());
+            let flag = match (&coding_label, place) {
+                (Some(c), "response") => format!("masked_in_{place}:{name}:{}+{c}", enc.as_str()),
+                _ => format!("masked_in_{place}:{name}:{}", enc.as_str()),
+            };
             if !rec.flags.contains(&flag) {
                 rec.flags.push(flag);
             }
@@ -384,6 +436,7 @@ impl Forwarder {
             rec: Some(rec),
             gateway: self.inner.clone(),
             stream_log: masking.then_some(stream_log),
+            coding_label,
             watched,
         };
         Response::from_parts(rparts, audited.boxed())
@@ -504,17 +557,9 @@ where
 }
 
 /// Why a response can't be handed to the sandbox on a connection whose responses are masked:
-/// an encoding the mask can't see through, or a piece of a larger whole.
+/// a transfer coding the mask can't see through, or a piece of a larger whole. (Content
+/// codings are decoded, see [`crate::decode`].)
 fn refused_response(parts: &http::response::Parts, may_hold: bool) -> Option<String> {
-    for v in parts.headers.get_all(header::CONTENT_ENCODING) {
-        let v = String::from_utf8_lossy(v.as_bytes()).trim().to_ascii_lowercase();
-        if !v.is_empty() && v != "identity" {
-            return Some(format!(
-                "Content-Encoding {} (the gateway asked for identity and masks only what it can read)",
-                crate::audit::sanitize(&v)
-            ));
-        }
-    }
     for v in parts.headers.get_all(header::TRANSFER_ENCODING) {
         let v = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
         if v.split(',').map(str::trim).any(|t| !t.is_empty() && t != "chunked") {
@@ -581,6 +626,8 @@ struct Audited {
     rec: Option<AuditRecord>,
     gateway: Arc<Inner>,
     stream_log: Option<FoundLog>,
+    /// The codings a streamed body was decoded from, for its masking flags.
+    coding_label: Option<String>,
     watched: Option<Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>>,
 }
 
@@ -601,8 +648,14 @@ impl Body for Audited {
             }
             Poll::Ready(Some(Err(e))) => {
                 let msg = e.to_string();
+                let bomb = e.downcast_ref::<crate::decode::DecodeError>().is_some_and(|d| {
+                    matches!(d, crate::decode::DecodeError::Bomb { .. })
+                });
                 if let Some(rec) = self.rec.as_mut() {
                     rec.reason = Some(format!("response body failed: {msg}"));
+                    if bomb {
+                        rec.flags.push("decompression_bomb".into());
+                    }
                 }
             }
             _ => {}
@@ -627,7 +680,10 @@ impl Drop for Audited {
             let mut late: Vec<String> = Vec::new();
             if let Some(log) = &self.stream_log {
                 for (name, enc) in log.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                    late.push(format!("masked_in_response:{name}:{}", enc.as_str()));
+                    match &self.coding_label {
+                        Some(c) => late.push(format!("masked_in_response:{name}:{}+{c}", enc.as_str())),
+                        None => late.push(format!("masked_in_response:{name}:{}", enc.as_str())),
+                    }
                 }
             }
             if let Some(w) = &self.watched {

@@ -143,10 +143,13 @@ where
         return r;
     }
     if let Some(rest) = route.strip_prefix("/reflect-enc/") {
-        return crate::reflect::reflect_encoded(rest, parts.uri.query(), &seen);
+        return crate::reflect::reflect_encoded(rest, parts.uri.query(), &seen).await;
     }
     if let Some(name) = route.strip_prefix("/reflect-status/") {
         return crate::reflect::reflect_status(name, &seen);
+    }
+    if let Some(rest) = route.strip_prefix("/bomb/") {
+        return crate::reflect::bomb(rest).await;
     }
     if let Some(name) = route.strip_prefix("/reflect-name/") {
         return crate::reflect::reflect_name(name, &seen);
