@@ -178,7 +178,8 @@ pub(crate) async fn carry<S>(
                     via,
                     Some((tcp, addr)),
                     phase.clone(),
-                ));
+                )
+                .with_upgrades());
                 serve_http(&inner, Prefixed::new(buf, io), fwd, &meter).await
             }
             sniffed @ (Sniffed::Other { .. } | Sniffed::Silent) => {
@@ -294,7 +295,8 @@ where
         via,
         Some((tcp, addr)),
         phase,
-    ));
+    )
+    .with_upgrades());
     serve_http(&inner, tls, fwd, &meter).await
 }
 
@@ -308,19 +310,30 @@ async fn serve_http<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| {
+    let svc = {
         let fwd = fwd.clone();
-        async move { Ok::<_, Infallible>(fwd.handle(req).await) }
-    });
+        service_fn(move |req| {
+            let fwd = fwd.clone();
+            async move { Ok::<_, Infallible>(fwd.handle(req).await) }
+        })
+    };
     let limits = &inner.limits;
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)
         .max_header_size(limits.max_header_bytes);
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let conn = builder.serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::select! {
-        r = conn => r.map_err(|e| e.to_string()),
+        r = conn => r.map_err(|e| e.to_string())?,
+        () = meter.idle(limits.idle_timeout) => return Err("idle timeout".into()),
+    }
+    // A switched WebSocket goes on here, so the phase's end and the idle watch still close it.
+    let Some(pending) = fwd.take_upgrade() else {
+        return Ok(());
+    };
+    tokio::select! {
+        r = crate::ws::relay(inner, pending) => r,
         () = meter.idle(limits.idle_timeout) => Err("idle timeout".into()),
     }
 }

@@ -48,6 +48,10 @@ pub(crate) struct Forwarder {
     sender: tokio::sync::Mutex<Option<SendRequest<GwBody>>>,
     /// The phase the connection was decided under.
     phase: Arc<PhaseState>,
+    /// WebSocket upgrades are carried (the connection's server hands its stream over).
+    upgrades: bool,
+    /// A WebSocket switched by the last request, for the connection to relay.
+    pending: std::sync::Mutex<Option<crate::ws::PendingUpgrade>>,
 }
 
 impl Forwarder {
@@ -67,7 +71,20 @@ impl Forwarder {
             first: std::sync::Mutex::new(first),
             sender: tokio::sync::Mutex::new(None),
             phase,
+            upgrades: false,
+            pending: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Lets this forwarder switch connections to WebSocket; the caller relays
+    /// [`Forwarder::take_upgrade`] after its server connection ends.
+    pub(crate) fn with_upgrades(mut self) -> Forwarder {
+        self.upgrades = true;
+        self
+    }
+
+    pub(crate) fn take_upgrade(&self) -> Option<crate::ws::PendingUpgrade> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     fn channel(&self) -> Channel {
@@ -103,7 +120,7 @@ impl Forwarder {
     }
 
     /// Handles one request end to end; never fails (errors become gateway responses).
-    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<GwBody> {
+    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<GwBody> {
         let d = &self.decided;
         let (secret_host, widened, masking, has_secrets) = {
             let st = self.inner.state();
@@ -138,13 +155,11 @@ impl Forwarder {
             };
             return self.deny(rec, status, format!("authority mismatch: {e}"));
         }
-        if is_upgrade(&req) {
-            return self.deny(
-                rec,
-                StatusCode::FORBIDDEN,
-                "protocol upgrades (WebSocket, h2c) are not carried on inspected connections"
-                    .into(),
-            );
+        let ws = is_upgrade(&req);
+        if ws {
+            if let Err(why) = websocket_request(&req, self.upgrades) {
+                return self.deny(rec, StatusCode::FORBIDDEN, why);
+            }
         }
         if req.method() == Method::CONNECT {
             return self.deny(rec, StatusCode::FORBIDDEN, "CONNECT inside a tunnel".into());
@@ -176,10 +191,24 @@ impl Forwarder {
             );
         }
 
+        // Taken before the request is consumed; resolves once the 101 went to the sandbox.
+        let vm_upgrade = ws.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let mut report = Report::default();
         let channel = self.channel();
         strip_hop_by_hop(&mut parts.headers);
+        if ws {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            if masking {
+                // Compressed frames would hide a value from the mask.
+                parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+            }
+        }
         let method = parts.method.as_str().to_string();
         let ctx = ReqCtx {
             host: &d.name,
@@ -294,6 +323,9 @@ impl Forwarder {
         };
         rec.secrets = report.used.iter().cloned().collect();
         rec.flags = report.flags.iter().cloned().collect();
+        if ws {
+            rec.flags.push("websocket".into());
+        }
         let is_head = parts.method == Method::HEAD;
         let upstream_req = Request::from_parts(parts, body);
 
@@ -316,6 +348,16 @@ impl Forwarder {
             }
         };
         rec.status = Some(resp.status().as_u16());
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return match vm_upgrade {
+                Some(vm) => self.switch(rec, resp, vm, masking, &up_bytes),
+                None => self.refuse_response(
+                    rec,
+                    &up_bytes,
+                    "a 101 answer to a request that asked for no upgrade".into(),
+                ),
+            };
+        }
         let (mut rparts, rbody) = resp.into_parts();
         let mut codings = Vec::new();
         if masking {
@@ -442,6 +484,63 @@ impl Forwarder {
         Response::from_parts(rparts, audited.boxed())
     }
 
+    /// The upstream switched to WebSocket: the 101 goes to the sandbox (head masked), and the
+    /// two streams wait for the connection to relay them.
+    fn switch(
+        &self,
+        mut rec: AuditRecord,
+        mut resp: Response<Incoming>,
+        vm: hyper::upgrade::OnUpgrade,
+        masking: bool,
+        up_bytes: &AtomicU64,
+    ) -> Response<GwBody> {
+        let upgrade = resp
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase());
+        if upgrade.as_deref() != Some("websocket") {
+            return self.refuse_response(
+                rec,
+                up_bytes,
+                "the upstream switched to a protocol other than websocket".into(),
+            );
+        }
+        if masking && resp.headers().contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+            return self.refuse_response(
+                rec,
+                up_bytes,
+                "the upstream chose a WebSocket extension (compression) the gateway did not offer and can't mask through".into(),
+            );
+        }
+        let up = hyper::upgrade::on(&mut resp);
+        let (mut rparts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut rparts.headers);
+        rparts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        rparts
+            .headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let masker = masking.then(|| self.inner.state().secrets.masker());
+        if let Some(m) = &masker {
+            let mut found = Vec::new();
+            mask_head(m, &mut rparts, &mut found);
+            for (name, place, enc) in found {
+                rec.flags.push(format!("masked_in_{place}:{name}:{}", enc.as_str()));
+            }
+        }
+        rec.bytes_up = up_bytes.load(Ordering::Relaxed);
+        self.inner.auditor.emit(&rec);
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(crate::ws::PendingUpgrade {
+            vm,
+            up,
+            masker,
+            rec,
+        });
+        Response::from_parts(rparts, crate::http::empty())
+    }
+
     async fn send(&self, req: Request<GwBody>) -> Result<Response<Incoming>, String> {
         let mut guard = self.sender.lock().await;
         let reuse = guard.as_ref().is_some_and(|s| !s.is_closed());
@@ -480,7 +579,7 @@ impl Forwarder {
                     .await
                     .map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    let _ = conn.with_upgrades().await;
                 });
                 Ok(sender)
             }
@@ -490,12 +589,36 @@ impl Forwarder {
                     .await
                     .map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    let _ = conn.with_upgrades().await;
                 });
                 Ok(sender)
             }
         }
     }
+}
+
+/// Whether an upgrade request may be carried: only a WebSocket opening handshake (RFC 6455: GET,
+/// HTTP/1.1, `Upgrade: websocket`), and only on connections that hand their stream over.
+fn websocket_request<B>(req: &Request<B>, carried: bool) -> Result<(), String> {
+    let upgrade: Vec<String> = req
+        .headers()
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_ascii_lowercase())
+        .collect();
+    if upgrade != ["websocket"] {
+        return Err(format!(
+            "only WebSocket upgrades are carried (Upgrade: {})",
+            crate::audit::sanitize(&upgrade.join(", "))
+        ));
+    }
+    if req.method() != Method::GET || req.version() != http::Version::HTTP_11 {
+        return Err("a WebSocket opening handshake is a GET over HTTP/1.1".into());
+    }
+    if !carried {
+        return Err("WebSocket is carried on CONNECT tunnels and transparent connections, not on absolute-form proxy requests".into());
+    }
+    Ok(())
 }
 
 /// Counts the data bytes of a request body as they go upstream, and notes when a size cap

@@ -21,6 +21,7 @@ mod mask;
 mod proxy;
 mod secrets;
 mod upstream;
+mod ws;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;

@@ -13,6 +13,7 @@ mod git;
 pub mod model_api;
 mod pki;
 mod reflect;
+mod ws;
 mod routes;
 mod server;
 

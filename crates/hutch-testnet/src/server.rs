@@ -177,6 +177,7 @@ where
     });
     let _ = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
         .await;
 }
 
