@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::audit::{AuditEvent, AuditRecord, Verdict, Via};
@@ -38,14 +38,37 @@ pub(crate) enum Upstream {
     Plain,
 }
 
+/// What the first request goes over.
+enum First {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// One upstream connection: HTTP/1.1 (requests one at a time) or HTTP/2 (multiplexed).
+enum Sender {
+    H1(SendRequest<GwBody>),
+    H2(hyper::client::conn::http2::SendRequest<GwBody>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
+
 pub(crate) struct Forwarder {
     inner: Arc<Inner>,
     decided: Decided,
     upstream: Upstream,
     via: Via,
     /// The connection dialed while deciding, used for the first request.
-    first: std::sync::Mutex<Option<(TcpStream, SocketAddr)>>,
-    sender: tokio::sync::Mutex<Option<SendRequest<GwBody>>>,
+    first: std::sync::Mutex<Option<First>>,
+    sender: tokio::sync::Mutex<Option<Sender>>,
+    /// Offer `h2` to the upstream when (re)connecting: the sandbox speaks HTTP/2 here.
+    offer_h2: bool,
     /// The phase the connection was decided under.
     phase: Arc<PhaseState>,
     /// WebSocket upgrades are carried (the connection's server hands its stream over).
@@ -68,8 +91,9 @@ impl Forwarder {
             decided,
             upstream,
             via,
-            first: std::sync::Mutex::new(first),
+            first: std::sync::Mutex::new(first.map(|(t, _)| First::Tcp(t))),
             sender: tokio::sync::Mutex::new(None),
+            offer_h2: false,
             phase,
             upgrades: false,
             pending: std::sync::Mutex::new(None),
@@ -80,6 +104,18 @@ impl Forwarder {
     /// [`Forwarder::take_upgrade`] after its server connection ends.
     pub(crate) fn with_upgrades(mut self) -> Forwarder {
         self.upgrades = true;
+        self
+    }
+
+    /// Uses `tls`, already connected to the upstream (ALPN decided), for the first request;
+    /// later connections offer `h2` again when `offer_h2`.
+    pub(crate) fn with_upstream_tls(
+        mut self,
+        tls: tokio_rustls::client::TlsStream<TcpStream>,
+        offer_h2: bool,
+    ) -> Forwarder {
+        self.first = std::sync::Mutex::new(Some(First::Tls(Box::new(tls))));
+        self.offer_h2 = offer_h2;
         self
     }
 
@@ -147,6 +183,12 @@ impl Forwarder {
             Upstream::Plain => crate::audit::Mode::Http,
         });
 
+        if req.version() == http::Version::HTTP_2 && !req.headers().contains_key(header::HOST) {
+            // HTTP/2 names the host in `:authority`; it is checked (and sent on) as Host.
+            if let Some(a) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                req.headers_mut().insert(header::HOST, a);
+            }
+        }
         if let Err(e) = check_request_authority(&req, &d.name, d.port) {
             let status = if self.upstream == Upstream::Tls {
                 StatusCode::MISDIRECTED_REQUEST
@@ -541,60 +583,115 @@ impl Forwarder {
         Response::from_parts(rparts, crate::http::empty())
     }
 
-    async fn send(&self, req: Request<GwBody>) -> Result<Response<Incoming>, String> {
+    async fn send(&self, mut req: Request<GwBody>) -> Result<Response<Incoming>, String> {
         let mut guard = self.sender.lock().await;
         let reuse = guard.as_ref().is_some_and(|s| !s.is_closed());
         if !reuse {
             *guard = Some(self.connect().await?);
         }
-        let sender = guard.as_mut().ok_or("no upstream connection")?;
-        sender
-            .ready()
-            .await
-            .map_err(|e| format!("upstream connection closed: {e}"))?;
-        let fut = sender.send_request(req);
-        drop(guard);
-        fut.await.map_err(|e| e.to_string())
+        match guard.as_mut().ok_or("no upstream connection")? {
+            Sender::H1(sender) => {
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| format!("upstream connection closed: {e}"))?;
+                *req.version_mut() = http::Version::HTTP_11;
+                let fut = sender.send_request(req);
+                drop(guard);
+                fut.await.map_err(|e| e.to_string())
+            }
+            Sender::H2(sender) => {
+                if req.headers().contains_key(header::UPGRADE) {
+                    return Err("the upstream speaks HTTP/2 on this connection: a WebSocket upgrade can't be carried over it".into());
+                }
+                // Requests are multiplexed: no waiting for one another.
+                let mut sender = sender.clone();
+                drop(guard);
+                to_h2(&mut req)?;
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| format!("upstream connection closed: {e}"))?;
+                sender.send_request(req).await.map_err(|e| e.to_string())
+            }
+        }
     }
 
-    async fn connect(&self) -> Result<SendRequest<GwBody>, String> {
+    async fn connect(&self) -> Result<Sender, String> {
         let taken = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let (tcp, _addr) = match taken {
-            Some(t) => t,
-            None => dial(&self.decided, self.inner.limits.connect_timeout)
-                .await
-                .map_err(|r: Refusal| r.reason)?,
-        };
-        let builder = hyper::client::conn::http1::Builder::new();
-        match self.upstream {
-            Upstream::Tls => {
-                let tls = self
-                    .phase
-                    .upstream_tls
-                    .connect(&self.decided.name, tcp, self.inner.limits.connect_timeout)
+        let first = match taken {
+            Some(f) => f,
+            None => {
+                let (tcp, _) = dial(&self.decided, self.inner.limits.connect_timeout)
                     .await
-                    .map_err(|e| format!("upstream TLS to {} failed: {e}", self.decided.dest()))?;
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(tls))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tokio::spawn(async move {
-                    let _ = conn.with_upgrades().await;
-                });
-                Ok(sender)
+                    .map_err(|r: Refusal| r.reason)?;
+                First::Tcp(tcp)
             }
-            Upstream::Plain => {
-                let (sender, conn) = builder
+        };
+        let tls = match (first, self.upstream) {
+            (First::Tls(tls), _) => *tls,
+            (First::Tcp(tcp), Upstream::Tls) => self
+                .phase
+                .upstream_tls
+                .connect(
+                    &self.decided.name,
+                    tcp,
+                    self.inner.limits.connect_timeout,
+                    self.offer_h2,
+                )
+                .await
+                .map_err(|e| format!("upstream TLS to {} failed: {e}", self.decided.dest()))?,
+            (First::Tcp(tcp), Upstream::Plain) => {
+                let (sender, conn) = hyper::client::conn::http1::Builder::new()
                     .handshake(TokioIo::new(tcp))
                     .await
                     .map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
                     let _ = conn.with_upgrades().await;
                 });
-                Ok(sender)
+                return Ok(Sender::H1(sender));
             }
+        };
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(Sender::H2(sender));
         }
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(Sender::H1(sender))
     }
+}
+
+/// An origin-form HTTP/1.1-shaped request made fit for an HTTP/2 upstream: the (checked) Host
+/// becomes the `:authority` of an absolute `https` target.
+fn to_h2(req: &mut Request<GwBody>) -> Result<(), String> {
+    let host = req
+        .headers_mut()
+        .remove(header::HOST)
+        .ok_or("request has no Host header")?;
+    let host = host.to_str().map_err(|_| "Host header is not ASCII")?;
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    *req.uri_mut() = format!("https://{host}{pq}")
+        .parse()
+        .map_err(|e| format!("cannot form the HTTP/2 target: {e}"))?;
+    *req.version_mut() = http::Version::HTTP_2;
+    Ok(())
 }
 
 /// Whether an upgrade request may be carried: only a WebSocket opening handshake (RFC 6455: GET,

@@ -183,3 +183,122 @@ async fn class_10_websocket_through_inspection_is_checked_swapped_and_masked() {
         "{flagged:#?}"
     );
 }
+
+/// TLS from the sandbox offering `alpn`, trusting the sandbox CA.
+async fn tls_alpn(
+    f: &Fx,
+    host: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<common::Upgraded> {
+    use rustls::pki_types::pem::PemObject;
+    let c = proxy_connect(&f.gw, &format!("{host}:{}", f.net.https_port())).await;
+    let io = c.io.unwrap_or_else(|| panic!("CONNECT {host}: {}", c.body));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(f.gw.ca_cert_pem().as_bytes()) {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).expect("name");
+    tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, io).await.expect("TLS")
+}
+
+type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+async fn h2_client(t: tokio_rustls::client::TlsStream<common::Upgraded>) -> H2 {
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(t),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+async fn h2_send(
+    s: &H2,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (http::StatusCode, String) {
+    let mut b = http::Request::builder().method(method).uri(url).version(http::Version::HTTP_2);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(http_body_util::Full::new(bytes::Bytes::new())).expect("request");
+    let mut s = s.clone();
+    let resp = s.send_request(req).await.expect("response");
+    let status = resp.status();
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Class 10 (HTTP/2 through inspection): a sandbox that offers `h2` to a host whose upstream
+/// speaks it gets HTTP/2 from the gateway; each request on the one connection is decided on its
+/// own (method and path rules: one allowed, the next refused 403 on the same connection), the
+/// secret goes into its header only on the bound host, responses are masked, and requests run
+/// concurrently. A sandbox that offers only HTTP/1.1 keeps HTTP/1.1.
+#[tokio::test]
+async fn class_10_http2_through_inspection_checks_each_request() {
+    let f = fixture();
+    let ph = f.placeholder();
+    let p = f.net.https_port();
+    let t = tls_alpn(&f, API, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(t.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "h2 offered: the upstream speaks it");
+    let s = h2_client(t).await;
+    let url = format!("https://{API}:{p}/reflect/x-token");
+    let (status, body) = h2_send(&s, "GET", &url, &[("x-token", &ph)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains(KEY) && body.contains("hutch-ph-KEY-"), "masked: {body}");
+    let seen = f.net.requests_to("/reflect/x-token");
+    assert_eq!(seen[0].header("x-token"), Some(KEY), "swapped in its header");
+    assert_eq!(seen[0].version, "HTTP/2.0", "carried upstream as HTTP/2");
+    // Concurrent streams on the one connection.
+    let calls = (0..4).map(|i| {
+        let s = s.clone();
+        let url = format!("https://{API}:{p}/c{i}");
+        async move { h2_send(&s, "GET", &url, &[]).await }
+    });
+    for (status, body) in futures::future::join_all(calls).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    // A placeholder in another header is not swapped (header-only by default), only flagged.
+    let (status, _) = h2_send(&s, "GET", &format!("https://{API}:{p}/other"), &[("x-other", &ph)]).await;
+    assert_eq!(status, 200);
+    assert_eq!(f.net.requests_to("/other")[0].header("x-other"), Some(ph.as_str()));
+
+    // The path- and method-limited host: each request on one h2 connection is judged.
+    let t = tls_alpn(&f, RULED, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(t.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let s = h2_client(t).await;
+    let (ok, body) = h2_send(&s, "GET", &format!("https://{RULED}:{p}/ok/a"), &[]).await;
+    assert_eq!(ok, 200, "{body}");
+    let (no, body) = h2_send(&s, "GET", &format!("https://{RULED}:{p}/secret"), &[]).await;
+    assert_eq!(no, 403, "{body}");
+    let (no, body) = h2_send(&s, "POST", &format!("https://{RULED}:{p}/ok/b"), &[]).await;
+    assert_eq!(no, 403, "{body}");
+    // :authority must name the host the connection was decided for.
+    let (no, body) = h2_send(&s, "GET", &format!("https://{API}:{p}/ok/c"), &[]).await;
+    assert_eq!(no, 421, "{body}");
+    let (ok, _) = h2_send(&s, "GET", &format!("https://{RULED}:{p}/ok/d"), &[]).await;
+    assert_eq!(ok, 200, "the connection goes on after refusals");
+    let paths: Vec<String> = f.net.requests().iter().map(|r| r.path.clone()).collect();
+    assert!(paths.contains(&"/ok/a".into()) && paths.contains(&"/ok/d".into()), "{paths:?}");
+    assert!(!paths.iter().any(|x| x == "/secret" || x == "/ok/b" || x == "/ok/c"), "{paths:?}");
+    let denied: Vec<AuditRecord> = f
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| r.decision == hutch_gateway::Verdict::Deny && r.dest.starts_with(RULED))
+        .collect();
+    assert_eq!(denied.len(), 3, "{denied:#?}");
+
+    // HTTP/1.1 only: stays HTTP/1.1.
+    let t = tls_alpn(&f, API, &[b"http/1.1"]).await;
+    assert_eq!(t.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+}

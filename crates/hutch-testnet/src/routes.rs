@@ -96,6 +96,8 @@ where
             })
             .collect(),
         body: String::from_utf8_lossy(&body[..body.len().min(MAX_RECORDED_BODY)]).into_owned(),
+        version: format!("{:?}", parts.version),
+        authority: parts.uri.authority().map(|a| a.to_string()),
     };
     log.push(seen.clone());
 
