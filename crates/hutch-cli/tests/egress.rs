@@ -1980,6 +1980,8 @@ in_body = true
     script.push_str(&format!(
         r#"p status sh -c 'curl -sS -i -H "Authorization: $KEY" https://{API}:{p}/reflect-status/authorization | head -1'
 p gzip curl -sS --fail-with-body --compressed -H "Authorization: $KEY" https://{API}:{p}/reflect-enc/gzip/authorization
+p br curl -sS --fail-with-body -H "Authorization: $KEY" https://{API}:{p}/reflect-enc/br/authorization
+p zstd curl -sS --fail-with-body -H "Authorization: $KEY" https://{API}:{p}/reflect-enc/zstd/authorization
 p store curl -sS --fail -d "v=$STORED;" https://{API}:{p}/store/k1
 p read curl -sS --fail https://{API}:{p}/store/k1
 p read-plain curl -sS --fail http://{API}:{hp}/store/k1
@@ -2012,7 +2014,11 @@ p jsession curl -sS --fail-with-body --path-as-is "https://{RULED}:{p}/ok/..;jse
             == Some(key.as_str()),
         "the host really got the value"
     );
-    o.refused_with("gzip", "Content-Encoding gzip");
+    for probe in ["gzip", "br", "zstd"] {
+        // Decoded, masked, handed over identity-encoded (curl without --compressed reads it).
+        let out = o.ok(probe);
+        assert!(out.contains("hutch-ph-KEY-") && out.ends_with("-tail") && !leaks(out, &key), "{probe}: {out}");
+    }
     assert!(o.ok("read").contains("hutch-ph-STORED-") && !leaks(o.ok("read"), &stored), "{}", o.ok("read"));
     assert!(!leaks(o.ok("read-plain"), &stored), "{}", o.ok("read-plain"));
     assert!(requests_at(&net, "/store/k1")[0].body.contains(&stored), "the store holds the real value");
@@ -2042,7 +2048,9 @@ p jsession curl -sS --fail-with-body --path-as-is "https://{RULED}:{p}/ok/..;jse
         "masked_in_response:KEY:hex",
         "masked_in_response:KEY:escaped",
         "masked_in_status_line:KEY:literal",
-        "encoded_response_refused",
+        "masked_in_response:KEY:literal+gzip",
+        "masked_in_response:KEY:literal+br",
+        "masked_in_response:KEY:literal+zstd",
         "masked_in_response:STORED:literal",
         "placeholder_out_of_scope:SCOPED",
     ] {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hutch_policy::HostName;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -178,7 +178,8 @@ pub(crate) async fn carry<S>(
                     via,
                     Some((tcp, addr)),
                     phase.clone(),
-                ));
+                )
+                .with_upgrades());
                 serve_http(&inner, Prefixed::new(buf, io), fwd, &meter).await
             }
             sniffed @ (Sniffed::Other { .. } | Sniffed::Silent) => {
@@ -271,7 +272,7 @@ async fn intercept<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let cfg = inner
+    let base = inner
         .ca
         .server_config(&decided.name)
         .map_err(|e| e.to_string())?;
@@ -283,20 +284,86 @@ where
     .await
     .map_err(|_| "TLS handshake with the sandbox timed out".to_string())?
     .map_err(|e| format!("TLS handshake with the sandbox failed: {e}"))?;
+    let (vm_h2, vm_h1) = {
+        let hello = start.client_hello();
+        let offered: Vec<&[u8]> = hello.alpn().map(|a| a.collect()).unwrap_or_default();
+        (
+            offered.contains(&&b"h2"[..]),
+            offered.is_empty() || offered.contains(&&b"http/1.1"[..]),
+        )
+    };
+    // HTTP/2 is offered to the sandbox when the upstream chose it (asked with the sandbox's own
+    // offer, before the sandbox's handshake ends), or when the sandbox speaks nothing else; each
+    // request is then forwarded as HTTP/2 or HTTP/1.1, whichever the upstream speaks.
+    let mut upstream = None;
+    let mut first = Some((tcp, addr));
+    if vm_h2 {
+        if let Some((tcp, _)) = first.take() {
+            match phase
+                .upstream_tls
+                .connect(&decided.name, tcp, inner.limits.connect_timeout, true)
+                .await
+            {
+                Ok(t) => upstream = Some(t),
+                // The first request reports it (502) after a fresh attempt.
+                Err(e) => tracing::debug!(error = %e, "upstream TLS failed before the sandbox's handshake"),
+            }
+        }
+    }
+    let up_h2 = upstream
+        .as_ref()
+        .is_some_and(|t| t.get_ref().1.alpn_protocol() == Some(b"h2"));
+    let cfg = if vm_h2 && (up_h2 || !vm_h1) {
+        let mut c = (*base).clone();
+        c.alpn_protocols = if vm_h1 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"h2".to_vec()]
+        };
+        Arc::new(c)
+    } else {
+        base
+    };
     let tls = tokio::time::timeout_at(deadline, start.into_stream(cfg))
         .await
         .map_err(|_| "TLS handshake with the sandbox timed out".to_string())?
         .map_err(|e| format!("TLS handshake with the sandbox failed: {e}"))?;
-    let fwd = Arc::new(Forwarder::new(
-        inner.clone(),
-        decided,
-        Upstream::Tls,
-        via,
-        Some((tcp, addr)),
-        phase,
-    ));
-    serve_http(&inner, tls, fwd, &meter).await
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let mut fwd = Forwarder::new(inner.clone(), decided, Upstream::Tls, via, first, phase);
+    if let Some(t) = upstream {
+        fwd = fwd.with_upstream_tls(t, vm_h2);
+    }
+    if h2 {
+        return serve_h2(&inner, tls, Arc::new(fwd), &meter).await;
+    }
+    serve_http(&inner, tls, Arc::new(fwd.with_upgrades()), &meter).await
 }
+
+/// Serves HTTP/2 from the sandbox on `io`: each stream is a request forwarded (and decided) on
+/// its own, concurrently.
+async fn serve_h2<S>(inner: &Inner, io: S, fwd: Arc<Forwarder>, meter: &Meter) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let fwd = fwd.clone();
+        async move { Ok::<_, Infallible>(fwd.handle(req).await) }
+    });
+    let limits = &inner.limits;
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(MAX_H2_STREAMS);
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::select! {
+        r = conn => r.map_err(|e| e.to_string()),
+        () = meter.idle(limits.idle_timeout) => Err("idle timeout".into()),
+    }
+}
+
+/// Requests one sandbox HTTP/2 connection may have in flight at once.
+const MAX_H2_STREAMS: u32 = 100;
 
 /// Serves HTTP/1.1 from the sandbox on `io`, one forwarded request at a time.
 async fn serve_http<S>(
@@ -308,19 +375,30 @@ async fn serve_http<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| {
+    let svc = {
         let fwd = fwd.clone();
-        async move { Ok::<_, Infallible>(fwd.handle(req).await) }
-    });
+        service_fn(move |req| {
+            let fwd = fwd.clone();
+            async move { Ok::<_, Infallible>(fwd.handle(req).await) }
+        })
+    };
     let limits = &inner.limits;
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.handshake_timeout)
         .max_header_size(limits.max_header_bytes);
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let conn = builder.serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::select! {
-        r = conn => r.map_err(|e| e.to_string()),
+        r = conn => r.map_err(|e| e.to_string())?,
+        () = meter.idle(limits.idle_timeout) => return Err("idle timeout".into()),
+    }
+    // A switched WebSocket goes on here, so the phase's end and the idle watch still close it.
+    let Some(pending) = fwd.take_upgrade() else {
+        return Ok(());
+    };
+    tokio::select! {
+        r = crate::ws::relay(inner, pending) => r,
         () = meter.idle(limits.idle_timeout) => Err("idle timeout".into()),
     }
 }

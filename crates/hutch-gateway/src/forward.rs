@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::audit::{AuditEvent, AuditRecord, Verdict, Via};
@@ -38,16 +38,43 @@ pub(crate) enum Upstream {
     Plain,
 }
 
+/// What the first request goes over.
+enum First {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// One upstream connection: HTTP/1.1 (requests one at a time) or HTTP/2 (multiplexed).
+enum Sender {
+    H1(SendRequest<GwBody>),
+    H2(hyper::client::conn::http2::SendRequest<GwBody>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
+
 pub(crate) struct Forwarder {
     inner: Arc<Inner>,
     decided: Decided,
     upstream: Upstream,
     via: Via,
     /// The connection dialed while deciding, used for the first request.
-    first: std::sync::Mutex<Option<(TcpStream, SocketAddr)>>,
-    sender: tokio::sync::Mutex<Option<SendRequest<GwBody>>>,
+    first: std::sync::Mutex<Option<First>>,
+    sender: tokio::sync::Mutex<Option<Sender>>,
+    /// Offer `h2` to the upstream when (re)connecting: the sandbox speaks HTTP/2 here.
+    offer_h2: bool,
     /// The phase the connection was decided under.
     phase: Arc<PhaseState>,
+    /// WebSocket upgrades are carried (the connection's server hands its stream over).
+    upgrades: bool,
+    /// A WebSocket switched by the last request, for the connection to relay.
+    pending: std::sync::Mutex<Option<crate::ws::PendingUpgrade>>,
 }
 
 impl Forwarder {
@@ -64,10 +91,36 @@ impl Forwarder {
             decided,
             upstream,
             via,
-            first: std::sync::Mutex::new(first),
+            first: std::sync::Mutex::new(first.map(|(t, _)| First::Tcp(t))),
             sender: tokio::sync::Mutex::new(None),
+            offer_h2: false,
             phase,
+            upgrades: false,
+            pending: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Lets this forwarder switch connections to WebSocket; the caller relays
+    /// [`Forwarder::take_upgrade`] after its server connection ends.
+    pub(crate) fn with_upgrades(mut self) -> Forwarder {
+        self.upgrades = true;
+        self
+    }
+
+    /// Uses `tls`, already connected to the upstream (ALPN decided), for the first request;
+    /// later connections offer `h2` again when `offer_h2`.
+    pub(crate) fn with_upstream_tls(
+        mut self,
+        tls: tokio_rustls::client::TlsStream<TcpStream>,
+        offer_h2: bool,
+    ) -> Forwarder {
+        self.first = std::sync::Mutex::new(Some(First::Tls(Box::new(tls))));
+        self.offer_h2 = offer_h2;
+        self
+    }
+
+    pub(crate) fn take_upgrade(&self) -> Option<crate::ws::PendingUpgrade> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     fn channel(&self) -> Channel {
@@ -90,8 +143,20 @@ impl Forwarder {
         text(status, refusal.message())
     }
 
+    /// A response that may not reach the sandbox: 502 with the reason, audited.
+    fn refuse_response(&self, mut rec: AuditRecord, up: &AtomicU64, why: String) -> Response<GwBody> {
+        rec.reason = Some(why.clone());
+        rec.status = Some(StatusCode::BAD_GATEWAY.as_u16());
+        rec.bytes_up = up.load(Ordering::Relaxed);
+        self.inner.auditor.emit(&rec);
+        text(
+            StatusCode::BAD_GATEWAY,
+            format!("hutch: response from {} refused: {why}\n", self.decided.dest()),
+        )
+    }
+
     /// Handles one request end to end; never fails (errors become gateway responses).
-    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<GwBody> {
+    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<GwBody> {
         let d = &self.decided;
         let (secret_host, widened, masking, has_secrets) = {
             let st = self.inner.state();
@@ -118,6 +183,12 @@ impl Forwarder {
             Upstream::Plain => crate::audit::Mode::Http,
         });
 
+        if req.version() == http::Version::HTTP_2 && !req.headers().contains_key(header::HOST) {
+            // HTTP/2 names the host in `:authority`; it is checked (and sent on) as Host.
+            if let Some(a) = req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+                req.headers_mut().insert(header::HOST, a);
+            }
+        }
         if let Err(e) = check_request_authority(&req, &d.name, d.port) {
             let status = if self.upstream == Upstream::Tls {
                 StatusCode::MISDIRECTED_REQUEST
@@ -126,13 +197,11 @@ impl Forwarder {
             };
             return self.deny(rec, status, format!("authority mismatch: {e}"));
         }
-        if is_upgrade(&req) {
-            return self.deny(
-                rec,
-                StatusCode::FORBIDDEN,
-                "protocol upgrades (WebSocket, h2c) are not carried on inspected connections"
-                    .into(),
-            );
+        let ws = is_upgrade(&req);
+        if ws {
+            if let Err(why) = websocket_request(&req, self.upgrades) {
+                return self.deny(rec, StatusCode::FORBIDDEN, why);
+            }
         }
         if req.method() == Method::CONNECT {
             return self.deny(rec, StatusCode::FORBIDDEN, "CONNECT inside a tunnel".into());
@@ -164,10 +233,24 @@ impl Forwarder {
             );
         }
 
+        // Taken before the request is consumed; resolves once the 101 went to the sandbox.
+        let vm_upgrade = ws.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let mut report = Report::default();
         let channel = self.channel();
         strip_hop_by_hop(&mut parts.headers);
+        if ws {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            if masking {
+                // Compressed frames would hide a value from the mask.
+                parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+            }
+        }
         let method = parts.method.as_str().to_string();
         let ctx = ReqCtx {
             host: &d.name,
@@ -189,8 +272,7 @@ impl Forwarder {
             t
         };
         if masking {
-            // Compressed responses would hide an echoed value from the mask; encoded ones that
-            // come anyway are refused below.
+            // Compressed responses are decoded before masking; asking for identity saves the work.
             parts.headers.insert(
                 header::ACCEPT_ENCODING,
                 HeaderValue::from_static("identity"),
@@ -283,6 +365,9 @@ impl Forwarder {
         };
         rec.secrets = report.used.iter().cloned().collect();
         rec.flags = report.flags.iter().cloned().collect();
+        if ws {
+            rec.flags.push("websocket".into());
+        }
         let is_head = parts.method == Method::HEAD;
         let upstream_req = Request::from_parts(parts, body);
 
@@ -305,18 +390,28 @@ impl Forwarder {
             }
         };
         rec.status = Some(resp.status().as_u16());
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return match vm_upgrade {
+                Some(vm) => self.switch(rec, resp, vm, masking, &up_bytes),
+                None => self.refuse_response(
+                    rec,
+                    &up_bytes,
+                    "a 101 answer to a request that asked for no upgrade".into(),
+                ),
+            };
+        }
         let (mut rparts, rbody) = resp.into_parts();
+        let mut codings = Vec::new();
         if masking {
-            if let Some(why) = refused_response(&rparts, secret_host || widened) {
-                rec.flags.push("encoded_response_refused".into());
-                rec.reason = Some(why.clone());
-                rec.status = Some(StatusCode::BAD_GATEWAY.as_u16());
-                rec.bytes_up = up_bytes.load(Ordering::Relaxed);
-                self.inner.auditor.emit(&rec);
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    format!("hutch: response from {} refused: {why}\n", d.dest()),
-                );
+            let refused = refused_response(&rparts, secret_host || widened)
+                .map(Err)
+                .unwrap_or_else(|| crate::decode::codings(&rparts.headers));
+            match refused {
+                Ok(c) => codings = c,
+                Err(why) => {
+                    rec.flags.push("encoded_response_refused".into());
+                    return self.refuse_response(rec, &up_bytes, why);
+                }
             }
         }
         strip_hop_by_hop(&mut rparts.headers);
@@ -326,9 +421,19 @@ impl Forwarder {
             || rparts.status == StatusCode::NO_CONTENT
             || rparts.status == StatusCode::NOT_MODIFIED;
         let stream_log = FoundLog::default();
+        // How masked values are labelled: `literal`, or `literal+gzip` inside a decoded body.
+        let mut coding_label = None;
         let body: GwBody = if masking {
             let masker = self.inner.state().secrets.masker();
             mask_head(&masker, &mut rparts, &mut found);
+            if !codings.is_empty() {
+                // The sandbox gets the decoded body, identity-encoded.
+                let label = crate::decode::label(&codings);
+                rec.flags.push(format!("decoded:{label}"));
+                rparts.headers.remove(header::CONTENT_ENCODING);
+                rparts.headers.remove(header::CONTENT_LENGTH);
+                coding_label = Some(label);
+            }
             let length = rparts
                 .headers
                 .get(header::CONTENT_LENGTH)
@@ -336,6 +441,34 @@ impl Forwarder {
                 .and_then(|v| v.parse::<u64>().ok());
             if no_body {
                 rbody.map_err(BoxError::from).boxed()
+            } else if !codings.is_empty() {
+                let cap = limits.max_decoded_bytes;
+                let mut dec = crate::decode::Decoder::new(rbody, &codings, cap);
+                let buffered = limits.max_mask_bytes.min(usize::try_from(cap).unwrap_or(usize::MAX));
+                match dec.read_prefix(buffered).await {
+                    Ok((data, true)) => {
+                        let mut hits = Vec::new();
+                        let data = match masker.mask_buffer(&data, &mut hits) {
+                            Some(m) => Bytes::from(m),
+                            None => data,
+                        };
+                        for (i, enc) in hits {
+                            found.push((masker.name(i).to_string(), "response", enc));
+                        }
+                        rparts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
+                        full(data)
+                    }
+                    // Too large to hold: masked while streaming, still capped.
+                    Ok((_, false)) => MaskingBody::new(dec.into_body(), masker, stream_log.clone()).boxed(),
+                    Err(e) => {
+                        if matches!(e, crate::decode::DecodeError::Bomb { .. }) {
+                            rec.flags.push("decompression_bomb".into());
+                        }
+                        return self.refuse_response(rec, &up_bytes, e.to_string());
+                    }
+                }
             } else if length.is_some_and(|n| n <= limits.max_mask_bytes as u64) {
                 match Limited::new(rbody, limits.max_mask_bytes).collect().await {
                     Ok(c) => {
@@ -372,7 +505,10 @@ impl Forwarder {
             rbody.map_err(BoxError::from).boxed()
         };
         for (name, place, enc) in found {
-            let flag = format!("masked_in_{place}:{name}:{}", enc.as_str());
+            let flag = match (&coding_label, place) {
+                (Some(c), "response") => format!("masked_in_{place}:{name}:{}+{c}", enc.as_str()),
+                _ => format!("masked_in_{place}:{name}:{}", enc.as_str()),
+            };
             if !rec.flags.contains(&flag) {
                 rec.flags.push(flag);
             }
@@ -384,65 +520,202 @@ impl Forwarder {
             rec: Some(rec),
             gateway: self.inner.clone(),
             stream_log: masking.then_some(stream_log),
+            coding_label,
             watched,
         };
         Response::from_parts(rparts, audited.boxed())
     }
 
-    async fn send(&self, req: Request<GwBody>) -> Result<Response<Incoming>, String> {
+    /// The upstream switched to WebSocket: the 101 goes to the sandbox (head masked), and the
+    /// two streams wait for the connection to relay them.
+    fn switch(
+        &self,
+        mut rec: AuditRecord,
+        mut resp: Response<Incoming>,
+        vm: hyper::upgrade::OnUpgrade,
+        masking: bool,
+        up_bytes: &AtomicU64,
+    ) -> Response<GwBody> {
+        let upgrade = resp
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase());
+        if upgrade.as_deref() != Some("websocket") {
+            return self.refuse_response(
+                rec,
+                up_bytes,
+                "the upstream switched to a protocol other than websocket".into(),
+            );
+        }
+        if masking && resp.headers().contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+            return self.refuse_response(
+                rec,
+                up_bytes,
+                "the upstream chose a WebSocket extension (compression) the gateway did not offer and can't mask through".into(),
+            );
+        }
+        let up = hyper::upgrade::on(&mut resp);
+        let (mut rparts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut rparts.headers);
+        rparts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        rparts
+            .headers
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let masker = masking.then(|| self.inner.state().secrets.masker());
+        if let Some(m) = &masker {
+            let mut found = Vec::new();
+            mask_head(m, &mut rparts, &mut found);
+            for (name, place, enc) in found {
+                rec.flags.push(format!("masked_in_{place}:{name}:{}", enc.as_str()));
+            }
+        }
+        rec.bytes_up = up_bytes.load(Ordering::Relaxed);
+        self.inner.auditor.emit(&rec);
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(crate::ws::PendingUpgrade {
+            vm,
+            up,
+            masker,
+            rec,
+        });
+        Response::from_parts(rparts, crate::http::empty())
+    }
+
+    async fn send(&self, mut req: Request<GwBody>) -> Result<Response<Incoming>, String> {
         let mut guard = self.sender.lock().await;
         let reuse = guard.as_ref().is_some_and(|s| !s.is_closed());
         if !reuse {
             *guard = Some(self.connect().await?);
         }
-        let sender = guard.as_mut().ok_or("no upstream connection")?;
-        sender
-            .ready()
-            .await
-            .map_err(|e| format!("upstream connection closed: {e}"))?;
-        let fut = sender.send_request(req);
-        drop(guard);
-        fut.await.map_err(|e| e.to_string())
+        match guard.as_mut().ok_or("no upstream connection")? {
+            Sender::H1(sender) => {
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| format!("upstream connection closed: {e}"))?;
+                *req.version_mut() = http::Version::HTTP_11;
+                let fut = sender.send_request(req);
+                drop(guard);
+                fut.await.map_err(|e| e.to_string())
+            }
+            Sender::H2(sender) => {
+                if req.headers().contains_key(header::UPGRADE) {
+                    return Err("the upstream speaks HTTP/2 on this connection: a WebSocket upgrade can't be carried over it".into());
+                }
+                // Requests are multiplexed: no waiting for one another.
+                let mut sender = sender.clone();
+                drop(guard);
+                to_h2(&mut req)?;
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| format!("upstream connection closed: {e}"))?;
+                sender.send_request(req).await.map_err(|e| e.to_string())
+            }
+        }
     }
 
-    async fn connect(&self) -> Result<SendRequest<GwBody>, String> {
+    async fn connect(&self) -> Result<Sender, String> {
         let taken = self.first.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let (tcp, _addr) = match taken {
-            Some(t) => t,
-            None => dial(&self.decided, self.inner.limits.connect_timeout)
-                .await
-                .map_err(|r: Refusal| r.reason)?,
-        };
-        let builder = hyper::client::conn::http1::Builder::new();
-        match self.upstream {
-            Upstream::Tls => {
-                let tls = self
-                    .phase
-                    .upstream_tls
-                    .connect(&self.decided.name, tcp, self.inner.limits.connect_timeout)
+        let first = match taken {
+            Some(f) => f,
+            None => {
+                let (tcp, _) = dial(&self.decided, self.inner.limits.connect_timeout)
                     .await
-                    .map_err(|e| format!("upstream TLS to {} failed: {e}", self.decided.dest()))?;
-                let (sender, conn) = builder
-                    .handshake(TokioIo::new(tls))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Ok(sender)
+                    .map_err(|r: Refusal| r.reason)?;
+                First::Tcp(tcp)
             }
-            Upstream::Plain => {
-                let (sender, conn) = builder
+        };
+        let tls = match (first, self.upstream) {
+            (First::Tls(tls), _) => *tls,
+            (First::Tcp(tcp), Upstream::Tls) => self
+                .phase
+                .upstream_tls
+                .connect(
+                    &self.decided.name,
+                    tcp,
+                    self.inner.limits.connect_timeout,
+                    self.offer_h2,
+                )
+                .await
+                .map_err(|e| format!("upstream TLS to {} failed: {e}", self.decided.dest()))?,
+            (First::Tcp(tcp), Upstream::Plain) => {
+                let (sender, conn) = hyper::client::conn::http1::Builder::new()
                     .handshake(TokioIo::new(tcp))
                     .await
                     .map_err(|e| e.to_string())?;
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    let _ = conn.with_upgrades().await;
                 });
-                Ok(sender)
+                return Ok(Sender::H1(sender));
             }
+        };
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(Sender::H2(sender));
         }
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(Sender::H1(sender))
     }
+}
+
+/// An origin-form HTTP/1.1-shaped request made fit for an HTTP/2 upstream: the (checked) Host
+/// becomes the `:authority` of an absolute `https` target.
+fn to_h2(req: &mut Request<GwBody>) -> Result<(), String> {
+    let host = req
+        .headers_mut()
+        .remove(header::HOST)
+        .ok_or("request has no Host header")?;
+    let host = host.to_str().map_err(|_| "Host header is not ASCII")?;
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    *req.uri_mut() = format!("https://{host}{pq}")
+        .parse()
+        .map_err(|e| format!("cannot form the HTTP/2 target: {e}"))?;
+    *req.version_mut() = http::Version::HTTP_2;
+    Ok(())
+}
+
+/// Whether an upgrade request may be carried: only a WebSocket opening handshake (RFC 6455: GET,
+/// HTTP/1.1, `Upgrade: websocket`), and only on connections that hand their stream over.
+fn websocket_request<B>(req: &Request<B>, carried: bool) -> Result<(), String> {
+    let upgrade: Vec<String> = req
+        .headers()
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_ascii_lowercase())
+        .collect();
+    if upgrade != ["websocket"] {
+        return Err(format!(
+            "only WebSocket upgrades are carried (Upgrade: {})",
+            crate::audit::sanitize(&upgrade.join(", "))
+        ));
+    }
+    if req.method() != Method::GET || req.version() != http::Version::HTTP_11 {
+        return Err("a WebSocket opening handshake is a GET over HTTP/1.1".into());
+    }
+    if !carried {
+        return Err("WebSocket is carried on CONNECT tunnels and transparent connections, not on absolute-form proxy requests".into());
+    }
+    Ok(())
 }
 
 /// Counts the data bytes of a request body as they go upstream, and notes when a size cap
@@ -504,17 +777,9 @@ where
 }
 
 /// Why a response can't be handed to the sandbox on a connection whose responses are masked:
-/// an encoding the mask can't see through, or a piece of a larger whole.
+/// a transfer coding the mask can't see through, or a piece of a larger whole. (Content
+/// codings are decoded, see [`crate::decode`].)
 fn refused_response(parts: &http::response::Parts, may_hold: bool) -> Option<String> {
-    for v in parts.headers.get_all(header::CONTENT_ENCODING) {
-        let v = String::from_utf8_lossy(v.as_bytes()).trim().to_ascii_lowercase();
-        if !v.is_empty() && v != "identity" {
-            return Some(format!(
-                "Content-Encoding {} (the gateway asked for identity and masks only what it can read)",
-                crate::audit::sanitize(&v)
-            ));
-        }
-    }
     for v in parts.headers.get_all(header::TRANSFER_ENCODING) {
         let v = String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
         if v.split(',').map(str::trim).any(|t| !t.is_empty() && t != "chunked") {
@@ -581,6 +846,8 @@ struct Audited {
     rec: Option<AuditRecord>,
     gateway: Arc<Inner>,
     stream_log: Option<FoundLog>,
+    /// The codings a streamed body was decoded from, for its masking flags.
+    coding_label: Option<String>,
     watched: Option<Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>>,
 }
 
@@ -601,8 +868,14 @@ impl Body for Audited {
             }
             Poll::Ready(Some(Err(e))) => {
                 let msg = e.to_string();
+                let bomb = e.downcast_ref::<crate::decode::DecodeError>().is_some_and(|d| {
+                    matches!(d, crate::decode::DecodeError::Bomb { .. })
+                });
                 if let Some(rec) = self.rec.as_mut() {
                     rec.reason = Some(format!("response body failed: {msg}"));
+                    if bomb {
+                        rec.flags.push("decompression_bomb".into());
+                    }
                 }
             }
             _ => {}
@@ -627,7 +900,10 @@ impl Drop for Audited {
             let mut late: Vec<String> = Vec::new();
             if let Some(log) = &self.stream_log {
                 for (name, enc) in log.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                    late.push(format!("masked_in_response:{name}:{}", enc.as_str()));
+                    match &self.coding_label {
+                        Some(c) => late.push(format!("masked_in_response:{name}:{}+{c}", enc.as_str())),
+                        None => late.push(format!("masked_in_response:{name}:{}", enc.as_str())),
+                    }
                 }
             }
             if let Some(w) = &self.watched {

@@ -13,6 +13,7 @@
 mod audit;
 mod ca;
 mod conn;
+mod decode;
 mod forward;
 mod http;
 mod io;
@@ -20,6 +21,7 @@ mod mask;
 mod proxy;
 mod secrets;
 mod upstream;
+mod ws;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -59,6 +61,9 @@ pub struct Limits {
     /// Responses on secret-bearing hosts up to this size are buffered and masked with the full
     /// placeholder; larger ones are masked while streaming with same-length stand-ins.
     pub max_mask_bytes: usize,
+    /// A compressed response on a masked connection may decode to at most this many bytes;
+    /// beyond, it is refused as a decompression bomb.
+    pub max_decoded_bytes: u64,
     /// Name resolution, TCP connect and upstream TLS handshake.
     pub connect_timeout: Duration,
     /// Sandbox-side ClientHello, TLS handshake and request headers (slowloris).
@@ -75,6 +80,7 @@ impl Default for Limits {
             max_header_bytes: 64 << 10,
             max_body_bytes: 32 << 20,
             max_mask_bytes: 4 << 20,
+            max_decoded_bytes: 256 << 20,
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(300),

@@ -202,6 +202,8 @@ pub(crate) struct UpstreamTls {
     /// Built on the first intercepted connection: most sandboxes never need one, and parsing the system's
     /// roots costs tens of milliseconds at every sandbox start otherwise.
     connector: std::sync::OnceLock<Result<TlsConnector, String>>,
+    /// The same, offering `h2` before `http/1.1`.
+    connector_h2: std::sync::OnceLock<Result<TlsConnector, String>>,
 }
 
 /// The system's root certificates, read once per process.
@@ -236,11 +238,17 @@ impl UpstreamTls {
             system_roots,
             provider,
             connector: std::sync::OnceLock::new(),
+            connector_h2: std::sync::OnceLock::new(),
         })
     }
 
-    fn connector(&self) -> io::Result<&TlsConnector> {
-        let built = self.connector.get_or_init(|| {
+    fn connector(&self, offer_h2: bool) -> io::Result<&TlsConnector> {
+        let cell = if offer_h2 {
+            &self.connector_h2
+        } else {
+            &self.connector
+        };
+        let built = cell.get_or_init(|| {
             let mut roots = RootCertStore::empty();
             if self.system_roots {
                 roots.add_parsable_certificates(system_roots().iter().cloned());
@@ -251,7 +259,11 @@ impl UpstreamTls {
                 .map_err(|e| e.to_string())?
                 .with_root_certificates(roots)
                 .with_no_client_auth();
-            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            cfg.alpn_protocols = if offer_h2 {
+                vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+            } else {
+                vec![b"http/1.1".to_vec()]
+            };
             Ok(TlsConnector::from(Arc::new(cfg)))
         });
         built
@@ -259,15 +271,18 @@ impl UpstreamTls {
             .map_err(|e| io::Error::other(format!("upstream TLS configuration: {e}")))
     }
 
+    /// TLS to `name` over `tcp`, offering `h2` too when `offer_h2` (the caller reads which
+    /// protocol the server chose from the stream).
     pub(crate) async fn connect(
         &self,
         name: &HostName,
         tcp: TcpStream,
         timeout: Duration,
+        offer_h2: bool,
     ) -> io::Result<TlsStream<TcpStream>> {
         let server_name = ServerName::try_from(name.as_str().to_string())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        match tokio::time::timeout(timeout, self.connector()?.connect(server_name, tcp)).await {
+        match tokio::time::timeout(timeout, self.connector(offer_h2)?.connect(server_name, tcp)).await {
             Ok(r) => r,
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,

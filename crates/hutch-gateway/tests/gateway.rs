@@ -702,9 +702,9 @@ upstream_ca = ["CA_FILE"]
 }
 
 /// Threat 13 (TLS interception pitfalls): upstream verification is always on, each sandbox has
-/// its own CA, and upgrades are not carried on inspected connections.
+/// its own CA, and upgrades other than WebSocket (h2c) are not carried on inspected connections.
 #[tokio::test]
-async fn threat13_upstream_verified_ca_per_sandbox_no_upgrades() {
+async fn threat13_upstream_verified_ca_per_sandbox_no_h2c_upgrade() {
     // A gateway that does not trust the internet's CA.
     let net = Internet::start().await;
     let policy = POLICY.replace("upstream_ca = [\"CA_FILE\"]", "");
@@ -736,7 +736,7 @@ async fn threat13_upstream_verified_ca_per_sandbox_no_upgrades() {
             "GET",
             "/ws",
             "api.test",
-            &[("connection", "upgrade"), ("upgrade", "websocket")],
+            &[("connection", "upgrade"), ("upgrade", "h2c")],
             "",
         ),
     )

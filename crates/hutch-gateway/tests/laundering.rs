@@ -32,6 +32,10 @@ struct Fx {
 /// `/store/` on api (opted in). mirror answers from the same servers (shares the store) and
 /// carries no secret. ruled allows GET under `/ok/` only.
 fn fixture(inspect_all: bool) -> Fx {
+    fixture_with(inspect_all, |_| {})
+}
+
+fn fixture_with(inspect_all: bool, limits: impl FnOnce(&mut hutch_gateway::Limits)) -> Fx {
     let net = TestNet::start().expect("testnet");
     let (p, hp) = (net.https_port(), net.http_port());
     let text = format!(
@@ -62,6 +66,7 @@ in_body = true
     let audit = Arc::new(MemoryAuditSink::new());
     let mut cfg = GatewayConfig::new("laundering", Arc::new(policy), secrets, audit.clone());
     cfg.system_roots = false;
+    limits(&mut cfg.limits);
     let gw = Gateway::new(cfg).expect("gateway");
     Fx { net, gw, audit }
 }
@@ -245,18 +250,62 @@ async fn class_17_encoded_reflections_are_masked_and_audited_with_their_encoding
     assert!(!leaks(&resp, KEY), "{resp}");
     Fx::flagged(&f.rec("/reflect-name/").await, "masked_in_header_name:KEY:literal");
 
+    // Compressed against `identity`: decoded, masked, sent identity-encoded (see the class 17
+    // compressed test below for every coding).
     let resp = f
         .https(API, &ca, &format!("GET /reflect-enc/gzip/x-token HTTP/1.1\r\nx-token: {ph}\r\naccept-encoding: gzip"), "")
         .await;
-    assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
-    assert!(resp.contains("Content-Encoding gzip"), "{resp}");
-    Fx::flagged(&f.rec("/reflect-enc/gzip/").await, "encoded_response_refused");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(!leaks(body_of(&resp), KEY), "{resp}");
     let sent = f.net.requests_to("/reflect-enc/gzip/");
     assert_eq!(
         sent[0].header("accept-encoding"),
         Some("identity"),
         "the gateway asks for identity whatever the client accepts"
     );
+}
+
+/// Class 17 (compressed reflection): a bound host that answers gzip, deflate, br or zstd although
+/// the gateway asked for identity has its body decoded (bounded), masked and sent to the sandbox
+/// identity-encoded with a true length; the audit names the value's form and the coding. A body
+/// that decodes past the cap is refused as a decompression bomb, with that reason in the audit.
+#[tokio::test]
+async fn class_17_compressed_reflections_are_decoded_masked_and_bombs_refused() {
+    let f = fixture_with(false, |l| l.max_decoded_bytes = 2 << 20);
+    let ph = f.placeholder("KEY");
+    let ca = f.ca();
+    for enc in ["gzip", "deflate", "br", "zstd"] {
+        let mark = f.audit.records().len();
+        let path = format!("/reflect-enc/{enc}/x-token");
+        let resp = f
+            .https(API, &ca, &format!("GET {path} HTTP/1.1\r\nx-token: {ph}\r\naccept-encoding: {enc}"), "")
+            .await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{enc}: {resp}");
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or(("", ""));
+        let head = head.to_ascii_lowercase();
+        assert!(!head.contains("content-encoding"), "{enc}: sent identity: {resp}");
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{enc}: {resp}");
+        assert!(!leaks(body, KEY), "{enc} leaks the value: {resp}");
+        assert!(body.contains(&ph) && body.ends_with("-tail"), "{enc}: masked, readable: {body}");
+        let rec = f.rec_since(mark, &path).await;
+        Fx::flagged(&rec, &format!("masked_in_response:KEY:literal+{enc}"));
+        Fx::flagged(&rec, &format!("decoded:{enc}"));
+        let seen = f.net.requests_to(&path);
+        assert!(seen.iter().all(|s| s.header("x-token") == Some(KEY)));
+    }
+    for enc in ["gzip", "deflate", "br", "zstd"] {
+        let mark = f.audit.records().len();
+        let path = format!("/bomb/{enc}/64");
+        let resp = f.https(API, &ca, &format!("GET {path} HTTP/1.1\r\nx-token: {ph}"), "").await;
+        assert!(resp.starts_with("HTTP/1.1 502"), "{enc}: {}", &resp[..resp.len().min(300)]);
+        assert!(resp.contains("decompression bomb"), "{enc}: {resp}");
+        let rec = f.rec_since(mark, &path).await;
+        Fx::flagged(&rec, "decompression_bomb");
+        assert!(rec.reason.as_deref().is_some_and(|r| r.contains("decodes to more than 2097152 bytes")), "{rec:?}");
+    }
+    // A host without secrets is not inspected: its compressed bodies pass untouched.
+    let resp = f.https(MIRROR, &f.net.ca_pem().to_string(), "GET /bomb/gzip/1 HTTP/1.1", "").await;
+    assert!(resp.to_ascii_lowercase().contains("content-encoding: gzip"), "{}", &resp[..resp.len().min(300)]);
 }
 
 /// Class 17 (stored, then read back): a value swapped into a body (opted in for `/store/` only)

@@ -376,7 +376,13 @@ impl Forge {
                 );
             }
         }
-        let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_string();
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or(parts.uri.authority().map(|a| a.as_str()))
+            .unwrap_or("localhost")
+            .to_string();
         let mut st = self.lock();
         if st.record.pulls.iter().any(|p| p.owner == owner && p.repo == name && p.head == head && p.base == req.base) {
             return json(

@@ -13,6 +13,7 @@ mod git;
 pub mod model_api;
 mod pki;
 mod reflect;
+mod ws;
 mod routes;
 mod server;
 
@@ -82,6 +83,10 @@ pub struct Seen {
     pub headers: Vec<(String, String)>,
     /// The body (lossy UTF-8), at most [`MAX_RECORDED_BODY`] bytes.
     pub body: String,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
+    /// The request target's authority (HTTP/2's `:authority`), when it had one.
+    pub authority: Option<String>,
 }
 
 impl Seen {
@@ -95,7 +100,7 @@ impl Seen {
 
     /// The Host header's name part, lowercase.
     pub fn host(&self) -> Option<String> {
-        let h = self.header("host")?;
+        let h = self.header("host").or(self.authority.as_deref())?;
         let name = match h.rsplit_once(':') {
             Some((n, p)) if p.bytes().all(|b| b.is_ascii_digit()) => n,
             _ => h,

@@ -124,7 +124,10 @@ impl FakeModelApi {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (script, log) = (Arc::new(script), calls.clone());
-        let acceptor = TlsAcceptor::from(pki.server_config);
+        // This server speaks HTTP/1.1 only.
+        let mut h1_only = (*pki.server_config).clone();
+        h1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(h1_only));
         let thread = std::thread::Builder::new()
             .name("hutch-model-api".into())
             .spawn(move || {

@@ -49,7 +49,8 @@ impl TestPki {
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
             )
             .map_err(TestNetError::Tls)?;
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Like most public servers: HTTP/2 for clients that offer it.
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(TestPki {
             ca_pem: ca.pem(),
             server_config: Arc::new(cfg),

@@ -1,6 +1,7 @@
 //! Routes of a host that launders what it is sent (threats.md class 17): it reflects a request
 //! header back encoded (base64, URL-safe base64, hex, percent-encoding, JSON `\u` escapes, a
-//! gzip body that ignores `Accept-Encoding`), in the status line's reason phrase or as a
+//! compressed body (gzip, deflate, br, zstd) that ignores `Accept-Encoding`; `/bomb/ENC/MIB`, a
+//! small compressed body that decodes to MIB MiB), in the status line's reason phrase or as a
 //! response header's name, and it stores request bodies and serves them back, also in `Range`
 //! pieces, to any host name it answers for (so two allowed names can share the storage).
 
@@ -29,7 +30,7 @@ fn text(status: StatusCode, msg: String) -> Response<RespBody> {
 
 /// `/reflect-enc/ENC/HEADER[?pad=N]`: the header's value with N bytes of `x` before it (so
 /// every base64 alignment can be asked for), encoded as ENC.
-pub(crate) fn reflect_encoded(rest: &str, query: Option<&str>, seen: &Seen) -> Response<RespBody> {
+pub(crate) async fn reflect_encoded(rest: &str, query: Option<&str>, seen: &Seen) -> Response<RespBody> {
     let Some((enc, name)) = rest.split_once('/') else {
         return text(StatusCode::BAD_REQUEST, "testnet: /reflect-enc/ENC/HEADER\n".into());
     };
@@ -51,16 +52,11 @@ pub(crate) fn reflect_encoded(rest: &str, query: Option<&str>, seen: &Seen) -> R
             let escaped: String = raw.iter().map(|b| format!("\\u{b:04x}")).collect();
             format!("{{\"echo\":\"{escaped}\"}}").into_bytes()
         }
-        "gzip" => {
+        "gzip" | "deflate" | "br" | "zstd" => {
             // Sent compressed whatever the client accepts, as a careless server would.
-            return match gzip(&raw) {
-                Ok(z) => {
-                    let mut r = Response::new(full(z));
-                    r.headers_mut()
-                        .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-                    r
-                }
-                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("testnet: gzip: {e}\n")),
+            return match compress(enc, &raw, 1).await {
+                Ok(z) => encoded(enc, z),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("testnet: {enc}: {e}\n")),
             };
         }
         _ => return text(StatusCode::BAD_REQUEST, format!("testnet: unknown encoding {enc:?}\n")),
@@ -68,18 +64,47 @@ pub(crate) fn reflect_encoded(rest: &str, query: Option<&str>, seen: &Seen) -> R
     Response::new(full(body))
 }
 
-fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("gzip")
-        .arg("-c")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(data)?;
+fn encoded(enc: &str, body: Vec<u8>) -> Response<RespBody> {
+    let mut r = Response::new(full(body));
+    if let Ok(v) = HeaderValue::from_str(enc) {
+        r.headers_mut().insert(header::CONTENT_ENCODING, v);
     }
-    let out = child.wait_with_output()?;
-    Ok(out.stdout)
+    r
+}
+
+/// `data` repeated `times` times, compressed with `enc` (gzip, deflate (zlib), br or zstd).
+async fn compress(enc: &str, data: &[u8], times: usize) -> std::io::Result<Vec<u8>> {
+    use async_compression::tokio::write::{BrotliEncoder, GzipEncoder, ZlibEncoder, ZstdEncoder};
+    use tokio::io::{AsyncWrite, AsyncWriteExt};
+    async fn run<W: AsyncWrite + Unpin>(mut w: W, data: &[u8], times: usize) -> std::io::Result<()> {
+        for _ in 0..times {
+            w.write_all(data).await?;
+        }
+        w.shutdown().await
+    }
+    let mut out = Vec::new();
+    match enc {
+        "gzip" => run(GzipEncoder::new(&mut out), data, times).await?,
+        "deflate" => run(ZlibEncoder::new(&mut out), data, times).await?,
+        "br" => run(BrotliEncoder::new(&mut out), data, times).await?,
+        "zstd" => run(ZstdEncoder::new(&mut out), data, times).await?,
+        _ => return Err(std::io::Error::other(format!("unknown encoding {enc:?}"))),
+    }
+    Ok(out)
+}
+
+/// `/bomb/ENC/MIB`: a small body in ENC that decodes to MIB MiB (at most 1024) of zeros.
+pub(crate) async fn bomb(rest: &str) -> Response<RespBody> {
+    let Some((enc, mib)) = rest.split_once('/') else {
+        return text(StatusCode::BAD_REQUEST, "testnet: /bomb/ENC/MIB\n".into());
+    };
+    let Some(mib) = mib.parse::<usize>().ok().filter(|m| (1..=1024).contains(m)) else {
+        return text(StatusCode::BAD_REQUEST, "testnet: MIB is 1 to 1024\n".into());
+    };
+    match compress(enc, &vec![0u8; 1 << 20], mib).await {
+        Ok(z) => encoded(enc, z),
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("testnet: {e}\n")),
+    }
 }
 
 /// `/reflect-status/HEADER`: 200 with the header's value as the reason phrase.

@@ -4,7 +4,8 @@
 //! the forge of [`crate::forge`] (`/OWNER/NAME.git/...`, `/repos/OWNER/NAME/...` for repositories made with
 //! [`crate::TestNet::create_forge_repo`]), `/files/PATH` (a file the test put in [`crate::TestNet::files_dir`], 404 when there is none:
 //! a static site such as a package repository), the laundering routes of [`crate::reflect`]
-//! (`/reflect-enc/ENC/HEADER`, `/reflect-status/HEADER`, `/reflect-name/HEADER`, `/store/KEY`),
+//! (`/reflect-enc/ENC/HEADER`, `/reflect-status/HEADER`, `/reflect-name/HEADER`, `/store/KEY`,
+//! `/bomb/ENC/MIB`), a WebSocket server at `/ws/echo` ([`crate::ws`]),
 //! and anything else an echo of the request as JSON. Every request is recorded first.
 
 use std::path::{Path, PathBuf};
@@ -58,7 +59,7 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) => {
@@ -95,6 +96,8 @@ where
             })
             .collect(),
         body: String::from_utf8_lossy(&body[..body.len().min(MAX_RECORDED_BODY)]).into_owned(),
+        version: format!("{:?}", parts.version),
+        authority: parts.uri.authority().map(|a| a.to_string()),
     };
     log.push(seen.clone());
 
@@ -143,10 +146,16 @@ where
         return r;
     }
     if let Some(rest) = route.strip_prefix("/reflect-enc/") {
-        return crate::reflect::reflect_encoded(rest, parts.uri.query(), &seen);
+        return crate::reflect::reflect_encoded(rest, parts.uri.query(), &seen).await;
     }
     if let Some(name) = route.strip_prefix("/reflect-status/") {
         return crate::reflect::reflect_status(name, &seen);
+    }
+    if route == "/ws/echo" {
+        return crate::ws::echo(&mut parts, &seen);
+    }
+    if let Some(rest) = route.strip_prefix("/bomb/") {
+        return crate::reflect::bomb(rest).await;
     }
     if let Some(name) = route.strip_prefix("/reflect-name/") {
         return crate::reflect::reflect_name(name, &seen);

@@ -167,7 +167,7 @@ impl Running {
     }
 }
 
-async fn serve_http<S>(io: S, routes: Arc<Routes>, log: Arc<Log>, conn: Conn)
+async fn serve_http<S>(io: S, routes: Arc<Routes>, log: Arc<Log>, conn: Conn, h2: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -175,8 +175,15 @@ where
         let (routes, log, conn) = (routes.clone(), log.clone(), conn.clone());
         async move { Ok::<_, Infallible>(crate::routes::handle(&routes, &log, &conn, req).await) }
     });
+    if h2 {
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(TokioIo::new(io), svc)
+            .await;
+        return;
+    }
     let _ = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
         .await;
 }
 
@@ -218,7 +225,8 @@ async fn serve_tls(
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
                     let sni = tls.get_ref().1.server_name().map(str::to_string);
-                    serve_http(tls, routes, log, Conn { tls: true, sni, port }).await;
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_http(tls, routes, log, Conn { tls: true, sni, port }, h2).await;
                 }
                 _ => {
                     log.tls_handshakes_failed
@@ -234,7 +242,7 @@ async fn serve_plain(listener: TcpListener, routes: Arc<Routes>, log: Arc<Log>) 
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     accept_loop(listener, MAX_CONNECTIONS, move |tcp| {
         let (routes, log) = (routes.clone(), log.clone());
-        async move { serve_http(tcp, routes, log, Conn { tls: false, sni: None, port }).await }
+        async move { serve_http(tcp, routes, log, Conn { tls: false, sni: None, port }, false).await }
     })
     .await;
 }
