@@ -18,6 +18,8 @@ struct HostTool {
     package: String,
     /// Needed by `hutch run`/`hutch image build`, not only by the tests.
     required: bool,
+    /// Needed by an ordinary user's image build (checked for presence and the setuid bit, not run).
+    rootless: bool,
     version_args: Vec<String>,
 }
 
@@ -30,8 +32,9 @@ fn host_tools() -> Vec<HostTool> {
             let mut f = l.split_whitespace();
             let program = f.next()?.to_string();
             let package = f.next()?.to_string();
-            let required = f.next()? == "required";
-            Some(HostTool { program, package, required, version_args: f.map(str::to_string).collect() })
+            let kind = f.next()?;
+            let (required, rootless) = (kind == "required", kind == "rootless");
+            Some(HostTool { program, package, required, rootless, version_args: f.map(str::to_string).collect() })
         })
         .collect()
 }
@@ -51,6 +54,12 @@ enum Probe {
 
 fn probe(tool: &HostTool) -> (Option<PathBuf>, Probe) {
     let Some(path) = locate(&tool.program) else { return (None, Probe::Missing) };
+    if tool.version_args == ["-"] {
+        use std::os::unix::fs::MetadataExt;
+        let setuid = std::fs::metadata(&path).is_ok_and(|m| m.mode() & 0o4000 != 0 && m.uid() == 0);
+        let probe = if setuid { Probe::Ran("setuid root".into()) } else { Probe::Broken("not setuid root".into()) };
+        return (Some(path), probe);
+    }
     let out = Command::new(&path).args(&tool.version_args).stdin(Stdio::null()).env("LC_ALL", "C").output();
     let probe = match out {
         Ok(o) if o.status.success() => {
@@ -110,7 +119,11 @@ pub async fn doctor(args: DoctorArgs) -> anyhow::Result<i32> {
     let mut versions: Vec<(&str, u32, String)> = Vec::new();
     for tool in host_tools() {
         let (path, probe) = probe(&tool);
-        let name = if tool.required { tool.program.clone() } else { format!("{} (tests)", tool.program) };
+        let name = match (tool.required, tool.rootless) {
+            (true, _) => tool.program.clone(),
+            (false, true) => format!("{} (rootless)", tool.program),
+            (false, false) => format!("{} (tests)", tool.program),
+        };
         match probe {
             Probe::Ran(first) => {
                 if let Some(major) = major_version(&first).filter(|_| tool.program.starts_with("qemu")) {
@@ -227,8 +240,9 @@ mod tests {
     }
 }
 
-/// Which way this host builds images for this user: as root; or, for a user, the shared images root built, and
-/// whether a rootless build could work here and what it needs.
+/// Which way this host builds images for this user: as root; as an ordinary user in a user namespace where the host
+/// allows it (user namespaces, setuid `newuidmap`/`newgidmap`, subordinate ids); else from the shared images root
+/// built, with what a rootless build would need.
 fn build_line(cache: &hutch_image::Cache, root: bool, line: &mut impl FnMut(bool, &str, String)) {
     if root {
         line(true, "build", format!("as root (mmdebstrap, `mkfs.ext4 -d`): images go to {} and every user shares them read-only", cache.root().display()));
@@ -237,16 +251,24 @@ fn build_line(cache: &hutch_image::Cache, root: bool, line: &mut impl FnMut(bool
     let me = nix::unistd::User::from_uid(nix::unistd::geteuid()).ok().flatten();
     let (name, uid) = me.map_or((String::from("?"), nix::unistd::geteuid().as_raw()), |u| (u.name, u.uid.as_raw()));
     let blockers = hutch_image::rootless_build_blockers(std::path::Path::new("/"), &name, uid);
-    let host = if blockers.is_empty() {
-        "this host would allow a rootless build (user namespaces, uidmap, subordinate ids)".to_string()
-    } else {
-        let list: Vec<String> = blockers.iter().map(|b| format!("{} ({})", b.what, b.fix)).collect();
-        format!("a rootless build would need: {}", list.join("; "))
-    };
+    if blockers.is_empty() {
+        line(
+            true,
+            "build",
+            format!(
+                "rootless: root filesystems are built in a user namespace (your subordinate ids from /etc/subuid and \
+                 /etc/subgid, newuidmap/newgidmap; mmdebstrap and `mkfs.ext4 -d` run as its root) into {}",
+                cache.root().display()
+            ),
+        );
+        return;
+    }
+    let list: Vec<String> = blockers.iter().map(|b| format!("{} ({})", b.what, b.fix)).collect();
     // A warning, not a problem: runs need no build when root's shared image is there.
     println!(
-        "warn {:<18} building a root filesystem needs root in this version of hutch (mmdebstrap and `mkfs.ext4 -d` keep \
-         file ownership); use the shared image (`hutch image build` as root) or `hutch serve`'s; {host}",
-        "build"
+        "warn {:<18} building a root filesystem needs root on this host: use the shared image (`hutch image build` as \
+         root) or `hutch serve`'s; a rootless build would need: {}",
+        "build",
+        list.join("; ")
     );
 }

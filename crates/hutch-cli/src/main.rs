@@ -21,6 +21,10 @@ mod tokens;
 use clap::Parser;
 
 fn main() {
+    // A rootless image build runs this binary again inside a user namespace for the root filesystem.
+    if let Some(code) = hutch_image::rootless_helper_main() {
+        std::process::exit(code);
+    }
     let args = cli::Cli::parse();
     init_logging();
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {

@@ -3,7 +3,8 @@
 //! in the system cache: streams and exit codes, stdin, files in and out, a repository the user owns (working tree
 //! in, change out), egress with a secret to the local test net; QEMU runs as the user with seccomp and an empty
 //! environment and dies with a SIGKILLed hutch (parent-death signal, no privilege drop to clear it). Nothing the
-//! users do lands in the system cache, and neither user can see or remove the other's sandboxes or results.
+//! users do lands in the system cache, and neither user can see or remove the other's sandboxes or results. A user
+//! with subordinate ids builds an image rootless (user namespace); one without is told what to do.
 
 #![allow(clippy::unwrap_used)]
 
@@ -20,6 +21,8 @@ use common::{text, wait_until};
 
 const USER_A: &str = "hutch-test-user";
 const USER_B: &str = "hutch-test-user2";
+/// A user whose subordinate ids the tests remove: no rootless build.
+const USER_NO_SUBIDS: &str = "hutch-test-nosubids";
 const API: &str = "api.example.test";
 
 #[derive(Debug, Clone)]
@@ -408,47 +411,144 @@ fn ordinary_users_run_against_the_shared_image_and_keep_their_state_to_themselve
     let _ = std::fs::remove_dir_all(&repo);
 }
 
-/// A user's own image build: root filesystems need root in this version (mmdebstrap and `mkfs.ext4 -d` keep
-/// ownership), so without a shared image the build stops before anything is built, with a message that says what to
-/// do; `hutch doctor` names this host's build path and what a rootless build would need. The rootless build itself
-/// is reported as a skip with the host's exact blockers.
+/// The subordinate id ranges `/etc/subuid`-style `file` gives `name`, as `START-END`.
+fn subordinate_ranges(file: &str, name: &str) -> Vec<String> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.trim().split(':');
+            let (who, start, count) = (f.next()?, f.next()?.parse::<u64>().ok()?, f.next()?.parse::<u64>().ok()?);
+            (who == name && count > 0).then(|| format!("{start}-{}", start + count - 1))
+        })
+        .collect()
+}
+
+/// Gives `user` 65536 subordinate uids and gids (past every range given so far) unless it has a range that big.
+fn ensure_subordinate_ids(user: &TestUser) {
+    for (file, flag) in [("/etc/subuid", "--add-subuids"), ("/etc/subgid", "--add-subgids")] {
+        let big = subordinate_ranges(file, &user.name).iter().any(|r| {
+            let (a, b) = r.split_once('-').unwrap();
+            b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1 >= 65536
+        });
+        if big {
+            continue;
+        }
+        let end = std::fs::read_to_string(file).unwrap_or_default().lines().filter_map(|l| {
+            let mut f = l.split(':');
+            let _ = f.next();
+            Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
+        }).max().unwrap_or(100_000).max(100_000);
+        let start = end.div_ceil(65536) * 65536;
+        let st = Command::new("usermod").args([flag, &format!("{start}-{}", start + 65535), &user.name]).status().unwrap();
+        assert!(st.success(), "usermod {flag} for {}", user.name);
+    }
+}
+
+/// Why a rootless build cannot run for `user` here, if it cannot (after the test gave the user subordinate ids).
+fn rootless_unsupported(user: &TestUser) -> Option<String> {
+    let blockers = hutch_image::rootless_build_blockers(Path::new("/"), &user.name, user.uid);
+    (!blockers.is_empty()).then(|| blockers.iter().map(|b| format!("{} ({})", b.what, b.fix)).collect::<Vec<_>>().join("; "))
+}
+
+/// A fresh cache directory owned by `user` and the user's group (the namespace's root reaches the user's files only
+/// when both are the user's).
+fn user_cache(user: &TestUser, prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    nix::unistd::chown(dir.path(), Some(nix::unistd::Uid::from_raw(user.uid)), Some(nix::unistd::Gid::from_raw(user.gid))).unwrap();
+    dir
+}
+
+/// A rootless image build: an ordinary user with subordinate ids builds the whole image (kernel, initramfs, root
+/// filesystem in a user namespace) in an own cache without the system cache, and a VM boots from it with the
+/// ownership a root build gives (root:shadow 0640 `/etc/shadow`, setuid `su`). `hutch doctor` says so. Nothing in
+/// the user's cache belongs to anyone else, and the cache can be deleted by the user (`hutch image rm`).
 #[test]
-fn a_user_without_a_shared_image_is_told_what_to_do_and_doctor_names_the_build_path() {
+fn an_ordinary_user_builds_an_image_rootless_and_boots_it() {
     if let Some(why) = missing_prerequisite() {
         eprintln!("SKIP: {why}");
         return;
     }
     let a = ensure_user(USER_A);
+    ensure_subordinate_ids(&a);
+    if let Some(why) = rootless_unsupported(&a) {
+        eprintln!("SKIP: a rootless image build as {}: {why}", a.name);
+        return;
+    }
     let bins = Bins::new();
-    let cache = tempfile::Builder::new().prefix("hutch-nonroot-cache-").tempdir().unwrap();
-    nix::unistd::chown(cache.path(), Some(nix::unistd::Uid::from_raw(a.uid)), Some(nix::unistd::Gid::from_raw(a.gid))).unwrap();
+    let cache = user_cache(&a, "hutch-rootless-cache-");
     let own = cache.path().join("c");
     let env = [("HUTCH_CACHE_DIR", own.to_str().unwrap()), ("HUTCH_SYSTEM_CACHE_DIR", "")];
-    let o = output(hutch_as(&a, &bins, &a.home, &env, &["run", "--", "true"]));
+
+    let o = output(hutch_as(&a, &bins, &a.home, &env, &["doctor"]));
+    let report = text(&o.stdout);
+    let build = report.lines().find(|l| l.get(5..).is_some_and(|r| r.starts_with("build"))).unwrap_or_default().to_string();
+    assert!(build.starts_with("ok") && build.contains("rootless"), "doctor's build line: {build}\n{report}");
+
+    // The minimal variant: the default image without its boot snapshot (the snapshot is no different for a user).
+    let started = std::time::Instant::now();
+    let o = output(hutch_as(&a, &bins, &a.home, &env, &["image", "build", "--no-snapshot"]));
+    let took = started.elapsed();
+    assert!(o.status.success(), "rootless build: {}", text(&o.stderr));
+    eprintln!("rootless image build (kernel, initramfs, root filesystem) took {:.1} s", took.as_secs_f64());
+
+    let rootfs: Vec<PathBuf> = std::fs::read_dir(own.join("rootfs")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(rootfs.len(), 1, "one root filesystem built: {rootfs:?}");
+    assert!(!rootfs[0].is_symlink(), "built, not linked from the system cache");
+    for (path, (uid, gid, _)) in listing(&own) {
+        assert_eq!((uid, gid), (a.uid, a.gid), "{} belongs to the user", path.display());
+    }
+
+    let o = output(hutch_as(&a, &bins, &a.home, &env, &["run", "--cold", "--no-repo", "--", "stat", "-c", "%u %g %a %n", "/etc/shadow", "/usr/bin/su", "/root"]));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "0 42 640 /etc/shadow\n0 0 4755 /usr/bin/su\n0 0 700 /root\n", "ownership as root builds it");
+
+    // The user removes what they built, with nothing left for root to clean.
+    let key = std::fs::read_dir(own.join("images")).unwrap().flatten().next().unwrap().file_name().into_string().unwrap();
+    let o = output(hutch_as(&a, &bins, &a.home, &env, &["image", "rm", &key]));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = output(as_user(&a, &a.home, &[], Path::new("/bin/rm"), &["-rf", own.to_str().unwrap()]));
+    assert!(o.status.success() && !own.exists(), "the user deletes the whole cache: {}", text(&o.stderr));
+}
+
+/// Without a shared image and without subordinate ids, a user's build stops before anything is built, with a
+/// message that says what to do (root's shared image, or what a rootless build needs); `hutch doctor` names the
+/// missing ranges.
+#[test]
+fn a_user_without_a_shared_image_or_subordinate_ids_is_told_what_to_do() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let c = ensure_user(USER_NO_SUBIDS);
+    for (file, flag) in [("/etc/subuid", "--del-subuids"), ("/etc/subgid", "--del-subgids")] {
+        for range in subordinate_ranges(file, &c.name) {
+            let st = Command::new("usermod").args([flag, &range, &c.name]).status().unwrap();
+            assert!(st.success(), "usermod {flag} {range}");
+        }
+    }
+    let bins = Bins::new();
+    let cache = user_cache(&c, "hutch-nonroot-cache-");
+    let own = cache.path().join("c");
+    let env = [("HUTCH_CACHE_DIR", own.to_str().unwrap()), ("HUTCH_SYSTEM_CACHE_DIR", "")];
+    let o = output(hutch_as(&c, &bins, &c.home, &env, &["run", "--", "true"]));
     let stderr = text(&o.stderr);
     assert_ne!(o.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("needs root") && stderr.contains("hutch image build") && stderr.contains("as root"), "{stderr}");
+    assert!(stderr.contains("rootless build cannot run here") && stderr.contains("/etc/subuid") && stderr.contains("usermod --add-subuids"), "{stderr}");
     for d in ["kernels", "initrd", "rootfs", "images"] {
         let entries = std::fs::read_dir(own.join(d)).map(|r| r.count()).unwrap_or(0);
         assert_eq!(entries, 0, "nothing built in {d}");
     }
 
-    let o = output(hutch_as(&a, &bins, &a.home, &[], &["doctor"]));
+    let o = output(hutch_as(&c, &bins, &c.home, &[], &["doctor"]));
     let report = text(&o.stdout);
     let line = |name: &str| report.lines().find(|l| l.get(5..).is_some_and(|r| r.starts_with(name))).unwrap_or_else(|| panic!("no {name} line in:\n{report}")).to_string();
     let build = line("build");
-    assert!(build.contains("needs root") && (build.contains("would need") || build.contains("would allow")), "{build}");
-    assert!(line("vmm user").contains("QEMU runs as you"), "{report}");
-    assert!(line("image").contains("shared read-only") || line("image").contains("administrator"), "{report}");
-
-    let blockers = hutch_image::rootless_build_blockers(Path::new("/"), &a.name, a.uid);
-    let why = if blockers.is_empty() {
-        "this host allows it (user namespaces, uidmap, subordinate ids), but hutch builds root filesystems as root only".to_string()
-    } else {
-        blockers.iter().map(|b| format!("{} ({})", b.what, b.fix)).collect::<Vec<_>>().join("; ")
-    };
-    for b in &blockers {
+    assert!(build.starts_with("warn") && build.contains("needs root") && build.contains("would need"), "{build}");
+    for b in hutch_image::rootless_build_blockers(Path::new("/"), &c.name, c.uid) {
         assert!(build.contains(&b.what), "doctor names {:?}: {build}", b.what);
     }
-    eprintln!("SKIP: a rootless image build as {}: {why}", a.name);
+    assert!(build.contains("/etc/subuid gives") && build.contains("/etc/subgid gives"), "{build}");
+    assert!(line("vmm user").contains("QEMU runs as you"), "{report}");
 }

@@ -265,9 +265,10 @@ impl Cache {
             {
                 continue;
             }
-            if kind.needs_root && !nix::unistd::geteuid().is_root() {
+            if kind.needs_root && !nix::unistd::geteuid().is_root() && !crate::rootless::available() {
                 return Err(ImageError::NeedsRoot {
                     shared: self.shared.clone(),
+                    rootless: crate::rootless::describe(&crate::rootless::blockers_for_me()),
                 });
             }
             for tool in (kind.tools)() {

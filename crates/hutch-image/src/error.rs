@@ -43,10 +43,11 @@ pub enum ImageError {
     #[error(
         "building the root filesystem needs root (mmdebstrap and `mkfs.ext4 -d` must keep file \
          ownership), and {}: ask an administrator to run `hutch image build` (with this --image) \
-         as root once, which every user then shares; `hutch doctor` says more",
+         as root once, which every user then shares; a rootless build cannot run here: {rootless}; \
+         `hutch doctor` says more",
         shared.as_ref().map_or("there is no system cache to take it from".to_owned(), |p| format!("the system cache {} has none for these inputs", p.display()))
     )]
-    NeedsRoot { shared: Option<PathBuf> },
+    NeedsRoot { shared: Option<PathBuf>, rootless: String },
 
     #[error("no apt sources file: neither {} nor {} exists", .0[0].display(), .0[1].display())]
     NoAptSources([PathBuf; 2]),

@@ -180,6 +180,13 @@ pub(crate) fn remove_tree(path: &Path) -> Result<(), ImageError> {
         return Err(ImageError::MountedBelow(mount));
     }
     match fs::remove_dir_all(path) {
+        // What a rootless build left belongs to the user's subordinate ids: deleted from the user's namespace.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::PermissionDenied
+                && !nix::unistd::geteuid().is_root() =>
+        {
+            crate::rootless::remove_tree(path).map_err(|_| ImageError::io("removing", path, e))
+        }
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(ImageError::io("removing", path, e))
         }

@@ -39,7 +39,7 @@ pub use kernel::KernelInfo;
 pub use key::{ImageInputs, InitrdInputs, KernelInputs, NpmInputs, RootfsInputs, RECIPE_VERSION};
 pub use manifest::{InitrdEntry, KernelEntry, Manifest, RootfsEntry, MANIFEST_FORMAT};
 pub use modules::{ModuleFile, ModulePlan, WANTED_MODULES};
-pub use rootless::{rootless_build_blockers, Missing as RootlessBlocker};
+pub use rootless::{helper_main as rootless_helper_main, rootless_build_blockers, Missing as RootlessBlocker, HELPER_ARG as ROOTLESS_HELPER_ARG};
 pub use progress::{Progress, SilentProgress, SpinnerProgress};
 pub use spec::{ImageSpec, AGENT_NPM_PACKAGES, BASE_PACKAGES, DEFAULT_SUITE, NODE_PACKAGES};
 pub use tsc::host_tsc_khz;

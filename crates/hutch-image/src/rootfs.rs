@@ -133,7 +133,8 @@ pub(crate) fn build(
     progress: &dyn Progress,
 ) -> Result<RootfsInfo, ImageError> {
     if !nix::unistd::geteuid().is_root() {
-        return Err(ImageError::NeedsRoot { shared: None });
+        // The same build, as the root of a user namespace (which runs this function again).
+        return crate::rootless::build(spec, sources, out, progress);
     }
     let mmdebstrap = MMDEBSTRAP.find()?;
     let unshare = UNSHARE.find()?;

@@ -84,6 +84,14 @@ pub(crate) struct CheckedSpec {
     pub agent: Agent,
 }
 
+impl CheckedSpec {
+    /// The parts a rootfs build reads, already checked by the process that asks for the build (the rootless
+    /// build's helper gets them from it); no agent.
+    pub(crate) fn for_rootfs(suite: String, packages: Vec<String>, npm_packages: Vec<String>) -> CheckedSpec {
+        CheckedSpec { suite, packages, npm_packages, agent: Agent { bytes: Vec::new(), sha256: String::new() } }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Agent {
     pub bytes: Vec<u8>,
