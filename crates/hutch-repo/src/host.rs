@@ -166,6 +166,7 @@ impl Snapshot {
             prefix: &repo.prefix,
         };
         let (image, git_meta, image_reused) = workspace_image(scratch.path(), &git, &spec, image_cache)?;
+        remember_image(repo, image_cache, &image);
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, reused = image_reused, image = %image.display(), "snapshot: workspace image ready");
         Ok(Snapshot {
             git,
@@ -188,6 +189,39 @@ impl Snapshot {
     pub fn dir(&self) -> &Path {
         self.scratch.path()
     }
+}
+
+/// Where the name of the image this work tree's last snapshot used is kept: one small file per work tree (and
+/// start directory, since that is part of the image) in the image cache.
+fn last_image_record(repo: &HostRepo, cache: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(repo.top.as_os_str().as_bytes());
+    h.update([0]);
+    h.update(repo.git_dir.as_os_str().as_bytes());
+    h.update([0]);
+    h.update(repo.prefix.as_os_str().as_bytes());
+    cache.join(format!("last-{}", &hex::encode(h.finalize())[..32]))
+}
+
+fn remember_image(repo: &HostRepo, cache: &Path, image: &Path) {
+    let Some(name) = image.file_name() else { return };
+    let record = last_image_record(repo, cache);
+    let tmp = record.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, name.as_bytes()).is_ok() && std::fs::rename(&tmp, &record).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// The image the last snapshot of this work tree used, if it is still in the cache: a guess at the image the
+/// next snapshot will use, so that a VM can be started with it while the snapshot is taken (the snapshot decides;
+/// a wrong guess only costs that VM). Reads two small files; hashes nothing.
+pub fn predicted_image(repo: &HostRepo, cache: &Path) -> Option<PathBuf> {
+    let name = std::fs::read(last_image_record(repo, cache)).ok()?;
+    let name = std::str::from_utf8(&name).ok()?;
+    let ok = name.starts_with("ws-") && name.ends_with(".erofs") && !name.contains('/') && name.len() < 100;
+    let image = cache.join(name);
+    (ok && image.is_file()).then_some(image)
 }
 
 /// Which files of the work tree go into the VM, as a tree in the scratch repository: `git add -A` (tracked files

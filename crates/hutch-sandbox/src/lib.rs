@@ -4,6 +4,7 @@
 pub mod client;
 pub mod dirs;
 pub mod egress;
+pub mod envcache;
 pub mod envsnap;
 pub mod pool;
 pub mod snapshot;
