@@ -155,6 +155,29 @@ pub async fn cmd(c: CacheCmd) -> anyhow::Result<i32> {
             for (k, why) in store.prune(Some(max_age), Some(max_bytes)) {
                 println!("removed {k} ({why})");
             }
+            // Images: every one but the current ones (those this hutch would run), by the same rules.
+            let mut keep = Vec::new();
+            let mut known = true;
+            if let Ok(agent) = crate::agent::locate() {
+                for spec in [hutch_image::ImageSpec::default_for(agent.clone()), hutch_image::ImageSpec::agents(agent)] {
+                    match cache.lookup(&spec) {
+                        Ok(Some(img)) if img.dir.starts_with(cache.root()) => keep.push(img.key),
+                        Ok(_) => {}
+                        Err(e) => {
+                            eprintln!("hutch: warning: cannot tell which images are current ({e}); images are left alone");
+                            known = false;
+                        }
+                    }
+                }
+            } else {
+                eprintln!("hutch: warning: no guest agent binary found, so the current images are unknown; images are left alone");
+                known = false;
+            }
+            if known {
+                for (k, why) in cache.prune_images(&keep, Some(max_age), Some(max_bytes))? {
+                    println!("removed image {k} ({why})");
+                }
+            }
         }
     }
     Ok(0)

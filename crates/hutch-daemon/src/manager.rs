@@ -352,6 +352,19 @@ impl Manager {
         removed
     }
 
+    /// Garbage collection of the cache this daemon runs from, as `hutch cache prune` does it: environment
+    /// snapshots past their age or the size cap (least recently used first), and images other than this daemon's
+    /// (with their boot snapshots) by the same rules; nothing in use by any process is removed. Returns what went.
+    pub fn prune_caches(&self) -> Vec<String> {
+        let (age, bytes) = (Some(self.limits.env_cache_max_age), Some(self.limits.env_cache_max_bytes));
+        let mut out: Vec<String> = EnvStore::new(&self.host.root).prune(age, bytes).into_iter().map(|(k, why)| format!("environment {k} ({why})")).collect();
+        match hutch_image::Cache::at(&self.host.root).prune_images(std::slice::from_ref(&self.host.image.key), age, bytes) {
+            Ok(v) => out.extend(v.into_iter().map(|(k, why)| format!("image {} ({why})", &k[..12.min(k.len())]))),
+            Err(e) => tracing::warn!("cannot prune old images: {e}"),
+        }
+        out
+    }
+
     /// Makes the missing snapshot for `cfg`'s size in the background, once at a time, so that later creates
     /// restore instead of booting. Only for the configured sizes.
     fn rebuild_snapshot(&self, cfg: &SandboxConfig) {
