@@ -138,6 +138,11 @@ fn changes(upper: &Path, lower: &Path, out: &Path) -> Result<String, String> {
     let refs = if refs_written(upper) { "moved" } else { "same" };
     let mut report = format!("{} {refs}\n", kept.len());
     report.push_str(&git_meta_digests(Path::new(".git")));
+    // Also beside OUT, where the host's collection script reads it when the host ran this step on its own first
+    // (one process instead of a shell and this one, when nothing changed).
+    let mut beside = out.as_os_str().to_owned();
+    beside.push(".report");
+    std::fs::write(&beside, &report).map_err(|e| format!("cannot write {}: {e}", Path::new(&beside).display()))?;
     Ok(report)
 }
 

@@ -11,15 +11,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use hutch_sandbox::envcache::{digest_file, KeyInputs, DEFAULT_MAX_AGE, DEFAULT_MAX_SIZE};
+pub use hutch_sandbox::envcache::{age, Plan};
 use hutch_sandbox::envsnap::EnvStore;
-use sha2::{Digest, Sha256};
 
 use crate::config::UserConfig;
 use crate::repo::{RunRepo, SetupFile};
-
-const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
-const DEFAULT_MAX_SIZE: u64 = 20 << 30;
-const MAX_INPUT: u64 = 256 << 20;
 
 /// `hutch run` flags for the environment cache.
 #[derive(Debug, Args, Clone, Default)]
@@ -45,7 +42,8 @@ pub enum CacheCmd {
     Ls,
     /// Remove environment snapshots by key prefix.
     Rm { key: String },
-    /// Remove expired entries, then the least recently used past the size cap.
+    /// Remove expired entries, then the least recently used past the size cap; the same for guest images (and
+    /// their boot snapshots) other than the current ones.
     Prune {
         /// Hours after which an entry expires [default: the config's cache.max_age_hours, else 24].
         #[arg(long, value_parser = clap::value_parser!(u64).range(0..=24 * 365 * 10))]
@@ -58,43 +56,10 @@ pub enum CacheCmd {
     },
 }
 
-/// What one run does with the cache.
-pub struct Plan {
-    pub store: EnvStore,
-    pub key: String,
-    /// For `hutch cache ls`: the repository's directory and the setup script's name.
-    pub label: String,
-    /// `--refresh-cache`: do not use an entry, make a new one.
-    pub refresh: bool,
-    pub max_age: Duration,
-    pub max_bytes: u64,
-}
-
-impl Plan {
-    pub fn short_key(&self) -> String {
-        format!("{}…", &self.key[..8])
-    }
-}
-
 pub fn limits(user: &UserConfig) -> (Duration, u64) {
     let age = user.cache_max_age_hours.map(|h| Duration::from_secs(h * 3600)).unwrap_or(DEFAULT_MAX_AGE);
     let size = user.cache_max_size_gib.map(|g| g << 30).unwrap_or(DEFAULT_MAX_SIZE);
     (age, size)
-}
-
-fn digest_file(path: &Path) -> anyhow::Result<String> {
-    match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("absent".into()),
-        Err(e) => bail!("cannot read cache input {}: {e}", path.display()),
-        Ok(m) if !m.is_file() => bail!("cache input {} is not a regular file", path.display()),
-        Ok(m) if m.len() > MAX_INPUT => bail!("cache input {} is larger than {} MiB", path.display(), MAX_INPUT >> 20),
-        Ok(_) => {
-            let mut f = std::fs::File::open(path).with_context(|| format!("cannot read cache input {}", path.display()))?;
-            let mut h = Sha256::new();
-            std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read cache input {}", path.display()))?;
-            Ok(hex::encode(h.finalize()))
-        }
-    }
 }
 
 /// The plan for a run with a setup script, or `None` when the cache is off for it (`--no-cache`, `--cold`, no
@@ -122,46 +87,22 @@ pub fn plan(
         let abs = std::path::absolute(p).with_context(|| format!("cannot resolve cache input {}", p.display()))?;
         named.push((abs.display().to_string(), digest_file(&abs)?));
     }
-    named.sort();
-    named.dedup();
-    let mut h = Sha256::new();
-    let mut field = |name: &str, value: &[u8]| {
-        h.update(name.as_bytes());
-        h.update((value.len() as u64).to_le_bytes());
-        h.update(value);
-    };
-    field("hutch-envcache", b"1");
-    field("image", image_key.as_bytes());
-    field("vm", format!("cpus={} memory={} accel={:?}", a.vm.cpus, a.vm.memory, a.vm.accel).as_bytes());
-    field("setup", &Sha256::digest(&setup.bytes));
-    let policy = match &egress.setup {
-        Some(p) => serde_json::to_vec(p.as_ref()).context("describing the setup policy")?,
-        None => vec![],
-    };
-    field("setup-policy", &policy);
     let repo_id = match top {
         Some(t) => t.canonicalize().unwrap_or_else(|_| t.to_path_buf()).display().to_string(),
         None => "(no repository)".into(),
     };
-    field("repository", repo_id.as_bytes());
-    for (path, digest) in &named {
-        field("input", path.as_bytes());
-        field("digest", digest.as_bytes());
+    let key = KeyInputs {
+        image_key,
+        vm: format!("cpus={} memory={} accel={:?}", a.vm.cpus, a.vm.memory, a.vm.accel),
+        setup: &setup.bytes,
+        setup_policy: egress.setup.as_deref(),
+        scope: &repo_id,
+        inputs: named,
     }
-    let key = hex::encode(h.finalize())[..32].to_string();
+    .key()?;
     let (max_age, max_bytes) = limits(user);
     let label = format!("{} ({})", repo_id, setup.name);
     Ok(Some(Plan { store: EnvStore::new(cache_root), key, label, refresh: a.cache.refresh_cache, max_age, max_bytes }))
-}
-
-/// "2 h", "5 min", "40 s".
-pub fn age(secs: u64) -> String {
-    match secs {
-        0..=119 => format!("{secs} s"),
-        120..=7199 => format!("{} min", secs / 60),
-        7200..=172_799 => format!("{} h", secs / 3600),
-        _ => format!("{} d", secs / 86400),
-    }
 }
 
 fn size(bytes: u64) -> String {
@@ -213,6 +154,29 @@ pub async fn cmd(c: CacheCmd) -> anyhow::Result<i32> {
             let max_bytes = max_size_mib.map(|m| m << 20).unwrap_or(size_default);
             for (k, why) in store.prune(Some(max_age), Some(max_bytes)) {
                 println!("removed {k} ({why})");
+            }
+            // Images: every one but the current ones (those this hutch would run), by the same rules.
+            let mut keep = Vec::new();
+            let mut known = true;
+            if let Ok(agent) = crate::agent::locate() {
+                for spec in [hutch_image::ImageSpec::default_for(agent.clone()), hutch_image::ImageSpec::agents(agent)] {
+                    match cache.lookup(&spec) {
+                        Ok(Some(img)) if img.dir.starts_with(cache.root()) => keep.push(img.key),
+                        Ok(_) => {}
+                        Err(e) => {
+                            eprintln!("hutch: warning: cannot tell which images are current ({e}); images are left alone");
+                            known = false;
+                        }
+                    }
+                }
+            } else {
+                eprintln!("hutch: warning: no guest agent binary found, so the current images are unknown; images are left alone");
+                known = false;
+            }
+            if known {
+                for (k, why) in cache.prune_images(&keep, Some(max_age), Some(max_bytes))? {
+                    println!("removed image {k} ({why})");
+                }
             }
         }
     }

@@ -234,6 +234,16 @@ pub struct CreateArgs {
     /// -- CMD` session is collected when CMD ends, for `hutch diff/apply --from ID`.
     #[arg(long)]
     pub repo: bool,
+    /// Run FILE as root before the sandbox is handed out; the daemon keeps its result (environment cache), so a
+    /// later create with the same script, setup egress and size starts from it.
+    #[arg(long, value_name = "FILE", value_parser = crate::repo::parse_script)]
+    pub setup: Option<crate::repo::SetupFile>,
+    /// Allow the setup script egress to HOST[:PORT] (repeatable).
+    #[arg(long = "setup-allow", value_name = "HOST[:PORT]", requires = "setup")]
+    pub setup_allow: Vec<String>,
+    /// Run the setup without using or storing the daemon's cached environment.
+    #[arg(long, requires = "setup")]
+    pub no_cache: bool,
     /// Print the whole record as JSON instead of the id.
     #[arg(long)]
     pub json: bool,
@@ -261,6 +271,18 @@ async fn create(a: CreateArgs) -> anyhow::Result<i32> {
         policy,
         secrets: a.secrets,
         labels: a.labels.into_iter().collect(),
+        setup: match a.setup {
+            Some(f) => Some(SetupSpec {
+                script: String::from_utf8(f.bytes).map_err(|_| anyhow!("--setup {}: the script is not UTF-8 text", f.name))?,
+                policy: if a.setup_allow.is_empty() {
+                    None
+                } else {
+                    Some(PolicySpec { allow: a.setup_allow.iter().map(|s| allow_spec(s)).collect::<Result<_, _>>()? })
+                },
+                no_cache: a.no_cache,
+            }),
+            None => None,
+        },
     };
     let info: SandboxInfo = if a.repo {
         let (repo, snap) = crate::detach::snapshot_here()?;

@@ -453,6 +453,12 @@ impl RunRepo {
         Ok(Some((repo, snap)))
     }
 
+    /// The image the last snapshot of this work tree used (see [`hutch_repo::host::predicted_image`]), before this
+    /// run's snapshot is taken.
+    pub fn predicted_image(&self, image_cache: &Path) -> Option<std::path::PathBuf> {
+        self.found.as_ref().and_then(|r| hutch_repo::host::predicted_image(r, image_cache))
+    }
+
     /// The workspace image the sandbox must be started with, if any.
     pub fn workspace_image(&self) -> Option<std::path::PathBuf> {
         self.active.as_ref().map(|a| a.snap.image.clone())

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hutch_proto::{ExecEvent, ExecInput, ExecRequest};
-use hutch_sandbox::envsnap::{BuilderLock, Entry};
+use hutch_sandbox::envcache::Start;
 use hutch_sandbox::{Host, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
@@ -43,8 +43,7 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     let t0 = std::time::Instant::now();
     let (cache, image) = crate::image::ensure_named(a.vm.image).await?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: image found");
-    repo.snapshot(&mut a, &cache.root().join("workspaces"))?;
-    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: working tree snapshot taken");
+    let ws_cache = cache.root().join("workspaces");
     let host = Host::new(image, cache.root().to_path_buf())?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: host capabilities detected");
     let mut cfg = crate::image::sandbox_config(&a.vm);
@@ -53,10 +52,42 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     cfg.extra_kernel_args = a.kernel_args.clone();
     cfg.egress = egress;
     cfg.env = a.env.clone();
-    cfg.workspace_image = repo.workspace_image();
     crate::image::warn_if_tcg(&host, &cfg)?;
 
     let plan = crate::envcache::plan(&a, &user, &repo, &cfg.egress, &host.image.key, cache.root())?;
+
+    // The VM is restored while the working-tree snapshot is taken, with the image the last snapshot of this work
+    // tree used (an unchanged tree uses it again). The snapshot decides: a VM started with another image is
+    // destroyed before anything ran in it, and the run starts one with the right image.
+    let guess = match (&plan, cfg.cold) {
+        (None, false) => repo.predicted_image(&ws_cache),
+        _ => None,
+    };
+    let speculative = guess.map(|img| {
+        let (h, mut c) = (host.clone(), cfg.clone());
+        c.workspace_image = Some(img.clone());
+        let task = tokio::spawn(async move {
+            let quiet = |n: &str| tracing::debug!("speculative start: {}", hutch_text::escape_lines(n.as_bytes()));
+            Sandbox::create_with_notes(&h, &c, &quiet).await
+        });
+        (img, task)
+    });
+    let snapped = tokio::task::block_in_place(|| repo.snapshot(&mut a, &ws_cache));
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: working tree snapshot taken");
+    cfg.workspace_image = repo.workspace_image();
+    let mut early = None;
+    if let Some((img, task)) = speculative {
+        match task.await {
+            Ok(Ok(sb)) if snapped.is_ok() && cfg.workspace_image.as_ref() == Some(&img) => early = Some(sb),
+            Ok(Ok(sb)) => {
+                tracing::debug!("speculative start: the tree changed; starting again with its image");
+                sb.destroy().await;
+            }
+            Ok(Err(e)) => tracing::debug!("speculative start failed: {}", hutch_sandbox::error_chain(&e)),
+            Err(e) => tracing::debug!("speculative start failed: {e}"),
+        }
+    }
+    snapped?;
 
     // Signals are watched from before the VM exists, so a Ctrl-C during start-up also cleans up.
     let mut sigs = Signals {
@@ -71,30 +102,17 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     // setup (captured afterwards when this run builds the entry for its key).
     let mut start = match &plan {
         None => Start::Fresh { lock: None },
-        Some(p) if p.refresh => Start::Fresh { lock: builder_lock(p, &warn) },
-        Some(p) => match p.store.lookup(&p.key, Some(p.max_age)) {
-            Ok(Some(e)) => Start::Cached { entry: e, just_made: false },
-            Ok(None) => {
-                let lock = builder_lock(p, &warn);
-                // Another run may have finished building between the lookup and the lock.
-                match (lock.is_some(), p.store.lookup(&p.key, Some(p.max_age))) {
-                    (true, Ok(Some(e))) => Start::Cached { entry: e, just_made: false },
-                    _ => Start::Fresh { lock },
-                }
-            }
-            Err(e) => {
-                warn(&format!("the cached environment {} is unusable ({}); running the setup", p.short_key(), hutch_sandbox::error_chain(&e)));
-                p.store.discard(&p.key);
-                Start::Fresh { lock: builder_lock(p, &warn) }
-            }
-        },
+        Some(p) => p.start(&warn),
     };
     let (sandbox, ending) = loop {
-        let created = tokio::select! {
-            r = create(&host, &cfg, &mut start, plan.as_ref(), &warn) => r?,
-            _ = sigs.int.recv() => return Ok(130),
-            _ = sigs.term.recv() => return Ok(143),
-            _ = sigs.hup.recv() => return Ok(129),
+        let created = match early.take() {
+            Some(sb) => sb,
+            None => tokio::select! {
+                r = create(&host, &cfg, &mut start, plan.as_ref(), &warn) => r?,
+                _ = sigs.int.recv() => return Ok(130),
+                _ = sigs.term.recv() => return Ok(143),
+                _ = sigs.hup.recv() => return Ok(129),
+            },
         };
         let sandbox = created;
         tracing::info!(id = %sandbox.id, mode = ?sandbox.start.mode, took_ms = sandbox.start.took.as_millis() as u64, "sandbox started");
@@ -140,31 +158,20 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
             Ok(Some(stop)) => break (sandbox, Ok(stop)),
             Err(e) => break (sandbox, Err(e)),
         }
-        let Start::Fresh { lock } = &mut start else { break (sandbox, Ok(Ending::Continue)) };
-        let (Some(l), Some(p)) = (lock.take(), &plan) else { break (sandbox, Ok(Ending::Continue)) };
-        if !sandbox.capturable() {
-            break (sandbox, Ok(Ending::Continue));
-        }
+        let Some(p) = &plan else { break (sandbox, Ok(Ending::Continue)) };
         let setup_ms = setup_t0.elapsed().as_millis() as u64;
         // The setup succeeded and its connections are cut: the VM becomes the entry, and the command runs in a VM
         // restored from it (which also proves the entry restores).
         let captured = tokio::select! {
-            r = sandbox.capture(&p.store, &l, &p.label, setup_ms) => r,
+            r = p.capture(sandbox, &mut start, setup_ms, &warn) => r,
             _ = sigs.int.recv() => return Ok(130),
             _ = sigs.term.recv() => return Ok(143),
             _ = sigs.hup.recv() => return Ok(129),
         };
-        drop(l);
         match captured {
-            Ok(entry) => {
-                eprintln!("hutch: setup: stored in the environment cache (key {}…)", &entry.meta.key[..8]);
-                let _ = p.store.prune(Some(p.max_age), Some(p.max_bytes));
-                start = Start::Cached { entry, just_made: true };
-            }
-            Err(e) => {
-                warn(&format!("cannot store the environment ({}); running the setup again without storing", hutch_sandbox::error_chain(&e)));
-                start = Start::Fresh { lock: None };
-            }
+            Err(sandbox) => break (sandbox, Ok(Ending::Continue)),
+            Ok(Some(entry)) => eprintln!("hutch: setup: stored in the environment cache (key {}…)", &entry.meta.key[..8]),
+            Ok(None) => {}
         }
     };
 
@@ -241,63 +248,12 @@ struct Signals {
     hup: tokio::signal::unix::Signal,
 }
 
-/// Where this run's VM comes from.
-enum Start {
-    /// The image snapshot, then the setup; `lock` when this run builds the environment entry for its key.
-    Fresh { lock: Option<BuilderLock> },
-    /// An environment snapshot; `just_made` by this run (its workspace and copy-ins are current already).
-    Cached { entry: Entry, just_made: bool },
-}
-
-/// The builder's lock for the plan's key; `None` (with a note) when another run holds it: this run then runs the
-/// setup itself and stores nothing, and never waits.
-fn builder_lock(p: &crate::envcache::Plan, warn: &dyn Fn(&str)) -> Option<BuilderLock> {
-    match p.store.try_lock(&p.key) {
-        Ok(Some(l)) => Some(l),
-        Ok(None) => {
-            eprintln!("hutch: setup: another run is building the cached environment {}; running the setup without storing", p.short_key());
-            None
-        }
-        Err(e) => {
-            warn(&format!("environment cache: {}", hutch_sandbox::error_chain(&e)));
-            None
-        }
-    }
-}
-
-/// The VM for `start`, falling back (with a warning) from an unusable entry to a fresh start, and from a VM that
-/// cannot be captured to an ordinary one.
+/// The VM for `start`: from the environment cache when the run has a plan, else an ordinary sandbox.
 async fn create(host: &Host, cfg: &hutch_sandbox::SandboxConfig, start: &mut Start, plan: Option<&crate::envcache::Plan>, warn: &(dyn Fn(&str) + Sync)) -> anyhow::Result<Sandbox> {
-    if let Start::Cached { entry, .. } = start {
-        match Sandbox::restore_env(host, cfg, entry).await {
-            Ok(sb) => {
-                if let Some(p) = plan {
-                    p.store.touch(&p.key);
-                }
-                return Ok(sb);
-            }
-            Err(e) => {
-                warn(&format!("cannot restore the cached environment {}… ({}); running the setup", &entry.meta.key[..8], hutch_sandbox::error_chain(&e)));
-                let lock = plan.and_then(|p| {
-                    p.store.discard(&p.key);
-                    builder_lock(p, warn)
-                });
-                *start = Start::Fresh { lock };
-            }
-        }
+    match plan {
+        Some(p) => Ok(p.create(host, cfg, start, warn).await?),
+        None => Ok(Sandbox::create_with_notes(host, cfg, warn).await?),
     }
-    if let Start::Fresh { lock } = start {
-        if lock.is_some() {
-            match Sandbox::create_capturable(host, cfg).await {
-                Ok(sb) => return Ok(sb),
-                Err(e) => {
-                    warn(&format!("cannot prepare a VM for the environment cache ({}); running without storing", hutch_sandbox::error_chain(&e)));
-                    *lock = None;
-                }
-            }
-        }
-    }
-    Ok(Sandbox::create_with_notes(host, cfg, warn).await?)
 }
 
 async fn copy_in(sandbox: &Sandbox, a: &RunArgs) -> anyhow::Result<()> {

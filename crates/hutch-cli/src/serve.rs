@@ -157,6 +157,9 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
     let mgr = Manager::new(store, key, host, limits, metrics);
     mgr.set_results_dir(dd.root.join("results"));
     let rec = mgr.reconcile()?;
+    for gone in mgr.prune_caches() {
+        eprintln!("hutch: cache: removed {gone}");
+    }
     let pruned = mgr.prune_snapshots();
     if !pruned.is_empty() {
         eprintln!("hutch: removed {} boot snapshot(s) of sizes no longer in --sizes", pruned.len());

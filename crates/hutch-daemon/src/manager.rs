@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hutch_sandbox::egress::Egress;
+use hutch_sandbox::envcache::{Plan, Start};
+use hutch_sandbox::envsnap::EnvStore;
 use hutch_sandbox::pool::Pool;
 use hutch_sandbox::{AgentClient, Host, Sandbox, SandboxConfig, StartMode};
 use tokio::sync::{mpsc, watch};
@@ -18,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Principal;
 use crate::metrics::Metrics;
 use crate::secrets::SecretKey;
-use crate::model::{CreateSandbox, PolicySpec, SandboxInfo, SandboxState};
+use crate::model::{CreateSandbox, PolicySpec, SandboxInfo, SandboxState, SetupSpec};
 use crate::store::{now_ms, SandboxRow, Store};
 use crate::DaemonError;
 
@@ -42,6 +44,10 @@ pub struct Limits {
     /// (cpus, MiB) sizes an ordinary token may ask for; only these get boot snapshots. Admin tokens may ask for
     /// any size within the maxima (booted cold when not listed).
     pub sizes: Vec<(u32, u32)>,
+    /// Environment cache entries (setup results) expire this long after they were made.
+    pub env_cache_max_age: Duration,
+    /// All environment cache entries together (least recently used go first).
+    pub env_cache_max_bytes: u64,
 }
 
 impl Default for Limits {
@@ -58,6 +64,8 @@ impl Default for Limits {
             exec_output_max: 16 << 20,
             upload_max: 1 << 30,
             sizes: vec![(1, 512)],
+            env_cache_max_age: hutch_sandbox::envcache::DEFAULT_MAX_AGE,
+            env_cache_max_bytes: hutch_sandbox::envcache::DEFAULT_MAX_SIZE,
         }
     }
 }
@@ -94,7 +102,17 @@ pub struct CheckedCreate {
     pub env: BTreeMap<String, String>,
     pub policy: Option<PolicySpec>,
     pub secrets: Vec<String>,
+    /// Rows written before setups existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<SetupSpec>,
 }
+
+/// Largest setup script a create may carry.
+const MAX_SETUP: usize = 1 << 20;
+/// Output of a setup kept for its error message (the end of it).
+const SETUP_TAIL: usize = 8 << 10;
+/// Where the setup script is put in the guest.
+const SETUP_PATH: &str = "/var/tmp/hutch/setup";
 
 /// A sandbox whose VM this daemon owns.
 pub struct Live {
@@ -349,6 +367,19 @@ impl Manager {
         removed
     }
 
+    /// Garbage collection of the cache this daemon runs from, as `hutch cache prune` does it: environment
+    /// snapshots past their age or the size cap (least recently used first), and images other than this daemon's
+    /// (with their boot snapshots) by the same rules; nothing in use by any process is removed. Returns what went.
+    pub fn prune_caches(&self) -> Vec<String> {
+        let (age, bytes) = (Some(self.limits.env_cache_max_age), Some(self.limits.env_cache_max_bytes));
+        let mut out: Vec<String> = EnvStore::new(&self.host.root).prune(age, bytes).into_iter().map(|(k, why)| format!("environment {k} ({why})")).collect();
+        match hutch_image::Cache::at(&self.host.root).prune_images(std::slice::from_ref(&self.host.image.key), age, bytes) {
+            Ok(v) => out.extend(v.into_iter().map(|(k, why)| format!("image {} ({why})", &k[..12.min(k.len())]))),
+            Err(e) => tracing::warn!("cannot prune old images: {e}"),
+        }
+        out
+    }
+
     /// Makes the missing snapshot for `cfg`'s size in the background, once at a time, so that later creates
     /// restore instead of booting. Only for the configured sizes.
     fn rebuild_snapshot(&self, cfg: &SandboxConfig) {
@@ -442,7 +473,16 @@ impl Manager {
         }
         checked_policy(req.policy.as_ref(), &self.secret_hosts(&secrets)?).map_err(bad)?;
         check_labels(&req.labels).map_err(bad)?;
-        Ok(CheckedCreate { image, cpus, memory_mib, ttl_secs, env: req.env.clone(), policy: req.policy.clone(), secrets })
+        if let Some(s) = &req.setup {
+            if s.script.len() > MAX_SETUP {
+                return Err(bad(format!("setup.script: at most {} KiB, got {} bytes", MAX_SETUP >> 10, s.script.len())));
+            }
+            if s.script.trim().is_empty() {
+                return Err(bad("setup.script is empty".into()));
+            }
+            checked_policy(s.policy.as_ref(), &[]).map_err(|e| bad(format!("setup.{e}")))?;
+        }
+        Ok(CheckedCreate { image, cpus, memory_mib, ttl_secs, env: req.env.clone(), policy: req.policy.clone(), secrets, setup: req.setup.clone() })
     }
 
     fn secret_hosts(&self, names: &[String]) -> Result<Vec<(String, Vec<String>)>, ManagerError> {
@@ -461,7 +501,11 @@ impl Manager {
         let sink = DbAuditSink { sandbox: id.to_string(), tx: self.audit_tx.clone(), metrics: self.metrics.clone(), stored: Default::default() };
         let store = self.store.clone();
         let key = self.key.clone();
-        Ok(Egress::new(policy, Arc::new(sink)).with_secret_loader(move |p| {
+        let mut egress = Egress::new(policy, Arc::new(sink));
+        if let Some(s) = &spec.setup {
+            egress = egress.with_setup_phase(checked_policy(s.policy.as_ref(), &[]).map_err(ManagerError::BadInput)?);
+        }
+        Ok(egress.with_secret_loader(move |p| {
             p.load_secrets_with(|name| match crate::secrets::reveal(&store, &key, name) {
                 Ok(Some(v)) => Some(v.expose().to_string()),
                 _ => None,
@@ -550,15 +594,15 @@ impl Manager {
         let t0 = Instant::now();
         self.metrics.creates.inc();
         let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let created = match pool {
-            Some(p) if cfg.workspace_image.is_none() => p.take(&cfg).await,
-            _ => Sandbox::create(&self.host, &cfg).await,
+        let created = match (&spec.setup, pool) {
+            (Some(setup), _) => self.start_with_setup(&id, &owner, setup, &cfg).await.map(|(sb, m)| (sb, Some(m))),
+            (None, Some(p)) if cfg.workspace_image.is_none() => p.take(&cfg).await.map(|sb| (sb, None)).map_err(|e| hutch_sandbox::error_chain(&e)),
+            (None, _) => Sandbox::create(&self.host, &cfg).await.map(|sb| (sb, None)).map_err(|e| hutch_sandbox::error_chain(&e)),
         };
-        let sb = match created {
+        let (sb, setup_mode) = match created {
             Ok(sb) => sb,
-            Err(e) => {
+            Err(msg) => {
                 self.metrics.create_failures.inc();
-                let msg = hutch_sandbox::error_chain(&e);
                 tracing::warn!(%id, "sandbox start failed: {msg}");
                 self.store.mark_ended(&id, "failed", &format!("start failed: {msg}"))?;
                 return Err(ManagerError::Failed(format!("the sandbox could not start: {msg}")));
@@ -588,6 +632,7 @@ impl Manager {
             },
             None => None,
         };
+        let mode = setup_mode.as_deref().unwrap_or(mode);
         if let Err(e) = self.store.mark_running(&id, &sb.id, sb.vmm_pid(), mode, took.as_millis() as i64) {
             sb.destroy().await;
             self.store.mark_ended(&id, "failed", "could not record the start")?;
@@ -615,6 +660,81 @@ impl Manager {
             let _ = self.destroy_live(&id, "the daemon shut down").await;
         }
         self.info(&id)
+    }
+
+    /// The environment cache's plan for a setup by `owner` (the token's id scopes the key: tokens never share an
+    /// entry), keyed as `hutch run` keys it; `None` for `no_cache`.
+    fn env_plan(&self, owner: &str, setup: &SetupSpec, cfg: &SandboxConfig) -> Result<Option<Plan>, String> {
+        if setup.no_cache {
+            return Ok(None);
+        }
+        let scope = format!("hutch serve token {owner}");
+        let key = hutch_sandbox::envcache::KeyInputs {
+            image_key: &self.host.image.key,
+            vm: format!("cpus={} memory={} accel={:?}", cfg.cpus, cfg.memory_mib, cfg.accel),
+            setup: setup.script.as_bytes(),
+            setup_policy: cfg.egress.setup.as_deref(),
+            scope: &scope,
+            inputs: vec![],
+        }
+        .key()
+        .map_err(|e| hutch_sandbox::error_chain(&e))?;
+        Ok(Some(Plan {
+            store: EnvStore::new(&self.host.root),
+            key,
+            label: format!("hutch serve, token {owner}"),
+            refresh: false,
+            max_age: self.limits.env_cache_max_age,
+            max_bytes: self.limits.env_cache_max_bytes,
+        }))
+    }
+
+    /// A sandbox whose setup has run: restored from the environment cache when the key has an entry, else a fresh
+    /// VM that runs the setup (and, when it builds the entry, is captured and the sandbox restored from the new
+    /// entry). The gateway leaves the setup phase before the sandbox is handed out. Returns the start mode shown.
+    async fn start_with_setup(&self, id: &str, owner: &str, setup: &SetupSpec, cfg: &SandboxConfig) -> Result<(Sandbox, String), String> {
+        let warn = |m: &str| tracing::warn!(sandbox = %id, "{}", hutch_text::escape_lines(m.as_bytes()));
+        let plan = self.env_plan(owner, setup, cfg)?;
+        let mut start = match &plan {
+            Some(p) => p.start(&warn),
+            None => Start::Fresh { lock: None },
+        };
+        loop {
+            let sb = match &plan {
+                Some(p) => p.create(&self.host, cfg, &mut start, &warn).await,
+                None => Sandbox::create_with_notes(&self.host, cfg, &warn).await,
+            }
+            .map_err(|e| hutch_sandbox::error_chain(&e))?;
+            if let Start::Cached { entry, just_made } = &start {
+                let mode = if *just_made {
+                    format!("setup, stored in the environment cache (key {}…)", &entry.meta.key[..8])
+                } else {
+                    format!("environment cache (key {}…, made {} ago)", &entry.meta.key[..8], hutch_sandbox::envcache::age(entry.age_secs()))
+                };
+                if let Err(e) = sb.gateway().enter_phase(hutch_gateway::Phase::Agent) {
+                    sb.destroy().await;
+                    return Err(format!("ending the setup phase: {e}"));
+                }
+                return Ok((sb, mode));
+            }
+            let t0 = Instant::now();
+            if let Err(e) = run_setup(&sb, &setup.script).await {
+                sb.destroy().await;
+                return Err(e);
+            }
+            if let Err(e) = sb.gateway().enter_phase(hutch_gateway::Phase::Agent) {
+                sb.destroy().await;
+                return Err(format!("ending the setup phase: {e}"));
+            }
+            let Some(p) = &plan else { return Ok((sb, "setup".into())) };
+            match p.capture(sb, &mut start, t0.elapsed().as_millis() as u64, &warn).await {
+                // Not the builder: this VM is the sandbox.
+                Err(sb) => return Ok((sb, "setup".into())),
+                // Captured: the next turn restores from the entry (or, if the capture failed, runs the setup again
+                // without storing).
+                Ok(_) => continue,
+            }
+        }
     }
 
     /// Owns the VM until it is told to stop or dies; then destroys it, records the end, frees the slot.
@@ -823,6 +943,36 @@ impl Manager {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
+}
+
+/// Runs a create's setup script as root from `/root` with the setup phase's environment; an error carries the end
+/// of its output (escaped). Output is not kept beyond that tail, however much the guest prints.
+async fn run_setup(sb: &Sandbox, script: &str) -> Result<(), String> {
+    let client = sb.client();
+    let bytes = script.as_bytes();
+    client.put_file(SETUP_PATH, 0o700, bytes.len() as u64, bytes).await.map_err(|e| format!("uploading the setup script: {}", hutch_sandbox::error_chain(&e)))?;
+    let argv = if bytes.starts_with(b"#!") { vec![SETUP_PATH.to_string()] } else { vec!["sh".to_string(), SETUP_PATH.to_string()] };
+    let env = hutch_sandbox::egress::setup_env(sb.gateway());
+    let req = hutch_proto::ExecRequest { argv, env, cwd: Some("/root".into()), stdin: false, tty: None };
+    let mut h = client.exec(req).await.map_err(|e| format!("starting the setup script: {}", hutch_sandbox::error_chain(&e)))?;
+    let mut tail: Vec<u8> = Vec::new();
+    while let Some(ev) = h.events.next().await {
+        match ev {
+            hutch_proto::ExecEvent::Stdout(b) | hutch_proto::ExecEvent::Stderr(b) => {
+                tail.extend_from_slice(&b);
+                if tail.len() > SETUP_TAIL {
+                    tail.drain(..tail.len() - SETUP_TAIL);
+                }
+            }
+            hutch_proto::ExecEvent::Started { .. } => {}
+            hutch_proto::ExecEvent::Exited(hutch_proto::ExitStatus::Code(0)) => return Ok(()),
+            hutch_proto::ExecEvent::Exited(st) => {
+                return Err(format!("the setup script failed with exit code {}; its last output: {}", st.as_shell_code(), hutch_text::escape_lines(&tail)))
+            }
+            hutch_proto::ExecEvent::SpawnFailed { message, .. } => return Err(format!("the setup script did not start: {}", hutch_text::escape(&message))),
+        }
+    }
+    Err("the agent channel closed while the setup script ran".into())
 }
 
 fn reason_label(reason: &str) -> &'static str {

@@ -37,6 +37,26 @@ pub struct CreateSandbox {
     /// Free-form labels for filtering listings.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// A setup script run as root before the sandbox is handed out, with egress of its own. Its result is kept as
+    /// an environment snapshot: a later create by the same token with the same script, setup policy, image and
+    /// size starts from it instead of running the script again (`start_mode` says which happened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<SetupSpec>,
+}
+
+/// The setup phase of a create.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SetupSpec {
+    /// The script: run directly when it starts with `#!`, else by `sh`. At most 1 MiB.
+    pub script: String,
+    /// The setup phase's egress (the sandbox's own `policy` applies only after the setup). Without one the setup
+    /// reaches nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicySpec>,
+    /// Run the setup and neither use nor store a cached environment.
+    #[serde(default)]
+    pub no_cache: bool,
 }
 
 /// The allow rules of an egress policy, in the same terms as a policy file's `[[allow]]` entries.
@@ -121,7 +141,8 @@ pub struct SandboxInfo {
     /// Why it ended (deleted, TTL expired, the VM stopped, daemon restart...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_reason: Option<String>,
-    /// `snapshot restore` or `cold boot`.
+    /// `snapshot restore`, `cold boot`, `warm pool`; with a setup: `environment cache (key ..., made ... ago)`,
+    /// `setup, stored in the environment cache (key ...)` or `setup` (run, not stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_mode: Option<String>,
     /// Milliseconds from the create call to a guest ready for commands.

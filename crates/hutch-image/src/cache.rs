@@ -41,7 +41,7 @@ use crate::rootfs::{self, Sources};
 use crate::spec::{sha256_hex, CheckedSpec, ImageSpec};
 use crate::tools::{self, Tool, BUSYBOX_PACKAGE, BUSYBOX_PATH};
 
-const KERNELS: &str = "kernels";
+pub(crate) const KERNELS: &str = "kernels";
 /// A kind of cache component: its directory, lock name, and the files a complete one has.
 struct ComponentKind {
     dir: &'static str,
@@ -77,11 +77,11 @@ const ROOTFS: ComponentKind = ComponentKind {
     tools: || vec![tools::UNSHARE, tools::MMDEBSTRAP, tools::MKFS_EXT4],
     needs_root: true,
 };
-const INITRDS: &str = "initrd";
-const ROOTFSES: &str = "rootfs";
-const IMAGES: &str = "images";
-const LOCKS: &str = "locks";
-const TMP: &str = "tmp";
+pub(crate) const INITRDS: &str = "initrd";
+pub(crate) const ROOTFSES: &str = "rootfs";
+pub(crate) const IMAGES: &str = "images";
+pub(crate) const LOCKS: &str = "locks";
+pub(crate) const TMP: &str = "tmp";
 const STATE: &str = "state";
 const MANIFEST: &str = "manifest.json";
 const SNAPSHOTS: &str = "snapshots";
@@ -609,7 +609,7 @@ impl Cache {
         load_image_in(shared, key, Some(self.image_dir(key).join(SNAPSHOTS)))
     }
 
-    fn read_manifest(&self, key: &str) -> Result<Option<Manifest>, ImageError> {
+    pub(crate) fn read_manifest(&self, key: &str) -> Result<Option<Manifest>, ImageError> {
         let path = self.image_dir(key).join(MANIFEST);
         if !path.is_file() {
             return Ok(None);
@@ -617,11 +617,11 @@ impl Cache {
         read_json(&path).map(Some)
     }
 
-    fn image_keys(&self) -> Result<Vec<String>, ImageError> {
+    pub(crate) fn image_keys(&self) -> Result<Vec<String>, ImageError> {
         list_names(&self.root.join(IMAGES))
     }
 
-    fn image_dir(&self, key: &str) -> PathBuf {
+    pub(crate) fn image_dir(&self, key: &str) -> PathBuf {
         self.root.join(IMAGES).join(key)
     }
 
@@ -629,7 +629,7 @@ impl Cache {
         self.root.join(LOCKS).join(format!("{kind}-{key}.lock"))
     }
 
-    fn cache_lock(&self, kind: LockKind) -> Result<Lock, ImageError> {
+    pub(crate) fn cache_lock(&self, kind: LockKind) -> Result<Lock, ImageError> {
         let dir = self.root.join(LOCKS);
         fs::create_dir_all(&dir).ctx("creating cache directory", &dir)?;
         Lock::acquire(&dir.join("cache.lock"), kind)
@@ -637,7 +637,7 @@ impl Cache {
 
     /// Deletes the lock files of entries that do not exist (removed ones, failed builds).
     /// Only called with the cache lock held exclusively, when no build holds any lock.
-    fn remove_stale_locks(&self) -> Result<(), ImageError> {
+    pub(crate) fn remove_stale_locks(&self) -> Result<(), ImageError> {
         let dir = self.root.join(LOCKS);
         for entry in fs::read_dir(&dir).ctx("listing", &dir)? {
             let entry = entry.ctx("listing", &dir)?;
@@ -662,7 +662,7 @@ impl Cache {
 
     /// Takes `path` out of the cache in one rename, then deletes it, so a crash midway
     /// leaves only a temp dir for the reaper, never a half-deleted entry.
-    fn discard(&self, path: &Path) -> Result<(), ImageError> {
+    pub(crate) fn discard(&self, path: &Path) -> Result<(), ImageError> {
         let trash = BuildDir::create(&self.root.join(TMP), "removed")?;
         fs::rename(path, trash.path().join("entry")).ctx("moving out of the cache", path)?;
         drop(trash);
@@ -742,7 +742,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ImageErro
 }
 
 /// Names of the 64-hex-digit key directories in `dir` (anything else is not ours).
-fn list_names(dir: &Path) -> Result<Vec<String>, ImageError> {
+pub(crate) fn list_names(dir: &Path) -> Result<Vec<String>, ImageError> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

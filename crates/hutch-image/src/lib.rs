@@ -27,6 +27,7 @@ mod key;
 mod manifest;
 mod modules;
 mod progress;
+mod prune;
 mod rootfs;
 mod rootless;
 mod spec;
@@ -34,6 +35,7 @@ mod tools;
 mod tsc;
 
 pub use cache::{Cache, Image, SYSTEM_CACHE};
+pub use prune::InUse;
 pub use error::ImageError;
 pub use kernel::KernelInfo;
 pub use key::{ImageInputs, InitrdInputs, KernelInputs, NpmInputs, RootfsInputs, RECIPE_VERSION};

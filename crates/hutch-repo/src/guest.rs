@@ -26,8 +26,9 @@ const AGENT: &str = "/run/hutch-agent";
 const UPPER: &str = "/var/tmp/hutch/overlay/upper";
 const LOWER: &str = "/run/hutch/workspace-image";
 
-/// Arguments: workspace, staging directory, base commit (or empty), and the overlay's upper and lower directories
-/// (or empty: then the whole tree is scanned). Writes `<staging>/out/changes.patch` (unless the working tree is
+/// Arguments: workspace, staging directory, base commit (or empty), the overlay's upper and lower directories
+/// (or empty: then the whole tree is scanned), and `reported` when `workspace-changes` already ran (its report
+/// is in `<staging>/out.report`). Writes `<staging>/out/changes.patch` (unless the working tree is
 /// the snapshot's and HEAD did not move) and, when there are new commits, `<staging>/out/commits.bundle`; prints
 /// the report [`parse_report`] reads.
 ///
@@ -40,7 +41,7 @@ pub(crate) const COLLECT: &str = r#"set -eu
 ws=$1 base=$3 upper=$4 lower=$5 out=$2/out
 cd "$ws"
 if [ -n "$upper" ]; then
-  "$AGENT" workspace-changes "$upper" "$lower" "$out" > "$out.report"
+  [ "${6:-}" = reported ] || "$AGENT" workspace-changes "$upper" "$lower" "$out" > "$out.report"
   { read -r npaths refs; } < "$out.report"
 else
   rm -rf "$out"
@@ -220,13 +221,38 @@ pub async fn run_setup(
 
 /// Packs and downloads what the VM changed into `dest` (a host directory that exists).
 pub async fn collect(client: &AgentClient, ws: &Workspace, dest: &Path, limits: &Limits) -> Result<Collected, RepoError> {
-    let argv = collect_argv(ws, WORKSPACE, STAGING);
     let env = vec![("AGENT".into(), AGENT.into()), ("SNAPSHOT_INDEX".into(), crate::host::SNAPSHOT_INDEX.into())];
-    let r = exec_with_env(client, argv, env, Some("/"), 1 << 20, None).await?;
-    if r.status != ExitStatus::Code(0) {
-        return Err(failed("collecting the changes in /workspace", &r));
+    let mut report = None;
+    if ws.overlay {
+        // The upper layer first, by the agent alone: when it says nothing changed (the common case of a command
+        // that only reads), that is the whole report, and no shell or git process runs at all.
+        let argv = [AGENT, "workspace-changes", UPPER, LOWER, &format!("{STAGING}/out")].map(str::to_string).to_vec();
+        let r = exec_with_env(client, argv, env.clone(), Some(WORKSPACE), 1 << 20, None).await?;
+        if r.status != ExitStatus::Code(0) {
+            return Err(failed("reading the overlay's changes in /workspace", &r));
+        }
+        if let Some(rest) = r.stdout.strip_prefix(b"0 same\n".as_slice()) {
+            let head = ws.base.as_ref().map(|o| o.to_string()).unwrap_or_else(|| "-".into());
+            let mut text = format!("head {head}\nbundle no\npatch unchanged\n").into_bytes();
+            text.extend_from_slice(rest);
+            report = Some(text);
+        }
     }
-    let (head, bundle, patch, git_meta_changed) = parse_report(ws, &r.stdout)?;
+    let stdout = match report {
+        Some(r) => r,
+        None => {
+            let mut argv = collect_argv(ws, WORKSPACE, STAGING);
+            if ws.overlay {
+                argv.push("reported".into());
+            }
+            let r = exec_with_env(client, argv, env, Some("/"), 1 << 20, None).await?;
+            if r.status != ExitStatus::Code(0) {
+                return Err(failed("collecting the changes in /workspace", &r));
+            }
+            r.stdout
+        }
+    };
+    let (head, bundle, patch, git_meta_changed) = parse_report(ws, &stdout)?;
     let patch = if patch {
         let p = dest.join("changes.patch");
         download(client, &format!("{STAGING}/out/changes.patch"), &p, limits.max_patch, "patch of uncommitted changes").await?;

@@ -168,7 +168,12 @@ impl Snapshot {
             prefix: &repo.prefix,
         };
         let (image, git_meta, image_reused) = match image_cache {
-            Some(cache) => workspace_image(scratch.path(), &git, &spec, cache)?,
+            Some(cache) => {
+                let kept = kept_dir(repo, cache);
+                let made = workspace_image(scratch.path(), &git, &spec, cache, Some(&kept))?;
+                remember_image(repo, cache, &made.0);
+                made
+            }
             None => (PathBuf::new(), Default::default(), false),
         };
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, reused = image_reused, image = %image.display(), "snapshot: workspace image ready");
@@ -208,6 +213,39 @@ pub(crate) fn scratch_borrowing(repo: &HostRepo) -> Result<(tempfile::TempDir, G
     alt.push(b'\n');
     std::fs::write(gd.join("objects/info/alternates"), alt).map_err(io_err("cannot write the scratch repository"))?;
     Ok((scratch, git))
+}
+
+/// Where the name of the image this work tree's last snapshot used is kept: one small file per work tree (and
+/// start directory, since that is part of the image) in the image cache.
+fn last_image_record(repo: &HostRepo, cache: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(repo.top.as_os_str().as_bytes());
+    h.update([0]);
+    h.update(repo.git_dir.as_os_str().as_bytes());
+    h.update([0]);
+    h.update(repo.prefix.as_os_str().as_bytes());
+    cache.join(format!("last-{}", &hex::encode(h.finalize())[..32]))
+}
+
+fn remember_image(repo: &HostRepo, cache: &Path, image: &Path) {
+    let Some(name) = image.file_name() else { return };
+    let record = last_image_record(repo, cache);
+    let tmp = record.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::write(&tmp, name.as_bytes()).is_ok() && std::fs::rename(&tmp, &record).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// The image the last snapshot of this work tree used, if it is still in the cache: a guess at the image the
+/// next snapshot will use, so that a VM can be started with it while the snapshot is taken (the snapshot decides;
+/// a wrong guess only costs that VM). Reads two small files; hashes nothing.
+pub fn predicted_image(repo: &HostRepo, cache: &Path) -> Option<PathBuf> {
+    let name = std::fs::read(last_image_record(repo, cache)).ok()?;
+    let name = std::str::from_utf8(&name).ok()?;
+    let ok = name.starts_with("ws-") && name.ends_with(".erofs") && !name.contains('/') && name.len() < 100;
+    let image = cache.join(name);
+    (ok && image.is_file()).then_some(image)
 }
 
 /// Which files of the work tree go into the VM, as a tree in the scratch repository: `git add -A` (tracked files
@@ -330,11 +368,14 @@ impl WorkspaceSpec<'_> {
 }
 
 /// The image for `spec` from the cache, or made and added to it. Returns (image, git metadata digests, reused).
+/// A new image is made from the work tree's kept workspace directory when it is free (`kept`, updated in place:
+/// only what changed since the tree it holds is written), else from a fresh one in `scratch`.
 pub(crate) fn workspace_image(
     scratch: &Path,
     git: &Git,
     spec: &WorkspaceSpec<'_>,
     cache: &Path,
+    kept: Option<&Path>,
 ) -> Result<(PathBuf, std::collections::BTreeMap<String, String>, bool), RepoError> {
     let key = spec.key();
     let image = cache.join(format!("ws-{key}.erofs"));
@@ -349,8 +390,32 @@ pub(crate) fn workspace_image(
         }
     }
     std::fs::create_dir_all(cache).map_err(io_err(format!("cannot create the workspace image cache {}", cache.display())))?;
-    let ws = scratch.join("ws");
-    let git_meta = prepare_workspace(&ws, git, spec)?;
+    let lock = kept.and_then(KeptLock::try_take);
+    let (ws, git_meta) = match (&lock, kept) {
+        (Some(_), Some(k)) => {
+            let t0 = std::time::Instant::now();
+            let gm = match update_kept(k, git, spec) {
+                Ok(gm) => {
+                    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "snapshot: kept workspace updated");
+                    gm
+                }
+                Err(why) => {
+                    tracing::debug!("snapshot: kept workspace not usable ({why}); making it afresh");
+                    let _ = std::fs::remove_file(k.join(KEPT_STATE));
+                    remove_dir_if_present(&k.join("ws"))?;
+                    std::fs::create_dir_all(k).map_err(io_err("cannot create the kept workspace"))?;
+                    let (gm, pack) = prepare_workspace(&k.join("ws"), git, spec)?;
+                    write_kept_state(k, spec, &pack, 0, &gm)?;
+                    gm
+                }
+            };
+            (k.join("ws"), gm)
+        }
+        _ => {
+            let ws = scratch.join("ws");
+            (ws.clone(), prepare_workspace(&ws, git, spec)?.0)
+        }
+    };
     // Made under private names and renamed, so concurrent runs of the same tree never see a half-made image;
     // the JSON goes first because a lookup trusts an image only with its JSON beside it.
     let nonce = format!("{}-{}", std::process::id(), scratch.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
@@ -365,10 +430,170 @@ pub(crate) fn workspace_image(
     })();
     let _ = std::fs::remove_file(&tmp_image);
     let _ = std::fs::remove_file(&tmp_meta);
-    let _ = std::fs::remove_dir_all(&ws);
+    if lock.is_none() {
+        let _ = std::fs::remove_dir_all(&ws);
+    }
+    drop(lock);
     made?;
     evict(cache, &image);
     Ok((image, git_meta, false))
+}
+
+fn remove_dir_if_present(dir: &Path) -> Result<(), RepoError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RepoError::Io { what: format!("cannot remove {}", dir.display()), source: e }),
+    }
+}
+
+/// The kept workspace directory of a work tree: `<cache>/kept-<id>/` holding `ws/` (the last image's content,
+/// checked out) and `state.json`.
+fn kept_dir(repo: &HostRepo, cache: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(repo.top.as_os_str().as_bytes());
+    h.update([0]);
+    h.update(repo.git_dir.as_os_str().as_bytes());
+    cache.join(format!("kept-{}", &hex::encode(h.finalize())[..32]))
+}
+
+const KEPT_STATE: &str = "state.json";
+/// Kept directories (one per work tree), least recently used removed first.
+const KEPT_MAX: usize = 4;
+/// History packs a kept workspace may collect before it is made afresh.
+const KEPT_MAX_PACKS: u32 = 16;
+
+/// What a kept workspace holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeptState {
+    format: u32,
+    object_format: String,
+    base: Option<String>,
+    tree: String,
+    branch: Option<String>,
+    prefix: PathBuf,
+    /// The pack of the tree's objects that HEAD's history lacks (the uncommitted files): replaced on each
+    /// update, so nothing of an earlier tree's uncommitted files stays in later images.
+    snapshot_pack: String,
+    history_packs: u32,
+    git_meta: std::collections::BTreeMap<String, String>,
+}
+
+fn write_kept_state(k: &Path, spec: &WorkspaceSpec<'_>, snapshot_pack: &str, history_packs: u32, gm: &std::collections::BTreeMap<String, String>) -> Result<(), RepoError> {
+    let st = KeptState {
+        format: 1,
+        object_format: spec.object_format.to_string(),
+        base: spec.base.map(|b| b.to_string()),
+        tree: spec.tree.to_string(),
+        branch: spec.branch.map(str::to_string),
+        prefix: spec.prefix.to_path_buf(),
+        snapshot_pack: snapshot_pack.to_string(),
+        history_packs,
+        git_meta: gm.clone(),
+    };
+    let json = serde_json::to_vec(&st).map_err(|e| RepoError::Project(e.to_string()))?;
+    std::fs::write(k.join(KEPT_STATE), json).map_err(io_err("cannot write the kept workspace's state"))
+}
+
+/// An exclusive `flock` on `<kept>.lock`; released when dropped.
+struct KeptLock {
+    _file: std::fs::File,
+}
+
+impl KeptLock {
+    fn try_take(kept: &Path) -> Option<KeptLock> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(kept.with_extension("lock")).ok()?;
+        // SAFETY: flock on a descriptor this function owns; it takes no pointers.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        (r == 0).then_some(KeptLock { _file: f })
+    }
+}
+
+/// Writes a pack of what `revs` (rev-list arguments, one a line) name from the scratch repository into the
+/// workspace repository `gd`; returns its name.
+fn write_pack(scratch: &Git, gd: &Path, revs: &str) -> Result<String, RepoError> {
+    let pack = gd.join("objects/pack/pack");
+    let out = scratch.run_input("pack-objects (workspace)", [OsStr::new("pack-objects"), OsStr::new("-q"), OsStr::new("--revs"), pack.as_os_str()], Some(revs.as_bytes()))?;
+    let name = String::from_utf8_lossy(&out).trim().to_string();
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(RepoError::Git { action: "pack-objects (workspace)".into(), stderr: format!("unexpected output {name:?}") });
+    }
+    Ok(name)
+}
+
+/// Moves the kept workspace from the tree it holds to `spec`'s, writing only what differs: a pack of HEAD's new
+/// commits (only when the old HEAD is an ancestor of the new one, so the image still holds exactly HEAD's
+/// history), a new pack of the tree's objects beyond HEAD (the old one goes), the files that differ between the
+/// two trees (`read-tree -m -u`, which keeps the stat data of the others), the index moved to HEAD, the refs.
+/// An error (the reason) means the caller makes it afresh.
+fn update_kept(k: &Path, scratch: &Git, spec: &WorkspaceSpec<'_>) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let text = std::fs::read(k.join(KEPT_STATE)).map_err(|e| format!("no state: {e}"))?;
+    let st: KeptState = serde_json::from_slice(&text).map_err(|e| format!("state: {e}"))?;
+    if st.format != 1 || st.object_format != spec.object_format || st.branch.as_deref() != spec.branch || st.prefix != spec.prefix {
+        return Err("another format, branch or start directory".into());
+    }
+    if st.history_packs >= KEPT_MAX_PACKS {
+        return Err("too many packs".into());
+    }
+    let ws = k.join("ws");
+    let gd = ws.join(".git");
+    let g = Git::at(&gd).work_tree(&ws);
+    let e = |e: RepoError| e.to_string();
+    let mut history_packs = st.history_packs;
+    match (st.base.as_deref(), spec.base.map(Oid::as_str)) {
+        (Some(old), Some(new)) if old != new => {
+            if !scratch.ok(["merge-base", "--is-ancestor", old, new]) {
+                return Err("HEAD moved to a commit that does not contain the old one".into());
+            }
+            write_pack(scratch, &gd, &format!("{new}\n^{old}\n")).map_err(e)?;
+            history_packs += 1;
+        }
+        (Some(_), Some(_)) | (None, None) => {}
+        _ => return Err("HEAD was born or unborn since".into()),
+    }
+    let snap_revs = match spec.base {
+        Some(b) => format!("{}\n^{b}\n", spec.tree),
+        None => format!("{}\n", spec.tree),
+    };
+    let snapshot_pack = write_pack(scratch, &gd, &snap_revs).map_err(e)?;
+    let idx = gd.join(SNAPSHOT_INDEX);
+    g.clone().index(&idx).run("read-tree -m -u (kept workspace)", ["read-tree", "-m", "-u", st.tree.as_str(), spec.tree.as_str()]).map_err(e)?;
+    if snapshot_pack != st.snapshot_pack {
+        for ext in ["pack", "idx", "rev"] {
+            let _ = std::fs::remove_file(gd.join(format!("objects/pack/pack-{}.{ext}", st.snapshot_pack)));
+        }
+    }
+    let index = gd.join("index");
+    std::fs::copy(&idx, &index).map_err(|e| format!("index: {e}"))?;
+    let gi = g.clone().index(&index);
+    match spec.base {
+        Some(b) => gi.run("read-tree -m (kept workspace)", ["read-tree", "-m", b.as_str()]).map_err(e)?,
+        None => gi.run("read-tree (kept workspace)", ["read-tree", "--empty"]).map_err(e)?,
+    };
+    match (spec.base, spec.branch) {
+        (Some(b), Some(br)) => {
+            gi.run("update-ref (kept workspace)", ["update-ref", &format!("refs/heads/{br}"), b.as_str()]).map_err(e)?;
+        }
+        (Some(b), None) => {
+            gi.run("update-ref (kept workspace)", ["update-ref", "--no-deref", "HEAD", b.as_str()]).map_err(e)?;
+        }
+        _ => {}
+    }
+    std::fs::create_dir_all(ws.join(spec.prefix)).map_err(|e| format!("start directory: {e}"))?;
+    // Dated after every file they describe (see `prepare_workspace`).
+    for f in [&index, &idx] {
+        if let Ok(f) = std::fs::File::options().append(true).open(f) {
+            let _ = f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(2));
+        }
+    }
+    let gm = git_meta_digests(&gd).map_err(|e| format!("git metadata: {e}"))?;
+    if gm != st.git_meta {
+        return Err("its git metadata changed".into());
+    }
+    write_kept_state(k, spec, &snapshot_pack, history_packs, &gm).map_err(e)?;
+    Ok(gm)
 }
 
 /// Packs `dir` into a read-only erofs image at `out`: files owned by root, modification times kept (the index's
@@ -393,8 +618,22 @@ fn mkfs_erofs(dir: &Path, out: &Path) -> Result<(), RepoError> {
     std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o444)).map_err(io_err("cannot protect the workspace image"))
 }
 
-/// Removes the least recently used images while the cache holds more than its budget (never `keep`).
+/// Removes the least recently used images while the cache holds more than its budget (never `keep`), and kept
+/// workspaces beyond [`KEPT_MAX`] (never one in use).
 fn evict(cache: &Path, keep: &Path) {
+    let Ok(rd) = std::fs::read_dir(cache) else { return };
+    let mut kept: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("kept-") && e.path().is_dir())
+        .map(|e| (std::fs::metadata(e.path().join(KEPT_STATE)).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
+        .collect();
+    kept.sort();
+    kept.reverse();
+    for (_, dir) in kept.into_iter().skip(KEPT_MAX) {
+        if let Some(_lock) = KeptLock::try_take(&dir) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
     let Ok(rd) = std::fs::read_dir(cache) else { return };
     let mut images: Vec<(std::time::SystemTime, u64, PathBuf)> = rd
         .flatten()
@@ -427,7 +666,7 @@ fn evict(cache: &Path, keep: &Path) {
 /// user's working tree over it, so their uncommitted changes show as changes. The index keeps the stat data of
 /// the files as written here, and the image keeps their times: with `core.checkStat=minimal` git in the VM
 /// trusts it and `git status` hashes nothing. Host-side git here runs hardened like everywhere else.
-fn prepare_workspace(ws: &Path, scratch: &Git, spec: &WorkspaceSpec<'_>) -> Result<std::collections::BTreeMap<String, String>, RepoError> {
+fn prepare_workspace(ws: &Path, scratch: &Git, spec: &WorkspaceSpec<'_>) -> Result<(std::collections::BTreeMap<String, String>, String), RepoError> {
     let parent = ws.parent().unwrap_or(ws);
     Git::discover(parent).run(
         "init (workspace)",
@@ -445,13 +684,16 @@ fn prepare_workspace(ws: &Path, scratch: &Git, spec: &WorkspaceSpec<'_>) -> Resu
     for d in ["hooks", "info", "objects/pack"] {
         std::fs::create_dir_all(ws.join(".git").join(d)).map_err(io_err("cannot create the workspace repository"))?;
     }
-    let mut wants = String::new();
-    if let Some(b) = spec.base {
-        wants.push_str(&format!("{b}\n"));
-    }
-    wants.push_str(&format!("{}\n", spec.tree));
-    let pack = ws.join(".git/objects/pack/pack");
-    scratch.run_input("pack-objects (workspace)", [OsStr::new("pack-objects"), OsStr::new("-q"), OsStr::new("--revs"), pack.as_os_str()], Some(wants.as_bytes()))?;
+    // Two packs: HEAD's history, and the tree's objects beyond it (the uncommitted files), which a kept workspace
+    // replaces on each update.
+    let gd = ws.join(".git");
+    let snapshot_pack = match spec.base {
+        Some(b) => {
+            write_pack(scratch, &gd, &format!("{b}\n"))?;
+            write_pack(scratch, &gd, &format!("{}\n^{b}\n", spec.tree))?
+        }
+        None => write_pack(scratch, &gd, &format!("{}\n", spec.tree))?,
+    };
     let g = Git::at(&ws.join(".git")).work_tree(ws).index(&ws.join(".git/index"));
     match (spec.base, spec.branch) {
         (Some(b), Some(br)) => {
@@ -491,7 +733,8 @@ fn prepare_workspace(ws: &Path, scratch: &Git, spec: &WorkspaceSpec<'_>) -> Resu
     if let Ok(f) = std::fs::File::options().append(true).open(ws.join(".git/index")) {
         let _ = f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(2));
     }
-    git_meta_digests(&ws.join(".git")).map_err(io_err("cannot read the workspace's git metadata"))
+    let gm = git_meta_digests(&ws.join(".git")).map_err(io_err("cannot read the workspace's git metadata"))?;
+    Ok((gm, snapshot_pack))
 }
 
 pub(crate) fn git_meta_digests(git_dir: &Path) -> std::io::Result<std::collections::BTreeMap<String, String>> {
@@ -662,6 +905,56 @@ pub(crate) mod tests {
         let files = String::from_utf8(files).unwrap();
         assert!(files.contains("deploy/id_rsa\n") && !files.contains("new.txt") && files.contains("a.txt"), "{files}");
         assert!(!files.contains("config/.env\n"), "{files}");
+    }
+
+    /// A new tree of a work tree whose earlier tree was made into an image: the kept workspace is updated (only
+    /// the changed files written) and the image holds exactly the new tree and HEAD's history, nothing of an
+    /// earlier tree's uncommitted files.
+    #[test]
+    fn a_new_tree_updates_the_kept_workspace_and_holds_only_the_new_tree() {
+        let (_t, r) = sample_repo();
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::write(r.join("old.txt"), "only-in-the-first-tree\n").unwrap();
+        let repo = HostRepo::discover(&r).unwrap().unwrap();
+        let s1 = Snapshot::take(&repo, cache.path()).unwrap();
+        assert!(!s1.image_reused);
+        let old_blob = s1.git.line("rev-parse", ["rev-parse", &format!("{}:old.txt", s1.commit)]).unwrap();
+        // The next tree: a file gone, one changed, one new, and a new commit on top of HEAD.
+        std::fs::remove_file(r.join("old.txt")).unwrap();
+        std::fs::write(r.join("a.txt"), "one\ntwo\nthree\n").unwrap();
+        std::fs::create_dir_all(r.join("c")).unwrap();
+        std::fs::write(r.join("c/d.txt"), "dee\n").unwrap();
+        std::fs::write(r.join("sub/b.txt"), "bee two\n").unwrap();
+        let g = Git::at(&r.join(".git")).work_tree(&r);
+        g.run("commit", ["commit", "-q", "-m", "second", "sub/b.txt"]).unwrap();
+        let repo = HostRepo::discover(&r).unwrap().unwrap();
+        let s2 = Snapshot::take(&repo, cache.path()).unwrap();
+        assert!(!s2.image_reused);
+        let state: KeptState = serde_json::from_slice(&std::fs::read(kept_dir(&repo, cache.path()).join(KEPT_STATE)).unwrap()).unwrap();
+        assert_eq!(state.tree, s2.tree.to_string(), "the kept workspace holds the new tree");
+        assert_eq!(state.history_packs, 1, "HEAD's new commit came as a pack of its own");
+        let x = tempfile::tempdir().unwrap();
+        let ws = x.path().join("ws");
+        let out = std::process::Command::new("fsck.erofs").arg(format!("--extract={}", ws.display())).arg(&s2.image).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let gw = Git::at(&ws.join(".git")).work_tree(&ws).index(&ws.join(".git/index"));
+        gw.run("fsck", ["fsck", "--no-dangling", "--connectivity-only"]).unwrap();
+        assert_eq!(gw.line("rev-parse", ["rev-parse", "HEAD"]).unwrap(), repo.head.as_ref().unwrap().as_str());
+        let snap_index = Git::at(&ws.join(".git")).index(&ws.join(".git").join(SNAPSHOT_INDEX));
+        assert_eq!(snap_index.line("write-tree", ["write-tree"]).unwrap(), s2.tree.as_str());
+        assert_eq!(std::fs::read_to_string(ws.join("a.txt")).unwrap(), "one\ntwo\nthree\n");
+        assert_eq!(std::fs::read_to_string(ws.join("c/d.txt")).unwrap(), "dee\n");
+        assert!(!ws.join("old.txt").exists());
+        assert!(!gw.ok(["cat-file", "-e", old_blob.as_str()]), "the earlier tree's uncommitted file is not in the image");
+        let image = std::fs::read(&s2.image).unwrap();
+        let needle = b"only-in-the-first-tree";
+        assert!(!image.windows(needle.len()).any(|w| w == needle));
+        // git in the image sees the uncommitted changes against HEAD, and nothing else.
+        let st = gw.run("status", ["status", "--porcelain"]).unwrap();
+        assert_eq!(String::from_utf8_lossy(&st), " M a.txt\n D gone.txt\n?? c/\n?? new.txt\n");
+        // The same tree again: the image is reused.
+        let s3 = Snapshot::take(&repo, cache.path()).unwrap();
+        assert!(s3.image_reused && s3.image == s2.image);
     }
 
     #[test]

@@ -62,6 +62,11 @@ impl Checked {
 /// Checks and imports the VM's output. `Ok(None)`: the VM changed nothing.
 pub fn import(repo: &HostRepo, snap: &Snapshot, id: &str, c: &Collected, limits: &Limits) -> Result<Option<Stored>, RepoError> {
     store::check_id(id)?;
+    // The VM's HEAD did not move and its working tree is the snapshot's: there is nothing to check or import,
+    // and no git process needs to say so.
+    if c.bundle.is_none() && c.patch.is_none() && c.head == snap.base {
+        return Ok(None);
+    }
     let g = &snap.git;
     let base = snap.base.as_ref().map(Oid::as_str);
     if c.bundle.is_none() {

@@ -183,7 +183,7 @@ impl Snapshot {
             branch: spec.branch.as_deref(),
             prefix: &prefix,
         };
-        let (image, git_meta, image_reused) = workspace_image(scratch.path(), &git, &ws, image_cache)?;
+        let (image, git_meta, image_reused) = workspace_image(scratch.path(), &git, &ws, image_cache, None)?;
         Ok(Snapshot {
             scratch,
             git,

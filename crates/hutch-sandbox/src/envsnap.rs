@@ -272,6 +272,8 @@ impl EnvStore {
             let why = match &l.meta {
                 None => Some("unreadable".to_string()),
                 Some(m) if max_age.is_some_and(|a| now.saturating_sub(m.created_unix) > a.as_secs()) => Some("expired".to_string()),
+                // Made on an image snapshot that was pruned or rebuilt (a superseded image): it can never restore.
+                Some(m) if !m.base_snapshot.join("meta.json").is_file() => Some("its image snapshot is gone".to_string()),
                 Some(_) => None,
             };
             match why {

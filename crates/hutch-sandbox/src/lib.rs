@@ -4,6 +4,7 @@
 pub mod client;
 pub mod dirs;
 pub mod egress;
+pub mod envcache;
 pub mod envsnap;
 pub mod pool;
 pub mod snapshot;
@@ -91,13 +92,17 @@ pub struct Host {
     pub root: PathBuf,
     /// `<runtime>/sandboxes/<id>` holds each sandbox's sockets: `$XDG_RUNTIME_DIR/hutch` for a user who has one.
     pub runtime: Option<PathBuf>,
+    /// Keeps the image from being pruned while this host (any clone of it) may start sandboxes from it.
+    pub in_use: Option<std::sync::Arc<hutch_image::InUse>>,
 }
 
 impl Host {
     pub fn new(image: Image, root: PathBuf) -> Result<Self, SandboxError> {
         let caps = HostCaps::detect();
         let qemu = Qemu::new(caps.qemu()?.to_path_buf());
-        Ok(Self { caps, qemu, image, root, runtime: runtime_root() })
+        // Not being able to mark the image (a read-only cache, say) costs only that protection.
+        let in_use = hutch_image::Cache::at(&root).hold(&image).ok().map(std::sync::Arc::new);
+        Ok(Self { caps, qemu, image, root, runtime: runtime_root(), in_use })
     }
 
     /// A new sandbox directory (and socket directory) for `id`.
