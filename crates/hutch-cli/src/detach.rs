@@ -115,6 +115,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         policy,
         secrets: vec![],
         labels: BTreeMap::from([("hutch.run".to_string(), "detach".to_string())]),
+        setup: None,
     };
     let rc = RepoCreate { sandbox, snapshot: taken.as_ref().map(|(r, s)| s.spec(r)), end_with_command: true };
     let t0 = std::time::Instant::now();
