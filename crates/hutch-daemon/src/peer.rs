@@ -42,6 +42,7 @@ pub fn principal_for_uid(store: &Store, uid: u32) -> Result<Principal, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
