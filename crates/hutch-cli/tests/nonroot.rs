@@ -462,7 +462,8 @@ fn user_cache(user: &TestUser, prefix: &str) -> tempfile::TempDir {
 /// A rootless image build: an ordinary user with subordinate ids builds the whole image (kernel, initramfs, root
 /// filesystem in a user namespace) in an own cache without the system cache, and a VM boots from it with the
 /// ownership a root build gives (root:shadow 0640 `/etc/shadow`, setuid `su`). `hutch doctor` says so. Nothing in
-/// the user's cache belongs to anyone else, and the cache can be deleted by the user (`hutch image rm`).
+/// the user's cache belongs to anyone else (also after a build that was killed half-way: the next one removes its
+/// remains), and the cache can be deleted by the user (`hutch image rm`).
 #[test]
 fn an_ordinary_user_builds_an_image_rootless_and_boots_it() {
     if let Some(why) = missing_prerequisite() {
@@ -484,6 +485,16 @@ fn an_ordinary_user_builds_an_image_rootless_and_boots_it() {
     let report = text(&o.stdout);
     let build = report.lines().find(|l| l.get(5..).is_some_and(|r| r.starts_with("build"))).unwrap_or_default().to_string();
     assert!(build.starts_with("ok") && build.contains("rootless"), "doctor's build line: {build}\n{report}");
+
+    // A build killed while mmdebstrap runs leaves files owned by the user's subordinate ids, which the user cannot
+    // delete directly; the next build removes them from the user's namespace.
+    let mut killed = hutch_as(&a, &bins, &a.home, &env, &["image", "build", "--no-snapshot"]);
+    let mut killed = killed.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let foreign = || listing(&own.join("tmp")).values().any(|(uid, _, _)| *uid != a.uid);
+    let saw_foreign = wait_until(Duration::from_secs(180), foreign);
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert!(saw_foreign, "the rootless build made nothing in the namespace's ids within 180 s");
 
     // The minimal variant: the default image without its boot snapshot (the snapshot is no different for a user).
     let started = std::time::Instant::now();
