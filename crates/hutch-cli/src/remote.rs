@@ -702,3 +702,16 @@ pub async fn run_via_daemon(a: crate::cli::RunArgs) -> anyhow::Result<i32> {
     let _ = api.json::<SandboxInfo>(reqwest::Method::DELETE, &format!("/v1/sandboxes/{id}"), None::<&()>).await;
     code
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod unix_url_tests {
+    use super::*;
+
+    #[test]
+    fn unix_urls_name_absolute_paths() {
+        assert_eq!(parse_url("unix:///run/hutch/hutch.sock").unwrap(), "unix:///run/hutch/hutch.sock");
+        assert!(parse_url("unix://run/hutch.sock").unwrap_err().contains("absolute path"));
+        assert!(parse_url("ftp://x").unwrap_err().contains("unix://"));
+    }
+}

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 
 /// A bound, listening socket file.
+#[derive(Debug)]
 pub struct UnixSocket {
     path: PathBuf,
     ino: u64,
@@ -82,5 +83,33 @@ impl Drop for UnixSocket {
         if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn my_group() -> String {
+        nix::unistd::Group::from_gid(nix::unistd::getegid()).unwrap().unwrap().name
+    }
+
+    #[test]
+    fn binds_0660_replaces_a_stale_socket_and_refuses_a_live_one_or_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sock");
+        // A stale socket: bound, then its listener gone.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let s = bind(&path, &my_group()).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
+        assert!(bind(&path, &my_group()).unwrap_err().to_string().contains("another daemon is listening"));
+        drop(s);
+        assert!(!path.exists(), "removed with the daemon");
+        std::fs::write(&path, b"x").unwrap();
+        assert!(bind(&path, &my_group()).unwrap_err().to_string().contains("is not a socket"));
+        let e = bind(&dir.path().join("other.sock"), "no-such-group-hutch").unwrap_err().to_string();
+        assert!(e.contains("does not exist") && e.contains("groupadd"), "{e}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary names left");
     }
 }
