@@ -160,6 +160,11 @@ pub struct RunArgs {
     /// Boot the kernel instead of restoring the image's snapshot.
     #[arg(long)]
     pub cold: bool,
+    /// Run in a sandbox of the daemon at $HUTCH_URL (default unix:///run/hutch/hutch.sock) instead of a VM of
+    /// your own: streams and exit code as usual; the working tree and the flags the daemon does not carry stay
+    /// here (they are refused by name).
+    #[arg(long)]
+    pub daemon: bool,
     /// Seconds a cold boot may take before it counts as hung (retried once).
     #[arg(long, value_parser = parse_secs, default_value = "30")]
     pub boot_timeout: Duration,

@@ -15,6 +15,7 @@ mod repo;
 mod run;
 mod serve;
 mod shell;
+mod socket;
 mod term;
 mod tokens;
 

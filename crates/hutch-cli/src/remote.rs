@@ -66,7 +66,8 @@ pub async fn dispatch(c: ServiceCmd) -> anyhow::Result<i32> {
 /// (which other users can read in `ps`).
 #[derive(Debug, Args, Clone)]
 pub struct Conn {
-    /// The daemon's URL.
+    /// The daemon's URL: http(s)://HOST:PORT, or unix:///PATH for its unix socket (your identity is your user;
+    /// no token needed).
     #[arg(long, env = "HUTCH_URL", default_value = "http://127.0.0.1:7707", value_parser = parse_url)]
     pub url: String,
     /// Extra CA certificate (PEM) to trust for an https daemon.
@@ -74,10 +75,16 @@ pub struct Conn {
     pub ca_cert: Option<PathBuf>,
 }
 
-pub(crate) fn parse_url(s: &str) -> Result<String, String> {
+fn parse_url(s: &str) -> Result<String, String> {
+    if let Some(path) = s.strip_prefix("unix://") {
+        if !path.starts_with('/') || path.len() < 2 {
+            return Err(format!("{s:?}: a unix socket URL names an absolute path, as in unix:///run/hutch/hutch.sock"));
+        }
+        return Ok(s.to_string());
+    }
     let u: reqwest::Url = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
     if u.scheme() != "http" && u.scheme() != "https" {
-        return Err(format!("{s:?}: the daemon URL must be http:// or https://"));
+        return Err(format!("{s:?}: the daemon URL must be http://, https:// or unix://"));
     }
     Ok(s.trim_end_matches('/').to_string())
 }
@@ -112,6 +119,38 @@ pub struct Api {
     token: String,
     http: reqwest::Client,
     tls: Arc<rustls::ClientConfig>,
+    /// The daemon's unix socket, when `base` is only the URL's stand-in for it.
+    unix: Option<PathBuf>,
+}
+
+/// The byte stream under a WebSocket: TCP (perhaps with TLS over it) or the daemon's unix socket.
+pub trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
+
+/// A WebSocket to the daemon.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<Box<dyn ClientIo>>>;
+
+/// What to tell a user whose connection to the daemon's socket `path` failed with `e`.
+fn socket_error(path: &Path, e: &std::io::Error) -> anyhow::Error {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            use std::os::unix::fs::MetadataExt;
+            let group = std::fs::metadata(path)
+                .ok()
+                .and_then(|m| nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid())).ok().flatten())
+                .map_or_else(|| "hutch".to_string(), |g| g.name);
+            anyhow!(
+                "permission denied on the daemon's socket {}: only members of the group {group} may use it (ask an \
+                 administrator for `usermod -aG {group} $USER`, then log in again)",
+                path.display()
+            )
+        }
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow!(
+            "no daemon is listening on {} (is it running? `systemctl status hutch`)",
+            path.display()
+        ),
+        _ => anyhow!("cannot connect to the daemon's socket {}: {e}", path.display()),
+    }
 }
 
 fn tls_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
@@ -143,6 +182,15 @@ fn tls_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
 
 impl Api {
     pub fn new(conn: &Conn) -> anyhow::Result<Api> {
+        if let Some(path) = conn.url.strip_prefix("unix://") {
+            let path = PathBuf::from(path);
+            // Said now, plainly, rather than as the HTTP client's chain of causes.
+            std::os::unix::net::UnixStream::connect(&path).map_err(|e| socket_error(&path, &e))?;
+            let tls = tls_config(None)?;
+            let http = reqwest::Client::builder().unix_socket(path.as_path()).connect_timeout(Duration::from_secs(10)).build().context("HTTP client")?;
+            // The kernel tells the daemon who we are; no token goes over the socket.
+            return Ok(Api { base: "http://localhost".into(), token: String::new(), http, tls, unix: Some(path) });
+        }
         let token = std::env::var("HUTCH_TOKEN").ok().filter(|t| !t.is_empty()).ok_or_else(|| {
             anyhow!("HUTCH_TOKEN is not set; export a token made with `hutch token create --name NAME` on the daemon's host")
         })?;
@@ -152,16 +200,26 @@ impl Api {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .context("HTTP client")?;
-        Ok(Api { base: conn.url.clone(), token, http, tls })
+        Ok(Api { base: conn.url.clone(), token, http, tls, unix: None })
     }
 
     pub(crate) fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
+        let rb = self.http.request(method, format!("{}{path}", self.base));
+        if self.unix.is_some() {
+            rb
+        } else {
+            rb.bearer_auth(&self.token)
+        }
+    }
+
+    /// Where the daemon is, for messages.
+    pub(crate) fn place(&self) -> String {
+        self.unix.as_ref().map_or_else(|| self.base.clone(), |p| format!("unix://{}", p.display()))
     }
 
     /// Sends and turns an error response into its message.
     pub(crate) async fn send(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        let resp = rb.send().await.map_err(|e| anyhow!("cannot reach the daemon at {}: {}", self.base, hutch_sandbox::error_chain(&e)))?;
+        let resp = rb.send().await.map_err(|e| anyhow!("cannot reach the daemon at {}: {}", self.place(), hutch_sandbox::error_chain(&e)))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -181,25 +239,39 @@ impl Api {
     }
 
     /// Opens an exec WebSocket and sends the StreamExec.
-    pub async fn exec_ws(&self, id: &str, spec: &StreamExec) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+    pub async fn exec_ws(&self, id: &str, spec: &StreamExec) -> anyhow::Result<Ws> {
         self.ws(&format!("/v1/sandboxes/{id}/exec/ws"), spec).await
     }
 
     /// A WebSocket to `path`, whose first text frame is `first` as JSON.
-    pub async fn ws(&self, path: &str, first: &impl serde::Serialize) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+    pub async fn ws(&self, path: &str, first: &impl serde::Serialize) -> anyhow::Result<Ws> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let url = format!("{}{path}", self.base.replacen("http", "ws", 1));
         let mut req = url.as_str().into_client_request().context("WebSocket request")?;
-        req.headers_mut().insert("authorization", format!("Bearer {}", self.token).parse().context("token header")?);
+        let io: Box<dyn ClientIo> = match &self.unix {
+            Some(sock) => Box::new(tokio::net::UnixStream::connect(sock).await.map_err(|e| socket_error(sock, &e))?),
+            None => {
+                req.headers_mut().insert("authorization", format!("Bearer {}", self.token).parse().context("token header")?);
+                let u = reqwest::Url::parse(&self.base).context("the daemon URL")?;
+                let host = u.host_str().context("the daemon URL has no host")?.trim_start_matches('[').trim_end_matches(']').to_string();
+                let port = u.port_or_known_default().context("the daemon URL has no port")?;
+                let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect((host.as_str(), port)))
+                    .await
+                    .map_err(|_| anyhow!("cannot open a session with the daemon at {}: connecting timed out", self.base))?
+                    .map_err(|e| anyhow!("cannot open a session with the daemon at {}: {e}", self.base))?;
+                let _ = tcp.set_nodelay(true);
+                Box::new(tcp)
+            }
+        };
         let connector = tokio_tungstenite::Connector::Rustls(self.tls.clone());
-        let (mut ws, _) = match tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector)).await {
+        let (mut ws, _) = match tokio_tungstenite::client_async_tls_with_config(req, io, None, Some(connector)).await {
             Ok(x) => x,
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 let body = resp.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default().to_string();
                 let msg = serde_json::from_str::<ErrorBody>(&body).map(|e| e.error).unwrap_or(body);
                 bail!("{msg} (HTTP {})", resp.status().as_u16());
             }
-            Err(e) => bail!("cannot open a session with the daemon at {}: {e}", self.base),
+            Err(e) => bail!("cannot open a session with the daemon at {}: {e}", self.place()),
         };
         ws.send(Message::Text(serde_json::to_string(first)?.into())).await.context("send the command")?;
         Ok(ws)
@@ -607,4 +679,71 @@ async fn extend(a: ExtendArgs) -> anyhow::Result<i32> {
     let left = (info.expires_ms - hutch_daemon::store::now_ms()) / 1000;
     println!("{} expires in {left}s", info.id);
     Ok(0)
+}
+
+/// Where `hutch run --daemon` finds the daemon when `$HUTCH_URL` is not set: the system service's socket.
+pub const DEFAULT_SOCKET_URL: &str = "unix:///run/hutch/hutch.sock";
+
+/// `hutch run --daemon -- CMD`: the daemon at `$HUTCH_URL` (default [`DEFAULT_SOCKET_URL`]) creates the sandbox,
+/// the command runs there with its streams and exit code as in `hutch run`, and the sandbox is destroyed after it,
+/// however it ends. For users who cannot build or hold images themselves. Only what the daemon's API carries is
+/// accepted; every other flag is refused by name before anything is created.
+pub async fn run_via_daemon(a: crate::cli::RunArgs) -> anyhow::Result<i32> {
+    let e = &a.egress;
+    let refused = [
+        ("--copy-in", !a.copy_in.is_empty()),
+        ("--copy-out", !a.copy_out.is_empty()),
+        ("--policy", e.policy.is_some()),
+        ("--resolve", !e.resolve.is_empty()),
+        ("--upstream-ca", !e.upstream_ca.is_empty()),
+        ("--secret (bind secrets from the daemon's store with `hutch create --secret NAME`)", !e.secret.is_empty()),
+        ("--secret-preset", !e.secret_preset.is_empty()),
+        ("--inspect-all", e.inspect_all),
+        ("--setup-allow", !e.setup_allow.is_empty()),
+        ("--setup-secret", !e.setup_secret.is_empty()),
+        ("--setup-secret-preset", !e.setup_secret_preset.is_empty()),
+        ("--env-file", !e.env_file.is_empty()),
+        ("--audit (the daemon keeps the log: `hutch logs ID`)", e.audit.is_some()),
+        ("--image agents", a.vm.image != crate::cli::ImageName::Default),
+        ("--accel", a.vm.accel.is_some()),
+        ("--cold", a.cold),
+    ];
+    if let Some((flag, _)) = refused.iter().find(|(_, on)| *on) {
+        bail!("{flag} is not available with --daemon: run without --daemon, or use `hutch create`, `hutch cp` and `hutch exec`");
+    }
+    let tty = crate::term::wanted(a.tty, a.no_tty)?;
+    let url = std::env::var("HUTCH_URL").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| DEFAULT_SOCKET_URL.into());
+    let conn = Conn { url: parse_url(&url).map_err(|e| anyhow!("HUTCH_URL: {e}"))?, ca_cert: std::env::var_os("HUTCH_CA_CERT").map(PathBuf::from) };
+    let api = Api::new(&conn)?;
+    let policy = if e.allow.is_empty() { None } else { Some(PolicySpec { allow: e.allow.iter().map(|s| allow_spec(s)).collect::<Result<_, _>>()? }) };
+    let req = CreateSandbox {
+        image: None,
+        // The daemon's default size unless asked otherwise (ordinary users get only the sizes it offers).
+        cpus: (a.vm.cpus != 1).then_some(a.vm.cpus),
+        memory_mib: (a.vm.memory != 512).then_some(a.vm.memory),
+        ttl_secs: a.timeout.map(|t| t.as_secs().max(1)),
+        env: a.env.iter().cloned().collect(),
+        policy,
+        secrets: Vec::new(),
+        labels: [("hutch.run".to_string(), "1".to_string())].into_iter().collect(),
+    };
+    let info: SandboxInfo = api.json(reqwest::Method::POST, "/v1/sandboxes", Some(&req)).await?;
+    let id = info.id.clone();
+    let code = exec(ExecArgs { conn, id: id.clone(), env: Vec::new(), workdir: a.workdir.clone(), tty, command: a.command.clone() }).await;
+    // Destroyed whatever the command did (a TTL that already ended it makes this a 404, which is fine).
+    let _ = api.json::<SandboxInfo>(reqwest::Method::DELETE, &format!("/v1/sandboxes/{id}"), None::<&()>).await;
+    code
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod unix_url_tests {
+    use super::*;
+
+    #[test]
+    fn unix_urls_name_absolute_paths() {
+        assert_eq!(parse_url("unix:///run/hutch/hutch.sock").unwrap(), "unix:///run/hutch/hutch.sock");
+        assert!(parse_url("unix://run/hutch.sock").unwrap_err().contains("absolute path"));
+        assert!(parse_url("ftp://x").unwrap_err().contains("unix://"));
+    }
 }

@@ -31,6 +31,9 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     if a.detach {
         return crate::detach::run(a).await;
     }
+    if a.daemon {
+        return crate::remote::run_via_daemon(a).await;
+    }
     // Every input is read and checked before anything is created: flags, the user's config, hutch.toml, policies,
     // secrets.
     let tty = crate::term::wanted(a.tty, a.no_tty)?;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use hutch_daemon::server::{check_listen, TlsFiles, DEFAULT_LISTEN};
+
 use hutch_daemon::{Limits, Manager};
 use hutch_sandbox::{Host, SandboxConfig};
 use tokio::signal::unix::{signal, SignalKind};
@@ -18,9 +19,17 @@ use crate::tokens::DataDirArg;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on. Anything but loopback needs --tls-cert/--tls-key and at least one token.
-    #[arg(long, default_value = DEFAULT_LISTEN)]
-    pub listen: SocketAddr,
+    /// Address to listen on (default 127.0.0.1:7707, or none with --unix). Anything but loopback needs
+    /// --tls-cert/--tls-key and at least one token.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Also (or, without --listen, only) serve on this unix socket, mode 0660, group --socket-group: each
+    /// connecting user is their own identity (the token `USER@unix`, made on first use; root is an admin).
+    #[arg(long, value_name = "PATH")]
+    pub unix: Option<PathBuf>,
+    /// The group whose members may connect to --unix.
+    #[arg(long, default_value = "hutch", requires = "unix")]
+    pub socket_group: String,
     /// PEM certificate chain for HTTPS.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -119,7 +128,19 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
     let _lock = lock_dir(&dd)?;
     let store = Arc::new(dd.open_store()?);
     let active_tokens = store.tokens()?.iter().filter(|t| !t.revoked).count();
-    check_listen(a.listen, tls_files.as_ref(), active_tokens).map_err(anyhow::Error::msg)?;
+    let listen = match (a.listen, &a.unix) {
+        (Some(l), _) => Some(l),
+        (None, Some(_)) => None,
+        (None, None) => Some(DEFAULT_LISTEN.parse().context("the default listen address")?),
+    };
+    if let Some(l) = listen {
+        check_listen(l, tls_files.as_ref(), active_tokens).map_err(anyhow::Error::msg)?;
+    }
+    // Checked and bound before the image: a wrong group or path fails at once and leaves nothing.
+    let unix = match &a.unix {
+        Some(path) => Some(crate::socket::bind(path, &a.socket_group)?),
+        None => None,
+    };
     let tls = tls_files.as_ref().map(hutch_daemon::server::tls_config).transpose()?;
     let key = Arc::new(hutch_daemon::secrets::SecretKey::load_or_create(&dd.secret_key())?);
 
@@ -172,26 +193,52 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
             rec.reaped.len()
         );
     }
-    if active_tokens == 0 {
+    if active_tokens == 0 && listen.is_some() {
         eprintln!("hutch: no API tokens yet; every request will be refused until you run `hutch token create --name NAME`");
     }
 
     let mut sigint = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
-    let bound = listener.local_addr()?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    eprintln!("hutch: listening on {scheme}://{bound} (data in {})", dd.root.display());
+    let listener = match listen {
+        Some(l) => Some(tokio::net::TcpListener::bind(l).await.with_context(|| format!("cannot listen on {l}"))?),
+        None => None,
+    };
+    if let Some(listener) = &listener {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        eprintln!("hutch: listening on {scheme}://{} (data in {})", listener.local_addr()?, dd.root.display());
+    }
+    if let Some(u) = &unix {
+        eprintln!("hutch: listening on unix://{} (group {}; data in {})", u.path().display(), a.socket_group, dd.root.display());
+    }
     tokio::spawn(mgr.clone().expire_loop(Duration::from_millis(500)));
     let router = hutch_daemon::api::router(mgr.clone());
-    let shutdown = async move {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
         tokio::select! {
             _ = sigint.recv() => {}
             _ = sigterm.recv() => {}
         }
         eprintln!("hutch: shutting down: finishing requests and destroying sandboxes");
+        on_signal.cancel();
+    });
+    let tcp = async {
+        if let Some(listener) = listener {
+            hutch_daemon::server::serve(listener, tls, router.clone(), conn_limits.clone(), stop.clone().cancelled_owned()).await;
+        }
     };
-    hutch_daemon::server::serve(listener, tls, router, conn_limits, shutdown).await;
+    let unix_serve = async {
+        if let Some(u) = &unix {
+            let store = mgr.store.clone();
+            let listener = u.listener()?;
+            let identify = move |uid| hutch_daemon::peer::principal_for_uid(&store, uid);
+            hutch_daemon::server::serve_unix(listener, router.clone(), conn_limits.clone(), identify, stop.clone().cancelled_owned()).await;
+        }
+        anyhow::Ok(())
+    };
+    let (_, served) = tokio::join!(tcp, unix_serve);
+    drop(unix);
+    served?;
     let n = mgr.live_count();
     mgr.shutdown().await;
     eprintln!("hutch: stopped ({n} sandbox(es) destroyed)");

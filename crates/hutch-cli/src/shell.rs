@@ -119,7 +119,7 @@ enum Escape<'a> {
     Detach(&'a str),
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use crate::remote::Ws;
 
 /// The terminal raw, keys and resizes to the daemon, output to the terminal, until the command exits, the
 /// daemon goes away or the user types the escape.

@@ -462,7 +462,8 @@ fn user_cache(user: &TestUser, prefix: &str) -> tempfile::TempDir {
 /// A rootless image build: an ordinary user with subordinate ids builds the whole image (kernel, initramfs, root
 /// filesystem in a user namespace) in an own cache without the system cache, and a VM boots from it with the
 /// ownership a root build gives (root:shadow 0640 `/etc/shadow`, setuid `su`). `hutch doctor` says so. Nothing in
-/// the user's cache belongs to anyone else, and the cache can be deleted by the user (`hutch image rm`).
+/// the user's cache belongs to anyone else (also after a build that was killed half-way: the next one removes its
+/// remains), and the cache can be deleted by the user (`hutch image rm`).
 #[test]
 fn an_ordinary_user_builds_an_image_rootless_and_boots_it() {
     if let Some(why) = missing_prerequisite() {
@@ -484,6 +485,16 @@ fn an_ordinary_user_builds_an_image_rootless_and_boots_it() {
     let report = text(&o.stdout);
     let build = report.lines().find(|l| l.get(5..).is_some_and(|r| r.starts_with("build"))).unwrap_or_default().to_string();
     assert!(build.starts_with("ok") && build.contains("rootless"), "doctor's build line: {build}\n{report}");
+
+    // A build killed while mmdebstrap runs leaves files owned by the user's subordinate ids, which the user cannot
+    // delete directly; the next build removes them from the user's namespace.
+    let mut killed = hutch_as(&a, &bins, &a.home, &env, &["image", "build", "--no-snapshot"]);
+    let mut killed = killed.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let foreign = || listing(&own.join("tmp")).values().any(|(uid, _, _)| *uid != a.uid);
+    let saw_foreign = wait_until(Duration::from_secs(180), foreign);
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert!(saw_foreign, "the rootless build made nothing in the namespace's ids within 180 s");
 
     // The minimal variant: the default image without its boot snapshot (the snapshot is no different for a user).
     let started = std::time::Instant::now();
@@ -551,4 +562,126 @@ fn a_user_without_a_shared_image_or_subordinate_ids_is_told_what_to_do() {
     }
     assert!(build.contains("/etc/subuid gives") && build.contains("/etc/subgid gives"), "{build}");
     assert!(line("vmm user").contains("QEMU runs as you"), "{report}");
+}
+
+/// The group the daemon's test socket is given (not `hutch`, so a real installation's group is left alone).
+const SOCKET_GROUP: &str = "hutch-test-sock";
+
+/// `hutch serve` on a unix socket as a system service would run it: users in the socket's group create and run
+/// sandboxes over it as themselves (`HUTCH_URL=unix://...`, no token), `hutch run --daemon` streams and exits
+/// with the command's code, the two users cannot see or touch each other's sandboxes, and a user outside the
+/// group is refused with a message that says why. The socket is 0660 in its group and gone after the daemon.
+#[test]
+fn the_daemon_serves_group_members_on_a_unix_socket_each_as_themselves() {
+    if let Some(why) = missing_prerequisite() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    if nix::unistd::Group::from_name(SOCKET_GROUP).unwrap().is_none() {
+        let st = Command::new("groupadd").args(["--system", SOCKET_GROUP]).status().unwrap();
+        assert!(st.success() || nix::unistd::Group::from_name(SOCKET_GROUP).unwrap().is_some(), "groupadd {SOCKET_GROUP}");
+    }
+    let a = ensure_user(USER_A);
+    let b = ensure_user(USER_B);
+    let outsider = ensure_user(USER_NO_SUBIDS);
+    for u in [&a, &b] {
+        assert!(Command::new("usermod").args(["-aG", SOCKET_GROUP, &u.name]).status().unwrap().success());
+    }
+    // Not a member, whatever an earlier run did.
+    let _ = Command::new("gpasswd").args(["-d", &outsider.name, SOCKET_GROUP]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let bins = Bins::new();
+    let dir = tempfile::Builder::new().prefix("hutch-sock-").tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = dir.path().join("hutch.sock");
+    let data = dir.path().join("data");
+
+    let mut daemon = common::hutch()
+        .args(["serve", "--unix"])
+        .arg(&sock)
+        .args(["--socket-group", SOCKET_GROUP, "--pool", "0", "--data-dir"])
+        .arg(&data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let (stderr, log) = (daemon.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening on unix://") {
+                    let _ = tx.send(());
+                }
+                log.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+    }
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // Only a daemon still running (a reaped pid may be another process's by now).
+            if let Ok(None) = self.0.try_wait() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let pid = daemon.id();
+    let mut daemon = Kill(daemon);
+    assert!(rx.recv_timeout(Duration::from_secs(180)).is_ok(), "the daemon did not start:\n{}", log.lock().unwrap());
+    let meta = std::fs::metadata(&sock).unwrap();
+    let group = nix::unistd::Group::from_name(SOCKET_GROUP).unwrap().unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, group.gid.as_raw()), "the socket is the group's alone");
+
+    let url = format!("unix://{}", sock.display());
+    let env = [("HUTCH_URL", url.as_str())];
+    let remote = |u: &TestUser, args: &[&str]| output(as_user(u, &u.home, &env, &bins.hutch(), args));
+
+    // A member creates a sandbox and runs commands in it: streams and exit code.
+    let o = remote(&a, &["create"]);
+    assert!(o.status.success(), "create as {}: {}\n{}", a.name, text(&o.stderr), log.lock().unwrap());
+    let id = text(&o.stdout).trim().to_string();
+    let o = remote(&a, &["exec", &id, "--", "sh", "-c", "echo out; echo err >&2; exit 3"]);
+    assert_eq!((o.status.code(), text(&o.stdout).as_str()), (Some(3), "out\n"), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("err"));
+    let o = remote(&a, &["ls", "--json"]);
+    assert!(text(&o.stdout).contains(&id) && text(&o.stdout).contains(&format!("{}@unix", a.name)), "{}", text(&o.stdout));
+
+    // `hutch run --daemon`: a sandbox of its own, made and destroyed around the command.
+    let o = remote(&a, &["run", "--daemon", "--", "sh", "-c", "echo via daemon; exit 5"]);
+    assert_eq!((o.status.code(), text(&o.stdout).as_str()), (Some(5), "via daemon\n"), "{}", text(&o.stderr));
+    let o = remote(&a, &["run", "--daemon", "--copy-in", "/etc/hostname:/root/h", "--", "true"]);
+    assert!(!o.status.success() && text(&o.stderr).contains("--copy-in is not available with --daemon"), "{}", text(&o.stderr));
+
+    // The other member is another identity: A's sandbox does not exist for B.
+    let o = remote(&b, &["ls", "--json"]);
+    assert!(o.status.success() && !text(&o.stdout).contains(&id), "B sees A's sandbox: {}", text(&o.stdout));
+    let o = remote(&b, &["exec", &id, "--", "true"]);
+    assert!(!o.status.success() && text(&o.stderr).contains("404"), "B ran in A's sandbox: {}", text(&o.stderr));
+    let o = remote(&b, &["rm", &id]);
+    assert!(!o.status.success(), "B removed A's sandbox");
+    let o = remote(&a, &["exec", &id, "--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "A's sandbox is still there: {}", text(&o.stderr));
+
+    // Outside the group: refused by the socket's permissions, with what to do.
+    let o = remote(&outsider, &["ls"]);
+    let err = text(&o.stderr);
+    assert!(!o.status.success() && err.contains("permission denied") && err.contains(SOCKET_GROUP) && err.contains("usermod -aG"), "{err}");
+    let o = remote(&outsider, &["run", "--daemon", "--", "true"]);
+    assert!(!o.status.success() && text(&o.stderr).contains("permission denied"), "{}", text(&o.stderr));
+
+    let o = remote(&a, &["rm", &id]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // Each user is a token named after them; root would be the admin one.
+    let o = common::hutch().args(["token", "ls", "--data-dir"]).arg(&data).output().unwrap();
+    let tokens = text(&o.stdout);
+    assert!(tokens.contains(&format!("{}@unix", a.name)) && tokens.contains(&format!("{}@unix", b.name)) && !tokens.contains(&outsider.name), "{tokens}");
+
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+    let st = daemon.0.wait().unwrap();
+    assert!(st.success(), "daemon exit: {st}\n{}", log.lock().unwrap());
+    assert!(!sock.exists(), "the socket is removed when the daemon stops");
+    assert!(qemus_mentioning(data.to_str().unwrap()).is_empty(), "no VM outlives the daemon");
 }

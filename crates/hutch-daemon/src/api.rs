@@ -209,6 +209,11 @@ pub fn router(mgr: Arc<Manager>) -> Router {
 }
 
 async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    // A unix-socket connection is its peer's identity (the kernel's word, not a header).
+    if let Some(crate::server::PeerPrincipal(p)) = req.extensions().get::<crate::server::PeerPrincipal>().cloned() {
+        req.extensions_mut().insert(p);
+        return next.run(req).await;
+    }
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let Some(token) = header.and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer "))) else {
         return ApiError::new(StatusCode::UNAUTHORIZED, "missing token: send `Authorization: Bearer <token>` (make one with `hutch token create --name NAME`)")

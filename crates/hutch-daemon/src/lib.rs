@@ -9,6 +9,7 @@ pub mod files;
 pub mod manager;
 pub mod metrics;
 pub mod model;
+pub mod peer;
 pub mod repo;
 pub mod secrets;
 pub mod server;

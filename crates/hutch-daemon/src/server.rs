@@ -311,12 +311,98 @@ pub async fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        let c = Connection { conn, peer: peer.to_string(), principal: None, router: router.clone(), registry: registry.clone(), limits: limits.clone() };
+        c.spawn(tcp, acceptor.clone(), graceful.watcher());
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("some connections were still open after {DRAIN_TIMEOUT:?}; closing them");
+    }
+}
+
+/// The identity the kernel vouches for on a unix-socket connection (its peer's uid, mapped by
+/// [`crate::peer::principal_for_uid`]). Only the unix listener inserts it; the API's authentication takes it
+/// instead of a bearer token.
+#[derive(Debug, Clone)]
+pub struct PeerPrincipal(pub crate::auth::Principal);
+
+/// Serves `router` on a unix socket until `shutdown` resolves: each connection is its peer's identity
+/// (`SO_PEERCRED` uid, through `identify`), so it is authenticated from the start; who may connect at all is the
+/// socket file's mode and group. A peer `identify` refuses gets its connection closed.
+pub async fn serve_unix(
+    listener: tokio::net::UnixListener,
+    router: Router,
+    limits: ConnLimits,
+    identify: impl Fn(u32) -> Result<crate::auth::Principal, String>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let registry = Arc::new(Registry { limits: limits.clone(), next: AtomicU64::new(0), open: Mutex::new(BTreeMap::new()) });
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("accept on the unix socket: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let uid = match stream.peer_cred() {
+            Ok(c) => c.uid(),
+            Err(e) => {
+                tracing::warn!("no peer credentials on a unix connection: {e}");
+                continue;
+            }
+        };
+        let principal = match identify(uid) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::warn!(uid, "refused a unix connection: {why}");
+                continue;
+            }
+        };
+        // Every unix peer is local and identified: its connections count against the cap but are never the
+        // unauthenticated ones evicted for newcomers.
+        let Some(conn) = registry.admit(IpAddr::from([127, 0, 0, 0])) else { continue };
+        conn.mark_authenticated();
+        let c = Connection { conn, peer: format!("uid {uid}"), principal: Some(PeerPrincipal(principal)), router: router.clone(), registry: registry.clone(), limits: limits.clone() };
+        c.spawn(stream, None, graceful.watcher());
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("some connections were still open after {DRAIN_TIMEOUT:?}; closing them");
+    }
+}
+
+/// One accepted connection and what serving it needs.
+struct Connection {
+    conn: Arc<ConnState>,
+    peer: String,
+    principal: Option<PeerPrincipal>,
+    router: Router,
+    registry: Arc<Registry>,
+    limits: ConnLimits,
+}
+
+impl Connection {
+    /// Serves HTTP on `io` (after a TLS handshake when `acceptor` is given) on a task of its own.
+    fn spawn<I>(self, io: I, acceptor: Option<tokio_rustls::TlsAcceptor>, watcher: hyper_util::server::graceful::Watcher)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection { conn, peer, principal, router, registry, limits } = self;
         let (c, body_limit) = (conn.clone(), limits.body);
-        let router = router.clone();
         let svc = tower::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let flight = InFlight::start(c.clone());
             let mut req = req.map(|inner| axum::body::Body::new(TimeoutBody { inner, limit: body_limit, timer: Box::pin(tokio::time::sleep(body_limit)) }));
             req.extensions_mut().insert(c.clone());
+            if let Some(p) = &principal {
+                req.extensions_mut().insert(p.clone());
+            }
             let mut router = router.clone();
             async move {
                 let resp = tower::Service::call(&mut router, req).await?;
@@ -324,15 +410,12 @@ pub async fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>
             }
         });
         let svc = TowerToHyperService::new(svc);
-        let watcher = graceful.watcher();
-        let acceptor = acceptor.clone();
-        let (registry, limits) = (registry.clone(), limits.clone());
         tokio::spawn(async move {
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.unauthenticated_idle);
             let serve = async {
                 match acceptor {
-                    Some(acc) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(tcp)).await {
+                    Some(acc) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acc.accept(io)).await {
                         Ok(Ok(tls)) => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(tls), svc).into_owned()).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, "TLS handshake: {e}");
@@ -340,7 +423,7 @@ pub async fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>
                         }
                         Err(_) => Ok(()),
                     },
-                    None => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).into_owned()).await,
+                    None => watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), svc).into_owned()).await,
                 }
             };
             tokio::select! {
@@ -353,10 +436,6 @@ pub async fn serve(listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>
             }
             registry.remove(conn.id);
         });
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
-        tracing::warn!("some connections were still open after {DRAIN_TIMEOUT:?}; closing them");
     }
 }
 

@@ -240,7 +240,7 @@ pub(crate) fn remove_tree(path: &Path) -> Result<(), ImageError> {
 /// [`HELPER_ARG`]), runs it and returns the exit code; otherwise `None`.
 pub fn helper_main() -> Option<i32> {
     let mut args = std::env::args_os().skip(1);
-    if args.next().is_none_or(|a| a != HELPER_ARG) {
+    if args.next().as_deref() != Some(std::ffi::OsStr::new(HELPER_ARG)) {
         return None;
     }
     let Some(out) = args.next().map(PathBuf::from) else {
