@@ -11,6 +11,7 @@ mod image;
 mod remote;
 mod repo;
 mod run;
+mod runs;
 mod serve;
 mod shell;
 mod term;

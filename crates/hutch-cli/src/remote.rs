@@ -43,6 +43,9 @@ pub enum ServiceCmd {
     Rm(RmArgs),
     /// Push back a sandbox's expiry.
     Extend(ExtendArgs),
+    /// Event-triggered runs on a daemon (`hutch serve --triggers`): ls, show, logs [-f], cancel, retry.
+    #[command(subcommand)]
+    Runs(crate::runs::RunsCmd),
 }
 
 pub async fn dispatch(c: ServiceCmd) -> anyhow::Result<i32> {
@@ -59,6 +62,7 @@ pub async fn dispatch(c: ServiceCmd) -> anyhow::Result<i32> {
         ServiceCmd::Logs(a) => logs(a).await,
         ServiceCmd::Rm(a) => rm(a).await,
         ServiceCmd::Extend(a) => extend(a).await,
+        ServiceCmd::Runs(c) => crate::runs::runs(c).await,
     }
 }
 
@@ -155,12 +159,12 @@ impl Api {
         Ok(Api { base: conn.url.clone(), token, http, tls })
     }
 
-    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
     }
 
     /// Sends and turns an error response into its message.
-    async fn send(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+    pub(crate) async fn send(&self, rb: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         let resp = rb.send().await.map_err(|e| anyhow!("cannot reach the daemon at {}: {}", self.base, hutch_sandbox::error_chain(&e)))?;
         if resp.status().is_success() {
             return Ok(resp);

@@ -14,6 +14,7 @@ pub mod server;
 pub mod store;
 mod stream;
 pub mod terminal;
+pub mod triggers;
 
 use std::path::{Path, PathBuf};
 
