@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::remote::{parse_id, Api, Conn};
+use crate::remote::{Api, Conn};
 
 #[derive(Debug, Subcommand)]
 pub enum RunsCmd {
@@ -43,7 +43,7 @@ pub struct RunsLsArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub conn: Conn,
-    #[arg(value_parser = parse_id)]
+    #[arg(value_parser = parse_run_id)]
     pub id: String,
     /// Print JSON.
     #[arg(long)]
@@ -54,11 +54,21 @@ pub struct RunArgs {
 pub struct RunLogsArgs {
     #[command(flatten)]
     pub conn: Conn,
-    #[arg(value_parser = parse_id)]
+    #[arg(value_parser = parse_run_id)]
     pub id: String,
     /// Keep printing output as it comes until the run ends.
     #[arg(short, long)]
     pub follow: bool,
+}
+
+/// A run id: `r` and 12 lowercase hex digits.
+fn parse_run_id(s: &str) -> Result<String, String> {
+    let ok = s.len() == 13 && s.starts_with('r') && s[1..].bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{:?} is not a run id (r and 12 lowercase hex digits, as `hutch runs ls` prints)", hutch_text::escape(s)))
+    }
 }
 
 pub async fn runs(c: RunsCmd) -> anyhow::Result<i32> {

@@ -196,9 +196,8 @@ impl Setup {
         .expect("forge repo");
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Setup { net, dir };
-        let host = format!("{GIT_HOST}:{}", s.net.https_port());
         s.secret("HOOK_SECRET", HOOK_SECRET, "hooks.invalid");
-        s.secret("FORGE_TOKEN", FORGE_TOKEN, &host);
+        s.secret("FORGE_TOKEN", FORGE_TOKEN, GIT_HOST);
         s
     }
 
@@ -289,7 +288,7 @@ command = ["sh", "-c", "date > scheduled.txt && git add scheduled.txt && git com
 /// The command the comment trigger runs: it shows what the VM holds (environment, git config, the event) so
 /// the test can check the token is not there, fixes the test in a commit, and touches the CI workflow, which
 /// must be held back.
-const FIX: &str = r#"set -e
+const FIX: &str = r##"set -e
 echo "prompt: $HUTCH_PROMPT"
 env | sort
 git config -l
@@ -301,7 +300,7 @@ sh test.sh
 git commit -qam "fix the test"
 echo "# changed by the VM" >> .github/workflows/ci.yml
 echo done
-"#;
+"##;
 
 fn have_vms() -> bool {
     if std::env::var_os("HUTCH_AGENT").is_none() && !Path::new("/var/lib/hutch").exists() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,7 +18,7 @@ use utoipa::OpenApi;
 
 use super::store::RunRow;
 use super::Triggers;
-use crate::api::{ApiError, AppState};
+use crate::api::{ApiError, ApiQuery, AppState};
 use crate::auth::Principal;
 use crate::model::ErrorBody;
 
@@ -90,10 +90,13 @@ fn run_of(tr: &Triggers, id: &str) -> Result<RunRow, ApiError> {
 
 #[utoipa::path(get, path = "/v1/runs", tag = "runs", security(("bearer" = [])), params(RunsQuery),
     responses(
-        (status = 200, description = "Runs, newest first", body = RunList),
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "No such run, or no triggers on this daemon", body = ErrorBody),
+        (status = 200, description = "Runs, newest first", body = RunList),
     ))]
-async fn list_runs(State(st): State<AppState>, Extension(who): Extension<Principal>, Query(q): Query<RunsQuery>) -> Result<Json<RunList>, ApiError> {
+async fn list_runs(State(st): State<AppState>, Extension(who): Extension<Principal>, ApiQuery(q): ApiQuery<RunsQuery>) -> Result<Json<RunList>, ApiError> {
     let tr = triggers(&st, &who)?;
     let runs = tr.mgr.store.runs(q.state.as_deref(), q.trigger.as_deref(), q.limit.unwrap_or(100).min(1000))?;
     Ok(Json(RunList { runs }))
@@ -102,8 +105,11 @@ async fn list_runs(State(st): State<AppState>, Extension(who): Extension<Princip
 #[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs", security(("bearer" = [])),
     params(("id" = String, Path, description = "The run's id")),
     responses(
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "No such run, or no triggers on this daemon", body = ErrorBody),
         (status = 200, description = "The run: state, reason, timings, sandbox, branch and pull request", body = RunRow),
-        (status = 404, description = "No such run", body = ErrorBody),
     ))]
 async fn get_run(State(st): State<AppState>, Extension(who): Extension<Principal>, Path(id): Path<String>) -> Result<Json<RunRow>, ApiError> {
     let tr = triggers(&st, &who)?;
@@ -113,10 +119,13 @@ async fn get_run(State(st): State<AppState>, Extension(who): Extension<Principal
 #[utoipa::path(get, path = "/v1/runs/{id}/logs", tag = "runs", security(("bearer" = [])),
     params(("id" = String, Path, description = "The run's id"), LogsQuery),
     responses(
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "No such run, or no triggers on this daemon", body = ErrorBody),
         (status = 200, description = "The run's output (setup and command, as the VM wrote it: not escaped)", body = String, content_type = "application/octet-stream"),
-        (status = 404, description = "No such run", body = ErrorBody),
     ))]
-async fn run_logs(State(st): State<AppState>, Extension(who): Extension<Principal>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> Result<Response, ApiError> {
+async fn run_logs(State(st): State<AppState>, Extension(who): Extension<Principal>, Path(id): Path<String>, ApiQuery(q): ApiQuery<LogsQuery>) -> Result<Response, ApiError> {
     let tr = triggers(&st, &who)?;
     let run = run_of(&tr, &id)?;
     let path = tr.log_path(&run.id);
@@ -163,6 +172,10 @@ async fn run_logs(State(st): State<AppState>, Extension(who): Extension<Principa
 #[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "runs", security(("bearer" = [])),
     params(("id" = String, Path, description = "The run's id")),
     responses(
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "No such run, or no triggers on this daemon", body = ErrorBody),
         (status = 200, description = "Cancelled (a running run's VM is destroyed)", body = RunRow),
         (status = 409, description = "The run already ended", body = ErrorBody),
     ))]
@@ -185,6 +198,10 @@ async fn cancel_run(State(st): State<AppState>, Extension(who): Extension<Princi
 #[utoipa::path(post, path = "/v1/runs/{id}/retry", tag = "runs", security(("bearer" = [])),
     params(("id" = String, Path, description = "The run's id")),
     responses(
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "No such run, or no triggers on this daemon", body = ErrorBody),
         (status = 202, description = "A new run of the same event, queued", body = RunRow),
         (status = 409, description = "The run has not ended", body = ErrorBody),
     ))]
@@ -202,7 +219,13 @@ async fn retry_run(State(st): State<AppState>, Extension(who): Extension<Princip
 }
 
 #[utoipa::path(get, path = "/v1/triggers", tag = "runs", security(("bearer" = [])),
-    responses((status = 200, description = "The triggers this daemon serves", body = TriggerList)))]
+    responses(
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "No such run, or no triggers on this daemon", body = ErrorBody),
+        (status = 200, description = "The triggers this daemon serves", body = TriggerList),
+    ))]
 async fn list_triggers(State(st): State<AppState>, Extension(who): Extension<Principal>) -> Result<Json<TriggerList>, ApiError> {
     let tr = triggers(&st, &who)?;
     let set = tr.set();
@@ -243,6 +266,8 @@ pub struct RunsDoc;
         (status = 404, description = "No such webhook trigger", body = ErrorBody),
         (status = 413, description = "Larger than the trigger's max_body_kib", body = ErrorBody),
         (status = 429, description = "Over the trigger's per_minute", body = ErrorBody),
+        (status = 500, description = "The database failed", body = ErrorBody),
+        (status = 503, description = "The trigger's secret is not in the daemon's store", body = ErrorBody),
     ))]
 #[allow(dead_code)]
 fn hook_doc() {}
