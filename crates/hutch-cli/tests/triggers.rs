@@ -440,7 +440,7 @@ fn a_run_queued_when_the_daemon_is_killed_runs_after_the_restart() {
     d.kill9();
 
     let d = Daemon::start(&s.data(), &triggers);
-    assert!(d.log().contains("1 queued") && d.log().contains("1 recorded failed"), "{}", d.log());
+    assert!(wait_until(Duration::from_secs(30), || d.log().contains("1 queued") && d.log().contains("1 recorded failed")), "{}", d.log());
     let ra = d.run(&admin, &a);
     assert_eq!(ra["state"], "failed");
     assert!(ra["reason"].as_str().unwrap().contains("daemon stopped"), "{ra}");
