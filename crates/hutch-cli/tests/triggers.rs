@@ -163,9 +163,13 @@ impl Drop for Daemon {
 }
 
 fn comment_payload(author: &str, text: &str) -> Vec<u8> {
+    comment_payload_on(7, author, text)
+}
+
+fn comment_payload_on(issue: u64, author: &str, text: &str) -> Vec<u8> {
     json!({
         "action": "created",
-        "issue": { "number": 7, "title": "the test fails", "labels": [] },
+        "issue": { "number": issue, "title": "the test fails", "labels": [] },
         "comment": { "body": text, "user": { "login": author } },
         "repository": { "full_name": "acme/widget", "default_branch": "main" },
         "sender": { "login": author },
@@ -227,6 +231,12 @@ impl Setup {
 
     /// The triggers file: a comment trigger (`/hutch`, alice only) and, when `schedule` is given, a schedule.
     fn triggers(&self, max_running: usize, command: &str, schedule: Option<&str>) -> PathBuf {
+        self.triggers_with(max_running, command, schedule, "")
+    }
+
+    /// [`Setup::triggers`] with extra keys for the comment trigger's `[trigger.job]` (the trigger's own keys go
+    /// before its tables, so `per_trigger` is inserted there).
+    fn triggers_with(&self, max_running: usize, command: &str, schedule: Option<&str>, job_extra: &str) -> PathBuf {
         let p = self.net.https_port();
         let ca = self.net.ca_file().display().to_string();
         let forge = format!(
@@ -252,6 +262,7 @@ name = "fix"
 source = "github"
 secret = "HOOK_SECRET"
 max_body_kib = 64
+max_running = {max_running}
 [trigger.filter]
 events = ["issue_comment"]
 actions = ["created"]
@@ -263,6 +274,7 @@ command = ["sh", "-c", {command:?}]
 comment = true
 timeout_secs = 900
 title = "hutch: fix the test"
+{job_extra}
 {policy}"#
         );
         if let Some(cron) = schedule {
@@ -475,4 +487,53 @@ fn a_schedule_fires_and_delivers() {
     assert_eq!(run["state"], "succeeded", "{run}\n{}", d.log());
     let f = s.net.forge_git("acme", "widget", &["show", &format!("hutch/{id}:scheduled.txt")]).unwrap();
     assert!(!f.trim().is_empty());
+}
+
+#[test]
+fn ten_deliveries_at_once_respect_the_global_limit_and_the_concurrency_keys() {
+    if !have_vms() {
+        return;
+    }
+    let s = Setup::new();
+    let admin = s.admin_token();
+    // Two runs at once in all; runs on the same issue one after the other.
+    let d = Daemon::start(&s.data(), &s.triggers_with(2, FIX, None, "concurrency_key_from = \"issue.number\"\non_conflict = \"queue\""));
+    let ids: Vec<(u64, String)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..10u64)
+            .map(|i| {
+                let d = &d;
+                sc.spawn(move || {
+                    let issue = 100 + i % 4;
+                    let body = comment_payload_on(issue, "alice", "/hutch fix the test");
+                    let r = d.hook("fix", "issue_comment", &format!("c-{i}"), &body, Some(sign(HOOK_SECRET.as_bytes(), &body)));
+                    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+                    (issue, r.json()["run"].as_str().unwrap().to_string())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut most = 0;
+    let done = wait_until(Duration::from_secs(1500), || {
+        let runs = d.runs(&admin);
+        most = most.max(runs.iter().filter(|r| r["state"] == "running").count());
+        runs.len() == 10 && runs.iter().all(|r| r["state"] != "queued" && r["state"] != "running")
+    });
+    assert!(done, "the runs did not all end; {}", d.log());
+    assert!(most <= 2, "{most} runs were running at once");
+    let runs: Vec<Value> = ids.iter().map(|(_, id)| d.run(&admin, id)).collect();
+    for r in &runs {
+        assert_eq!(r["state"], "succeeded", "{r}");
+    }
+    // From the records: never more than two at once, never two of one issue at once.
+    let span = |r: &Value| (r["started_ms"].as_i64().unwrap(), r["ended_ms"].as_i64().unwrap());
+    for (i, a) in runs.iter().enumerate() {
+        let (s1, _) = span(a);
+        let active: Vec<usize> = runs.iter().enumerate().filter(|(_, b)| { let (s2, e2) = span(b); s2 <= s1 && s1 < e2 }).map(|(j, _)| j).collect();
+        assert!(active.len() <= 2, "when run {i} started, {active:?} were running");
+        for j in active.into_iter().filter(|j| *j != i) {
+            assert_ne!(ids[i].0, ids[j].0, "two runs of issue {} overlapped", ids[i].0);
+        }
+    }
+    assert_eq!(s.net.forge_record().pulls.len(), 10);
 }
