@@ -537,3 +537,45 @@ fn ten_deliveries_at_once_respect_the_global_limit_and_the_concurrency_keys() {
     }
     assert_eq!(s.net.forge_record().pulls.len(), 10);
 }
+
+#[test]
+fn a_newer_comment_cancels_the_older_run_and_runs_can_be_cancelled_and_retried() {
+    if !have_vms() {
+        return;
+    }
+    let s = Setup::new();
+    let admin = s.admin_token();
+    let d = Daemon::start(&s.data(), &s.triggers_with(2, FIX, None, "concurrency_key_from = \"issue.number\"\non_conflict = \"cancel\""));
+    let cli = |args: &[&str]| hutch().args(args).env("HUTCH_URL", &d.url).env("HUTCH_TOKEN", &admin).output().unwrap();
+    let a = d.comment("x-1", "alice", "/hutch hang").json()["run"].as_str().unwrap().to_string();
+    assert!(wait_until(Duration::from_secs(600), || d.run(&admin, &a)["first_output_ms"].is_i64()), "{}", d.log());
+    let sandbox = d.run(&admin, &a)["sandbox"].as_str().unwrap().to_string();
+    // A newer comment on the same issue supersedes the hanging run.
+    let b = d.comment("x-2", "alice", "/hutch fix the test").json()["run"].as_str().unwrap().to_string();
+    let ra = d.wait_ended(&admin, &a, 120);
+    assert_eq!(ra["state"], "cancelled", "{ra}");
+    assert!(ra["reason"].as_str().unwrap().contains(&format!("superseded by run {b}")), "{ra}");
+    assert!(wait_until(Duration::from_secs(30), || d.store().sandbox(&sandbox).unwrap().unwrap().state == "destroyed"), "the cancelled run's VM is gone");
+    let rb = d.wait_ended(&admin, &b, 900);
+    assert_eq!(rb["state"], "succeeded", "{rb}");
+    // The run's egress: the clone went to the forge's git host.
+    let eg = send("GET", &format!("{}/v1/runs/{b}/egress", d.url), Some(&admin), &[], None).json();
+    assert!(eg["records"].as_array().unwrap().iter().any(|r| r.to_string().contains(GIT_HOST)), "{eg}");
+
+    // `hutch runs cancel` on a run in its VM; `hutch runs retry` queues it again.
+    let c = d.comment("x-3", "alice", "/hutch hang again").json()["run"].as_str().unwrap().to_string();
+    assert!(wait_until(Duration::from_secs(600), || d.run(&admin, &c)["first_output_ms"].is_i64()), "{}", d.log());
+    let out = cli(&["runs", "cancel", &c]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rc = d.run(&admin, &c);
+    assert_eq!(rc["state"], "cancelled", "{rc}");
+    assert!(rc["reason"].as_str().unwrap().contains("cancelled by token admin"), "{rc}");
+    let out = cli(&["runs", "cancel", &c]);
+    assert!(!out.status.success() && text(&out.stderr).contains("already ended"), "{}", text(&out.stderr));
+    let out = cli(&["runs", "retry", &c]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let retry = text(&out.stdout).trim().to_string();
+    assert_eq!(d.run(&admin, &retry)["retry_of"], c.as_str());
+    let out = cli(&["runs", "ls"]);
+    assert!(text(&out.stdout).contains(&retry) && text(&out.stdout).contains("cancelled"), "{}", text(&out.stdout));
+}

@@ -67,6 +67,7 @@ pub fn authed_routes() -> Router<AppState> {
         .route("/v1/runs", get(list_runs))
         .route("/v1/runs/{id}", get(get_run))
         .route("/v1/runs/{id}/logs", get(run_logs))
+        .route("/v1/runs/{id}/egress", get(run_egress))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/runs/{id}/retry", post(retry_run))
         .route("/v1/triggers", get(list_triggers))
@@ -169,6 +170,29 @@ async fn run_logs(State(st): State<AppState>, Extension(who): Extension<Principa
     Ok((headers, Body::from_stream(stream)).into_response())
 }
 
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RunEgress {
+    /// The gateway's audit records of the run's VM (setup phase and agent phase), oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub records: Vec<serde_json::Value>,
+}
+
+#[utoipa::path(get, path = "/v1/runs/{id}/egress", tag = "runs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "No such run, or no triggers on this daemon", body = ErrorBody),
+        (status = 200, description = "The run's egress audit", body = RunEgress),
+    ))]
+async fn run_egress(State(st): State<AppState>, Extension(who): Extension<Principal>, Path(id): Path<String>) -> Result<Json<RunEgress>, ApiError> {
+    let tr = triggers(&st, &who)?;
+    let run = run_of(&tr, &id)?;
+    let records = tr.mgr.store.audit(&run.id, 100_000)?.into_iter().filter_map(|r| serde_json::from_str(&r).ok()).collect();
+    Ok(Json(RunEgress { records }))
+}
+
 #[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "runs", security(("bearer" = [])),
     params(("id" = String, Path, description = "The run's id")),
     responses(
@@ -248,8 +272,8 @@ async fn list_triggers(State(st): State<AppState>, Extension(who): Extension<Pri
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(list_runs, get_run, run_logs, cancel_run, retry_run, list_triggers, hook_doc),
-    components(schemas(RunRow, RunList, TriggerInfo, TriggerList))
+    paths(list_runs, get_run, run_logs, run_egress, cancel_run, retry_run, list_triggers, hook_doc),
+    components(schemas(RunRow, RunList, RunEgress, TriggerInfo, TriggerList))
 )]
 pub struct RunsDoc;
 
