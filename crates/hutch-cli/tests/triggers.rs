@@ -579,3 +579,61 @@ fn a_newer_comment_cancels_the_older_run_and_runs_can_be_cancelled_and_retried()
     let out = cli(&["runs", "ls"]);
     assert!(text(&out.stdout).contains(&retry) && text(&out.stdout).contains("cancelled"), "{}", text(&out.stdout));
 }
+
+#[test]
+fn a_generic_webhook_run_that_outlives_its_timeout_is_timed_out_and_its_vm_destroyed() {
+    if !have_vms() {
+        return;
+    }
+    let s = Setup::new();
+    let admin = s.admin_token();
+    let p = s.net.https_port();
+    let ca = s.net.ca_file().display().to_string();
+    let file = s.dir.path().join("generic.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"[[trigger]]
+name = "ci-failed"
+source = "generic"
+secret = "HOOK_SECRET"
+[trigger.filter]
+actions = ["failed"]
+[trigger.forge]
+api = "https://localhost:{p}"
+git = "https://{GIT_HOST}:{p}"
+git_from_host = "https://localhost:{p}"
+token = "FORGE_TOKEN"
+ca_file = "{ca}"
+[trigger.job]
+repository = "acme/widget"
+ref = "main"
+command = ["sh", "-c", "echo waiting; sleep 600"]
+timeout_secs = 20
+[trigger.job.policy]
+resolve = ["{GIT_HOST}:{p}:127.0.0.1"]
+upstream_ca = ["{ca}"]
+"#
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&s.data(), &file);
+    let post = |body: &[u8], sig: String| send("POST", &format!("{}/hooks/ci-failed", d.url), None, &[("x-hub-signature-256", sig)], Some(body.to_vec()));
+    let other = br#"{"action": "passed"}"#;
+    let r = post(other, sign(HOOK_SECRET.as_bytes(), other));
+    assert_eq!(r.status, 200);
+    assert!(r.json()["ignored"].as_str().unwrap().contains("action"), "{}", r.json());
+    let body = br#"{"action": "failed", "job": "unit tests"}"#;
+    let r = post(body, sign(HOOK_SECRET.as_bytes(), body));
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["run"].as_str().unwrap().to_string();
+    // Without a delivery header the body's digest is the delivery id: the same body again is a repeat.
+    let again = post(body, sign(HOOK_SECRET.as_bytes(), body));
+    assert_eq!((again.status, again.json()["duplicate"].clone()), (200, json!(true)));
+    let run = d.wait_ended(&admin, &id, 600);
+    assert_eq!(run["state"], "timed_out", "{run}");
+    assert!(run["reason"].as_str().unwrap().contains("timeout of 20 s"), "{run}");
+    let sb = run["sandbox"].as_str().expect("the run had a sandbox").to_string();
+    assert!(wait_until(Duration::from_secs(30), || d.store().sandbox(&sb).unwrap().unwrap().state == "destroyed"), "the VM of a timed-out run is destroyed");
+    assert!(s.net.forge_record().pushes.is_empty(), "nothing delivered");
+}
