@@ -149,7 +149,8 @@ async fn run_logs(State(st): State<AppState>, Extension(who): Extension<Principa
             if f.done {
                 return None;
             }
-            let ended = f.tr.mgr.store.run(&f.id).ok().flatten().map_or(true, |r| r.ended());
+            // A run that cannot be read any more has nothing more to send.
+            let ended = !matches!(f.tr.mgr.store.run(&f.id), Ok(Some(r)) if !r.ended());
             let mut chunk = Vec::new();
             if let Ok(mut file) = tokio::fs::File::open(&f.path).await {
                 if file.seek(std::io::SeekFrom::Start(f.at)).await.is_ok() {

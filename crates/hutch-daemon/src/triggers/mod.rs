@@ -101,7 +101,11 @@ impl Triggers {
         let mut m = self.rate.lock().unwrap_or_else(|p| p.into_inner());
         let w = m.entry(trigger.to_string()).or_default();
         let now = Instant::now();
-        if w.start.map_or(true, |s| now.duration_since(s) >= Duration::from_secs(60)) {
+        let window_over = match w.start {
+            Some(s) => now.duration_since(s) >= Duration::from_secs(60),
+            None => true,
+        };
+        if window_over {
             *w = Window { start: Some(now), count: 0 };
         }
         if w.count >= per_minute {

@@ -87,6 +87,7 @@ pub struct RunRow {
 }
 
 impl RunRow {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(id: String, trigger: &str, source: &str, event: &str, delivery: Option<String>, plan: String, payload: Vec<u8>, key: Option<String>) -> RunRow {
         RunRow {
             id,
