@@ -13,6 +13,7 @@ mod image;
 mod remote;
 mod repo;
 mod run;
+mod runs;
 mod serve;
 mod shell;
 mod socket;

@@ -43,6 +43,9 @@ pub enum ServiceCmd {
     Rm(RmArgs),
     /// Push back a sandbox's expiry.
     Extend(ExtendArgs),
+    /// Event-triggered runs on a daemon (`hutch serve --triggers`): ls, show, logs [-f], cancel, retry.
+    #[command(subcommand)]
+    Runs(crate::runs::RunsCmd),
 }
 
 pub async fn dispatch(c: ServiceCmd) -> anyhow::Result<i32> {
@@ -59,6 +62,7 @@ pub async fn dispatch(c: ServiceCmd) -> anyhow::Result<i32> {
         ServiceCmd::Logs(a) => logs(a).await,
         ServiceCmd::Rm(a) => rm(a).await,
         ServiceCmd::Extend(a) => extend(a).await,
+        ServiceCmd::Runs(c) => crate::runs::runs(c).await,
     }
 }
 
@@ -75,7 +79,7 @@ pub struct Conn {
     pub ca_cert: Option<PathBuf>,
 }
 
-fn parse_url(s: &str) -> Result<String, String> {
+pub(crate) fn parse_url(s: &str) -> Result<String, String> {
     if let Some(path) = s.strip_prefix("unix://") {
         if !path.starts_with('/') || path.len() < 2 {
             return Err(format!("{s:?}: a unix socket URL names an absolute path, as in unix:///run/hutch/hutch.sock"));
@@ -726,6 +730,7 @@ pub async fn run_via_daemon(a: crate::cli::RunArgs) -> anyhow::Result<i32> {
         policy,
         secrets: Vec::new(),
         labels: [("hutch.run".to_string(), "1".to_string())].into_iter().collect(),
+        setup: None,
     };
     let info: SandboxInfo = api.json(reqwest::Method::POST, "/v1/sandboxes", Some(&req)).await?;
     let id = info.id.clone();

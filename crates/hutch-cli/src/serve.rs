@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// Seconds the daemon waits for the next piece of a request body before failing the request.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub body_timeout: u64,
+    /// A TOML file of triggers: webhooks (`POST /hooks/NAME`) and schedules that start runs in fresh sandboxes
+    /// and deliver their change to a forge. Checked at start; re-read on SIGHUP.
+    #[arg(long)]
+    pub triggers: Option<PathBuf>,
 }
 
 /// `CPUSxMIB`, e.g. `2x2048`.
@@ -142,6 +146,11 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
         None => None,
     };
     let tls = tls_files.as_ref().map(hutch_daemon::server::tls_config).transpose()?;
+    // The triggers file is checked before anything starts: a mistake in it names the trigger and the key.
+    let trigger_set = match &a.triggers {
+        Some(p) => Some(hutch_daemon::triggers::TriggerSet::load(p)?),
+        None => None,
+    };
     let key = Arc::new(hutch_daemon::secrets::SecretKey::load_or_create(&dd.secret_key())?);
 
     let (cache, image) = crate::image::ensure_image().await?;
@@ -211,7 +220,36 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
         eprintln!("hutch: listening on unix://{} (group {}; data in {})", u.path().display(), a.socket_group, dd.root.display());
     }
     tokio::spawn(mgr.clone().expire_loop(Duration::from_millis(500)));
-    let router = hutch_daemon::api::router(mgr.clone());
+    let triggers = match trigger_set {
+        Some(set) => {
+            let n = set.triggers.len();
+            let t = hutch_daemon::triggers::Triggers::new(mgr.clone(), set, &dd.root)?;
+            let (queued, failed) = t.recover()?;
+            if queued > 0 || failed > 0 {
+                eprintln!("hutch: runs left by a previous daemon: {queued} queued (they run now), {failed} recorded failed (they were in progress)");
+            }
+            t.start();
+            eprintln!("hutch: {n} trigger(s) from {}", a.triggers.as_ref().map(|p| p.display().to_string()).unwrap_or_default());
+            if let Some(path) = a.triggers.clone() {
+                let t2 = t.clone();
+                let mut hup = signal(SignalKind::hangup()).context("install SIGHUP handler")?;
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        match hutch_daemon::triggers::TriggerSet::load(&path) {
+                            Ok(set) => {
+                                eprintln!("hutch: reloaded {} trigger(s) from {}", set.triggers.len(), path.display());
+                                t2.replace(set);
+                            }
+                            Err(e) => eprintln!("hutch: kept the previous triggers: {e}"),
+                        }
+                    }
+                });
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let router = hutch_daemon::api::router_with(mgr.clone(), triggers.clone());
     let stop = tokio_util::sync::CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move {
@@ -239,6 +277,9 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
     let (_, served) = tokio::join!(tcp, unix_serve);
     drop(unix);
     served?;
+    if let Some(t) = &triggers {
+        t.shutdown().await;
+    }
     let n = mgr.live_count();
     mgr.shutdown().await;
     eprintln!("hutch: stopped ({n} sandbox(es) destroyed)");

@@ -31,6 +31,8 @@ pub const JSON_BODY_MAX: usize = 1 << 20;
 #[derive(Clone)]
 pub struct AppState {
     pub mgr: Arc<Manager>,
+    /// Event-triggered runs (`hutch serve --triggers`), when configured.
+    pub triggers: Option<Arc<crate::triggers::Triggers>>,
 }
 
 /// An error response: a status and a message naming what is wrong (and what to do), as JSON.
@@ -164,7 +166,12 @@ impl<S: Send + Sync> FromRequestParts<S> for SandboxId {
 }
 
 pub fn router(mgr: Arc<Manager>) -> Router {
-    let state = AppState { mgr };
+    router_with(mgr, None)
+}
+
+/// The router with event-triggered runs' routes (`/hooks/{trigger}`, `/v1/runs`, `/v1/triggers`).
+pub fn router_with(mgr: Arc<Manager>, triggers: Option<Arc<crate::triggers::Triggers>>) -> Router {
+    let state = AppState { mgr, triggers };
     let authed = Router::new()
         .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/v1/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
@@ -186,6 +193,7 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route("/v1/sandboxes/{id}/change", get(crate::repo::change))
         .route("/v1/sandboxes/{id}/change/{file}", get(crate::repo::change_file))
         .route("/metrics", get(metrics))
+        .merge(crate::triggers::api::authed_routes())
         .route_layer(from_fn_with_state(state.clone(), authenticate));
     // E2B's control plane and envd (crate::e2b): their own paths, auth and error shape.
     let e2b = match crate::e2b::router(state.mgr.clone()) {
@@ -199,6 +207,7 @@ pub fn router(mgr: Arc<Manager>) -> Router {
         .route("/healthz", get(health))
         .merge(e2b)
         .route("/openapi.json", get(openapi_json))
+        .merge(crate::triggers::api::hook_routes())
         .merge(authed)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint (the API is described at /openapi.json)") })
         .method_not_allowed_fallback(|| async {
@@ -244,7 +253,9 @@ async fn health(State(st): State<AppState>) -> Json<Health> {
 }
 
 async fn openapi_json() -> Response {
-    match ApiDoc::openapi().to_json() {
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::triggers::api::RunsDoc::openapi());
+    match doc.to_json() {
         Ok(text) => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
         Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("openapi: {e}")).into_response(),
     }

@@ -16,6 +16,7 @@ pub mod server;
 pub mod store;
 mod stream;
 pub mod terminal;
+pub mod triggers;
 
 use std::path::{Path, PathBuf};
 

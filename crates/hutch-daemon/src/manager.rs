@@ -125,6 +125,8 @@ pub struct Live {
     /// Made by `POST /v1/sandboxes/repo`: the repository in `/workspace` and what happens when a terminal
     /// command ends (see `crate::repo`).
     pub session: Option<Arc<crate::repo::Session>>,
+    /// The sandbox's gateway (an event-triggered run moves it from the setup phase to the agent phase).
+    pub gateway: hutch_gateway::Gateway,
     stop: mpsc::Sender<String>,
     done: watch::Receiver<bool>,
 }
@@ -514,6 +516,29 @@ impl Manager {
         }))
     }
 
+    /// An audit sink that records `sandbox`'s egress like any other sandbox's.
+    pub fn audit_sink(&self, sandbox: &str) -> Arc<dyn hutch_gateway::AuditSink> {
+        Arc::new(DbAuditSink { sandbox: sandbox.to_string(), tx: self.audit_tx.clone(), metrics: self.metrics.clone(), stored: Default::default() })
+    }
+
+    /// Loads secret values for `p` from the daemon's store (for a gateway; they never reach a guest).
+    pub fn secret_loader(&self) -> impl Fn(&hutch_policy::CheckedPolicy) -> Result<Vec<hutch_policy::LoadedSecret>, String> + Send + Sync + 'static {
+        let store = self.store.clone();
+        let key = self.key.clone();
+        move |p| {
+            p.load_secrets_with(|name| match crate::secrets::reveal(&store, &key, name) {
+                Ok(Some(v)) => Some(v.expose().to_string()),
+                _ => None,
+            })
+            .map_err(|e| e.to_string())
+        }
+    }
+
+    /// A secret's value from the store (the forge token, a webhook's HMAC key): for host-side use only.
+    pub fn reveal_secret(&self, name: &str) -> Result<Option<zeroize::Zeroizing<String>>, DaemonError> {
+        Ok(crate::secrets::reveal(&self.store, &self.key, name)?.map(|v| zeroize::Zeroizing::new(v.expose().to_string())))
+    }
+
     fn reserve(&self, who: &Principal) -> Result<Slot, ManagerError> {
         let mut c = self.inner.counts.lock().unwrap_or_else(|p| p.into_inner());
         if c.total >= self.limits.max_sandboxes {
@@ -574,15 +599,65 @@ impl Manager {
         // The start runs in its own task: a client that hangs up mid-create must not leave a half-made VM.
         let me = self.clone();
         let owner = who.token_id.clone();
-        let task = self.tasks.spawn(async move { me.start(id, owner, spec, slot, pending).await });
+        let task = self.tasks.spawn(async move { me.start(id, owner, spec, slot, pending, None).await });
         match task.await {
             Ok(r) => r,
             Err(e) => Err(ManagerError::Failed(format!("the start task failed: {e}"))),
         }
     }
 
-    async fn start(self: Arc<Self>, id: String, owner: String, spec: CheckedCreate, slot: Slot, pending: Option<crate::repo::Pending>) -> Result<SandboxInfo, ManagerError> {
-        let egress = match self.egress(&id, &spec) {
+    /// Creates a sandbox for the daemon itself (an event-triggered run) with an egress the caller built (a
+    /// setup phase, the trigger's policy); under the same cap, quota, records and supervision as any other.
+    pub async fn create_with_egress(
+        self: &Arc<Self>,
+        who: &Principal,
+        spec: CheckedCreate,
+        labels: &BTreeMap<String, String>,
+        egress: Egress,
+    ) -> Result<(SandboxInfo, Arc<Live>), ManagerError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ManagerError::Unavailable("the daemon is shutting down".into()));
+        }
+        let slot = self.reserve(who)?;
+        let id = hutch_sandbox::new_id();
+        let now = now_ms();
+        let row = SandboxRow {
+            id: id.clone(),
+            owner: who.token_id.clone(),
+            state: "creating".into(),
+            spec: serde_json::to_string(&spec).map_err(|e| DaemonError::Internal(format!("encode spec: {e}")))?,
+            labels: serde_json::to_string(labels).map_err(|e| DaemonError::Internal(format!("encode labels: {e}")))?,
+            created_ms: now,
+            expires_ms: now + (spec.ttl_secs as i64) * 1000,
+            started_ms: None,
+            ended_ms: None,
+            end_reason: None,
+            vm_id: None,
+            vmm_pid: None,
+            daemon_pid: std::process::id() as i64,
+            start_mode: None,
+            start_ms: None,
+        };
+        self.store.insert_sandbox(&row)?;
+        let me = self.clone();
+        let owner = who.token_id.clone();
+        let sid = id.clone();
+        let task = self.tasks.spawn(async move { me.start(sid, owner, spec, slot, None, Some(egress)).await });
+        let info = match task.await {
+            Ok(r) => r?,
+            Err(e) => return Err(ManagerError::Failed(format!("the start task failed: {e}"))),
+        };
+        let live = self.live_map().get(&id).cloned().ok_or_else(|| ManagerError::Failed(format!("sandbox {id} ended as it started")))?;
+        Ok((info, live))
+    }
+
+    /// Destroys a sandbox this daemon owns, recording `reason`; whether it was live.
+    pub async fn stop_sandbox(&self, id: &str, reason: &str) -> bool {
+        self.destroy_live(id, reason).await
+    }
+
+    async fn start(self: Arc<Self>, id: String, owner: String, spec: CheckedCreate, slot: Slot, pending: Option<crate::repo::Pending>, given: Option<Egress>) -> Result<SandboxInfo, ManagerError> {
+        let egress = match given.map(Ok).unwrap_or_else(|| self.egress(&id, &spec)) {
             Ok(e) => e,
             Err(e) => {
                 self.store.mark_ended(&id, "failed", &format!("start failed: {e}"))?;
@@ -647,6 +722,7 @@ impl Manager {
             console: sb.console_log().to_path_buf(),
             terminal: Default::default(),
             session,
+            gateway: sb.gateway().clone(),
             stop: stop_tx,
             done: done_rx,
         });

@@ -34,6 +34,20 @@ pub struct Metrics {
     pub gateway_bytes: Counter,
     pub gateway_denials: Counter,
     pub pool_ready: Gauge,
+    /// Event-triggered runs waiting for a slot (refreshed from the database at scrape time).
+    pub runs_queued: Gauge,
+    pub runs_running: Gauge,
+    pub runs_ended: Family<OutcomeLabel, Counter>,
+    /// Queued to ended, per run.
+    pub run_seconds: Histogram,
+    /// Webhook received to the command's first output.
+    pub run_first_output_seconds: Histogram,
+    pub webhooks: Family<OutcomeLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -62,6 +76,18 @@ impl Metrics {
         let gateway_bytes = Counter::default();
         let gateway_denials = Counter::default();
         let pool_ready = Gauge::default();
+        let runs_queued = Gauge::default();
+        let runs_running = Gauge::default();
+        let runs_ended = Family::<OutcomeLabel, Counter>::default();
+        let run_seconds = Histogram::new([5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0].into_iter());
+        let run_first_output_seconds = Histogram::new([0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0].into_iter());
+        let webhooks = Family::<OutcomeLabel, Counter>::default();
+        registry.register("runs_queued", "Event-triggered runs waiting for a slot", runs_queued.clone());
+        registry.register("runs_running", "Event-triggered runs in progress", runs_running.clone());
+        registry.register("runs_ended", "Event-triggered runs ended, by outcome", runs_ended.clone());
+        registry.register("run_seconds", "Event-triggered runs, queued to ended", run_seconds.clone());
+        registry.register("run_first_output_seconds", "Event-triggered runs, event received to the command's first output", run_first_output_seconds.clone());
+        registry.register("webhooks", "Webhook deliveries, by outcome (accepted, duplicate, ignored, bad_signature, too_large, rate_limited, ...)", webhooks.clone());
         registry.register("sandboxes", "Sandboxes by state, as recorded in the database", sandboxes.clone());
         registry.register("sandbox_creates", "Sandbox starts attempted", creates.clone());
         registry.register("sandbox_create_failures", "Sandbox starts that failed", create_failures.clone());
@@ -84,11 +110,25 @@ impl Metrics {
             gateway_bytes,
             gateway_denials,
             pool_ready,
+            runs_queued,
+            runs_running,
+            runs_ended,
+            run_seconds,
+            run_first_output_seconds,
+            webhooks,
         }
     }
 
     pub fn destroyed(&self, reason: &str) {
         self.destroys.get_or_create(&ReasonLabel { reason: reason.to_string() }).inc();
+    }
+
+    pub fn run_ended(&self, outcome: &str) {
+        self.runs_ended.get_or_create(&OutcomeLabel { outcome: outcome.to_string() }).inc();
+    }
+
+    pub fn webhook(&self, outcome: &str) {
+        self.webhooks.get_or_create(&OutcomeLabel { outcome: outcome.to_string() }).inc();
     }
 
     pub fn rejected(&self, reason: &str) {
@@ -102,6 +142,10 @@ impl Metrics {
             let n = counts.iter().find(|(s, _)| s == state).map(|(_, n)| *n).unwrap_or(0);
             self.sandboxes.get_or_create(&StateLabel { state: state.to_string() }).set(n);
         }
+        let runs = store.count_runs_by_state()?;
+        let n = |s: &str| runs.iter().find(|(st, _)| st == s).map(|(_, n)| *n).unwrap_or(0);
+        self.runs_queued.set(n("queued"));
+        self.runs_running.set(n("running"));
         let mut out = String::new();
         encode(&mut out, &self.registry).map_err(|e| crate::DaemonError::Internal(format!("encode metrics: {e}")))?;
         Ok(out)

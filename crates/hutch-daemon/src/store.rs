@@ -57,6 +57,8 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (sandbox, seq)
     );
     "#,
+    // 2: event-triggered runs, webhook deliveries (for deduplication) and schedule state.
+    crate::triggers::store::MIGRATION_RUNS,
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -110,7 +112,7 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-fn db(what: &'static str) -> impl FnOnce(rusqlite::Error) -> DaemonError {
+pub(crate) fn db(what: &'static str) -> impl FnOnce(rusqlite::Error) -> DaemonError {
     move |source| DaemonError::Db { what, source }
 }
 
@@ -167,7 +169,7 @@ impl Store {
         Ok(Store { conn: Mutex::new(conn) })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written (statements are atomic), so a
         // poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())

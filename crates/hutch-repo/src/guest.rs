@@ -96,6 +96,13 @@ impl Workspace {
     pub(crate) fn new(snap: &Snapshot, cwd: String) -> Workspace {
         Workspace { base: snap.base.clone(), overlay: true, cwd, git_meta: snap.git_meta.clone() }
     }
+
+    /// A repository the VM cloned itself at `workspace` (an event-triggered run): no image and no overlay, so
+    /// the collection scans the whole working tree against `base` (the commit the clone checked out, as the VM
+    /// reported it; the host checks the change against the forge's copy of it before delivering anything).
+    pub fn cloned(base: Oid, cwd: String) -> Workspace {
+        Workspace { base: Some(base), overlay: false, cwd, git_meta: BTreeMap::new() }
+    }
 }
 
 /// What came back from the VM, on the host, not yet checked.

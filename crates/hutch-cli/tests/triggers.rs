@@ -1,0 +1,639 @@
+//! Event-triggered runs end to end: a real `hutch serve --triggers`, signed webhooks over HTTP, real VMs that
+//! clone from the test net's forge through their gateway, and delivery to that forge (branch and pull request)
+//! by the daemon. The forge records which token every request carried.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hutch_daemon::triggers::event::sign;
+use hutch_testnet::TestNet;
+use serde_json::{json, Value};
+
+const FORGE_TOKEN: &str = "ghp_trigger_forge_token_5up3r53cr3t_0123456789";
+const HOOK_SECRET: &str = "hook-secret-for-the-test-0123456789";
+const GIT_HOST: &str = "git.example.test";
+
+fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime"))
+}
+
+struct Resp {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+fn send(method: &str, url: &str, token: Option<&str>, headers: &[(&str, String)], body: Option<Vec<u8>>) -> Resp {
+    let client = reqwest::Client::new();
+    let mut rb = client.request(method.parse().unwrap(), url);
+    if let Some(t) = token {
+        rb = rb.bearer_auth(t);
+    }
+    for (k, v) in headers {
+        rb = rb.header(*k, v);
+    }
+    if let Some(b) = body {
+        rb = rb.header("content-type", "application/json").body(b);
+    }
+    rt().block_on(async move {
+        let r = rb.send().await.expect("request");
+        let status = r.status().as_u16();
+        let body = r.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+        Resp { status, body }
+    })
+}
+
+/// A running `hutch serve --triggers` on loopback; SIGTERM when dropped.
+struct Daemon {
+    child: Option<Child>,
+    url: String,
+    data: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    fn start(data: &Path, triggers: &Path) -> Daemon {
+        let mut child = hutch()
+            .args(["serve", "--listen", "127.0.0.1:0", "--pool", "0", "--data-dir"])
+            .arg(data)
+            .arg("--triggers")
+            .arg(triggers)
+            .env("HUTCH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hutch serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    if let Some(t) = tx.take() {
+                        let _ = t.send(rest.split_whitespace().next().unwrap_or_default().to_string());
+                    }
+                }
+                log2.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+        let url = rx.recv_timeout(Duration::from_secs(180)).unwrap_or_else(|_| panic!("the daemon did not start; log:\n{}", log.lock().unwrap()));
+        Daemon { child: Some(child), url, data: data.to_path_buf(), log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn store(&self) -> hutch_daemon::store::Store {
+        hutch_daemon::store::Store::open(&self.data.join("state.db")).expect("open the daemon's database")
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().expect("running");
+        c.kill().expect("SIGKILL");
+        c.wait().expect("wait");
+    }
+
+    fn hook(&self, trigger: &str, event: &str, delivery: &str, body: &[u8], signature: Option<String>) -> Resp {
+        let mut headers = vec![("x-github-event", event.to_string()), ("x-github-delivery", delivery.to_string())];
+        if let Some(s) = signature {
+            headers.push(("x-hub-signature-256", s));
+        }
+        send("POST", &format!("{}/hooks/{trigger}", self.url), None, &headers, Some(body.to_vec()))
+    }
+
+    fn comment(&self, delivery: &str, author: &str, text: &str) -> Resp {
+        let body = comment_payload(author, text);
+        self.hook("fix", "issue_comment", delivery, &body, Some(sign(HOOK_SECRET.as_bytes(), &body)))
+    }
+
+    fn run(&self, token: &str, id: &str) -> Value {
+        let r = send("GET", &format!("{}/v1/runs/{id}", self.url), Some(token), &[], None);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()
+    }
+
+    fn runs(&self, token: &str) -> Vec<Value> {
+        let r = send("GET", &format!("{}/v1/runs", self.url), Some(token), &[], None);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["runs"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits (a bound against hangs, not a speed check) until the run ended.
+    fn wait_ended(&self, token: &str, id: &str, secs: u64) -> Value {
+        let mut last = Value::Null;
+        let ok = wait_until(Duration::from_secs(secs), || {
+            last = self.run(token, id);
+            !matches!(last["state"].as_str(), Some("queued") | Some("running"))
+        });
+        assert!(ok, "run {id} did not end: {last}\ndaemon log:\n{}", self.log());
+        last
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn comment_payload(author: &str, text: &str) -> Vec<u8> {
+    comment_payload_on(7, author, text)
+}
+
+fn comment_payload_on(issue: u64, author: &str, text: &str) -> Vec<u8> {
+    json!({
+        "action": "created",
+        "issue": { "number": issue, "title": "the test fails", "labels": [] },
+        "comment": { "body": text, "user": { "login": author } },
+        "repository": { "full_name": "acme/widget", "default_branch": "main" },
+        "sender": { "login": author },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The test net, its forge repository and a data directory with the two secrets in the daemon's store.
+struct Setup {
+    net: TestNet,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let net = TestNet::start().expect("testnet");
+        net.create_forge_repo(
+            "acme",
+            "widget",
+            &[
+                ("src/lib.rs", "pub fn answer() -> u32 { 41 }\n"),
+                ("test.sh", "#!/bin/sh\ngrep -q 42 src/lib.rs\n"),
+                (".github/workflows/ci.yml", "on: push\njobs: {}\n"),
+            ],
+            FORGE_TOKEN,
+        )
+        .expect("forge repo");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Setup { net, dir };
+        s.secret("HOOK_SECRET", HOOK_SECRET, "hooks.invalid");
+        s.secret("FORGE_TOKEN", FORGE_TOKEN, GIT_HOST);
+        s
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn secret(&self, name: &str, value: &str, hosts: &str) {
+        let mut c = hutch()
+            .args(["secret", "set", name, "--hosts", hosts, "--data-dir"])
+            .arg(self.data())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(format!("{value}\n").as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "secret set: {}", text(&out.stderr));
+    }
+
+    fn admin_token(&self) -> String {
+        let out = hutch().args(["token", "create", "--name", "admin", "--admin", "--data-dir"]).arg(self.data()).output().unwrap();
+        assert!(out.status.success(), "token create: {}", text(&out.stderr));
+        text(&out.stdout).trim().to_string()
+    }
+
+    /// The triggers file: a comment trigger (`/hutch`, alice only) and, when `schedule` is given, a schedule.
+    fn triggers(&self, max_running: usize, command: &str, schedule: Option<&str>) -> PathBuf {
+        self.triggers_with(max_running, command, schedule, "")
+    }
+
+    /// [`Setup::triggers`] with extra keys for the comment trigger's `[trigger.job]` (the trigger's own keys go
+    /// before its tables, so `per_trigger` is inserted there).
+    fn triggers_with(&self, max_running: usize, command: &str, schedule: Option<&str>, job_extra: &str) -> PathBuf {
+        let p = self.net.https_port();
+        let ca = self.net.ca_file().display().to_string();
+        let forge = format!(
+            r#"[trigger.forge]
+api = "https://localhost:{p}"
+git = "https://{GIT_HOST}:{p}"
+git_from_host = "https://localhost:{p}"
+token = "FORGE_TOKEN"
+ca_file = "{ca}"
+"#
+        );
+        let policy = format!(
+            r#"[trigger.job.policy]
+resolve = ["{GIT_HOST}:{p}:127.0.0.1"]
+upstream_ca = ["{ca}"]
+"#
+        );
+        let mut text = format!(
+            r#"max_running = {max_running}
+
+[[trigger]]
+name = "fix"
+source = "github"
+secret = "HOOK_SECRET"
+max_body_kib = 64
+max_running = {max_running}
+[trigger.filter]
+events = ["issue_comment"]
+actions = ["created"]
+repositories = ["acme/widget"]
+comment_prefix = "/hutch"
+authors = ["alice"]
+{forge}[trigger.job]
+command = ["sh", "-c", {command:?}]
+comment = true
+timeout_secs = 900
+title = "hutch: fix the test"
+{job_extra}
+{policy}"#
+        );
+        if let Some(cron) = schedule {
+            text.push_str(&format!(
+                r#"
+[[trigger]]
+name = "nightly"
+source = "schedule"
+schedule = "{cron}"
+{forge}[trigger.job]
+repository = "acme/widget"
+ref = "main"
+command = ["sh", "-c", "date > scheduled.txt && git add scheduled.txt && git commit -qm scheduled"]
+{policy}"#
+            ));
+        }
+        let path = self.dir.path().join("triggers.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// The command the comment trigger runs: it shows what the VM holds (environment, git config, the event) so
+/// the test can check the token is not there, fixes the test in a commit, and touches the CI workflow, which
+/// must be held back.
+const FIX: &str = r##"set -e
+echo "prompt: $HUTCH_PROMPT"
+env | sort
+git config -l
+cat "$HUTCH_EVENT_FILE"; echo
+case "$HUTCH_PROMPT" in hang*) echo hanging; sleep 600;; esac
+sleep 4
+sed -i s/41/42/ src/lib.rs
+sh test.sh
+git commit -qam "fix the test"
+echo "# changed by the VM" >> .github/workflows/ci.yml
+echo done
+"##;
+
+fn have_vms() -> bool {
+    if std::env::var_os("HUTCH_AGENT").is_none() && !Path::new("/var/lib/hutch").exists() {
+        eprintln!("SKIP: no image cache and no HUTCH_AGENT (see scripts/test)");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn comment_webhook_runs_in_a_vm_and_opens_a_pull_request() {
+    if !have_vms() {
+        return;
+    }
+    let s = Setup::new();
+    let admin = s.admin_token();
+    let d = Daemon::start(&s.data(), &s.triggers(2, FIX, None));
+
+    // Bad signature: 401 and nothing recorded.
+    let body = comment_payload("alice", "/hutch fix the test");
+    let r = d.hook("fix", "issue_comment", "d-bad", &body, Some(sign(b"wrong secret", &body)));
+    assert_eq!(r.status, 401, "{}", String::from_utf8_lossy(&r.body));
+    let r = d.hook("fix", "issue_comment", "d-none", &body, None);
+    assert_eq!(r.status, 401);
+    // Oversized: 413 (the trigger takes 64 KiB).
+    let big = comment_payload("alice", &format!("/hutch {}", "x".repeat(70 << 10)));
+    let r = d.hook("fix", "issue_comment", "d-big", &big, Some(sign(HOOK_SECRET.as_bytes(), &big)));
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    // A stranger's comment: accepted as a delivery, no run, logged.
+    let r = d.comment("d-stranger", "mallory", "/hutch rm -rf everything");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.json()["ignored"].as_str().unwrap().contains("allowlist"), "{}", r.json());
+    assert!(wait_until(Duration::from_secs(5), || d.log().contains("is not on the trigger's allowlist")), "{}", d.log());
+    // Unknown trigger.
+    assert_eq!(d.hook("nope", "issue_comment", "d-x", &body, Some(sign(HOOK_SECRET.as_bytes(), &body))).status, 404);
+    assert!(d.runs(&admin).is_empty(), "no run from refused or ignored deliveries");
+
+    // The real one, delivered twice: one run.
+    let t0 = Instant::now();
+    let r = d.comment("d-1", "alice", "/hutch fix the test");
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["run"].as_str().unwrap().to_string();
+    let again = d.comment("d-1", "alice", "/hutch fix the test");
+    assert_eq!(again.status, 200);
+    assert_eq!(again.json()["duplicate"], true);
+    assert_eq!(again.json()["run"], id.as_str());
+    assert_eq!(d.runs(&admin).len(), 1);
+
+    // While the command runs, the VM's memory does not hold the token (the command sleeps after its output).
+    let mut vm_pid = None;
+    assert!(
+        wait_until(Duration::from_secs(600), || {
+            let r = d.run(&admin, &id);
+            if r["first_output_ms"].is_i64() {
+                if let Some(sb) = r["sandbox"].as_str() {
+                    vm_pid = d.store().sandbox(sb).ok().flatten().and_then(|row| row.vmm_pid).map(|p| p as u32);
+                }
+                return true;
+            }
+            r["state"] != "queued" && r["state"] != "running"
+        }),
+        "the command never started; log:\n{}",
+        d.log()
+    );
+    let first_output = t0.elapsed();
+    let pid = vm_pid.expect("the run's VM is recorded");
+    let (found, scanned) = hutch_testnet::process_memory_contains(pid, &[FORGE_TOKEN]);
+    assert!(scanned > 64 << 20, "scanned only {scanned} bytes of the VM");
+    assert!(!found[0], "the forge token is in the VM's memory");
+
+    let run = d.wait_ended(&admin, &id, 900);
+    let total = t0.elapsed();
+    let logs = send("GET", &format!("{}/v1/runs/{id}/logs", d.url), Some(&admin), &[], None);
+    let logs = String::from_utf8_lossy(&logs.body).into_owned();
+    assert_eq!(run["state"], "succeeded", "{run}\nlogs:\n{logs}\ndaemon:\n{}", d.log());
+    assert!(logs.contains("prompt: fix the test") && logs.contains("HUTCH_EVENT_FILE=/run/hutch/event.json") && logs.contains("done"), "{logs}");
+    assert!(logs.contains("\"login\":\"alice\""), "the event is in the VM as a file: {logs}");
+    assert!(!logs.contains(FORGE_TOKEN), "the token reached the VM: {logs}");
+
+    // The forge: the clone (through the gateway) and the push (from the host) carried the real token; a branch
+    // hutch/<run-id> with the fix; a pull request whose body says the workflow change was held back.
+    let rec = s.net.forge_record();
+    assert!(rec.requests.iter().all(|r| r.token.as_deref() == Some(FORGE_TOKEN)), "{:?}", rec.requests);
+    let fetches = rec.requests.iter().filter(|r| r.route == Some(hutch_testnet::ForgeRoute::Fetch)).count();
+    assert!(fetches >= 2, "the VM's clone and the host's fetch: {:?}", rec.requests);
+    let branch = format!("hutch/{id}");
+    assert_eq!(run["branch"], branch.as_str());
+    let pushed: Vec<_> = rec.pushes.iter().filter(|p| p.name == format!("refs/heads/{branch}")).collect();
+    assert_eq!(pushed.len(), 1, "{:?}", rec.pushes);
+    let lib = s.net.forge_git("acme", "widget", &["show", &format!("{branch}:src/lib.rs")]).unwrap();
+    assert!(lib.contains("42"), "{lib}");
+    let ci = s.net.forge_git("acme", "widget", &["show", &format!("{branch}:.github/workflows/ci.yml")]).unwrap();
+    assert!(!ci.contains("changed by the VM"), "a workflow change was delivered: {ci}");
+    assert_eq!(rec.pulls.len(), 1);
+    let pr = &rec.pulls[0];
+    assert_eq!((pr.head.as_str(), pr.base.as_str()), (branch.as_str(), "main"));
+    assert!(pr.body.contains(".github/workflows/ci.yml"), "the PR body names the held-back path: {}", pr.body);
+    assert!(run["held_back"].as_str().unwrap_or_default().contains(".github/workflows/ci.yml"), "{run}");
+    assert_eq!(rec.comments.len(), 1);
+    assert_eq!(rec.comments[0].issue, 7);
+
+    // The CLI shows the run and its output.
+    let out = hutch().args(["runs", "show", &id]).env("HUTCH_URL", &d.url).env("HUTCH_TOKEN", &admin).output().unwrap();
+    assert!(out.status.success() && text(&out.stdout).contains("succeeded"), "{}{}", text(&out.stdout), text(&out.stderr));
+    let out = hutch().args(["runs", "logs", "-f", &id]).env("HUTCH_URL", &d.url).env("HUTCH_TOKEN", &admin).output().unwrap();
+    assert!(text(&out.stdout).contains("prompt: fix the test"), "{}", text(&out.stdout));
+    let metrics = send("GET", &format!("{}/metrics", d.url), Some(&admin), &[], None);
+    let m = String::from_utf8_lossy(&metrics.body);
+    assert!(m.contains("hutch_runs_ended_total{outcome=\"succeeded\"} 1"), "{m}");
+    assert!(m.contains("hutch_webhooks_total{outcome=\"bad_signature\"} 2"), "{m}");
+    eprintln!(
+        "webhook to first output: {:.1} s (daemon: {} ms); to run end: {:.1} s",
+        first_output.as_secs_f64(),
+        run["first_output_ms"].as_i64().unwrap_or(0) - run["created_ms"].as_i64().unwrap_or(0),
+        total.as_secs_f64()
+    );
+}
+
+#[test]
+fn a_run_queued_when_the_daemon_is_killed_runs_after_the_restart() {
+    if !have_vms() {
+        return;
+    }
+    let s = Setup::new();
+    let admin = s.admin_token();
+    let triggers = s.triggers(1, FIX, None);
+    let mut d = Daemon::start(&s.data(), &triggers);
+    // One slot: the first run hangs in its VM, the second waits in the queue.
+    let a = d.comment("k-1", "alice", "/hutch hang");
+    assert_eq!(a.status, 202, "{}", String::from_utf8_lossy(&a.body));
+    let a = a.json()["run"].as_str().unwrap().to_string();
+    assert!(wait_until(Duration::from_secs(600), || d.run(&admin, &a)["first_output_ms"].is_i64()), "{}", d.log());
+    let b = d.comment("k-2", "alice", "/hutch fix the test");
+    assert_eq!(b.status, 202);
+    let b = b.json()["run"].as_str().unwrap().to_string();
+    assert_eq!(d.run(&admin, &b)["state"], "queued");
+    d.kill9();
+
+    let d = Daemon::start(&s.data(), &triggers);
+    assert!(wait_until(Duration::from_secs(30), || d.log().contains("1 queued") && d.log().contains("1 recorded failed")), "{}", d.log());
+    let ra = d.run(&admin, &a);
+    assert_eq!(ra["state"], "failed");
+    assert!(ra["reason"].as_str().unwrap().contains("daemon stopped"), "{ra}");
+    let rb = d.wait_ended(&admin, &b, 900);
+    assert_eq!(rb["state"], "succeeded", "{rb}\n{}", d.log());
+    // Nothing ran twice: one branch, of the second run.
+    let rec = s.net.forge_record();
+    assert_eq!(rec.pushes.iter().filter(|p| p.name.starts_with("refs/heads/hutch/")).count(), 1, "{:?}", rec.pushes);
+    assert_eq!(rec.pulls.len(), 1);
+    assert_eq!(d.runs(&admin).len(), 2);
+}
+
+#[test]
+fn a_schedule_fires_and_delivers() {
+    if !have_vms() {
+        return;
+    }
+    let s = Setup::new();
+    let admin = s.admin_token();
+    // Every 20 seconds (six fields: seconds first).
+    let d = Daemon::start(&s.data(), &s.triggers(1, FIX, Some("*/20 * * * * *")));
+    let mut id = String::new();
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            id = d.runs(&admin).iter().find(|r| r["trigger"] == "nightly").and_then(|r| r["id"].as_str()).unwrap_or_default().to_string();
+            !id.is_empty()
+        }),
+        "{}",
+        d.log()
+    );
+    let run = d.wait_ended(&admin, &id, 900);
+    assert_eq!(run["state"], "succeeded", "{run}\n{}", d.log());
+    let f = s.net.forge_git("acme", "widget", &["show", &format!("hutch/{id}:scheduled.txt")]).unwrap();
+    assert!(!f.trim().is_empty());
+}
+
+#[test]
+fn ten_deliveries_at_once_respect_the_global_limit_and_the_concurrency_keys() {
+    if !have_vms() {
+        return;
+    }
+    let s = Setup::new();
+    let admin = s.admin_token();
+    // Two runs at once in all; runs on the same issue one after the other.
+    let d = Daemon::start(&s.data(), &s.triggers_with(2, FIX, None, "concurrency_key_from = \"issue.number\"\non_conflict = \"queue\""));
+    let ids: Vec<(u64, String)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..10u64)
+            .map(|i| {
+                let d = &d;
+                sc.spawn(move || {
+                    let issue = 100 + i % 4;
+                    let body = comment_payload_on(issue, "alice", "/hutch fix the test");
+                    let r = d.hook("fix", "issue_comment", &format!("c-{i}"), &body, Some(sign(HOOK_SECRET.as_bytes(), &body)));
+                    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+                    (issue, r.json()["run"].as_str().unwrap().to_string())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut most = 0;
+    let done = wait_until(Duration::from_secs(1500), || {
+        let runs = d.runs(&admin);
+        most = most.max(runs.iter().filter(|r| r["state"] == "running").count());
+        runs.len() == 10 && runs.iter().all(|r| r["state"] != "queued" && r["state"] != "running")
+    });
+    assert!(done, "the runs did not all end; {}", d.log());
+    assert!(most <= 2, "{most} runs were running at once");
+    let runs: Vec<Value> = ids.iter().map(|(_, id)| d.run(&admin, id)).collect();
+    for r in &runs {
+        assert_eq!(r["state"], "succeeded", "{r}");
+    }
+    // From the records: never more than two at once, never two of one issue at once.
+    let span = |r: &Value| (r["started_ms"].as_i64().unwrap(), r["ended_ms"].as_i64().unwrap());
+    for (i, a) in runs.iter().enumerate() {
+        let (s1, _) = span(a);
+        let active: Vec<usize> = runs.iter().enumerate().filter(|(_, b)| { let (s2, e2) = span(b); s2 <= s1 && s1 < e2 }).map(|(j, _)| j).collect();
+        assert!(active.len() <= 2, "when run {i} started, {active:?} were running");
+        for j in active.into_iter().filter(|j| *j != i) {
+            assert_ne!(ids[i].0, ids[j].0, "two runs of issue {} overlapped", ids[i].0);
+        }
+    }
+    assert_eq!(s.net.forge_record().pulls.len(), 10);
+}
+
+#[test]
+fn a_newer_comment_cancels_the_older_run_and_runs_can_be_cancelled_and_retried() {
+    if !have_vms() {
+        return;
+    }
+    let s = Setup::new();
+    let admin = s.admin_token();
+    let d = Daemon::start(&s.data(), &s.triggers_with(2, FIX, None, "concurrency_key_from = \"issue.number\"\non_conflict = \"cancel\""));
+    let cli = |args: &[&str]| hutch().args(args).env("HUTCH_URL", &d.url).env("HUTCH_TOKEN", &admin).output().unwrap();
+    let a = d.comment("x-1", "alice", "/hutch hang").json()["run"].as_str().unwrap().to_string();
+    assert!(wait_until(Duration::from_secs(600), || d.run(&admin, &a)["first_output_ms"].is_i64()), "{}", d.log());
+    let sandbox = d.run(&admin, &a)["sandbox"].as_str().unwrap().to_string();
+    // A newer comment on the same issue supersedes the hanging run.
+    let b = d.comment("x-2", "alice", "/hutch fix the test").json()["run"].as_str().unwrap().to_string();
+    let ra = d.wait_ended(&admin, &a, 120);
+    assert_eq!(ra["state"], "cancelled", "{ra}");
+    assert!(ra["reason"].as_str().unwrap().contains(&format!("superseded by run {b}")), "{ra}");
+    assert!(wait_until(Duration::from_secs(30), || d.store().sandbox(&sandbox).unwrap().unwrap().state == "destroyed"), "the cancelled run's VM is gone");
+    let rb = d.wait_ended(&admin, &b, 900);
+    assert_eq!(rb["state"], "succeeded", "{rb}");
+    // The run's egress: the clone went to the forge's git host.
+    let eg = send("GET", &format!("{}/v1/runs/{b}/egress", d.url), Some(&admin), &[], None).json();
+    assert!(eg["records"].as_array().unwrap().iter().any(|r| r.to_string().contains(GIT_HOST)), "{eg}");
+
+    // `hutch runs cancel` on a run in its VM; `hutch runs retry` queues it again.
+    let c = d.comment("x-3", "alice", "/hutch hang again").json()["run"].as_str().unwrap().to_string();
+    assert!(wait_until(Duration::from_secs(600), || d.run(&admin, &c)["first_output_ms"].is_i64()), "{}", d.log());
+    let out = cli(&["runs", "cancel", &c]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rc = d.run(&admin, &c);
+    assert_eq!(rc["state"], "cancelled", "{rc}");
+    assert!(rc["reason"].as_str().unwrap().contains("cancelled by token admin"), "{rc}");
+    let out = cli(&["runs", "cancel", &c]);
+    assert!(!out.status.success() && text(&out.stderr).contains("already ended"), "{}", text(&out.stderr));
+    let out = cli(&["runs", "retry", &c]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let retry = text(&out.stdout).trim().to_string();
+    assert_eq!(d.run(&admin, &retry)["retry_of"], c.as_str());
+    let out = cli(&["runs", "ls"]);
+    assert!(text(&out.stdout).contains(&retry) && text(&out.stdout).contains("cancelled"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn a_generic_webhook_run_that_outlives_its_timeout_is_timed_out_and_its_vm_destroyed() {
+    if !have_vms() {
+        return;
+    }
+    let s = Setup::new();
+    let admin = s.admin_token();
+    let p = s.net.https_port();
+    let ca = s.net.ca_file().display().to_string();
+    let file = s.dir.path().join("generic.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"[[trigger]]
+name = "ci-failed"
+source = "generic"
+secret = "HOOK_SECRET"
+[trigger.filter]
+actions = ["failed"]
+[trigger.forge]
+api = "https://localhost:{p}"
+git = "https://{GIT_HOST}:{p}"
+git_from_host = "https://localhost:{p}"
+token = "FORGE_TOKEN"
+ca_file = "{ca}"
+[trigger.job]
+repository = "acme/widget"
+ref = "main"
+command = ["sh", "-c", "echo waiting; sleep 600"]
+timeout_secs = 20
+[trigger.job.policy]
+resolve = ["{GIT_HOST}:{p}:127.0.0.1"]
+upstream_ca = ["{ca}"]
+"#
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&s.data(), &file);
+    let post = |body: &[u8], sig: String| send("POST", &format!("{}/hooks/ci-failed", d.url), None, &[("x-hub-signature-256", sig)], Some(body.to_vec()));
+    let other = br#"{"action": "passed"}"#;
+    let r = post(other, sign(HOOK_SECRET.as_bytes(), other));
+    assert_eq!(r.status, 200);
+    assert!(r.json()["ignored"].as_str().unwrap().contains("action"), "{}", r.json());
+    let body = br#"{"action": "failed", "job": "unit tests"}"#;
+    let r = post(body, sign(HOOK_SECRET.as_bytes(), body));
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["run"].as_str().unwrap().to_string();
+    // Without a delivery header the body's digest is the delivery id: the same body again is a repeat.
+    let again = post(body, sign(HOOK_SECRET.as_bytes(), body));
+    assert_eq!((again.status, again.json()["duplicate"].clone()), (200, json!(true)));
+    let run = d.wait_ended(&admin, &id, 600);
+    assert_eq!(run["state"], "timed_out", "{run}");
+    assert!(run["reason"].as_str().unwrap().contains("timeout of 20 s"), "{run}");
+    let sb = run["sandbox"].as_str().expect("the run had a sandbox").to_string();
+    assert!(wait_until(Duration::from_secs(30), || d.store().sandbox(&sb).unwrap().unwrap().state == "destroyed"), "the VM of a timed-out run is destroyed");
+    assert!(s.net.forge_record().pushes.is_empty(), "nothing delivered");
+}
