@@ -263,13 +263,17 @@ pub async fn change(State(st): State<AppState>, Extension(who): Extension<Princi
     if let Ok(live) = st.mgr.running(&who, &id) {
         if let Some(s) = live.session.as_ref().filter(|s| s.repo.is_some()) {
             let mut rx = s.state.subscribe();
-            if *rx.borrow() == Collect::NotYet && !results_has(&st.mgr, &id) {
+            // The command may have just ended, its collection not begun yet: then that collection is waited for.
+            let ended = live.terminal.lock().await.as_ref().is_some_and(|t| !t.running());
+            let first = *rx.borrow() == Collect::NotYet;
+            if first && !ended && !results_has(&st.mgr, &id) {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     format!("sandbox {id}'s command has not ended yet; its change is collected when it does (`hutch attach {id}` shows it)"),
                 ));
             }
-            let waited = tokio::time::timeout(COLLECT_TIMEOUT, rx.wait_for(|c| *c != Collect::Running)).await;
+            let done = move |c: &Collect| if first { *c == Collect::Done } else { *c != Collect::Running };
+            let waited = tokio::time::timeout(COLLECT_TIMEOUT, rx.wait_for(done)).await;
             if waited.is_err() {
                 return Err(ApiError::new(StatusCode::CONFLICT, format!("sandbox {id}'s change is still being collected; try again")));
             }
