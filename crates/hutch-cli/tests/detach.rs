@@ -225,7 +225,8 @@ fn detached_run_attach_type_then_diff_and_apply_from_the_daemon() {
     let leftovers = |dir: &Path| -> Vec<String> {
         std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect()).unwrap_or_default()
     };
-    assert!(leftovers(&d.data.join("results")).is_empty(), "{:?}", leftovers(&d.data.join("results")));
+    // The snapshot's scratch directory goes with the sandbox's last reference.
+    assert!(wait_until(Duration::from_secs(30), || leftovers(&d.data.join("results")).is_empty()), "{:?}", leftovers(&d.data.join("results")));
     assert!(leftovers(&repo.join(".git/hutch")).is_empty(), "{:?}", leftovers(&repo.join(".git/hutch")));
     eprintln!(
         "keystroke-to-echo through the daemon over {} keys: p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms (includes tmux send-keys and capture-pane polling)",

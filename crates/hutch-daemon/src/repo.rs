@@ -156,11 +156,24 @@ async fn collect(repo: &SessionRepo, client: &AgentClient, id: &str, code: i32, 
     Ok(())
 }
 
-/// Removes results older than [`KEEP_RESULTS`] and leftovers of interrupted collections.
+/// At the daemon's start (one daemon per data directory): what a previous one left half made (uploads, snapshot
+/// scratch directories, collections: the names starting with a dot) goes, and results older than a week.
+pub fn clean_leftovers(results: &Path) {
+    let Ok(rd) = std::fs::read_dir(results) else { return };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with('.') {
+            let p = e.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
+    prune(results);
+}
+
+/// Removes results older than [`KEEP_RESULTS`].
 fn prune(results: &Path) {
     let Ok(rd) = std::fs::read_dir(results) else { return };
     let now = std::time::SystemTime::now();
-    for e in rd.flatten() {
+    for e in rd.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')) {
         let old = e.metadata().and_then(|m| m.modified()).map(|t| now.duration_since(t).unwrap_or_default() > KEEP_RESULTS).unwrap_or(false);
         if old {
             let _ = std::fs::remove_dir_all(e.path());
@@ -235,8 +248,9 @@ pub async fn create(State(st): State<AppState>, Extension(who): Extension<Princi
             drop(f);
             let cache = st.mgr.host.root.join("workspaces");
             let spec2 = spec.clone();
+            let scratch_in = results.to_path_buf();
             let made = tokio::task::spawn_blocking(move || {
-                let r = Snapshot::from_upload(tmp.path(), &spec2, &cache);
+                let r = Snapshot::from_upload(tmp.path(), &spec2, &cache, &scratch_in);
                 drop(tmp);
                 r
             })
