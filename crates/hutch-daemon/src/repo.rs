@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::api::{ApiError, AppState, SandboxId, JSON_BODY_MAX};
 use crate::auth::Principal;
 use crate::manager::{Live, Manager};
-use crate::model::{CreateSandbox, SandboxInfo};
+use crate::model::{CreateSandbox, ErrorBody, SandboxInfo};
 use crate::terminal::Terminal;
 
 /// How long the VM may take to hand over its change.
@@ -182,6 +182,18 @@ fn prune(results: &Path) {
 }
 
 /// `POST /v1/sandboxes/repo`: creates a sandbox with the uploaded snapshot in `/workspace`.
+#[utoipa::path(post, path = "/v1/sandboxes/repo", tag = "sandboxes", security(("bearer" = [])),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+        description = "One line of JSON, `{\"sandbox\": CreateSandbox, \"snapshot\": {object_format, base, commit, tree, branch, prefix} or null, \"end_with_command\": bool}`, a newline, then the snapshot commit as a git bundle with its history (nothing without a snapshot). Content-Length required."),
+    responses(
+        (status = 201, description = "Created and running, the repository mounted at /workspace", body = SandboxInfo),
+        (status = 400, description = "Bad JSON line, create request or snapshot (named)", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 411, description = "No Content-Length", body = ErrorBody),
+        (status = 413, description = "Larger than the daemon's upload limit", body = ErrorBody),
+        (status = 429, description = "At the daemon's cap or the token's quota", body = ErrorBody),
+        (status = 503, description = "Shutting down, or this daemon keeps no results", body = ErrorBody),
+    ))]
 pub async fn create(State(st): State<AppState>, Extension(who): Extension<Principal>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let len = headers
         .get(header::CONTENT_LENGTH)
@@ -272,6 +284,15 @@ pub async fn create(State(st): State<AppState>, Extension(who): Extension<Princi
 }
 
 /// `GET /v1/sandboxes/{id}/change`: the collected change's summary (waits for a collection in progress).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/change", tag = "sandboxes", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$")),
+    responses(
+        (status = 200, description = "The change's summary (hutch-repo's ExportMeta: snapshot, exit code, changed, error, commits, stat, sensitive paths, which files exist)", body = Object),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such sandbox for this token, or no collected change", body = ErrorBody),
+        (status = 409, description = "The command has not ended yet", body = ErrorBody),
+    ))]
 pub async fn change(State(st): State<AppState>, Extension(who): Extension<Principal>, SandboxId(id): SandboxId) -> Result<Json<ExportMeta>, ApiError> {
     st.mgr.visible(&who, &id)?;
     if let Ok(live) = st.mgr.running(&who, &id) {
@@ -308,6 +329,17 @@ fn results_has(mgr: &Manager, id: &str) -> bool {
 }
 
 /// `GET /v1/sandboxes/{id}/change/{file}`: one file of the collected change.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/change/{file}", tag = "sandboxes", security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$"),
+        ("file" = String, Path, description = "snapshot.bundle, commits.bundle or changes.patch"),
+    ),
+    responses(
+        (status = 200, description = "The file's bytes", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such sandbox for this token, or no such file in its change", body = ErrorBody),
+    ))]
 pub async fn change_file(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,
