@@ -100,6 +100,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     if repo.has_setup() {
         bail!("this repository's approved hutch.toml has a setup script, which hutch run --detach does not run; use `hutch run` here, or --no-project-config");
     }
+    if repo.project().is_some() {
+        eprintln!("hutch: warning: the approved hutch.toml's policy and resources are not applied on the daemon; give --allow, --cpus, --memory");
+    }
     let taken = repo.snapshot_commit()?;
     let policy = if a.egress.allow.is_empty() {
         None

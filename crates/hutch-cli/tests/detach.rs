@@ -225,7 +225,8 @@ fn detached_run_attach_type_then_diff_and_apply_from_the_daemon() {
     let leftovers = |dir: &Path| -> Vec<String> {
         std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect()).unwrap_or_default()
     };
-    assert!(leftovers(&d.data.join("results")).is_empty(), "{:?}", leftovers(&d.data.join("results")));
+    // The snapshot's scratch directory goes with the sandbox's last reference.
+    assert!(wait_until(Duration::from_secs(30), || leftovers(&d.data.join("results")).is_empty()), "{:?}", leftovers(&d.data.join("results")));
     assert!(leftovers(&repo.join(".git/hutch")).is_empty(), "{:?}", leftovers(&repo.join(".git/hutch")));
     eprintln!(
         "keystroke-to-echo through the daemon over {} keys: p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms (includes tmux send-keys and capture-pane polling)",
@@ -257,7 +258,8 @@ fn detach_refuses_flags_it_cannot_honour_before_anything_starts() {
 }
 
 /// `hutch create --repo` + `hutch attach --detach ID -- CMD`: the command starts where the user was in the work
-/// tree, and its change is collected when it ends while the sandbox stays (until `hutch rm`).
+/// tree, and its change is collected when it ends while the sandbox stays (until `hutch rm`); a sensitive path
+/// in it needs `--allow-sensitive` on `apply --from`, as for a local result.
 #[test]
 fn create_with_repo_then_attach_collects_each_session() {
     let d = Daemon::start();
@@ -270,7 +272,8 @@ fn create_with_repo_then_attach_collects_each_session() {
     let out = d.cli(&tok, &sub).args(["create", "--repo"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let id = text(&out.stdout).trim().to_string();
-    let out = d.cli(&tok, &sub).args(["attach", "--detach", &id, "--", "sh", "-c", "pwd > where.txt"]).output().unwrap();
+    let cmd = "pwd > where.txt; mkdir -p ../.vscode; echo '{}' > ../.vscode/settings.json";
+    let out = d.cli(&tok, &sub).args(["attach", "--detach", &id, "--", "sh", "-c", cmd]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let mut diff = String::new();
     let got = wait_until(Duration::from_secs(WAIT), || {
@@ -280,6 +283,15 @@ fn create_with_repo_then_attach_collects_each_session() {
     });
     assert!(got, "{diff}");
     assert!(diff.contains("b/sub/where.txt") && diff.contains("+/workspace/sub"), "{diff}");
+    assert!(diff.contains(".vscode/settings.json (editor config)") || diff.contains("sensitive paths"), "{diff}");
+    // A sensitive path needs --allow-sensitive, as for a local result.
+    let out = d.cli(&tok, &sub).args(["apply", "--from", &id]).output().unwrap();
+    assert!(!out.status.success() && text(&out.stderr).contains("--allow-sensitive"), "{}", text(&out.stderr));
+    assert!(!repo.join("sub/where.txt").exists());
+    let out = d.cli(&tok, &sub).args(["apply", "--allow-sensitive", "--from", &id]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read_to_string(repo.join("sub/where.txt")).unwrap(), "/workspace/sub\n");
+    assert!(repo.join(".vscode/settings.json").is_file());
     let ls = d.cli(&tok, &sub).args(["ls", "--json"]).output().unwrap();
     assert!(text(&ls.stdout).contains(&id), "the sandbox stays after its command: {}", text(&ls.stdout));
     let out = d.cli(&tok, &sub).args(["rm", &id]).output().unwrap();

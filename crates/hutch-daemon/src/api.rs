@@ -768,7 +768,8 @@ impl Modify for BearerAuth {
         `POST /v1/sandboxes/{id}/exec/stream` (Server-Sent Events of ServerMsg)."),
     paths(
         health, metrics, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, extend_sandbox, exec,
-        crate::stream::sse, download, upload, remove_file, list_files, stat_file, mkdir, egress
+        crate::stream::sse, download, upload, remove_file, list_files, stat_file, mkdir, egress,
+        crate::repo::create, crate::repo::change, crate::repo::change_file
     ),
     components(schemas(ClientMsg, ServerMsg, StreamExec, TtySize)),
     modifiers(&BearerAuth)

@@ -323,6 +323,7 @@ impl Manager {
 
     /// Keeps the collected changes of repository sandboxes in `dir` (made when first needed).
     pub fn set_results_dir(&self, dir: std::path::PathBuf) {
+        crate::repo::clean_leftovers(&dir);
         let _ = self.results.set(dir);
     }
 

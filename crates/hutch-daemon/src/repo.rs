@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::api::{ApiError, AppState, SandboxId, JSON_BODY_MAX};
 use crate::auth::Principal;
 use crate::manager::{Live, Manager};
-use crate::model::{CreateSandbox, SandboxInfo};
+use crate::model::{CreateSandbox, ErrorBody, SandboxInfo};
 use crate::terminal::Terminal;
 
 /// How long the VM may take to hand over its change.
@@ -156,11 +156,24 @@ async fn collect(repo: &SessionRepo, client: &AgentClient, id: &str, code: i32, 
     Ok(())
 }
 
-/// Removes results older than [`KEEP_RESULTS`] and leftovers of interrupted collections.
+/// At the daemon's start (one daemon per data directory): what a previous one left half made (uploads, snapshot
+/// scratch directories, collections: the names starting with a dot) goes, and results older than a week.
+pub fn clean_leftovers(results: &Path) {
+    let Ok(rd) = std::fs::read_dir(results) else { return };
+    for e in rd.flatten() {
+        if e.file_name().to_string_lossy().starts_with('.') {
+            let p = e.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
+    prune(results);
+}
+
+/// Removes results older than [`KEEP_RESULTS`].
 fn prune(results: &Path) {
     let Ok(rd) = std::fs::read_dir(results) else { return };
     let now = std::time::SystemTime::now();
-    for e in rd.flatten() {
+    for e in rd.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')) {
         let old = e.metadata().and_then(|m| m.modified()).map(|t| now.duration_since(t).unwrap_or_default() > KEEP_RESULTS).unwrap_or(false);
         if old {
             let _ = std::fs::remove_dir_all(e.path());
@@ -169,6 +182,18 @@ fn prune(results: &Path) {
 }
 
 /// `POST /v1/sandboxes/repo`: creates a sandbox with the uploaded snapshot in `/workspace`.
+#[utoipa::path(post, path = "/v1/sandboxes/repo", tag = "sandboxes", security(("bearer" = [])),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream",
+        description = "One line of JSON, `{\"sandbox\": CreateSandbox, \"snapshot\": {object_format, base, commit, tree, branch, prefix} or null, \"end_with_command\": bool}`, a newline, then the snapshot commit as a git bundle with its history (nothing without a snapshot). Content-Length required."),
+    responses(
+        (status = 201, description = "Created and running, the repository mounted at /workspace", body = SandboxInfo),
+        (status = 400, description = "Bad JSON line, create request or snapshot (named)", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 411, description = "No Content-Length", body = ErrorBody),
+        (status = 413, description = "Larger than the daemon's upload limit", body = ErrorBody),
+        (status = 429, description = "At the daemon's cap or the token's quota", body = ErrorBody),
+        (status = 503, description = "Shutting down, or this daemon keeps no results", body = ErrorBody),
+    ))]
 pub async fn create(State(st): State<AppState>, Extension(who): Extension<Principal>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let len = headers
         .get(header::CONTENT_LENGTH)
@@ -235,8 +260,9 @@ pub async fn create(State(st): State<AppState>, Extension(who): Extension<Princi
             drop(f);
             let cache = st.mgr.host.root.join("workspaces");
             let spec2 = spec.clone();
+            let scratch_in = results.to_path_buf();
             let made = tokio::task::spawn_blocking(move || {
-                let r = Snapshot::from_upload(tmp.path(), &spec2, &cache);
+                let r = Snapshot::from_upload(tmp.path(), &spec2, &cache, &scratch_in);
                 drop(tmp);
                 r
             })
@@ -258,18 +284,31 @@ pub async fn create(State(st): State<AppState>, Extension(who): Extension<Princi
 }
 
 /// `GET /v1/sandboxes/{id}/change`: the collected change's summary (waits for a collection in progress).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/change", tag = "sandboxes", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$")),
+    responses(
+        (status = 200, description = "The change's summary (hutch-repo's ExportMeta: snapshot, exit code, changed, error, commits, stat, sensitive paths, which files exist)", body = Object),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such sandbox for this token, or no collected change", body = ErrorBody),
+        (status = 409, description = "The command has not ended yet", body = ErrorBody),
+    ))]
 pub async fn change(State(st): State<AppState>, Extension(who): Extension<Principal>, SandboxId(id): SandboxId) -> Result<Json<ExportMeta>, ApiError> {
     st.mgr.visible(&who, &id)?;
     if let Ok(live) = st.mgr.running(&who, &id) {
         if let Some(s) = live.session.as_ref().filter(|s| s.repo.is_some()) {
             let mut rx = s.state.subscribe();
-            if *rx.borrow() == Collect::NotYet && !results_has(&st.mgr, &id) {
+            // The command may have just ended, its collection not begun yet: then that collection is waited for.
+            let ended = live.terminal.lock().await.as_ref().is_some_and(|t| !t.running());
+            let first = *rx.borrow() == Collect::NotYet;
+            if first && !ended && !results_has(&st.mgr, &id) {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     format!("sandbox {id}'s command has not ended yet; its change is collected when it does (`hutch attach {id}` shows it)"),
                 ));
             }
-            let waited = tokio::time::timeout(COLLECT_TIMEOUT, rx.wait_for(|c| *c != Collect::Running)).await;
+            let done = move |c: &Collect| if first { *c == Collect::Done } else { *c != Collect::Running };
+            let waited = tokio::time::timeout(COLLECT_TIMEOUT, rx.wait_for(done)).await;
             if waited.is_err() {
                 return Err(ApiError::new(StatusCode::CONFLICT, format!("sandbox {id}'s change is still being collected; try again")));
             }
@@ -290,6 +329,17 @@ fn results_has(mgr: &Manager, id: &str) -> bool {
 }
 
 /// `GET /v1/sandboxes/{id}/change/{file}`: one file of the collected change.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/change/{file}", tag = "sandboxes", security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$"),
+        ("file" = String, Path, description = "snapshot.bundle, commits.bundle or changes.patch"),
+    ),
+    responses(
+        (status = 200, description = "The file's bytes", body = Vec<u8>, content_type = "application/octet-stream"),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such sandbox for this token, or no such file in its change", body = ErrorBody),
+    ))]
 pub async fn change_file(
     State(st): State<AppState>,
     Extension(who): Extension<Principal>,

@@ -169,9 +169,10 @@ impl Snapshot {
 
     /// On a daemon: the snapshot a client uploaded (a bundle of its commit with full history), checked against
     /// `spec`, with its workspace image made (or found) in `image_cache` exactly as `hutch run` makes it.
-    pub fn from_upload(bundle: &Path, spec: &SnapshotSpec, image_cache: &Path) -> Result<Snapshot, RepoError> {
+    /// Its scratch directory is made in `scratch_in` (`.snap-*`), so a daemon can clear what a crash left there.
+    pub fn from_upload(bundle: &Path, spec: &SnapshotSpec, image_cache: &Path, scratch_in: &Path) -> Result<Snapshot, RepoError> {
         spec.check()?;
-        let scratch = tempfile::Builder::new().prefix("hutch-repo-").tempdir().map_err(io_err("cannot create a scratch directory"))?;
+        let scratch = tempfile::Builder::new().prefix(".snap-").tempdir_in(scratch_in).map_err(io_err("cannot create a scratch directory"))?;
         let git = init_scratch(&scratch.path().join("git"), &spec.object_format)?;
         fetch_snapshot(&git, bundle, spec).map_err(|e| refused(e, "the uploaded snapshot bundle"))?;
         let empty = spec.tree.as_str() == git.line("hash-object", ["hash-object", "-t", "tree", "/dev/null"])?;
@@ -381,10 +382,10 @@ mod tests {
         let bundle = x.path().join("up.bundle");
         snap.write_bundle(&bundle).unwrap();
         let spec = snap.spec(&repo);
-        let daemon = Snapshot::from_upload(&bundle, &spec, &test_cache()).unwrap();
+        let daemon = Snapshot::from_upload(&bundle, &spec, &test_cache(), x.path()).unwrap();
         assert!(daemon.image.is_file());
         let wrong = SnapshotSpec { tree: spec.base.clone().unwrap(), ..spec.clone() };
-        assert!(Snapshot::from_upload(&bundle, &wrong, &test_cache()).is_err());
+        assert!(Snapshot::from_upload(&bundle, &wrong, &test_cache(), x.path()).is_err());
 
         // The "VM": the workspace extracted, a commit and an uncommitted file, then the collect script.
         let ws = x.path().join("ws");
