@@ -932,6 +932,7 @@ pub(crate) mod tests {
         // The same tree again: the image is reused.
         let s3 = Snapshot::take(&repo, cache.path()).unwrap();
         assert!(s3.image_reused && s3.image == s2.image);
+        assert_eq!(predicted_image(&repo, cache.path()), Some(s3.image.clone()), "the next run's guess is this image");
     }
 
     #[test]
