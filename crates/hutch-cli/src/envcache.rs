@@ -152,9 +152,6 @@ pub async fn cmd(c: CacheCmd) -> anyhow::Result<i32> {
             let (age_default, size_default) = limits(&user);
             let max_age = max_age_hours.map(|h| Duration::from_secs(h * 3600)).unwrap_or(age_default);
             let max_bytes = max_size_mib.map(|m| m << 20).unwrap_or(size_default);
-            for (k, why) in store.prune(Some(max_age), Some(max_bytes)) {
-                println!("removed {k} ({why})");
-            }
             // Images: every one but the current ones (those this hutch would run), by the same rules.
             let mut keep = Vec::new();
             let mut known = true;
@@ -177,6 +174,10 @@ pub async fn cmd(c: CacheCmd) -> anyhow::Result<i32> {
                 for (k, why) in cache.prune_images(&keep, Some(max_age), Some(max_bytes))? {
                     println!("removed image {k} ({why})");
                 }
+            }
+            // After the images: entries made on a removed image snapshot go too.
+            for (k, why) in store.prune(Some(max_age), Some(max_bytes)) {
+                println!("removed {k} ({why})");
             }
         }
     }

@@ -464,8 +464,19 @@ impl RunRepo {
         self.active.as_ref().map(|a| a.snap.image.clone())
     }
 
+    /// The VM mounted this run's image at /workspace before the snapshot was done (see `run`): nothing left to do
+    /// in [`RunRepo::enter_workspace`].
+    pub fn workspace_mounted(&mut self) {
+        if let Some(act) = &self.active {
+            self.ws = Some(hutch_repo::guest::mounted_workspace(&act.snap, &act.repo.prefix));
+        }
+    }
+
     /// In the fresh VM, first: the repository into /workspace.
     pub async fn enter_workspace(&mut self, client: &AgentClient) -> anyhow::Result<()> {
+        if self.ws.is_some() {
+            return Ok(());
+        }
         if let Some(act) = &self.active {
             let t0 = std::time::Instant::now();
             let ws =

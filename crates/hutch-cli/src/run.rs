@@ -71,7 +71,12 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
         c.workspace_image = Some(img.clone());
         let task = tokio::spawn(async move {
             let quiet = |n: &str| tracing::debug!("speculative start: {}", hutch_text::escape_lines(n.as_bytes()));
-            Sandbox::create_with_notes(&h, &c, &quiet).await
+            let sb = Sandbox::create_with_notes(&h, &c, &quiet).await?;
+            // The image is mounted too while the snapshot may still run; a wrong guess destroys the VM anyway.
+            let t = std::time::Instant::now();
+            let mounted = sb.client().mount_workspace(hutch_repo::guest::WORKSPACE).await;
+            tracing::debug!(ms = t.elapsed().as_millis() as u64, ok = mounted.is_ok(), "repo: workspace mounted");
+            Ok::<_, hutch_sandbox::SandboxError>((sb, mounted.is_ok()))
         });
         (img, task)
     });
@@ -81,8 +86,13 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
     let mut early = None;
     if let Some((img, task)) = speculative {
         match task.await {
-            Ok(Ok(sb)) if snapped.is_ok() && cfg.workspace_image.as_ref() == Some(&img) => early = Some(sb),
-            Ok(Ok(sb)) => {
+            Ok(Ok((sb, mounted))) if snapped.is_ok() && cfg.workspace_image.as_ref() == Some(&img) => {
+                if mounted {
+                    repo.workspace_mounted();
+                }
+                early = Some(sb);
+            }
+            Ok(Ok((sb, _))) => {
                 tracing::debug!("speculative start: the tree changed; starting again with its image");
                 sb.destroy().await;
             }

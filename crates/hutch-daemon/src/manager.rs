@@ -111,6 +111,8 @@ pub struct CheckedCreate {
 const MAX_SETUP: usize = 1 << 20;
 /// Output of a setup kept for its error message (the end of it).
 const SETUP_TAIL: usize = 8 << 10;
+/// How a failed setup's error starts (it becomes a 400, not a 500).
+const SETUP_FAILED: &str = "the setup script failed";
 /// Where the setup script is put in the guest.
 const SETUP_PATH: &str = "/var/tmp/hutch/setup";
 
@@ -375,11 +377,13 @@ impl Manager {
     /// (with their boot snapshots) by the same rules; nothing in use by any process is removed. Returns what went.
     pub fn prune_caches(&self) -> Vec<String> {
         let (age, bytes) = (Some(self.limits.env_cache_max_age), Some(self.limits.env_cache_max_bytes));
-        let mut out: Vec<String> = EnvStore::new(&self.host.root).prune(age, bytes).into_iter().map(|(k, why)| format!("environment {k} ({why})")).collect();
+        let mut out: Vec<String> = Vec::new();
         match hutch_image::Cache::at(&self.host.root).prune_images(std::slice::from_ref(&self.host.image.key), age, bytes) {
-            Ok(v) => out.extend(v.into_iter().map(|(k, why)| format!("image {} ({why})", &k[..12.min(k.len())]))),
+            Ok(v) => out.extend(v.into_iter().map(|(k, why)| format!("image {k} ({why})"))),
             Err(e) => tracing::warn!("cannot prune old images: {e}"),
         }
+        // After the images: entries made on a removed image snapshot go too.
+        out.extend(EnvStore::new(&self.host.root).prune(age, bytes).into_iter().map(|(k, why)| format!("environment {k} ({why})")));
         out
     }
 
@@ -681,6 +685,10 @@ impl Manager {
                 self.metrics.create_failures.inc();
                 tracing::warn!(%id, "sandbox start failed: {msg}");
                 self.store.mark_ended(&id, "failed", &format!("start failed: {msg}"))?;
+                // A setup script that fails is the request's doing, not the daemon's.
+                if msg.starts_with(SETUP_FAILED) {
+                    return Err(ManagerError::BadInput(msg));
+                }
                 return Err(ManagerError::Failed(format!("the sandbox could not start: {msg}")));
             }
         };
@@ -1044,9 +1052,9 @@ async fn run_setup(sb: &Sandbox, script: &str) -> Result<(), String> {
             hutch_proto::ExecEvent::Started { .. } => {}
             hutch_proto::ExecEvent::Exited(hutch_proto::ExitStatus::Code(0)) => return Ok(()),
             hutch_proto::ExecEvent::Exited(st) => {
-                return Err(format!("the setup script failed with exit code {}; its last output: {}", st.as_shell_code(), hutch_text::escape_lines(&tail)))
+                return Err(format!("{SETUP_FAILED} with exit code {}; its last output: {}", st.as_shell_code(), hutch_text::escape_lines(&tail)))
             }
-            hutch_proto::ExecEvent::SpawnFailed { message, .. } => return Err(format!("the setup script did not start: {}", hutch_text::escape(&message))),
+            hutch_proto::ExecEvent::SpawnFailed { message, .. } => return Err(format!("{SETUP_FAILED} to start: {}", hutch_text::escape(&message))),
         }
     }
     Err("the agent channel closed while the setup script ran".into())

@@ -126,6 +126,29 @@ impl Cache {
             total = total.saturating_sub(c.bytes);
             removed.push((c.key.clone(), why.to_string()));
         }
+        // Boot snapshots of the remaining images that no run used for longer than the maximum age (a size no
+        // longer asked for, or one made by an older hutch under another key); never one a running VMM maps.
+        if let Some(age) = max_age {
+            for key in self.image_keys()? {
+                let snaps = self.image_dir(&key).join("snapshots");
+                let Ok(rd) = fs::read_dir(&snaps) else { continue };
+                for e in rd.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let dir = e.path();
+                    if name.starts_with('.') || !dir.is_dir() {
+                        continue;
+                    }
+                    let used = fs::read_to_string(dir.join(USED)).ok().and_then(|t| t.trim().parse::<u64>().ok());
+                    let made = fs::metadata(dir.join("meta.json")).ok().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs());
+                    let last = used.or(made).unwrap_or(0);
+                    if now.saturating_sub(last) <= age.as_secs() || vmms.iter().any(|c| c.contains(&*dir.to_string_lossy())) {
+                        continue;
+                    }
+                    self.discard(&dir)?;
+                    removed.push((format!("{key}/snapshots/{name}"), "boot snapshot not used for longer than the maximum age".to_string()));
+                }
+            }
+        }
         if removed.is_empty() {
             return Ok(removed);
         }
@@ -175,6 +198,7 @@ mod tests {
         fs::create_dir_all(dir.join("snapshots/s1")).unwrap();
         fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
         fs::write(dir.join("snapshots/s1/memory"), vec![7u8; 1 << 20]).unwrap();
+        fs::write(dir.join("snapshots/s1").join(USED), now_unix().to_string()).unwrap();
         fs::write(dir.join(USED), (now_unix() - used_ago).to_string()).unwrap();
         for (d, f) in [(format!("kernels/{kernel}"), "vmlinuz"), (format!("initrd/{initrd}"), "initrd.img"), (format!("rootfs/{rootfs}"), "rootfs.ext4")] {
             fs::create_dir_all(root.join(&d)).unwrap();
@@ -209,8 +233,14 @@ mod tests {
             manifest: cache.read_manifest(&held).unwrap().unwrap(),
         };
         let hold = cache.hold(&image).unwrap();
+        // A boot snapshot of the current image that nothing used for days (a size no longer asked for).
+        let stale = root.join(IMAGES).join(&cur).join("snapshots/s0");
+        fs::create_dir_all(&stale).unwrap();
+        fs::write(stale.join("memory"), b"x").unwrap();
+        fs::write(stale.join(USED), (now_unix() - 3 * 24 * 3600).to_string()).unwrap();
         let removed = cache.prune_images(std::slice::from_ref(&cur), Some(Duration::from_secs(24 * 3600)), None).unwrap();
-        assert_eq!(removed.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), [old.clone()], "{removed:?}");
+        assert_eq!(removed.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), [old.clone(), format!("{cur}/snapshots/s0")], "{removed:?}");
+        assert!(!stale.exists());
         assert!(!root.join(IMAGES).join(&old).exists(), "the superseded image's directory and snapshots are gone");
         assert!(!root.join(INITRDS).join(k('4')).exists(), "its own initramfs is gone");
         for kept in [format!("{IMAGES}/{cur}"), format!("{IMAGES}/{held}"), format!("{KERNELS}/{}", k('1')), format!("{ROOTFSES}/{}", k('3')), format!("{INITRDS}/{}", k('2'))] {
@@ -222,6 +252,6 @@ mod tests {
         let removed = cache.prune_images(std::slice::from_ref(&cur), None, Some(0)).unwrap();
         assert_eq!(removed.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), [held.clone()], "{removed:?}");
         assert!(root.join(IMAGES).join(&cur).join("manifest.json").is_file());
-        assert!(cache.prune_images(std::slice::from_ref(&cur), Some(Duration::ZERO), Some(0)).unwrap().is_empty());
+        assert!(cache.prune_images(std::slice::from_ref(&cur), Some(Duration::from_secs(3600)), Some(0)).unwrap().is_empty(), "the current image and its fresh snapshot stay");
     }
 }

@@ -210,6 +210,12 @@ pub async fn setup_workspace(client: &AgentClient, snap: &Snapshot, prefix: &Pat
     Ok(Workspace::new(snap, guest_cwd(prefix)))
 }
 
+/// The workspace of a VM that mounted `snap`'s image already (`AgentClient::mount_workspace` at
+/// [`WORKSPACE`], started before the snapshot was known, with the image it turned out to use).
+pub fn mounted_workspace(snap: &Snapshot, prefix: &Path) -> Workspace {
+    Workspace::new(snap, guest_cwd(prefix))
+}
+
 /// Runs a setup script (its bytes, uploaded as they were read and hashed) as root in the VM, from `cwd`, with
 /// `env` on top of the sandbox's base environment (the setup phase's secret placeholders), passing its output to
 /// `tee`.

@@ -537,6 +537,8 @@ fn update_kept(k: &Path, scratch: &Git, spec: &WorkspaceSpec<'_>) -> Result<std:
     if st.history_packs >= KEPT_MAX_PACKS {
         return Err("too many packs".into());
     }
+    // Without a state the directory is made afresh next time: an update cut short leaves none.
+    std::fs::remove_file(k.join(KEPT_STATE)).map_err(|e| format!("state: {e}"))?;
     let ws = k.join("ws");
     let gd = ws.join(".git");
     let g = Git::at(&gd).work_tree(&ws);
@@ -564,6 +566,11 @@ fn update_kept(k: &Path, scratch: &Git, spec: &WorkspaceSpec<'_>) -> Result<std:
         for ext in ["pack", "idx", "rev"] {
             let _ = std::fs::remove_file(gd.join(format!("objects/pack/pack-{}.{ext}", st.snapshot_pack)));
         }
+    }
+    // The update must have led exactly to the new tree; anything else remakes the directory.
+    let got = g.clone().index(&idx).line("write-tree (kept workspace)", ["write-tree"]).map_err(e)?;
+    if got != spec.tree.as_str() {
+        return Err(format!("the updated index holds tree {got}, not {}", spec.tree));
     }
     let index = gd.join("index");
     std::fs::copy(&idx, &index).map_err(|e| format!("index: {e}"))?;
@@ -955,6 +962,7 @@ pub(crate) mod tests {
         // The same tree again: the image is reused.
         let s3 = Snapshot::take(&repo, cache.path()).unwrap();
         assert!(s3.image_reused && s3.image == s2.image);
+        assert_eq!(predicted_image(&repo, cache.path()), Some(s3.image.clone()), "the next run's guess is this image");
     }
 
     #[test]

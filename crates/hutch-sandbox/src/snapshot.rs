@@ -72,7 +72,11 @@ pub fn lookup(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Option<S
     let key = key(host, cfg, accel);
     let dir = snapshots_dir(host).join(&key);
     if dir.exists() {
-        return open(&dir).map(Some);
+        let snap = open(&dir)?;
+        // When it was last used, for `hutch cache prune` (this user's own cache only).
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let _ = std::fs::write(dir.join("used"), now.to_string());
+        return Ok(Some(snap));
     }
     let Some(shared) = host.image.shared_snapshots.as_ref().map(|s| s.join(&key)).filter(|d| d.is_dir()) else {
         return Ok(None);
