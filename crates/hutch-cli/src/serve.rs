@@ -155,6 +155,8 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
     hutch_daemon::server::raise_fd_limit();
     let metrics = Arc::new(hutch_daemon::metrics::Metrics::new());
     let mgr = Manager::new(store, key, host, limits, metrics);
+    // Paused sandboxes live in the data directory, so they survive restarts (reconcile keeps them).
+    mgr.set_pause_root(dd.root.join("paused"))?;
     let rec = mgr.reconcile()?;
     let pruned = mgr.prune_snapshots();
     if !pruned.is_empty() {

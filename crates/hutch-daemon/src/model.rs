@@ -68,6 +68,8 @@ pub enum SandboxState {
     Destroying,
     Destroyed,
     Failed,
+    /// Saved to disk (RAM, devices, disk layer); no VM runs until it is resumed.
+    Paused,
 }
 
 impl SandboxState {
@@ -78,6 +80,7 @@ impl SandboxState {
             SandboxState::Destroying => "destroying",
             SandboxState::Destroyed => "destroyed",
             SandboxState::Failed => "failed",
+            SandboxState::Paused => "paused",
         }
     }
 
@@ -88,6 +91,7 @@ impl SandboxState {
             "destroying" => SandboxState::Destroying,
             "destroyed" => SandboxState::Destroyed,
             "failed" => SandboxState::Failed,
+            "paused" => SandboxState::Paused,
             _ => return None,
         })
     }

@@ -27,6 +27,10 @@ pub enum Request {
     /// (new address space, nothing of the old one's memory) that announces `Ready` as after a boot. The state an
     /// environment snapshot is taken in.
     Respawn,
+    /// The host is about to save this VM to disk and will come back later with a new session: the agent answers,
+    /// ends the session without killing the processes it started (their output is read and dropped until the
+    /// next session), announces `Ready` on the channel and waits for a `Hello`.
+    Suspend,
 }
 
 /// Sent by the host at the start of each session: everything that must differ between sandboxes made from the

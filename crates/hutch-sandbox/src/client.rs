@@ -234,6 +234,13 @@ impl AgentClient {
         Self::reply(&mut f, "respawn").await
     }
 
+    /// Asks the agent to end this session and keep its processes for the next one ([`Request::Suspend`]); after
+    /// the reply it announces `Ready` on the channel.
+    pub async fn suspend(&self) -> Result<(), SandboxError> {
+        let mut f = self.request(&Request::Suspend).await?;
+        Self::reply(&mut f, "suspend").await
+    }
+
     pub async fn power_off(&self) -> Result<(), SandboxError> {
         let mut f = self.request(&Request::PowerOff).await?;
         Self::reply(&mut f, "power off").await

@@ -81,6 +81,19 @@ struct RefreshBody {
 struct ConnectBody {
     #[serde(default)]
     timeout: Option<i64>,
+    /// `false`: resume from disk only (a reboot). Not offered: a pause here always keeps memory.
+    #[serde(default)]
+    memory: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PauseBody {
+    /// `false`: a filesystem-only pause. Not offered: a pause here always saves memory too.
+    #[serde(default)]
+    memory: Option<bool>,
+    #[serde(default)]
+    require_healthy_guest: Option<bool>,
 }
 
 /// A JSON object body into `T`, with E2B-shaped errors; an empty body is `{}` when `T` allows it.
@@ -153,7 +166,7 @@ fn listed_body(info: &SandboxInfo) -> Value {
         "cpuCount": info.cpus,
         "memoryMB": info.memory_mib,
         "diskSizeMB": 0,
-        "state": "running",
+        "state": if info.state == SandboxState::Paused { "paused" } else { "running" },
         "envdVersion": ENVD_VERSION,
         "metadata": metadata_of(info),
     })
@@ -192,7 +205,7 @@ pub async fn create(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -
     let req: NewSandbox = parse_body(&body, false)?;
     let image = image_for(&req.template_id)?;
     if req.auto_pause == Some(true) || req.auto_resume.as_ref().is_some_and(|v| !v.is_null() && v != &json!(false) && v != &json!({})) {
-        return Err(E2bError::bad("autoPause/autoResume are not supported by this daemon (sandboxes cannot be paused yet); leave them out"));
+        return Err(E2bError::bad("autoPause/autoResume are not supported by this daemon (pause and resume explicitly with pause() and connect()); leave them out"));
     }
     if req.mcp.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(E2bError::bad("mcp is not supported by this daemon; leave it out"));
@@ -271,6 +284,7 @@ fn egress_policy(allow_internet: Option<bool>, network: Option<&NetworkConfig>) 
 struct ListQuery {
     metadata: BTreeMap<String, String>,
     want_running: bool,
+    want_paused: bool,
     limit: usize,
     next: Option<(i64, String)>,
     template: Option<String>,
@@ -278,7 +292,7 @@ struct ListQuery {
 }
 
 fn parse_list_query(q: Option<&str>) -> Result<ListQuery, E2bError> {
-    let mut out = ListQuery { metadata: BTreeMap::new(), want_running: true, limit: 100, next: None, template: None, descending: false };
+    let mut out = ListQuery { metadata: BTreeMap::new(), want_running: true, want_paused: true, limit: 100, next: None, template: None, descending: false };
     for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let k = percent_decode(k).map_err(E2bError::bad)?;
@@ -295,10 +309,11 @@ fn parse_list_query(q: Option<&str>) -> Result<ListQuery, E2bError> {
             }
             "state" => {
                 out.want_running = false;
+                out.want_paused = false;
                 for s in v.split(',').filter(|s| !s.is_empty()) {
                     match s {
                         "running" => out.want_running = true,
-                        "paused" => {}
+                        "paused" => out.want_paused = true,
                         other => return Err(E2bError::bad(format!("state {other:?} is not running or paused"))),
                     }
                 }
@@ -337,14 +352,15 @@ fn parse_list_query(q: Option<&str>) -> Result<ListQuery, E2bError> {
 pub async fn list(State(st): State<Shared>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, E2bError> {
     let who = api_principal(&st, &headers)?;
     let q = parse_list_query(q.as_deref())?;
-    if !q.want_running {
-        return Ok(Json(Vec::<Value>::new()).into_response());
-    }
     let mut all: Vec<SandboxInfo> = st
         .mgr
         .list(&who, None, &BTreeMap::new(), false)?
         .into_iter()
-        .filter(|i| matches!(i.state, SandboxState::Running | SandboxState::Creating))
+        .filter(|i| match i.state {
+            SandboxState::Running | SandboxState::Creating => q.want_running,
+            SandboxState::Paused => q.want_paused,
+            _ => false,
+        })
         .filter(|i| q.metadata.iter().all(|(k, v)| i.labels.get(k) == Some(v) && !k.starts_with(LABEL_PREFIX)))
         .filter(|i| q.template.as_ref().is_none_or(|t| &template_of(i) == t))
         .collect();
@@ -413,14 +429,22 @@ pub async fn refresh(State(st): State<Shared>, headers: HeaderMap, Path(id): Pat
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Connect to (E2B: or resume) a sandbox: a running one answers at once, its timeout lengthened (never
-/// shortened) to the one asked for.
+/// Connect to (E2B: or resume) a sandbox: a running one answers at once (200), its timeout lengthened (never
+/// shortened) to the one asked for; a paused one is resumed from disk (201) and runs `timeout` seconds from now.
 pub async fn connect(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Response, E2bError> {
     let who = api_principal(&st, &headers)?;
     let req: ConnectBody = parse_body(&body, true)?;
     let info = live_info(&st, &who, &id)?;
-    if let Some(t) = req.timeout {
-        let secs = check_timeout(&st, t, "timeout")?;
+    let secs = req.timeout.map(|t| check_timeout(&st, t, "timeout")).transpose()?;
+    if info.state == SandboxState::Paused {
+        if req.memory == Some(false) {
+            return Err(E2bError::bad("a resume from disk only (memory=false, on_resume=\"reboot\") is not offered: this daemon resumes paused sandboxes with their memory"));
+        }
+        let secs = secs.unwrap_or(DEFAULT_TIMEOUT_SECS.min(st.mgr.limits.max_ttl.as_secs()));
+        let info = st.mgr.resume(&who, &info.id, Some(secs.max(1))).await?;
+        return Ok((StatusCode::CREATED, Json(created_body(&st, &info))).into_response());
+    }
+    if let Some(secs) = secs {
         let until = now_ms() + secs as i64 * 1000;
         if until > info.expires_ms {
             st.mgr.store.set_expiry(&info.id, until)?;
@@ -430,13 +454,22 @@ pub async fn connect(State(st): State<Shared>, headers: HeaderMap, Path(id): Pat
     Ok((StatusCode::OK, Json(created_body(&st, &info))).into_response())
 }
 
-pub async fn pause(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Result<StatusCode, E2bError> {
+/// Pauses a running sandbox to disk (memory, devices and disk layer): 204; 409 when it is paused already.
+pub async fn pause(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<StatusCode, E2bError> {
     let who = api_principal(&st, &headers)?;
-    live_info(&st, &who, &id)?;
-    Err(E2bError::new(
-        StatusCode::CONFLICT,
-        "pausing is not supported by this daemon yet; the sandbox keeps running (extend it with set_timeout, or kill it)",
-    ))
+    let req: PauseBody = parse_body(&body, true)?;
+    let info = live_info(&st, &who, &id)?;
+    let _ = req.require_healthy_guest;
+    if req.memory == Some(false) {
+        return Err(E2bError::bad("a filesystem-only pause (memory=false) is not offered: this daemon pauses with memory (mode=\"full\")"));
+    }
+    match info.state {
+        SandboxState::Paused => return Err(E2bError::new(StatusCode::CONFLICT, format!("sandbox {} is already paused", info.id))),
+        SandboxState::Running => {}
+        other => return Err(E2bError::new(StatusCode::CONFLICT, format!("sandbox {} is {}; only a running sandbox can be paused", info.id, other.as_str()))),
+    }
+    st.mgr.pause(&who, &info.id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]
