@@ -206,6 +206,25 @@ fn e2b_pause_and_resume_keep_files_and_processes_across_cycles_and_a_restart() {
     assert!(!d.log().contains("panicked"), "{}", d.log());
 }
 
+/// Templates: none/`base` is the default image, `agents` (served with `--image agents`) and an alias of it
+/// (`--template node=agents`) the agents image, an unknown name E2B's 404.
+#[test]
+fn e2b_templates_map_to_hutch_images() {
+    let py = match sdk_python() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIP: {why}; the E2B SDK test needs the stock SDK");
+            return;
+        }
+    };
+    let d = Daemon::start(&["--pool", "0", "--image", "agents", "--template", "node=agents"]);
+    let key = d.e2b_key("e2b-templates");
+    let so = run_sdk(&py, "e2b_templates.py", &d, &key, &[]);
+    for step in ["no template: the default image", "template agents", "template node", "unknown template is a 404"] {
+        assert!(so.contains(step), "step {step:?} did not run");
+    }
+}
+
 /// A raw HTTP/1.1 exchange (Connection: close): status and body.
 fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).expect("connect");

@@ -161,6 +161,18 @@ pub struct Manager {
     tasks: TaskTracker,
     /// Where paused sandboxes are saved (`<data dir>/paused/<id>/`); unset: pausing is refused.
     pause_root: std::sync::OnceLock<std::path::PathBuf>,
+    /// Images served besides the default one, by name (`agents`), with the variables their commands start with.
+    /// Set once before serving; their sandboxes restore from their own snapshots (no warm pool).
+    extra_images: std::sync::OnceLock<BTreeMap<String, ExtraImage>>,
+    /// E2B template names that mean an image (`hutch serve --template ALIAS=IMAGE`).
+    template_aliases: std::sync::OnceLock<BTreeMap<String, String>>,
+}
+
+/// An image other than the default that this daemon also serves.
+#[derive(Clone)]
+pub struct ExtraImage {
+    pub host: Host,
+    pub env: Vec<(String, String)>,
 }
 
 /// What startup reconciliation found and did.
@@ -303,6 +315,8 @@ impl Manager {
             shutting_down: AtomicBool::new(false),
             tasks: TaskTracker::new(),
             pause_root: std::sync::OnceLock::new(),
+            extra_images: std::sync::OnceLock::new(),
+            template_aliases: std::sync::OnceLock::new(),
         })
     }
 
@@ -381,13 +395,49 @@ impl Manager {
         format!("default@{}", &self.host.image.key[..12.min(self.host.image.key.len())])
     }
 
+    /// Serves `images` besides the default (call once, before serving).
+    pub fn set_extra_images(&self, images: BTreeMap<String, ExtraImage>) {
+        let _ = self.extra_images.set(images);
+    }
+
+    /// Template aliases (E2B): each names an image this daemon serves (checked by the caller).
+    pub fn set_template_aliases(&self, aliases: BTreeMap<String, String>) {
+        let _ = self.template_aliases.set(aliases);
+    }
+
+    pub fn template_aliases(&self) -> BTreeMap<String, String> {
+        self.template_aliases.get().cloned().unwrap_or_default()
+    }
+
+    /// Names of the images served: `default` and the extra ones.
+    pub fn image_names(&self) -> Vec<String> {
+        let mut v = vec!["default".to_string()];
+        v.extend(self.extra_images.get().into_iter().flat_map(|m| m.keys().cloned()));
+        v
+    }
+
+    /// The host (image) and base environment for a checked spec's image (`NAME@key`).
+    fn host_for(&self, image: &str) -> (&Host, Vec<(String, String)>) {
+        let name = image.split('@').next().unwrap_or(image);
+        match self.extra_images.get().and_then(|m| m.get(name)) {
+            Some(x) => (&x.host, x.env.clone()),
+            None => (&self.host, Vec::new()),
+        }
+    }
+
     /// Parses a create request into a [`CheckedCreate`]; every problem is named.
     pub fn check_create(&self, who: &Principal, req: &CreateSandbox) -> Result<CheckedCreate, ManagerError> {
         let bad = ManagerError::BadInput;
         let image = match req.image.as_deref() {
             None | Some("default") => self.image_name(),
             Some(p) if !p.is_empty() && self.host.image.key.starts_with(p) => self.image_name(),
-            Some(other) => return Err(bad(format!("image {other:?} is unknown; this daemon has \"default\" ({})", self.image_name()))),
+            Some(name) if self.extra_images.get().is_some_and(|m| m.contains_key(name)) => {
+                let key = self.extra_images.get().and_then(|m| m.get(name)).map(|x| x.host.image.key.clone()).unwrap_or_default();
+                format!("{name}@{}", &key[..12.min(key.len())])
+            }
+            Some(other) => {
+                return Err(bad(format!("image {other:?} is unknown; this daemon serves {} (`hutch serve --image NAME` adds more)", self.image_names().join(", "))))
+            }
         };
         let cpus = req.cpus.unwrap_or(self.limits.default_cpus);
         if cpus < 1 || cpus > self.limits.max_cpus {
@@ -534,13 +584,16 @@ impl Manager {
                 return Err(e);
             }
         };
-        let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env: spec.env.clone().into_iter().collect(), egress, ..SandboxConfig::default() };
+        let (host, base_env) = self.host_for(&spec.image);
+        let extra = !std::ptr::eq(host, &self.host);
+        let env = base_env.into_iter().chain(spec.env.clone()).collect();
+        let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env, egress, ..SandboxConfig::default() };
         let t0 = Instant::now();
         self.metrics.creates.inc();
-        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let pool = if extra { None } else { self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone() };
         let created = match pool {
             Some(p) => p.take(&cfg).await,
-            None => Sandbox::create(&self.host, &cfg).await,
+            None => Sandbox::create(host, &cfg).await,
         };
         let sb = match created {
             Ok(sb) => sb,
@@ -553,7 +606,7 @@ impl Manager {
             }
         };
         let took = t0.elapsed();
-        if sb.start.snapshot_wanted {
+        if sb.start.snapshot_wanted && !extra {
             self.rebuild_snapshot(&cfg);
         }
         match sb.start.mode {
@@ -646,7 +699,11 @@ impl Manager {
         let tmp = dest.with_extension("tmp");
         let _ = std::fs::remove_dir_all(&tmp);
         let r = match std::fs::create_dir_all(&tmp) {
-            Ok(()) => sb.pause_to(&self.host, cpus, memory_mib, &tmp).await.map_err(|e| hutch_sandbox::error_chain(&e)),
+            Ok(()) => {
+                let image = self.store.sandbox(id).ok().flatten().and_then(|r| serde_json::from_str::<CheckedCreate>(&r.spec).ok()).map(|s| s.image).unwrap_or_default();
+                let (host, _) = self.host_for(&image);
+                sb.pause_to(host, cpus, memory_mib, &tmp).await.map_err(|e| hutch_sandbox::error_chain(&e))
+            }
             Err(e) => {
                 sb.destroy().await;
                 Err(format!("cannot create {}: {e}", tmp.display()))
@@ -753,9 +810,11 @@ impl Manager {
                 return Err(e);
             }
         };
-        let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env: spec.env.clone().into_iter().collect(), egress, ..SandboxConfig::default() };
+        let (host, base_env) = self.host_for(&spec.image);
+        let env = base_env.into_iter().chain(spec.env.clone()).collect();
+        let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env, egress, ..SandboxConfig::default() };
         let t0 = Instant::now();
-        let sb = match Sandbox::resume_from(&self.host, &cfg, &src).await {
+        let sb = match Sandbox::resume_from(host, &cfg, &src).await {
             Ok(sb) => sb,
             Err(e) => {
                 let msg = hutch_sandbox::error_chain(&e);

@@ -122,17 +122,28 @@ fn sandbox_id(id: &str) -> Result<&str, E2bError> {
     }
 }
 
-/// The Hutch image a template name means: E2B's default `base` (or `default`) is the daemon's image.
-fn image_for(template: &str) -> Result<Option<String>, E2bError> {
-    match template {
-        "" | "base" | "default" => Ok(None),
-        t => {
-            let shown: String = t.chars().take(64).collect();
-            Err(E2bError::not_found(format!(
-                "template {shown:?} not found: this daemon serves \"base\" (its default image); other Hutch images (such as \"agents\") are not served by `hutch serve` yet"
-            )))
-        }
+/// The Hutch image a template name means: E2B's default `base` (or `default`, or none) is the daemon's default
+/// image; an image the daemon serves by its own name (`agents`), or an alias from `hutch serve --template`;
+/// anything else is E2B's 404.
+fn image_for(template: &str, served: &[String], aliases: &BTreeMap<String, String>) -> Result<Option<String>, E2bError> {
+    let name = match template {
+        "" | "base" | "default" => return Ok(None),
+        t => aliases.get(t).map(String::as_str).unwrap_or(t),
+    };
+    if name == "default" {
+        return Ok(None);
     }
+    if served.iter().any(|s| s == name) {
+        return Ok(Some(name.to_string()));
+    }
+    let shown: String = template.chars().take(64).collect();
+    let mut known: Vec<String> = vec!["base".into()];
+    known.extend(served.iter().filter(|s| *s != "default").cloned());
+    known.extend(aliases.keys().cloned());
+    Err(E2bError::not_found(format!(
+        "template {shown:?} not found: this daemon serves {} (an admin adds images with `hutch serve --image NAME` and names with `--template ALIAS=IMAGE`)",
+        known.iter().map(|k| format!("{k:?}")).collect::<Vec<_>>().join(", ")
+    )))
 }
 
 fn metadata_of(info: &SandboxInfo) -> BTreeMap<String, String> {
@@ -203,7 +214,7 @@ fn check_timeout(st: &Shared, t: i64, what: &str) -> Result<u64, E2bError> {
 pub async fn create(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, E2bError> {
     let who = api_principal(&st, &headers)?;
     let req: NewSandbox = parse_body(&body, false)?;
-    let image = image_for(&req.template_id)?;
+    let image = image_for(&req.template_id, &st.mgr.image_names(), &st.mgr.template_aliases())?;
     if req.auto_pause == Some(true) || req.auto_resume.as_ref().is_some_and(|v| !v.is_null() && v != &json!(false) && v != &json!({})) {
         return Err(E2bError::bad("autoPause/autoResume are not supported by this daemon (pause and resume explicitly with pause() and connect()); leave them out"));
     }
@@ -493,10 +504,19 @@ mod tests {
 
     #[test]
     fn templates_map_to_images() {
-        assert_eq!(image_for("base").unwrap(), None);
-        assert_eq!(image_for("").unwrap(), None);
-        assert_eq!(image_for("nope").unwrap_err().status, StatusCode::NOT_FOUND);
-        assert_eq!(image_for("agents").unwrap_err().status, StatusCode::NOT_FOUND);
+        let only_default = vec!["default".to_string()];
+        let none = BTreeMap::new();
+        assert_eq!(image_for("base", &only_default, &none).unwrap(), None);
+        assert_eq!(image_for("", &only_default, &none).unwrap(), None);
+        assert_eq!(image_for("nope", &only_default, &none).unwrap_err().status, StatusCode::NOT_FOUND);
+        assert_eq!(image_for("agents", &only_default, &none).unwrap_err().status, StatusCode::NOT_FOUND);
+        let both = vec!["default".to_string(), "agents".to_string()];
+        let aliases: BTreeMap<String, String> = [("node".to_string(), "agents".to_string()), ("plain".to_string(), "default".to_string())].into();
+        assert_eq!(image_for("agents", &both, &aliases).unwrap().as_deref(), Some("agents"));
+        assert_eq!(image_for("node", &both, &aliases).unwrap().as_deref(), Some("agents"));
+        assert_eq!(image_for("plain", &both, &aliases).unwrap(), None);
+        let e = image_for("nope", &both, &aliases).unwrap_err();
+        assert!(e.message.contains("\"node\"") && e.message.contains("\"agents\""), "{}", e.message);
     }
 
     #[test]
