@@ -225,6 +225,22 @@ fn e2b_templates_map_to_hutch_images() {
     }
 }
 
+/// The async SDK's `watch_dir`: a Connect server stream of filesystem events.
+#[test]
+fn e2b_async_sdk_watch_dir_streams_events() {
+    let py = match sdk_python() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIP: {why}; the E2B SDK test needs the stock SDK");
+            return;
+        }
+    };
+    let d = Daemon::start(&["--pool", "1"]);
+    let key = d.e2b_key("e2b-async");
+    let so = run_sdk(&py, "e2b_async.py", &d, &key, &[]);
+    assert!(so.contains("ok: streamed create, write, recursive create and remove events") && so.contains("ok: stop ends the stream"));
+}
+
 /// A raw HTTP/1.1 exchange (Connection: close): status and body.
 fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
