@@ -241,6 +241,53 @@ fn e2b_async_sdk_watch_dir_streams_events() {
     assert!(so.contains("ok: streamed create, write, recursive create and remove events") && so.contains("ok: stop ends the stream"));
 }
 
+const NPM_SDK_VERSION: &str = "2.51.0";
+
+/// Where the pinned npm SDK is installed (`HUTCH_E2B_NODE_MODULES`, set by scripts/test), or why it is not.
+fn npm_sdk() -> Result<PathBuf, String> {
+    let dir = std::env::var_os("HUTCH_E2B_NODE_MODULES").map(PathBuf::from).ok_or("HUTCH_E2B_NODE_MODULES is not set (scripts/test installs the npm SDK and sets it)")?;
+    let pkg = std::fs::read_to_string(dir.join("e2b/package.json")).map_err(|e| format!("no npm e2b in {}: {e}", dir.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&pkg).map_err(|e| format!("e2b/package.json: {e}"))?;
+    if v["version"] != NPM_SDK_VERSION {
+        return Err(format!("npm e2b is {}, not the pinned {NPM_SDK_VERSION}", v["version"]));
+    }
+    Command::new("node").arg("--version").output().map_err(|e| format!("node cannot run: {e}"))?;
+    Ok(dir)
+}
+
+/// The stock npm SDK: create, commands, files, list, kill.
+#[test]
+fn npm_e2b_sdk_creates_runs_and_moves_files() {
+    let modules = match npm_sdk() {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIP: {why}; the npm E2B SDK test needs the stock SDK");
+            return;
+        }
+    };
+    let d = Daemon::start(&["--pool", "1"]);
+    let key = d.e2b_key("e2b-npm");
+    // An ES module resolves packages from its own directory upwards: run a copy beside node_modules.
+    let script = modules.parent().unwrap().join(format!("e2b_sdk_{}.mjs", std::process::id()));
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2b_sdk.mjs"), &script).unwrap();
+    let out = Command::new("node")
+        .arg(&script)
+        .env("E2B_API_URL", d.url())
+        .env("E2B_SANDBOX_URL", d.url())
+        .env("E2B_API_KEY", &key)
+        .env_remove("E2B_DOMAIN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run node");
+    let _ = std::fs::remove_file(&script);
+    let so = text(&out.stdout);
+    eprintln!("{so}{}", text(&out.stderr));
+    assert!(out.status.success() && so.contains("ALL OK"), "the npm SDK script failed; daemon log:\n{}", d.log());
+    for step in ["commands.run with streamed output", "non-zero exit throws CommandExitError", "files write/read/list/exists/remove", "list by metadata"] {
+        assert!(so.contains(step), "step {step:?} did not run");
+    }
+}
+
 /// A raw HTTP/1.1 exchange (Connection: close): status and body.
 fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
