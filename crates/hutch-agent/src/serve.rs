@@ -136,6 +136,24 @@ async fn handle(stream: Stream, state: State) {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             state.end.notify_one();
         }
+        Request::Connect { port } => {
+            let tcp = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(t) => Ok(t),
+                Err(_) => tokio::net::TcpStream::connect(("::1", port)).await,
+            };
+            match tcp {
+                Ok(mut tcp) => {
+                    if framed.send(&Reply::Ok).await.is_err() {
+                        return;
+                    }
+                    let mut s = framed.into_inner();
+                    let _ = tokio::io::copy_bidirectional(&mut s, &mut tcp).await;
+                }
+                Err(e) => {
+                    let _ = framed.send(&Reply::Err(format!("nothing accepts connections on port {port} in the sandbox ({e})"))).await;
+                }
+            }
+        }
         Request::PowerOff => {
             nix::unistd::sync();
             let _ = framed.send(&Reply::Ok).await;

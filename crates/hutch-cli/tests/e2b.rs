@@ -288,6 +288,34 @@ fn npm_e2b_sdk_creates_runs_and_moves_files() {
     }
 }
 
+/// `get_host`: an HTTP server in the sandbox reached through the daemon, for its owner and traffic token only.
+#[test]
+fn e2b_get_host_reaches_a_server_in_the_sandbox_for_its_owner_only() {
+    let py = match sdk_python() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIP: {why}; the E2B SDK test needs the stock SDK");
+            return;
+        }
+    };
+    let d = Daemon::start(&["--pool", "1"]);
+    let (k1, k2) = (d.e2b_key("e2b-host"), d.e2b_key("e2b-host-other"));
+    let out = Command::new(py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2b_host.py"))
+        .env("E2B_API_URL", d.url())
+        .env("E2B_SANDBOX_URL", d.url())
+        .env("E2B_API_KEY", &k1)
+        .env("OTHER_KEY", &k2)
+        .env_remove("E2B_DOMAIN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the SDK script");
+    let so = text(&out.stdout);
+    eprintln!("{so}{}", text(&out.stderr));
+    assert!(out.status.success() && so.contains("ALL OK"), "e2b_host.py failed; daemon log:\n{}", d.log());
+    assert!(so.contains("ok: no credentials, another key or a wrong token get nothing"));
+}
+
 /// A raw HTTP/1.1 exchange (Connection: close): status and body.
 fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).expect("connect");

@@ -31,6 +31,9 @@ pub enum Request {
     /// ends the session without killing the processes it started (their output is read and dropped until the
     /// next session), announces `Ready` on the channel and waits for a `Hello`.
     Suspend,
+    /// Connect to a TCP port on the guest's loopback (a server the sandbox started): one [`Reply`], then the
+    /// stream's remaining bytes are that connection's, both ways. The host sends nothing before the reply.
+    Connect { port: u16 },
 }
 
 /// Sent by the host at the start of each session: everything that must differ between sandboxes made from the

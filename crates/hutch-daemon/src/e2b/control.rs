@@ -162,7 +162,7 @@ fn created_body(st: &Shared, info: &SandboxInfo) -> Value {
         "clientID": "hutch",
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": st.access_token(&info.id),
-        "trafficAccessToken": null,
+        "trafficAccessToken": st.traffic_token(&info.id),
         "domain": null,
     })
 }
