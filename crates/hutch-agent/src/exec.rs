@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 /// How long to keep reading output after the process exits, when a background child still holds the pipes.
 const DRAIN_IDLE: Duration = Duration::from_millis(250);
 
-pub async fn run(framed: Framed<Stream>, req: ExecRequest, base_env: Vec<(String, String)>) {
+/// `keep`: set when the host suspended the session; the process then survives the channel's end (its output
+/// is read and dropped, its stdin stays open).
+pub async fn run(framed: Framed<Stream>, req: ExecRequest, base_env: Vec<(String, String)>, keep: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     let (mut tx, mut rx) = framed.split();
     let Some(program) = req.argv.first() else {
         let _ = tx.send(&ExecEvent::SpawnFailed { message: "empty command".into(), not_found: false }).await;
@@ -78,6 +80,7 @@ pub async fn run(framed: Framed<Stream>, req: ExecRequest, base_env: Vec<(String
         (None, None) => None,
     };
     let master = pty.clone();
+    let keep_in = keep.clone();
     let input = tokio::spawn(async move {
         loop {
             match rx.recv::<ExecInput>().await {
@@ -101,6 +104,12 @@ pub async fn run(framed: Framed<Stream>, req: ExecRequest, base_env: Vec<(String
                         let _ = killpg(pgid, sig);
                     }
                 }
+                Err(_) if keep_in.load(std::sync::atomic::Ordering::SeqCst) => {
+                    // Suspended: the process lives on; its stdin stays open until it exits.
+                    let _stdin = stdin;
+                    std::future::pending::<()>().await;
+                    return;
+                }
                 Err(_) => {
                     // The host is gone: nobody will read the output, so the process must not outlive it.
                     let _ = killpg(pgid, Signal::SIGKILL);
@@ -112,11 +121,18 @@ pub async fn run(framed: Framed<Stream>, req: ExecRequest, base_env: Vec<(String
 
     let mut status = None;
     let mut outputs_open = true;
+    let mut host_gone = false;
     while status.is_none() || outputs_open {
         tokio::select! {
             ev = ev_rx.recv(), if outputs_open => match ev {
+                // After a suspend the output has no reader; it is dropped so that the process never blocks on it.
+                Some(_) if host_gone => {}
                 Some(ev) => {
                     if tx.send(&ev).await.is_err() {
+                        if keep.load(std::sync::atomic::Ordering::SeqCst) {
+                            host_gone = true;
+                            continue;
+                        }
                         let _ = killpg(pgid, Signal::SIGKILL);
                         input.abort();
                         return;
@@ -134,7 +150,7 @@ pub async fn run(framed: Framed<Stream>, req: ExecRequest, base_env: Vec<(String
         }
     }
     input.abort();
-    if let Some(st) = status {
+    if let (Some(st), false) = (status, host_gone) {
         let _ = tx.send(&ExecEvent::Exited(st)).await;
     }
     let _ = tx.close().await;

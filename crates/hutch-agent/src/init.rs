@@ -218,8 +218,10 @@ fn agent_main(respawned: bool) -> i32 {
         let mut announce = true;
         loop {
             match crate::serve::session(port.clone(), &state, announce).await {
-                Ok(()) if state.exit_on_disconnect.load(std::sync::atomic::Ordering::SeqCst) => return 0,
-                Ok(()) => announce = false,
+                // Saved to disk by the host, which comes back with a `Hello` after it announced us again.
+                Ok(crate::serve::Ended::Suspended) => announce = true,
+                Ok(_) if state.exit_on_disconnect.load(std::sync::atomic::Ordering::SeqCst) => return 0,
+                Ok(_) => announce = false,
                 // The host side is closed (between a snapshot and its restore, or before a host attaches):
                 // reads return EOF until one connects.
                 Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,

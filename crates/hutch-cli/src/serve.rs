@@ -36,6 +36,13 @@ pub struct ServeArgs {
     /// PEM private key for HTTPS.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Also serve this image (e.g. `agents`) to creates that name it; E2B's template of that name. Repeatable.
+    #[arg(long = "image", value_name = "NAME")]
+    pub images: Vec<crate::cli::ImageName>,
+    /// An E2B template name that means an image: `ALIAS=IMAGE` (IMAGE `default` or one given with --image).
+    /// Repeatable.
+    #[arg(long = "template", value_name = "ALIAS=IMAGE", value_parser = parse_template_alias)]
+    pub templates: Vec<(String, String)>,
     #[command(flatten)]
     pub dir: DataDirArg,
     /// Sandboxes alive at once, across all tokens (creates beyond it get 429).
@@ -88,6 +95,16 @@ pub struct ServeArgs {
     /// and deliver their change to a forge. Checked at start; re-read on SIGHUP.
     #[arg(long)]
     pub triggers: Option<PathBuf>,
+}
+
+/// `ALIAS=IMAGE` for `--template`.
+fn parse_template_alias(s: &str) -> Result<(String, String), String> {
+    let (a, i) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ALIAS=IMAGE (e.g. my-node=agents)"))?;
+    let ok = !a.is_empty() && a.len() <= 64 && a.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':'));
+    if !ok {
+        return Err(format!("template alias {a:?}: 1-64 letters, digits, '-', '_', '.', '/', ':'"));
+    }
+    Ok((a.to_string(), i.to_string()))
 }
 
 /// `CPUSxMIB`, e.g. `2x2048`.
@@ -186,6 +203,26 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
     let metrics = Arc::new(hutch_daemon::metrics::Metrics::new());
     let mgr = Manager::new(store, key, host, limits, metrics);
     mgr.set_results_dir(dd.root.join("results"));
+    // Paused sandboxes live in the data directory, so they survive restarts (reconcile keeps them).
+    mgr.set_pause_root(dd.root.join("paused"))?;
+    let mut extra = std::collections::BTreeMap::new();
+    for name in a.images.iter().copied().filter(|n| *n != crate::cli::ImageName::Default) {
+        let (cache, image) = crate::image::ensure_named(name).await?;
+        let host = Host::new(image, cache.root().to_path_buf())?;
+        let cfg = SandboxConfig::default();
+        // Its creates restore from a snapshot (no warm pool): make it now rather than on the first create.
+        hutch_sandbox::snapshot::ensure(&host, &cfg).await.with_context(|| format!("the boot snapshot of image {}", name.name()))?;
+        extra.insert(name.name().to_string(), hutch_daemon::manager::ExtraImage { host, env: crate::image::default_env(name) });
+    }
+    let mut aliases = std::collections::BTreeMap::new();
+    for (alias, image) in &a.templates {
+        if image != "default" && !extra.contains_key(image) {
+            bail!("--template {alias}={image}: image {image:?} is not served (add `--image {image}`)");
+        }
+        aliases.insert(alias.clone(), image.clone());
+    }
+    mgr.set_extra_images(extra);
+    mgr.set_template_aliases(aliases);
     let rec = mgr.reconcile()?;
     for gone in mgr.prune_caches() {
         eprintln!("hutch: cache: removed {gone}");

@@ -27,6 +27,11 @@ impl Daemon {
     fn start(args: &[&str]) -> Daemon {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
+        Self::start_in(tmp, data, args)
+    }
+
+    /// A daemon on `data` (a previous daemon's data directory, to test what survives a restart).
+    fn start_in(tmp: tempfile::TempDir, data: PathBuf, args: &[&str]) -> Daemon {
         let mut child = hutch()
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data)
@@ -72,10 +77,16 @@ impl Daemon {
     fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
-}
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
+    /// Stops the daemon (SIGTERM, as an operator would) and hands back its data directory.
+    fn stop(mut self) -> (tempfile::TempDir, PathBuf, String) {
+        self.terminate();
+        let log = self.log();
+        let tmp = std::mem::replace(&mut self._tmp, tempfile::tempdir().expect("tempdir"));
+        (tmp, self.data.clone(), log)
+    }
+
+    fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -85,6 +96,12 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
     }
 }
 
@@ -141,6 +158,162 @@ fn stock_e2b_sdk_drives_sandboxes_commands_files_timeouts_and_isolation() {
     for step in ["list by metadata", "non-zero exit raises CommandExitException", "5 MiB binary", "isolation between keys", "set_timeout ends the sandbox"] {
         assert!(so.contains(step), "step {step:?} did not run");
     }
+}
+
+fn run_sdk(py: &str, file: &str, d: &Daemon, key: &str, args: &[&str]) -> String {
+    let out = Command::new(py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(file))
+        .args(args)
+        .env("E2B_API_URL", d.url())
+        .env("E2B_SANDBOX_URL", d.url())
+        .env("E2B_API_KEY", key)
+        .env_remove("E2B_DOMAIN")
+        .env_remove("E2B_ACCESS_TOKEN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the SDK script");
+    let so = text(&out.stdout);
+    eprintln!("{so}{}", text(&out.stderr));
+    assert!(out.status.success() && so.contains("ALL OK"), "{file} {args:?} failed; daemon log:\n{}", d.log());
+    so
+}
+
+/// `pause()` and `Sandbox.connect()` (resume) five times with a file and a running process surviving each
+/// cycle, then once more across a daemon restart (SIGTERM, new daemon on the same data directory).
+#[test]
+fn e2b_pause_and_resume_keep_files_and_processes_across_cycles_and_a_restart() {
+    let py = match sdk_python() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIP: {why}; the E2B SDK test needs the stock SDK");
+            return;
+        }
+    };
+    let d = Daemon::start(&["--pool", "1"]);
+    let key = d.e2b_key("e2b-pause");
+    let so = run_sdk(&py, "e2b_pause.py", &d, &key, &["phase1"]);
+    assert!(so.contains("ok: pause/resume cycle 5"), "five cycles ran");
+    let line = so.lines().find(|l| l.starts_with("PAUSED ")).expect("the paused sandbox").to_string();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (tmp, data, log1) = d.stop();
+    assert!(log1.contains("sandbox paused"), "{log1}");
+    let paused_dir = data.join("paused").join(f[1]);
+    assert!(paused_dir.join("state").is_file() && paused_dir.join("disk.qcow2").is_file(), "saved state kept across the stop");
+    let d = Daemon::start_in(tmp, data.clone(), &["--pool", "0"]);
+    let so = run_sdk(&py, "e2b_pause.py", &d, &key, &["phase2", f[1], f[2], f[3]]);
+    assert!(so.contains("ok: file and process intact after a daemon restart"));
+    assert!(!paused_dir.exists(), "the saved state is gone once resumed and killed");
+    assert!(!d.log().contains("panicked"), "{}", d.log());
+}
+
+/// Templates: none/`base` is the default image, `agents` (served with `--image agents`) and an alias of it
+/// (`--template node=agents`) the agents image, an unknown name E2B's 404.
+#[test]
+fn e2b_templates_map_to_hutch_images() {
+    let py = match sdk_python() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIP: {why}; the E2B SDK test needs the stock SDK");
+            return;
+        }
+    };
+    let d = Daemon::start(&["--pool", "0", "--image", "agents", "--template", "node=agents"]);
+    let key = d.e2b_key("e2b-templates");
+    let so = run_sdk(&py, "e2b_templates.py", &d, &key, &[]);
+    for step in ["no template: the default image", "template agents", "template node", "unknown template is a 404"] {
+        assert!(so.contains(step), "step {step:?} did not run");
+    }
+}
+
+/// The async SDK's `watch_dir`: a Connect server stream of filesystem events.
+#[test]
+fn e2b_async_sdk_watch_dir_streams_events() {
+    let py = match sdk_python() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIP: {why}; the E2B SDK test needs the stock SDK");
+            return;
+        }
+    };
+    let d = Daemon::start(&["--pool", "1"]);
+    let key = d.e2b_key("e2b-async");
+    let so = run_sdk(&py, "e2b_async.py", &d, &key, &[]);
+    assert!(so.contains("ok: streamed create, write, recursive create and remove events") && so.contains("ok: stop ends the stream"));
+}
+
+const NPM_SDK_VERSION: &str = "2.51.0";
+
+/// Where the pinned npm SDK is installed (`HUTCH_E2B_NODE_MODULES`, set by scripts/test), or why it is not.
+fn npm_sdk() -> Result<PathBuf, String> {
+    let dir = std::env::var_os("HUTCH_E2B_NODE_MODULES").map(PathBuf::from).ok_or("HUTCH_E2B_NODE_MODULES is not set (scripts/test installs the npm SDK and sets it)")?;
+    let pkg = std::fs::read_to_string(dir.join("e2b/package.json")).map_err(|e| format!("no npm e2b in {}: {e}", dir.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&pkg).map_err(|e| format!("e2b/package.json: {e}"))?;
+    if v["version"] != NPM_SDK_VERSION {
+        return Err(format!("npm e2b is {}, not the pinned {NPM_SDK_VERSION}", v["version"]));
+    }
+    Command::new("node").arg("--version").output().map_err(|e| format!("node cannot run: {e}"))?;
+    Ok(dir)
+}
+
+/// The stock npm SDK: create, commands, files, list, kill.
+#[test]
+fn npm_e2b_sdk_creates_runs_and_moves_files() {
+    let modules = match npm_sdk() {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIP: {why}; the npm E2B SDK test needs the stock SDK");
+            return;
+        }
+    };
+    let d = Daemon::start(&["--pool", "1"]);
+    let key = d.e2b_key("e2b-npm");
+    // An ES module resolves packages from its own directory upwards: run a copy beside node_modules.
+    let script = modules.parent().unwrap().join(format!("e2b_sdk_{}.mjs", std::process::id()));
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2b_sdk.mjs"), &script).unwrap();
+    let out = Command::new("node")
+        .arg(&script)
+        .env("E2B_API_URL", d.url())
+        .env("E2B_SANDBOX_URL", d.url())
+        .env("E2B_API_KEY", &key)
+        .env_remove("E2B_DOMAIN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run node");
+    let _ = std::fs::remove_file(&script);
+    let so = text(&out.stdout);
+    eprintln!("{so}{}", text(&out.stderr));
+    assert!(out.status.success() && so.contains("ALL OK"), "the npm SDK script failed; daemon log:\n{}", d.log());
+    for step in ["commands.run with streamed output", "non-zero exit throws CommandExitError", "files write/read/list/exists/remove", "list by metadata"] {
+        assert!(so.contains(step), "step {step:?} did not run");
+    }
+}
+
+/// `get_host`: an HTTP server in the sandbox reached through the daemon, for its owner and traffic token only.
+#[test]
+fn e2b_get_host_reaches_a_server_in_the_sandbox_for_its_owner_only() {
+    let py = match sdk_python() {
+        Ok(p) => p,
+        Err(why) => {
+            eprintln!("SKIP: {why}; the E2B SDK test needs the stock SDK");
+            return;
+        }
+    };
+    let d = Daemon::start(&["--pool", "1"]);
+    let (k1, k2) = (d.e2b_key("e2b-host"), d.e2b_key("e2b-host-other"));
+    let out = Command::new(py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2b_host.py"))
+        .env("E2B_API_URL", d.url())
+        .env("E2B_SANDBOX_URL", d.url())
+        .env("E2B_API_KEY", &k1)
+        .env("OTHER_KEY", &k2)
+        .env_remove("E2B_DOMAIN")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the SDK script");
+    let so = text(&out.stdout);
+    eprintln!("{so}{}", text(&out.stderr));
+    assert!(out.status.success() && so.contains("ALL OK"), "e2b_host.py failed; daemon log:\n{}", d.log());
+    assert!(so.contains("ok: no credentials, another key or a wrong token get nothing"));
 }
 
 /// A raw HTTP/1.1 exchange (Connection: close): status and body.

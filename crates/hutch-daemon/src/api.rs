@@ -176,6 +176,8 @@ pub fn router_with(mgr: Arc<Manager>, triggers: Option<Arc<crate::triggers::Trig
         .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/v1/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
         .route("/v1/sandboxes/{id}/extend", post(extend_sandbox))
+        .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
+        .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/exec/stream", post(crate::stream::sse))
         .route("/v1/sandboxes/{id}/exec/ws", get(crate::stream::ws))
@@ -364,6 +366,33 @@ async fn extend_sandbox(
     ApiJson(req): ApiJson<ExtendRequest>,
 ) -> Result<Json<SandboxInfo>, ApiError> {
     Ok(Json(st.mgr.extend(&who, &id, req.seconds)?))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$")),
+    responses(
+        (status = 200, description = "Paused: RAM, devices and disk saved in the data directory; no VM runs", body = SandboxInfo),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such sandbox for this token", body = ErrorBody),
+        (status = 409, description = "Not running", body = ErrorBody),
+    ))]
+async fn pause_sandbox(State(st): State<AppState>, Extension(who): Extension<Principal>, SandboxId(id): SandboxId) -> Result<Json<SandboxInfo>, ApiError> {
+    Ok(Json(st.mgr.pause(&who, &id).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Sandbox id (12 lowercase hex digits)", pattern = "^[0-9a-f]{12}$")),
+    responses(
+        (status = 200, description = "Running again, with its files and processes; its TTL starts over", body = SandboxInfo),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 404, description = "No such sandbox for this token", body = ErrorBody),
+        (status = 409, description = "Not paused, or it cannot resume on this daemon's image", body = ErrorBody),
+        (status = 429, description = "At the sandbox cap or the token's quota", body = ErrorBody),
+    ))]
+async fn resume_sandbox(State(st): State<AppState>, Extension(who): Extension<Principal>, SandboxId(id): SandboxId) -> Result<Json<SandboxInfo>, ApiError> {
+    Ok(Json(st.mgr.resume(&who, &id, None).await?))
 }
 
 /// Checks argv, env and cwd of an exec into the protocol's request.
@@ -767,7 +796,7 @@ impl Modify for BearerAuth {
         are stdin one way and stdout/stderr the other (first byte 1 or 2), text frames are ClientMsg/ServerMsg JSON) or \
         `POST /v1/sandboxes/{id}/exec/stream` (Server-Sent Events of ServerMsg)."),
     paths(
-        health, metrics, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, extend_sandbox, exec,
+        health, metrics, create_sandbox, list_sandboxes, get_sandbox, delete_sandbox, extend_sandbox, pause_sandbox, resume_sandbox, exec,
         crate::stream::sse, download, upload, remove_file, list_files, stat_file, mkdir, egress,
         crate::repo::create, crate::repo::change, crate::repo::change_file
     ),

@@ -129,8 +129,16 @@ pub struct Live {
     pub session: Option<Arc<crate::repo::Session>>,
     /// The sandbox's gateway (an event-triggered run moves it from the setup phase to the agent phase).
     pub gateway: hutch_gateway::Gateway,
-    stop: mpsc::Sender<String>,
+    stop: mpsc::Sender<Cmd>,
     done: watch::Receiver<bool>,
+}
+
+/// What the supervisor of a VM is told to do with it.
+enum Cmd {
+    /// Destroy it, recording why.
+    Destroy(String),
+    /// Save it into the directory (which must not exist) and end the VM; the sandbox becomes `paused`.
+    Pause(std::path::PathBuf, tokio::sync::oneshot::Sender<Result<hutch_sandbox::pause::PauseMeta, String>>),
 }
 
 /// A reserved place under the cap and the owner's quota; given back when dropped, so no path can leak one.
@@ -178,6 +186,20 @@ pub struct Manager {
     tasks: TaskTracker,
     /// Where collected changes of repository sandboxes are kept (`<data dir>/results`); unset: none are taken.
     results: std::sync::OnceLock<std::path::PathBuf>,
+    /// Where paused sandboxes are saved (`<data dir>/paused/<id>/`); unset: pausing is refused.
+    pause_root: std::sync::OnceLock<std::path::PathBuf>,
+    /// Images served besides the default one, by name (`agents`), with the variables their commands start with.
+    /// Set once before serving; their sandboxes restore from their own snapshots (no warm pool).
+    extra_images: std::sync::OnceLock<BTreeMap<String, ExtraImage>>,
+    /// E2B template names that mean an image (`hutch serve --template ALIAS=IMAGE`).
+    template_aliases: std::sync::OnceLock<BTreeMap<String, String>>,
+}
+
+/// An image other than the default that this daemon also serves.
+#[derive(Clone)]
+pub struct ExtraImage {
+    pub host: Host,
+    pub env: Vec<(String, String)>,
 }
 
 /// What startup reconciliation found and did.
@@ -320,6 +342,9 @@ impl Manager {
             shutting_down: AtomicBool::new(false),
             tasks: TaskTracker::new(),
             results: std::sync::OnceLock::new(),
+            pause_root: std::sync::OnceLock::new(),
+            extra_images: std::sync::OnceLock::new(),
+            template_aliases: std::sync::OnceLock::new(),
         })
     }
 
@@ -423,13 +448,49 @@ impl Manager {
         format!("default@{}", &self.host.image.key[..12.min(self.host.image.key.len())])
     }
 
+    /// Serves `images` besides the default (call once, before serving).
+    pub fn set_extra_images(&self, images: BTreeMap<String, ExtraImage>) {
+        let _ = self.extra_images.set(images);
+    }
+
+    /// Template aliases (E2B): each names an image this daemon serves (checked by the caller).
+    pub fn set_template_aliases(&self, aliases: BTreeMap<String, String>) {
+        let _ = self.template_aliases.set(aliases);
+    }
+
+    pub fn template_aliases(&self) -> BTreeMap<String, String> {
+        self.template_aliases.get().cloned().unwrap_or_default()
+    }
+
+    /// Names of the images served: `default` and the extra ones.
+    pub fn image_names(&self) -> Vec<String> {
+        let mut v = vec!["default".to_string()];
+        v.extend(self.extra_images.get().into_iter().flat_map(|m| m.keys().cloned()));
+        v
+    }
+
+    /// The host (image) and base environment for a checked spec's image (`NAME@key`).
+    fn host_for(&self, image: &str) -> (&Host, Vec<(String, String)>) {
+        let name = image.split('@').next().unwrap_or(image);
+        match self.extra_images.get().and_then(|m| m.get(name)) {
+            Some(x) => (&x.host, x.env.clone()),
+            None => (&self.host, Vec::new()),
+        }
+    }
+
     /// Parses a create request into a [`CheckedCreate`]; every problem is named.
     pub fn check_create(&self, who: &Principal, req: &CreateSandbox) -> Result<CheckedCreate, ManagerError> {
         let bad = ManagerError::BadInput;
         let image = match req.image.as_deref() {
             None | Some("default") => self.image_name(),
             Some(p) if !p.is_empty() && self.host.image.key.starts_with(p) => self.image_name(),
-            Some(other) => return Err(bad(format!("image {other:?} is unknown; this daemon has \"default\" ({})", self.image_name()))),
+            Some(name) if self.extra_images.get().is_some_and(|m| m.contains_key(name)) => {
+                let key = self.extra_images.get().and_then(|m| m.get(name)).map(|x| x.host.image.key.clone()).unwrap_or_default();
+                format!("{name}@{}", &key[..12.min(key.len())])
+            }
+            Some(other) => {
+                return Err(bad(format!("image {other:?} is unknown; this daemon serves {} (`hutch serve --image NAME` adds more)", self.image_names().join(", "))))
+            }
         };
         let cpus = req.cpus.unwrap_or(self.limits.default_cpus);
         if cpus < 1 || cpus > self.limits.max_cpus {
@@ -669,15 +730,20 @@ impl Manager {
                 return Err(e);
             }
         };
+        let (host, base_env) = self.host_for(&spec.image);
+        let extra = !std::ptr::eq(host, &self.host);
+        let env = base_env.into_iter().chain(spec.env.clone()).collect();
         let workspace_image = pending.as_ref().and_then(|p| p.image());
-        let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env: spec.env.clone().into_iter().collect(), egress, workspace_image, ..SandboxConfig::default() };
+        let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env, egress, workspace_image, ..SandboxConfig::default() };
         let t0 = Instant::now();
         self.metrics.creates.inc();
-        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let pool = if extra { None } else { self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone() };
         let created = match (&spec.setup, pool) {
+            // The environment cache is keyed on the default image only.
+            (Some(_), _) if extra => Err("a setup script is supported on the default image only".to_string()),
             (Some(setup), _) => self.start_with_setup(&id, &owner, setup, &cfg).await.map(|(sb, m)| (sb, Some(m))),
             (None, Some(p)) if cfg.workspace_image.is_none() => p.take(&cfg).await.map(|sb| (sb, None)).map_err(|e| hutch_sandbox::error_chain(&e)),
-            (None, _) => Sandbox::create(&self.host, &cfg).await.map(|sb| (sb, None)).map_err(|e| hutch_sandbox::error_chain(&e)),
+            (None, _) => Sandbox::create(host, &cfg).await.map(|sb| (sb, None)).map_err(|e| hutch_sandbox::error_chain(&e)),
         };
         let (sb, setup_mode) = match created {
             Ok(sb) => sb,
@@ -693,7 +759,7 @@ impl Manager {
             }
         };
         let took = t0.elapsed();
-        if sb.start.snapshot_wanted {
+        if sb.start.snapshot_wanted && !extra {
             self.rebuild_snapshot(&cfg);
         }
         match sb.start.mode {
@@ -739,7 +805,8 @@ impl Manager {
         tracing::info!(%id, vm = %sb.id, mode, took_ms = took.as_millis() as u64, "sandbox running");
         let me = self.clone();
         let sid = id.clone();
-        self.tasks.spawn(async move { me.supervise(sid, sb, slot, stop_rx, done_tx).await });
+        let size = (spec.cpus, spec.memory_mib);
+        self.tasks.spawn(async move { me.supervise(sid, sb, slot, stop_rx, done_tx, size).await });
         // A shutdown that began while this VM was starting must not miss it.
         if self.shutting_down.load(Ordering::SeqCst) {
             let _ = self.destroy_live(&id, "the daemon shut down").await;
@@ -823,9 +890,27 @@ impl Manager {
     }
 
     /// Owns the VM until it is told to stop or dies; then destroys it, records the end, frees the slot.
-    async fn supervise(self: Arc<Self>, id: String, sb: Sandbox, slot: Slot, mut stop: mpsc::Receiver<String>, done: watch::Sender<bool>) {
+    async fn supervise(
+        self: Arc<Self>,
+        id: String,
+        sb: Sandbox,
+        slot: Slot,
+        mut stop: mpsc::Receiver<Cmd>,
+        done: watch::Sender<bool>,
+        size: (u32, u32),
+    ) {
         let (state, reason) = tokio::select! {
-            r = stop.recv() => ("destroyed", r.unwrap_or_else(|| "the daemon shut down".into())),
+            r = stop.recv() => match r {
+                Some(Cmd::Pause(dest, reply)) => {
+                    self.pause_vm(&id, sb, &dest, size, reply).await;
+                    self.live_map().remove(&id);
+                    drop(slot);
+                    let _ = done.send(true);
+                    return;
+                }
+                Some(Cmd::Destroy(reason)) => ("destroyed", reason),
+                None => ("destroyed", "the daemon shut down".into()),
+            },
             _ = sb.channel_closed() => {
                 let tail = hutch_sandbox::console_tail(sb.console_log());
                 ("failed", format!("the VM stopped unexpectedly; last console lines: {tail}"))
@@ -843,10 +928,191 @@ impl Manager {
         tracing::info!(%id, %reason, "sandbox ended");
     }
 
+    /// Saves the VM of sandbox `id` into `dest` for [`Manager::pause`]; run by its supervisor, which owns it.
+    async fn pause_vm(
+        &self,
+        id: &str,
+        sb: Sandbox,
+        dest: &Path,
+        (cpus, memory_mib): (u32, u32),
+        reply: tokio::sync::oneshot::Sender<Result<hutch_sandbox::pause::PauseMeta, String>>,
+    ) {
+        self.metrics.gateway_bytes.inc_by(sb.gateway().bytes_used());
+        let tmp = dest.with_extension("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        let r = match std::fs::create_dir_all(&tmp) {
+            Ok(()) => {
+                let image = self.store.sandbox(id).ok().flatten().and_then(|r| serde_json::from_str::<CheckedCreate>(&r.spec).ok()).map(|s| s.image).unwrap_or_default();
+                let (host, _) = self.host_for(&image);
+                sb.pause_to(host, cpus, memory_mib, &tmp).await.map_err(|e| hutch_sandbox::error_chain(&e))
+            }
+            Err(e) => {
+                sb.destroy().await;
+                Err(format!("cannot create {}: {e}", tmp.display()))
+            }
+        };
+        let r = r.and_then(|meta| {
+            std::fs::rename(&tmp, dest).map_err(|e| format!("cannot install {}: {e}", dest.display()))?;
+            Ok(meta)
+        });
+        match &r {
+            Ok(meta) => {
+                if let Err(e) = self.store.mark_paused(id) {
+                    tracing::error!(%id, "cannot record a pause: {e}");
+                }
+                tracing::info!(%id, state_mib = meta.state_bytes >> 20, disk_mib = meta.disk_bytes >> 20, "sandbox paused");
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                let _ = self.store.mark_ended(id, "failed", &format!("pausing failed: {e}"));
+                tracing::warn!(%id, "pausing failed: {e}");
+            }
+        }
+        let _ = reply.send(r);
+    }
+
+    /// Where paused sandboxes go; pausing is refused until it is set. Called once, before serving.
+    pub fn set_pause_root(&self, dir: std::path::PathBuf) -> Result<(), DaemonError> {
+        std::fs::create_dir_all(&dir).map_err(|source| DaemonError::Io { what: format!("create {}", dir.display()), source })?;
+        let _ = self.pause_root.set(dir);
+        Ok(())
+    }
+
+    fn paused_dir(&self, id: &str) -> Result<std::path::PathBuf, ManagerError> {
+        let root = self.pause_root.get().ok_or_else(|| ManagerError::Conflict("this daemon has no place to keep paused sandboxes".into()))?;
+        Ok(root.join(id))
+    }
+
+    /// Pauses a running sandbox: its VM (RAM, devices, disk layer) is saved under the data directory and ends;
+    /// the sandbox keeps its id and becomes `paused` until [`Manager::resume`] or a delete. Its processes and
+    /// files come back on resume; open connections do not.
+    pub async fn pause(&self, who: &Principal, id: &str) -> Result<SandboxInfo, ManagerError> {
+        let row = self.visible(who, id)?;
+        if row.state == "paused" {
+            return self.info(id);
+        }
+        let dest = self.paused_dir(id)?;
+        let live = self.running(who, id)?;
+        // A repository session's workspace drive and pending collection do not survive a save; refuse rather
+        // than lose the change.
+        if live.session.is_some() {
+            return Err(ManagerError::Conflict(format!("sandbox {id} holds a repository session; it cannot be paused")));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // Out of the map first: new requests must not reach a VM that is being suspended.
+        self.live_map().remove(id);
+        if live.stop.send(Cmd::Pause(dest, tx)).await.is_err() {
+            return Err(ManagerError::Conflict(format!("sandbox {id} ended while it was being paused")));
+        }
+        match rx.await {
+            Ok(Ok(_)) => self.info(id),
+            Ok(Err(e)) => Err(ManagerError::Failed(format!("pausing sandbox {id} failed (the sandbox is lost): {e}"))),
+            Err(_) => Err(ManagerError::Failed(format!("pausing sandbox {id} was interrupted"))),
+        }
+    }
+
+    /// Resumes a paused sandbox from its saved state with a fresh identity and gateway; it runs for `ttl_secs`
+    /// (else its spec's TTL) from now. A running sandbox is returned as it is.
+    pub async fn resume(self: &Arc<Self>, who: &Principal, id: &str, ttl_secs: Option<u64>) -> Result<SandboxInfo, ManagerError> {
+        let row = self.visible(who, id)?;
+        match row.state.as_str() {
+            "running" => return self.info(id),
+            "paused" => {}
+            other => return Err(ManagerError::Conflict(format!("sandbox {id} is {other}; only a paused sandbox can be resumed"))),
+        }
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ManagerError::Unavailable("the daemon is shutting down".into()));
+        }
+        let spec: CheckedCreate = serde_json::from_str(&row.spec).map_err(|e| DaemonError::Internal(format!("sandbox {id} spec: {e}")))?;
+        let src = self.paused_dir(id)?;
+        let owner = self.store.token(&row.owner)?.ok_or_else(|| ManagerError::NotFound(format!("no sandbox {id}")))?;
+        let owner_p = Principal { token_id: owner.id, name: owner.name, admin: owner.admin, max_sandboxes: owner.max_sandboxes };
+        let slot = self.reserve(&owner_p)?;
+        if !self.store.mark_resuming(id)? {
+            return Err(ManagerError::Conflict(format!("sandbox {id} is being resumed or deleted by another request")));
+        }
+        let ttl = ttl_secs.unwrap_or(spec.ttl_secs).clamp(1, self.limits.max_ttl.as_secs());
+        let me = self.clone();
+        let sid = id.to_string();
+        let task = self.tasks.spawn(async move { me.resume_start(sid, row.owner, spec, slot, src, ttl).await });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => Err(ManagerError::Failed(format!("the resume task failed: {e}"))),
+        }
+    }
+
+    async fn resume_start(
+        self: Arc<Self>,
+        id: String,
+        owner: String,
+        spec: CheckedCreate,
+        slot: Slot,
+        src: std::path::PathBuf,
+        ttl: u64,
+    ) -> Result<SandboxInfo, ManagerError> {
+        let egress = match self.egress(&id, &spec) {
+            Ok(e) => e,
+            Err(e) => {
+                self.store.mark_back_paused(&id)?;
+                return Err(e);
+            }
+        };
+        let (host, base_env) = self.host_for(&spec.image);
+        let env = base_env.into_iter().chain(spec.env.clone()).collect();
+        let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env, egress, ..SandboxConfig::default() };
+        let t0 = Instant::now();
+        let sb = match Sandbox::resume_from(host, &cfg, &src).await {
+            Ok(sb) => sb,
+            Err(e) => {
+                let msg = hutch_sandbox::error_chain(&e);
+                tracing::warn!(%id, "resume failed: {msg}");
+                // Refused before the saved disk layer moved: still paused, nothing lost.
+                if src.join(hutch_sandbox::pause::DISK_FILE).is_file() {
+                    self.store.mark_back_paused(&id)?;
+                    return Err(ManagerError::Conflict(format!("sandbox {id} cannot be resumed here: {msg}")));
+                }
+                let _ = std::fs::remove_dir_all(&src);
+                self.store.mark_ended(&id, "failed", &format!("resume failed: {msg}"))?;
+                return Err(ManagerError::Failed(format!("sandbox {id} could not be resumed (it is lost): {msg}")));
+            }
+        };
+        let took = t0.elapsed();
+        let _ = std::fs::remove_dir_all(&src);
+        self.store.set_expiry(&id, now_ms() + ttl as i64 * 1000)?;
+        if let Err(e) = self.store.mark_running(&id, &sb.id, sb.vmm_pid(), "resumed", took.as_millis() as i64) {
+            sb.destroy().await;
+            self.store.mark_ended(&id, "failed", "could not record the resume")?;
+            return Err(e.into());
+        }
+        let (stop_tx, stop_rx) = mpsc::channel(4);
+        let (done_tx, done_rx) = watch::channel(false);
+        let live = Arc::new(Live {
+            id: id.clone(),
+            owner,
+            client: sb.client().clone(),
+            console: sb.console_log().to_path_buf(),
+            terminal: Default::default(),
+            session: None,
+            gateway: sb.gateway().clone(),
+            stop: stop_tx,
+            done: done_rx,
+        });
+        self.live_map().insert(id.clone(), live);
+        tracing::info!(%id, vm = %sb.id, took_ms = took.as_millis() as u64, "sandbox resumed");
+        let me = self.clone();
+        let sid = id.clone();
+        let size = (spec.cpus, spec.memory_mib);
+        self.tasks.spawn(async move { me.supervise(sid, sb, slot, stop_rx, done_tx, size).await });
+        if self.shutting_down.load(Ordering::SeqCst) {
+            let _ = self.destroy_live(&id, "the daemon shut down").await;
+        }
+        self.info(&id)
+    }
+
     pub(crate) async fn destroy_live(&self, id: &str, reason: &str) -> bool {
         let Some(live) = self.live_map().get(id).cloned() else { return false };
         let _ = self.store.mark_destroying(id);
-        let _ = live.stop.send(reason.to_string()).await;
+        let _ = live.stop.send(Cmd::Destroy(reason.to_string())).await;
         let mut done = live.done.clone();
         let _ = done.wait_for(|d| *d).await;
         true
@@ -878,6 +1144,14 @@ impl Manager {
                 return Err(ManagerError::Conflict(format!("sandbox {id} already ended ({})", row.end_reason.unwrap_or_default())))
             }
             "creating" => return Err(ManagerError::Conflict(format!("sandbox {id} is still starting; delete it once it runs"))),
+            "paused" => {
+                // No VM: the saved state is all there is.
+                if let Ok(dir) = self.paused_dir(id) {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                self.store.mark_ended(id, "destroyed", &format!("deleted by token {} while paused", who.name))?;
+                return self.info(id);
+            }
             _ => {}
         }
         if !self.destroy_live(id, &format!("deleted by token {}", who.name)).await {
@@ -978,7 +1252,30 @@ impl Manager {
             out.marked_destroyed.push(row.id);
         }
         out.reaped = self.host.reap_stale();
+        self.reconcile_paused(&mut out)?;
         Ok(out)
+    }
+
+    /// Paused sandboxes survive a restart: each `paused` row keeps its saved directory; a row whose directory is
+    /// gone is failed, and a directory no paused row names (a pause or resume that a crash interrupted) removed.
+    fn reconcile_paused(&self, out: &mut Reconciled) -> Result<(), DaemonError> {
+        let Some(root) = self.pause_root.get() else { return Ok(()) };
+        let paused: Vec<String> = self.store.sandboxes(None, Some("paused"))?.into_iter().map(|r| r.id).collect();
+        for id in &paused {
+            if !root.join(id).join(hutch_sandbox::pause::STATE_FILE).is_file() {
+                self.store.mark_ended(id, "failed", "its saved state is missing from the data directory")?;
+                out.marked_destroyed.push(id.clone());
+            }
+        }
+        if let Ok(rd) = std::fs::read_dir(root) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !paused.contains(&name) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Destroys sandboxes whose TTL has passed, every `every`, until shutdown.

@@ -88,6 +88,8 @@ pub enum SandboxState {
     Destroying,
     Destroyed,
     Failed,
+    /// Saved to disk (RAM, devices, disk layer); no VM runs until it is resumed.
+    Paused,
 }
 
 impl SandboxState {
@@ -98,6 +100,7 @@ impl SandboxState {
             SandboxState::Destroying => "destroying",
             SandboxState::Destroyed => "destroyed",
             SandboxState::Failed => "failed",
+            SandboxState::Paused => "paused",
         }
     }
 
@@ -108,6 +111,7 @@ impl SandboxState {
             "destroying" => SandboxState::Destroying,
             "destroyed" => SandboxState::Destroyed,
             "failed" => SandboxState::Failed,
+            "paused" => SandboxState::Paused,
             _ => return None,
         })
     }

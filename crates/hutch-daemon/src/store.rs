@@ -57,7 +57,33 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (sandbox, seq)
     );
     "#,
-    // 2: event-triggered runs, webhook deliveries (for deduplication) and schedule state.
+    // 2: a `paused` state (the VM saved to disk in the data directory). SQLite cannot change a CHECK, so the
+    // table is rebuilt with the same columns.
+    r#"
+    CREATE TABLE sandboxes_v2 (
+        id          TEXT PRIMARY KEY,
+        owner       TEXT NOT NULL REFERENCES tokens(id),
+        state       TEXT NOT NULL CHECK (state IN ('creating', 'running', 'destroying', 'destroyed', 'failed', 'paused')),
+        spec        TEXT NOT NULL,
+        labels      TEXT NOT NULL,
+        created_ms  INTEGER NOT NULL,
+        expires_ms  INTEGER NOT NULL,
+        started_ms  INTEGER,
+        ended_ms    INTEGER,
+        end_reason  TEXT,
+        vm_id       TEXT,
+        vmm_pid     INTEGER,
+        daemon_pid  INTEGER NOT NULL,
+        start_mode  TEXT,
+        start_ms    INTEGER
+    );
+    INSERT INTO sandboxes_v2 SELECT id, owner, state, spec, labels, created_ms, expires_ms, started_ms, ended_ms, end_reason, vm_id, vmm_pid, daemon_pid, start_mode, start_ms FROM sandboxes;
+    DROP TABLE sandboxes;
+    ALTER TABLE sandboxes_v2 RENAME TO sandboxes;
+    CREATE INDEX sandboxes_by_owner ON sandboxes(owner, state);
+    CREATE INDEX sandboxes_by_state ON sandboxes(state, expires_ms);
+    "#,
+    // 3: event-triggered runs, webhook deliveries (for deduplication) and schedule state.
     crate::triggers::store::MIGRATION_RUNS,
 ];
 
@@ -287,6 +313,35 @@ impl Store {
                 "UPDATE sandboxes SET state = 'running', started_ms = ?2, vm_id = ?3, vmm_pid = ?4, start_mode = ?5, start_ms = ?6 WHERE id = ?1",
                 params![id, now_ms(), vm_id, vmm_pid, mode, start_ms],
             )
+            .map_err(db("update a sandbox"))?;
+        Ok(())
+    }
+
+    /// `running` -> `paused` (its VM saved to disk); returns whether it was running.
+    pub fn mark_paused(&self, id: &str) -> Result<bool, DaemonError> {
+        let n = self
+            .conn()
+            .execute("UPDATE sandboxes SET state = 'paused', vmm_pid = NULL WHERE id = ?1 AND state = 'running'", params![id])
+            .map_err(db("update a sandbox"))?;
+        Ok(n > 0)
+    }
+
+    /// `paused` -> `creating` for a resume by this daemon; false if it was not paused (another resume won).
+    pub fn mark_resuming(&self, id: &str) -> Result<bool, DaemonError> {
+        let n = self
+            .conn()
+            .execute(
+                "UPDATE sandboxes SET state = 'creating', daemon_pid = ?2 WHERE id = ?1 AND state = 'paused'",
+                params![id, std::process::id() as i64],
+            )
+            .map_err(db("update a sandbox"))?;
+        Ok(n > 0)
+    }
+
+    /// `creating` -> `paused` again: a resume was refused before it touched the saved state.
+    pub fn mark_back_paused(&self, id: &str) -> Result<(), DaemonError> {
+        self.conn()
+            .execute("UPDATE sandboxes SET state = 'paused' WHERE id = ?1 AND state = 'creating'", params![id])
             .map_err(db("update a sandbox"))?;
         Ok(())
     }

@@ -73,6 +73,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Framed<S> {
         }
     }
 
+    /// The underlying stream, for a protocol whose remaining bytes are raw. Only where the peer sends nothing
+    /// before it reads an answer (bytes already buffered would be lost).
+    pub fn into_inner(self) -> S {
+        self.inner.into_inner()
+    }
+
     pub fn get_mut(&mut self) -> &mut S {
         self.inner.get_mut()
     }

@@ -27,6 +27,13 @@ pub enum Request {
     /// (new address space, nothing of the old one's memory) that announces `Ready` as after a boot. The state an
     /// environment snapshot is taken in.
     Respawn,
+    /// The host is about to save this VM to disk and will come back later with a new session: the agent answers,
+    /// ends the session without killing the processes it started (their output is read and dropped until the
+    /// next session), announces `Ready` on the channel and waits for a `Hello`.
+    Suspend,
+    /// Connect to a TCP port on the guest's loopback (a server the sandbox started): one [`Reply`], then the
+    /// stream's remaining bytes are that connection's, both ways. The host sends nothing before the reply.
+    Connect { port: u16 },
 }
 
 /// Sent by the host at the start of each session: everything that must differ between sandboxes made from the

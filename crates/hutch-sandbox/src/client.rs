@@ -234,6 +234,25 @@ impl AgentClient {
         Self::reply(&mut f, "respawn").await
     }
 
+    /// Asks the agent to end this session and keep its processes for the next one ([`Request::Suspend`]); after
+    /// the reply it announces `Ready` on the channel.
+    pub async fn suspend(&self) -> Result<(), SandboxError> {
+        let mut f = self.request(&Request::Suspend).await?;
+        Self::reply(&mut f, "suspend").await
+    }
+
+    /// A connection to TCP `port` on the guest's loopback, carried over the agent channel (the guest has no
+    /// network device): the returned stream's bytes are the connection's.
+    pub async fn connect_port(&self, port: u16) -> Result<Stream, SandboxError> {
+        let mut stream = self.session.open().await.map_err(SandboxError::Mux)?;
+        hutch_proto::frame::write_header(&mut stream, &Request::Connect { port }).await.map_err(SandboxError::Channel)?;
+        // Exactly the reply's bytes: what follows is the guest server's.
+        match hutch_proto::frame::read_header::<_, Reply>(&mut stream).await.map_err(SandboxError::Channel)? {
+            Reply::Ok => Ok(stream),
+            Reply::Err(e) => Err(SandboxError::Guest(e)),
+        }
+    }
+
     pub async fn power_off(&self) -> Result<(), SandboxError> {
         let mut f = self.request(&Request::PowerOff).await?;
         Self::reply(&mut f, "power off").await

@@ -6,6 +6,7 @@ pub mod dirs;
 pub mod egress;
 pub mod envcache;
 pub mod envsnap;
+pub mod pause;
 pub mod pool;
 pub mod snapshot;
 
@@ -174,6 +175,9 @@ pub struct Sandbox {
     raw: Option<std::os::fd::OwnedFd>,
     /// Set when the VM's RAM is a shared file of its own (an environment snapshot can then be taken of it).
     capture: Option<envsnap::CaptureBase>,
+    /// Guest RAM is in a named memory backend (restored VMs), not QEMU's default RAM: a full save must be
+    /// resumed the same way.
+    mem_backend: bool,
     // Last: dropped after the VM is killed.
     dir: SandboxDir,
 }
@@ -274,7 +278,8 @@ impl Attached {
         }
         tracing::debug!(id = %id, ms = t0.elapsed().as_secs_f64() * 1e3, "attach: identity applied");
         let start = StartInfo { mode, accel, took: Duration::ZERO, notes: vec![], snapshot_wanted: false };
-        Ok(Sandbox { id, start, client, vm, driver, egress_task, gateway, raw, capture: None, dir })
+        let mem_backend = mode != StartMode::Cold;
+        Ok(Sandbox { id, start, client, vm, driver, egress_task, gateway, raw, capture: None, mem_backend, dir })
     }
 
     pub(crate) async fn discard(mut self) {

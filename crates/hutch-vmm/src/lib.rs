@@ -42,6 +42,9 @@ pub enum Memory {
     Anonymous,
     /// `shared`: writes go to the file (to make a snapshot). Not shared: a private copy-on-write mapping (restore).
     File { path: PathBuf, shared: bool },
+    /// Anonymous RAM in a memory backend named like the file one: a VM resumed from a full save of a VM that
+    /// had a file backend (RAM blocks are matched by name when the state is loaded).
+    Ram,
 }
 
 /// Everything needed to start one VM. Built and checked by the caller; backends only translate it.

@@ -103,6 +103,10 @@ impl Qemu {
                 if *shared { "on" } else { "off" }
             ));
         }
+        if let Memory::Ram = &cfg.memory {
+            push("-object".into());
+            push(format!("memory-backend-ram,id=mem,size={}M", cfg.memory_mib));
+        }
         push("-smp".into());
         push(cfg.cpus.to_string());
         for s in ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"] {
@@ -276,6 +280,26 @@ impl Backend for Qemu {
     }
 }
 
+impl Qemu {
+    /// Starts `cfg` from a full save ([`QemuVm::save_full`]: device state and RAM in one stream) and lets it
+    /// run. `cfg.memory` must name RAM the way the saved VM did ([`Memory::Ram`] for a file-backed one).
+    pub async fn restore_full(&self, cfg: &VmConfig, state: &Path) -> Result<QemuVm, VmmError> {
+        let mut vm = self.spawn(cfg, true).await?;
+        match vm.load_full(state).await {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                let why = vm.early_exit_reason().await;
+                vm.kill().await;
+                Err(why.unwrap_or(e))
+            }
+        }
+    }
+}
+
+/// Migration bandwidth for a save to disk: QEMU's default (128 MiB/s) would make a pause of a 512 MiB guest take
+/// seconds for nothing; the stream goes to a local file.
+const SAVE_BANDWIDTH: u64 = 8 << 30;
+
 pub struct QemuVm {
     child: tokio::process::Child,
     /// Where its sockets are.
@@ -320,6 +344,57 @@ impl QemuVm {
         }
         let _ = std::fs::remove_file(&sock);
         Ok(())
+    }
+
+    async fn load_full(&mut self, state: &Path) -> Result<(), VmmError> {
+        let mut file = tokio::fs::File::open(state)
+            .await
+            .map_err(|e| VmmError::Snapshot { what: "state unreadable", reason: format!("{}: {e}", state.display()) })?;
+        let sock = self.dir.join("migrate-in.sock");
+        let qmp = self.qmp()?;
+        qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "x-ignore-shared", "state": false}]}))
+            .await?;
+        qmp.execute("migrate-incoming", json!({"uri": format!("unix:{}", sock.display())})).await?;
+        let mut conn = UnixStream::connect(&sock).await.map_err(io_err("connect to the incoming migration socket"))?;
+        tokio::io::copy(&mut file, &mut conn).await.map_err(io_err("send the saved state"))?;
+        conn.shutdown().await.map_err(io_err("send the saved state"))?;
+        drop(conn);
+        qmp.wait_migration(MIGRATION_TIMEOUT).await?;
+        let st = qmp.execute("query-status", json!({})).await?;
+        if st.get("running").and_then(|v| v.as_bool()) != Some(true) {
+            qmp.execute("cont", json!({})).await?;
+        }
+        let _ = std::fs::remove_file(&sock);
+        Ok(())
+    }
+
+    /// Stops the guest and saves its whole state (devices and every RAM page, whatever backs it) to `state`.
+    /// Its disk layer is flushed by QEMU as the migration completes. The VM stays stopped; kill it after.
+    pub async fn save_full(&mut self, state: &Path) -> Result<u64, VmmError> {
+        let sock = self.dir.join("migrate-out.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).map_err(io_err("bind the migration socket"))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).map_err(io_err("chmod the migration socket"))?;
+        }
+        let qmp = self.qmp()?;
+        qmp.execute("stop", json!({})).await?;
+        qmp.execute("migrate-set-capabilities", json!({"capabilities": [{"capability": "x-ignore-shared", "state": false}]}))
+            .await?;
+        qmp.execute("migrate-set-parameters", json!({"max-bandwidth": SAVE_BANDWIDTH})).await?;
+        qmp.execute("migrate", json!({"uri": format!("unix:{}", sock.display())})).await?;
+        let (mut conn, _) = tokio::time::timeout(MIGRATION_TIMEOUT, listener.accept())
+            .await
+            .map_err(|_| VmmError::Timeout(MIGRATION_TIMEOUT, "QEMU to connect the migration socket"))?
+            .map_err(io_err("accept the migration connection"))?;
+        let mut out = tokio::fs::File::create(state).await.map_err(io_err(format!("create {}", state.display())))?;
+        let n = tokio::io::copy(&mut conn, &mut out).await.map_err(io_err("save the migration stream"))?;
+        out.sync_all().await.map_err(io_err("sync the saved state"))?;
+        self.qmp()?.wait_migration(MIGRATION_TIMEOUT).await?;
+        drop(listener);
+        let _ = std::fs::remove_file(&sock);
+        Ok(n)
     }
 
     /// QEMU's own words if it already exited.

@@ -81,6 +81,19 @@ struct RefreshBody {
 struct ConnectBody {
     #[serde(default)]
     timeout: Option<i64>,
+    /// `false`: resume from disk only (a reboot). Not offered: a pause here always keeps memory.
+    #[serde(default)]
+    memory: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PauseBody {
+    /// `false`: a filesystem-only pause. Not offered: a pause here always saves memory too.
+    #[serde(default)]
+    memory: Option<bool>,
+    #[serde(default)]
+    require_healthy_guest: Option<bool>,
 }
 
 /// A JSON object body into `T`, with E2B-shaped errors; an empty body is `{}` when `T` allows it.
@@ -109,17 +122,28 @@ fn sandbox_id(id: &str) -> Result<&str, E2bError> {
     }
 }
 
-/// The Hutch image a template name means: E2B's default `base` (or `default`) is the daemon's image.
-fn image_for(template: &str) -> Result<Option<String>, E2bError> {
-    match template {
-        "" | "base" | "default" => Ok(None),
-        t => {
-            let shown: String = t.chars().take(64).collect();
-            Err(E2bError::not_found(format!(
-                "template {shown:?} not found: this daemon serves \"base\" (its default image); other Hutch images (such as \"agents\") are not served by `hutch serve` yet"
-            )))
-        }
+/// The Hutch image a template name means: E2B's default `base` (or `default`, or none) is the daemon's default
+/// image; an image the daemon serves by its own name (`agents`), or an alias from `hutch serve --template`;
+/// anything else is E2B's 404.
+fn image_for(template: &str, served: &[String], aliases: &BTreeMap<String, String>) -> Result<Option<String>, E2bError> {
+    let name = match template {
+        "" | "base" | "default" => return Ok(None),
+        t => aliases.get(t).map(String::as_str).unwrap_or(t),
+    };
+    if name == "default" {
+        return Ok(None);
     }
+    if served.iter().any(|s| s == name) {
+        return Ok(Some(name.to_string()));
+    }
+    let shown: String = template.chars().take(64).collect();
+    let mut known: Vec<String> = vec!["base".into()];
+    known.extend(served.iter().filter(|s| *s != "default").cloned());
+    known.extend(aliases.keys().cloned());
+    Err(E2bError::not_found(format!(
+        "template {shown:?} not found: this daemon serves {} (an admin adds images with `hutch serve --image NAME` and names with `--template ALIAS=IMAGE`)",
+        known.iter().map(|k| format!("{k:?}")).collect::<Vec<_>>().join(", ")
+    )))
 }
 
 fn metadata_of(info: &SandboxInfo) -> BTreeMap<String, String> {
@@ -138,7 +162,7 @@ fn created_body(st: &Shared, info: &SandboxInfo) -> Value {
         "clientID": "hutch",
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": st.access_token(&info.id),
-        "trafficAccessToken": null,
+        "trafficAccessToken": st.traffic_token(&info.id),
         "domain": null,
     })
 }
@@ -153,7 +177,7 @@ fn listed_body(info: &SandboxInfo) -> Value {
         "cpuCount": info.cpus,
         "memoryMB": info.memory_mib,
         "diskSizeMB": 0,
-        "state": "running",
+        "state": if info.state == SandboxState::Paused { "paused" } else { "running" },
         "envdVersion": ENVD_VERSION,
         "metadata": metadata_of(info),
     })
@@ -190,9 +214,9 @@ fn check_timeout(st: &Shared, t: i64, what: &str) -> Result<u64, E2bError> {
 pub async fn create(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -> Result<Response, E2bError> {
     let who = api_principal(&st, &headers)?;
     let req: NewSandbox = parse_body(&body, false)?;
-    let image = image_for(&req.template_id)?;
+    let image = image_for(&req.template_id, &st.mgr.image_names(), &st.mgr.template_aliases())?;
     if req.auto_pause == Some(true) || req.auto_resume.as_ref().is_some_and(|v| !v.is_null() && v != &json!(false) && v != &json!({})) {
-        return Err(E2bError::bad("autoPause/autoResume are not supported by this daemon (sandboxes cannot be paused yet); leave them out"));
+        return Err(E2bError::bad("autoPause/autoResume are not supported by this daemon (pause and resume explicitly with pause() and connect()); leave them out"));
     }
     if req.mcp.as_ref().is_some_and(|v| !v.is_null()) {
         return Err(E2bError::bad("mcp is not supported by this daemon; leave it out"));
@@ -271,6 +295,7 @@ fn egress_policy(allow_internet: Option<bool>, network: Option<&NetworkConfig>) 
 struct ListQuery {
     metadata: BTreeMap<String, String>,
     want_running: bool,
+    want_paused: bool,
     limit: usize,
     next: Option<(i64, String)>,
     template: Option<String>,
@@ -278,7 +303,7 @@ struct ListQuery {
 }
 
 fn parse_list_query(q: Option<&str>) -> Result<ListQuery, E2bError> {
-    let mut out = ListQuery { metadata: BTreeMap::new(), want_running: true, limit: 100, next: None, template: None, descending: false };
+    let mut out = ListQuery { metadata: BTreeMap::new(), want_running: true, want_paused: true, limit: 100, next: None, template: None, descending: false };
     for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let k = percent_decode(k).map_err(E2bError::bad)?;
@@ -295,10 +320,11 @@ fn parse_list_query(q: Option<&str>) -> Result<ListQuery, E2bError> {
             }
             "state" => {
                 out.want_running = false;
+                out.want_paused = false;
                 for s in v.split(',').filter(|s| !s.is_empty()) {
                     match s {
                         "running" => out.want_running = true,
-                        "paused" => {}
+                        "paused" => out.want_paused = true,
                         other => return Err(E2bError::bad(format!("state {other:?} is not running or paused"))),
                     }
                 }
@@ -337,14 +363,15 @@ fn parse_list_query(q: Option<&str>) -> Result<ListQuery, E2bError> {
 pub async fn list(State(st): State<Shared>, headers: HeaderMap, RawQuery(q): RawQuery) -> Result<Response, E2bError> {
     let who = api_principal(&st, &headers)?;
     let q = parse_list_query(q.as_deref())?;
-    if !q.want_running {
-        return Ok(Json(Vec::<Value>::new()).into_response());
-    }
     let mut all: Vec<SandboxInfo> = st
         .mgr
         .list(&who, None, &BTreeMap::new(), false)?
         .into_iter()
-        .filter(|i| matches!(i.state, SandboxState::Running | SandboxState::Creating))
+        .filter(|i| match i.state {
+            SandboxState::Running | SandboxState::Creating => q.want_running,
+            SandboxState::Paused => q.want_paused,
+            _ => false,
+        })
         .filter(|i| q.metadata.iter().all(|(k, v)| i.labels.get(k) == Some(v) && !k.starts_with(LABEL_PREFIX)))
         .filter(|i| q.template.as_ref().is_none_or(|t| &template_of(i) == t))
         .collect();
@@ -413,14 +440,22 @@ pub async fn refresh(State(st): State<Shared>, headers: HeaderMap, Path(id): Pat
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Connect to (E2B: or resume) a sandbox: a running one answers at once, its timeout lengthened (never
-/// shortened) to the one asked for.
+/// Connect to (E2B: or resume) a sandbox: a running one answers at once (200), its timeout lengthened (never
+/// shortened) to the one asked for; a paused one is resumed from disk (201) and runs `timeout` seconds from now.
 pub async fn connect(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Response, E2bError> {
     let who = api_principal(&st, &headers)?;
     let req: ConnectBody = parse_body(&body, true)?;
     let info = live_info(&st, &who, &id)?;
-    if let Some(t) = req.timeout {
-        let secs = check_timeout(&st, t, "timeout")?;
+    let secs = req.timeout.map(|t| check_timeout(&st, t, "timeout")).transpose()?;
+    if info.state == SandboxState::Paused {
+        if req.memory == Some(false) {
+            return Err(E2bError::bad("a resume from disk only (memory=false, on_resume=\"reboot\") is not offered: this daemon resumes paused sandboxes with their memory"));
+        }
+        let secs = secs.unwrap_or(DEFAULT_TIMEOUT_SECS.min(st.mgr.limits.max_ttl.as_secs()));
+        let info = st.mgr.resume(&who, &info.id, Some(secs.max(1))).await?;
+        return Ok((StatusCode::CREATED, Json(created_body(&st, &info))).into_response());
+    }
+    if let Some(secs) = secs {
         let until = now_ms() + secs as i64 * 1000;
         if until > info.expires_ms {
             st.mgr.store.set_expiry(&info.id, until)?;
@@ -430,13 +465,22 @@ pub async fn connect(State(st): State<Shared>, headers: HeaderMap, Path(id): Pat
     Ok((StatusCode::OK, Json(created_body(&st, &info))).into_response())
 }
 
-pub async fn pause(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Result<StatusCode, E2bError> {
+/// Pauses a running sandbox to disk (memory, devices and disk layer): 204; 409 when it is paused already.
+pub async fn pause(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<StatusCode, E2bError> {
     let who = api_principal(&st, &headers)?;
-    live_info(&st, &who, &id)?;
-    Err(E2bError::new(
-        StatusCode::CONFLICT,
-        "pausing is not supported by this daemon yet; the sandbox keeps running (extend it with set_timeout, or kill it)",
-    ))
+    let req: PauseBody = parse_body(&body, true)?;
+    let info = live_info(&st, &who, &id)?;
+    let _ = req.require_healthy_guest;
+    if req.memory == Some(false) {
+        return Err(E2bError::bad("a filesystem-only pause (memory=false) is not offered: this daemon pauses with memory (mode=\"full\")"));
+    }
+    match info.state {
+        SandboxState::Paused => return Err(E2bError::new(StatusCode::CONFLICT, format!("sandbox {} is already paused", info.id))),
+        SandboxState::Running => {}
+        other => return Err(E2bError::new(StatusCode::CONFLICT, format!("sandbox {} is {}; only a running sandbox can be paused", info.id, other.as_str()))),
+    }
+    st.mgr.pause(&who, &info.id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]
@@ -460,10 +504,19 @@ mod tests {
 
     #[test]
     fn templates_map_to_images() {
-        assert_eq!(image_for("base").unwrap(), None);
-        assert_eq!(image_for("").unwrap(), None);
-        assert_eq!(image_for("nope").unwrap_err().status, StatusCode::NOT_FOUND);
-        assert_eq!(image_for("agents").unwrap_err().status, StatusCode::NOT_FOUND);
+        let only_default = vec!["default".to_string()];
+        let none = BTreeMap::new();
+        assert_eq!(image_for("base", &only_default, &none).unwrap(), None);
+        assert_eq!(image_for("", &only_default, &none).unwrap(), None);
+        assert_eq!(image_for("nope", &only_default, &none).unwrap_err().status, StatusCode::NOT_FOUND);
+        assert_eq!(image_for("agents", &only_default, &none).unwrap_err().status, StatusCode::NOT_FOUND);
+        let both = vec!["default".to_string(), "agents".to_string()];
+        let aliases: BTreeMap<String, String> = [("node".to_string(), "agents".to_string()), ("plain".to_string(), "default".to_string())].into();
+        assert_eq!(image_for("agents", &both, &aliases).unwrap().as_deref(), Some("agents"));
+        assert_eq!(image_for("node", &both, &aliases).unwrap().as_deref(), Some("agents"));
+        assert_eq!(image_for("plain", &both, &aliases).unwrap(), None);
+        let e = image_for("nope", &both, &aliases).unwrap_err();
+        assert!(e.message.contains("\"node\"") && e.message.contains("\"agents\""), "{}", e.message);
     }
 
     #[test]

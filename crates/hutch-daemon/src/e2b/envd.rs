@@ -788,6 +788,97 @@ async fn watcher_events(st: &Shared, live: &Live, msg: Value) -> Result<Value, R
     Ok(json!({ "events": events }))
 }
 
+/// Streaming `WatchDir` streams open at once, across sandboxes: each lists its directory every
+/// [`WATCH_POLL`].
+const MAX_WATCH_STREAMS: usize = 64;
+static WATCH_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const WATCH_POLL: Duration = Duration::from_millis(500);
+/// Messages queued for a slow client; when full the watcher waits (and stops listing) until it reads.
+const WATCH_QUEUE: usize = 64;
+/// Events sent for one poll: a burst beyond it is cut to its first ones (in name order).
+const WATCH_EVENTS_PER_POLL: usize = 1000;
+
+/// Holds one of [`MAX_WATCH_STREAMS`] places; given back when dropped.
+struct WatchSlot;
+
+impl WatchSlot {
+    fn take() -> Option<WatchSlot> {
+        use std::sync::atomic::Ordering;
+        let n = WATCH_STREAMS.fetch_add(1, Ordering::SeqCst);
+        if n >= MAX_WATCH_STREAMS {
+            WATCH_STREAMS.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(WatchSlot)
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        WATCH_STREAMS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// `WatchDir` as a server stream: the start event, then `filesystem` events found by listing the directory
+/// every [`WATCH_POLL`] and diffing, with keepalives; bounded in streams, queue and events per poll. It ends when
+/// the client goes away or the sandbox does.
+async fn watch_dir_stream(live: Arc<Live>, msg: Value, keepalive: Duration) -> Response {
+    let r: CreateWatcherRequest = match parse(msg) {
+        Ok(r) => r,
+        Err(e) => return stream_error(e),
+    };
+    let root = match guest_path(&r.path) {
+        Ok(p) => p,
+        Err(e) => return stream_error(e),
+    };
+    match stat(&live.client, &root).await {
+        Ok(entry) if entry["type"] == "FILE_TYPE_DIRECTORY" => {}
+        Ok(_) => return stream_error(RpcError::invalid(format!("{} is not a directory", root.as_str()))),
+        Err(e) => return stream_error(e),
+    }
+    let Some(slot) = WatchSlot::take() else {
+        return stream_error(RpcError::new("resource_exhausted", "too many directory watch streams; close some first"));
+    };
+    let mut seen = match snapshot(&live.client, &root, r.recursive).await {
+        Ok(s) => s,
+        Err(e) => return stream_error(e),
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(WATCH_QUEUE);
+    let _ = tx.try_send(frame(0, &json!({ "start": {} })));
+    tokio::spawn(async move {
+        let _slot = slot;
+        let mut poll = tokio::time::interval(WATCH_POLL);
+        let mut ping = tokio::time::interval(keepalive);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = ping.tick() => {
+                    if tx.send(frame(0, &json!({ "keepalive": {} }))).await.is_err() {
+                        return;
+                    }
+                }
+                _ = poll.tick() => {
+                    let new = match snapshot(&live.client, &root, r.recursive).await {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.send(end_frame(Some(&e))).await;
+                            return;
+                        }
+                    };
+                    for ev in diff_events(&seen, &new).into_iter().take(WATCH_EVENTS_PER_POLL) {
+                        if tx.send(frame(0, &json!({ "filesystem": ev }))).await.is_err() {
+                            return;
+                        }
+                    }
+                    seen = new;
+                }
+            }
+        }
+    });
+    stream_response(rx)
+}
+
 fn remove_watcher(st: &Shared, live: &Live, msg: Value) -> Result<Value, RpcError> {
     let r: WatcherIdRequest = parse(msg)?;
     let mut w = st.watchers.lock().unwrap_or_else(|p| p.into_inner());
@@ -914,6 +1005,17 @@ pub async fn filesystem_rpc(State(st): State<Shared>, Path(method): Path<String>
         Ok(m) => m,
         Err(e) => return if streaming { stream_error(e) } else { e.into_response() },
     };
+    if streaming {
+        if !is_stream_request(&headers) {
+            return RpcError::invalid("filesystem.Filesystem/WatchDir is a server-streaming call (application/connect+json)").into_response();
+        }
+        let keepalive = headers
+            .get("keepalive-ping-interval")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(Duration::from_secs(30), |s| Duration::from_secs(s.clamp(1, 300)));
+        return watch_dir_stream(live, msg, keepalive).await;
+    }
     let c = &live.client;
     let r = match method.as_str() {
         "Stat" => async {

@@ -7,6 +7,7 @@
 
 pub mod control;
 pub mod envd;
+pub mod port;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -55,6 +56,12 @@ impl E2bState {
     /// only the daemon can mint one.
     pub fn access_token(&self, sandbox_id: &str) -> String {
         hex::encode(hmac_sha256(&self.token_key, sandbox_id.as_bytes()))
+    }
+
+    /// The sandbox's traffic token (`get_host` forwarding without the API key): a MAC under the same key over
+    /// another message, so it never equals the envd token.
+    pub fn traffic_token(&self, sandbox_id: &str) -> String {
+        hex::encode(hmac_sha256(&self.token_key, format!("traffic:{sandbox_id}").as_bytes()))
     }
 }
 
@@ -167,6 +174,9 @@ pub fn router<S: Clone + Send + Sync + 'static>(mgr: Arc<Manager>) -> Result<Rou
         .route("/files", get(envd::download).post(envd::upload).layer(DefaultBodyLimit::disable()))
         .route("/process.Process/{method}", post(envd::process_rpc))
         .route("/filesystem.Filesystem/{method}", post(envd::filesystem_rpc))
+        .route("/e2b-port/{id}/{port}", axum::routing::any(port::forward).layer(DefaultBodyLimit::disable()))
+        .route("/e2b-port/{id}/{port}/", axum::routing::any(port::forward).layer(DefaultBodyLimit::disable()))
+        .route("/e2b-port/{id}/{port}/{*rest}", axum::routing::any(port::forward).layer(DefaultBodyLimit::disable()))
         .with_state(st))
 }
 
