@@ -1077,9 +1077,9 @@ read resume
 
 /// Class 5 (domain fronting), and the upgrade half of 13: on a host that carries a secret, TLS is
 /// always terminated and SNI, CONNECT authority and Host must agree; a passthrough host cannot
-/// be used to reach the secret host by SNI; connections without SNI are refused; WebSocket
-/// upgrades are refused on inspected connections and HTTP/2 is not offered, so nothing can
-/// coalesce onto another authority. A client that waits before its ClientHello (on a port other
+/// be used to reach the secret host by SNI; connections without SNI are refused; upgrades other
+/// than WebSocket (h2c) are refused on inspected connections; HTTP/2 is offered (the test net
+/// speaks it) and each of its requests must name the connection's authority (421 otherwise). A client that waits before its ClientHello (on a port other
 /// than 443, where the gateway also carries server-speaks-first protocols) gets the same checks on
 /// a secret host.
 #[test]
@@ -1103,7 +1103,7 @@ p tunnel-sni-secret-via-other probe tls-direct $(fake {OTHER}) 443 {API} {API} /
 p tunnel-ok probe tls-direct $(fake {API}) 443 {API} {API} /front-ok2
 p curl-connect-to curl -sS --connect-to {API}:443:{OTHER}:443 -H "Authorization: Bearer $API_KEY" https://{API}/front-9
 p curl-host-header curl -sS --fail-with-body -H 'Host: {OTHER}' -H "Authorization: Bearer $API_KEY" https://{API}/front-6
-p websocket curl -sS --fail-with-body -H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' https://{API}/ws
+p h2c curl -sS --fail-with-body --http1.1 -H 'Connection: Upgrade' -H 'Upgrade: h2c' https://{API}/ws
 p h2 curl -sS --fail --http2 -o /dev/null -w '%{{http_version}}' https://{API}/h2
 p slow-sni-other-via-secret probe tls-connect-slow {API}:{p} {OTHER} {OTHER}:{p} /front-7
 p slow-host-other-on-secret probe tls-connect-slow {API}:{p} {API} {OTHER}:{p} /front-8
@@ -1151,11 +1151,11 @@ p slow-ok probe tls-connect-slow {API}:{p} {API} {API}:{p} /front-ok3
     o.refused_with("host-other-on-secret", "421");
     o.refused_with("slow-host-other-on-secret", "421");
     o.refused_with("curl-host-header", "authority mismatch");
-    o.refused_with("websocket", "upgrades");
+    o.refused_with("h2c", "upgrades");
     assert_eq!(
         o.ok("h2"),
-        "1.1\n",
-        "HTTP/2 is not negotiated on intercepted connections"
+        "2\n",
+        "HTTP/2 is negotiated on intercepted connections when the upstream speaks it"
     );
     let mut paths: Vec<String> = net.requests().into_iter().map(|s| s.path).collect();
     paths.sort();
@@ -1932,7 +1932,8 @@ const RULED: &str = "ruled.example.test";
 /// Classes 17 and 19 from inside a VM. Class 17 (secret laundering through the bound host): the
 /// host reflects the swapped Authorization header back in base64 (each alignment), URL-safe
 /// base64, hex, percent and JSON escapes and the status line, and the guest can decode none of
-/// them (each masking audited with its encoding); a gzip reflection is refused; a value the
+/// them (each masking audited with its encoding); gzip, br and zstd reflections are decoded, masked
+/// and handed over identity-encoded; a value the
 /// policy lets be swapped into bodies under `/store/` is stored there and read back masked over
 /// TLS and plain HTTP, and `Range` reads are refused; a secret scoped to `/v1/` is not swapped on
 /// `/v2/`. Class 19: method overrides and `;` dot segments do not pass a GET-only `/ok/` rule.
@@ -1978,7 +1979,7 @@ in_body = true
         script.push_str(&reflect(name, enc, pad));
     }
     script.push_str(&format!(
-        r#"p status sh -c 'curl -sS -i -H "Authorization: $KEY" https://{API}:{p}/reflect-status/authorization | head -1'
+        r#"p status sh -c 'curl -sS -i --http1.1 -H "Authorization: $KEY" https://{API}:{p}/reflect-status/authorization | head -1'
 p gzip curl -sS --fail-with-body --compressed -H "Authorization: $KEY" https://{API}:{p}/reflect-enc/gzip/authorization
 p br curl -sS --fail-with-body -H "Authorization: $KEY" https://{API}:{p}/reflect-enc/br/authorization
 p zstd curl -sS --fail-with-body -H "Authorization: $KEY" https://{API}:{p}/reflect-enc/zstd/authorization
@@ -2017,7 +2018,7 @@ p jsession curl -sS --fail-with-body --path-as-is "https://{RULED}:{p}/ok/..;jse
     for probe in ["gzip", "br", "zstd"] {
         // Decoded, masked, handed over identity-encoded (curl without --compressed reads it).
         let out = o.ok(probe);
-        assert!(out.contains("hutch-ph-KEY-") && out.ends_with("-tail") && !leaks(out, &key), "{probe}: {out}");
+        assert!(out.contains("hutch-ph-KEY-") && out.trim_end().ends_with("-tail") && !leaks(out, &key), "{probe}: {out}");
     }
     assert!(o.ok("read").contains("hutch-ph-STORED-") && !leaks(o.ok("read"), &stored), "{}", o.ok("read"));
     assert!(!leaks(o.ok("read-plain"), &stored), "{}", o.ok("read-plain"));
@@ -2060,6 +2061,129 @@ p jsession curl -sS --fail-with-body --path-as-is "https://{RULED}:{p}/ok/..;jse
         for v in [&key, &stored, &scoped] {
             assert!(!text.contains(v.as_str()), "hutch's {what} holds a real value");
         }
+    }
+}
+
+/// A WebSocket client in python's standard library: the opening handshake (with `Authorization:
+/// $KEY`), one text message, the reply (fragments joined) printed; exit 1 with the status when
+/// the switch is refused.
+const WS_CLIENT: &str = r#"cat > /tmp/ws.py <<'PY'
+import base64, os, socket, ssl, struct, sys
+host, port, path, msg = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context()
+ctx.set_alpn_protocols(["http/1.1"])
+s = ctx.wrap_socket(socket.create_connection((host, port), timeout=30), server_hostname=host)
+key = base64.b64encode(os.urandom(16)).decode()
+s.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\nAuthorization: %s\r\n\r\n"
+           % (path, host, port, key, os.environ.get("KEY", ""))).encode())
+buf = b""
+while b"\r\n\r\n" not in buf:
+    d = s.recv(4096)
+    if not d:
+        break
+    buf += d
+head, _, rest = buf.partition(b"\r\n\r\n")
+status = head.split(b"\r\n")[0].decode()
+if status.split(" ")[1:2] != ["101"]:
+    print(status); print(rest.decode(errors="replace")); sys.exit(1)
+def exact(n):
+    global rest
+    while len(rest) < n:
+        d = s.recv(65536)
+        if not d:
+            raise EOFError
+        rest += d
+    out, rest = rest[:n], rest[n:]
+    return out
+data, mask = msg.encode(), os.urandom(4)
+n = len(data)
+hdr = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + struct.pack(">H", n)
+s.sendall(hdr + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+parts = []
+while True:
+    b0, b1 = exact(2)
+    n = b1 & 0x7f
+    if n == 126:
+        n = struct.unpack(">H", exact(2))[0]
+    elif n == 127:
+        n = struct.unpack(">Q", exact(8))[0]
+    payload = exact(n)
+    if b0 & 0x0f >= 8:
+        continue
+    parts.append(payload)
+    if b0 & 0x80:
+        break
+print(b"".join(parts).decode())
+PY
+"#;
+
+/// Class 10 from inside a VM: WebSocket and HTTP/2 through inspection. A WebSocket to the bound
+/// host gets the secret in the opening request's header (the upstream sees the value) and the
+/// server's reflection of it, fragmented, comes back masked; a path rule refuses an upgrade
+/// outside it; a denied name gets no connection. curl's HTTP/2 gets `h2` from the gateway (the
+/// test net speaks it), each request judged on its own, responses masked.
+#[test]
+fn class_10_websocket_and_http2_through_inspection_from_a_vm() {
+    let net = TestNet::start().expect("testnet");
+    let p = net.https_port();
+    let key = format!("sk-Key{}Z", random_hex(20));
+    let policy = net.dir().join("carried.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"
+allow = ["{API}:{p}", {{ host = "{RULED}", ports = [{p}], methods = ["GET"], paths = ["/ok/", "/ws/"] }}]
+resolve = ["{API}:{p}:127.0.0.1", "{RULED}:{p}:127.0.0.1"]
+upstream_ca = ["{ca}"]
+"#,
+            ca = net.ca_file().display()
+        ),
+    )
+    .expect("write policy");
+    let script = format!(
+        r#"{WS_CLIENT}
+p ws-echo python3 /tmp/ws.py {API} {p} /ws/echo hello
+p ws-reflect python3 /tmp/ws.py {API} {p} /ws/echo headers-split-5
+p ws-ruled-out python3 /tmp/ws.py {RULED} {p} /elsewhere hello
+p ws-ruled-in python3 /tmp/ws.py {RULED} {p} /ws/echo hello
+p ws-denied python3 /tmp/ws.py denied.example.test {p} /ws/echo hello
+p h2 curl -sS --fail --http2 -w '\n%{{http_version}}' -H "Authorization: $KEY" https://{API}:{p}/reflect/authorization
+p h2-ok curl -sS --fail --http2 -w '\n%{{http_version}}' https://{RULED}:{p}/ok/x
+p h2-no curl -sS --fail-with-body --http2 https://{RULED}:{p}/secret
+"#
+    );
+    let policy_arg = policy.display().to_string();
+    let o = Vm::new(&net)
+        .args(&["--policy", &policy_arg, "--secret", &format!("KEY@{API}")])
+        .env("KEY", &key)
+        .run(&script);
+    assert_eq!(o.code, Some(0), "{}", o.dump());
+    assert_eq!(o.ok("ws-echo").trim(), "hello");
+    let reflected = o.ok("ws-reflect");
+    assert!(reflected.contains("hutch-ph-KEY-") && !leaks(reflected, &key), "{reflected}");
+    assert_eq!(requests_at(&net, "/ws/echo")[0].header("authorization"), Some(key.as_str()));
+    o.refused_with("ws-ruled-out", "403");
+    assert_eq!(o.ok("ws-ruled-in").trim(), "hello");
+    o.refused("ws-denied");
+    let h2 = o.ok("h2");
+    assert!(h2.trim_end().ends_with("\n2"), "HTTP/2 end to end: {h2}");
+    assert!(h2.contains("hutch-ph-KEY-") && !leaks(h2, &key), "{h2}");
+    assert_eq!(requests_at(&net, "/reflect/authorization")[0].version, "HTTP/2.0");
+    assert!(o.ok("h2-ok").trim_end().ends_with("\n2"));
+    o.refused_with("h2-no", "403");
+    assert!(net.requests().iter().all(|s| s.path != "/secret" && s.path != "/elsewhere"));
+    let flags: Vec<String> = o
+        .audit
+        .iter()
+        .flat_map(|r| r["flags"].as_array().cloned().unwrap_or_default())
+        .filter_map(|f| f.as_str().map(str::to_string))
+        .collect();
+    for want in ["websocket", "websocket_closed", "masked_in_websocket:KEY:literal"] {
+        assert!(flags.iter().any(|f| f == want), "{want} not audited: {flags:?}");
+    }
+    for (what, text) in [("stdout", &o.stdout), ("stderr", &o.stderr), ("audit", &o.audit_text())] {
+        assert!(!text.contains(key.as_str()), "hutch's {what} holds the real value");
     }
 }
 

@@ -345,8 +345,9 @@ async fn serve_h2<S>(inner: &Inner, io: S, fwd: Arc<Forwarder>, meter: &Meter) -
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let fwd = fwd.clone();
+        let req = req.map(crate::forward::Drained::new);
         async move { Ok::<_, Infallible>(fwd.handle(req).await) }
     });
     let limits = &inner.limits;

@@ -156,7 +156,10 @@ impl Forwarder {
     }
 
     /// Handles one request end to end; never fails (errors become gateway responses).
-    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<GwBody> {
+    pub(crate) async fn handle<B>(self: Arc<Self>, mut req: Request<B>) -> Response<GwBody>
+    where
+        B: Body<Data = Bytes, Error = hyper::Error> + Send + Sync + Unpin + 'static,
+    {
         let d = &self.decided;
         let (secret_host, widened, masking, has_secrets) = {
             let st = self.inner.state();
@@ -692,6 +695,58 @@ fn to_h2(req: &mut Request<GwBody>) -> Result<(), String> {
         .map_err(|e| format!("cannot form the HTTP/2 target: {e}"))?;
     *req.version_mut() = http::Version::HTTP_2;
     Ok(())
+}
+
+/// An HTTP/2 request body that, when dropped unfinished (a request refused before its body was
+/// read), is read to its end in the background (bounded) instead of being reset: clients such as
+/// curl report a reset stream as an error and never show the refusal.
+pub(crate) struct Drained(Option<Incoming>);
+
+/// Most bytes, and longest time, spent reading a refused request's body.
+const DRAIN_BYTES: usize = 1 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Drained {
+    pub(crate) fn new(body: Incoming) -> Drained {
+        Drained(Some(body))
+    }
+}
+
+impl Body for Drained {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.0.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().map_or(true, |b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.as_ref().map(|b| b.size_hint()).unwrap_or_default()
+    }
+}
+
+impl Drop for Drained {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            if !b.is_end_stream() {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = tokio::time::timeout(DRAIN_TIME, Limited::new(b, DRAIN_BYTES).collect()).await;
+                    });
+                }
+            }
+        }
+    }
 }
 
 /// Whether an upgrade request may be carried: only a WebSocket opening handshake (RFC 6455: GET,
