@@ -638,30 +638,7 @@ impl Manager {
     /// sandbox counts as running.
     pub async fn create_with(self: &Arc<Self>, who: &Principal, req: &CreateSandbox, pending: Option<crate::repo::Pending>) -> Result<SandboxInfo, ManagerError> {
         let spec = self.check_create(who, req)?;
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(ManagerError::Unavailable("the daemon is shutting down".into()));
-        }
-        let slot = self.reserve(who)?;
-        let id = hutch_sandbox::new_id();
-        let now = now_ms();
-        let row = SandboxRow {
-            id: id.clone(),
-            owner: who.token_id.clone(),
-            state: "creating".into(),
-            spec: serde_json::to_string(&spec).map_err(|e| DaemonError::Internal(format!("encode spec: {e}")))?,
-            labels: serde_json::to_string(&req.labels).map_err(|e| DaemonError::Internal(format!("encode labels: {e}")))?,
-            created_ms: now,
-            expires_ms: now + (spec.ttl_secs as i64) * 1000,
-            started_ms: None,
-            ended_ms: None,
-            end_reason: None,
-            vm_id: None,
-            vmm_pid: None,
-            daemon_pid: std::process::id() as i64,
-            start_mode: None,
-            start_ms: None,
-        };
-        self.store.insert_sandbox(&row)?;
+        let (id, slot) = self.record_creating(who, &spec, &req.labels)?;
         // The start runs in its own task: a client that hangs up mid-create must not leave a half-made VM.
         let me = self.clone();
         let owner = who.token_id.clone();
@@ -672,15 +649,9 @@ impl Manager {
         }
     }
 
-    /// Creates a sandbox for the daemon itself (an event-triggered run) with an egress the caller built (a
-    /// setup phase, the trigger's policy); under the same cap, quota, records and supervision as any other.
-    pub async fn create_with_egress(
-        self: &Arc<Self>,
-        who: &Principal,
-        spec: CheckedCreate,
-        labels: &BTreeMap<String, String>,
-        egress: Egress,
-    ) -> Result<(SandboxInfo, Arc<Live>), ManagerError> {
+    /// Takes a place under the cap and quota and records the sandbox as `creating`: the first step of every
+    /// create, whoever asks.
+    fn record_creating(&self, who: &Principal, spec: &CheckedCreate, labels: &BTreeMap<String, String>) -> Result<(String, Slot), ManagerError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(ManagerError::Unavailable("the daemon is shutting down".into()));
         }
@@ -691,7 +662,7 @@ impl Manager {
             id: id.clone(),
             owner: who.token_id.clone(),
             state: "creating".into(),
-            spec: serde_json::to_string(&spec).map_err(|e| DaemonError::Internal(format!("encode spec: {e}")))?,
+            spec: serde_json::to_string(spec).map_err(|e| DaemonError::Internal(format!("encode spec: {e}")))?,
             labels: serde_json::to_string(labels).map_err(|e| DaemonError::Internal(format!("encode labels: {e}")))?,
             created_ms: now,
             expires_ms: now + (spec.ttl_secs as i64) * 1000,
@@ -705,6 +676,19 @@ impl Manager {
             start_ms: None,
         };
         self.store.insert_sandbox(&row)?;
+        Ok((id, slot))
+    }
+
+    /// Creates a sandbox for the daemon itself (an event-triggered run) with an egress the caller built (a
+    /// setup phase, the trigger's policy); under the same cap, quota, records and supervision as any other.
+    pub async fn create_with_egress(
+        self: &Arc<Self>,
+        who: &Principal,
+        spec: CheckedCreate,
+        labels: &BTreeMap<String, String>,
+        egress: Egress,
+    ) -> Result<(SandboxInfo, Arc<Live>), ManagerError> {
+        let (id, slot) = self.record_creating(who, &spec, labels)?;
         let me = self.clone();
         let owner = who.token_id.clone();
         let sid = id.clone();
