@@ -399,6 +399,30 @@ impl Drop for TmpDir {
 }
 
 impl Sandbox {
+    /// After the agent was told to end this session (respawn, suspend): stops this session's readers and waits on
+    /// the channel's second handle for the agent's next `Ready`, which the old session must not read. `None`: it
+    /// did not come within `limit`. The stream is returned open; the caller drops it when the VM is saved.
+    pub(crate) async fn await_next_ready(&mut self, raw: std::os::fd::OwnedFd, limit: Duration) -> Result<Option<tokio::net::UnixStream>, SandboxError> {
+        self.driver.abort();
+        let _ = (&mut self.driver).await;
+        self.egress_task.abort();
+        let std_stream = std::os::unix::net::UnixStream::from(raw);
+        std_stream.set_nonblocking(true).map_err(io("agent channel"))?;
+        let mut stream = tokio::net::UnixStream::from_std(std_stream).map_err(io("agent channel"))?;
+        let ready = async {
+            loop {
+                match handshake::read_msg(&mut stream).await.map_err(SandboxError::Handshake)? {
+                    HandshakeMsg::Ready(_) => return Ok::<(), SandboxError>(()),
+                    _ => continue,
+                }
+            }
+        };
+        match tokio::time::timeout(limit, ready).await {
+            Ok(r) => r.map(|()| Some(stream)),
+            Err(_) => Ok(None),
+        }
+    }
+
     /// Restores the image snapshot like [`Sandbox::create`], but with the VM's RAM in a shared file of its own, so
     /// that [`Sandbox::capture`] can take an environment snapshot of it later. Makes the image snapshot when it is
     /// missing; errors when that fails (the caller then creates an ordinary sandbox and stores nothing).
@@ -467,24 +491,9 @@ impl Sandbox {
         }
         self.client.respawn().await?;
         // From here on the channel belongs to the fresh agent: the old session must not read its `Ready`.
-        self.driver.abort();
-        let _ = (&mut self.driver).await;
-        self.egress_task.abort();
-        let std_stream = std::os::unix::net::UnixStream::from(raw);
-        std_stream.set_nonblocking(true).map_err(io("agent channel"))?;
-        let mut stream = tokio::net::UnixStream::from_std(std_stream).map_err(io("agent channel"))?;
-        let ready = async {
-            loop {
-                match handshake::read_msg(&mut stream).await.map_err(SandboxError::Handshake)? {
-                    HandshakeMsg::Ready(_) => return Ok::<(), SandboxError>(()),
-                    _ => continue,
-                }
-            }
+        let Some(stream) = self.await_next_ready(raw, RESPAWN_TIMEOUT).await? else {
+            return Err(env_err(format!("the agent did not come back within {RESPAWN_TIMEOUT:?} after forgetting the sandbox")));
         };
-        match tokio::time::timeout(RESPAWN_TIMEOUT, ready).await {
-            Ok(r) => r?,
-            Err(_) => return Err(env_err(format!("the agent did not come back within {RESPAWN_TIMEOUT:?} after forgetting the sandbox"))),
-        }
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, "capture: fresh agent ready");
 
         std::fs::create_dir_all(store.dir()).map_err(io(format!("cannot create {}", store.dir().display())))?;

@@ -8,7 +8,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hutch_proto::handshake::{self, HandshakeMsg};
 use hutch_vmm::{Memory, Vm};
 use serde::{Deserialize, Serialize};
 
@@ -83,24 +82,9 @@ impl Sandbox {
         let raw = self.raw.take().ok_or_else(|| pause_err("no second handle on the agent channel"))?;
         self.client.suspend().await?;
         // From here on the channel carries the agent's next `Ready`; the old session must not read it.
-        self.driver.abort();
-        let _ = (&mut self.driver).await;
-        self.egress_task.abort();
-        let std_stream = std::os::unix::net::UnixStream::from(raw);
-        std_stream.set_nonblocking(true).map_err(io("agent channel"))?;
-        let mut stream = tokio::net::UnixStream::from_std(std_stream).map_err(io("agent channel"))?;
-        let ready = async {
-            loop {
-                match handshake::read_msg(&mut stream).await.map_err(SandboxError::Handshake)? {
-                    HandshakeMsg::Ready(_) => return Ok::<(), SandboxError>(()),
-                    _ => continue,
-                }
-            }
+        let Some(stream) = self.await_next_ready(raw, SUSPEND_TIMEOUT).await? else {
+            return Err(pause_err(format!("the agent did not announce itself within {SUSPEND_TIMEOUT:?} after suspending")));
         };
-        match tokio::time::timeout(SUSPEND_TIMEOUT, ready).await {
-            Ok(r) => r?,
-            Err(_) => return Err(pause_err(format!("the agent did not announce itself within {SUSPEND_TIMEOUT:?} after suspending"))),
-        }
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, "pause: agent suspended");
         let state = dest.join(STATE_FILE);
         let state_bytes = self.vm.save_full(&state).await?;
