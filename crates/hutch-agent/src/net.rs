@@ -99,12 +99,32 @@ pub async fn start(slot: SessionSlot) -> std::io::Result<()> {
 }
 
 async fn carry(slot: &SessionSlot, mut tcp: TcpStream, header: GuestRequest) {
-    let Some(session) = current(slot) else { return };
-    let Ok(mut stream) = session.open().await else { return };
+    let Some(session) = current(slot) else { return refuse(tcp).await };
+    let Ok(mut stream) = session.open().await else { return refuse(tcp).await };
     if write_header(&mut stream, &header).await.is_err() {
-        return;
+        return refuse(tcp).await;
     }
     let _ = tokio::io::copy_bidirectional(&mut tcp, &mut stream).await;
+}
+
+/// Ends a guest connection that goes nowhere the way a refusal through the gateway ends: an orderly close the
+/// client reads as end of stream. Dropping it at once would answer with a reset whenever the client's first bytes
+/// had already arrived (the kernel resets a socket closed with unread data), so the outcome would depend on timing.
+/// What the client sends meanwhile is read and discarded, bounded in bytes and time.
+async fn refuse(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
 }
 
 async fn serve_proxy(listener: TcpListener, slot: SessionSlot) {
@@ -124,7 +144,10 @@ async fn serve_redirect(listener: TcpListener, slot: SessionSlot, names: Arc<Mut
             Err(p) => p.into_inner().by_addr.get(dst.ip()).cloned(),
         };
         // An address the resolver never handed out stands for no name: nothing to connect to.
-        let Some(name) = name else { continue };
+        let Some(name) = name else {
+            tokio::spawn(refuse(tcp));
+            continue;
+        };
         let slot = slot.clone();
         tokio::spawn(async move { carry(&slot, tcp, GuestRequest::Tunnel { name, port: dst.port() }).await });
     }
