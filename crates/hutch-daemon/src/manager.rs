@@ -772,6 +772,20 @@ impl Manager {
             self.store.mark_ended(&id, "failed", "could not record the start")?;
             return Err(e.into());
         }
+        tracing::info!(%id, vm = %sb.id, mode, took_ms = took.as_millis() as u64, "sandbox running");
+        self.go_live(id, owner, sb, slot, session, (spec.cpus, spec.memory_mib)).await
+    }
+
+    /// Hands a started VM to its supervisor and makes it reachable; the last step of a create and a resume.
+    async fn go_live(
+        self: &Arc<Self>,
+        id: String,
+        owner: String,
+        sb: Sandbox,
+        slot: Slot,
+        session: Option<Arc<crate::repo::Session>>,
+        size: (u32, u32),
+    ) -> Result<SandboxInfo, ManagerError> {
         let (stop_tx, stop_rx) = mpsc::channel(4);
         let (done_tx, done_rx) = watch::channel(false);
         let live = Arc::new(Live {
@@ -786,10 +800,8 @@ impl Manager {
             done: done_rx,
         });
         self.live_map().insert(id.clone(), live);
-        tracing::info!(%id, vm = %sb.id, mode, took_ms = took.as_millis() as u64, "sandbox running");
         let me = self.clone();
         let sid = id.clone();
-        let size = (spec.cpus, spec.memory_mib);
         self.tasks.spawn(async move { me.supervise(sid, sb, slot, stop_rx, done_tx, size).await });
         // A shutdown that began while this VM was starting must not miss it.
         if self.shutting_down.load(Ordering::SeqCst) {
@@ -1068,29 +1080,8 @@ impl Manager {
             self.store.mark_ended(&id, "failed", "could not record the resume")?;
             return Err(e.into());
         }
-        let (stop_tx, stop_rx) = mpsc::channel(4);
-        let (done_tx, done_rx) = watch::channel(false);
-        let live = Arc::new(Live {
-            id: id.clone(),
-            owner,
-            client: sb.client().clone(),
-            console: sb.console_log().to_path_buf(),
-            terminal: Default::default(),
-            session: None,
-            gateway: sb.gateway().clone(),
-            stop: stop_tx,
-            done: done_rx,
-        });
-        self.live_map().insert(id.clone(), live);
         tracing::info!(%id, vm = %sb.id, took_ms = took.as_millis() as u64, "sandbox resumed");
-        let me = self.clone();
-        let sid = id.clone();
-        let size = (spec.cpus, spec.memory_mib);
-        self.tasks.spawn(async move { me.supervise(sid, sb, slot, stop_rx, done_tx, size).await });
-        if self.shutting_down.load(Ordering::SeqCst) {
-            let _ = self.destroy_live(&id, "the daemon shut down").await;
-        }
-        self.info(&id)
+        self.go_live(id, owner, sb, slot, None, (spec.cpus, spec.memory_mib)).await
     }
 
     pub(crate) async fn destroy_live(&self, id: &str, reason: &str) -> bool {
