@@ -3,6 +3,10 @@
 //! and a pull request. Prints p50/p90 from the webhook's arrival (the run's record) to the command's first
 //! output, and to the pull request opened (delivery done).
 //!
+//! With `--setup`, the trigger has a setup script that installs a package from the test net's Debian repository,
+//! and each measured pair is a run whose environment is not cached (its entry removed first: the setup runs and
+//! is stored) and a run that starts from the cached environment; p50 of each and their ratio.
+//!
 //! Needs a release `hutch` (found in $CARGO_TARGET_DIR or ./target, or give --hutch), root (VMs) and the image:
 //!
 //!     cargo run --release -p hutch-cli --example trigger-bench -- --runs 5
@@ -26,6 +30,9 @@ struct Args {
     /// Webhooks sent, one run at a time.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     runs: u32,
+    /// A setup script in the trigger; measure runs without and with its cached environment.
+    #[arg(long)]
+    setup: bool,
 }
 
 const TOKEN: &str = "ghp_bench_forge_token_0123456789abcdef";
@@ -45,6 +52,20 @@ fn main() -> anyhow::Result<()> {
     };
     let net = TestNet::start().context("test net")?;
     net.create_forge_repo("acme", "widget", &[("README.md", "widget\n")], TOKEN).context("forge repo")?;
+    let registry = "pkgs.example.test";
+    let setup = if a.setup {
+        net.publish_demo_debian_repo();
+        let pem = std::fs::read_to_string(net.ca_file())?;
+        let script = format!(
+            "set -e\ncat >> /etc/ssl/certs/ca-certificates.crt <<'EOF'\n{pem}EOF\nrm -f /etc/apt/sources.list.d/*\necho 'deb [trusted=yes] https://{registry}:{p}/files/debian ./' > /etc/apt/sources.list.d/test-registry.list\napt-get update -q\napt-get install -y -q hutch-demo\n",
+            p = net.https_port()
+        );
+        let policy = format!("[trigger.job.policy.setup]\nallow = [{{ host = \"{registry}\", ports = [{p}] }}]\n", p = net.https_port());
+        (format!("setup = {script:?}\n"), policy)
+    } else {
+        (String::new(), String::new())
+    };
+    let (setup, setup_policy) = setup;
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     for (name, value, hosts) in [("HOOK_SECRET", HOOK, "hooks.invalid"), ("FORGE_TOKEN", TOKEN, GIT)] {
@@ -78,10 +99,10 @@ token = "FORGE_TOKEN"
 ca_file = "{ca}"
 [trigger.job]
 command = ["sh", "-c", "echo started; echo \"$HUTCH_RUN_ID\" > run.txt; git add run.txt; git commit -qm run"]
-[trigger.job.policy]
-resolve = ["{GIT}:{p}:127.0.0.1"]
+{setup}[trigger.job.policy]
+resolve = ["{GIT}:{p}:127.0.0.1", "{registry}:{p}:127.0.0.1"]
 upstream_ca = ["{ca}"]
-"#
+{setup_policy}"#
         ),
     )?;
     let mut child = Command::new(&hutch)
@@ -108,7 +129,18 @@ upstream_ca = ["{ca}"]
     // Let the warm pool fill first: a steady state, not the daemon's first seconds.
     std::thread::sleep(Duration::from_secs(20));
     let (mut first, mut pr) = (vec![], vec![]);
-    for i in 0..a.runs {
+    let (mut miss, mut hit) = (vec![], vec![]);
+    let mut key: Option<String> = None;
+    let total = if a.setup { a.runs * 2 } else { a.runs };
+    for i in 0..total {
+        // With a setup: even runs without the cached environment (removed first), odd runs with it.
+        let cold = a.setup && i % 2 == 0;
+        if let (true, Some(k)) = (cold, &key) {
+            let out = Command::new(&hutch).args(["cache", "rm", k]).output()?;
+            if !out.status.success() {
+                bail!("hutch cache rm {k}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
         let body = json!({
             "action": "created",
             "issue": { "number": 1 + i },
@@ -145,13 +177,33 @@ upstream_ca = ["{ca}"]
             bail!("run {id}: {run}");
         }
         let t = |k: &str| run[k].as_i64().unwrap_or(0) - run["created_ms"].as_i64().unwrap_or(0);
-        first.push(t("first_output_ms") as f64 / 1000.0);
+        let f = t("first_output_ms") as f64 / 1000.0;
+        first.push(f);
         pr.push(t("delivered_ms") as f64 / 1000.0);
+        if a.setup {
+            let logs = rt.block_on(async { http.get(format!("{url}/v1/runs/{id}/logs")).bearer_auth(&admin).send().await?.text().await })?;
+            let cached = logs.contains("setup: cached (key ");
+            if cached == cold {
+                bail!("run {id}: expected {} the cached environment; log:\n{logs}", if cold { "no use of" } else { "use of" });
+            }
+            if let Some(at) = logs.find("(key ") {
+                key = Some(logs[at + 5..].chars().take_while(|c| c.is_ascii_hexdigit()).collect());
+            }
+            if cold { miss.push(f) } else { hit.push(f) }
+        }
         eprintln!("run {id}: first output {:.2} s, pull request {:.2} s", first[first.len() - 1], pr[pr.len() - 1]);
+    }
+    if let Some(k) = &key {
+        let _ = Command::new(&hutch).args(["cache", "rm", k]).output();
     }
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
     println!("webhook received -> command's first output: p50 {:.2} s  p90 {:.2} s  ({} runs)", pct(&mut first, 0.5), pct(&mut first, 0.9), a.runs);
     println!("webhook received -> pull request opened:    p50 {:.2} s  p90 {:.2} s", pct(&mut pr, 0.5), pct(&mut pr, 0.9));
+    if a.setup {
+        let (m, h) = (pct(&mut miss, 0.5), pct(&mut hit, 0.5));
+        println!("first output, setup run and stored:         p50 {m:.2} s  ({} runs)", miss.len());
+        println!("first output, cached environment:           p50 {h:.2} s  ({} runs); ratio {:.2}", hit.len(), h / m);
+    }
     Ok(())
 }

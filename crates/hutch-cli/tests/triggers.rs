@@ -637,3 +637,169 @@ upstream_ca = ["{ca}"]
     assert!(wait_until(Duration::from_secs(30), || d.store().sandbox(&sb).unwrap().unwrap().state == "destroyed"), "the VM of a timed-out run is destroyed");
     assert!(s.net.forge_record().pushes.is_empty(), "nothing delivered");
 }
+
+/// A comment on `OWNER/NAME` (issue 7) for the environment cache test.
+fn comment_on_repo(d: &Daemon, delivery: &str, repo: &str) -> String {
+    let body = json!({
+        "action": "created",
+        "issue": { "number": 7, "title": "the test fails", "labels": [] },
+        "comment": { "body": "/hutch fix", "user": { "login": "alice" } },
+        "repository": { "full_name": repo, "default_branch": "main" },
+        "sender": { "login": "alice" },
+    })
+    .to_string()
+    .into_bytes();
+    let r = d.hook("fix", "issue_comment", delivery, &body, Some(sign(HOOK_SECRET.as_bytes(), &body)));
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["run"].as_str().unwrap().to_string()
+}
+
+/// A run to its end (it must succeed); its log.
+fn finished_run(d: &Daemon, admin: &str, id: &str) -> (Value, String) {
+    let run = d.wait_ended(admin, id, 900);
+    let logs = send("GET", &format!("{}/v1/runs/{id}/logs", d.url), Some(admin), &[], None);
+    let logs = String::from_utf8_lossy(&logs.body).into_owned();
+    assert_eq!(run["state"], "succeeded", "{run}\nlogs:\n{logs}\ndaemon:\n{}", d.log());
+    (run, logs)
+}
+
+/// The value after `prefix` on the log line that starts with it.
+fn line_value(logs: &str, prefix: &str) -> String {
+    logs.lines().find_map(|l| l.strip_prefix(prefix)).unwrap_or_else(|| panic!("no {prefix:?} line in:\n{logs}")).trim().to_string()
+}
+
+/// The 8-digit key prefix a log names after `marker` (`setup: cached (key 1a2b3c4d…`).
+fn logged_key(logs: &str, marker: &str) -> Option<String> {
+    let at = logs.find(marker)? + marker.len();
+    let k: String = logs[at..].chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+    (k.len() == 8).then_some(k)
+}
+
+fn env_entry(prefix: &str) -> PathBuf {
+    let envs = runtime_root().join("envs");
+    let found: Vec<PathBuf> = std::fs::read_dir(&envs)
+        .expect("envs dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(found.len(), 1, "one entry for {prefix}: {found:?}");
+    found.into_iter().next().unwrap()
+}
+
+/// Every file of `dir` that contains `needle` (binary files included).
+fn files_with(dir: &Path, needle: &str) -> Vec<String> {
+    let o = std::process::Command::new("grep").args(["-rlaF", "-e", needle]).arg(dir).output().expect("grep");
+    text(&o.stdout).lines().map(str::to_string).collect()
+}
+
+/// A new commit on `main` of the forge's `acme/widget` adding `NEWS.txt` (plumbing in the bare repository).
+fn push_news(s: &Setup, content: &str) -> String {
+    let wt = s.dir.path().join("news-wt");
+    std::fs::create_dir_all(&wt).unwrap();
+    std::fs::write(wt.join("NEWS.txt"), content).unwrap();
+    let wt = wt.display().to_string();
+    let g = |args: &[&str]| s.net.forge_git("acme", "widget", args).unwrap_or_else(|e| panic!("git {args:?}: {e}")).trim().to_string();
+    g(&["--work-tree", &wt, "read-tree", "main"]);
+    g(&["--work-tree", &wt, "add", "NEWS.txt"]);
+    let tree = g(&["write-tree"]);
+    let commit = g(&["commit-tree", &tree, "-p", "main", "-m", "news"]);
+    g(&["update-ref", "refs/heads/main", &commit]);
+    commit
+}
+
+/// Triggered runs and the environment cache: the first run of a repository runs the trigger's setup and stores
+/// the VM as the setup left it; the second run of that repository does not run the setup (it sees the random id
+/// the first setup wrote) and sees the repository's new commit; another repository has an entry of its own; no
+/// file of an entry holds the forge token or the setup's placeholder; a corrupted entry is a warning, and the
+/// setup runs again in a run that succeeds.
+#[test]
+fn triggered_runs_of_a_repository_share_its_cached_setup() {
+    if !have_vms() {
+        return;
+    }
+    let s = Setup::new();
+    s.net
+        .create_forge_repo("acme", "gadget", &[("src/lib.rs", "pub fn answer() -> u32 { 41 }\n"), ("test.sh", "#!/bin/sh\ngrep -q 42 src/lib.rs\n")], FORGE_TOKEN)
+        .expect("second forge repo");
+    let admin = s.admin_token();
+    // A nonce in the setup: a key of this test's own, never an entry of an earlier run of it.
+    let nonce = hutch_sandbox::new_id();
+    let setup = format!("echo setup-ran {nonce}\necho \"placeholder=$FORGE_TOKEN\"\ncat /proc/sys/kernel/random/uuid > /root/setup-id\n");
+    let command = r#"set -e
+echo "setup-id=$(cat /root/setup-id)"
+echo "news=$(cat NEWS.txt 2>/dev/null || echo none)"
+echo "head=$(git rev-parse HEAD)"
+echo "event=$(grep -c alice "$HUTCH_EVENT_FILE")"
+sed -i s/41/42/ src/lib.rs
+git commit -qam "fix the test"
+echo done
+"#;
+    let file = s.triggers_with(2, command, None, &format!("setup = {setup:?}"));
+    let text_ = std::fs::read_to_string(&file).unwrap().replace("repositories = [\"acme/widget\"]", "repositories = [\"acme/widget\", \"acme/gadget\"]");
+    std::fs::write(&file, text_).unwrap();
+    let d = Daemon::start(&s.data(), &file);
+    let mut keys = Vec::new();
+    let first_output = |run: &Value| run["first_output_ms"].as_i64().unwrap_or(0) - run["created_ms"].as_i64().unwrap_or(0);
+
+    // 1: a miss. The setup runs; the entry is stored.
+    let a = comment_on_repo(&d, "e-1", "acme/widget");
+    let (run_a, logs_a) = finished_run(&d, &admin, &a);
+    assert!(logs_a.contains(&format!("setup-ran {nonce}")), "{logs_a}");
+    let key = logged_key(&logs_a, "storing the environment in the cache (key ").unwrap_or_else(|| panic!("not stored:\n{logs_a}"));
+    keys.push(key.clone());
+    let id_a = line_value(&logs_a, "setup-id=");
+    let placeholder = line_value(&logs_a, "placeholder=");
+    assert!(placeholder.len() >= 16 && placeholder != FORGE_TOKEN, "{placeholder:?}");
+    assert_eq!(line_value(&logs_a, "news="), "none");
+    assert_eq!(line_value(&logs_a, "event="), "1", "the command sees the event: {logs_a}");
+
+    // Nothing secret and nothing of the event in the entry.
+    let entry = env_entry(&key);
+    for needle in [FORGE_TOKEN, placeholder.as_str(), "/hutch fix"] {
+        let hits = files_with(&entry, needle);
+        assert!(hits.is_empty(), "{needle:?} is in the entry: {hits:?}");
+    }
+
+    // 2: a new commit, then a hit: no setup, its files, the new commit.
+    let news = push_news(&s, "the second commit\n");
+    let b = comment_on_repo(&d, "e-2", "acme/widget");
+    let (run_b, logs_b) = finished_run(&d, &admin, &b);
+    assert!(!logs_b.contains("setup-ran"), "the setup ran again:\n{logs_b}");
+    assert_eq!(logged_key(&logs_b, "setup: cached (key ").as_deref(), Some(key.as_str()), "{logs_b}");
+    assert_eq!(line_value(&logs_b, "setup-id="), id_a, "the second run has what the first setup wrote");
+    assert_eq!(line_value(&logs_b, "news="), "the second commit");
+    assert_eq!(line_value(&logs_b, "head="), news, "the workspace is at the event's ref as it is now");
+    let branch = format!("hutch/{b}");
+    let delivered = s.net.forge_git("acme", "widget", &["rev-parse", &format!("{branch}~1")]).unwrap();
+    assert_eq!(delivered.trim(), news, "the change is delivered on top of the new commit");
+
+    // 3: another repository never shares the entry.
+    let c = comment_on_repo(&d, "e-3", "acme/gadget");
+    let (_, logs_c) = finished_run(&d, &admin, &c);
+    assert!(logs_c.contains(&format!("setup-ran {nonce}")), "{logs_c}");
+    let key_c = logged_key(&logs_c, "storing the environment in the cache (key ").unwrap_or_else(|| panic!("not stored:\n{logs_c}"));
+    keys.push(key_c.clone());
+    assert_ne!(key_c, key);
+    assert_ne!(line_value(&logs_c, "setup-id="), id_a);
+
+    // 4: a corrupted entry: one warning, the setup runs, the run succeeds (and stores a good entry again).
+    let state = entry.join("state");
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&state, bytes).unwrap();
+    let e = comment_on_repo(&d, "e-4", "acme/widget");
+    let (_, logs_e) = finished_run(&d, &admin, &e);
+    assert!(logs_e.contains("warning: the cached environment") && logs_e.contains("corrupt"), "{logs_e}");
+    assert!(logs_e.contains(&format!("setup-ran {nonce}")), "the setup ran again:\n{logs_e}");
+    assert_ne!(line_value(&logs_e, "setup-id="), id_a);
+    assert_eq!(line_value(&logs_e, "news="), "the second commit");
+
+    eprintln!("webhook to first output: setup {} ms, cached {} ms", first_output(&run_a), first_output(&run_b));
+    for k in keys {
+        let out = hutch().args(["cache", "rm", &k]).output().unwrap();
+        assert!(out.status.success(), "cache rm {k}: {}", text(&out.stderr));
+    }
+}

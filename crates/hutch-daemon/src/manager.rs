@@ -24,6 +24,14 @@ use crate::model::{CreateSandbox, PolicySpec, SandboxInfo, SandboxState, SetupSp
 use crate::store::{now_ms, SandboxRow, Store};
 use crate::DaemonError;
 
+/// A VM its requester makes ready before it goes live: a triggered run's clone and setup, which the environment
+/// cache captures while the VM is still the start's own (afterwards its supervisor owns it). Returns the VM (in
+/// whatever phase the requester left its gateway) and the start mode shown. Runs in the start's task: it must end
+/// by itself when its requester gives up (the requester's cancellation and deadline).
+pub trait Prepare: Send + Sync {
+    fn prepare<'a>(&'a self, host: &'a Host, cfg: &'a SandboxConfig) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Sandbox, String), String>> + Send + 'a>>;
+}
+
 /// The daemon's limits; all of them explicit.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -687,12 +695,13 @@ impl Manager {
         spec: CheckedCreate,
         labels: &BTreeMap<String, String>,
         egress: Egress,
+        prepare: Option<Arc<dyn Prepare>>,
     ) -> Result<(SandboxInfo, Arc<Live>), ManagerError> {
         let (id, slot) = self.record_creating(who, &spec, labels)?;
         let me = self.clone();
         let owner = who.token_id.clone();
         let sid = id.clone();
-        let task = self.tasks.spawn(async move { me.start(sid, owner, spec, slot, None, Some(egress)).await });
+        let task = self.tasks.spawn(async move { me.start(sid, owner, spec, slot, None, Some((egress, prepare))).await });
         let info = match task.await {
             Ok(r) => r?,
             Err(e) => return Err(ManagerError::Failed(format!("the start task failed: {e}"))),
@@ -706,7 +715,19 @@ impl Manager {
         self.destroy_live(id, reason).await
     }
 
-    async fn start(self: Arc<Self>, id: String, owner: String, spec: CheckedCreate, slot: Slot, pending: Option<crate::repo::Pending>, given: Option<Egress>) -> Result<SandboxInfo, ManagerError> {
+    async fn start(
+        self: Arc<Self>,
+        id: String,
+        owner: String,
+        spec: CheckedCreate,
+        slot: Slot,
+        pending: Option<crate::repo::Pending>,
+        given: Option<(Egress, Option<Arc<dyn Prepare>>)>,
+    ) -> Result<SandboxInfo, ManagerError> {
+        let (given, prepare) = match given {
+            Some((e, p)) => (Some(e), p),
+            None => (None, None),
+        };
         let egress = match given.map(Ok).unwrap_or_else(|| self.egress(&id, &spec)) {
             Ok(e) => e,
             Err(e) => {
@@ -722,12 +743,13 @@ impl Manager {
         let t0 = Instant::now();
         self.metrics.creates.inc();
         let pool = if extra { None } else { self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone() };
-        let created = match (&spec.setup, pool) {
+        let created = match (&spec.setup, pool, &prepare) {
             // The environment cache is keyed on the default image only.
-            (Some(_), _) if extra => Err("a setup script is supported on the default image only".to_string()),
-            (Some(setup), _) => self.start_with_setup(&id, &owner, setup, &cfg).await.map(|(sb, m)| (sb, Some(m))),
-            (None, Some(p)) if cfg.workspace_image.is_none() => p.take(&cfg).await.map(|sb| (sb, None)).map_err(|e| hutch_sandbox::error_chain(&e)),
-            (None, _) => Sandbox::create(host, &cfg).await.map(|sb| (sb, None)).map_err(|e| hutch_sandbox::error_chain(&e)),
+            (Some(_), _, _) | (_, _, Some(_)) if extra => Err("a setup script is supported on the default image only".to_string()),
+            (_, _, Some(p)) => p.prepare(host, &cfg).await.map(|(sb, m)| (sb, Some(m))),
+            (Some(setup), _, None) => self.start_with_setup(&id, &owner, setup, &cfg).await.map(|(sb, m)| (sb, Some(m))),
+            (None, Some(p), None) if cfg.workspace_image.is_none() => p.take(&cfg).await.map(|sb| (sb, None)).map_err(|e| hutch_sandbox::error_chain(&e)),
+            (None, _, None) => Sandbox::create(host, &cfg).await.map(|sb| (sb, None)).map_err(|e| hutch_sandbox::error_chain(&e)),
         };
         let (sb, setup_mode) = match created {
             Ok(sb) => sb,

@@ -146,6 +146,8 @@ pub struct JobTemplate {
     pub comment: bool,
     pub allow_sensitive: bool,
     pub title: String,
+    /// Use and fill the environment cache for the setup (`cache = false`: the setup runs every time).
+    pub cache: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +253,8 @@ struct RawJob {
     #[serde(default)]
     allow_sensitive: bool,
     title: Option<String>,
+    #[serde(default = "yes")]
+    cache: bool,
 }
 
 fn yes() -> bool {
@@ -523,6 +527,7 @@ fn check_job(name: &str, source: &Source, filter: &Filter, forge: Forge, table: 
         comment: rj.comment,
         allow_sensitive: rj.allow_sensitive,
         title,
+        cache: rj.cache,
     })
 }
 

@@ -1,11 +1,12 @@
 //! Event-triggered runs: a signed webhook or a schedule starts a job in a fresh sandbox, and its change is
 //! delivered to the forge by the host. `config` (the triggers file, checked), `event` (signature, filters, the
 //! values a run is made of), `store` (runs, deliveries and schedule state in the daemon's database), `intake`
-//! (`POST /hooks/{trigger}`), `runner` (the queue, limits, one VM per run, delivery), `schedule` (cron),
-//! `api` (`/v1/runs`, `/v1/triggers`).
+//! (`POST /hooks/{trigger}`), `runner` (the queue, limits, one VM per run, delivery), `envcache` (a run's setup
+//! from and into the environment cache), `schedule` (cron), `api` (`/v1/runs`, `/v1/triggers`).
 
 pub mod api;
 pub mod config;
+mod envcache;
 pub mod event;
 pub mod intake;
 pub mod runner;

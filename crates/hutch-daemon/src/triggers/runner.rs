@@ -28,7 +28,7 @@ pub const LOG_MAX: u64 = 8 << 20;
 /// Where the event's payload is in the VM.
 pub const EVENT_FILE: &str = "/run/hutch/event.json";
 const PROMPT_FILE: &str = "/run/hutch/prompt.txt";
-const WORKSPACE: &str = "/workspace";
+pub(super) const WORKSPACE: &str = "/workspace";
 
 /// Clones `$1` at `$2` into /workspace. The token is a placeholder (the gateway swaps the real value in on the
 /// way to the git host, in this phase only); it travels in a header given on the command line, never stored
@@ -40,6 +40,21 @@ git -c "http.extraHeader=Authorization: Basic $auth" clone -q --no-tags --branch
 cd /workspace
 git config user.name hutch
 git config user.email hutch@localhost
+git rev-parse HEAD
+"#;
+
+/// Brings the workspace of a cached environment (a clone that `CLONE` made for an earlier event) to `$2` of
+/// `$1`: fetch, then a forced checkout. Not `git clean`: what the setup left outside git's files (installed
+/// dependencies, build caches) stays. The token travels as in `CLONE`.
+const UPDATE: &str = r#"set -eu
+auth=$(printf 'x-access-token:%s' "$HUTCH_FORGE_TOKEN" | base64 -w0)
+cd /workspace
+git -c "http.extraHeader=Authorization: Basic $auth" fetch -q --no-tags -- "$1" "$2"
+if grep -q "branch '" .git/FETCH_HEAD; then
+  git checkout -q --force -B "$2" FETCH_HEAD
+else
+  git checkout -q --force --detach FETCH_HEAD
+fi
 git rev-parse HEAD
 "#;
 
@@ -56,14 +71,14 @@ impl End {
 }
 
 /// The run's log: appended as output arrives, cut at [`LOG_MAX`] with one note.
-struct Log {
+pub(super) struct Log {
     file: Option<std::fs::File>,
     written: u64,
     cut: bool,
 }
 
 impl Log {
-    fn write(&mut self, b: &[u8]) {
+    pub(super) fn write(&mut self, b: &[u8]) {
         let Some(f) = self.file.as_mut() else { return };
         if self.written >= LOG_MAX {
             if !self.cut {
@@ -80,7 +95,7 @@ impl Log {
         }
     }
 
-    fn note(&mut self, msg: &str) {
+    pub(super) fn note(&mut self, msg: &str) {
         if let Some(f) = self.file.as_mut() {
             let _ = f.write_all(format!("[hutch] {msg}\n").as_bytes());
         }
@@ -153,9 +168,10 @@ impl Triggers {
             cut: false,
         }));
         let sandbox: Arc<Mutex<Option<String>>> = Default::default();
-        let work = self.work(&run, &t, &dir, log.clone(), sandbox.clone(), cancel.clone());
+        let deadline = tokio::time::Instant::now() + t.job.timeout;
+        let work = self.work(&run, &t, &dir, log.clone(), sandbox.clone(), cancel.clone(), deadline);
         let end = tokio::select! {
-            r = tokio::time::timeout(t.job.timeout, work) => match r {
+            r = tokio::time::timeout_at(deadline, work) => match r {
                 Ok(end) => end,
                 Err(_) => End { state: "timed_out", reason: format!("the run took longer than the trigger's timeout of {} s", t.job.timeout.as_secs()) },
             },
@@ -210,6 +226,7 @@ impl Triggers {
         log: Arc<Mutex<Log>>,
         sandbox: Arc<Mutex<Option<String>>>,
         cancel: CancellationToken,
+        deadline: tokio::time::Instant,
     ) -> End {
         let plan: Planned = match serde_json::from_str(&run.plan) {
             Ok(p) => p,
@@ -232,19 +249,39 @@ impl Triggers {
         };
         let labels = [("hutch.run".to_string(), run.id.clone()), ("hutch.trigger".to_string(), run.trigger.clone())].into_iter().collect();
         note(&format!("starting a sandbox for {}/{} at {}", plan.owner, plan.repo, plan.git_ref));
-        let (info, live) = match self.mgr.create_with_egress(&self.principal, spec, &labels, egress).await {
+        // With a setup script the VM is made ready (clone, setup, the environment cache) before it goes live.
+        let ready = match (&t.job.setup, t.job.cache) {
+            (Some(script), true) => Some(Arc::new(super::envcache::Ready::new(run, t, &plan, script, log.clone(), cancel.clone(), deadline, &self.mgr.limits))),
+            _ => None,
+        };
+        let prepare = ready.clone().map(|r| r as Arc<dyn crate::manager::Prepare>);
+        let (info, live) = match self.mgr.create_with_egress(&self.principal, spec, &labels, egress, prepare).await {
             Ok(x) => x,
-            Err(e) => return End::failed(format!("the sandbox could not start: {}", hutch_sandbox::error_chain(&e))),
+            Err(e) => {
+                // The preparation's own reason (a failed clone or setup) rather than the start's wrapping of it.
+                let why = ready.as_ref().and_then(|r| r.failure());
+                return End::failed(why.unwrap_or_else(|| format!("the sandbox could not start: {}", hutch_sandbox::error_chain(&e))));
+            }
         };
         *sandbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(info.id.clone());
         let _ = self.mgr.store.set_run_sandbox(&run.id, &info.id);
         if cancel.is_cancelled() {
             return End { state: "cancelled", reason: "cancelled".into() };
         }
-        let base = match self.prepare(run, t, &plan, &live, &log).await {
-            Ok(b) => b,
-            Err(e) => return End::failed(e),
+        let base = match &ready {
+            Some(r) => match r.base() {
+                Some(b) => b,
+                None => return End::failed("the prepared VM did not report its commit"),
+            },
+            None => match self.prepare(t, &plan, &live, &log).await {
+                Ok(b) => b,
+                Err(e) => return End::failed(e),
+            },
         };
+        // The event last: nothing of it is in a cached environment, and the setup never sees it.
+        if let Err(e) = put_event(&live.client, run, &plan).await {
+            return End::failed(e);
+        }
         // The command.
         let exit = match self.command(run, t, &plan, &live, &log).await {
             Ok(s) => s,
@@ -277,36 +314,12 @@ impl Triggers {
         self.deliver(run, t, &plan, base, collected.head, &result, code, &log).await
     }
 
-    /// The event file, the clone, the setup script, then the agent phase. Returns the commit the clone is at.
-    async fn prepare(&self, run: &RunRow, t: &Trigger, plan: &Planned, live: &Live, log: &Arc<Mutex<Log>>) -> Result<hutch_repo::Oid, String> {
-        let c = &live.client;
-        c.put_file(EVENT_FILE, 0o444, run.payload.len() as u64, &run.payload[..]).await.map_err(|e| format!("cannot copy the event into the VM: {e}"))?;
-        let prompt = plan.prompt.clone().unwrap_or_default();
-        c.put_file(PROMPT_FILE, 0o444, prompt.len() as u64, prompt.as_bytes()).await.map_err(|e| format!("cannot copy the prompt into the VM: {e}"))?;
-        let setup_env = hutch_sandbox::egress::setup_env(&live.gateway);
-        let placeholder = setup_env
-            .iter()
-            .find(|(k, _)| k == &t.job.forge.token)
-            .map(|(_, v)| v.clone())
-            .ok_or_else(|| "the gateway has no placeholder for the forge token".to_string())?;
-        let url = format!("{}/{}/{}.git", t.job.forge.git, plan.owner, plan.repo);
-        let mut env = setup_env.clone();
-        env.push(("HUTCH_FORGE_TOKEN".into(), placeholder));
-        let argv = ["sh", "-c", CLONE, "hutch-clone", &url, &plan.git_ref].map(str::to_string).to_vec();
-        log.lock().unwrap_or_else(|p| p.into_inner()).note(&format!("cloning {url} at {}", plan.git_ref));
-        let (status, out) = exec(c, argv, env.clone(), Some("/"), log, None).await?;
-        if status != ExitStatus::Code(0) {
-            return Err(format!("the clone failed (exit {}); see the run's log", status.as_shell_code()));
-        }
-        let head = String::from_utf8_lossy(&out).lines().last().unwrap_or("").trim().to_string();
-        let base = hutch_repo::Oid::parse(&head).ok_or_else(|| "the clone did not report a commit".to_string())?;
+    /// The clone, the setup script, then the agent phase (the path without the environment cache). Returns the
+    /// commit the clone is at.
+    async fn prepare(&self, t: &Trigger, plan: &Planned, live: &Live, log: &Arc<Mutex<Log>>) -> Result<hutch_repo::Oid, String> {
+        let base = clone_repo(&live.client, &live.gateway, t, plan, log).await?;
         if let Some(script) = &t.job.setup {
-            log.lock().unwrap_or_else(|p| p.into_inner()).note("running the setup script");
-            let mut tee = |b: &[u8]| log.lock().unwrap_or_else(|p| p.into_inner()).write(b);
-            let r = hutch_repo::guest::run_setup(c, script.as_bytes(), WORKSPACE, setup_env, &mut tee).await.map_err(|e| format!("the setup script: {e}"))?;
-            if r.status != ExitStatus::Code(0) {
-                return Err(format!("the setup script exited with {}", r.status.as_shell_code()));
-            }
+            setup(&live.client, &live.gateway, script, log).await?;
         }
         live.gateway.enter_phase(Phase::Agent).map_err(|e| format!("ending the setup phase: {e}"))?;
         Ok(base)
@@ -415,6 +428,62 @@ impl Triggers {
         let what = if held.is_empty() { what } else { format!("{what}; held back: {}", held.join(", ")) };
         End { state: "succeeded", reason: what }
     }
+}
+
+/// The event's payload and prompt as files in the VM.
+async fn put_event(c: &hutch_sandbox::AgentClient, run: &RunRow, plan: &Planned) -> Result<(), String> {
+    c.put_file(EVENT_FILE, 0o444, run.payload.len() as u64, &run.payload[..]).await.map_err(|e| format!("cannot copy the event into the VM: {e}"))?;
+    let prompt = plan.prompt.clone().unwrap_or_default();
+    c.put_file(PROMPT_FILE, 0o444, prompt.len() as u64, prompt.as_bytes()).await.map_err(|e| format!("cannot copy the prompt into the VM: {e}"))?;
+    Ok(())
+}
+
+/// The repository's clone URL as the VM sees it.
+pub(super) fn clone_url(t: &Trigger, plan: &Planned) -> String {
+    format!("{}/{}/{}.git", t.job.forge.git, plan.owner, plan.repo)
+}
+
+/// Runs `script` (`CLONE` or `UPDATE`) with the repository's URL and the ref, and the forge token's placeholder of
+/// this gateway's setup phase; returns the commit it printed last.
+async fn git_step(c: &hutch_sandbox::AgentClient, gw: &hutch_gateway::Gateway, t: &Trigger, plan: &Planned, log: &Arc<Mutex<Log>>, script: &str, what: &str) -> Result<hutch_repo::Oid, String> {
+    let setup_env = hutch_sandbox::egress::setup_env(gw);
+    let placeholder = setup_env
+        .iter()
+        .find(|(k, _)| k == &t.job.forge.token)
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| "the gateway has no placeholder for the forge token".to_string())?;
+    let url = clone_url(t, plan);
+    let mut env = setup_env;
+    env.push(("HUTCH_FORGE_TOKEN".into(), placeholder));
+    let argv = ["sh", "-c", script, "hutch-git", &url, &plan.git_ref].map(str::to_string).to_vec();
+    log.lock().unwrap_or_else(|p| p.into_inner()).note(&format!("{what} {url} at {}", plan.git_ref));
+    let (status, out) = exec(c, argv, env, Some("/"), log, None).await?;
+    if status != ExitStatus::Code(0) {
+        return Err(format!("{what} failed (exit {}); see the run's log", status.as_shell_code()));
+    }
+    let head = String::from_utf8_lossy(&out).lines().last().unwrap_or("").trim().to_string();
+    hutch_repo::Oid::parse(&head).ok_or_else(|| format!("{what} did not report a commit"))
+}
+
+/// Clones the repository at the event's ref into /workspace; the commit it is at.
+pub(super) async fn clone_repo(c: &hutch_sandbox::AgentClient, gw: &hutch_gateway::Gateway, t: &Trigger, plan: &Planned, log: &Arc<Mutex<Log>>) -> Result<hutch_repo::Oid, String> {
+    git_step(c, gw, t, plan, log, CLONE, "cloning").await
+}
+
+/// Brings the /workspace of a cached environment to the event's ref; the commit it is at.
+pub(super) async fn update_repo(c: &hutch_sandbox::AgentClient, gw: &hutch_gateway::Gateway, t: &Trigger, plan: &Planned, log: &Arc<Mutex<Log>>) -> Result<hutch_repo::Oid, String> {
+    git_step(c, gw, t, plan, log, UPDATE, "updating the cached workspace from").await
+}
+
+/// The trigger's setup script in /workspace, with the setup phase's placeholders.
+pub(super) async fn setup(c: &hutch_sandbox::AgentClient, gw: &hutch_gateway::Gateway, script: &str, log: &Arc<Mutex<Log>>) -> Result<(), String> {
+    log.lock().unwrap_or_else(|p| p.into_inner()).note("running the setup script");
+    let mut tee = |b: &[u8]| log.lock().unwrap_or_else(|p| p.into_inner()).write(b);
+    let r = hutch_repo::guest::run_setup(c, script.as_bytes(), WORKSPACE, hutch_sandbox::egress::setup_env(gw), &mut tee).await.map_err(|e| format!("the setup script: {e}"))?;
+    if r.status != ExitStatus::Code(0) {
+        return Err(format!("the setup script exited with {}", r.status.as_shell_code()));
+    }
+    Ok(())
 }
 
 /// Runs `argv` in the guest with `env`; output to the run's log (stdout also returned, up to 64 KiB); `first`
