@@ -33,6 +33,9 @@ struct Args {
     /// A setup script in the trigger; measure runs without and with its cached environment.
     #[arg(long)]
     setup: bool,
+    /// With --setup: `cache = false` in the trigger (every run runs the setup and stores nothing).
+    #[arg(long, requires = "setup")]
+    no_cache: bool,
 }
 
 const TOKEN: &str = "ghp_bench_forge_token_0123456789abcdef";
@@ -61,7 +64,8 @@ fn main() -> anyhow::Result<()> {
             p = net.https_port()
         );
         let policy = format!("[trigger.job.policy.setup]\nallow = [{{ host = \"{registry}\", ports = [{p}] }}]\n", p = net.https_port());
-        (format!("setup = {script:?}\n"), policy)
+        let cache = if a.no_cache { "cache = false\n" } else { "" };
+        (format!("setup = {script:?}\n{cache}"), policy)
     } else {
         (String::new(), String::new())
     };
@@ -131,10 +135,11 @@ upstream_ca = ["{ca}"]
     let (mut first, mut pr) = (vec![], vec![]);
     let (mut miss, mut hit) = (vec![], vec![]);
     let mut key: Option<String> = None;
-    let total = if a.setup { a.runs * 2 } else { a.runs };
+    let pairs = a.setup && !a.no_cache;
+    let total = if pairs { a.runs * 2 } else { a.runs };
     for i in 0..total {
         // With a setup: even runs without the cached environment (removed first), odd runs with it.
-        let cold = a.setup && i % 2 == 0;
+        let cold = pairs && i % 2 == 0;
         if let (true, Some(k)) = (cold, &key) {
             let out = Command::new(&hutch).args(["cache", "rm", k]).output()?;
             if !out.status.success() {
@@ -180,7 +185,7 @@ upstream_ca = ["{ca}"]
         let f = t("first_output_ms") as f64 / 1000.0;
         first.push(f);
         pr.push(t("delivered_ms") as f64 / 1000.0);
-        if a.setup {
+        if pairs {
             let logs = rt.block_on(async { http.get(format!("{url}/v1/runs/{id}/logs")).bearer_auth(&admin).send().await?.text().await })?;
             let cached = logs.contains("setup: cached (key ");
             if cached == cold {
@@ -198,9 +203,9 @@ upstream_ca = ["{ca}"]
     }
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
     let _ = child.wait();
-    println!("webhook received -> command's first output: p50 {:.2} s  p90 {:.2} s  ({} runs)", pct(&mut first, 0.5), pct(&mut first, 0.9), a.runs);
+    println!("webhook received -> command's first output: p50 {:.2} s  p90 {:.2} s  ({} runs)", pct(&mut first, 0.5), pct(&mut first, 0.9), first.len());
     println!("webhook received -> pull request opened:    p50 {:.2} s  p90 {:.2} s", pct(&mut pr, 0.5), pct(&mut pr, 0.9));
-    if a.setup {
+    if pairs {
         let (m, h) = (pct(&mut miss, 0.5), pct(&mut hit, 0.5));
         println!("first output, setup run and stored:         p50 {m:.2} s  ({} runs)", miss.len());
         println!("first output, cached environment:           p50 {h:.2} s  ({} runs); ratio {:.2}", hit.len(), h / m);

@@ -774,14 +774,26 @@ echo done
     let delivered = s.net.forge_git("acme", "widget", &["rev-parse", &format!("{branch}~1")]).unwrap();
     assert_eq!(delivered.trim(), news, "the change is delivered on top of the new commit");
 
-    // 3: another repository never shares the entry.
-    let c = comment_on_repo(&d, "e-3", "acme/gadget");
-    let (_, logs_c) = finished_run(&d, &admin, &c);
+    // 3: another repository never shares the entry. Two of its runs at once with its new key: one builds the
+    // entry, the other runs the setup without storing (or, had it started later, uses the entry); the entry is
+    // whole (a third run starts from it).
+    let (c1, c2) = (comment_on_repo(&d, "e-3", "acme/gadget"), comment_on_repo(&d, "e-3b", "acme/gadget"));
+    let (_, logs_c1) = finished_run(&d, &admin, &c1);
+    let (_, logs_c2) = finished_run(&d, &admin, &c2);
+    let stored: Vec<&String> = [&logs_c1, &logs_c2].into_iter().filter(|l| l.contains("storing the environment in the cache (key ")).collect();
+    assert_eq!(stored.len(), 1, "one builder:\n{logs_c1}\n---\n{logs_c2}");
+    let logs_c = stored[0];
+    let other = if std::ptr::eq(logs_c, &logs_c1) { &logs_c2 } else { &logs_c1 };
+    assert!(other.contains("another run is building the cached environment") || other.contains("setup: cached (key "), "{other}");
     assert!(logs_c.contains(&format!("setup-ran {nonce}")), "{logs_c}");
-    let key_c = logged_key(&logs_c, "storing the environment in the cache (key ").unwrap_or_else(|| panic!("not stored:\n{logs_c}"));
+    let key_c = logged_key(logs_c, "storing the environment in the cache (key ").unwrap();
     keys.push(key_c.clone());
     assert_ne!(key_c, key);
-    assert_ne!(line_value(&logs_c, "setup-id="), id_a);
+    assert_ne!(line_value(logs_c, "setup-id="), id_a);
+    let c3 = comment_on_repo(&d, "e-3c", "acme/gadget");
+    let (_, logs_c3) = finished_run(&d, &admin, &c3);
+    assert_eq!(logged_key(&logs_c3, "setup: cached (key ").as_deref(), Some(key_c.as_str()), "{logs_c3}");
+    assert_eq!(line_value(&logs_c3, "setup-id="), line_value(logs_c, "setup-id="));
 
     // 4: a corrupted entry: one warning, the setup runs, the run succeeds (and stores a good entry again).
     let state = entry.join("state");
