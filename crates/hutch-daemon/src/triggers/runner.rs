@@ -1,7 +1,8 @@
 //! The queue and one run's life. The runner starts queued runs oldest first within the global limit, the
 //! trigger's limit and one run per concurrency key. A run: a sandbox through the manager (its gateway starts in
 //! the setup phase, where the forge token is bound to the repository's git URL), the clone inside the VM with a
-//! placeholder for the token, the trigger's setup script, the agent phase, the command (the event as
+//! placeholder for the token, the trigger's setup script (with a setup, from or into the environment cache:
+//! `super::envcache`), the agent phase, then the event's files, the command (the event as
 //! `/run/hutch/event.json` and `HUTCH_*` variables, its output into the run's size-capped log), the change
 //! collected as `hutch run` collects it, the VM destroyed, then `hutch_forge::deliver` from the host (retried
 //! on transient failures only; a failed command is never retried).
