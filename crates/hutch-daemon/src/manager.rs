@@ -29,8 +29,11 @@ use crate::DaemonError;
 /// whatever phase the requester left its gateway) and the start mode shown. Runs in the start's task: it must end
 /// by itself when its requester gives up (the requester's cancellation and deadline).
 pub trait Prepare: Send + Sync {
-    fn prepare<'a>(&'a self, host: &'a Host, cfg: &'a SandboxConfig) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Sandbox, String), String>> + Send + 'a>>;
+    fn prepare<'a>(&'a self, host: &'a Host, cfg: &'a SandboxConfig) -> Prepared<'a>;
 }
+
+/// What [`Prepare::prepare`] returns: the VM and its start mode, or why it could not be made ready.
+pub type Prepared<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(Sandbox, String), String>> + Send + 'a>>;
 
 /// The daemon's limits; all of them explicit.
 #[derive(Debug, Clone)]

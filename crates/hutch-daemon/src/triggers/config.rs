@@ -610,6 +610,9 @@ command = ["make", "update-deps"]
         assert!(matches!(&t.job.repository, Value::Field(f) if f.text() == "repository.full_name"));
         assert!(matches!(&t.job.concurrency, Some((Value::Field(f), OnConflict::Cancel)) if f.text() == "issue.number"));
         assert_eq!((t.job.forge.git_host.as_str(), t.job.forge.git_port), ("github.com", 443));
+        assert!(t.job.cache, "the environment cache is on unless a job turns it off");
+        let off = parse(&GOOD.replace("comment = true\n", "comment = true\ncache = false\n")).unwrap();
+        assert!(!off.triggers["comment-fix"].job.cache);
         let n = &s.triggers["nightly"];
         assert!(matches!(&n.source, Source::Schedule { .. }));
         assert!(matches!(&n.job.repository, Value::Fixed((o, r)) if o == "acme" && r == "widget"));

@@ -11,7 +11,6 @@
 //! workspace cannot be updated, is discarded with one warning line and the setup runs again.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -215,7 +214,7 @@ impl Ready {
 }
 
 impl crate::manager::Prepare for Ready {
-    fn prepare<'a>(&'a self, host: &'a Host, cfg: &'a SandboxConfig) -> Pin<Box<dyn Future<Output = Result<(Sandbox, String), String>> + Send + 'a>> {
+    fn prepare<'a>(&'a self, host: &'a Host, cfg: &'a SandboxConfig) -> crate::manager::Prepared<'a> {
         Box::pin(async move {
             let r = self.ready(host, cfg).await;
             if let Err(e) = &r {

@@ -219,6 +219,7 @@ impl Triggers {
         Ok(Egress::new(phased.agent, self.mgr.audit_sink(&run.id)).with_setup_phase(phased.setup).with_secret_loader(self.mgr.secret_loader()))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn work(
         &self,
         run: &RunRow,
