@@ -815,3 +815,27 @@ echo done
         assert!(out.status.success(), "cache rm {k}: {}", text(&out.stderr));
     }
 }
+
+/// A run whose setup outlives the trigger's timeout (the setup runs while the VM is still being made ready, inside
+/// the daemon's start) is timed out, and its VM is gone: no sandbox left creating or running.
+#[test]
+fn a_triggered_setup_that_outlives_the_timeout_leaves_no_vm() {
+    if !have_vms() {
+        return;
+    }
+    let s = Setup::new();
+    let admin = s.admin_token();
+    let setup = format!("echo setting-up {}\nsleep 600\n", hutch_sandbox::new_id());
+    let file = s.triggers_with(1, "echo never", None, &format!("setup = {setup:?}"));
+    let text_ = std::fs::read_to_string(&file).unwrap().replace("timeout_secs = 900", "timeout_secs = 20");
+    std::fs::write(&file, text_).unwrap();
+    let d = Daemon::start(&s.data(), &file);
+    let id = comment_on_repo(&d, "t-1", "acme/widget");
+    let run = d.wait_ended(&admin, &id, 600);
+    assert_eq!(run["state"], "timed_out", "{run}");
+    let logs = send("GET", &format!("{}/v1/runs/{id}/logs", d.url), Some(&admin), &[], None);
+    assert!(String::from_utf8_lossy(&logs.body).contains("setting-up"), "the setup was running: {}", String::from_utf8_lossy(&logs.body));
+    let live = || ["creating", "running"].iter().map(|st| d.store().sandboxes(None, Some(st)).unwrap().len()).sum::<usize>();
+    assert!(wait_until(Duration::from_secs(30), || live() == 0), "a VM outlived its run: {} live; {}", live(), d.log());
+    assert!(s.net.forge_record().pushes.is_empty(), "nothing delivered");
+}

@@ -216,7 +216,15 @@ impl Ready {
 impl crate::manager::Prepare for Ready {
     fn prepare<'a>(&'a self, host: &'a Host, cfg: &'a SandboxConfig) -> crate::manager::Prepared<'a> {
         Box::pin(async move {
-            let r = self.ready(host, cfg).await;
+            let r = match self.ready(host, cfg).await {
+                // The run gave up while the VM was being captured or restored (steps not bounded by the run): it
+                // must not go live with no run to end it.
+                Ok((sb, _)) if self.cancel.is_cancelled() || tokio::time::Instant::now() >= self.deadline => {
+                    sb.destroy().await;
+                    Err("the run ended while its VM was being prepared".to_string())
+                }
+                r => r,
+            };
             if let Err(e) = &r {
                 *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e.clone()));
             }
