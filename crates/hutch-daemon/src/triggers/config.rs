@@ -148,6 +148,9 @@ pub struct JobTemplate {
     pub title: String,
     /// Use and fill the environment cache for the setup (`cache = false`: the setup runs every time).
     pub cache: bool,
+    /// Declared inputs of the setup (`cache_inputs`): repository-relative paths whose content at the event's
+    /// commit decides whether a cached environment still fits (checked by [`check_input_path`]).
+    pub cache_inputs: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -255,6 +258,33 @@ struct RawJob {
     title: Option<String>,
     #[serde(default = "yes")]
     cache: bool,
+    #[serde(default)]
+    cache_inputs: Vec<String>,
+}
+
+/// Most declared inputs per trigger, and the longest path.
+pub const MAX_CACHE_INPUTS: usize = 32;
+pub const MAX_INPUT_PATH: usize = 256;
+
+/// A declared input: a path relative to the repository's root, `/`-separated, of plain components (letters,
+/// digits, `-`, `_`, `.`, `+`, `@`; not `.` or `..`). The narrow spelling keeps it one path to git (`COMMIT:PATH`
+/// has no revision syntax in it) and one line in a log.
+pub fn check_input_path(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > MAX_INPUT_PATH {
+        return Err(format!("{s:?}: a path is 1 to {MAX_INPUT_PATH} bytes"));
+    }
+    if s.starts_with('/') {
+        return Err(format!("{s:?} is absolute; name a path relative to the repository's root, e.g. \"requirements.txt\""));
+    }
+    for c in s.split('/') {
+        if c.is_empty() || c == "." || c == ".." {
+            return Err(format!("{s:?}: no empty, \".\" or \"..\" components (a path inside the repository, e.g. \"web/package-lock.json\")"));
+        }
+        if c.starts_with('-') || !c.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.+@".contains(&b)) {
+            return Err(format!("{s:?}: components are letters, digits, '-', '_', '.', '+' or '@' (not starting with '-')"));
+        }
+    }
+    Ok(())
 }
 
 fn yes() -> bool {
@@ -506,6 +536,18 @@ fn check_job(name: &str, source: &Source, filter: &Filter, forge: Forge, table: 
             return Err(("job.setup".into(), "at most 1 MiB".into()));
         }
     }
+    if rj.cache_inputs.len() > MAX_CACHE_INPUTS {
+        return Err(("job.cache_inputs".into(), format!("at most {MAX_CACHE_INPUTS} paths")));
+    }
+    for p in &rj.cache_inputs {
+        k("job.cache_inputs", check_input_path(p))?;
+    }
+    if !rj.cache_inputs.is_empty() && (rj.setup.is_none() || !rj.cache) {
+        return Err(("job.cache_inputs".into(), "declared inputs key the environment cache of the setup; they need job.setup and the cache on".into()));
+    }
+    let mut cache_inputs = rj.cache_inputs;
+    cache_inputs.sort();
+    cache_inputs.dedup();
     let title = rj.title.unwrap_or_else(|| format!("hutch: {name}"));
     if title.len() > 200 || title.chars().any(char::is_control) {
         return Err(("job.title".into(), "at most 200 characters, no control characters".into()));
@@ -528,6 +570,7 @@ fn check_job(name: &str, source: &Source, filter: &Filter, forge: Forge, table: 
         allow_sensitive: rj.allow_sensitive,
         title,
         cache: rj.cache,
+        cache_inputs,
     })
 }
 
@@ -640,6 +683,39 @@ command = ["make", "update-deps"]
         let dup = format!("{GOOD}\n{}", &GOOD[GOOD.find("[[trigger]]\nname = \"nightly\"").unwrap()..]);
         assert!(parse(&dup).unwrap_err().to_string().contains("another trigger has this name"));
         assert!(parse("[[trigger]]\nname = 1").is_err());
+    }
+
+    #[test]
+    fn cache_inputs_are_checked_repository_paths() {
+        let with = |list: &str| GOOD.replace("comment = true\n", &format!("comment = true\nsetup = \"pip install -r deps.txt\"\ncache_inputs = {list}\n"));
+        let s = parse(&with(r#"["web/package-lock.json", "deps.txt", "deps.txt"]"#)).unwrap();
+        assert_eq!(s.triggers["comment-fix"].job.cache_inputs, vec!["deps.txt", "web/package-lock.json"], "sorted, once each");
+        assert!(parse(&GOOD).unwrap().triggers["comment-fix"].job.cache_inputs.is_empty());
+        let many = format!("[{}]", (0..=MAX_CACHE_INPUTS).map(|i| format!("\"f{i}\"")).collect::<Vec<_>>().join(", "));
+        let long = format!("[\"{}\"]", "a".repeat(MAX_INPUT_PATH + 1));
+        let bad = [
+            r#"["/etc/passwd"]"#.to_string(),
+            r#"["../x"]"#.into(),
+            r#"["a/../../x"]"#.into(),
+            r#"["a//b"]"#.into(),
+            r#"["./a"]"#.into(),
+            r#"["a/"]"#.into(),
+            r#"[""]"#.into(),
+            r#"["HEAD^{tree}"]"#.into(),
+            r#"["a b"]"#.into(),
+            r#"["-a"]"#.into(),
+            r#"["a\tb"]"#.into(),
+            many,
+            long,
+        ];
+        for list in bad {
+            let msg = parse(&with(&list)).err().unwrap_or_else(|| panic!("accepted cache_inputs = {list}")).to_string();
+            assert!(msg.starts_with("/etc/hutch/triggers.toml: trigger \"comment-fix\": job.cache_inputs: "), "{msg}");
+        }
+        // Inputs without a cached setup key nothing: refused rather than ignored.
+        let no_setup = GOOD.replace("comment = true\n", "comment = true\ncache_inputs = [\"deps.txt\"]\n");
+        assert!(parse(&no_setup).unwrap_err().to_string().contains("job.cache_inputs: declared inputs"));
+        assert!(parse(&with(r#"["deps.txt"]"#).replace("comment = true\n", "comment = true\ncache = false\n")).is_err());
     }
 
     #[test]

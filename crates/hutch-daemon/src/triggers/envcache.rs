@@ -9,7 +9,14 @@
 //! restored with a fresh identity and gateway, and /workspace is brought to the event's ref with this run's own
 //! placeholder (fetch and a forced checkout; what the setup left stays). An entry that cannot be used, or whose
 //! workspace cannot be updated, is discarded with one warning line and the setup runs again.
+//!
+//! Declared inputs (`cache_inputs`): their paths are part of the key; the object ids they had at the commit the
+//! setup ran on are recorded next to the entry (`trigger-inputs.json` in its directory, bound to the entry by its
+//! key and state checksum). A hit compares them with the event's commit after the update: any difference (or a
+//! missing record) makes the entry stale for this run, which then runs the setup as a miss does and, as the
+//! builder, replaces the entry.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,8 +29,45 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::Trigger;
 use super::event::Planned;
-use super::runner::{clone_repo, clone_url, setup, update_repo, Log};
+use super::runner::{clone_repo, clone_url, input_ids, setup, update_repo, Log};
 use super::store::RunRow;
+
+/// The record of an entry's declared inputs, in the entry's directory.
+const RECORD: &str = "trigger-inputs.json";
+const RECORD_MAX: u64 = 64 << 10;
+
+/// The object ids (or `absent`) of the declared inputs at the commit an entry's setup ran on.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct InputRecord {
+    /// The entry it belongs to: an entry made again (same key, new directory) never reads an old record.
+    key: String,
+    state_sha256: String,
+    inputs: BTreeMap<String, String>,
+}
+
+/// Writes the record for `entry` (a temporary file renamed into place: a reader sees all of it or none).
+fn write_record(entry: &hutch_sandbox::envsnap::Entry, inputs: &BTreeMap<String, String>) -> Result<(), String> {
+    let rec = InputRecord { key: entry.meta.key.clone(), state_sha256: entry.meta.state_sha256.clone(), inputs: inputs.clone() };
+    let text = serde_json::to_vec(&rec).map_err(|e| e.to_string())?;
+    let tmp = entry.dir.join(format!(".{RECORD}.{}", hutch_sandbox::new_id()));
+    std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, entry.dir.join(RECORD))).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("cannot record the declared inputs in {}: {e}", entry.dir.display())
+    })
+}
+
+/// The recorded inputs of `entry`, if its record is there, readable, its own and for exactly `declared`.
+fn read_record(entry: &hutch_sandbox::envsnap::Entry, declared: &[String]) -> Option<BTreeMap<String, String>> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    std::fs::File::open(entry.dir.join(RECORD)).ok()?.take(RECORD_MAX + 1).read_to_end(&mut text).ok()?;
+    if text.len() as u64 > RECORD_MAX {
+        return None;
+    }
+    let rec: InputRecord = serde_json::from_slice(&text).ok()?;
+    let same_paths = rec.inputs.len() == declared.len() && declared.iter().all(|p| rec.inputs.contains_key(p));
+    (rec.key == entry.meta.key && rec.state_sha256 == entry.meta.state_sha256 && same_paths).then_some(rec.inputs)
+}
 
 /// Makes a triggered run's VM ready inside the manager's start (which owns the VM until it goes live, as a
 /// capture needs).
@@ -90,7 +134,12 @@ impl Ready {
     /// The cache's plan for this run; `None` (with a warning) when the key cannot be made.
     fn env_plan(&self, host: &Host, cfg: &SandboxConfig) -> Option<Plan> {
         let (t, p) = (&self.trigger, &self.plan);
-        let scope = format!("trigger {} repository {}", t.name, clone_url(t, p));
+        let mut scope = format!("trigger {} repository {}", t.name, clone_url(t, p));
+        // The declared paths (not their content, which is checked per hit): another list is another entry. Not
+        // added when there are none, so that such keys stay as they were.
+        if !t.job.cache_inputs.is_empty() {
+            scope.push_str(&format!(" inputs {}", serde_json::to_string(&t.job.cache_inputs).unwrap_or_default()));
+        }
         let key = KeyInputs {
             image_key: &host.image.key,
             vm: format!("cpus={} memory={} accel={:?}", cfg.cpus, cfg.memory_mib, cfg.accel),
@@ -125,6 +174,21 @@ impl Ready {
         }
     }
 
+    /// `None` when `entry`'s declared inputs are as recorded at the commit /workspace of `sb` is at (`base`), else
+    /// what differs, as one line.
+    async fn inputs_changed(&self, sb: &Sandbox, entry: &hutch_sandbox::envsnap::Entry, base: &hutch_repo::Oid) -> Result<Option<String>, String> {
+        let declared = &self.trigger.job.cache_inputs;
+        if declared.is_empty() {
+            return Ok(None);
+        }
+        let Some(recorded) = read_record(entry, declared) else {
+            return Ok(Some("its record of the declared inputs is missing or unreadable".into()));
+        };
+        let now = input_ids(sb.client(), base, declared, &self.log).await?;
+        let changed: Vec<String> = declared.iter().filter(|p| recorded.get(*p) != now.get(*p)).map(|p| hutch_text::escape(p).to_string()).collect();
+        Ok((!changed.is_empty()).then(|| format!("declared input{} changed: {}", if changed.len() == 1 { "" } else { "s" }, changed.join(", "))))
+    }
+
     async fn ready(&self, host: &Host, cfg: &SandboxConfig) -> Result<(Sandbox, String), String> {
         let warn = |m: &str| self.warn(m);
         let (t, p) = (&self.trigger, &self.plan);
@@ -147,8 +211,24 @@ impl Ready {
                     (cloned.clone(), format!("setup, stored in the environment cache (key {short})"))
                 } else {
                     self.note(&format!("setup: cached (key {short}, made {} ago)", age(entry.age_secs())));
-                    match self.bounded(update_repo(sb.client(), sb.gateway(), t, p, &self.log)).await {
-                        Ok(b) => (Some(b), format!("environment cache (key {short}, made {} ago)", age(entry.age_secs()))),
+                    let updated = self
+                        .bounded(async {
+                            let b = update_repo(sb.client(), sb.gateway(), t, p, &self.log).await?;
+                            let changed = self.inputs_changed(&sb, entry, &b).await?;
+                            Ok((b, changed))
+                        })
+                        .await;
+                    match updated {
+                        Ok((b, None)) => (Some(b), format!("environment cache (key {short}, made {} ago)", age(entry.age_secs()))),
+                        Ok((b, Some(why))) => {
+                            // Stale for this commit: the setup runs as on a miss and (as the builder) replaces it.
+                            let m = format!("setup: the cached environment {short} is stale at {} ({why}); running the setup", b.short());
+                            tracing::info!(run = %self.run_id, "{m}");
+                            self.note(&m);
+                            sb.destroy().await;
+                            start = Start::Fresh { lock: pl.builder_lock(&warn) };
+                            continue;
+                        }
                         Err(e) if self.cancel.is_cancelled() || tokio::time::Instant::now() >= self.deadline => {
                             sb.destroy().await;
                             return Err(e);
@@ -175,15 +255,22 @@ impl Ready {
                 return Ok((sb, mode));
             }
             let t0 = Instant::now();
+            // The declared inputs are read before the setup runs (which may change the files), and only by the
+            // run that may store the entry.
+            let record = !t.job.cache_inputs.is_empty() && matches!(&start, Start::Fresh { lock: Some(_) });
             let prepared = self
                 .bounded(async {
                     let base = clone_repo(sb.client(), sb.gateway(), t, p, &self.log).await?;
+                    let inputs = match record {
+                        true => Some(input_ids(sb.client(), &base, &t.job.cache_inputs, &self.log).await?),
+                        false => None,
+                    };
                     setup(sb.client(), sb.gateway(), &self.script, &self.log).await?;
                     sb.gateway().enter_phase(Phase::Agent).map_err(|e| format!("ending the setup phase: {e}"))?;
-                    Ok(base)
+                    Ok((base, inputs))
                 })
                 .await;
-            let base = match prepared {
+            let (base, inputs) = match prepared {
                 Ok(b) => b,
                 Err(e) => {
                     sb.destroy().await;
@@ -206,8 +293,16 @@ impl Ready {
                     return Ok((sb, "setup".into()));
                 }
                 // Captured: the next turn restores from the entry (or, if the capture failed, runs the setup again
-                // without storing).
-                Ok(_) => continue,
+                // without storing). Without its record an entry with declared inputs is stale for every later run.
+                Ok(Some(entry)) => {
+                    if let Some(inputs) = &inputs {
+                        if let Err(e) = write_record(&entry, inputs) {
+                            warn(&e);
+                        }
+                    }
+                    continue;
+                }
+                Ok(None) => continue,
             }
         }
     }

@@ -59,6 +59,19 @@ fi
 git rev-parse HEAD
 "#;
 
+/// Prints, for `$1` (a commit of /workspace) and each path after it, one line: the object id of that path at the
+/// commit (a blob, or a tree for a directory), or `absent`. Paths arrive as arguments (checked by
+/// `config::check_input_path`, so `COMMIT:PATH` holds no revision syntax); nothing here touches the network.
+const INPUTS: &str = r#"set -eu
+cd /workspace
+c=$1
+shift
+git cat-file -e "$c^{commit}"
+for p in "$@"; do
+  if o=$(git rev-parse --verify -q "$c:$p"); then printf '%s\n' "$o"; else echo absent; fi
+done
+"#;
+
 /// How a run ended.
 struct End {
     state: &'static str,
@@ -477,6 +490,39 @@ pub(super) async fn update_repo(c: &hutch_sandbox::AgentClient, gw: &hutch_gatew
     git_step(c, gw, t, plan, log, UPDATE, "updating the cached workspace from").await
 }
 
+/// The object ids of the declared inputs `paths` at `commit` of /workspace (`absent` for a path not in it), read
+/// in the VM: its output is hostile text, taken only as exactly one object id or `absent` per path.
+pub(super) async fn input_ids(c: &hutch_sandbox::AgentClient, commit: &hutch_repo::Oid, paths: &[String], log: &Arc<Mutex<Log>>) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut argv = ["sh", "-c", INPUTS, "hutch-inputs", commit.as_str()].map(str::to_string).to_vec();
+    argv.extend(paths.iter().cloned());
+    log.lock().unwrap_or_else(|p| p.into_inner()).note(&format!("reading the declared inputs at {}", commit.short()));
+    let (status, out) = exec(c, argv, vec![], Some("/"), log, None).await?;
+    if status != ExitStatus::Code(0) {
+        return Err(format!("reading the declared inputs failed (exit {}); see the run's log", status.as_shell_code()));
+    }
+    parse_input_ids(&out, paths)
+}
+
+/// One line per path, in order: an object id or `absent`; anything else (more or fewer lines, other text) is an
+/// error.
+fn parse_input_ids(out: &[u8], paths: &[String]) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let bad = || "the VM's answer for the declared inputs is not one object id or \"absent\" per path".to_string();
+    let text = std::str::from_utf8(out).map_err(|_| bad())?;
+    let lines: Vec<&str> = text.strip_suffix('\n').ok_or_else(bad)?.split('\n').collect();
+    if lines.len() != paths.len() {
+        return Err(bad());
+    }
+    let mut ids = std::collections::BTreeMap::new();
+    for (p, l) in paths.iter().zip(lines) {
+        let v = match l {
+            "absent" => "absent".to_string(),
+            l => hutch_repo::Oid::parse(l).filter(|o| o.as_str() == l).ok_or_else(bad)?.as_str().to_string(),
+        };
+        ids.insert(p.clone(), v);
+    }
+    Ok(ids)
+}
+
 /// The trigger's setup script in /workspace, with the setup phase's placeholders.
 pub(super) async fn setup(c: &hutch_sandbox::AgentClient, gw: &hutch_gateway::Gateway, script: &str, log: &Arc<Mutex<Log>>) -> Result<(), String> {
     log.lock().unwrap_or_else(|p| p.into_inner()).note("running the setup script");
@@ -519,4 +565,32 @@ async fn exec(
         }
     }
     Err("the VM's agent went away before the process ended".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_ids_are_parsed_strictly() {
+        let paths = vec!["a.txt".to_string(), "web/lock.json".to_string()];
+        let id = "0123456789abcdef0123456789abcdef01234567";
+        let ok = parse_input_ids(format!("{id}\nabsent\n").as_bytes(), &paths).unwrap();
+        assert_eq!(ok["a.txt"], id);
+        assert_eq!(ok["web/lock.json"], "absent");
+        for bad in [
+            format!("{id}\n"),
+            format!("{id}\nabsent"),
+            format!("{id}\nabsent\nabsent\n"),
+            format!(" {id}\nabsent\n"),
+            format!("{}\nabsent\n", id.to_uppercase()),
+            format!("{id}\nAbsent\n"),
+            format!("{id}\r\nabsent\n"),
+            "\u{1b}[2J\nabsent\n".to_string(),
+            String::new(),
+        ] {
+            assert!(parse_input_ids(bad.as_bytes(), &paths).is_err(), "{bad:?}");
+        }
+        assert!(parse_input_ids(b"\xff\nabsent\n", &paths).is_err());
+    }
 }
