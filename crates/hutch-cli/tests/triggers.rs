@@ -695,15 +695,20 @@ fn files_with(dir: &Path, needle: &str) -> Vec<String> {
 
 /// A new commit on `main` of the forge's `acme/widget` adding `NEWS.txt` (plumbing in the bare repository).
 fn push_news(s: &Setup, content: &str) -> String {
+    push_file(s, "NEWS.txt", content)
+}
+
+/// A new commit on `main` of the forge's `acme/widget` setting the top-level file `name` to `content`.
+fn push_file(s: &Setup, name: &str, content: &str) -> String {
     let wt = s.dir.path().join("news-wt");
     std::fs::create_dir_all(&wt).unwrap();
-    std::fs::write(wt.join("NEWS.txt"), content).unwrap();
+    std::fs::write(wt.join(name), content).unwrap();
     let wt = wt.display().to_string();
     let g = |args: &[&str]| s.net.forge_git("acme", "widget", args).unwrap_or_else(|e| panic!("git {args:?}: {e}")).trim().to_string();
     g(&["--work-tree", &wt, "read-tree", "main"]);
-    g(&["--work-tree", &wt, "add", "NEWS.txt"]);
+    g(&["--work-tree", &wt, "add", name]);
     let tree = g(&["write-tree"]);
-    let commit = g(&["commit-tree", &tree, "-p", "main", "-m", "news"]);
+    let commit = g(&["commit-tree", &tree, "-p", "main", "-m", &format!("change {name}")]);
     g(&["update-ref", "refs/heads/main", &commit]);
     commit
 }
@@ -814,6 +819,75 @@ echo done
         let out = hutch().args(["cache", "rm", &k]).output().unwrap();
         assert!(out.status.success(), "cache rm {k}: {}", text(&out.stderr));
     }
+}
+
+/// Declared inputs (`cache_inputs`) and triggered runs: a commit changing another file still uses the cached
+/// setup; a commit changing a declared input runs the setup again (and the command sees its new result) and
+/// replaces the entry under the same key, which the next run uses. A declared input absent from the repository
+/// stays "absent" and changes nothing.
+#[test]
+fn a_changed_declared_input_reruns_a_triggered_setup() {
+    if !have_vms() {
+        return;
+    }
+    let s = Setup::new();
+    let admin = s.admin_token();
+    let nonce = hutch_sandbox::new_id();
+    // What the setup "installs" is what deps.txt said when it ran.
+    let setup = format!("echo setup-ran {nonce}\ncat deps.txt > /root/installed\ncat /proc/sys/kernel/random/uuid > /root/setup-id\n");
+    let command = r#"set -e
+echo "setup-id=$(cat /root/setup-id)"
+echo "installed=$(cat /root/installed)"
+echo "deps=$(cat deps.txt)"
+echo "news=$(cat NEWS.txt 2>/dev/null || echo none)"
+"#;
+    push_file(&s, "deps.txt", "left-pad==1\n");
+    let extra = format!("setup = {setup:?}\ncache_inputs = [\"deps.txt\", \"web/missing.lock\"]");
+    let file = s.triggers_with(1, command, None, &extra);
+    let d = Daemon::start(&s.data(), &file);
+    let setups = |l: &str| l.matches(&format!("setup-ran {nonce}")).count();
+
+    // 1: a miss: the setup runs and the entry records the inputs (one of them absent).
+    let (_, l1) = finished_run(&d, &admin, &comment_on_repo(&d, "i-1", "acme/widget"));
+    assert_eq!(setups(&l1), 1, "{l1}");
+    let key = logged_key(&l1, "storing the environment in the cache (key ").unwrap_or_else(|| panic!("not stored:\n{l1}"));
+    assert_eq!(line_value(&l1, "installed="), "left-pad==1");
+    let record = std::fs::read_to_string(env_entry(&key).join("trigger-inputs.json")).expect("the entry's record of its inputs");
+    assert!(record.contains("\"web/missing.lock\":\"absent\"") && record.contains("\"deps.txt\":\""), "{record}");
+    let id1 = line_value(&l1, "setup-id=");
+
+    // 2: another file changed: a hit.
+    push_news(&s, "news 2\n");
+    let (_, l2) = finished_run(&d, &admin, &comment_on_repo(&d, "i-2", "acme/widget"));
+    assert_eq!(setups(&l2), 0, "the setup ran again:\n{l2}");
+    assert_eq!(logged_key(&l2, "setup: cached (key ").as_deref(), Some(key.as_str()), "{l2}");
+    assert_eq!(line_value(&l2, "setup-id="), id1);
+    assert_eq!(line_value(&l2, "news="), "news 2");
+
+    // 3: the declared input changed: one line naming it, the setup runs again, the entry (same key) is replaced.
+    push_file(&s, "deps.txt", "left-pad==2\n");
+    let (_, l3) = finished_run(&d, &admin, &comment_on_repo(&d, "i-3", "acme/widget"));
+    assert_eq!(setups(&l3), 1, "the setup did not run again:\n{l3}");
+    let stale: Vec<&str> = l3.lines().filter(|l| l.contains("is stale at")).collect();
+    assert_eq!(stale.len(), 1, "{l3}");
+    assert!(stale[0].contains("declared input changed: deps.txt") && !stale[0].contains("missing.lock"), "{}", stale[0]);
+    assert_eq!(logged_key(&l3, "storing the environment in the cache (key ").as_deref(), Some(key.as_str()), "{l3}");
+    assert_eq!(line_value(&l3, "installed="), "left-pad==2", "the command sees the new setup's result");
+    assert_eq!(line_value(&l3, "deps="), "left-pad==2");
+    assert_eq!(line_value(&l3, "news="), "news 2");
+    let id3 = line_value(&l3, "setup-id=");
+    assert_ne!(id3, id1);
+
+    // 4: nothing declared changed since: the replaced entry is used.
+    let (_, l4) = finished_run(&d, &admin, &comment_on_repo(&d, "i-4", "acme/widget"));
+    assert_eq!(setups(&l4), 0, "the setup ran again:\n{l4}");
+    assert_eq!(logged_key(&l4, "setup: cached (key ").as_deref(), Some(key.as_str()), "{l4}");
+    assert_eq!(line_value(&l4, "setup-id="), id3);
+    assert_eq!(line_value(&l4, "installed="), "left-pad==2");
+    assert!(s.net.forge_record().pushes.is_empty(), "the command changed nothing: nothing delivered");
+
+    let out = hutch().args(["cache", "rm", &key]).output().unwrap();
+    assert!(out.status.success(), "cache rm {key}: {}", text(&out.stderr));
 }
 
 /// A run whose setup outlives the trigger's timeout (the setup runs while the VM is still being made ready, inside
