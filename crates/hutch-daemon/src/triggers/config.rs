@@ -690,7 +690,7 @@ command = ["make", "update-deps"]
         let with = |list: &str| GOOD.replace("comment = true\n", &format!("comment = true\nsetup = \"pip install -r deps.txt\"\ncache_inputs = {list}\n"));
         let s = parse(&with(r#"["web/package-lock.json", "deps.txt", "deps.txt"]"#)).unwrap();
         assert_eq!(s.triggers["comment-fix"].job.cache_inputs, vec!["deps.txt", "web/package-lock.json"], "sorted, once each");
-        assert!(parse(&GOOD).unwrap().triggers["comment-fix"].job.cache_inputs.is_empty());
+        assert!(parse(GOOD).unwrap().triggers["comment-fix"].job.cache_inputs.is_empty());
         let many = format!("[{}]", (0..=MAX_CACHE_INPUTS).map(|i| format!("\"f{i}\"")).collect::<Vec<_>>().join(", "));
         let long = format!("[\"{}\"]", "a".repeat(MAX_INPUT_PATH + 1));
         let bad = [

@@ -262,7 +262,7 @@ impl Ready {
                 .bounded(async {
                     let base = clone_repo(sb.client(), sb.gateway(), t, p, &self.log).await?;
                     let inputs = match record {
-                        true => Some(input_ids(sb.client(), &base, &t.job.cache_inputs, &self.log).await?),
+                        true => Some(input_ids(sb.client(), &base, &t.job.cache_inputs, &self.log).await),
                         false => None,
                     };
                     setup(sb.client(), sb.gateway(), &self.script, &self.log).await?;
@@ -276,6 +276,17 @@ impl Ready {
                     sb.destroy().await;
                     return Err(e);
                 }
+            };
+            // Inputs that cannot be read make an entry that no later run could trust: this run stores nothing
+            // (and lets another build), but goes on.
+            let inputs = match inputs {
+                Some(Err(e)) => {
+                    warn(&format!("{e}; running without storing the environment"));
+                    start = Start::Fresh { lock: None };
+                    None
+                }
+                Some(Ok(i)) => Some(i),
+                None => None,
             };
             cloned = Some(base.clone());
             let Some(pl) = &plan else {
