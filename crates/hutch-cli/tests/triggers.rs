@@ -824,7 +824,7 @@ echo done
 /// Declared inputs (`cache_inputs`) and triggered runs: a commit changing another file still uses the cached
 /// setup; a commit changing a declared input runs the setup again (and the command sees its new result) and
 /// replaces the entry under the same key, which the next run uses. A declared input absent from the repository
-/// stays "absent" and changes nothing.
+/// stays "absent" and changes nothing. An entry whose record of its inputs is gone is not used.
 #[test]
 fn a_changed_declared_input_reruns_a_triggered_setup() {
     if !have_vms() {
@@ -848,7 +848,7 @@ echo "news=$(cat NEWS.txt 2>/dev/null || echo none)"
     let setups = |l: &str| l.matches(&format!("setup-ran {nonce}")).count();
 
     // 1: a miss: the setup runs and the entry records the inputs (one of them absent).
-    let (_, l1) = finished_run(&d, &admin, &comment_on_repo(&d, "i-1", "acme/widget"));
+    let (r1, l1) = finished_run(&d, &admin, &comment_on_repo(&d, "i-1", "acme/widget"));
     assert_eq!(setups(&l1), 1, "{l1}");
     let key = logged_key(&l1, "storing the environment in the cache (key ").unwrap_or_else(|| panic!("not stored:\n{l1}"));
     assert_eq!(line_value(&l1, "installed="), "left-pad==1");
@@ -858,7 +858,7 @@ echo "news=$(cat NEWS.txt 2>/dev/null || echo none)"
 
     // 2: another file changed: a hit.
     push_news(&s, "news 2\n");
-    let (_, l2) = finished_run(&d, &admin, &comment_on_repo(&d, "i-2", "acme/widget"));
+    let (r2, l2) = finished_run(&d, &admin, &comment_on_repo(&d, "i-2", "acme/widget"));
     assert_eq!(setups(&l2), 0, "the setup ran again:\n{l2}");
     assert_eq!(logged_key(&l2, "setup: cached (key ").as_deref(), Some(key.as_str()), "{l2}");
     assert_eq!(line_value(&l2, "setup-id="), id1);
@@ -866,7 +866,7 @@ echo "news=$(cat NEWS.txt 2>/dev/null || echo none)"
 
     // 3: the declared input changed: one line naming it, the setup runs again, the entry (same key) is replaced.
     push_file(&s, "deps.txt", "left-pad==2\n");
-    let (_, l3) = finished_run(&d, &admin, &comment_on_repo(&d, "i-3", "acme/widget"));
+    let (r3, l3) = finished_run(&d, &admin, &comment_on_repo(&d, "i-3", "acme/widget"));
     assert_eq!(setups(&l3), 1, "the setup did not run again:\n{l3}");
     let stale: Vec<&str> = l3.lines().filter(|l| l.contains("is stale at")).collect();
     assert_eq!(stale.len(), 1, "{l3}");
@@ -879,12 +879,27 @@ echo "news=$(cat NEWS.txt 2>/dev/null || echo none)"
     assert_ne!(id3, id1);
 
     // 4: nothing declared changed since: the replaced entry is used.
-    let (_, l4) = finished_run(&d, &admin, &comment_on_repo(&d, "i-4", "acme/widget"));
+    let (r4, l4) = finished_run(&d, &admin, &comment_on_repo(&d, "i-4", "acme/widget"));
     assert_eq!(setups(&l4), 0, "the setup ran again:\n{l4}");
     assert_eq!(logged_key(&l4, "setup: cached (key ").as_deref(), Some(key.as_str()), "{l4}");
     assert_eq!(line_value(&l4, "setup-id="), id3);
     assert_eq!(line_value(&l4, "installed="), "left-pad==2");
+
+    // 5: an entry without its record is stale too: the setup runs and the entry (with a record) is replaced.
+    std::fs::remove_file(env_entry(&key).join("trigger-inputs.json")).unwrap();
+    let (_, l5) = finished_run(&d, &admin, &comment_on_repo(&d, "i-5", "acme/widget"));
+    assert_eq!(setups(&l5), 1, "{l5}");
+    assert!(l5.contains("its record of the declared inputs is missing or unreadable"), "{l5}");
+    assert!(env_entry(&key).join("trigger-inputs.json").is_file());
     assert!(s.net.forge_record().pushes.is_empty(), "the command changed nothing: nothing delivered");
+    let first_output = |run: &Value| run["first_output_ms"].as_i64().unwrap_or(0) - run["created_ms"].as_i64().unwrap_or(0);
+    eprintln!(
+        "webhook to first output: miss {} ms, hit {} ms, changed input {} ms, hit {} ms",
+        first_output(&r1),
+        first_output(&r2),
+        first_output(&r3),
+        first_output(&r4)
+    );
 
     let out = hutch().args(["cache", "rm", &key]).output().unwrap();
     assert!(out.status.success(), "cache rm {key}: {}", text(&out.stderr));
