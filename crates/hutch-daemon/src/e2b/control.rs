@@ -43,27 +43,13 @@ struct NewSandbox {
     #[serde(default, rename = "allow_internet_access")]
     allow_internet_access: Option<bool>,
     #[serde(default)]
-    network: Option<NetworkConfig>,
+    network: Option<super::egress::NetworkConfig>,
     #[serde(default)]
     secure: Option<bool>,
     #[serde(default)]
     mcp: Option<Value>,
     #[serde(default)]
     volume_mounts: Option<Vec<Value>>,
-}
-
-/// E2B's `network`: outbound allow/deny lists. Host names in `allowOut` become the sandbox's egress policy.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NetworkConfig {
-    #[serde(default)]
-    allow_out: Option<Vec<String>>,
-    #[serde(default)]
-    deny_out: Option<Vec<String>>,
-    #[serde(default)]
-    allow_public_traffic: Option<bool>,
-    #[serde(default)]
-    mask_request_host: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,7 +149,7 @@ fn created_body(st: &Shared, info: &SandboxInfo) -> Value {
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": st.access_token(&info.id),
         "trafficAccessToken": st.traffic_token(&info.id),
-        "domain": null,
+        "domain": st.mgr.e2b_domain(),
     })
 }
 
@@ -187,7 +173,7 @@ fn detail_body(st: &Shared, info: &SandboxInfo) -> Value {
     let mut v = listed_body(info);
     if let Some(o) = v.as_object_mut() {
         o.insert("envdAccessToken".into(), Value::String(st.access_token(&info.id)));
-        o.insert("domain".into(), Value::Null);
+        o.insert("domain".into(), json!(st.mgr.e2b_domain()));
     }
     v
 }
@@ -225,7 +211,9 @@ pub async fn create(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -
         return Err(E2bError::bad("volumeMounts are not supported by this daemon; copy files in with sandbox.files.write"));
     }
     let _ = req.secure;
-    let policy = egress_policy(req.allow_internet_access, req.network.as_ref())?;
+    let egress = super::egress::map(req.allow_internet_access, req.network.as_ref(), |name| {
+        Ok(st.mgr.store.secret(name)?.map(|row| row.hosts))
+    })?;
     let timeout = match req.timeout {
         Some(t) if t < 1 => return Err(E2bError::bad(format!("timeout must be at least 1 second, got {t}"))),
         Some(t) => check_timeout(&st, t, "timeout")?,
@@ -246,7 +234,9 @@ pub async fn create(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -
         image,
         ttl_secs: Some(timeout),
         env: req.env_vars.unwrap_or_default(),
-        policy,
+        policy: egress.policy,
+        secrets: egress.secrets,
+        secret_headers: egress.secret_headers,
         labels,
         ..CreateSandbox::default()
     };
@@ -258,37 +248,6 @@ pub async fn create(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -
         }
     }
     Ok((StatusCode::CREATED, Json(created_body(&st, &info))).into_response())
-}
-
-/// E2B's egress options as a Hutch policy: the gateway denies by default, so "internet access" means the
-/// hosts listed in `network.allowOut` (host names, `*.domain` wildcards); address ranges cannot be expressed.
-fn egress_policy(allow_internet: Option<bool>, network: Option<&NetworkConfig>) -> Result<Option<crate::model::PolicySpec>, E2bError> {
-    let Some(n) = network else {
-        if allow_internet == Some(true) {
-            return Err(E2bError::bad(
-                "allow_internet_access=True: Hutch sandboxes reach only the hosts you allow; pass network={'allow_out': ['api.example.com', ...]} instead",
-            ));
-        }
-        return Ok(None);
-    };
-    // `denyOut` needs nothing: everything not allowed is denied already.
-    let _ = &n.deny_out;
-    if n.allow_public_traffic == Some(false) || n.mask_request_host.is_some() {
-        return Err(E2bError::bad("network.allowPublicTraffic/maskRequestHost are not supported by this daemon; leave them out"));
-    }
-    let mut allow = Vec::new();
-    for h in n.allow_out.iter().flatten() {
-        if h.contains('/') || h.parse::<std::net::IpAddr>().is_ok() {
-            return Err(E2bError::bad(format!(
-                "network.allowOut: {h:?} is an address or range; Hutch's gateway allows host names (example.com, *.example.com)"
-            )));
-        }
-        allow.push(crate::model::AllowSpec { host: h.clone(), ports: None, methods: None, paths: None });
-    }
-    if allow.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(crate::model::PolicySpec { allow }))
 }
 
 #[derive(Debug)]
@@ -517,15 +476,5 @@ mod tests {
         assert_eq!(image_for("plain", &both, &aliases).unwrap(), None);
         let e = image_for("nope", &both, &aliases).unwrap_err();
         assert!(e.message.contains("\"node\"") && e.message.contains("\"agents\""), "{}", e.message);
-    }
-
-    #[test]
-    fn egress_options_map_to_policies() {
-        assert!(egress_policy(None, None).unwrap().is_none());
-        assert!(egress_policy(Some(true), None).is_err());
-        let n = NetworkConfig { allow_out: Some(vec!["*.example.com".into()]), deny_out: None, allow_public_traffic: None, mask_request_host: None };
-        assert_eq!(egress_policy(None, Some(&n)).unwrap().unwrap().allow[0].host, "*.example.com");
-        let n = NetworkConfig { allow_out: Some(vec!["10.0.0.0/8".into()]), deny_out: None, allow_public_traffic: None, mask_request_host: None };
-        assert!(egress_policy(None, Some(&n)).is_err());
     }
 }
