@@ -459,3 +459,35 @@ fn e2b_egress_options_map_onto_the_gateway_and_secret_store() {
     assert_eq!(status, 204, "{body}");
     assert!(!d.log().contains("panicked"), "{}", d.log());
 }
+
+/// schemathesis (PyPI) against the E2B layer's own document (`/e2b/openapi.json`), as for the native one: no 5xx,
+/// every response (E2B's `{code, message}` errors included) matches the document, with real creates, pauses
+/// and resumes under the daemon's cap.
+#[test]
+fn schemathesis_finds_no_server_errors_in_the_e2b_api() {
+    let st = if Command::new("schemathesis").arg("--version").output().is_ok() { "schemathesis" } else { "st" };
+    if Command::new(st).arg("--version").output().is_err() {
+        eprintln!("SKIP: schemathesis is not installed (pip install schemathesis); the E2B API conformance run needs it");
+        return;
+    }
+    let d = Daemon::start(&["--pool", "1", "--max-sandboxes", "2", "--max-ttl", "600"]);
+    let key = d.e2b_key("e2b-fuzz");
+    let out = Command::new(st)
+        .args(["run", &format!("{}/e2b/openapi.json", d.url()), "-H", &format!("X-API-Key: {key}")])
+        .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance"])
+        .args(["--max-examples", "20", "--seed", "1"])
+        .env("NO_COLOR", "1")
+        .current_dir(d.data.parent().unwrap())
+        .output()
+        .expect("run schemathesis");
+    let report = text(&out.stdout);
+    let tail: String = report.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    eprintln!("{tail}");
+    assert!(out.status.success(), "schemathesis found problems:\n{report}\n{}", text(&out.stderr));
+    assert!(report.contains("Tested: 9"), "every operation was tested:\n{report}");
+    let (status, body) = http(&d.addr, "GET", "/v2/sandboxes", &[("X-API-KEY", key.as_str())], b"");
+    assert_eq!(status, 200, "still serving: {body}");
+    let log = d.log();
+    assert!(log.contains("sandbox running"), "the fuzzing created no real sandbox:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}

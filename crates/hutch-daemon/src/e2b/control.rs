@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -96,6 +96,21 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes, empty_ok: bool) -> R
         return Err(E2bError::bad("the body must be a JSON object"));
     }
     serde_json::from_slice(text).map_err(|e| E2bError::bad(format!("bad request body: {e}")))
+}
+
+/// The `{id}` path segment, whatever bytes it holds: one that is not even UTF-8 names no sandbox either (E2B's
+/// 404 in its JSON shape, not the router's text rejection).
+pub struct IdPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = E2bError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, E2bError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(IdPath(id)),
+            Err(_) => Err(E2bError::not_found("no such sandbox (ids are 12 lowercase hex digits)")),
+        }
+    }
 }
 
 /// Sandbox ids are the daemon's: 12 lowercase hex digits. Anything else names no sandbox.
@@ -364,20 +379,20 @@ pub async fn list_v1(st: State<Shared>, headers: HeaderMap, q: RawQuery) -> Resu
     list(st, headers, q).await
 }
 
-pub async fn get_one(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, E2bError> {
+pub async fn get_one(State(st): State<Shared>, headers: HeaderMap, IdPath(id): IdPath) -> Result<Json<Value>, E2bError> {
     let who = api_principal(&st, &headers)?;
     let info = live_info(&st, &who, &id)?;
     Ok(Json(detail_body(&st, &info)))
 }
 
-pub async fn kill(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Result<StatusCode, E2bError> {
+pub async fn kill(State(st): State<Shared>, headers: HeaderMap, IdPath(id): IdPath) -> Result<StatusCode, E2bError> {
     let who = api_principal(&st, &headers)?;
     let info = live_info(&st, &who, &id)?;
     st.mgr.delete(&who, &info.id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn set_timeout(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<StatusCode, E2bError> {
+pub async fn set_timeout(State(st): State<Shared>, headers: HeaderMap, IdPath(id): IdPath, body: Bytes) -> Result<StatusCode, E2bError> {
     let who = api_principal(&st, &headers)?;
     let req: TimeoutBody = parse_body(&body, false)?;
     let secs = check_timeout(&st, req.timeout, "timeout")?;
@@ -387,7 +402,7 @@ pub async fn set_timeout(State(st): State<Shared>, headers: HeaderMap, Path(id):
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn refresh(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<StatusCode, E2bError> {
+pub async fn refresh(State(st): State<Shared>, headers: HeaderMap, IdPath(id): IdPath, body: Bytes) -> Result<StatusCode, E2bError> {
     let who = api_principal(&st, &headers)?;
     let req: RefreshBody = parse_body(&body, true)?;
     let secs = check_timeout(&st, req.duration.unwrap_or(60), "duration")?;
@@ -401,7 +416,7 @@ pub async fn refresh(State(st): State<Shared>, headers: HeaderMap, Path(id): Pat
 
 /// Connect to (E2B: or resume) a sandbox: a running one answers at once (200), its timeout lengthened (never
 /// shortened) to the one asked for; a paused one is resumed from disk (201) and runs `timeout` seconds from now.
-pub async fn connect(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Response, E2bError> {
+pub async fn connect(State(st): State<Shared>, headers: HeaderMap, IdPath(id): IdPath, body: Bytes) -> Result<Response, E2bError> {
     let who = api_principal(&st, &headers)?;
     let req: ConnectBody = parse_body(&body, true)?;
     let info = live_info(&st, &who, &id)?;
@@ -425,7 +440,7 @@ pub async fn connect(State(st): State<Shared>, headers: HeaderMap, Path(id): Pat
 }
 
 /// Pauses a running sandbox to disk (memory, devices and disk layer): 204; 409 when it is paused already.
-pub async fn pause(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<StatusCode, E2bError> {
+pub async fn pause(State(st): State<Shared>, headers: HeaderMap, IdPath(id): IdPath, body: Bytes) -> Result<StatusCode, E2bError> {
     let who = api_principal(&st, &headers)?;
     let req: PauseBody = parse_body(&body, true)?;
     let info = live_info(&st, &who, &id)?;

@@ -8,6 +8,7 @@
 pub mod control;
 pub mod egress;
 pub mod envd;
+pub mod openapi;
 pub mod port;
 
 use std::collections::HashMap;
@@ -174,6 +175,7 @@ fn routes<S: Clone + Send + Sync + 'static>(st: Shared) -> Router<S> {
         .route("/sandboxes/{id}/connect", post(control::connect))
         .route("/sandboxes/{id}/resume", post(control::connect))
         .route("/sandboxes/{id}/pause", post(control::pause))
+        .route("/e2b/openapi.json", get(openapi::serve))
         .route("/v2/{*rest}", axum::routing::any(no_such_endpoint))
         .route("/health", get(envd::health))
         .route("/envs", get(envd::envs))

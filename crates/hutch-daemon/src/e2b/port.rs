@@ -46,7 +46,7 @@ fn eq_ct(a: &str, b: &str) -> bool {
 fn split_target(path: &str) -> Result<(&str, u16, &str), E2bError> {
     let rest = path.strip_prefix(PREFIX).unwrap_or("");
     let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
-    let (port, rest) = rest.split_once('/').map(|(p, r)| (p, r)).unwrap_or((rest, ""));
+    let (port, rest) = rest.split_once('/').unwrap_or((rest, ""));
     let ok_id = id.len() == 12 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if !ok_id {
         return Err(E2bError::not_found("no such sandbox: use /e2b-port/<sandbox id>/<port>/<path>"));
