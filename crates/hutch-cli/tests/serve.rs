@@ -612,6 +612,35 @@ fn secrets_are_referenced_by_name_and_never_returned() {
     eprintln!("egress log: {all}");
 }
 
+/// `secret_headers` (a header the gateway adds from a stored secret) may only narrow the secret's stored
+/// binding: a host outside it, a secret not in `secrets`, or a value without `{value}` is a 400 naming the field,
+/// before any VM starts.
+#[test]
+fn secret_headers_only_narrow_the_stored_binding() {
+    let d = Daemon::start(&["--pool", "0"]);
+    let t = d.token("sh", &[]);
+    let mut c = hutch().args(["secret", "set", "GH_TOKEN", "--hosts", "*.github.com", "--data-dir"]).arg(&d.data).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    {
+        use std::io::Write;
+        c.stdin.take().unwrap().write_all(b"ghp_supersecretvalue_0123456789\n").unwrap();
+    }
+    assert!(c.wait_with_output().unwrap().status.success());
+    let header = |hosts: Value, value: &str| json!({"header": "Authorization", "value": value, "hosts": hosts});
+    for (body, want) in [
+        (json!({"secrets": ["GH_TOKEN"], "secret_headers": {"GH_TOKEN": header(json!(["github.com"]), "Bearer {value}")}}), "secret_headers.GH_TOKEN.hosts[0]"),
+        (json!({"secrets": ["GH_TOKEN"], "secret_headers": {"GH_TOKEN": header(json!(["*.com"]), "Bearer {value}")}}), "secret_headers.GH_TOKEN.hosts[0]"),
+        (json!({"secrets": [], "secret_headers": {"GH_TOKEN": header(json!(["api.github.com"]), "Bearer {value}")}}), "secret_headers.GH_TOKEN"),
+        (json!({"secrets": ["GH_TOKEN"], "secret_headers": {"GH_TOKEN": header(json!(["api.github.com"]), "Bearer")}}), "{value}"),
+        (json!({"secrets": ["GH_TOKEN"], "secret_headers": {"GH_TOKEN": header(json!([]), "Bearer {value}")}}), "secret_headers.GH_TOKEN.hosts"),
+    ] {
+        let r = post(&d, &t, "/v1/sandboxes", body.clone());
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 400, "{body}: {text}");
+        assert!(text.contains(want), "{body}: {text}");
+    }
+    assert!(get(&d, &t, "/v1/sandboxes").json()["sandboxes"].as_array().unwrap().is_empty(), "nothing was created");
+}
+
 #[test]
 fn graceful_shutdown_destroys_sandboxes_and_records_it() {
     let mut d = Daemon::start(&[]);
