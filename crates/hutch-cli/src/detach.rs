@@ -117,6 +117,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
         env: BTreeMap::new(),
         policy,
         secrets: vec![],
+        secret_headers: BTreeMap::new(),
         labels: BTreeMap::from([("hutch.run".to_string(), "detach".to_string())]),
         setup: None,
     };

@@ -346,6 +346,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<i32> {
         env: a.env.into_iter().collect(),
         policy,
         secrets: a.secrets,
+        secret_headers: Default::default(),
         labels: a.labels.into_iter().collect(),
         setup: match a.setup {
             Some(f) => Some(SetupSpec {
@@ -729,6 +730,7 @@ pub async fn run_via_daemon(a: crate::cli::RunArgs) -> anyhow::Result<i32> {
         env: a.env.iter().cloned().collect(),
         policy,
         secrets: Vec::new(),
+        secret_headers: Default::default(),
         labels: [("hutch.run".to_string(), "1".to_string())].into_iter().collect(),
         setup: None,
     };

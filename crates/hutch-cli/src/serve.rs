@@ -43,6 +43,16 @@ pub struct ServeArgs {
     /// Repeatable.
     #[arg(long = "template", value_name = "ALIAS=IMAGE", value_parser = parse_template_alias)]
     pub templates: Vec<(String, String)>,
+    /// A policy file whose `resolve` pins and `upstream_ca` roots go into every sandbox's egress policy (how names
+    /// are reached and which upstream roots are trusted: an internal DNS name, a TLS-inspecting proxy's CA).
+    /// Allow rules and secrets stay per sandbox.
+    #[arg(long, value_name = "FILE")]
+    pub egress_base: Option<PathBuf>,
+    /// E2B's sandbox domain: requests whose Host is `<port>-<sandbox id>.<DOMAIN>` go to that port in the sandbox
+    /// (what the SDK's `get_host` returns; `49983-<id>.<DOMAIN>` is envd). Needs a wildcard DNS record
+    /// `*.<DOMAIN>` pointing at this daemon (and a wildcard certificate for HTTPS).
+    #[arg(long, value_name = "DOMAIN", value_parser = parse_e2b_domain)]
+    pub e2b_domain: Option<String>,
     #[command(flatten)]
     pub dir: DataDirArg,
     /// Sandboxes alive at once, across all tokens (creates beyond it get 429).
@@ -95,6 +105,15 @@ pub struct ServeArgs {
     /// and deliver their change to a forge. Checked at start; re-read on SIGHUP.
     #[arg(long)]
     pub triggers: Option<PathBuf>,
+}
+
+/// `--e2b-domain`: a host name (canonical, lowercase) under which sandbox hosts are named.
+fn parse_e2b_domain(s: &str) -> Result<String, String> {
+    let name = hutch_policy::HostName::parse(s).map_err(|e| e.to_string())?;
+    if !name.as_str().contains('.') {
+        return Err(format!("{name} has one label; give a domain such as sandbox.example.com"));
+    }
+    Ok(name.as_str().to_string())
 }
 
 /// `ALIAS=IMAGE` for `--template`.
@@ -168,6 +187,10 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
         Some(p) => Some(hutch_daemon::triggers::TriggerSet::load(p)?),
         None => None,
     };
+    let egress_base = match &a.egress_base {
+        Some(p) => Some(hutch_daemon::egress_spec::EgressBase::load(p)?),
+        None => None,
+    };
     let key = Arc::new(hutch_daemon::secrets::SecretKey::load_or_create(&dd.secret_key())?);
 
     let (cache, image) = crate::image::ensure_image().await?;
@@ -223,6 +246,12 @@ pub async fn serve(a: ServeArgs) -> anyhow::Result<i32> {
     }
     mgr.set_extra_images(extra);
     mgr.set_template_aliases(aliases);
+    if let Some(b) = egress_base {
+        mgr.set_egress_base(b);
+    }
+    if let Some(d) = &a.e2b_domain {
+        mgr.set_e2b_domain(d.clone());
+    }
     let rec = mgr.reconcile()?;
     for gone in mgr.prune_caches() {
         eprintln!("hutch: cache: removed {gone}");

@@ -1,7 +1,7 @@
 """get_host(port) against `hutch serve` (run by tests/e2b.rs with OTHER_KEY, a second token's key): an HTTP
 server started inside the sandbox is reached at /e2b-port/<id>/<port>/<path> on the daemon, with the owner's
 key or the sandbox's traffic token; without credentials (401), with another key or a wrong token (404) it is
-not. Prints `ok: <step>`."""
+not. The same by Host header `<port>-<id>.<E2B_TEST_DOMAIN>` (the daemon's --e2b-domain), as get_host names it. Prints `ok: <step>`."""
 
 import os
 import time
@@ -54,6 +54,34 @@ def main():
     r = httpx.get(f"{api}/e2b-port/{sid}/8001/", headers={"X-API-Key": key}, timeout=30)
     expect(r.status_code == 502 and "not open" in r.json()["message"], f"a closed port: {r.status_code} {r.text}")
     ok("a closed port is a 502")
+
+    # By Host header, as the SDK names the host (the daemon runs with --e2b-domain, given back as the domain).
+    domain = os.environ["E2B_TEST_DOMAIN"]
+    host = sbx.get_host(8000)
+    expect(host == f"8000-{sid}.{domain}", f"get_host with the daemon's domain: {host}")
+    r = httpx.get(f"{api}/index.html", headers={"Host": host, "X-API-Key": key}, timeout=30)
+    expect(r.status_code == 200 and r.text == "hello-from-the-guest\n", f"by host, owner: {r.status_code} {r.text!r}")
+    r = httpx.get(f"{api}/index.html?y=2", headers={"Host": host + ":80", "e2b-traffic-access-token": tok}, timeout=30)
+    expect(r.status_code == 200 and r.text == "hello-from-the-guest\n", f"by host, traffic token: {r.status_code} {r.text!r}")
+    # Every path under that host is the guest server's, the daemon's own routes included.
+    r = httpx.get(f"{api}/v2/sandboxes", headers={"Host": host, "X-API-Key": key}, timeout=30)
+    expect(r.status_code == 404 and not r.text.lstrip().startswith("{"), f"by host, a daemon path: {r.status_code} {r.text!r}")
+    ok("a <port>-<id>.<domain> Host reaches the server in the sandbox")
+    r = httpx.get(f"{api}/index.html", headers={"Host": host, "X-API-Key": other}, timeout=30)
+    expect(r.status_code == 404 and r.json()["code"] == 404, f"by host, another key: {r.status_code} {r.text}")
+    r = httpx.get(f"{api}/index.html", headers={"Host": host}, timeout=30)
+    expect(r.status_code == 401, f"by host, no credentials: {r.status_code}")
+    r = httpx.get(f"{api}/index.html", headers={"Host": f"8000-{'0' * 12}.{domain}", "X-API-Key": key}, timeout=30)
+    expect(r.status_code == 404, f"by host, no such sandbox: {r.status_code}")
+    r = httpx.get(f"{api}/index.html", headers={"Host": f"junk.{domain}", "X-API-Key": key}, timeout=30)
+    expect(r.status_code == 404 and r.json()["code"] == 404, f"by host, a malformed name: {r.status_code}")
+    ok("by host: another key, no key, another id or a malformed name get nothing")
+    envd = {"Host": f"49983-{sid}.{domain}", "X-Access-Token": sbx._envd_access_token}
+    r = httpx.get(f"{api}/files", params={"path": "/home/user/site/index.html"}, headers=envd, timeout=30)
+    expect(r.status_code == 200 and r.text == "hello-from-the-guest\n", f"envd by host: {r.status_code} {r.text}")
+    r = httpx.get(f"{api}/files", params={"path": "/home/user/site/index.html"}, headers={"Host": envd["Host"]}, timeout=30)
+    expect(r.status_code == 502, f"envd by host without its token: {r.status_code} {r.text}")
+    ok("49983-<id>.<domain> is envd")
     sbx.kill()
     print("ALL OK", flush=True)
 

@@ -198,14 +198,14 @@ pub fn router_with(mgr: Arc<Manager>, triggers: Option<Arc<crate::triggers::Trig
         .merge(crate::triggers::api::authed_routes())
         .route_layer(from_fn_with_state(state.clone(), authenticate));
     // E2B's control plane and envd (crate::e2b): their own paths, auth and error shape.
-    let e2b = match crate::e2b::router(state.mgr.clone()) {
-        Ok(r) => r,
+    let (e2b, e2b_hosts) = match crate::e2b::router_and_state(state.mgr.clone()) {
+        Ok((r, s)) => (r, Some(s)),
         Err(e) => {
             tracing::error!("the E2B routes are off: {e}");
-            Router::new()
+            (Router::new(), None)
         }
     };
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(health))
         .merge(e2b)
         .route("/openapi.json", get(openapi_json))
@@ -216,7 +216,12 @@ pub fn router_with(mgr: Arc<Manager>, triggers: Option<Arc<crate::triggers::Trig
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint (see /openapi.json)")
         })
         .layer(DefaultBodyLimit::max(JSON_BODY_MAX))
-        .with_state(state)
+        .with_state(state);
+    // `<port>-<id>.<domain>` Host headers (E2B's get_host) go to the sandbox before any route is matched.
+    match e2b_hosts {
+        Some(s) => router.layer(from_fn_with_state(s, crate::e2b::port::by_host)),
+        None => router,
+    }
 }
 
 async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {

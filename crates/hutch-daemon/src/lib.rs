@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod e2b;
+pub mod egress_spec;
 pub mod files;
 pub mod manager;
 pub mod metrics;

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Principal;
+use crate::egress_spec::{EgressBase, SecretBinding};
 use crate::metrics::Metrics;
 use crate::secrets::SecretKey;
 use crate::model::{CreateSandbox, PolicySpec, SandboxInfo, SandboxState, SetupSpec};
@@ -113,6 +114,9 @@ pub struct CheckedCreate {
     pub env: BTreeMap<String, String>,
     pub policy: Option<PolicySpec>,
     pub secrets: Vec<String>,
+    /// Headers the gateway adds from secrets (rows written before they existed have none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_headers: BTreeMap<String, crate::model::SecretHeader>,
     /// Rows written before setups existed have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setup: Option<SetupSpec>,
@@ -204,6 +208,10 @@ pub struct Manager {
     extra_images: std::sync::OnceLock<BTreeMap<String, ExtraImage>>,
     /// E2B template names that mean an image (`hutch serve --template ALIAS=IMAGE`).
     template_aliases: std::sync::OnceLock<BTreeMap<String, String>>,
+    /// Pins and upstream roots in every sandbox's policy (`hutch serve --egress-base FILE`).
+    egress_base: std::sync::OnceLock<EgressBase>,
+    /// The E2B sandbox domain: `<port>-<id>.<domain>` Host headers reach sandbox ports (`--e2b-domain`).
+    e2b_domain: std::sync::OnceLock<String>,
 }
 
 /// An image other than the default that this daemon also serves.
@@ -258,9 +266,10 @@ pub fn parse_label_filter(s: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(m)
 }
 
-/// The policy as policy-file TOML: the allow rules, and a `[secrets.NAME]` binding (hosts from the store) for
-/// each secret the sandbox may use. Parsed by the gateway's own parser, so what is stored is what is enforced.
-fn policy_toml(p: Option<&PolicySpec>, secrets: &[(String, Vec<String>)]) -> Result<String, String> {
+/// The policy as policy-file TOML: the allow rules, a `[secrets.NAME]` binding for each secret the sandbox may
+/// use (hosts from the store, or narrowed with an added header), and the operator's base (pins, upstream roots).
+/// Parsed by the gateway's own parser, so what is stored is what is enforced.
+fn policy_toml(p: Option<&PolicySpec>, secrets: &[SecretBinding], base: &EgressBase) -> Result<String, String> {
     let mut allow = Vec::new();
     for a in p.map(|p| p.allow.as_slice()).unwrap_or_default() {
         let mut t = toml::map::Map::new();
@@ -279,20 +288,33 @@ fn policy_toml(p: Option<&PolicySpec>, secrets: &[(String, Vec<String>)]) -> Res
     let mut root = toml::map::Map::new();
     root.insert("allow".into(), toml::Value::Array(allow));
     let mut sec = toml::map::Map::new();
-    for (name, hosts) in secrets {
+    for b in secrets {
         let mut t = toml::map::Map::new();
-        t.insert("hosts".into(), toml::Value::Array(hosts.iter().cloned().map(toml::Value::String).collect()));
-        sec.insert(name.clone(), toml::Value::Table(t));
+        t.insert("hosts".into(), toml::Value::Array(b.hosts.iter().cloned().map(toml::Value::String).collect()));
+        if let Some((header, value)) = &b.inject {
+            let mut i = toml::map::Map::new();
+            i.insert("header".into(), toml::Value::String(header.clone()));
+            i.insert("value".into(), toml::Value::String(value.clone()));
+            t.insert("inject".into(), toml::Value::Table(i));
+        }
+        sec.insert(b.name.clone(), toml::Value::Table(t));
     }
     root.insert("secrets".into(), toml::Value::Table(sec));
-    toml::to_string(&toml::Value::Table(root)).map_err(|e| format!("policy: {e}"))
+    base.policy_toml_with(root).map_err(|e| format!("policy: {e}"))
 }
 
-fn checked_policy(p: Option<&PolicySpec>, secrets: &[(String, Vec<String>)]) -> Result<hutch_policy::CheckedPolicy, String> {
+fn checked_policy(p: Option<&PolicySpec>, secrets: &[SecretBinding], base: &EgressBase) -> Result<hutch_policy::CheckedPolicy, String> {
     if p.is_some_and(|p| p.allow.len() > 256) {
         return Err("policy: at most 256 allow rules".into());
     }
-    let text = policy_toml(p, secrets)?;
+    // The operator's pins go in where the sandbox's rules use them (the policy refuses a pin no rule uses).
+    let bare = EgressBase { resolve: Vec::new(), upstream_ca: base.upstream_ca.clone() };
+    let text = policy_toml(p, secrets, &bare)?;
+    let checked = hutch_policy::CheckedPolicy::from_toml_str(&text, Path::new("policy")).map_err(|e| e.to_string())?;
+    if base.resolve.is_empty() {
+        return Ok(checked);
+    }
+    let text = policy_toml(p, secrets, &base.used_by(&checked))?;
     hutch_policy::CheckedPolicy::from_toml_str(&text, Path::new("policy")).map_err(|e| e.to_string())
 }
 
@@ -356,6 +378,8 @@ impl Manager {
             pause_root: std::sync::OnceLock::new(),
             extra_images: std::sync::OnceLock::new(),
             template_aliases: std::sync::OnceLock::new(),
+            egress_base: std::sync::OnceLock::new(),
+            e2b_domain: std::sync::OnceLock::new(),
         })
     }
 
@@ -469,6 +493,25 @@ impl Manager {
         let _ = self.template_aliases.set(aliases);
     }
 
+    /// The operator's egress base for every sandbox (call once, before serving).
+    pub fn set_egress_base(&self, base: EgressBase) {
+        let _ = self.egress_base.set(base);
+    }
+
+    /// The E2B sandbox domain (call once, before serving; checked by the caller).
+    pub fn set_e2b_domain(&self, domain: String) {
+        let _ = self.e2b_domain.set(domain);
+    }
+
+    pub fn e2b_domain(&self) -> Option<&str> {
+        self.e2b_domain.get().map(String::as_str)
+    }
+
+    fn egress_base(&self) -> &EgressBase {
+        static NONE: std::sync::OnceLock<EgressBase> = std::sync::OnceLock::new();
+        self.egress_base.get().unwrap_or_else(|| NONE.get_or_init(EgressBase::default))
+    }
+
     pub fn template_aliases(&self) -> BTreeMap<String, String> {
         self.template_aliases.get().cloned().unwrap_or_default()
     }
@@ -550,7 +593,8 @@ impl Manager {
                 return Err(bad(format!("secret {s} is not in the daemon's store (add it with `hutch secret set {s} --hosts ...`)")));
             }
         }
-        checked_policy(req.policy.as_ref(), &self.secret_hosts(&secrets)?).map_err(bad)?;
+        let bindings = self.secret_bindings(&secrets, &req.secret_headers)?;
+        checked_policy(req.policy.as_ref(), &bindings, self.egress_base()).map_err(bad)?;
         check_labels(&req.labels).map_err(bad)?;
         if let Some(s) = &req.setup {
             if s.script.len() > MAX_SETUP {
@@ -559,30 +603,39 @@ impl Manager {
             if s.script.trim().is_empty() {
                 return Err(bad("setup.script is empty".into()));
             }
-            checked_policy(s.policy.as_ref(), &[]).map_err(|e| bad(format!("setup.{e}")))?;
+            checked_policy(s.policy.as_ref(), &[], self.egress_base()).map_err(|e| bad(format!("setup.{e}")))?;
         }
-        Ok(CheckedCreate { image, cpus, memory_mib, ttl_secs, env: req.env.clone(), policy: req.policy.clone(), secrets, setup: req.setup.clone() })
+        Ok(CheckedCreate {
+            image,
+            cpus,
+            memory_mib,
+            ttl_secs,
+            env: req.env.clone(),
+            policy: req.policy.clone(),
+            secrets,
+            secret_headers: req.secret_headers.clone(),
+            setup: req.setup.clone(),
+        })
     }
 
-    fn secret_hosts(&self, names: &[String]) -> Result<Vec<(String, Vec<String>)>, ManagerError> {
-        let mut out = Vec::new();
+    fn secret_bindings(&self, names: &[String], headers: &BTreeMap<String, crate::model::SecretHeader>) -> Result<Vec<SecretBinding>, ManagerError> {
+        let mut rows = Vec::new();
         for n in names {
-            let row = self.store.secret(n)?.ok_or_else(|| ManagerError::BadInput(format!("secret {n} is not in the daemon's store")))?;
-            out.push((row.name, row.hosts));
+            rows.push(self.store.secret(n)?.ok_or_else(|| ManagerError::BadInput(format!("secret {n} is not in the daemon's store")))?);
         }
-        Ok(out)
+        crate::egress_spec::bindings(&rows, headers).map_err(ManagerError::BadInput)
     }
 
     /// The sandbox's egress: its checked policy, secret values read from the store only when the gateway is
     /// built (they live in the host-side gateway, never in the guest), and its audit records into the database.
     fn egress(&self, id: &str, spec: &CheckedCreate) -> Result<Egress, ManagerError> {
-        let policy = checked_policy(spec.policy.as_ref(), &self.secret_hosts(&spec.secrets)?).map_err(ManagerError::BadInput)?;
+        let policy = checked_policy(spec.policy.as_ref(), &self.secret_bindings(&spec.secrets, &spec.secret_headers)?, self.egress_base()).map_err(ManagerError::BadInput)?;
         let sink = DbAuditSink { sandbox: id.to_string(), tx: self.audit_tx.clone(), metrics: self.metrics.clone(), stored: Default::default() };
         let store = self.store.clone();
         let key = self.key.clone();
         let mut egress = Egress::new(policy, Arc::new(sink));
         if let Some(s) = &spec.setup {
-            egress = egress.with_setup_phase(checked_policy(s.policy.as_ref(), &[]).map_err(ManagerError::BadInput)?);
+            egress = egress.with_setup_phase(checked_policy(s.policy.as_ref(), &[], self.egress_base()).map_err(ManagerError::BadInput)?);
         }
         Ok(egress.with_secret_loader(move |p| {
             p.load_secrets_with(|name| match crate::secrets::reveal(&store, &key, name) {

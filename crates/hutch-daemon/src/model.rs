@@ -34,6 +34,11 @@ pub struct CreateSandbox {
     /// Names of secrets in the daemon's store this sandbox may use through the gateway (never their values).
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Headers the gateway adds from secrets, by secret name (each one of `secrets`): on the hosts given (which
+    /// must lie within the secret's stored binding; the secret is then bound to those alone), to requests that
+    /// carry no header of that name. The guest never holds the value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_headers: BTreeMap<String, SecretHeader>,
     /// Free-form labels for filtering listings.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -42,6 +47,18 @@ pub struct CreateSandbox {
     /// size starts from it instead of running the script again (`start_mode` says which happened).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setup: Option<SetupSpec>,
+}
+
+/// A header the gateway adds from a secret (see `CreateSandbox::secret_headers`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretHeader {
+    /// `HOST` or `*.DOMAIN`, each within the secret's stored binding.
+    pub hosts: Vec<String>,
+    /// The header name, e.g. `Authorization`.
+    pub header: String,
+    /// The header value with `{value}` once where the secret goes, e.g. `Bearer {value}`.
+    pub value: String,
 }
 
 /// The setup phase of a create.

@@ -125,7 +125,7 @@ pub struct SecretTarget {
 
 impl SecretTarget {
     /// `HOST[:PORT][/PREFIX]`.
-    pub(crate) fn parse(s: &str) -> Result<SecretTarget, String> {
+    pub fn parse(s: &str) -> Result<SecretTarget, String> {
         let (hostport, path) = match s.find('/') {
             Some(i) => (&s[..i], Some(PathPrefix::parse(&s[i..])?)),
             None => (s, None),
@@ -160,6 +160,16 @@ impl SecretTarget {
 
     pub fn path(&self) -> Option<&PathPrefix> {
         self.path.as_ref()
+    }
+
+    /// This target limited to the names `pattern` matches (same port and path), or `None` when it
+    /// does not cover them all: how a binding is narrowed to fewer hosts, never widened.
+    pub fn narrowed_to(&self, pattern: &HostPattern) -> Option<SecretTarget> {
+        self.pattern.covers(pattern).then(|| SecretTarget {
+            pattern: pattern.clone(),
+            port: self.port,
+            path: self.path.clone(),
+        })
     }
 
     fn matches(&self, host: &HostName, port: u16, path: Option<&JudgedPath<'_>>) -> bool {
@@ -372,6 +382,19 @@ pub struct LoadedSecret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn targets_narrow_but_never_widen() {
+        let t = SecretTarget::parse("*.example.com:443/v1/").expect("target");
+        let one = HostPattern::parse("api.example.com").expect("pattern");
+        assert_eq!(t.narrowed_to(&one).expect("covered").to_string(), "api.example.com:443/v1/");
+        let deeper = HostPattern::parse("*.eu.example.com").expect("pattern");
+        assert!(t.narrowed_to(&deeper).is_some());
+        let apex = HostPattern::parse("example.com").expect("pattern");
+        assert!(t.narrowed_to(&apex).is_none(), "a wildcard never covers its apex");
+        let exact = SecretTarget::parse("api.example.com").expect("target");
+        assert!(exact.narrowed_to(&HostPattern::parse("*.api.example.com").expect("p")).is_none());
+    }
 
     /// Threat 12 (secrets in logs and error messages): the value never prints.
     #[test]

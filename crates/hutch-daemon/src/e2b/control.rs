@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -43,27 +43,13 @@ struct NewSandbox {
     #[serde(default, rename = "allow_internet_access")]
     allow_internet_access: Option<bool>,
     #[serde(default)]
-    network: Option<NetworkConfig>,
+    network: Option<super::egress::NetworkConfig>,
     #[serde(default)]
     secure: Option<bool>,
     #[serde(default)]
     mcp: Option<Value>,
     #[serde(default)]
     volume_mounts: Option<Vec<Value>>,
-}
-
-/// E2B's `network`: outbound allow/deny lists. Host names in `allowOut` become the sandbox's egress policy.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NetworkConfig {
-    #[serde(default)]
-    allow_out: Option<Vec<String>>,
-    #[serde(default)]
-    deny_out: Option<Vec<String>>,
-    #[serde(default)]
-    allow_public_traffic: Option<bool>,
-    #[serde(default)]
-    mask_request_host: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +96,21 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes, empty_ok: bool) -> R
         return Err(E2bError::bad("the body must be a JSON object"));
     }
     serde_json::from_slice(text).map_err(|e| E2bError::bad(format!("bad request body: {e}")))
+}
+
+/// The `{id}` path segment, whatever bytes it holds: one that is not even UTF-8 names no sandbox either (E2B's
+/// 404 in its JSON shape, not the router's text rejection).
+pub struct IdPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = E2bError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, E2bError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(IdPath(id)),
+            Err(_) => Err(E2bError::not_found("no such sandbox (ids are 12 lowercase hex digits)")),
+        }
+    }
 }
 
 /// Sandbox ids are the daemon's: 12 lowercase hex digits. Anything else names no sandbox.
@@ -163,7 +164,7 @@ fn created_body(st: &Shared, info: &SandboxInfo) -> Value {
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": st.access_token(&info.id),
         "trafficAccessToken": st.traffic_token(&info.id),
-        "domain": null,
+        "domain": st.mgr.e2b_domain(),
     })
 }
 
@@ -187,7 +188,7 @@ fn detail_body(st: &Shared, info: &SandboxInfo) -> Value {
     let mut v = listed_body(info);
     if let Some(o) = v.as_object_mut() {
         o.insert("envdAccessToken".into(), Value::String(st.access_token(&info.id)));
-        o.insert("domain".into(), Value::Null);
+        o.insert("domain".into(), json!(st.mgr.e2b_domain()));
     }
     v
 }
@@ -225,7 +226,9 @@ pub async fn create(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -
         return Err(E2bError::bad("volumeMounts are not supported by this daemon; copy files in with sandbox.files.write"));
     }
     let _ = req.secure;
-    let policy = egress_policy(req.allow_internet_access, req.network.as_ref())?;
+    let egress = super::egress::map(req.allow_internet_access, req.network.as_ref(), |name| {
+        Ok(st.mgr.store.secret(name)?.map(|row| row.hosts))
+    })?;
     let timeout = match req.timeout {
         Some(t) if t < 1 => return Err(E2bError::bad(format!("timeout must be at least 1 second, got {t}"))),
         Some(t) => check_timeout(&st, t, "timeout")?,
@@ -246,7 +249,9 @@ pub async fn create(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -
         image,
         ttl_secs: Some(timeout),
         env: req.env_vars.unwrap_or_default(),
-        policy,
+        policy: egress.policy,
+        secrets: egress.secrets,
+        secret_headers: egress.secret_headers,
         labels,
         ..CreateSandbox::default()
     };
@@ -258,37 +263,6 @@ pub async fn create(State(st): State<Shared>, headers: HeaderMap, body: Bytes) -
         }
     }
     Ok((StatusCode::CREATED, Json(created_body(&st, &info))).into_response())
-}
-
-/// E2B's egress options as a Hutch policy: the gateway denies by default, so "internet access" means the
-/// hosts listed in `network.allowOut` (host names, `*.domain` wildcards); address ranges cannot be expressed.
-fn egress_policy(allow_internet: Option<bool>, network: Option<&NetworkConfig>) -> Result<Option<crate::model::PolicySpec>, E2bError> {
-    let Some(n) = network else {
-        if allow_internet == Some(true) {
-            return Err(E2bError::bad(
-                "allow_internet_access=True: Hutch sandboxes reach only the hosts you allow; pass network={'allow_out': ['api.example.com', ...]} instead",
-            ));
-        }
-        return Ok(None);
-    };
-    // `denyOut` needs nothing: everything not allowed is denied already.
-    let _ = &n.deny_out;
-    if n.allow_public_traffic == Some(false) || n.mask_request_host.is_some() {
-        return Err(E2bError::bad("network.allowPublicTraffic/maskRequestHost are not supported by this daemon; leave them out"));
-    }
-    let mut allow = Vec::new();
-    for h in n.allow_out.iter().flatten() {
-        if h.contains('/') || h.parse::<std::net::IpAddr>().is_ok() {
-            return Err(E2bError::bad(format!(
-                "network.allowOut: {h:?} is an address or range; Hutch's gateway allows host names (example.com, *.example.com)"
-            )));
-        }
-        allow.push(crate::model::AllowSpec { host: h.clone(), ports: None, methods: None, paths: None });
-    }
-    if allow.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(crate::model::PolicySpec { allow }))
 }
 
 #[derive(Debug)]
@@ -405,20 +379,20 @@ pub async fn list_v1(st: State<Shared>, headers: HeaderMap, q: RawQuery) -> Resu
     list(st, headers, q).await
 }
 
-pub async fn get_one(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Result<Json<Value>, E2bError> {
+pub async fn get_one(State(st): State<Shared>, headers: HeaderMap, IdPath(id): IdPath) -> Result<Json<Value>, E2bError> {
     let who = api_principal(&st, &headers)?;
     let info = live_info(&st, &who, &id)?;
     Ok(Json(detail_body(&st, &info)))
 }
 
-pub async fn kill(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>) -> Result<StatusCode, E2bError> {
+pub async fn kill(State(st): State<Shared>, headers: HeaderMap, IdPath(id): IdPath) -> Result<StatusCode, E2bError> {
     let who = api_principal(&st, &headers)?;
     let info = live_info(&st, &who, &id)?;
     st.mgr.delete(&who, &info.id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn set_timeout(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<StatusCode, E2bError> {
+pub async fn set_timeout(State(st): State<Shared>, headers: HeaderMap, IdPath(id): IdPath, body: Bytes) -> Result<StatusCode, E2bError> {
     let who = api_principal(&st, &headers)?;
     let req: TimeoutBody = parse_body(&body, false)?;
     let secs = check_timeout(&st, req.timeout, "timeout")?;
@@ -428,7 +402,7 @@ pub async fn set_timeout(State(st): State<Shared>, headers: HeaderMap, Path(id):
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn refresh(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<StatusCode, E2bError> {
+pub async fn refresh(State(st): State<Shared>, headers: HeaderMap, IdPath(id): IdPath, body: Bytes) -> Result<StatusCode, E2bError> {
     let who = api_principal(&st, &headers)?;
     let req: RefreshBody = parse_body(&body, true)?;
     let secs = check_timeout(&st, req.duration.unwrap_or(60), "duration")?;
@@ -442,7 +416,7 @@ pub async fn refresh(State(st): State<Shared>, headers: HeaderMap, Path(id): Pat
 
 /// Connect to (E2B: or resume) a sandbox: a running one answers at once (200), its timeout lengthened (never
 /// shortened) to the one asked for; a paused one is resumed from disk (201) and runs `timeout` seconds from now.
-pub async fn connect(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Response, E2bError> {
+pub async fn connect(State(st): State<Shared>, headers: HeaderMap, IdPath(id): IdPath, body: Bytes) -> Result<Response, E2bError> {
     let who = api_principal(&st, &headers)?;
     let req: ConnectBody = parse_body(&body, true)?;
     let info = live_info(&st, &who, &id)?;
@@ -466,7 +440,7 @@ pub async fn connect(State(st): State<Shared>, headers: HeaderMap, Path(id): Pat
 }
 
 /// Pauses a running sandbox to disk (memory, devices and disk layer): 204; 409 when it is paused already.
-pub async fn pause(State(st): State<Shared>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<StatusCode, E2bError> {
+pub async fn pause(State(st): State<Shared>, headers: HeaderMap, IdPath(id): IdPath, body: Bytes) -> Result<StatusCode, E2bError> {
     let who = api_principal(&st, &headers)?;
     let req: PauseBody = parse_body(&body, true)?;
     let info = live_info(&st, &who, &id)?;
@@ -517,15 +491,5 @@ mod tests {
         assert_eq!(image_for("plain", &both, &aliases).unwrap(), None);
         let e = image_for("nope", &both, &aliases).unwrap_err();
         assert!(e.message.contains("\"node\"") && e.message.contains("\"agents\""), "{}", e.message);
-    }
-
-    #[test]
-    fn egress_options_map_to_policies() {
-        assert!(egress_policy(None, None).unwrap().is_none());
-        assert!(egress_policy(Some(true), None).is_err());
-        let n = NetworkConfig { allow_out: Some(vec!["*.example.com".into()]), deny_out: None, allow_public_traffic: None, mask_request_host: None };
-        assert_eq!(egress_policy(None, Some(&n)).unwrap().unwrap().allow[0].host, "*.example.com");
-        let n = NetworkConfig { allow_out: Some(vec!["10.0.0.0/8".into()]), deny_out: None, allow_public_traffic: None, mask_request_host: None };
-        assert!(egress_policy(None, Some(&n)).is_err());
     }
 }

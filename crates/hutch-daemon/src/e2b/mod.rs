@@ -6,7 +6,9 @@
 //! facts (template name, metadata) live in reserved labels.
 
 pub mod control;
+pub mod egress;
 pub mod envd;
+pub mod openapi;
 pub mod port;
 
 use std::collections::HashMap;
@@ -155,10 +157,15 @@ pub fn owner_principal(st: &E2bState, owner_token_id: &str) -> Result<Option<Pri
     Ok(Some(Principal { token_id: row.id, name: row.name, admin: row.admin, max_sandboxes: row.max_sandboxes }))
 }
 
-/// The E2B routes: control plane and envd, merged into the daemon's router (no path overlaps the native API).
-pub fn router<S: Clone + Send + Sync + 'static>(mgr: Arc<Manager>) -> Result<Router<S>, crate::DaemonError> {
+/// The E2B routes (control plane and envd, merged into the daemon's router: no path overlaps the native API)
+/// and their state, for the Host-header layer ([`port::by_host`]) that wraps the whole daemon router.
+pub fn router_and_state<S: Clone + Send + Sync + 'static>(mgr: Arc<Manager>) -> Result<(Router<S>, Shared), crate::DaemonError> {
     let st = E2bState::new(mgr)?;
-    Ok(Router::new()
+    Ok((routes(st.clone()), st))
+}
+
+fn routes<S: Clone + Send + Sync + 'static>(st: Shared) -> Router<S> {
+    Router::new()
         .route("/v2/sandboxes", post(control::create).get(control::list))
         .route("/sandboxes", post(control::create).get(control::list_v1))
         .route("/sandboxes/{id}", get(control::get_one).delete(control::kill))
@@ -168,6 +175,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(mgr: Arc<Manager>) -> Result<Rou
         .route("/sandboxes/{id}/connect", post(control::connect))
         .route("/sandboxes/{id}/resume", post(control::connect))
         .route("/sandboxes/{id}/pause", post(control::pause))
+        .route("/e2b/openapi.json", get(openapi::serve))
         .route("/v2/{*rest}", axum::routing::any(no_such_endpoint))
         .route("/health", get(envd::health))
         .route("/envs", get(envd::envs))
@@ -177,7 +185,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(mgr: Arc<Manager>) -> Result<Rou
         .route("/e2b-port/{id}/{port}", axum::routing::any(port::forward).layer(DefaultBodyLimit::disable()))
         .route("/e2b-port/{id}/{port}/", axum::routing::any(port::forward).layer(DefaultBodyLimit::disable()))
         .route("/e2b-port/{id}/{port}/{*rest}", axum::routing::any(port::forward).layer(DefaultBodyLimit::disable()))
-        .with_state(st))
+        .with_state(st)
 }
 
 async fn no_such_endpoint() -> E2bError {

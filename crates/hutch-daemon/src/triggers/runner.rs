@@ -260,6 +260,7 @@ impl Triggers {
             env: Default::default(),
             policy: None,
             secrets: vec![],
+            secret_headers: Default::default(),
             setup: None,
         };
         let labels = [("hutch.run".to_string(), run.id.clone()), ("hutch.trigger".to_string(), run.trigger.clone())].into_iter().collect();
