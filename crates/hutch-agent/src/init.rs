@@ -182,7 +182,9 @@ fn scrub_free_memory() {
 }
 
 fn agent_main(respawned: bool) -> i32 {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    // The blocking pool's thread is made before the first `Ready` and kept: a VM restored from a snapshot then
+    // finds it running instead of creating one (thread creation is cold kernel code under emulation).
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().thread_keep_alive(Duration::from_secs(24 * 3600)).build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("hutch-agent: cannot start runtime: {e}");
@@ -207,6 +209,9 @@ fn agent_main(respawned: bool) -> i32 {
                 return 1;
             }
         };
+        // Before the first `Ready`, so that a snapshot holds it: the workspace drive found and opened, the
+        // overlay's directories made.
+        let _ = tokio::task::spawn_blocking(crate::workspace::prepare).await;
         let state = crate::serve::State::default();
         // Routes and nft rules live in the kernel: a respawned agent finds them in place.
         if !respawned {

@@ -116,6 +116,9 @@ async fn handle(stream: Stream, state: State) {
                 .unwrap_or_else(|e| Err(format!("mounting the workspace failed: {e}")));
             let _ = framed.send(&Reply::from_result(r)).await;
         }
+        Request::WorkspaceUntouched => {
+            let _ = framed.send(&Reply::from_result(crate::workspace::untouched())).await;
+        }
         Request::GetFile { path } => crate::files::get(framed, &path).await,
         Request::Ping => {
             let _ = framed.send(&Reply::Ok).await;

@@ -33,7 +33,7 @@ impl Samples {
         v[idx.min(v.len() - 1)]
     }
     fn print(&self) {
-        println!("{:<46} p50 {:>8.1} ms   p95 {:>8.1} ms   (n={})", self.name, self.pct(50.0), self.pct(95.0), self.ms.len());
+        println!("{:<46} p50 {:>8.1} ms   p90 {:>8.1} ms   p95 {:>8.1} ms   (n={})", self.name, self.pct(50.0), self.pct(90.0), self.pct(95.0), self.ms.len());
     }
 }
 
@@ -212,7 +212,8 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<i32> {
     let vm_flags: Vec<&str> = vm_flags.iter().map(String::as_str).collect();
     if !a.repo.is_empty() {
         for &files in &a.repo {
-            bench_repo(files, a.runs, &vm_flags).await?;
+            let dir = bench_repo(files, a.runs, &vm_flags).await?;
+            mount_profile(&host, &cfg, &dir, &cache.root().join("workspaces"), a.runs).await?;
         }
         return Ok(0);
     }
@@ -411,7 +412,7 @@ async fn time_run_in(dir: &std::path::Path, extra: &[&str]) -> anyhow::Result<(D
 
 /// The repository case: the first run (the workspace image is made), then `runs` runs of the same tree and of
 /// `--no-repo`, alternating, with the split of the repository runs.
-async fn bench_repo(files: u32, runs: u32, vm_flags: &[&str]) -> anyhow::Result<()> {
+async fn bench_repo(files: u32, runs: u32, vm_flags: &[&str]) -> anyhow::Result<std::path::PathBuf> {
     let t = Instant::now();
     let dir = tokio::task::spawn_blocking(move || bench_repository(files)).await??;
     let size = dir_size(&dir);
@@ -461,6 +462,51 @@ async fn bench_repo(files: u32, runs: u32, vm_flags: &[&str]) -> anyhow::Result<
         s.print();
     }
     println!("{:<46} {:.2}x (p50)\n", "ratio repository / --no-repo", wall.pct(50.0) / no_repo.pct(50.0));
+    Ok(dir)
+}
+
+/// In-process, with the image the runs of `dir` used: the workspace mount in a fresh VM (under TCG mostly the
+/// translation of kernel code run for the first time), the same mount again in that VM (the work itself), one
+/// agent round trip, and the collection's overlay check, each with the guest code blocks translated meanwhile.
+async fn mount_profile(host: &Host, cfg: &hutch_sandbox::SandboxConfig, dir: &std::path::Path, ws_cache: &std::path::Path, runs: u32) -> anyhow::Result<()> {
+    let repo = hutch_repo::HostRepo::discover(dir)?.context("the bench repository is not a git work tree")?;
+    let image = hutch_repo::host::predicted_image(&repo, ws_cache).context("no workspace image recorded for the bench repository")?;
+    let cfg = hutch_sandbox::SandboxConfig { workspace_image: Some(image), ..cfg.clone() };
+    let names = ["mount (fresh VM)", "mount again (same VM)", "ping", "upper layer empty? (in the agent)", "full overlay check (a process)"];
+    let mut ms: Vec<Samples> = names.iter().map(|n| Samples::new(format!("  in-process: {n}"))).collect();
+    let mut blocks: Vec<Vec<u64>> = vec![vec![]; names.len()];
+    for _ in 0..runs.min(5) {
+        let mut sb = Sandbox::create(host, &cfg).await?;
+        let r = async {
+            for (i, step) in ms.iter_mut().enumerate() {
+                let b0 = sb.translated_blocks().await;
+                let t = Instant::now();
+                match i {
+                    0 | 1 => sb.client().mount_workspace(hutch_repo::guest::WORKSPACE).await?,
+                    2 => sb.client().ping().await?,
+                    3 => anyhow::ensure!(sb.client().workspace_untouched().await?, "the agent says the upper layer is not empty"),
+                    _ => {
+                        let argv = ["/run/hutch-agent", "workspace-changes", "/var/tmp/hutch/overlay/upper", "/run/hutch/workspace-image", "/var/tmp/hutch/out"];
+                        let req = hutch_proto::ExecRequest { argv: argv.map(str::to_string).to_vec(), env: vec![], cwd: Some(hutch_repo::guest::WORKSPACE.into()), stdin: false, tty: None };
+                        let out = sb.client().run_request(req).await?;
+                        anyhow::ensure!(out.stdout.starts_with(b"0 same\n"), "the overlay check found changes: {}", hutch_text::escape_lines(&out.stdout));
+                    }
+                }
+                step.push(t.elapsed());
+                if let (Some(a), Some(b)) = (b0, sb.translated_blocks().await) {
+                    blocks[i].push(b.saturating_sub(a));
+                }
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        sb.destroy().await;
+        r?;
+    }
+    for (s, b) in ms.iter().zip(blocks.iter_mut()) {
+        println!("{:<46} p50 {:>8.1} ms   p95 {:>8.1} ms   blocks translated p50 {}", s.name, s.pct(50.0), s.pct(95.0), median(b).map_or("-".into(), |v| v.to_string()));
+    }
+    println!();
     Ok(())
 }
 

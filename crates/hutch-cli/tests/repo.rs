@@ -412,6 +412,11 @@ fn type_changes_come_back_exactly_touches_are_no_change_and_the_image_is_never_w
     let first = hutch().args(["run", "--", "true"]).current_dir(&r.dir).env("XDG_DATA_HOME", &r.data).env("HUTCH_LOG", "hutch_repo=debug").output().unwrap();
     let (image, reused) = image_of(&log(&first));
     assert!(reused, "a second run of the same tree reuses its image: {}", log(&first));
+    // Nothing written: the agent finds the upper layer empty and nothing runs to collect.
+    assert!(log(&first).contains("no changes in /workspace"), "{}", log(&first));
+    let read_only = hutch().args(["run", "--", "sh", "-c", "cat a.txt >/dev/null && git status --porcelain"]).current_dir(&r.dir).env("XDG_DATA_HOME", &r.data).output().unwrap();
+    assert_eq!(read_only.status.code(), Some(0), "{}", log(&read_only));
+    assert!(log(&read_only).contains("no changes in /workspace"), "git refreshing its index is no change: {}", log(&read_only));
     let digest = sha256_hex(&image);
     let script = format!(
         r#"set -e

@@ -19,6 +19,12 @@ pub const PROTOCOL_VERSION: u32 = 4;
 /// Name of the virtio-serial port (and, later, the vsock port's purpose) that carries the protocol.
 pub const AGENT_PORT_NAME: &str = "hutch.agent";
 
+/// The serial number of the workspace drive, by which the guest finds it (the VMM gives it to the drive).
+pub const WORKSPACE_SERIAL: &str = "hutch-workspace";
+
+/// Where the workspace overlay goes in the guest.
+pub const WORKSPACE_DIR: &str = "/workspace";
+
 /// Largest frame either end accepts; bigger payloads are sent as several chunks.
 pub const MAX_FRAME: usize = 1 << 20;
 

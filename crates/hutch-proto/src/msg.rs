@@ -34,6 +34,11 @@ pub enum Request {
     /// Connect to a TCP port on the guest's loopback (a server the sandbox started): one [`Reply`], then the
     /// stream's remaining bytes are that connection's, both ways. The host sends nothing before the reply.
     Connect { port: u16 },
+    /// Whether the workspace overlay's upper layer is empty, i.e. nothing in `/workspace` was written, created or
+    /// deleted: one [`Reply`], `Ok` only when it is provably empty. Anything else (an entry there, no overlay, an
+    /// error) means "look properly": the host then runs the full check. Answered inside the agent, so the common
+    /// case of a command that only read costs no process in the guest.
+    WorkspaceUntouched,
 }
 
 /// Sent by the host at the start of each session: everything that must differ between sandboxes made from the

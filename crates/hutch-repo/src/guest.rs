@@ -17,7 +17,7 @@ use crate::host::Snapshot;
 use crate::{io_err, Limits, RepoError};
 
 /// Where the repository is in the VM.
-pub const WORKSPACE: &str = "/workspace";
+pub const WORKSPACE: &str = hutch_proto::WORKSPACE_DIR;
 const STAGING: &str = "/var/tmp/hutch";
 
 /// The agent binary in the guest (it lists the overlay's changes).
@@ -236,6 +236,16 @@ pub async fn run_setup(
 pub async fn collect(client: &AgentClient, ws: &Workspace, dest: &Path, limits: &Limits) -> Result<Collected, RepoError> {
     let env = vec![("AGENT".into(), AGENT.into()), ("SNAPSHOT_INDEX".into(), crate::host::SNAPSHOT_INDEX.into())];
     let mut report = None;
+    let unchanged = || {
+        let head = ws.base.as_ref().map(|o| o.to_string()).unwrap_or_else(|| "-".into());
+        format!("head {head}\nbundle no\npatch unchanged\n").into_bytes()
+    };
+    // An empty upper layer (the agent looks, no process runs): the workspace is the image, so HEAD is the base,
+    // nothing changed and the git metadata is what the host put in the image. An agent that cannot tell leaves it
+    // to the full check below.
+    if ws.overlay && matches!(client.workspace_untouched().await, Ok(true)) {
+        return Ok(Collected { head: ws.base.clone(), bundle: None, patch: None, git_meta_changed: vec![] });
+    }
     if ws.overlay {
         // The upper layer first, by the agent alone: when it says nothing changed (the common case of a command
         // that only reads), that is the whole report, and no shell or git process runs at all.
@@ -245,8 +255,7 @@ pub async fn collect(client: &AgentClient, ws: &Workspace, dest: &Path, limits: 
             return Err(failed("reading the overlay's changes in /workspace", &r));
         }
         if let Some(rest) = r.stdout.strip_prefix(b"0 same\n".as_slice()) {
-            let head = ws.base.as_ref().map(|o| o.to_string()).unwrap_or_else(|| "-".into());
-            let mut text = format!("head {head}\nbundle no\npatch unchanged\n").into_bytes();
+            let mut text = unchanged();
             text.extend_from_slice(rest);
             report = Some(text);
         }

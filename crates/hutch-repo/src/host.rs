@@ -33,8 +33,11 @@ impl HostRepo {
     /// repository, or inside a `.git` directory).
     pub fn discover(cwd: &Path) -> Result<Option<HostRepo>, RepoError> {
         let g = Git::discover(cwd);
-        let top = match g.run("rev-parse --show-toplevel", ["rev-parse", "--show-toplevel"]) {
-            Ok(out) => path_from_output(&out),
+        // One process says where everything is (it runs before the VM can start); paths are one a line, so one
+        // holding a newline makes more lines, and then each is asked for on its own.
+        let args = ["rev-parse", "--path-format=absolute", "--show-toplevel", "--git-dir", "--git-common-dir", "--show-object-format"];
+        let out = match g.run("rev-parse (where the repository is)", args) {
+            Ok(out) => out,
             Err(RepoError::Git { stderr, .. })
                 if stderr.contains("not a git repository") || stderr.contains("must be run in a work tree") =>
             {
@@ -42,13 +45,24 @@ impl HostRepo {
             }
             Err(e) => return Err(e),
         };
-        let g = Git::discover(&top);
-        let abs = |what: &str| -> Result<PathBuf, RepoError> {
-            Ok(path_from_output(&g.run(&format!("rev-parse {what}"), ["rev-parse", "--path-format=absolute", what])?))
+        let lines: Vec<&[u8]> = out.strip_suffix(b"\n").unwrap_or(&out).split(|&b| b == b'\n').collect();
+        let (top, git_dir, common_dir, object_format) = match lines[..] {
+            [top, git_dir, common_dir, format] => (
+                path_from_output(top),
+                path_from_output(git_dir),
+                path_from_output(common_dir),
+                String::from_utf8_lossy(format).into_owned(),
+            ),
+            _ => {
+                let top = path_from_output(&g.run("rev-parse --show-toplevel", ["rev-parse", "--path-format=absolute", "--show-toplevel"])?);
+                let g = Git::discover(&top);
+                let abs = |what: &str| -> Result<PathBuf, RepoError> {
+                    Ok(path_from_output(&g.run(&format!("rev-parse {what}"), ["rev-parse", "--path-format=absolute", what])?))
+                };
+                let (git_dir, common_dir) = (abs("--git-dir")?, abs("--git-common-dir")?);
+                (top, git_dir, common_dir, g.line("rev-parse --show-object-format", ["rev-parse", "--show-object-format"])?)
+            }
         };
-        let git_dir = abs("--git-dir")?;
-        let common_dir = abs("--git-common-dir")?;
-        let object_format = g.line("rev-parse --show-object-format", ["rev-parse", "--show-object-format"])?;
         if object_format != "sha1" && object_format != "sha256" {
             return Err(RepoError::Project(format!("unsupported object format {object_format:?}")));
         }
@@ -807,6 +821,28 @@ pub(crate) mod tests {
         assert!(repo.head.is_some());
         assert!(HostRepo::discover(t.path()).unwrap().is_none(), "outside any repository");
         assert!(HostRepo::discover(&r.join(".git")).unwrap().is_none(), "inside .git there is no work tree");
+        assert_eq!(repo.git_dir, r.canonicalize().unwrap().join(".git"));
+        assert_eq!(repo.common_dir, repo.git_dir);
+        assert_eq!(repo.object_format, "sha1");
+    }
+
+    /// Where the repository is comes from one `rev-parse` whose answers are one a line: a path holding a newline
+    /// makes it ask again one question at a time, with the same answers.
+    #[test]
+    fn discovery_of_a_repository_whose_path_holds_a_newline() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path().join("odd\nname");
+        std::fs::create_dir(&r).unwrap();
+        Git::discover(&r).run("init", ["init", "-q", "-b", "main"]).unwrap();
+        std::fs::create_dir(r.join("sub")).unwrap();
+        let repo = HostRepo::discover(&r.join("sub")).unwrap().unwrap();
+        assert_eq!(repo.top, r.canonicalize().unwrap());
+        assert_eq!(repo.git_dir, repo.top.join(".git"));
+        assert_eq!(repo.common_dir, repo.git_dir);
+        assert_eq!(repo.object_format, "sha1");
+        assert_eq!(repo.prefix, PathBuf::from("sub"));
+        assert_eq!(repo.branch.as_deref(), Some("main"));
+        assert!(repo.head.is_none());
     }
 
     #[test]

@@ -116,6 +116,16 @@ impl AgentClient {
         Self::reply(&mut f, &format!("mounting the workspace at {target}")).await
     }
 
+    /// Whether the workspace overlay's upper layer is provably empty (nothing in the workspace changed); `false`
+    /// when it is not, or the agent cannot tell (then the full check decides).
+    pub async fn workspace_untouched(&self) -> Result<bool, SandboxError> {
+        let mut f = self.request(&Request::WorkspaceUntouched).await?;
+        match f.recv::<Reply>().await.map_err(SandboxError::Channel)? {
+            Reply::Ok => Ok(true),
+            Reply::Err(_) => Ok(false),
+        }
+    }
+
     /// Unpacks the tar archive at `host` into the guest directory `dir` (created if missing), inside the agent.
     pub async fn put_host_archive(&self, host: &Path, dir: &str) -> Result<(), SandboxError> {
         let (file, meta) = open_upload(host).await?;

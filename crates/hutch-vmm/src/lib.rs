@@ -70,7 +70,7 @@ pub struct VmConfig {
 }
 
 /// The serial number of the workspace drive, by which the guest finds it.
-pub const WORKSPACE_SERIAL: &str = "hutch-workspace";
+pub const WORKSPACE_SERIAL: &str = hutch_proto::WORKSPACE_SERIAL;
 /// The capacity of the empty placeholder in the workspace slot. A guest restored from a snapshot keeps the
 /// capacity it read at boot, so the placeholder is larger than any workspace image: the guest's filesystem
 /// reads only the blocks its superblock names, and QEMU refuses reads past the real image's end.
