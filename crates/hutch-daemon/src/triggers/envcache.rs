@@ -121,6 +121,11 @@ impl Ready {
         self.outcome.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|r| r.as_ref().err().cloned())
     }
 
+    /// Records how the preparation ended, for [`Ready::base`] and [`Ready::failure`].
+    fn settle(&self, r: Result<hutch_repo::Oid, String>) {
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
     fn note(&self, m: &str) {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).note(m);
     }
@@ -251,7 +256,7 @@ impl Ready {
                     sb.destroy().await;
                     return Err(format!("ending the setup phase: {e}"));
                 }
-                *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok(base));
+                self.settle(Ok(base));
                 return Ok((sb, mode));
             }
             let t0 = Instant::now();
@@ -290,7 +295,7 @@ impl Ready {
             };
             cloned = Some(base.clone());
             let Some(pl) = &plan else {
-                *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok(base));
+                self.settle(Ok(base));
                 return Ok((sb, "setup".into()));
             };
             let building = matches!(&start, Start::Fresh { lock: Some(_) }) && sb.capturable();
@@ -300,7 +305,7 @@ impl Ready {
             match pl.capture(sb, &mut start, t0.elapsed().as_millis() as u64, &warn).await {
                 // Not the builder: this VM goes on.
                 Err(sb) => {
-                    *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok(base));
+                    self.settle(Ok(base));
                     return Ok((sb, "setup".into()));
                 }
                 // Captured: the next turn restores from the entry (or, if the capture failed, runs the setup again
@@ -332,7 +337,7 @@ impl crate::manager::Prepare for Ready {
                 r => r,
             };
             if let Err(e) = &r {
-                *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e.clone()));
+                self.settle(Err(e.clone()));
             }
             r
         })
