@@ -99,8 +99,9 @@ mod tests {
     fn binds_0660_replaces_a_stale_socket_and_refuses_a_live_one_or_a_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("h.sock");
-        // A stale socket: bound, then its listener gone.
-        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        // A stale socket: a socket file no stream listener answers on. Not a dropped listener: a process another
+        // test forks at that moment inherits its descriptor until it execs, so the listener may still answer.
+        drop(std::os::unix::net::UnixDatagram::bind(&path).unwrap());
         let s = bind(&path, &my_group()).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
         assert!(bind(&path, &my_group()).unwrap_err().to_string().contains("another daemon is listening"));
