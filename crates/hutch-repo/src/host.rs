@@ -6,9 +6,30 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::MetadataExt;
+
 use crate::credentials::CredentialFilter;
 use crate::git::{init_scratch, path_from_output, user_excludes_file, Git, Oid};
+use crate::image::{workspace_image, WorkTree, WorkspaceSpec};
 use crate::{io_err, RepoError};
+
+/// The empty tree's id in each object format.
+fn empty_tree(object_format: &str) -> &'static str {
+    if object_format == "sha256" {
+        "6ef19b41225c5369f1c104d45d8d85efa9b057b53b14b4b9b939dd74decc5321"
+    } else {
+        "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
+    }
+}
+
+/// Bytes in an object id of this format.
+pub(crate) fn oid_len(object_format: &str) -> usize {
+    if object_format == "sha256" {
+        32
+    } else {
+        20
+    }
+}
 
 /// A git work tree on the host, as found from a directory inside it.
 #[derive(Debug, Clone)]
@@ -112,6 +133,8 @@ pub struct Snapshot {
     /// snapshot's objects, HEAD checked out in its index and the user's working tree over it. Shared by every
     /// run of the same tree (cached by content key), never written after it is made.
     pub image: PathBuf,
+    /// The blob device the image reads its committed files' data from (attached beside it), if it has one.
+    pub image_base: Option<PathBuf>,
     /// The image was already in the cache.
     pub image_reused: bool,
     /// SHA-256 of the workspace repository's `config`, `hooks/*` and `info/*`, by path under `.git`: what the VM
@@ -125,12 +148,7 @@ pub struct Snapshot {
     pub held_back_changes: Vec<Vec<u8>>,
 }
 
-/// Bumped when the layout of workspace images changes.
-const IMAGE_RECIPE: u32 = 2;
-/// Under `.git` in the image: an index of the snapshot's tree (git ignores files it does not know there).
-pub(crate) const SNAPSHOT_INDEX: &str = "hutch-snapshot-index";
-/// The workspace image cache keeps at most this many bytes (least recently used images go first).
-const IMAGE_CACHE_BYTES: u64 = 8 << 30;
+pub(crate) use crate::image::SNAPSHOT_INDEX;
 
 impl Snapshot {
     /// Takes the snapshot with the built-in credential list. Reads the user's work tree and objects; writes only
@@ -162,8 +180,7 @@ impl Snapshot {
         let index = scratch.path().join("index");
         let (tree, CredentialOutcome { left_out, tracked: tracked_credentials, held_back_changes }) =
             select_files(&git, repo, &index, credentials)?;
-        let _ = std::fs::remove_file(&index);
-        let empty = tree == git.line("hash-object", ["hash-object", "-t", "tree", "/dev/null"])?;
+        let empty = tree == empty_tree(&repo.object_format);
         let mut args: Vec<&str> = vec!["commit-tree", "-m", "hutch: working tree snapshot"];
         if let Some(h) = &repo.head {
             args.extend(["-p", h.as_str()]);
@@ -181,14 +198,24 @@ impl Snapshot {
             branch: repo.branch.as_deref(),
             prefix: &repo.prefix,
         };
-        let (image, git_meta, image_reused) = match image_cache {
+        let made = match image_cache {
             Some(cache) => {
-                let kept = kept_dir(repo, cache);
-                let made = workspace_image(scratch.path(), &git, &spec, cache, Some(&kept))?;
-                remember_image(repo, cache, &made.0);
-                made
+                // The scratch index says which of the user's files git has vouched for: those are copied into the
+                // image as they are, the rest come from git. An index this cannot read only costs speed.
+                let parsed = std::fs::read(&index).ok().and_then(|b| crate::index::parse(&b, oid_len(&repo.object_format)).ok());
+                let index_mtime = std::fs::metadata(&index).map(|m| (m.mtime(), m.mtime_nsec())).unwrap_or((0, 0));
+                let work = parsed.as_ref().map(|ix| WorkTree { top: &repo.top, entries: ix.entries.iter().map(|e| (e.path.as_slice(), e)).collect(), index_mtime });
+                let last = last_image(repo, cache);
+                let made = workspace_image(scratch.path(), &git, &spec, cache, work.as_ref(), last.as_deref())?;
+                remember_image(repo, cache, &made.image);
+                Some(made)
             }
-            None => (PathBuf::new(), Default::default(), false),
+            None => None,
+        };
+        let _ = std::fs::remove_file(&index);
+        let (image, image_base, git_meta, image_reused) = match made {
+            Some(m) => (m.image, m.blob, m.git_meta, m.reused),
+            None => (PathBuf::new(), None, Default::default(), false),
         };
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, reused = image_reused, image = %image.display(), "snapshot: workspace image ready");
         Ok(Snapshot {
@@ -199,6 +226,7 @@ impl Snapshot {
             empty,
             branch: repo.branch.clone(),
             image,
+            image_base,
             image_reused,
             git_meta,
             scratch,
@@ -255,6 +283,10 @@ fn remember_image(repo: &HostRepo, cache: &Path, image: &Path) {
 /// next snapshot will use, so that a VM can be started with it while the snapshot is taken (the snapshot decides;
 /// a wrong guess only costs that VM). Reads two small files; hashes nothing.
 pub fn predicted_image(repo: &HostRepo, cache: &Path) -> Option<PathBuf> {
+    last_image(repo, cache)
+}
+
+fn last_image(repo: &HostRepo, cache: &Path) -> Option<PathBuf> {
     let name = std::fs::read(last_image_record(repo, cache)).ok()?;
     let name = std::str::from_utf8(&name).ok()?;
     let ok = name.starts_with("ws-") && name.ends_with(".erofs") && !name.contains('/') && name.len() < 100;
@@ -356,178 +388,9 @@ fn leave_out_credentials(scratch: &Git, wt: &Git, head: Option<&Oid>, credential
     Ok(CredentialOutcome { left_out: owned(out), tracked: owned(kept), held_back_changes: owned(held_back) })
 }
 
-/// What a workspace image holds; equal specs make equal images, so the image is cached by its digest.
-pub(crate) struct WorkspaceSpec<'a> {
-    pub(crate) object_format: &'a str,
-    pub(crate) base: Option<&'a Oid>,
-    pub(crate) tree: &'a Oid,
-    pub(crate) branch: Option<&'a str>,
-    pub(crate) prefix: &'a Path,
-}
-
-impl WorkspaceSpec<'_> {
-    fn key(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(format!(
-            "recipe={IMAGE_RECIPE}\nformat={}\nbase={}\ntree={}\nbranch={}\nprefix=",
-            self.object_format,
-            self.base.map(Oid::as_str).unwrap_or("-"),
-            self.tree,
-            self.branch.unwrap_or("-"),
-        ));
-        h.update(self.prefix.as_os_str().as_bytes());
-        hex::encode(h.finalize())[..32].to_string()
-    }
-}
-
-/// The image for `spec` from the cache, or made and added to it. Returns (image, git metadata digests, reused).
-/// A new image is made from the work tree's kept workspace directory when it is free (`kept`, updated in place:
-/// only what changed since the tree it holds is written), else from a fresh one in `scratch`.
-pub(crate) fn workspace_image(
-    scratch: &Path,
-    git: &Git,
-    spec: &WorkspaceSpec<'_>,
-    cache: &Path,
-    kept: Option<&Path>,
-) -> Result<(PathBuf, std::collections::BTreeMap<String, String>, bool), RepoError> {
-    let key = spec.key();
-    let image = cache.join(format!("ws-{key}.erofs"));
-    let meta = cache.join(format!("ws-{key}.json"));
-    if let (true, Ok(text)) = (image.is_file(), std::fs::read_to_string(&meta)) {
-        if let Ok(git_meta) = serde_json::from_str(&text) {
-            // Recently used images stay in the cache longest.
-            if let Ok(f) = std::fs::File::open(&image) {
-                let _ = f.set_modified(std::time::SystemTime::now());
-            }
-            return Ok((image, git_meta, true));
-        }
-    }
-    std::fs::create_dir_all(cache).map_err(io_err(format!("cannot create the workspace image cache {}", cache.display())))?;
-    let lock = kept.and_then(KeptLock::try_take);
-    let (ws, git_meta) = match (&lock, kept) {
-        (Some(_), Some(k)) => {
-            let t0 = std::time::Instant::now();
-            let gm = match update_kept(k, git, spec) {
-                Ok(gm) => {
-                    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "snapshot: kept workspace updated");
-                    gm
-                }
-                Err(why) => {
-                    tracing::debug!("snapshot: kept workspace not usable ({why}); making it afresh");
-                    let _ = std::fs::remove_file(k.join(KEPT_STATE));
-                    remove_dir_if_present(&k.join("ws"))?;
-                    std::fs::create_dir_all(k).map_err(io_err("cannot create the kept workspace"))?;
-                    let (gm, pack) = prepare_workspace(&k.join("ws"), git, spec)?;
-                    write_kept_state(k, spec, &pack, 0, &gm)?;
-                    gm
-                }
-            };
-            (k.join("ws"), gm)
-        }
-        _ => {
-            let ws = scratch.join("ws");
-            (ws.clone(), prepare_workspace(&ws, git, spec)?.0)
-        }
-    };
-    // Made under private names and renamed, so concurrent runs of the same tree never see a half-made image;
-    // the JSON goes first because a lookup trusts an image only with its JSON beside it.
-    let nonce = format!("{}-{}", std::process::id(), scratch.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
-    let tmp_image = cache.join(format!(".ws-{key}.erofs.{nonce}"));
-    let tmp_meta = cache.join(format!(".ws-{key}.json.{nonce}"));
-    let made = (|| {
-        mkfs_erofs(&ws, &tmp_image)?;
-        let json = serde_json::to_string(&git_meta).map_err(|e| RepoError::Project(e.to_string()))?;
-        std::fs::write(&tmp_meta, json).map_err(io_err("cannot write the workspace image's metadata"))?;
-        std::fs::rename(&tmp_meta, &meta).map_err(io_err("cannot install the workspace image"))?;
-        std::fs::rename(&tmp_image, &image).map_err(io_err("cannot install the workspace image"))
-    })();
-    let _ = std::fs::remove_file(&tmp_image);
-    let _ = std::fs::remove_file(&tmp_meta);
-    if lock.is_none() {
-        let _ = std::fs::remove_dir_all(&ws);
-    }
-    drop(lock);
-    made?;
-    evict(cache, &image);
-    Ok((image, git_meta, false))
-}
-
-fn remove_dir_if_present(dir: &Path) -> Result<(), RepoError> {
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(RepoError::Io { what: format!("cannot remove {}", dir.display()), source: e }),
-    }
-}
-
-/// The kept workspace directory of a work tree: `<cache>/kept-<id>/` holding `ws/` (the last image's content,
-/// checked out) and `state.json`.
-fn kept_dir(repo: &HostRepo, cache: &Path) -> PathBuf {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(repo.top.as_os_str().as_bytes());
-    h.update([0]);
-    h.update(repo.git_dir.as_os_str().as_bytes());
-    cache.join(format!("kept-{}", &hex::encode(h.finalize())[..32]))
-}
-
-const KEPT_STATE: &str = "state.json";
-/// Kept directories (one per work tree), least recently used removed first.
-const KEPT_MAX: usize = 4;
-/// History packs a kept workspace may collect before it is made afresh.
-const KEPT_MAX_PACKS: u32 = 16;
-
-/// What a kept workspace holds.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct KeptState {
-    format: u32,
-    object_format: String,
-    base: Option<String>,
-    tree: String,
-    branch: Option<String>,
-    prefix: PathBuf,
-    /// The pack of the tree's objects that HEAD's history lacks (the uncommitted files): replaced on each
-    /// update, so nothing of an earlier tree's uncommitted files stays in later images.
-    snapshot_pack: String,
-    history_packs: u32,
-    git_meta: std::collections::BTreeMap<String, String>,
-}
-
-fn write_kept_state(k: &Path, spec: &WorkspaceSpec<'_>, snapshot_pack: &str, history_packs: u32, gm: &std::collections::BTreeMap<String, String>) -> Result<(), RepoError> {
-    let st = KeptState {
-        format: 1,
-        object_format: spec.object_format.to_string(),
-        base: spec.base.map(|b| b.to_string()),
-        tree: spec.tree.to_string(),
-        branch: spec.branch.map(str::to_string),
-        prefix: spec.prefix.to_path_buf(),
-        snapshot_pack: snapshot_pack.to_string(),
-        history_packs,
-        git_meta: gm.clone(),
-    };
-    let json = serde_json::to_vec(&st).map_err(|e| RepoError::Project(e.to_string()))?;
-    std::fs::write(k.join(KEPT_STATE), json).map_err(io_err("cannot write the kept workspace's state"))
-}
-
-/// An exclusive `flock` on `<kept>.lock`; released when dropped.
-struct KeptLock {
-    _file: std::fs::File,
-}
-
-impl KeptLock {
-    fn try_take(kept: &Path) -> Option<KeptLock> {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(kept.with_extension("lock")).ok()?;
-        // SAFETY: flock on a descriptor this function owns; it takes no pointers.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        (r == 0).then_some(KeptLock { _file: f })
-    }
-}
-
 /// Writes a pack of what `revs` (rev-list arguments, one a line) name from the scratch repository into the
 /// workspace repository `gd`; returns its name.
-fn write_pack(scratch: &Git, gd: &Path, revs: &str) -> Result<String, RepoError> {
+pub(crate) fn write_pack(scratch: &Git, gd: &Path, revs: &str) -> Result<String, RepoError> {
     let pack = gd.join("objects/pack/pack");
     let out = scratch.run_input("pack-objects (workspace)", [OsStr::new("pack-objects"), OsStr::new("-q"), OsStr::new("--revs"), pack.as_os_str()], Some(revs.as_bytes()))?;
     let name = String::from_utf8_lossy(&out).trim().to_string();
@@ -535,227 +398,6 @@ fn write_pack(scratch: &Git, gd: &Path, revs: &str) -> Result<String, RepoError>
         return Err(RepoError::Git { action: "pack-objects (workspace)".into(), stderr: format!("unexpected output {name:?}") });
     }
     Ok(name)
-}
-
-/// Moves the kept workspace from the tree it holds to `spec`'s, writing only what differs: a pack of HEAD's new
-/// commits (only when the old HEAD is an ancestor of the new one, so the image still holds exactly HEAD's
-/// history), a new pack of the tree's objects beyond HEAD (the old one goes), the files that differ between the
-/// two trees (`read-tree -m -u`, which keeps the stat data of the others), the index moved to HEAD, the refs.
-/// An error (the reason) means the caller makes it afresh.
-fn update_kept(k: &Path, scratch: &Git, spec: &WorkspaceSpec<'_>) -> Result<std::collections::BTreeMap<String, String>, String> {
-    let text = std::fs::read(k.join(KEPT_STATE)).map_err(|e| format!("no state: {e}"))?;
-    let st: KeptState = serde_json::from_slice(&text).map_err(|e| format!("state: {e}"))?;
-    if st.format != 1 || st.object_format != spec.object_format || st.branch.as_deref() != spec.branch || st.prefix != spec.prefix {
-        return Err("another format, branch or start directory".into());
-    }
-    if st.history_packs >= KEPT_MAX_PACKS {
-        return Err("too many packs".into());
-    }
-    // Without a state the directory is made afresh next time: an update cut short leaves none.
-    std::fs::remove_file(k.join(KEPT_STATE)).map_err(|e| format!("state: {e}"))?;
-    let ws = k.join("ws");
-    let gd = ws.join(".git");
-    let g = Git::at(&gd).work_tree(&ws);
-    let e = |e: RepoError| e.to_string();
-    let mut history_packs = st.history_packs;
-    match (st.base.as_deref(), spec.base.map(Oid::as_str)) {
-        (Some(old), Some(new)) if old != new => {
-            if !scratch.ok(["merge-base", "--is-ancestor", old, new]) {
-                return Err("HEAD moved to a commit that does not contain the old one".into());
-            }
-            write_pack(scratch, &gd, &format!("{new}\n^{old}\n")).map_err(e)?;
-            history_packs += 1;
-        }
-        (Some(_), Some(_)) | (None, None) => {}
-        _ => return Err("HEAD was born or unborn since".into()),
-    }
-    let snap_revs = match spec.base {
-        Some(b) => format!("{}\n^{b}\n", spec.tree),
-        None => format!("{}\n", spec.tree),
-    };
-    let snapshot_pack = write_pack(scratch, &gd, &snap_revs).map_err(e)?;
-    let idx = gd.join(SNAPSHOT_INDEX);
-    g.clone().index(&idx).run("read-tree -m -u (kept workspace)", ["read-tree", "-m", "-u", st.tree.as_str(), spec.tree.as_str()]).map_err(e)?;
-    if snapshot_pack != st.snapshot_pack {
-        for ext in ["pack", "idx", "rev"] {
-            let _ = std::fs::remove_file(gd.join(format!("objects/pack/pack-{}.{ext}", st.snapshot_pack)));
-        }
-    }
-    // The update must have led exactly to the new tree; anything else remakes the directory.
-    let got = g.clone().index(&idx).line("write-tree (kept workspace)", ["write-tree"]).map_err(e)?;
-    if got != spec.tree.as_str() {
-        return Err(format!("the updated index holds tree {got}, not {}", spec.tree));
-    }
-    let index = gd.join("index");
-    std::fs::copy(&idx, &index).map_err(|e| format!("index: {e}"))?;
-    let gi = g.clone().index(&index);
-    match spec.base {
-        Some(b) => gi.run("read-tree -m (kept workspace)", ["read-tree", "-m", b.as_str()]).map_err(e)?,
-        None => gi.run("read-tree (kept workspace)", ["read-tree", "--empty"]).map_err(e)?,
-    };
-    match (spec.base, spec.branch) {
-        (Some(b), Some(br)) => {
-            gi.run("update-ref (kept workspace)", ["update-ref", &format!("refs/heads/{br}"), b.as_str()]).map_err(e)?;
-        }
-        (Some(b), None) => {
-            gi.run("update-ref (kept workspace)", ["update-ref", "--no-deref", "HEAD", b.as_str()]).map_err(e)?;
-        }
-        _ => {}
-    }
-    std::fs::create_dir_all(ws.join(spec.prefix)).map_err(|e| format!("start directory: {e}"))?;
-    // Dated after every file they describe (see `prepare_workspace`).
-    for f in [&index, &idx] {
-        if let Ok(f) = std::fs::File::options().append(true).open(f) {
-            let _ = f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(2));
-        }
-    }
-    let gm = git_meta_digests(&gd).map_err(|e| format!("git metadata: {e}"))?;
-    if gm != st.git_meta {
-        return Err("its git metadata changed".into());
-    }
-    write_kept_state(k, spec, &snapshot_pack, history_packs, &gm).map_err(e)?;
-    Ok(gm)
-}
-
-/// Packs `dir` into a read-only erofs image at `out`: files owned by root, modification times kept (the index's
-/// stat data matches them), no extended attributes from the host.
-fn mkfs_erofs(dir: &Path, out: &Path) -> Result<(), RepoError> {
-    let o = std::process::Command::new("mkfs.erofs")
-        // Without tail packing the inodes lie together instead of one per block beside each file's last bytes:
-        // a cold `git status` over 10,000 files in the VM reads ~250 blocks instead of ~5,000.
-        .args(["--quiet", "--all-root", "--preserve-mtime", "-x-1", "-Enoinline_data"])
-        .arg(out)
-        .arg(dir)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()))
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| RepoError::Io { what: "cannot run mkfs.erofs (install it with `apt-get install erofs-utils`)".into(), source: e })?;
-    if !o.status.success() {
-        return Err(RepoError::Project(format!("mkfs.erofs failed: {}", crate::git::stderr_text(&o.stderr))));
-    }
-    use std::os::unix::fs::PermissionsExt;
-    // Readable by the unprivileged VMM, writable by nobody.
-    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o444)).map_err(io_err("cannot protect the workspace image"))
-}
-
-/// Removes the least recently used images while the cache holds more than its budget (never `keep`), and kept
-/// workspaces beyond [`KEPT_MAX`] (never one in use).
-fn evict(cache: &Path, keep: &Path) {
-    let Ok(rd) = std::fs::read_dir(cache) else { return };
-    let mut kept: Vec<(std::time::SystemTime, PathBuf)> = rd
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("kept-") && e.path().is_dir())
-        .map(|e| (std::fs::metadata(e.path().join(KEPT_STATE)).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
-        .collect();
-    kept.sort();
-    kept.reverse();
-    for (_, dir) in kept.into_iter().skip(KEPT_MAX) {
-        if let Some(_lock) = KeptLock::try_take(&dir) {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-    }
-    let Ok(rd) = std::fs::read_dir(cache) else { return };
-    let mut images: Vec<(std::time::SystemTime, u64, PathBuf)> = rd
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("ws-") && e.file_name().to_string_lossy().ends_with(".erofs"))
-        .filter_map(|e| {
-            let m = e.metadata().ok()?;
-            Some((m.modified().ok()?, m.len(), e.path()))
-        })
-        .collect();
-    images.sort();
-    let mut total: u64 = images.iter().map(|i| i.1).sum();
-    for (_, len, path) in images {
-        if total <= IMAGE_CACHE_BYTES {
-            break;
-        }
-        if path == keep {
-            continue;
-        }
-        // A VMM that has the image open keeps reading it after the unlink.
-        let _ = std::fs::remove_file(&path);
-        let _ = std::fs::remove_file(path.with_extension("json"));
-        total = total.saturating_sub(len);
-    }
-}
-
-/// Makes the VM's `/workspace` on the host. Under emulation every git process in the VM costs ~0.1-0.4 s and
-/// indexing a pack most of a second; here they take milliseconds. The repository is new (no hooks, no host
-/// config, no remotes): one pack written straight from the scratch repository (HEAD's history and the snapshot
-/// tree, so no index-pack), HEAD as the user had it (branch, detached, or unborn), the index at HEAD and the
-/// user's working tree over it, so their uncommitted changes show as changes. The index keeps the stat data of
-/// the files as written here, and the image keeps their times: with `core.checkStat=minimal` git in the VM
-/// trusts it and `git status` hashes nothing. Host-side git here runs hardened like everywhere else.
-fn prepare_workspace(ws: &Path, scratch: &Git, spec: &WorkspaceSpec<'_>) -> Result<(std::collections::BTreeMap<String, String>, String), RepoError> {
-    let parent = ws.parent().unwrap_or(ws);
-    Git::discover(parent).run(
-        "init (workspace)",
-        [
-            OsStr::new("-c"),
-            OsStr::new("init.defaultBranch=main"),
-            OsStr::new("init"),
-            OsStr::new("-q"),
-            OsStr::new("--template="),
-            OsStr::new(&format!("--object-format={}", spec.object_format)),
-            ws.as_os_str(),
-        ],
-    )?;
-    // Without templates: no sample hooks, but the directories a clone has, so tools in the VM find them.
-    for d in ["hooks", "info", "objects/pack"] {
-        std::fs::create_dir_all(ws.join(".git").join(d)).map_err(io_err("cannot create the workspace repository"))?;
-    }
-    // Two packs: HEAD's history, and the tree's objects beyond it (the uncommitted files), which a kept workspace
-    // replaces on each update.
-    let gd = ws.join(".git");
-    let snapshot_pack = match spec.base {
-        Some(b) => {
-            write_pack(scratch, &gd, &format!("{b}\n"))?;
-            write_pack(scratch, &gd, &format!("{}\n^{b}\n", spec.tree))?
-        }
-        None => write_pack(scratch, &gd, &format!("{}\n", spec.tree))?,
-    };
-    let g = Git::at(&ws.join(".git")).work_tree(ws).index(&ws.join(".git/index"));
-    match (spec.base, spec.branch) {
-        (Some(b), Some(br)) => {
-            let r = format!("refs/heads/{br}");
-            g.run("update-ref (workspace)", ["update-ref", r.as_str(), b.as_str()])?;
-            g.run("symbolic-ref (workspace)", ["symbolic-ref", "HEAD", r.as_str()])?;
-        }
-        (Some(b), None) => {
-            g.run("update-ref (workspace)", ["update-ref", "--no-deref", "HEAD", b.as_str()])?;
-        }
-        (None, Some(br)) => {
-            g.run("symbolic-ref (workspace)", ["symbolic-ref", "HEAD", format!("refs/heads/{br}").as_str()])?;
-        }
-        (None, None) => {}
-    };
-    // The snapshot's files, written once; then the index moves to HEAD keeping the stat data of every file HEAD
-    // has unchanged (a one-tree `read-tree -m`).
-    g.run("read-tree (workspace)", ["read-tree", spec.tree.as_str()])?;
-    g.run("checkout-index (workspace)", ["checkout-index", "-a", "-f", "-u"])?;
-    // The snapshot's own index, stat data included: the VM's collection starts from it instead of reading the
-    // tree again (a second or more of emulated git for a large tree).
-    std::fs::copy(ws.join(".git/index"), ws.join(".git").join(SNAPSHOT_INDEX)).map_err(io_err("cannot write the workspace's snapshot index"))?;
-    match spec.base {
-        Some(b) => g.run("read-tree -m (workspace)", ["read-tree", "-m", b.as_str()])?,
-        None => g.run("read-tree (workspace)", ["read-tree", "--empty"])?,
-    };
-    let config = ws.join(".git/config");
-    let mut text = std::fs::read_to_string(&config).map_err(io_err("cannot read the workspace's git config"))?;
-    // Inode numbers, devices and change times differ between this directory and the image in the VM; sizes and
-    // modification times do not.
-    text.push_str("[core]\n\tcheckStat = minimal\n\ttrustctime = false\n[user]\n\tname = Hutch Sandbox\n\temail = sandbox@hutch.invalid\n");
-    std::fs::write(&config, text).map_err(io_err("cannot write the workspace's git config"))?;
-    // The directory the command starts in exists even when it holds only ignored files on the host.
-    std::fs::create_dir_all(ws.join(spec.prefix)).map_err(io_err("cannot create the start directory in the workspace"))?;
-    // An index no newer than its files makes git in the VM re-read them ("racily clean"); this one is dated
-    // after every file it describes.
-    if let Ok(f) = std::fs::File::options().append(true).open(ws.join(".git/index")) {
-        let _ = f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(2));
-    }
-    let gm = git_meta_digests(&ws.join(".git")).map_err(io_err("cannot read the workspace's git metadata"))?;
-    Ok((gm, snapshot_pack))
 }
 
 pub(crate) fn git_meta_digests(git_dir: &Path) -> std::io::Result<std::collections::BTreeMap<String, String>> {
@@ -783,6 +425,16 @@ pub(crate) mod tests {
     use super::*;
     use crate::credentials::CredentialRules;
     use std::os::unix::fs::PermissionsExt;
+
+    /// Extracts a snapshot's workspace image (with its blob device) into `to`, checking it on the way.
+    pub(crate) fn extract_image(image: &Path, blob: Option<&Path>, to: &Path) {
+        let mut c = std::process::Command::new("fsck.erofs");
+        if let Some(b) = blob {
+            c.arg(format!("--device={}", b.display()));
+        }
+        let out = c.arg(format!("--extract={}", to.display())).arg(image).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
 
     /// Where tests keep workspace images (shared, like the real cache).
     pub(crate) fn test_cache() -> PathBuf {
@@ -864,8 +516,7 @@ pub(crate) mod tests {
         // tree over it; it is read-only and a second snapshot of the same tree reuses it untouched.
         let x = tempfile::tempdir().unwrap();
         let ws = x.path().join("ws");
-        let out = std::process::Command::new("fsck.erofs").arg(format!("--extract={}", ws.display())).arg(&snap.image).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        extract_image(&snap.image, snap.image_base.as_deref(), &ws);
         let g = Git::at(&ws.join(".git")).work_tree(&ws).index(&ws.join(".git/index"));
         g.run("fsck", ["fsck", "--no-dangling", "--connectivity-only"]).unwrap();
         assert_eq!(g.line("rev-parse", ["rev-parse", "HEAD"]).unwrap(), repo.head.as_ref().unwrap().as_str());
@@ -929,8 +580,7 @@ pub(crate) mod tests {
         // The workspace image has none of them either.
         let x = tempfile::tempdir().unwrap();
         let ws = x.path().join("ws");
-        let out = std::process::Command::new("fsck.erofs").arg(format!("--extract={}", ws.display())).arg(&snap.image).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        extract_image(&snap.image, snap.image_base.as_deref(), &ws);
         assert!(ws.join("config/.env.example").is_file());
         assert!(!ws.join("config/.env").exists() && !ws.join("deploy/id_rsa").exists() && !ws.join("staged.pem").exists());
         let image = std::fs::read(&snap.image).unwrap();
@@ -950,18 +600,21 @@ pub(crate) mod tests {
         assert!(!files.contains("config/.env\n"), "{files}");
     }
 
-    /// A new tree of a work tree whose earlier tree was made into an image: the kept workspace is updated (only
-    /// the changed files written) and the image holds exactly the new tree and HEAD's history, nothing of an
-    /// earlier tree's uncommitted files.
+    /// A new tree of a work tree whose earlier tree was made into an image: the new image reads HEAD's files from
+    /// the blob device of an ancestor commit (only HEAD's history is on it) and holds exactly the new tree and
+    /// HEAD's history, nothing of an earlier tree's uncommitted files.
     #[test]
-    fn a_new_tree_updates_the_kept_workspace_and_holds_only_the_new_tree() {
+    fn a_new_tree_is_a_small_image_over_the_blob_device_and_holds_only_the_new_tree() {
         let (_t, r) = sample_repo();
         let cache = tempfile::tempdir().unwrap();
         std::fs::write(r.join("old.txt"), "only-in-the-first-tree\n").unwrap();
         let repo = HostRepo::discover(&r).unwrap().unwrap();
         let s1 = Snapshot::take(&repo, cache.path()).unwrap();
         assert!(!s1.image_reused);
+        let blob1 = s1.image_base.clone().expect("a repository with a HEAD has a blob device");
         let old_blob = s1.git.line("rev-parse", ["rev-parse", &format!("{}:old.txt", s1.commit)]).unwrap();
+        let blob_bytes = std::fs::read(&blob1).unwrap();
+        assert!(!blob_bytes.windows(22).any(|w| w == b"only-in-the-first-tree"), "the blob device holds only committed files");
         // The next tree: a file gone, one changed, one new, and a new commit on top of HEAD.
         std::fs::remove_file(r.join("old.txt")).unwrap();
         std::fs::write(r.join("a.txt"), "one\ntwo\nthree\n").unwrap();
@@ -973,13 +626,10 @@ pub(crate) mod tests {
         let repo = HostRepo::discover(&r).unwrap().unwrap();
         let s2 = Snapshot::take(&repo, cache.path()).unwrap();
         assert!(!s2.image_reused);
-        let state: KeptState = serde_json::from_slice(&std::fs::read(kept_dir(&repo, cache.path()).join(KEPT_STATE)).unwrap()).unwrap();
-        assert_eq!(state.tree, s2.tree.to_string(), "the kept workspace holds the new tree");
-        assert_eq!(state.history_packs, 1, "HEAD's new commit came as a pack of its own");
+        assert_eq!(s2.image_base.as_ref(), Some(&blob1), "HEAD's parent's blob device serves the new HEAD");
         let x = tempfile::tempdir().unwrap();
         let ws = x.path().join("ws");
-        let out = std::process::Command::new("fsck.erofs").arg(format!("--extract={}", ws.display())).arg(&s2.image).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        extract_image(&s2.image, s2.image_base.as_deref(), &ws);
         let gw = Git::at(&ws.join(".git")).work_tree(&ws).index(&ws.join(".git/index"));
         gw.run("fsck", ["fsck", "--no-dangling", "--connectivity-only"]).unwrap();
         assert_eq!(gw.line("rev-parse", ["rev-parse", "HEAD"]).unwrap(), repo.head.as_ref().unwrap().as_str());

@@ -7,10 +7,13 @@
 
 pub mod apply;
 pub mod credentials;
+pub mod erofs;
 pub mod git;
 pub mod guest;
 pub mod host;
+pub(crate) mod image;
 pub mod import;
+pub mod index;
 pub mod patch;
 pub mod path;
 pub mod project;

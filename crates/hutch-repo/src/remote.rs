@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::git::{init_scratch, Git, Oid};
 use crate::guest::Collected;
-use crate::host::{scratch_borrowing, workspace_image, HostRepo, Snapshot, WorkspaceSpec};
+use crate::host::{scratch_borrowing, HostRepo, Snapshot};
+use crate::image::{workspace_image, WorkspaceSpec};
 use crate::import::{check, commit_lines, Start};
 use crate::patch::Sensitive;
 use crate::store::{self, CommitLine, Stored};
@@ -184,7 +185,8 @@ impl Snapshot {
             branch: spec.branch.as_deref(),
             prefix: &prefix,
         };
-        let (image, git_meta, image_reused) = workspace_image(scratch.path(), &git, &ws, image_cache, None)?;
+        let made = workspace_image(scratch.path(), &git, &ws, image_cache, None, None)?;
+        let (image, image_base, git_meta, image_reused) = (made.image, made.blob, made.git_meta, made.reused);
         Ok(Snapshot {
             scratch,
             git,
@@ -194,6 +196,7 @@ impl Snapshot {
             empty,
             branch: spec.branch.clone(),
             image,
+            image_base,
             image_reused,
             git_meta,
             left_out: vec![],
@@ -323,6 +326,7 @@ pub fn import_export(repo: &HostRepo, dir: &Path, limits: &Limits) -> Result<Opt
         empty,
         branch: s.branch.clone(),
         image: PathBuf::new(),
+        image_base: None,
         image_reused: false,
         git_meta: Default::default(),
         left_out: vec![],
@@ -389,8 +393,7 @@ mod tests {
 
         // The "VM": the workspace extracted, a commit and an uncommitted file, then the collect script.
         let ws = x.path().join("ws");
-        let o = std::process::Command::new("fsck.erofs").arg(format!("--extract={}", ws.display())).arg(&daemon.image).output().unwrap();
-        assert!(o.status.success());
+        crate::host::tests::extract_image(&daemon.image, daemon.image_base.as_deref(), &ws);
         let vm = |args: &[&str]| {
             let o = std::process::Command::new("git")
                 .args(args)

@@ -66,8 +66,7 @@ impl FakeVm {
 
     /// The workspace image's content as the VM sees it (without an overlay: the collection scans the whole tree).
     fn setup(&self, snap: &Snapshot) -> Workspace {
-        let out = Command::new("fsck.erofs").arg(format!("--extract={}", self.ws.display())).arg(&snap.image).output().unwrap();
-        assert!(out.status.success(), "fsck.erofs --extract: {}", String::from_utf8_lossy(&out.stderr));
+        crate::host::tests::extract_image(&snap.image, snap.image_base.as_deref(), &self.ws);
         let mut ws = Workspace::new(snap, "/workspace".into());
         ws.overlay = false;
         ws
