@@ -389,10 +389,23 @@ fn leave_out_credentials(scratch: &Git, wt: &Git, head: Option<&Oid>, credential
 }
 
 /// Writes a pack of what `revs` (rev-list arguments, one a line) name from the scratch repository into the
-/// workspace repository `gd`; returns its name.
+/// repository `gd`; returns its name.
 pub(crate) fn write_pack(scratch: &Git, gd: &Path, revs: &str) -> Result<String, RepoError> {
+    pack_with(scratch, gd, &["--revs"], revs.as_bytes())
+}
+
+/// Writes a pack of exactly the objects `oids` (hex) into the repository `gd`: no history walk.
+pub(crate) fn write_pack_of(scratch: &Git, gd: &Path, oids: &[String]) -> Result<String, RepoError> {
+    let list: Vec<u8> = oids.iter().flat_map(|o| o.bytes().chain(std::iter::once(b'\n'))).collect();
+    pack_with(scratch, gd, &[], &list)
+}
+
+fn pack_with(scratch: &Git, gd: &Path, flags: &[&str], input: &[u8]) -> Result<String, RepoError> {
     let pack = gd.join("objects/pack/pack");
-    let out = scratch.run_input("pack-objects (workspace)", [OsStr::new("pack-objects"), OsStr::new("-q"), OsStr::new("--revs"), pack.as_os_str()], Some(revs.as_bytes()))?;
+    let mut args: Vec<&OsStr> = vec![OsStr::new("pack-objects"), OsStr::new("-q")];
+    args.extend(flags.iter().map(OsStr::new));
+    args.push(pack.as_os_str());
+    let out = scratch.run_input("pack-objects (workspace)", args, Some(input))?;
     let name = String::from_utf8_lossy(&out).trim().to_string();
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(RepoError::Git { action: "pack-objects (workspace)".into(), stderr: format!("unexpected output {name:?}") });
@@ -665,5 +678,29 @@ pub(crate) mod tests {
         assert_eq!(snap.base, None);
         let files = snap.git.run("ls-tree", ["ls-tree", "-r", "--name-only", snap.commit.as_str()]).unwrap();
         assert_eq!(files, b"f\n");
+    }
+
+    /// Host-side snapshot timings for a repository named by `HUTCH_SNAPSHOT_REPO` (not run by default): a first
+    /// snapshot (blob device and image made), the same tree again, and a new tree (one file changed).
+    #[test]
+    #[ignore]
+    fn snapshot_timings() {
+        let Some(dir) = std::env::var_os("HUTCH_SNAPSHOT_REPO") else { return };
+        let _ = tracing_subscriber::fmt().with_env_filter("hutch_repo=debug").with_test_writer().try_init();
+        let dir = PathBuf::from(dir);
+        let cache = tempfile::tempdir().unwrap();
+        let repo = HostRepo::discover(&dir).unwrap().unwrap();
+        let time = |what: &str| {
+            let t = std::time::Instant::now();
+            let s = Snapshot::take(&repo, cache.path()).unwrap();
+            println!("{what:<40} {:>8.1} ms (reused {})", t.elapsed().as_secs_f64() * 1e3, s.image_reused);
+        };
+        time("first snapshot (blob device + image)");
+        time("same tree");
+        for i in 0..3 {
+            std::fs::write(dir.join("hutch-timing.txt"), format!("{i}\n")).unwrap();
+            time("new tree");
+        }
+        let _ = std::fs::remove_file(dir.join("hutch-timing.txt"));
     }
 }

@@ -467,7 +467,9 @@ fn write_image(
     let stage = scratch.join("wsgit");
     let _ = std::fs::remove_dir_all(&stage);
     let gd = stage.join(".git");
+    let t0 = std::time::Instant::now();
     let git_meta = stage_git_dir(&stage, git, spec, blob)?;
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "image: repository staged");
     let mut w = Writer::create(out).map_err(erofs_err)?;
     // Files: from the blob device by object id, else the user's verified file, else git.
     let mut sizes: HashMap<&str, u64> = HashMap::new();
@@ -495,6 +497,7 @@ fn write_image(
         fetched.insert(oid.to_string(), w.append_reader(r, len).map_err(erofs_err)?);
         Ok(())
     })?;
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, from_git = from_git.len(), "image: file data placed");
     let mut snapshot_index = Vec::with_capacity(entries.len());
     for e in entries {
         check_path(&e.path)?;
@@ -531,6 +534,7 @@ fn write_image(
     }
     // The indexes: the snapshot's (its stat data is the image's), then HEAD's: a one-tree `read-tree -m` keeps
     // the stat data of every file HEAD has unchanged, so git in the VM sees the uncommitted changes as changes.
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "image: tree laid out");
     let bytes = index::write(&snapshot_index, spec.oid_len()).map_err(|e| RepoError::Project(format!("cannot write the workspace index: {e}")))?;
     let snap_idx = gd.join(SNAPSHOT_INDEX);
     std::fs::write(&snap_idx, bytes).map_err(io_err("cannot write the workspace index"))?;
@@ -539,6 +543,7 @@ fn write_image(
     if got != spec.tree.as_str() {
         return Err(RepoError::Project(format!("the workspace index holds tree {got}, not {}", spec.tree)));
     }
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "image: snapshot index written");
     let head_idx = gd.join("index");
     std::fs::copy(&snap_idx, &head_idx).map_err(io_err("cannot write the workspace index"))?;
     match spec.base {
@@ -546,6 +551,7 @@ fn write_image(
         Some(b) => git.clone().work_tree(&stage).index(&head_idx).run("read-tree -m (workspace index)", ["read-tree", "-m", b.as_str()])?,
         None => git.clone().index(&head_idx).run("read-tree (workspace index)", ["read-tree", "--empty"])?,
     };
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "image: HEAD index written");
     add_git_dir(&mut w, &gd, b".git", blob, index_time)?;
     w.finish(time, blob.map(|b| erofs::Base { blocks: b.map.blocks })).map_err(erofs_err)?;
     let _ = std::fs::remove_dir_all(&stage);
@@ -584,20 +590,28 @@ fn stage_git_dir(stage: &Path, git: &Git, spec: &WorkspaceSpec<'_>, blob: Option
     for d in ["hooks", "info", "objects/pack"] {
         std::fs::create_dir_all(gd.join(d)).map_err(io_err("cannot create the workspace repository"))?;
     }
-    match (spec.base, blob) {
-        (Some(b), Some(bl)) if bl.map.commit != b.as_str() => {
-            crate::host::write_pack(git, &gd, &format!("{b}\n^{}\n", bl.map.commit))?;
+    // What the blob device lacks, found by comparing trees (a history walk over a large tree takes seconds).
+    if let (Some(b), Some(bl)) = (spec.base, blob) {
+        if bl.map.commit != b.as_str() {
+            let objects = history_objects(git, &bl.map.commit, b.as_str())?;
+            crate::host::write_pack_of(git, &gd, &objects)?;
         }
-        (Some(b), None) => {
-            crate::host::write_pack(git, &gd, &format!("{b}\n"))?;
-        }
-        _ => {}
+    } else if let Some(b) = spec.base {
+        crate::host::write_pack(git, &gd, &format!("{b}\n"))?;
     }
-    let snap_revs = match spec.base {
-        Some(b) => format!("{}\n^{b}\n", spec.tree),
-        None => format!("{}\n", spec.tree),
+    let snapshot_objects = match spec.base {
+        Some(b) => {
+            let mut o = changed_objects(git, &["diff-tree", "-r", "-t", "-z", "--no-renames", b.as_str(), spec.tree.as_str()])?;
+            o.push(spec.tree.to_string());
+            o
+        }
+        None => {
+            let mut o: Vec<String> = ls_tree_all(git, spec.tree.as_str())?;
+            o.push(spec.tree.to_string());
+            o
+        }
     };
-    crate::host::write_pack(git, &gd, &snap_revs)?;
+    crate::host::write_pack_of(git, &gd, &snapshot_objects)?;
     // Refs written as files: the commit they name may be on the blob device only, where `update-ref` cannot see it.
     let write = |rel: &str, text: String| -> Result<(), RepoError> {
         let p = gd.join(rel);
@@ -624,6 +638,66 @@ fn stage_git_dir(stage: &Path, git: &Git, spec: &WorkspaceSpec<'_>, blob: Option
     text.push_str("[core]\n\tcheckStat = minimal\n\ttrustctime = false\n[user]\n\tname = Hutch Sandbox\n\temail = sandbox@hutch.invalid\n");
     std::fs::write(&config, text).map_err(io_err("cannot write the workspace's git config"))?;
     crate::host::git_meta_digests(&gd).map_err(io_err("cannot read the workspace's git metadata"))
+}
+
+/// The objects a `diff-tree -z` run lists as added or changed (new side), less submodule commits.
+fn changed_objects(git: &Git, args: &[&str]) -> Result<Vec<String>, RepoError> {
+    Ok(parse_changed(&git.run("diff-tree (workspace objects)", args)?))
+}
+
+fn parse_changed(out: &[u8]) -> Vec<String> {
+    let mut objects = Vec::new();
+    let mut fields = out.split(|&b| b == 0);
+    while let Some(rec) = fields.next() {
+        if !rec.starts_with(b":") {
+            continue; // a commit id line (`--stdin`)
+        }
+        let _path = fields.next();
+        let parts: Vec<&[u8]> = rec[1..].split(|&b| b == b' ').collect();
+        let [_, dst_mode, _, dst, status, ..] = parts[..] else { continue };
+        if status.first().is_some_and(|s| *s == b'D') || dst_mode == b"160000" || dst.iter().all(|&c| c == b'0') {
+            continue;
+        }
+        objects.push(String::from_utf8_lossy(dst).into_owned());
+    }
+    objects.sort_unstable();
+    objects.dedup();
+    objects
+}
+
+/// Every object of a tree (subtrees and files; not submodule commits).
+fn ls_tree_all(git: &Git, tree: &str) -> Result<Vec<String>, RepoError> {
+    let listed = git.run("ls-tree (workspace objects)", ["ls-tree", "-r", "-t", "-z", "--full-tree", tree])?;
+    Ok(listed
+        .split(|&b| b == 0)
+        .filter_map(|rec| {
+            let tab = rec.iter().position(|&b| b == b'\t')?;
+            let mut meta = rec[..tab].split(|&b| b == b' ');
+            let (_, kind, oid) = (meta.next()?, meta.next()?, meta.next()?);
+            (kind != b"commit").then(|| String::from_utf8_lossy(oid).into_owned())
+        })
+        .collect())
+}
+
+/// The objects of `head`'s history that `old`'s history lacks: the new commits, and what each one's tree has that
+/// its parents' do not (an object new since `old` first appears in some new commit's change; a few that `old`
+/// also has may come along).
+fn history_objects(git: &Git, old: &str, head: &str) -> Result<Vec<String>, RepoError> {
+    let commits = git.run("rev-list (workspace history)", ["rev-list", head, &format!("^{old}")])?;
+    let mut objects: Vec<String> = String::from_utf8_lossy(&commits).lines().map(str::to_string).collect();
+    if objects.is_empty() {
+        return Ok(objects);
+    }
+    let diffs = git.run_input("diff-tree (workspace history)", ["diff-tree", "--stdin", "-m", "-r", "-t", "-z", "--no-renames", "--root"], Some(&commits))?;
+    let mut listed = parse_changed(&diffs);
+    // Root trees are not in a diff's output.
+    let asks: String = objects.iter().map(|c| format!("{c}^{{tree}}\n")).collect();
+    let trees = git.run_input("cat-file (workspace history)", ["cat-file", "--batch-check=%(objectname)"], Some(asks.as_bytes()))?;
+    listed.extend(String::from_utf8_lossy(&trees).lines().map(str::to_string));
+    objects.extend(listed);
+    objects.sort_unstable();
+    objects.dedup();
+    Ok(objects)
 }
 
 /// Adds the staged `.git` directory to the image (the blob device's history pack by address), the indexes
