@@ -119,44 +119,21 @@ impl Writer {
         Ok(Extent { device: 0, block, len: bytes.len() as u64 })
     }
 
+    /// Reserves room for `len` bytes of one file's data, to be filled with [`copy_at`] (from any thread).
+    pub fn reserve(&mut self, len: u64) -> Result<Extent, ErofsError> {
+        Ok(Extent { device: 0, block: self.claim(len)?, len })
+    }
+
+    /// The image file (for [`copy_at`]).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Appends `len` bytes of `src` (from its start) as one file's data, copied inside the kernel where it can.
     pub fn append_file(&mut self, src: &File, len: u64) -> Result<Extent, ErofsError> {
-        let block = self.claim(len)?;
-        let start = u64::from(block) * BLOCK;
-        let mut done = 0u64;
-        while done < len {
-            let mut off_in = done as i64;
-            let mut off_out = (start + done) as i64;
-            let want = usize::try_from(len - done).unwrap_or(usize::MAX).min(1 << 30);
-            // SAFETY: both descriptors are open for the call's duration; the offsets are locals this call owns.
-            let n = unsafe {
-                libc::copy_file_range(
-                    std::os::fd::AsRawFd::as_raw_fd(src),
-                    &mut off_in,
-                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
-                    &mut off_out,
-                    want,
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EXDEV) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
-                        let mut rest = std::io::Read::take(SrcAt { file: src, pos: done }, len - done);
-                        self.copy_from(&mut rest, start + done, len - done)?;
-                        return Ok(Extent { device: 0, block, len });
-                    }
-                    Some(libc::EINTR) => continue,
-                    _ => return Err(io(e)),
-                }
-            }
-            if n == 0 {
-                return Err(ErofsError::ShortRead { copied: done, expected: len });
-            }
-            done += n as u64;
-        }
-        Ok(Extent { device: 0, block, len })
+        let x = self.reserve(len)?;
+        copy_at(&self.file, x, src)?;
+        Ok(x)
     }
 
     /// Appends exactly `len` bytes read from `r` as one file's data.
@@ -167,20 +144,7 @@ impl Writer {
     }
 
     fn copy_from<R: Read + ?Sized>(&mut self, r: &mut R, at: u64, len: u64) -> Result<(), ErofsError> {
-        let mut buf = vec![0u8; (1 << 20).min(len as usize).max(1)];
-        let mut done = 0u64;
-        while done < len {
-            let want = buf.len().min((len - done) as usize);
-            let n = match r.read(&mut buf[..want]) {
-                Ok(0) => return Err(ErofsError::ShortRead { copied: done, expected: len }),
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io(e)),
-            };
-            self.file.write_all_at(&buf[..n], at + done).map_err(io)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_from(&self.file, r, at, len)
     }
 
     /// The directory holding `path`'s last component (made as needed), and that component.
@@ -348,6 +312,56 @@ impl Writer {
         self.file.set_len(len).map_err(io)?;
         Ok(len)
     }
+}
+
+/// Copies `x.len` bytes of `src` (from its start) into the reserved extent `x` of the image `dst`, inside the
+/// kernel where it can. A source shorter than that is an error ([`ErofsError::ShortRead`]).
+pub fn copy_at(dst: &File, x: Extent, src: &File) -> Result<(), ErofsError> {
+    let start = u64::from(x.block) * BLOCK;
+    let len = x.len;
+    let mut done = 0u64;
+    while done < len {
+        let mut off_in = done as i64;
+        let mut off_out = (start + done) as i64;
+        let want = usize::try_from(len - done).unwrap_or(usize::MAX).min(1 << 30);
+        // SAFETY: both descriptors are open for the call's duration; the offsets are locals this call owns.
+        let n = unsafe {
+            libc::copy_file_range(std::os::fd::AsRawFd::as_raw_fd(src), &mut off_in, std::os::fd::AsRawFd::as_raw_fd(dst), &mut off_out, want, 0)
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EXDEV) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                    let mut rest = std::io::Read::take(SrcAt { file: src, pos: done }, len - done);
+                    return write_from(dst, &mut rest, start + done, len - done);
+                }
+                Some(libc::EINTR) => continue,
+                _ => return Err(io(e)),
+            }
+        }
+        if n == 0 {
+            return Err(ErofsError::ShortRead { copied: done, expected: len });
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+fn write_from<R: Read + ?Sized>(dst: &File, r: &mut R, at: u64, len: u64) -> Result<(), ErofsError> {
+    let mut buf = vec![0u8; (1 << 20).min(len as usize).max(1)];
+    let mut done = 0u64;
+    while done < len {
+        let want = buf.len().min((len - done) as usize);
+        let n = match r.read(&mut buf[..want]) {
+            Ok(0) => return Err(ErofsError::ShortRead { copied: done, expected: len }),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(e)),
+        };
+        dst.write_all_at(&buf[..n], at + done).map_err(io)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Reads a file from a position on (the fallback when the kernel cannot copy between the two files).

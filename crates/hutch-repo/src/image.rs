@@ -293,20 +293,22 @@ fn make_blob(scratch: &Path, git: &Git, head: &Oid, cache: &Path, key: &str, wor
         let mut w = Writer::create(&tmp).map_err(erofs_err)?;
         let entries = ls_tree(git, head.as_str())?;
         let mut blobs: HashMap<String, (u32, u64)> = HashMap::new();
-        let mut from_git: Vec<String> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for e in entries.iter().filter(|e| is_data(e.mode)) {
-            if !seen.insert(e.oid.as_str()) {
-                continue;
-            }
-            match work.and_then(|wt| copy_verified(&mut w, wt, e).transpose()) {
-                Some(Ok(x)) => {
+        let unique: Vec<&TreeEntry> = entries.iter().filter(|e| is_data(e.mode) && seen.insert(e.oid.as_str())).collect();
+        let copied = match work {
+            Some(wt) => copy_verified(&mut w, wt, &unique)?,
+            None => vec![None; unique.len()],
+        };
+        let mut from_git: Vec<String> = Vec::new();
+        for (e, x) in unique.iter().zip(copied) {
+            match x {
+                Some(x) => {
                     blobs.insert(e.oid.clone(), (x.block, x.len));
                 }
-                Some(Err(err)) => return Err(err),
                 None => from_git.push(e.oid.clone()),
             }
         }
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, copied = blobs.len(), from_git = from_git.len(), "image: blob device: work tree files copied");
         from_git.sort_unstable();
         from_git.dedup();
         cat_blobs(git, &from_git, |oid, r, len| {
@@ -314,9 +316,11 @@ fn make_blob(scratch: &Path, git: &Git, head: &Oid, cache: &Path, key: &str, wor
             blobs.insert(oid.to_string(), (x.block, x.len));
             Ok(())
         })?;
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "image: blob device: files from git");
         let packs_dir = scratch.join(format!("blob-pack-{key}"));
         std::fs::create_dir_all(packs_dir.join("objects/pack")).map_err(io_err("cannot write the history pack"))?;
         crate::host::write_pack(git, &packs_dir, &format!("{head}\n"))?;
+        tracing::debug!(ms = t0.elapsed().as_millis() as u64, "image: blob device: history packed");
         let mut packs = BTreeMap::new();
         for ent in std::fs::read_dir(packs_dir.join("objects/pack")).map_err(io_err("cannot read the history pack"))?.flatten() {
             let name = ent.file_name().to_string_lossy().into_owned();
@@ -359,43 +363,62 @@ fn read_only(p: &Path) -> Result<(), RepoError> {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o444)).map_err(io_err("cannot protect the workspace image"))
 }
 
-/// Copies a regular file from the user's work tree when git's index vouches for it: the scratch index has the
-/// same object id for that path, with stat data git took when it last read the file, not racily clean; the file
-/// has exactly that stat data before and after the copy. `None`: take it from git instead.
-fn copy_verified(w: &mut Writer, wt: &WorkTree<'_>, e: &TreeEntry) -> Result<Option<Extent>, RepoError> {
-    let Some(ie) = wt.entries.get(e.path.as_slice()) else { return Ok(None) };
-    if e.mode & 0o170000 != 0o100000 || hex::encode(&ie.oid) != e.oid || ie.mode != e.mode || ie.skip_worktree || ie.assume_valid {
-        return Ok(None);
+/// Copies regular files from the user's work tree where git's index vouches for them, two at a time: the scratch
+/// index has the same object id for that path, with stat data git took when it last read the file, not racily
+/// clean; the file has exactly that stat data before and after the copy. For each entry, where its data went, or
+/// `None`: take it from git instead (its reserved room stays unused).
+fn copy_verified(w: &mut Writer, wt: &WorkTree<'_>, list: &[&TreeEntry]) -> Result<Vec<Option<Extent>>, RepoError> {
+    let mut planned: Vec<Option<(Extent, &index::Entry)>> = Vec::with_capacity(list.len());
+    for e in list {
+        let ie = wt.entries.get(e.path.as_slice()).copied().filter(|ie| {
+            e.mode & 0o170000 == 0o100000
+                && ie.mode == e.mode
+                && !ie.skip_worktree
+                && !ie.assume_valid
+                && (i64::from(ie.mtime.0), i64::from(ie.mtime.1)) < wt.index_mtime
+                && hex::encode(&ie.oid) == e.oid
+        });
+        planned.push(match ie {
+            Some(ie) => Some((w.reserve(u64::from(ie.size)).map_err(erofs_err)?, ie)),
+            None => None,
+        });
     }
-    if (i64::from(ie.mtime.0), i64::from(ie.mtime.1)) >= wt.index_mtime {
-        return Ok(None);
-    }
-    let same = |m: &std::fs::Metadata| {
-        m.file_type().is_file()
-            && m.mtime() == i64::from(ie.mtime.0)
-            && m.mtime_nsec() == i64::from(ie.mtime.1)
-            && m.ctime() == i64::from(ie.ctime.0)
-            && m.ctime_nsec() == i64::from(ie.ctime.1)
-            && m.ino() as u32 == ie.ino
-            && m.size() as u32 == ie.size
-            && (m.mode() & 0o100 != 0) == (e.mode == 0o100755)
+    let dst = w.file();
+    let copy_one = |e: &TreeEntry, x: Extent, ie: &index::Entry| -> Option<Extent> {
+        let same = |m: &std::fs::Metadata| {
+            m.file_type().is_file()
+                && m.mtime() == i64::from(ie.mtime.0)
+                && m.mtime_nsec() == i64::from(ie.mtime.1)
+                && m.ctime() == i64::from(ie.ctime.0)
+                && m.ctime_nsec() == i64::from(ie.ctime.1)
+                && m.ino() as u32 == ie.ino
+                && m.size() == x.len
+                && (m.mode() & 0o100 != 0) == (e.mode == 0o100755)
+        };
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = wt.top.join(std::ffi::OsStr::from_bytes(&e.path));
+        let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).ok()?;
+        if !same(&f.metadata().ok()?) {
+            return None;
+        }
+        erofs::copy_at(dst, x, &f).ok()?;
+        same(&f.metadata().ok()?).then_some(x)
     };
-    let path = wt.top.join(std::ffi::OsStr::from_bytes(&e.path));
-    use std::os::unix::fs::OpenOptionsExt;
-    let Ok(f) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path) else { return Ok(None) };
-    let Ok(before) = f.metadata() else { return Ok(None) };
-    if !same(&before) {
-        return Ok(None);
-    }
-    let x = match w.append_file(&f, before.size()) {
-        Ok(x) => x,
-        Err(erofs::ErofsError::ShortRead { .. }) => return Ok(None),
-        Err(e) => return Err(erofs_err(e)),
-    };
-    match f.metadata() {
-        Ok(after) if same(&after) => Ok(Some(x)),
-        _ => Ok(None),
-    }
+    let mut out: Vec<Option<Extent>> = vec![None; list.len()];
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4);
+    let chunk = list.len().div_ceil(workers).max(1);
+    std::thread::scope(|s| {
+        for ((items, plans), outs) in list.chunks(chunk).zip(planned.chunks(chunk)).zip(out.chunks_mut(chunk)) {
+            s.spawn(move || {
+                for ((e, plan), o) in items.iter().zip(plans).zip(outs.iter_mut()) {
+                    if let Some((x, ie)) = plan {
+                        *o = copy_one(e, *x, ie);
+                    }
+                }
+            });
+        }
+    });
+    Ok(out)
 }
 
 /// Streams the objects `oids` (hex) out of git, in order, to `each(oid, reader, length)`.
@@ -475,19 +498,35 @@ fn write_image(
     let mut sizes: HashMap<&str, u64> = HashMap::new();
     let mut placed: HashMap<&str, Extent> = HashMap::new();
     let mut from_git: Vec<String> = Vec::new();
+    let mut local: Vec<&TreeEntry> = Vec::new();
     for e in entries.iter().filter(|e| is_data(e.mode)) {
         if placed.contains_key(e.oid.as_str()) {
             continue;
         }
-        if let Some((block, len)) = blob.and_then(|b| b.map.blobs.get(&e.oid)) {
-            placed.insert(&e.oid, Extent { device: 1, block: *block, len: *len });
-            continue;
+        match blob.and_then(|b| b.map.blobs.get(&e.oid)) {
+            Some((block, len)) => {
+                placed.insert(&e.oid, Extent { device: 1, block: *block, len: *len });
+            }
+            None => {
+                placed.insert(&e.oid, Extent { device: 0, block: 0, len: 0 });
+                local.push(e);
+            }
         }
-        match work.map(|wt| copy_verified(&mut w, wt, e)).transpose()?.flatten() {
+    }
+    // (The placeholder above only marks the object as handled; what follows decides where it is.)
+    let copied = match work {
+        Some(wt) => copy_verified(&mut w, wt, &local)?,
+        None => vec![None; local.len()],
+    };
+    for (e, x) in local.iter().zip(copied) {
+        match x {
             Some(x) => {
                 placed.insert(&e.oid, x);
             }
-            None => from_git.push(e.oid.clone()),
+            None => {
+                placed.remove(e.oid.as_str());
+                from_git.push(e.oid.clone());
+            }
         }
     }
     from_git.sort_unstable();
