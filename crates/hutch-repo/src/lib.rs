@@ -11,6 +11,7 @@ pub mod git;
 pub mod guest;
 pub mod host;
 pub mod import;
+pub mod index;
 pub mod patch;
 pub mod path;
 pub mod project;
