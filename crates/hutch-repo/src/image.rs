@@ -289,7 +289,13 @@ fn make_blob(scratch: &Path, git: &Git, head: &Oid, cache: &Path, key: &str, wor
     let nonce = format!("{}-{}", std::process::id(), scratch.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
     let file = format!("blob-{key}-{}.bin", hex::encode(nonce_bytes(&nonce)));
     let tmp = cache.join(format!(".{file}.tmp"));
-    let made = (|| {
+    let packs_dir = scratch.join(format!("blob-pack-{key}"));
+    let made = std::thread::scope(|s| {
+        // The history pack is written meanwhile: it is git's work (mostly copying the user's packed data).
+        let packer = s.spawn(|| {
+            std::fs::create_dir_all(packs_dir.join("objects/pack")).map_err(io_err("cannot write the history pack"))?;
+            crate::host::write_pack(git, &packs_dir, &format!("{head}\n"))
+        });
         let mut w = Writer::create(&tmp).map_err(erofs_err)?;
         let entries = ls_tree(git, head.as_str())?;
         let mut blobs: HashMap<String, (u32, u64)> = HashMap::new();
@@ -317,9 +323,7 @@ fn make_blob(scratch: &Path, git: &Git, head: &Oid, cache: &Path, key: &str, wor
             Ok(())
         })?;
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, "image: blob device: files from git");
-        let packs_dir = scratch.join(format!("blob-pack-{key}"));
-        std::fs::create_dir_all(packs_dir.join("objects/pack")).map_err(io_err("cannot write the history pack"))?;
-        crate::host::write_pack(git, &packs_dir, &format!("{head}\n"))?;
+        packer.join().map_err(|_| RepoError::Project("the history pack's writer failed".into()))??;
         tracing::debug!(ms = t0.elapsed().as_millis() as u64, "image: blob device: history packed");
         let mut packs = BTreeMap::new();
         for ent in std::fs::read_dir(packs_dir.join("objects/pack")).map_err(io_err("cannot read the history pack"))?.flatten() {
@@ -329,7 +333,6 @@ fn make_blob(scratch: &Path, git: &Git, head: &Oid, cache: &Path, key: &str, wor
             let x = w.append_file(&f, len).map_err(erofs_err)?;
             packs.insert(name, (x.block, x.len));
         }
-        let _ = std::fs::remove_dir_all(&packs_dir);
         let bytes = w.finish_data().map_err(erofs_err)?;
         read_only(&tmp)?;
         let map = BlobMap { commit: head.to_string(), file: file.clone(), blocks: (bytes / erofs::BLOCK) as u32, blobs, packs };
@@ -339,7 +342,8 @@ fn make_blob(scratch: &Path, git: &Git, head: &Oid, cache: &Path, key: &str, wor
         std::fs::rename(&tmp, cache.join(&file)).map_err(io_err("cannot install the blob device"))?;
         std::fs::rename(&tmp_map, cache.join(format!("blob-{key}.map"))).map_err(io_err("cannot install the blob device"))?;
         Ok(Blob { file: file.clone(), map })
-    })();
+    });
+    let _ = std::fs::remove_dir_all(&packs_dir);
     let _ = std::fs::remove_file(&tmp);
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "image: blob device made");
     made
