@@ -424,10 +424,10 @@ async fn bench_repo(files: u32, runs: u32, vm_flags: &[&str]) -> anyhow::Result<
     let _ = std::fs::remove_file(&marker);
     let (first, first_phases) = first?;
     println!("{:<46} {:>8.1} ms   (snapshot + image made: {:.0} ms)", "first run of a new tree (image made), wall", first.as_secs_f64() * 1e3, first_phases.get("run: working tree snapshot taken").copied().unwrap_or(f64::NAN) - first_phases.get("run: image found").copied().unwrap_or(0.0));
-    // New trees once the work tree's kept workspace exists (the first run made it): one file changes each time,
-    // so the image is made by updating the kept workspace.
+    // New trees once HEAD's blob device exists (the first run made it): one file changes each time, so the image
+    // holds the structure, the indexes and that file.
     let mut new_tree = Samples::new("new tree (one file changed), wall");
-    let mut new_tree_host = Samples::new("  host: snapshot + image from the kept workspace");
+    let mut new_tree_host = Samples::new("  host: snapshot + image over the blob device");
     let changed = dir.join("bench-changed.txt");
     for i in 0..runs.min(3) {
         std::fs::write(&changed, format!("change {i} {}\n", hutch_sandbox::new_id()))?;
