@@ -112,6 +112,9 @@ pub struct Snapshot {
     /// snapshot's objects, HEAD checked out in its index and the user's working tree over it. Shared by every
     /// run of the same tree (cached by content key), never written after it is made.
     pub image: PathBuf,
+    /// The full image a delta `image` takes its unchanged files' data from (attached in the workspace base slot,
+    /// given to erofs as its extra device); `None`: `image` is self-contained.
+    pub image_base: Option<PathBuf>,
     /// The image was already in the cache.
     pub image_reused: bool,
     /// SHA-256 of the workspace repository's `config`, `hooks/*` and `info/*`, by path under `.git`: what the VM
@@ -199,6 +202,7 @@ impl Snapshot {
             empty,
             branch: repo.branch.clone(),
             image,
+            image_base: None,
             image_reused,
             git_meta,
             scratch,
@@ -254,12 +258,13 @@ fn remember_image(repo: &HostRepo, cache: &Path, image: &Path) {
 /// The image the last snapshot of this work tree used, if it is still in the cache: a guess at the image the
 /// next snapshot will use, so that a VM can be started with it while the snapshot is taken (the snapshot decides;
 /// a wrong guess only costs that VM). Reads two small files; hashes nothing.
-pub fn predicted_image(repo: &HostRepo, cache: &Path) -> Option<PathBuf> {
+/// Returns the image and the base image it needs in the base slot, if any.
+pub fn predicted_image(repo: &HostRepo, cache: &Path) -> Option<(PathBuf, Option<PathBuf>)> {
     let name = std::fs::read(last_image_record(repo, cache)).ok()?;
     let name = std::str::from_utf8(&name).ok()?;
     let ok = name.starts_with("ws-") && name.ends_with(".erofs") && !name.contains('/') && name.len() < 100;
     let image = cache.join(name);
-    (ok && image.is_file()).then_some(image)
+    (ok && image.is_file()).then_some((image, None))
 }
 
 /// Which files of the work tree go into the VM, as a tree in the scratch repository: `git add -A` (tracked files
@@ -998,7 +1003,7 @@ pub(crate) mod tests {
         // The same tree again: the image is reused.
         let s3 = Snapshot::take(&repo, cache.path()).unwrap();
         assert!(s3.image_reused && s3.image == s2.image);
-        assert_eq!(predicted_image(&repo, cache.path()), Some(s3.image.clone()), "the next run's guess is this image");
+        assert_eq!(predicted_image(&repo, cache.path()), Some((s3.image.clone(), None)), "the next run's guess is this image");
     }
 
     #[test]
