@@ -23,6 +23,8 @@ pub const OVERLAY: &str = "/var/tmp/hutch/overlay";
 /// kernel code run for the first time, on every run. The drive's identity (its serial, its place in device order)
 /// is the snapshot's; only the image behind it changes, which is why the kernel's buffers are still dropped.
 static SLOT: std::sync::OnceLock<Slot> = std::sync::OnceLock::new();
+/// The workspace base drive (the extra device a delta image's unchanged data lives in), opened like [`SLOT`].
+static BASE: std::sync::OnceLock<Slot> = std::sync::OnceLock::new();
 
 struct Slot {
     serial: String,
@@ -30,13 +32,15 @@ struct Slot {
     file: std::fs::File,
 }
 
-/// At the agent's start, before it announces itself: finds and opens the workspace drive, and makes the
+/// At the agent's start, before it announces itself: finds and opens the workspace drives, and makes the
 /// directories a first mount needs (on the VM's disk, in the snapshot), so that a restored VM's first mount does
-/// none of that. A VM without the drive simply has no slot; `mount_workspace` then says so.
+/// none of that. A VM without a drive simply has no slot; `mount_workspace` then says so.
 pub fn prepare() {
-    if let Ok(dev) = find_drive(hutch_proto::WORKSPACE_SERIAL) {
-        if let Ok(file) = std::fs::File::open(&dev) {
-            let _ = SLOT.set(Slot { serial: hutch_proto::WORKSPACE_SERIAL.to_string(), dev, file });
+    for (slot, serial) in [(&SLOT, hutch_proto::WORKSPACE_SERIAL), (&BASE, hutch_proto::WORKSPACE_BASE_SERIAL)] {
+        if let Ok(dev) = find_drive(serial) {
+            if let Ok(file) = std::fs::File::open(&dev) {
+                let _ = slot.set(Slot { serial: serial.to_string(), dev, file });
+            }
         }
     }
     for d in [LOWER.to_string(), format!("{OVERLAY}/upper"), format!("{OVERLAY}/work")] {
@@ -50,17 +54,25 @@ pub fn prepare() {
     }
 }
 
-/// Drops whatever the kernel cached of the drive, and mounts image and overlay.
+/// The drive `serial` names: the one `prepare` opened, else found and opened now.
+fn open_drive<'a>(opened: &'a std::sync::OnceLock<Slot>, serial: &str, now: &'a mut Option<(PathBuf, std::fs::File)>) -> Result<(&'a Path, &'a std::fs::File), String> {
+    if let Some(s) = opened.get().filter(|s| s.serial == serial) {
+        return Ok((s.dev.as_path(), &s.file));
+    }
+    let dev = find_drive(serial)?;
+    let file = std::fs::File::open(&dev).map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
+    let (dev, file) = now.insert((dev, file));
+    Ok((dev.as_path(), file))
+}
+
+/// Drops whatever the kernel cached of the drives, and mounts image and overlay.
 pub fn mount_workspace(req: &MountWorkspace) -> Result<(), String> {
-    let opened;
-    let (dev, file) = match SLOT.get().filter(|s| s.serial == req.serial) {
-        Some(s) => (s.dev.as_path(), &s.file),
-        None => {
-            let dev = find_drive(&req.serial)?;
-            let file = std::fs::File::open(&dev).map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
-            opened = (dev, file);
-            (opened.0.as_path(), &opened.1)
-        }
+    let (mut opened, mut base_opened) = (None, None);
+    let (dev, file) = open_drive(&SLOT, &req.serial, &mut opened)?;
+    let base = match &req.base_serial {
+        Some(serial) if *serial == req.serial => return Err(format!("the base drive {serial:?} is the image's own drive")),
+        Some(serial) => Some(open_drive(&BASE, serial, &mut base_opened).map_err(|e| format!("the workspace base drive: {e}"))?),
+        None => None,
     };
     // In a VM restored from an environment snapshot the setup run's workspace is still mounted, over the image
     // that was in the slot then: detach both (a process the setup left behind may still hold them) and start
@@ -86,8 +98,12 @@ pub fn mount_workspace(req: &MountWorkspace) -> Result<(), String> {
         }
     }
     flush_buffers(dev, file)?;
+    if let Some((bdev, bfile)) = base {
+        // The base slot was swapped under a restored VM just like the image's own.
+        flush_buffers(bdev, bfile)?;
+    }
     std::fs::create_dir_all(LOWER).map_err(|e| format!("cannot create {LOWER}: {e}"))?;
-    mount_image(dev, file)?;
+    mount_image(dev, file, base.map(|(d, _)| d))?;
     for d in [upper.as_str(), work.as_str(), req.target.as_str()] {
         std::fs::create_dir_all(d).map_err(|e| format!("cannot create {d}: {e}"))?;
     }
@@ -116,10 +132,18 @@ pub fn untouched() -> Result<(), String> {
 }
 
 /// Mounts the image read-only on [`LOWER`]: as erofs (what hutch makes; its mount reads the superblock itself),
-/// else, by the superblock's magic, as ext4 (no journal replay), so that either can be measured.
-fn mount_image(dev: &Path, file: &std::fs::File) -> Result<(), String> {
+/// else, by the superblock's magic, as ext4 (no journal replay), so that either can be measured. With `base`, the
+/// image is an erofs image whose device table names one extra device, the drive `base`.
+fn mount_image(dev: &Path, file: &std::fs::File, base: Option<&Path>) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
     let ro = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+    if let Some(base) = base {
+        // Extra devices are given to erofs by path, in the order of the image's device table.
+        let data = format!("device={}", base.display());
+        return mount(Some(dev), LOWER, Some("erofs"), ro, Some(data.as_str())).map_err(|e| {
+            format!("cannot mount the workspace image {} (erofs, extra device {}) on {LOWER}: {e}", dev.display(), base.display())
+        });
+    }
     let erofs = match mount(Some(dev), LOWER, Some("erofs"), ro, None::<&str>) {
         Ok(()) => return Ok(()),
         Err(e) => e,
@@ -145,7 +169,7 @@ fn find_drive(serial: &str) -> Result<PathBuf, String> {
             return Ok(Path::new("/dev").join(e.file_name()));
         }
     }
-    Err(format!("no drive with serial {serial:?} (the VM was started without the workspace slot)"))
+    Err(format!("no drive with serial {serial:?} (the VM was started without that drive slot)"))
 }
 
 /// The placeholder that sat in the drive slot when the snapshot was taken was probed at boot; whatever the kernel

@@ -103,6 +103,7 @@ async fn time_bare(host: &Host, cfg: &hutch_sandbox::SandboxConfig, snap: Option
         dir: dir.path().to_path_buf(),
         sock_dir: dir.sockets().to_path_buf(),
         workspace: None,
+        workspace_base: None,
     };
     let t0 = Instant::now();
     let mut vm = match snap {
@@ -470,8 +471,9 @@ async fn bench_repo(files: u32, runs: u32, vm_flags: &[&str]) -> anyhow::Result<
 /// agent round trip, and the collection's overlay check, each with the guest code blocks translated meanwhile.
 async fn mount_profile(host: &Host, cfg: &hutch_sandbox::SandboxConfig, dir: &std::path::Path, ws_cache: &std::path::Path, runs: u32) -> anyhow::Result<()> {
     let repo = hutch_repo::HostRepo::discover(dir)?.context("the bench repository is not a git work tree")?;
-    let image = hutch_repo::host::predicted_image(&repo, ws_cache).context("no workspace image recorded for the bench repository")?;
-    let cfg = hutch_sandbox::SandboxConfig { workspace_image: Some(image), ..cfg.clone() };
+    let (image, base) = hutch_repo::host::predicted_image(&repo, ws_cache).context("no workspace image recorded for the bench repository")?;
+    let with_base = base.is_some();
+    let cfg = hutch_sandbox::SandboxConfig { workspace_image: Some(image), workspace_base: base, ..cfg.clone() };
     let names = ["mount (fresh VM)", "mount again (same VM)", "ping", "upper layer empty? (in the agent)", "full overlay check (a process)"];
     let mut ms: Vec<Samples> = names.iter().map(|n| Samples::new(format!("  in-process: {n}"))).collect();
     let mut blocks: Vec<Vec<u64>> = vec![vec![]; names.len()];
@@ -482,7 +484,7 @@ async fn mount_profile(host: &Host, cfg: &hutch_sandbox::SandboxConfig, dir: &st
                 let b0 = sb.translated_blocks().await;
                 let t = Instant::now();
                 match i {
-                    0 | 1 => sb.client().mount_workspace(hutch_repo::guest::WORKSPACE).await?,
+                    0 | 1 => sb.client().mount_workspace(hutch_repo::guest::WORKSPACE, with_base).await?,
                     2 => sb.client().ping().await?,
                     3 => anyhow::ensure!(sb.client().workspace_untouched().await?, "the agent says the upper layer is not empty"),
                     _ => {

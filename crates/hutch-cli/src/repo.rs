@@ -455,13 +455,19 @@ impl RunRepo {
 
     /// The image the last snapshot of this work tree used (see [`hutch_repo::host::predicted_image`]), before this
     /// run's snapshot is taken.
-    pub fn predicted_image(&self, image_cache: &Path) -> Option<std::path::PathBuf> {
+    /// With it, the base image it needs in the workspace base slot, if any.
+    pub fn predicted_image(&self, image_cache: &Path) -> Option<(std::path::PathBuf, Option<std::path::PathBuf>)> {
         self.found.as_ref().and_then(|r| hutch_repo::host::predicted_image(r, image_cache))
     }
 
     /// The workspace image the sandbox must be started with, if any.
     pub fn workspace_image(&self) -> Option<std::path::PathBuf> {
         self.active.as_ref().map(|a| a.snap.image.clone())
+    }
+
+    /// The image for the workspace base slot (the full image a delta workspace image takes data from), if any.
+    pub fn workspace_base(&self) -> Option<std::path::PathBuf> {
+        self.active.as_ref().and_then(|a| a.snap.image_base.clone())
     }
 
     /// The VM mounted this run's image at /workspace before the snapshot was done (see `run`): nothing left to do

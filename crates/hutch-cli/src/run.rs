@@ -66,27 +66,30 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
         (None, false) => repo.predicted_image(&ws_cache),
         _ => None,
     };
-    let speculative = guess.map(|img| {
+    let speculative = guess.map(|(img, base)| {
         let (h, mut c) = (host.clone(), cfg.clone());
         c.workspace_image = Some(img.clone());
+        c.workspace_base = base.clone();
         let task = tokio::spawn(async move {
             let quiet = |n: &str| tracing::debug!("speculative start: {}", hutch_text::escape_lines(n.as_bytes()));
             let sb = Sandbox::create_with_notes(&h, &c, &quiet).await?;
             // The image is mounted too while the snapshot may still run; a wrong guess destroys the VM anyway.
             let t = std::time::Instant::now();
-            let mounted = sb.client().mount_workspace(hutch_repo::guest::WORKSPACE).await;
+            let mounted = sb.client().mount_workspace(hutch_repo::guest::WORKSPACE, c.workspace_base.is_some()).await;
             tracing::debug!(ms = t.elapsed().as_millis() as u64, ok = mounted.is_ok(), "repo: workspace mounted");
             Ok::<_, hutch_sandbox::SandboxError>((sb, mounted.is_ok()))
         });
-        (img, task)
+        ((img, base), task)
     });
     let snapped = tokio::task::block_in_place(|| repo.snapshot(&mut a, &ws_cache));
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: working tree snapshot taken");
     cfg.workspace_image = repo.workspace_image();
+    cfg.workspace_base = repo.workspace_base();
     let mut early = None;
-    if let Some((img, task)) = speculative {
+    if let Some(((img, base), task)) = speculative {
         match task.await {
-            Ok(Ok((sb, mounted))) if snapped.is_ok() && cfg.workspace_image.as_ref() == Some(&img) => {
+            // Both slots must hold what the snapshot names: a delta image over another base reads wrong data.
+            Ok(Ok((sb, mounted))) if snapped.is_ok() && cfg.workspace_image.as_ref() == Some(&img) && cfg.workspace_base == base => {
                 if mounted {
                     repo.workspace_mounted();
                 }

@@ -795,7 +795,8 @@ impl Manager {
         let extra = !std::ptr::eq(host, &self.host);
         let env = base_env.into_iter().chain(spec.env.clone()).collect();
         let workspace_image = pending.as_ref().and_then(|p| p.image());
-        let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env, egress, workspace_image, ..SandboxConfig::default() };
+        let workspace_base = pending.as_ref().and_then(|p| p.image_base());
+        let cfg = SandboxConfig { cpus: spec.cpus, memory_mib: spec.memory_mib, env, egress, workspace_image, workspace_base, ..SandboxConfig::default() };
         let t0 = Instant::now();
         self.metrics.creates.inc();
         let pool = if extra { None } else { self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone() };

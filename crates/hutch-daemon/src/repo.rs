@@ -67,6 +67,11 @@ impl Pending {
         self.snap.as_ref().map(|(s, _)| s.image.clone())
     }
 
+    /// The image for the workspace base slot: the full image a delta workspace image takes its data from.
+    pub fn image_base(&self) -> Option<PathBuf> {
+        self.snap.as_ref().and_then(|(s, _)| s.image_base.clone())
+    }
+
     /// In the new VM: `/workspace` mounted as `hutch run` mounts it.
     pub async fn enter(self, client: &AgentClient) -> Result<Session, String> {
         let repo = match self.snap {

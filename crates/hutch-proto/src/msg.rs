@@ -156,6 +156,10 @@ pub struct MountWorkspace {
     pub target: String,
     /// The serial number of the drive to mount.
     pub serial: String,
+    /// The serial number of the drive holding the image's extra device (erofs multi-device: the full image a
+    /// delta image's unchanged data lives in). `None`: a self-contained image.
+    #[serde(default)]
+    pub base_serial: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -206,7 +206,7 @@ pub fn guest_cwd(prefix: &Path) -> String {
 /// Mounts the snapshot's image (attached to the sandbox as its workspace drive) with a writable overlay at
 /// `/workspace`. Nothing is copied or unpacked: the guest reads the image's blocks as it needs them.
 pub async fn setup_workspace(client: &AgentClient, snap: &Snapshot, prefix: &Path) -> Result<Workspace, RepoError> {
-    client.mount_workspace(WORKSPACE).await?;
+    client.mount_workspace(WORKSPACE, snap.image_base.is_some()).await?;
     Ok(Workspace::new(snap, guest_cwd(prefix)))
 }
 

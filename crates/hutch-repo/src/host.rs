@@ -282,8 +282,14 @@ fn remember_image(repo: &HostRepo, cache: &Path, image: &Path) {
 /// The image the last snapshot of this work tree used, if it is still in the cache: a guess at the image the
 /// next snapshot will use, so that a VM can be started with it while the snapshot is taken (the snapshot decides;
 /// a wrong guess only costs that VM). Reads two small files; hashes nothing.
-pub fn predicted_image(repo: &HostRepo, cache: &Path) -> Option<PathBuf> {
-    last_image(repo, cache)
+/// Returns the image and the blob device it needs in the base slot, if any.
+pub fn predicted_image(repo: &HostRepo, cache: &Path) -> Option<(PathBuf, Option<PathBuf>)> {
+    let image = last_image(repo, cache)?;
+    let blob = crate::image::blob_of(&image);
+    if blob.as_ref().is_some_and(|b| !b.is_file()) {
+        return None;
+    }
+    Some((image, blob))
 }
 
 fn last_image(repo: &HostRepo, cache: &Path) -> Option<PathBuf> {
@@ -661,7 +667,7 @@ pub(crate) mod tests {
         // The same tree again: the image is reused.
         let s3 = Snapshot::take(&repo, cache.path()).unwrap();
         assert!(s3.image_reused && s3.image == s2.image);
-        assert_eq!(predicted_image(&repo, cache.path()), Some(s3.image.clone()), "the next run's guess is this image");
+        assert_eq!(predicted_image(&repo, cache.path()), Some((s3.image.clone(), s3.image_base.clone())), "the next run's guess is this image");
     }
 
     #[test]

@@ -110,8 +110,14 @@ impl AgentClient {
     }
 
     /// Mounts the workspace drive (the sandbox's `workspace_image`) read-only with a writable overlay at `target`.
-    pub async fn mount_workspace(&self, target: &str) -> Result<(), SandboxError> {
-        let m = MountWorkspace { target: target.to_string(), serial: hutch_vmm::WORKSPACE_SERIAL.to_string() };
+    /// `with_base`: the image is a delta whose unchanged data lives in the image in the base slot
+    /// (`workspace_base`), given to erofs as its extra device.
+    pub async fn mount_workspace(&self, target: &str, with_base: bool) -> Result<(), SandboxError> {
+        let m = MountWorkspace {
+            target: target.to_string(),
+            serial: hutch_vmm::WORKSPACE_SERIAL.to_string(),
+            base_serial: with_base.then(|| hutch_vmm::WORKSPACE_BASE_SERIAL.to_string()),
+        };
         let mut f = self.request(&Request::MountWorkspace(m)).await?;
         Self::reply(&mut f, &format!("mounting the workspace at {target}")).await
     }

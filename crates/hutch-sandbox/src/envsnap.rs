@@ -61,6 +61,10 @@ pub struct CaptureBase {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EnvMeta {
     pub format: u32,
+    /// The VM's device layout ([`hutch_vmm::DEVICE_LAYOUT`]) the saved device state belongs to (0: from before
+    /// it was recorded).
+    #[serde(default)]
+    pub layout: u32,
     pub key: String,
     /// What it was made for, for `hutch cache ls` (the repository's directory and the setup script's name).
     pub label: String,
@@ -304,6 +308,9 @@ fn open(dir: &Path) -> Result<Entry, SandboxError> {
     if meta.format != FORMAT {
         return Err(env_err(format!("made by another version (format {})", meta.format)));
     }
+    if meta.layout != hutch_vmm::DEVICE_LAYOUT {
+        return Err(env_err(format!("made for other VM devices (layout {}, this hutch has {})", meta.layout, hutch_vmm::DEVICE_LAYOUT)));
+    }
     let state = sha256_file(&dir.join("state")).map_err(|e| env_err(format!("state: {e}")))?;
     if state != meta.state_sha256 {
         return Err(env_err("device state does not match its checksum (corrupt)"));
@@ -519,6 +526,7 @@ impl Sandbox {
         }
         let meta = EnvMeta {
             format: FORMAT,
+            layout: hutch_vmm::DEVICE_LAYOUT,
             key: key.clone(),
             label: label.to_string(),
             image_key: base.image_key.clone(),
@@ -582,6 +590,7 @@ mod tests {
         std::fs::create_dir_all(&d).unwrap();
         let meta = EnvMeta {
             format: FORMAT,
+            layout: hutch_vmm::DEVICE_LAYOUT,
             key: key.into(),
             label: "t".into(),
             image_key: "i".into(),

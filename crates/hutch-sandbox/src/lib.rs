@@ -75,11 +75,13 @@ pub struct SandboxConfig {
     pub exit_on_disconnect: bool,
     /// A read-only filesystem image for the workspace drive slot (the guest mounts it at `/workspace` on request).
     pub workspace_image: Option<PathBuf>,
+    /// The image `workspace_image` takes unchanged data from (erofs extra device), for the workspace base slot.
+    pub workspace_base: Option<PathBuf>,
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![], extra_kernel_args: vec![], egress: egress::Egress::deny_all(), exit_on_disconnect: true, workspace_image: None }
+        Self { cpus: 1, memory_mib: 512, accel: None, cold: false, boot_timeout: Duration::from_secs(30), env: vec![], extra_kernel_args: vec![], egress: egress::Egress::deny_all(), exit_on_disconnect: true, workspace_image: None, workspace_base: None }
     }
 }
 
@@ -422,6 +424,7 @@ impl Sandbox {
             dir: dir.path().to_path_buf(),
             sock_dir: dir.sockets().to_path_buf(),
             workspace: cfg.workspace_image.clone(),
+            workspace_base: cfg.workspace_base.clone(),
         }
     }
 

@@ -26,6 +26,10 @@ const SUSPEND_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PauseMeta {
     pub format: u32,
+    /// The VM's device layout ([`hutch_vmm::DEVICE_LAYOUT`]) the saved device state belongs to (0: from before
+    /// it was recorded).
+    #[serde(default)]
+    pub layout: u32,
     pub image_key: String,
     pub cpus: u32,
     pub memory_mib: u32,
@@ -63,6 +67,14 @@ pub fn read_meta(dir: &Path) -> Result<PauseMeta, SandboxError> {
     let meta: PauseMeta = serde_json::from_str(&text).map_err(|e| pause_err(format!("{}: {e}", path.display())))?;
     if meta.format != FORMAT {
         return Err(pause_err(format!("{} is format {}, this hutch reads {FORMAT}", path.display(), meta.format)));
+    }
+    if meta.layout != hutch_vmm::DEVICE_LAYOUT {
+        return Err(pause_err(format!(
+            "{} was saved from a VM with other devices (layout {}, this hutch has {})",
+            path.display(),
+            meta.layout,
+            hutch_vmm::DEVICE_LAYOUT
+        )));
     }
     Ok(meta)
 }
@@ -102,6 +114,7 @@ impl Sandbox {
         let disk_bytes = std::fs::metadata(&disk).map_err(io("stat the disk layer"))?.len();
         let meta = PauseMeta {
             format: FORMAT,
+            layout: hutch_vmm::DEVICE_LAYOUT,
             image_key: host.image.key.clone(),
             cpus,
             memory_mib,

@@ -42,7 +42,8 @@ pub struct Meta {
 fn key(host: &Host, cfg: &SandboxConfig, accel: Accel) -> String {
     let mut h = Sha256::new();
     h.update(format!(
-        "recipe={RECIPE}\nimage={}\ncpus={}\nmemory={}\naccel={accel}\nqemu={}\nproto={}\ncmdline={}\n",
+        "recipe={RECIPE}\nlayout={}\nimage={}\ncpus={}\nmemory={}\naccel={accel}\nqemu={}\nproto={}\ncmdline={}\n",
+        hutch_vmm::DEVICE_LAYOUT,
         host.image.key,
         cfg.cpus,
         cfg.memory_mib,
@@ -239,8 +240,8 @@ async fn make(host: &Host, cfg: &SandboxConfig, accel: Accel) -> Result<Snapshot
     let id = crate::new_id();
     let rundir = host.sandbox_dir(&id)?;
     let memory = Memory::File { path: files.memory.clone(), shared: true };
-    // The workspace slot holds its placeholder in the snapshot; restores put the real image there.
-    let cfg = &SandboxConfig { workspace_image: None, ..cfg.clone() };
+    // The workspace slots hold their placeholders in the snapshot; restores put the real images there.
+    let cfg = &SandboxConfig { workspace_image: None, workspace_base: None, ..cfg.clone() };
     let vmcfg = crate::Sandbox::vm_config(host, cfg, accel, &rundir, disk, memory);
     let mut vm = host.qemu.boot(&vmcfg).await?;
     let ready = async {

@@ -67,10 +67,19 @@ pub struct VmConfig {
     /// What the workspace drive slot holds: a read-only filesystem image, or (`None`) an empty placeholder. The
     /// slot exists in every VM, so a snapshot made without a workspace restores with one.
     pub workspace: Option<PathBuf>,
+    /// What the workspace base slot (right after the workspace slot, in every VM) holds: the full image a delta
+    /// image in the workspace slot takes its unchanged data from (erofs extra device), or (`None`) an empty
+    /// placeholder.
+    pub workspace_base: Option<PathBuf>,
 }
 
 /// The serial number of the workspace drive, by which the guest finds it.
 pub const WORKSPACE_SERIAL: &str = hutch_proto::WORKSPACE_SERIAL;
+/// The serial number of the workspace base drive.
+pub const WORKSPACE_BASE_SERIAL: &str = hutch_proto::WORKSPACE_BASE_SERIAL;
+/// Bumped whenever the VM's devices (which, in which order) change: a snapshot's device state only loads into a
+/// VM with the very devices it was saved from, so everything that restores saved state is keyed on this.
+pub const DEVICE_LAYOUT: u32 = 2;
 /// The capacity of the empty placeholder in the workspace slot. A guest restored from a snapshot keeps the
 /// capacity it read at boot, so the placeholder is larger than any workspace image: the guest's filesystem
 /// reads only the blocks its superblock names, and QEMU refuses reads past the real image's end.

@@ -131,17 +131,25 @@ impl Qemu {
         push(format!("file={},format=qcow2,if=none,id=root,cache=unsafe,discard=unmap", cfg.disk.display()));
         push("-device".into());
         push("virtio-blk-device,drive=root".into());
-        // The workspace slot, second in device order in every VM (cold, snapshotted, restored), read-only.
-        push("-blockdev".into());
-        push(match &cfg.workspace {
-            Some(img) => format!(
-                "driver=raw,node-name=ws,read-only=on,file.driver=file,file.filename={},file.locking=off",
-                qemu_opt_escape(&img.display().to_string())
-            ),
-            None => format!("driver=null-co,node-name=ws,read-only=on,read-zeroes=on,size={}", crate::WORKSPACE_PLACEHOLDER_BYTES),
-        });
-        push("-device".into());
-        push(format!("virtio-blk-device,drive=ws,serial={}", crate::WORKSPACE_SERIAL));
+        // The workspace slot, second in device order in every VM (cold, snapshotted, restored), read-only; the
+        // base slot third (see `DEVICE_LAYOUT`).
+        for (node, image, serial) in
+            [("ws", &cfg.workspace, crate::WORKSPACE_SERIAL), ("wsbase", &cfg.workspace_base, crate::WORKSPACE_BASE_SERIAL)]
+        {
+            push("-blockdev".into());
+            push(match image {
+                Some(img) => format!(
+                    "driver=raw,node-name={node},read-only=on,file.driver=file,file.filename={},file.locking=off",
+                    qemu_opt_escape(&img.display().to_string())
+                ),
+                None => format!(
+                    "driver=null-co,node-name={node},read-only=on,read-zeroes=on,size={}",
+                    crate::WORKSPACE_PLACEHOLDER_BYTES
+                ),
+            });
+            push("-device".into());
+            push(format!("virtio-blk-device,drive={node},serial={serial}"));
+        }
         push("-device".into());
         push("virtio-rng-device".into());
         // The only channel to the host: one virtio-serial port, host end a unix socket in the VM's private dir.
