@@ -481,3 +481,57 @@ impl Vm for QemuVm {
         &self.console
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn cfg(workspace: Option<PathBuf>, workspace_base: Option<PathBuf>) -> VmConfig {
+        VmConfig {
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: "console=ttyS0".into(),
+            disk: "/d/disk.qcow2".into(),
+            cpus: 1,
+            memory_mib: 256,
+            accel: Accel::Tcg,
+            memory: Memory::Anonymous,
+            dir: "/d".into(),
+            sock_dir: "/d".into(),
+            workspace,
+            workspace_base,
+        }
+    }
+
+    /// The values of every `flag` in the command line, in order.
+    fn values(args: &[OsString], flag: &str) -> Vec<String> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn both_workspace_slots_exist_in_every_vm_in_a_fixed_order() {
+        let q = Qemu::new("/q".into()).with_run_as(None);
+        let empty = q.args(&cfg(None, None), false);
+        let full = q.args(&cfg(Some("/w/a,b.erofs".into()), Some("/w/base.erofs".into())), true);
+        // Device order is what a snapshot's device state is matched by: images or not, the devices are the same.
+        let devices = values(&empty, "-device");
+        assert_eq!(devices, values(&full, "-device"));
+        let blk: Vec<&String> = devices.iter().filter(|d| d.starts_with("virtio-blk-device")).collect();
+        assert_eq!(
+            blk,
+            [
+                "virtio-blk-device,drive=root",
+                &format!("virtio-blk-device,drive=ws,serial={}", crate::WORKSPACE_SERIAL),
+                &format!("virtio-blk-device,drive=wsbase,serial={}", crate::WORKSPACE_BASE_SERIAL),
+            ]
+        );
+        let placeholder = format!("read-only=on,read-zeroes=on,size={}", crate::WORKSPACE_PLACEHOLDER_BYTES);
+        let nodes = values(&empty, "-blockdev");
+        assert_eq!(nodes.len(), 2);
+        assert!(nodes.iter().all(|n| n.starts_with("driver=null-co,") && n.ends_with(&placeholder)), "{nodes:?}");
+        let nodes = values(&full, "-blockdev");
+        assert!(nodes[0].starts_with("driver=raw,node-name=ws,read-only=on,") && nodes[0].contains("file.filename=/w/a,,b.erofs,"), "{nodes:?}");
+        assert!(nodes[1].starts_with("driver=raw,node-name=wsbase,read-only=on,") && nodes[1].contains("file.filename=/w/base.erofs,"), "{nodes:?}");
+    }
+}
