@@ -668,6 +668,18 @@ pub(crate) mod tests {
         let s3 = Snapshot::take(&repo, cache.path()).unwrap();
         assert!(s3.image_reused && s3.image == s2.image);
         assert_eq!(predicted_image(&repo, cache.path()), Some((s3.image.clone(), s3.image_base.clone())), "the next run's guess is this image");
+        // History rewritten: the old blob device's commit is not in the new HEAD's history, so it is not used.
+        g.run("checkout", ["checkout", "-q", "--orphan", "other"]).unwrap();
+        g.run("commit", ["commit", "-q", "-m", "unrelated"]).unwrap();
+        let repo = HostRepo::discover(&r).unwrap().unwrap();
+        let s4 = Snapshot::take(&repo, cache.path()).unwrap();
+        let blob4 = s4.image_base.clone().unwrap();
+        assert_ne!(blob4, blob1, "a HEAD without the blob device's commit in its history gets its own");
+        let ws4 = x.path().join("ws4");
+        extract_image(&s4.image, Some(&blob4), &ws4);
+        let gw4 = Git::at(&ws4.join(".git")).work_tree(&ws4).index(&ws4.join(".git/index"));
+        gw4.run("fsck", ["fsck", "--no-dangling", "--connectivity-only"]).unwrap();
+        assert_eq!(gw4.line("rev-list", ["rev-list", "--count", "HEAD"]).unwrap(), "1");
     }
 
     #[test]

@@ -401,6 +401,10 @@ fn copy_verified(w: &mut Writer, wt: &WorkTree<'_>, list: &[&TreeEntry]) -> Resu
         };
         use std::os::unix::fs::OpenOptionsExt;
         let path = wt.top.join(std::ffi::OsStr::from_bytes(&e.path));
+        // Looked at before it is opened: a path that is now a device node or a FIFO is never opened.
+        if !same(&std::fs::symlink_metadata(&path).ok()?) {
+            return None;
+        }
         let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).ok()?;
         if !same(&f.metadata().ok()?) {
             return None;
@@ -811,6 +815,7 @@ fn evict(cache: &Path, keep: &Path) {
     let named: std::collections::HashSet<PathBuf> =
         images.iter().filter(|i| !gone.contains(&i.2)).filter_map(|i| blob_of(&i.2)).chain(keep_blob).collect();
     blobs.sort();
+    let mut removed_blobs = false;
     for (_, len, path) in blobs {
         if total <= IMAGE_CACHE_BYTES {
             break;
@@ -819,6 +824,83 @@ fn evict(cache: &Path, keep: &Path) {
             continue;
         }
         let _ = std::fs::remove_file(&path);
+        removed_blobs = true;
         total = total.saturating_sub(len);
+    }
+    // Maps whose blob device is gone.
+    if removed_blobs {
+        for e in std::fs::read_dir(cache).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(key) = name.strip_prefix("blob-").and_then(|n| n.strip_suffix(".map")) {
+                if load_blob(cache, key).is_none() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry_for(top: &Path, path: &str, oid: &str) -> index::Entry {
+        let m = std::fs::symlink_metadata(top.join(path)).unwrap();
+        index::Entry {
+            ctime: (m.ctime() as u32, m.ctime_nsec() as u32),
+            mtime: (m.mtime() as u32, m.mtime_nsec() as u32),
+            ino: m.ino() as u32,
+            mode: 0o100644,
+            size: m.size() as u32,
+            oid: hex::decode(oid).unwrap(),
+            path: path.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Only files whose stat data is exactly what git's index recorded are copied from the work tree; a file
+    /// changed since (its change time moves), one replaced by a symlink or a FIFO, or one git recorded too late to
+    /// trust (racily clean) comes from git instead.
+    #[test]
+    fn work_tree_files_are_copied_only_as_git_vouched_for_them() {
+        let t = tempfile::tempdir().unwrap();
+        let top = t.path().join("wt");
+        std::fs::create_dir(&top).unwrap();
+        for f in ["same", "changed", "link", "fifo", "racy"] {
+            if f == "racy" {
+                // Later than the others by more than the file system's clock step.
+                std::thread::sleep(std::time::Duration::from_millis(30));
+            }
+            std::fs::write(top.join(f), format!("content of {f}\n")).unwrap();
+        }
+        let oid = "1111111111111111111111111111111111111111";
+        let entries: Vec<index::Entry> = ["same", "changed", "link", "fifo", "racy"].iter().map(|p| entry_for(&top, p, oid)).collect();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        // Same size, same modification time, other bytes: only the change time tells.
+        let m = std::fs::metadata(top.join("changed")).unwrap();
+        std::fs::write(top.join("changed"), "CONTENT OF changed\n").unwrap();
+        std::fs::File::options().write(true).open(top.join("changed")).unwrap().set_modified(m.modified().unwrap()).unwrap();
+        std::fs::remove_file(top.join("link")).unwrap();
+        std::os::unix::fs::symlink("same", top.join("link")).unwrap();
+        std::fs::remove_file(top.join("fifo")).unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(top.join("fifo")).status().unwrap().success());
+        let racy = &entries[4];
+        let wt = WorkTree {
+            top: &top,
+            entries: entries.iter().map(|e| (e.path.as_slice(), e)).collect(),
+            index_mtime: (i64::from(racy.mtime.0), i64::from(racy.mtime.1)),
+        };
+        let list: Vec<TreeEntry> =
+            ["same", "changed", "link", "fifo", "racy", "absent"].iter().map(|p| TreeEntry { path: p.as_bytes().to_vec(), mode: 0o100644, oid: oid.into() }).collect();
+        let refs: Vec<&TreeEntry> = list.iter().collect();
+        let img = t.path().join("img");
+        let mut w = Writer::create(&img).unwrap();
+        let got = copy_verified(&mut w, &wt, &refs).unwrap();
+        assert!(got[0].is_some(), "an untouched file is copied");
+        assert!(got[1..].iter().all(Option::is_none), "{got:?}");
+        let x = got[0].unwrap();
+        let mut buf = vec![0u8; x.len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(w.file(), &mut buf, u64::from(x.block) * erofs::BLOCK).unwrap();
+        assert_eq!(buf, b"content of same\n");
     }
 }
