@@ -75,6 +75,8 @@ pub struct Base {
     pub blocks: u32,
 }
 
+type Children = BTreeMap<Vec<u8>, Node>;
+
 #[derive(Debug)]
 enum Node {
     Dir(BTreeMap<Vec<u8>, Node>),
@@ -148,7 +150,7 @@ impl Writer {
     }
 
     /// The directory holding `path`'s last component (made as needed), and that component.
-    fn parent_of<'a>(&mut self, path: &'a [u8]) -> Result<(&mut BTreeMap<Vec<u8>, Node>, &'a [u8]), ErofsError> {
+    fn parent_of<'a>(&mut self, path: &'a [u8]) -> Result<(&mut Children, &'a [u8]), ErofsError> {
         let mut parts = path.split(|&b| b == b'/').peekable();
         let mut dir = &mut self.root;
         while let Some(part) = parts.next() {
