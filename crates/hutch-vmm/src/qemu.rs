@@ -139,7 +139,7 @@ impl Qemu {
             push("-blockdev".into());
             push(match image {
                 Some(img) => format!(
-                    "driver=raw,node-name={node},read-only=on,file.driver=file,file.filename={},file.locking=off",
+                    "driver=raw,node-name={node},read-only=on,file.driver=file,file.filename={},file.locking=off,file.drop-cache=off",
                     qemu_opt_escape(&img.display().to_string())
                 ),
                 None => format!(
