@@ -81,12 +81,6 @@ pub async fn run(mut a: RunArgs) -> anyhow::Result<i32> {
         });
         ((img, base), task)
     });
-    // Without a guess the VM starts after the snapshot, which may take seconds (a first image): its snapshot files
-    // are read into memory meanwhile.
-    if speculative.is_none() && plan.is_none() && !cfg.cold && repo.top().is_some() {
-        let (h, c) = (host.clone(), cfg.clone());
-        drop(tokio::task::spawn_blocking(move || Sandbox::prefetch(&h, &c)));
-    }
     let snapped = tokio::task::block_in_place(|| repo.snapshot(&mut a, &ws_cache));
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "run: working tree snapshot taken");
     cfg.workspace_image = repo.workspace_image();

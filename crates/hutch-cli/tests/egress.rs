@@ -1615,16 +1615,16 @@ p unix-sockets sh -c 'ss -xlH | wc -l'
         o.ok("ports")
     );
     assert_eq!(o.ok("port-names").trim(), "hutch.agent");
-    // 0x0002 block (the root disk, and the read-only workspace drive slot), 0x0003 console (the serial port),
-    // 0x0004 entropy; no net (1), 9p (9), vsock (0x13).
+    // 0x0002 block (the root disk, and the read-only workspace and workspace base drive slots), 0x0003 console
+    // (the serial port), 0x0004 entropy; no net (1), 9p (9), vsock (0x13).
     assert_eq!(
         o.ok("virtio-devices")
             .split_whitespace()
             .collect::<Vec<_>>(),
-        vec!["0x0002", "0x0002", "0x0003", "0x0004"]
+        vec!["0x0002", "0x0002", "0x0002", "0x0003", "0x0004"]
     );
-    // Of the two drives only the root disk is writable: the workspace slot is read-only to the guest.
-    assert_eq!(o.ok("block-ro").trim(), "0 1", "{}", o.ok("block-ro"));
+    // Of the three drives only the root disk is writable: both workspace slots are read-only to the guest.
+    assert_eq!(o.ok("block-ro").trim(), "0 1 1", "{}", o.ok("block-ro"));
     assert_eq!(o.ok("links").lines().count(), 1);
     o.refused("vsock-host");
     o.refused("vsock-any");

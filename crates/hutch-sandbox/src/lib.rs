@@ -363,21 +363,6 @@ impl Sandbox {
         Self::create_with_notes(host, cfg, &|n| tracing::warn!("{n}")).await
     }
 
-    /// Reads the snapshot a [`Sandbox::create`] of `cfg` would restore into the page cache, for a caller that is
-    /// busy with other work first (a repository's first image): the host may have paged out its cold files, and a
-    /// restore that faults them in from disk takes a second or more. Best effort; it never fails.
-    pub fn prefetch(host: &Host, cfg: &SandboxConfig) {
-        let Ok(accel) = host.caps.choose(cfg.accel) else { return };
-        let Ok(Some(snap)) = snapshot::lookup(host, cfg, accel) else { return };
-        for f in [&snap.files.memory, &snap.files.state, &snap.disk] {
-            use std::io::Read;
-            let Ok(mut file) = std::fs::File::open(f) else { continue };
-            // Read, not advised: the data must be in memory when the restore starts, not merely requested.
-            let mut buf = vec![0u8; 1 << 20];
-            while matches!(file.read(&mut buf), Ok(n) if n > 0) {}
-        }
-    }
-
     /// As [`Sandbox::create`], telling `notify` about each fallback or retry as it happens.
     pub async fn create_with_notes(host: &Host, cfg: &SandboxConfig, notify: &(dyn Fn(&str) + Sync)) -> Result<Sandbox, SandboxError> {
         let t0 = Instant::now();
