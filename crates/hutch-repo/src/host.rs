@@ -14,7 +14,7 @@ use crate::image::{workspace_image, WorkTree, WorkspaceSpec};
 use crate::{io_err, RepoError};
 
 /// The empty tree's id in each object format.
-fn empty_tree(object_format: &str) -> &'static str {
+pub(crate) fn empty_tree(object_format: &str) -> &'static str {
     if object_format == "sha256" {
         "6ef19b41225c5369f1c104d45d8d85efa9b057b53b14b4b9b939dd74decc5321"
     } else {

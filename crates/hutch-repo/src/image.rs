@@ -58,14 +58,6 @@ impl WorkspaceSpec<'_> {
         h.update(self.prefix.as_os_str().as_bytes());
         hex::encode(h.finalize())[..32].to_string()
     }
-
-    fn oid_len(&self) -> usize {
-        if self.object_format == "sha256" {
-            32
-        } else {
-            20
-        }
-    }
 }
 
 fn blob_key(object_format: &str, commit: &str) -> String {
@@ -503,25 +495,18 @@ fn write_image(
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "image: repository staged");
     let mut w = Writer::create(out).map_err(erofs_err)?;
     // Files: from the blob device by object id, else the user's verified file, else git.
-    let mut sizes: HashMap<&str, u64> = HashMap::new();
     let mut placed: HashMap<&str, Extent> = HashMap::new();
     let mut from_git: Vec<String> = Vec::new();
     let mut local: Vec<&TreeEntry> = Vec::new();
-    for e in entries.iter().filter(|e| is_data(e.mode)) {
-        if placed.contains_key(e.oid.as_str()) {
-            continue;
-        }
+    let mut seen = std::collections::HashSet::new();
+    for e in entries.iter().filter(|e| is_data(e.mode) && seen.insert(e.oid.as_str())) {
         match blob.and_then(|b| b.map.blobs.get(&e.oid)) {
             Some((block, len)) => {
                 placed.insert(&e.oid, Extent { device: 1, block: *block, len: *len });
             }
-            None => {
-                placed.insert(&e.oid, Extent { device: 0, block: 0, len: 0 });
-                local.push(e);
-            }
+            None => local.push(e),
         }
     }
-    // (The placeholder above only marks the object as handled; what follows decides where it is.)
     let copied = match work {
         Some(wt) => copy_verified(&mut w, wt, &local)?,
         None => vec![None; local.len()],
@@ -531,10 +516,7 @@ fn write_image(
             Some(x) => {
                 placed.insert(&e.oid, x);
             }
-            None => {
-                placed.remove(e.oid.as_str());
-                from_git.push(e.oid.clone());
-            }
+            None => from_git.push(e.oid.clone()),
         }
     }
     from_git.sort_unstable();
@@ -557,7 +539,6 @@ fn write_image(
             _ => return Err(RepoError::Project(format!("the tree entry {} has mode {:o}", String::from_utf8_lossy(&e.path), e.mode))),
         }
         let size = x.map(|x| x.len).unwrap_or(0);
-        sizes.insert(&e.oid, size);
         let stat = kind != 0o160000;
         snapshot_index.push(index::Entry {
             ctime: if stat { (time.0 as u32, 0) } else { (0, 0) },
@@ -582,7 +563,7 @@ fn write_image(
     // The indexes: the snapshot's (its stat data is the image's), then HEAD's: a one-tree `read-tree -m` keeps
     // the stat data of every file HEAD has unchanged, so git in the VM sees the uncommitted changes as changes.
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "image: tree laid out");
-    let bytes = index::write(&snapshot_index, spec.oid_len()).map_err(|e| RepoError::Project(format!("cannot write the workspace index: {e}")))?;
+    let bytes = index::write(&snapshot_index, crate::host::oid_len(spec.object_format)).map_err(|e| RepoError::Project(format!("cannot write the workspace index: {e}")))?;
     let snap_idx = gd.join(SNAPSHOT_INDEX);
     std::fs::write(&snap_idx, bytes).map_err(io_err("cannot write the workspace index"))?;
     // git adds the tree cache (the VM's `write-tree` then hashes only what changed).

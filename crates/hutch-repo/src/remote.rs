@@ -176,7 +176,7 @@ impl Snapshot {
         let scratch = tempfile::Builder::new().prefix(".snap-").tempdir_in(scratch_in).map_err(io_err("cannot create a scratch directory"))?;
         let git = init_scratch(&scratch.path().join("git"), &spec.object_format)?;
         fetch_snapshot(&git, bundle, spec).map_err(|e| refused(e, "the uploaded snapshot bundle"))?;
-        let empty = spec.tree.as_str() == git.line("hash-object", ["hash-object", "-t", "tree", "/dev/null"])?;
+        let empty = spec.tree.as_str() == crate::host::empty_tree(&spec.object_format);
         let prefix = spec.prefix_path();
         let ws = WorkspaceSpec {
             object_format: &spec.object_format,
@@ -316,7 +316,7 @@ pub fn import_export(repo: &HostRepo, dir: &Path, limits: &Limits) -> Result<Opt
     }
     let (scratch, git) = scratch_borrowing(repo)?;
     fetch_snapshot(&git, &dir.join(SNAPSHOT_BUNDLE), s).map_err(|e| refused(e, "the fetched snapshot does not fit this repository"))?;
-    let empty = s.tree.as_str() == git.line("hash-object", ["hash-object", "-t", "tree", "/dev/null"])?;
+    let empty = s.tree.as_str() == crate::host::empty_tree(&s.object_format);
     let snap = Snapshot {
         scratch,
         git,
